@@ -1,1 +1,185 @@
-fn main() {}
+//! `faultline`: the Faultline VMM command line.
+
+mod boot;
+mod bus;
+mod devices;
+mod error;
+mod memory;
+mod vmm;
+mod vstate;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::devices::debug_exit::qemu_status;
+use crate::vmm::{Config, Outcome};
+use crate::vstate::ExitReason;
+
+/// Where `scripts/build-firmware.sh` leaves the guest image, relative to
+/// the repository this binary was built from.
+fn default_firmware() -> PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(std::path::Path::new("."));
+    repo.join("firmware/target/x86_64-unknown-none/release/faultline-firmware")
+}
+
+/// Process exit statuses; documented in the README.
+mod status {
+    pub const GUEST_FAILED: u8 = 1;
+    pub const VMM_ERROR: u8 = 3;
+    pub const GUEST_CRASHED: u8 = 4;
+    pub const TIMEOUT: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "faultline",
+    version,
+    about = "Faultline: a KVM test bench for GPU shared-virtual-memory drivers"
+)]
+struct Cli {
+    /// Log verbosity of the VMM itself (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", env = "FAULTLINE_LOG")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a PVH guest image under KVM and exit with its verdict.
+    ///
+    /// Exit status: 0 the guest passed (debug-exit value 0), 1 the guest
+    /// reported failure (value 1), 3 VMM or setup error, 4 the guest crashed
+    /// (triple fault, panic value >= 2, vCPU error), 5 --timeout expired.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest image (PVH ELF). Defaults to the image scripts/build-firmware.sh builds.
+    #[arg(long, env = "FAULTLINE_FIRMWARE")]
+    firmware: Option<PathBuf>,
+    /// Guest RAM: a number of MiB, or with a K/M/G/T suffix.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs (the firmware runs on the first; the others wait for SIPI).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest command line, e.g. "test=heap loglevel=debug".
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Stop the guest after this many seconds (0: never).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// The KVM device node.
+    #[arg(long, default_value = "/dev/kvm", env = "FAULTLINE_KVM_DEVICE")]
+    kvm_device: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level);
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    let _ = std::io::stdout().flush();
+    ExitCode::from(code)
+}
+
+fn run(args: RunArgs) -> u8 {
+    let config = match config(args) {
+        Ok(c) => c,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    match vmm::run(config) {
+        Ok(outcome) => verdict(outcome),
+        Err(e) => fail(status::VMM_ERROR, &e.to_string()),
+    }
+}
+
+fn config(args: RunArgs) -> error::Result<Config> {
+    let bytes = memory::parse_size(&args.memory).map_err(|reason| error::Error::Memory {
+        value: args.memory.clone(),
+        reason,
+    })?;
+    let memory = memory::validate_size(&args.memory, bytes, memory::host_ram_bytes())?;
+    // KVM's own limit is checked again once /dev/kvm is open.
+    vmm::validate_vcpus(args.vcpus, 255)?;
+    Ok(Config {
+        kvm_path: args.kvm_device,
+        firmware: args.firmware.unwrap_or_else(default_firmware),
+        memory,
+        vcpus: args.vcpus,
+        cmdline: args.cmdline,
+        timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+    })
+}
+
+fn verdict(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Guest(ExitReason::DebugExit(0)) => 0,
+        Outcome::Guest(ExitReason::DebugExit(1)) => fail(
+            status::GUEST_FAILED,
+            "guest reported failure (debug-exit value 1, QEMU status 3)",
+        ),
+        Outcome::Guest(ExitReason::DebugExit(v)) => fail(
+            status::GUEST_CRASHED,
+            &format!(
+                "guest aborted (debug-exit value {v}, QEMU status {})",
+                qemu_status(v)
+            ),
+        ),
+        Outcome::Guest(ExitReason::TripleFault { cpu, rip }) => fail(
+            status::GUEST_CRASHED,
+            &format!("guest triple fault on vCPU {cpu} at RIP {rip:#x}"),
+        ),
+        Outcome::Guest(ExitReason::VcpuError { cpu, what }) => {
+            fail(status::GUEST_CRASHED, &format!("vCPU {cpu}: {what}"))
+        }
+        Outcome::Guest(ExitReason::SystemEvent { cpu, kind }) => fail(
+            status::GUEST_CRASHED,
+            &format!("guest requested reset/power-off (system event {kind}) on vCPU {cpu}"),
+        ),
+        Outcome::TimedOut => fail(
+            status::TIMEOUT,
+            "guest did not exit before --timeout; stopped it",
+        ),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> u8 {
+    let _ = std::io::stdout().flush();
+    eprintln!("faultline: {msg}");
+    code
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "faultline: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging(level: log::LevelFilter) {
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}

@@ -1,0 +1,355 @@
+//! Loads the PVH firmware and prepares the boot vCPU's entry state.
+//!
+//! PVH (Xen's direct boot ABI, also used by QEMU and Cloud Hypervisor):
+//! enter at the ELF note's 32-bit entry in flat protected mode, paging off,
+//! with EBX pointing at `hvm_start_info`, which lists RAM and the command line.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+use crate::memory::{ram_ranges, MIB};
+
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+/// Boot data sits in low memory below 1 MiB, where the firmware never
+/// allocates (it treats everything below 1 MiB as reserved).
+pub const START_INFO_ADDR: u64 = 0x6000;
+const MEMMAP_ADDR: u64 = 0x7000;
+const CMDLINE_ADDR: u64 = 0x2_0000;
+pub const CMDLINE_MAX: usize = 4096;
+/// Legacy VGA/BIOS area: reported reserved, as on a PC.
+const LOW_RAM_END: u64 = 0x9_fc00;
+const HIGH_MEMORY_START: u64 = MIB;
+
+/// What a pre-pass over the ELF headers learns, so bad images get a precise
+/// message before anything is written to guest memory.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ElfInfo {
+    pub entry: u64,
+    /// One past the highest guest-physical byte a PT_LOAD segment occupies.
+    pub load_end: u64,
+}
+
+pub fn inspect_elf(image: &[u8]) -> std::result::Result<ElfInfo, String> {
+    let u16_at = |o: usize| {
+        image
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        image
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        image
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    if image.get(..4) != Some(b"\x7fELF") {
+        return Err("not an ELF file (bad magic)".into());
+    }
+    if image.get(4) != Some(&2) || image.get(5) != Some(&1) {
+        return Err("not a 64-bit little-endian ELF".into());
+    }
+    const EM_X86_64: u16 = 62;
+    if u16_at(18) != Some(EM_X86_64) {
+        return Err("not an x86-64 ELF".into());
+    }
+    let short = || "truncated ELF header".to_string();
+    let entry = u64_at(24).ok_or_else(short)?;
+    let phoff = u64_at(32).ok_or_else(short)? as usize;
+    let phentsize = u16_at(54).ok_or_else(short)? as usize;
+    let phnum = u16_at(56).ok_or_else(short)? as usize;
+    if phentsize != 56 {
+        return Err(format!("unexpected program header size {phentsize}"));
+    }
+    const PT_LOAD: u32 = 1;
+    const PT_NOTE: u32 = 4;
+    let mut load_end = 0u64;
+    let mut pvh_note = false;
+    for i in 0..phnum {
+        let ph = phoff
+            .checked_add(i * phentsize)
+            .ok_or("program header offset overflows")?;
+        let p_type = u32_at(ph).ok_or("truncated program headers")?;
+        if p_type == PT_NOTE {
+            let off = u64_at(ph + 8).ok_or("truncated program headers")?;
+            let size = u64_at(ph + 32).ok_or("truncated program headers")?;
+            let notes = usize::try_from(off)
+                .ok()
+                .zip(usize::try_from(size).ok())
+                .and_then(|(o, s)| image.get(o..o.checked_add(s)?))
+                .ok_or("a note segment lies outside the file")?;
+            pvh_note |= has_pvh_note(notes);
+        }
+        if p_type != PT_LOAD {
+            continue;
+        }
+        let paddr = u64_at(ph + 24).ok_or("truncated program headers")?;
+        let memsz = u64_at(ph + 40).ok_or("truncated program headers")?;
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or("a segment's address range overflows")?;
+        load_end = load_end.max(end);
+    }
+    if load_end == 0 {
+        return Err("no loadable segments".into());
+    }
+    if !pvh_note {
+        return Err(
+            "no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); faultline boots PVH images only".into(),
+        );
+    }
+    Ok(ElfInfo { entry, load_end })
+}
+
+/// Scans ELF notes for Xen's PHYS32_ENTRY (type 18, name "Xen").
+fn has_pvh_note(mut notes: &[u8]) -> bool {
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let word = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+    };
+    while let (Some(namesz), Some(descsz), Some(ty)) =
+        (word(notes, 0), word(notes, 4), word(notes, 8))
+    {
+        let name_len = (namesz as usize).div_ceil(4) * 4;
+        let desc_len = (descsz as usize).div_ceil(4) * 4;
+        let name = notes.get(12..12 + namesz as usize);
+        if ty == XEN_ELFNOTE_PHYS32_ENTRY && name == Some(b"Xen\0".as_slice()) {
+            return true;
+        }
+        match 12usize
+            .checked_add(name_len)
+            .and_then(|n| n.checked_add(desc_len))
+            .and_then(|n| notes.get(n..))
+        {
+            Some(rest) if rest.len() < notes.len() => notes = rest,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Loads `path` into guest memory and writes `hvm_start_info`; returns the
+/// 32-bit PVH entry point.
+pub fn load_firmware(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    path: &Path,
+    cmdline: &str,
+) -> Result<GuestAddress> {
+    let image = match std::fs::read(path) {
+        Ok(i) => i,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::FirmwareMissing(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(Error::FirmwareRead {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let invalid = |reason: String| Error::FirmwareInvalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let info = inspect_elf(&image).map_err(invalid)?;
+    let low_ram = ram_ranges(mem_size)[0].1;
+    if info.load_end > low_ram {
+        return Err(Error::FirmwareTooBig {
+            path: path.to_path_buf(),
+            need_mib: info.load_end.div_ceil(MIB),
+            have_mib: mem_size / MIB,
+        });
+    }
+    // `kernel_offset` must be None: linux-loader only reports the PVH entry
+    // for images loaded at their own physical addresses.
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(&image),
+        Some(GuestAddress(HIGH_MEMORY_START)),
+    )
+    .map_err(|e| invalid(format!("{e}")))?;
+    let entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => addr,
+        _ => return Err(invalid("the PVH entry note is malformed".into())),
+    };
+
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(Error::Load(format!(
+            "--cmdline is {} bytes; at most {} fit",
+            cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Load(e.to_string()))?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline)
+            .map_err(|e| Error::Load(format!("--cmdline: {e}")))?;
+    }
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(|e| Error::Load(e.to_string()))?;
+
+    let memmap = memory_map(mem_size);
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: MEMMAP_ADDR,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
+    params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(|e| Error::Load(e.to_string()))?;
+    log::debug!(
+        "firmware {} loaded, entry {:#x}, image ends at {:#x}",
+        path.display(),
+        entry.raw_value(),
+        info.load_end
+    );
+    Ok(entry)
+}
+
+/// The E820-style map handed to the guest: RAM below the VGA hole, the BIOS
+/// area reserved, RAM from 1 MiB to the MMIO hole, then RAM above 4 GiB.
+pub fn memory_map(mem_size: u64) -> Vec<hvm_memmap_table_entry> {
+    let e = |addr: u64, size: u64, type_: u32| hvm_memmap_table_entry {
+        addr,
+        size,
+        type_,
+        reserved: 0,
+    };
+    let mut map = vec![
+        e(0, LOW_RAM_END, E820_RAM),
+        e(LOW_RAM_END, HIGH_MEMORY_START - LOW_RAM_END, E820_RESERVED),
+    ];
+    for (i, (addr, len)) in ram_ranges(mem_size).into_iter().enumerate() {
+        if i == 0 {
+            map.push(e(HIGH_MEMORY_START, len - HIGH_MEMORY_START, E820_RAM));
+        } else {
+            map.push(e(addr.raw_value(), len, E820_RAM));
+        }
+    }
+    map
+}
+
+/// General registers for the PVH entry: EBX = start info, interrupts off.
+pub fn entry_regs(entry: GuestAddress) -> kvm_regs {
+    kvm_regs {
+        rip: entry.raw_value(),
+        rbx: START_INFO_ADDR,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+/// Flat 32-bit protected mode, paging off, as the PVH ABI specifies. The
+/// hidden segment state is what counts: the firmware loads its own GDT
+/// before it reloads any selector.
+pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = seg(0x08, 0xb); // execute/read, accessed
+    let data = seg(0x10, 0x3); // read/write, accessed
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = 0x11; // PE | ET
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_map_covers_ram_and_skips_the_hole() {
+        let map = memory_map(4 << 30);
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.type_ == E820_RAM)
+            .map(|e| e.size)
+            .sum();
+        // All RAM but the 0x9fc00..1 MiB window is reported usable.
+        assert_eq!(ram, (4 << 30) - (HIGH_MEMORY_START - LOW_RAM_END));
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= 3 << 30 || e.addr >= 4 << 30));
+    }
+
+    #[test]
+    fn inspect_rejects_non_elf_and_reports_extent() {
+        assert!(inspect_elf(b"MZ\x90\x00")
+            .unwrap_err()
+            .contains("not an ELF"));
+        assert!(inspect_elf(b"\x7fELF\x01\x01")
+            .unwrap_err()
+            .contains("64-bit"));
+        // A real host ELF: x86-64 with loadable segments but no PVH note.
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(inspect_elf(&exe).unwrap_err().contains("no PVH entry note"));
+    }
+
+    #[test]
+    fn pvh_note_is_found_among_others() {
+        let mut notes = Vec::new();
+        // A GNU build-id note first, then Xen's entry note.
+        notes.extend_from_slice(&4u32.to_le_bytes());
+        notes.extend_from_slice(&3u32.to_le_bytes());
+        notes.extend_from_slice(&3u32.to_le_bytes());
+        notes.extend_from_slice(b"GNU\0abc\0");
+        assert!(!has_pvh_note(&notes));
+        notes.extend_from_slice(&4u32.to_le_bytes());
+        notes.extend_from_slice(&4u32.to_le_bytes());
+        notes.extend_from_slice(&18u32.to_le_bytes());
+        notes.extend_from_slice(b"Xen\0\0\0\x10\0");
+        assert!(has_pvh_note(&notes));
+        assert!(!has_pvh_note(&notes[..30]));
+        let mut huge = notes.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!has_pvh_note(&huge));
+    }
+
+    #[test]
+    fn truncated_headers_are_errors_not_panics() {
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        for len in [5, 20, 40, 63, 64, 100] {
+            let _ = inspect_elf(&exe[..len]);
+        }
+        assert!(inspect_elf(&exe[..30]).is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! Legacy platform devices on the PIO bus.
+
+pub mod debug_exit;
+pub mod serial;

@@ -1,0 +1,243 @@
+//! Builds the VM from a `Config` and runs it until the guest exits, a vCPU
+//! fails, or the timeout fires. The main thread runs the event-manager loop
+//! (stdin → serial, VM exit, timeout); vCPUs run on their own threads.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm};
+use vm_superio::Serial;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::boot;
+use crate::bus::Bus;
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::serial::{IrqTrigger, SerialPort, COM1_GSI, COM1_LEN, COM1_PORT};
+use crate::error::{Error, Result};
+use crate::memory;
+use crate::vstate::{self, ExitReason, VcpuThreads, VmExit};
+
+pub struct Config {
+    pub kvm_path: PathBuf,
+    pub firmware: PathBuf,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub cmdline: String,
+    /// None: run until the guest exits.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Guest(ExitReason),
+    TimedOut,
+}
+
+/// Where KVM keeps its TSS and identity-map pages on Intel: just below the
+/// top of the 32-bit space, inside the MMIO hole and clear of any BAR we use.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::KvmOpen {
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| Error::KvmOpen {
+        path: path.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(Error::KvmNotKvm {
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(-version),
+        });
+    }
+    if version != 12 {
+        return Err(Error::KvmVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Checks that do not need KVM, so bad input is reported before the VM
+/// exists (and even where /dev/kvm is missing).
+pub fn validate_vcpus(value: u32, max: usize) -> Result<u32> {
+    if value == 0 || value as usize > max {
+        return Err(Error::Vcpus {
+            value,
+            reason: format!("must be between 1 and {max}"),
+        });
+    }
+    Ok(value)
+}
+
+pub fn run(cfg: Config) -> Result<Outcome> {
+    let kvm = open_kvm(&cfg.kvm_path)?;
+    let max_vcpus = kvm.get_max_vcpus().min(255);
+    validate_vcpus(cfg.vcpus, max_vcpus)?;
+
+    let vm = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(Error::kvm("setting the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(Error::kvm("setting the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(Error::kvm("creating the in-kernel irqchip"))?;
+    // The speaker port (0x61) is then handled in the kernel too, which the
+    // firmware's PIT calibration fallback uses.
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(Error::kvm("creating the in-kernel PIT"))?;
+
+    let mem = memory::create_guest_memory(cfg.memory)?;
+    memory::register_with_kvm(&vm, &mem)?;
+    let entry = boot::load_firmware(&mem, cfg.memory, &cfg.firmware, &cfg.cmdline)?;
+
+    let exit = Arc::new(VmExit::new().map_err(Error::io("creating the exit eventfd"))?);
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::io("creating the serial irqfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(Error::kvm("registering the serial irqfd"))?;
+    let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
+        IrqTrigger(serial_irq),
+        Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>,
+    ))));
+
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN)
+        .expect("fixed legacy ports do not overlap");
+    pio.insert(
+        Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        u64::from(DEBUG_EXIT_PORT),
+        DEBUG_EXIT_LEN,
+    )
+    .expect("fixed legacy ports do not overlap");
+    let mmio = Bus::new();
+
+    let vcpus = vstate::create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
+    let threads = VcpuThreads::start(vcpus, pio, mmio, exit.clone())?;
+
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new()
+        .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    let control = Arc::new(Mutex::new(Control::new(exit.clone(), cfg.timeout)?));
+    em.add_subscriber(control.clone());
+    em.add_subscriber(Arc::new(Mutex::new(StdinToSerial { serial })));
+
+    let outcome = loop {
+        em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        let c = control.lock().unwrap_or_else(|e| e.into_inner());
+        if c.timed_out {
+            break Outcome::TimedOut;
+        }
+        if let Some(reason) = exit.reason() {
+            break Outcome::Guest(reason);
+        }
+    };
+    threads.stop();
+    Ok(outcome)
+}
+
+/// Watches the VM-exit eventfd and the timeout timer.
+struct Control {
+    exit: Arc<VmExit>,
+    timer: Option<TimerFd>,
+    timed_out: bool,
+}
+
+impl Control {
+    fn new(exit: Arc<VmExit>, timeout: Option<Duration>) -> Result<Self> {
+        let timer = match timeout {
+            Some(d) => {
+                let mut t = TimerFd::new()
+                    .map_err(|e| Error::io("creating the timeout timer")(e.into()))?;
+                t.reset(d, None)
+                    .map_err(|e| Error::io("arming the timeout timer")(e.into()))?;
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(Self {
+            exit,
+            timer,
+            timed_out: false,
+        })
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.exit.evt.as_raw_fd() {
+            let _ = self.exit.evt.read();
+        } else if let Some(t) = self.timer.as_mut() {
+            if events.fd() == t.as_raw_fd() {
+                let _ = t.wait();
+                self.timed_out = true;
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.exit.evt, EventSet::IN)) {
+            log::error!("cannot watch the exit eventfd: {e:?}");
+        }
+        if let Some(t) = &self.timer {
+            if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
+                log::error!("cannot watch the timeout timer: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feeds host stdin into the guest's COM1 receive FIFO. Stops watching on
+/// EOF or error (CI runs without input).
+struct StdinToSerial {
+    serial: Arc<Mutex<SerialPort>>,
+}
+
+impl MutEventSubscriber for StdinToSerial {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = if events.event_set().contains(EventSet::IN) {
+            std::io::stdin().lock().read(&mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n == 0 {
+            let _ = ops.remove(Events::new(&std::io::stdin(), EventSet::IN));
+            return;
+        }
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        // A full FIFO drops input, as a real UART would.
+        if let Err(e) = s.0.enqueue_raw_bytes(&buf[..n]) {
+            log::debug!("serial input dropped: {e:?}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // stdin may be /dev/null or a closed descriptor: not watchable, fine.
+        if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
+            log::debug!("not forwarding stdin: {e:?}");
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! vCPU state and run loops, and the shared record of why the VM stopped.
+//!
+//! Ordering rules: CPUID before any other vCPU state (KVM derives features
+//! from it); LAPIC LINT setup after the in-kernel irqchip exists; registers
+//! last. Each vCPU runs on its own thread and reports the first reason to
+//! stop through `VmExit`, which wakes the main event loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot;
+use crate::bus::Bus;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// KVM_EXIT_SHUTDOWN: on x86 a triple fault.
+    TripleFault { cpu: u32, rip: u64 },
+    /// The vCPU could not continue (entry failure, internal error, ...).
+    VcpuError { cpu: u32, what: String },
+    /// The guest requested a reset or power-off through a system event.
+    SystemEvent { cpu: u32, kind: u32 },
+}
+
+/// First-writer-wins record of why the VM must stop, plus the eventfd that
+/// tells the event loop.
+pub struct VmExit {
+    reason: Mutex<Option<ExitReason>>,
+    pub evt: EventFd,
+}
+
+impl VmExit {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn request(&self, reason: ExitReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+            if let Err(e) = self.evt.write(1) {
+                log::error!("cannot signal VM exit: {e}");
+            }
+        }
+    }
+
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// CPUID for one vCPU: KVM's supported set with this vCPU's APIC IDs, the
+/// hypervisor bit, and the TSC frequency in leaf 0x4000_0010 so the guest
+/// need not calibrate against a slow emulated timer.
+fn vcpu_cpuid(base: &CpuId, id: u32, tsc_khz: Option<u32>) -> Result<CpuId> {
+    let mut cpuid = base.clone();
+    let mut max_hv_leaf = None;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            0xb | 0x1f => e.edx = id, // x2APIC ID
+            0x4000_0000 => max_hv_leaf = Some(e.eax),
+            _ => {}
+        }
+    }
+    if let (Some(khz), Some(_)) = (tsc_khz, max_hv_leaf) {
+        for e in cpuid.as_mut_slice() {
+            if e.function == 0x4000_0000 {
+                e.eax = e.eax.max(0x4000_0010);
+            }
+        }
+        let entry = kvm_bindings::kvm_cpuid_entry2 {
+            function: 0x4000_0010,
+            eax: khz,
+            ..Default::default()
+        };
+        cpuid
+            .push(entry)
+            .map_err(|_| Error::KvmCap("room for the TSC frequency CPUID leaf"))?;
+    }
+    Ok(cpuid)
+}
+
+/// LINT0 as ExtINT and LINT1 as NMI, as a PC BIOS leaves them, so legacy PIC
+/// interrupts still reach the boot CPU before the guest programs its LAPIC.
+fn set_lint(vcpu: &VcpuFd, cpu: u32) -> Result<()> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7 << 8;
+    const MODE_NMI: u32 = 0x4 << 8;
+    let mut lapic = vcpu.get_lapic().map_err(|source| Error::Vcpu {
+        cpu,
+        what: "reading the LAPIC",
+        source,
+    })?;
+    for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let reg = &mut lapic.regs[off..off + 4];
+        let bytes: [u8; 4] = std::array::from_fn(|i| reg[i] as u8);
+        let v = (u32::from_le_bytes(bytes) & !0x700) | mode;
+        for (d, s) in reg.iter_mut().zip(v.to_le_bytes()) {
+            *d = s as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(|source| Error::Vcpu {
+        cpu,
+        what: "writing the LAPIC",
+        source,
+    })
+}
+
+pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u32, entry: GuestAddress) -> Result<Vec<VcpuFd>> {
+    let base = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("reading supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..count {
+        let verr = |what| {
+            move |source| Error::Vcpu {
+                cpu: id,
+                what,
+                source,
+            }
+        };
+        let vcpu = vm.create_vcpu(u64::from(id)).map_err(verr("creating"))?;
+        let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
+        vcpu.set_cpuid2(&vcpu_cpuid(&base, id, tsc_khz)?)
+            .map_err(verr("setting CPUID"))?;
+        set_lint(&vcpu, id)?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(verr("setting FPU state"))?;
+        // Application processors keep KVM's reset state and wait for
+        // INIT/SIPI in the in-kernel LAPIC; only the boot CPU enters PVH.
+        if id == 0 {
+            let sregs = vcpu.get_sregs().map_err(verr("reading sregs"))?;
+            vcpu.set_sregs(&boot::entry_sregs(sregs))
+                .map_err(verr("setting sregs"))?;
+            vcpu.set_regs(&boot::entry_regs(entry))
+                .map_err(verr("setting registers"))?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Threads running vCPUs, and the way to stop them.
+pub struct VcpuThreads {
+    handles: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VcpuThreads {
+    pub fn start(vcpus: Vec<VcpuFd>, pio: Bus, mmio: Bus, exit: Arc<VmExit>) -> Result<Self> {
+        // A signal makes KVM_RUN return EINTR; the handler itself does nothing.
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| Error::io("installing the vCPU kick handler")(e.into()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let (pio, mmio, exit, stop) = (pio.clone(), mmio.clone(), exit.clone(), stop.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || run_vcpu(id as u32, vcpu, &pio, &mmio, &exit, &stop))
+                .map_err(Error::io("spawning a vCPU thread"))?;
+            handles.push(h);
+        }
+        Ok(Self { handles, stop })
+    }
+
+    /// Stops every vCPU: set the flag, then kick until each thread has left
+    /// KVM_RUN. The repeat covers a kick that lands just before a thread
+    /// re-enters the guest.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for h in self.handles {
+            while !h.is_finished() && Instant::now() < deadline {
+                let _ = h.kill(SIGRTMIN());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                log::warn!("a vCPU thread did not stop; leaving it to process exit");
+            }
+        }
+    }
+}
+
+fn run_vcpu(cpu: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let reason = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pio.read(u64::from(port), data) {
+                    log::trace!("cpu{cpu}: unclaimed in {port:#x}");
+                }
+                continue;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !pio.write(u64::from(port), data) {
+                    log::trace!("cpu{cpu}: unclaimed out {port:#x}");
+                }
+                continue;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    log::debug!("cpu{cpu}: unclaimed MMIO read {addr:#x}");
+                }
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    log::debug!("cpu{cpu}: unclaimed MMIO write {addr:#x}");
+                }
+                continue;
+            }
+            Ok(VcpuExit::Shutdown) => ExitReason::TripleFault {
+                cpu,
+                rip: vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX),
+            },
+            Ok(VcpuExit::SystemEvent(kind, _)) => ExitReason::SystemEvent { cpu, kind },
+            Ok(VcpuExit::FailEntry(reason, _)) => ExitReason::VcpuError {
+                cpu,
+                what: format!("VM entry failed (hardware reason {reason:#x})"),
+            },
+            Ok(VcpuExit::InternalError) => ExitReason::VcpuError {
+                cpu,
+                what: format!(
+                    "KVM internal error at rip {:#x}",
+                    vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+                ),
+            },
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => continue,
+            Ok(other) => ExitReason::VcpuError {
+                cpu,
+                what: format!("unexpected exit {other:?}"),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => ExitReason::VcpuError {
+                cpu,
+                what: format!("KVM_RUN failed: {e}"),
+            },
+        };
+        exit.request(reason);
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn base() -> CpuId {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4000_0000,
+                eax: 0x4000_0001,
+                ..Default::default()
+            },
+        ];
+        CpuId::from_entries(&entries).unwrap()
+    }
+
+    #[test]
+    fn cpuid_carries_apic_id_hypervisor_bit_and_tsc() {
+        let c = vcpu_cpuid(&base(), 3, Some(2_500_000)).unwrap();
+        let get = |f| *c.as_slice().iter().find(|e| e.function == f).unwrap();
+        assert_eq!(get(1).ebx >> 24, 3);
+        assert_eq!(get(1).ebx & 0xffff, 0x0800, "low bits kept");
+        assert_ne!(get(1).ecx & (1 << 31), 0);
+        assert_eq!(get(0xb).edx, 3);
+        assert_eq!(get(0x4000_0000).eax, 0x4000_0010);
+        assert_eq!(get(0x4000_0010).eax, 2_500_000);
+    }
+
+    #[test]
+    fn no_tsc_leaf_without_frequency() {
+        let c = vcpu_cpuid(&base(), 0, None).unwrap();
+        assert!(c.as_slice().iter().all(|e| e.function != 0x4000_0010));
+    }
+}

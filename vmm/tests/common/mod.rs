@@ -1,0 +1,122 @@
+//! Test guests built byte by byte: tiny PVH ELFs whose 32-bit entry code is
+//! given by the test, so VMM behaviour can be checked without the firmware.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const LOAD_ADDR: u64 = 0x10_0000;
+const CODE_OFFSET: u64 = 0x100;
+
+/// A minimal ELF64 x86-64 executable: one PT_LOAD at 1 MiB holding `code` at
+/// offset 0x100, and a PT_NOTE with XEN_ELFNOTE_PHYS32_ENTRY pointing at it
+/// (unless `pvh_note` is false). `extra_memsz` grows the loaded segment
+/// beyond the file, as .bss does.
+pub fn pvh_elf(code: &[u8], pvh_note: bool, extra_memsz: u64) -> Vec<u8> {
+    let entry = LOAD_ADDR + CODE_OFFSET;
+    let phnum: u16 = if pvh_note { 2 } else { 1 };
+    let file_len = CODE_OFFSET + code.len() as u64;
+    let mut f = Vec::new();
+    // ELF header
+    f.extend_from_slice(b"\x7fELF");
+    f.extend_from_slice(&[2, 1, 1, 0]);
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&56u16.to_le_bytes());
+    f.extend_from_slice(&phnum.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    assert_eq!(f.len(), 64);
+    let phdr =
+        |f: &mut Vec<u8>, ty: u32, off: u64, addr: u64, filesz: u64, memsz: u64, align: u64| {
+            f.extend_from_slice(&ty.to_le_bytes());
+            f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+            f.extend_from_slice(&off.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&filesz.to_le_bytes());
+            f.extend_from_slice(&memsz.to_le_bytes());
+            f.extend_from_slice(&align.to_le_bytes());
+        };
+    phdr(
+        &mut f,
+        1,
+        0,
+        LOAD_ADDR,
+        file_len,
+        file_len + extra_memsz,
+        0x1000,
+    );
+    let note_off = 64 + 56 * u64::from(phnum);
+    if pvh_note {
+        phdr(&mut f, 4, note_off, 0, 20, 20, 4);
+        f.extend_from_slice(&4u32.to_le_bytes());
+        f.extend_from_slice(&4u32.to_le_bytes());
+        f.extend_from_slice(&18u32.to_le_bytes());
+        f.extend_from_slice(b"Xen\0");
+        f.extend_from_slice(&(entry as u32).to_le_bytes());
+    }
+    f.resize(CODE_OFFSET as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+/// `mov al, v; out 0xf4, al; jmp $`
+pub fn exit_code(v: u8) -> Vec<u8> {
+    vec![0xb0, v, 0xe6, 0xf4, 0xeb, 0xfe]
+}
+
+pub fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("faultline-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+pub fn faultline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .env_remove("FAULTLINE_FIRMWARE")
+        .env_remove("FAULTLINE_KVM_DEVICE")
+        .output()
+        .expect("spawn faultline")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// True when KVM is usable. When it is not, the test says SKIP loudly, or
+/// fails if FAULTLINE_REQUIRE_KVM=1 (as CI sets it).
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and FAULTLINE_REQUIRE_KVM=1");
+        }
+        eprintln!("SKIP {test}: /dev/kvm is not usable");
+    }
+    ok
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
