@@ -1,0 +1,45 @@
+# Shared helpers for the Faultline scripts. Source it; do not run it.
+
+FAULTLINE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+FIRMWARE_IMAGE="$FAULTLINE_ROOT/firmware/target/x86_64-unknown-none/release/faultline-firmware"
+FAULTLINE_BIN="$FAULTLINE_ROOT/target/release/faultline"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# True when /dev/kvm can be opened read-write by this user.
+kvm_usable() { [ -r /dev/kvm ] && [ -w /dev/kvm ]; }
+
+# A missing prerequisite (KVM, QEMU) is a loud SKIP, or a failure when
+# FAULTLINE_REQUIRE_KVM=1 (CI sets it so that a green run always booted).
+skip_or_fail() {
+  if [ "${FAULTLINE_REQUIRE_KVM:-0}" = 1 ]; then
+    die "$* (FAULTLINE_REQUIRE_KVM=1 turns this skip into a failure)"
+  fi
+  printf '\n*** SKIP: %s ***\n\n' "$*" >&2
+}
+
+# Installs Debian packages when missing and we may (root); otherwise says
+# what to install.
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  else
+    return 1
+  fi
+}
+
+ensure_guest_target() {
+  rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none ||
+    rustup target add x86_64-unknown-none >&2
+}
+
+build_vmm() {
+  say "building the faultline VMM (release)"
+  (cd "$FAULTLINE_ROOT" && cargo build --release -q -p faultline)
+}

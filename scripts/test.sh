@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Everything: lints, host tests (unit, integration, property, loopback),
+# firmware build, boot tests in faultline and in QEMU, a short fuzz run.
+#
+# FAULTLINE_REQUIRE_KVM=1 turns a missing /dev/kvm, QEMU or fuzzer into a
+# failure instead of a SKIP (CI sets it).
+set -uo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$FAULTLINE_ROOT"
+
+passed=0
+failed=0
+failures=()
+
+step() {
+  local name=$1
+  shift
+  say "[$name] $*"
+  local t0=$SECONDS
+  if "$@"; then
+    passed=$((passed + 1))
+    say "[$name] ok ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    say "[$name] FAILED ($((SECONDS - t0)) s)"
+  fi
+}
+
+toolchain() {
+  ensure_guest_target || return 1
+  if ! rustup component list --installed | grep -q '^clippy'; then
+    rustup component add clippy rustfmt >&2 || return 1
+  fi
+}
+
+lint() {
+  cargo fmt --all -- --check &&
+    (cd firmware && cargo fmt -- --check) &&
+    cargo clippy -q --workspace --all-targets -- -D warnings &&
+    (cd firmware && cargo clippy -q --release -- -D warnings)
+}
+
+qemu_boot() {
+  if ! command -v qemu-system-x86_64 >/dev/null && ! apt_install qemu-system-x86; then
+    skip_or_fail "qemu-system-x86_64 is not installed and cannot be installed here"
+    return
+  fi
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: QEMU boot tests need KVM"
+    return
+  fi
+  scripts/qemu-boot.sh microvm && scripts/qemu-boot.sh q35
+}
+
+fuzz_short() {
+  [ -x device/fuzz/run-short.sh ] || { say "no fuzz target yet"; return 1; }
+  device/fuzz/run-short.sh
+}
+
+if ! kvm_usable; then
+  skip_or_fail "/dev/kvm is not usable: boot tests will be skipped"
+fi
+
+step toolchain toolchain
+step firmware scripts/build-firmware.sh
+step lint lint
+# Host tests include the boot tests in faultline (vmm/tests), which use the
+# firmware built above.
+step host-tests cargo test -q --workspace
+step qemu-boot qemu_boot
+step fuzz fuzz_short
+
+echo
+[ ${#failures[@]} -eq 0 ] || say "failed steps: ${failures[*]}"
+echo "steps: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

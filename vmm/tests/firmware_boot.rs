@@ -1,0 +1,125 @@
+//! Boots the real firmware (built by scripts/build-firmware.sh) in faultline.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+fn firmware() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware/target/x86_64-unknown-none/release/faultline-firmware");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "firmware not built at {}: run scripts/build-firmware.sh",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
+        p.display()
+    );
+    None
+}
+
+/// The `N passed, M failed` line the firmware's test runner ends with.
+fn summary(out: &str) -> Option<(u32, u32)> {
+    let line = out.lines().rev().find(|l| l.contains(" passed, "))?;
+    let mut words = line.split_whitespace();
+    let p = words.next()?.parse().ok()?;
+    let f = words.nth(1)?.parse().ok()?;
+    Some((p, f))
+}
+
+#[test]
+fn default_suite_passes() {
+    let (true, Some(fw)) = (kvm_or_skip("default_suite_passes"), firmware()) else {
+        return;
+    };
+    let o = faultline(&["run", "--firmware", path_str(&fw), "--timeout", "60"]);
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        stderr(&o)
+    );
+    let (p, f) = summary(&out).expect("summary line");
+    assert!(p >= 4, "at least 4 self-tests: {out}");
+    assert_eq!(f, 0);
+    assert!(out.trim_end().ends_with(&format!("{p} passed, 0 failed")));
+    for t in ["frame_alloc", "heap", "direct_map", "timer_monotonic"] {
+        assert!(
+            out.contains(&format!("test {t} ... ok")),
+            "{t} missing:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn failing_guest_test_makes_faultline_fail() {
+    let (true, Some(fw)) = (kvm_or_skip("failing_guest_test"), firmware()) else {
+        return;
+    };
+    let o = faultline(&[
+        "run",
+        "--firmware",
+        path_str(&fw),
+        "--cmdline",
+        "fail=1",
+        "--timeout",
+        "60",
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{out}");
+    assert!(out.contains("test deliberate_failure ... FAILED"), "{out}");
+    assert_eq!(summary(&out).map(|s| s.1), Some(1));
+    assert!(stderr(&o).contains("guest reported failure"));
+}
+
+#[test]
+fn test_filter_and_unknown_keys() {
+    let (true, Some(fw)) = (kvm_or_skip("test_filter"), firmware()) else {
+        return;
+    };
+    let o = faultline(&[
+        "run",
+        "--firmware",
+        path_str(&fw),
+        "--cmdline",
+        "test=heap bogus=1",
+        "--timeout",
+        "60",
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(summary(&out), Some((1, 0)), "{out}");
+    assert!(out.contains("test heap ... ok"));
+    assert!(out.contains("unknown key 'bogus'"), "{out}");
+}
+
+#[test]
+fn boots_with_ram_above_4g_and_several_vcpus() {
+    let (true, Some(fw)) = (kvm_or_skip("boots_with_high_ram"), firmware()) else {
+        return;
+    };
+    let o = faultline(&[
+        "run",
+        "--firmware",
+        path_str(&fw),
+        "--memory",
+        "4608M",
+        "--vcpus",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
+    assert!(
+        out.contains("4608 MiB RAM") || out.contains("4607 MiB RAM"),
+        "{out}"
+    );
+}
