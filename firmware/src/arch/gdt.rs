@@ -1,0 +1,68 @@
+//! The long-mode GDT with a TSS, replacing the boot GDT from the entry code.
+//!
+//! The TSS carries the IST stacks: a double fault after a stack overflow, an
+//! NMI or a machine check must not run on the (possibly broken) current stack.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+pub const IST_DOUBLE_FAULT: u16 = 0;
+pub const IST_NMI: u16 = 1;
+pub const IST_MACHINE_CHECK: u16 = 2;
+const IST_COUNT: usize = 3;
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
+
+static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
+static mut TSS: TaskStateSegment = TaskStateSegment::new();
+static mut GDT: GlobalDescriptorTable = GlobalDescriptorTable::new();
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+
+pub struct Selectors {
+    pub kernel_code: SegmentSelector,
+    pub kernel_data: SegmentSelector,
+}
+
+pub fn init() -> Selectors {
+    assert!(!INITIALIZED.swap(true, Ordering::SeqCst), "gdt::init called twice");
+
+    // SAFETY: the INITIALIZED guard makes this the only access to TSS, GDT and
+    // IST_STACKS ever made through mutable references; afterwards the CPU
+    // owns them and Rust only holds shared 'static references.
+    let (tss, gdt) = unsafe {
+        let stacks = &raw mut IST_STACKS;
+        let tss = &mut *(&raw mut TSS);
+        for i in 0..IST_COUNT {
+            let top = (&raw mut (*stacks).0[i]) as u64 + IST_STACK_SIZE as u64;
+            tss.interrupt_stack_table[i] = VirtAddr::new(top & !0xf);
+        }
+        (&*(&raw const TSS), &mut *(&raw mut GDT))
+    };
+
+    let kernel_code = gdt.append(Descriptor::kernel_code_segment());
+    let kernel_data = gdt.append(Descriptor::kernel_data_segment());
+    let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+    // SAFETY: `gdt` is 'static and never mutated again (INITIALIZED guard).
+    let gdt: &'static GlobalDescriptorTable = unsafe { &*(&raw const GDT) };
+    gdt.load();
+
+    // SAFETY: the selectors index descriptors of the GDT just loaded, with
+    // the types (code/data/TSS) each register requires.
+    unsafe {
+        CS::set_reg(kernel_code);
+        SS::set_reg(kernel_data);
+        DS::set_reg(kernel_data);
+        ES::set_reg(kernel_data);
+        FS::set_reg(SegmentSelector(0));
+        GS::set_reg(SegmentSelector(0));
+        load_tss(tss_sel);
+    }
+    Selectors { kernel_code, kernel_data }
+}

@@ -1,0 +1,91 @@
+//! Kernel command line: space-separated `key=value` words.
+//!
+//! Nothing is ignored silently: an unknown key, a word without `=`, or a bad
+//! value each produce one `cmdline:` line, so a typo in a test invocation is
+//! visible in the log instead of quietly running the wrong thing.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options<'a> {
+    /// Run only tests whose name contains this.
+    pub test_filter: Option<&'a str>,
+    pub log_level: log::LevelFilter,
+    /// Register the deliberately failing self-test.
+    pub fail: bool,
+    /// Print the test names and exit with success.
+    pub list: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options { test_filter: None, log_level: log::LevelFilter::Info, fail: false, list: false }
+    }
+}
+
+/// One diagnostic per offending word; the caller prints them once logging works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Complaint<'a> {
+    UnknownKey(&'a str),
+    NotKeyValue(&'a str),
+    BadValue { key: &'a str, value: &'a str, expected: &'static str },
+}
+
+impl core::fmt::Display for Complaint<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Complaint::UnknownKey(k) => write!(f, "cmdline: unknown key '{k}' ignored"),
+            Complaint::NotKeyValue(w) => write!(f, "cmdline: '{w}' is not key=value, ignored"),
+            Complaint::BadValue { key, value, expected } => {
+                write!(f, "cmdline: bad value '{value}' for '{key}' (expected {expected}), ignored")
+            }
+        }
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_level(v: &str) -> Option<log::LevelFilter> {
+    Some(match v {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// Parses `line`, calling `complain` for each word it cannot use.
+pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Options<'a> {
+    let mut o = Options::default();
+    for word in line.split_ascii_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            complain(Complaint::NotKeyValue(word));
+            continue;
+        };
+        match key {
+            "test" => o.test_filter = Some(value),
+            "loglevel" => match parse_level(value) {
+                Some(l) => o.log_level = l,
+                None => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "off|error|warn|info|debug|trace",
+                }),
+            },
+            "fail" | "list" => match parse_bool(value) {
+                Some(b) if key == "fail" => o.fail = b,
+                Some(b) => o.list = b,
+                None => complain(Complaint::BadValue { key, value, expected: "0 or 1" }),
+            },
+            _ => complain(Complaint::UnknownKey(key)),
+        }
+    }
+    o
+}

@@ -1,0 +1,254 @@
+//! Physical frame allocator: one bit per 4 KiB frame of RAM (1 = free).
+//!
+//! A bitmap rather than a free list so that a double free or a free of a
+//! frame we never handed out is caught on the spot, and so the free count is
+//! exact: tests compare it before and after to find leaks.
+
+use x86_64::PhysAddr;
+
+use crate::boot::pvh::{BootInfo, E820_RAM};
+use crate::sync::Mutex;
+
+pub const FRAME_SIZE: u64 = 4096;
+/// Everything below 1 MiB is legacy BIOS land (IVT, EBDA, option ROMs, and
+/// QEMU's start_info): never hand it out.
+const LOW_LIMIT: u64 = 1 << 20;
+/// The bitmap is reached through the boot identity map.
+const IDENTITY_LIMIT: u64 = 4 << 30;
+
+pub struct FrameAllocator {
+    bitmap: &'static mut [u64],
+    frames: u64,
+    free: u64,
+    /// Lowest word that may contain a free bit: keeps allocations low (page
+    /// tables built before the direct map must be identity-reachable).
+    hint: usize,
+    bitmap_range: (u64, u64),
+}
+
+static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
+
+#[derive(Debug, Clone, Copy)]
+pub struct FrameStats {
+    pub free: u64,
+    pub total_usable: u64,
+}
+
+static TOTAL_USABLE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Picks a place for the bitmap: RAM, above 1 MiB, below 4 GiB, clear of
+/// every range in `avoid`.
+fn place_bitmap(boot: &BootInfo, bytes: u64, avoid: &[(u64, u64)]) -> Option<u64> {
+    for e in boot.memmap().iter().filter(|e| e.kind == E820_RAM) {
+        let mut cand = align_up(e.addr.max(LOW_LIMIT), FRAME_SIZE);
+        'retry: loop {
+            let end = cand.checked_add(bytes)?;
+            if end > e.end() || end > IDENTITY_LIMIT {
+                break;
+            }
+            // Also keep off any non-RAM entry overlapping this RAM entry.
+            let clash = avoid
+                .iter()
+                .copied()
+                .chain(boot.memmap().iter().filter(|r| r.kind != E820_RAM).map(|r| (r.addr, r.end())))
+                .find(|&r| overlaps((cand, end), r));
+            match clash {
+                Some(r) => {
+                    cand = align_up(r.1, FRAME_SIZE);
+                    continue 'retry;
+                }
+                None => return Some(cand),
+            }
+        }
+    }
+    None
+}
+
+impl FrameAllocator {
+    fn set_free(&mut self, idx: u64) {
+        self.bitmap[(idx / 64) as usize] |= 1 << (idx % 64);
+    }
+
+    fn set_used(&mut self, idx: u64) {
+        self.bitmap[(idx / 64) as usize] &= !(1 << (idx % 64));
+    }
+
+    fn is_free(&self, idx: u64) -> bool {
+        self.bitmap[(idx / 64) as usize] & (1 << (idx % 64)) != 0
+    }
+
+    /// Marks every whole frame inside `[start, end)` used.
+    fn reserve(&mut self, start: u64, end: u64) {
+        let first = start / FRAME_SIZE;
+        let last = end.div_ceil(FRAME_SIZE).min(self.frames);
+        for idx in first..last {
+            self.set_used(idx);
+        }
+    }
+
+    fn recount(&mut self) -> u64 {
+        self.bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    fn alloc_low(&mut self) -> Option<PhysAddr> {
+        for w in self.hint..self.bitmap.len() {
+            let word = self.bitmap[w];
+            if word != 0 {
+                let idx = w as u64 * 64 + u64::from(word.trailing_zeros());
+                self.set_used(idx);
+                self.free -= 1;
+                self.hint = w;
+                return Some(PhysAddr::new(idx * FRAME_SIZE));
+            }
+        }
+        None
+    }
+
+    fn alloc_high(&mut self) -> Option<PhysAddr> {
+        for w in (self.hint..self.bitmap.len()).rev() {
+            let word = self.bitmap[w];
+            if word != 0 {
+                let idx = w as u64 * 64 + 63 - u64::from(word.leading_zeros());
+                self.set_used(idx);
+                self.free -= 1;
+                return Some(PhysAddr::new(idx * FRAME_SIZE));
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, addr: PhysAddr) {
+        let a = addr.as_u64();
+        assert!(a % FRAME_SIZE == 0, "frame free: {a:#x} is not page aligned");
+        let idx = a / FRAME_SIZE;
+        assert!(idx < self.frames, "frame free: {a:#x} is beyond RAM");
+        assert!(!self.is_free(idx), "frame free: double free of {a:#x}");
+        assert!(
+            a >= LOW_LIMIT && !overlaps((a, a + FRAME_SIZE), self.bitmap_range),
+            "frame free: {a:#x} was never allocatable"
+        );
+        self.set_free(idx);
+        self.free += 1;
+        self.hint = self.hint.min((idx / 64) as usize);
+    }
+}
+
+/// Builds the allocator from the memory map.
+///
+/// # Safety
+/// Call once, with the boot identity map active; `boot` must describe this
+/// machine and `image` must cover the loaded image including .bss.
+pub unsafe fn init(boot: &BootInfo, image: (u64, u64)) {
+    let ram_end = boot.memmap().iter().filter(|e| e.kind == E820_RAM).map(|e| e.end()).max().unwrap_or(0);
+    let frames = ram_end / FRAME_SIZE;
+    let words = frames.div_ceil(64);
+    let bytes = words * 8;
+
+    let mut avoid = [(0u64, 0u64); crate::boot::pvh::RESERVED_MAX + 2];
+    avoid[0] = (0, LOW_LIMIT);
+    avoid[1] = image;
+    for (slot, r) in avoid[2..].iter_mut().zip(boot.reserved()) {
+        *slot = *r;
+    }
+    let avoid = &avoid[..2 + boot.reserved().len()];
+    let base = place_bitmap(boot, bytes, avoid).expect("no room for the frame bitmap below 4 GiB");
+
+    // SAFETY: [base, base+bytes) is RAM below 4 GiB (identity-mapped), clear
+    // of the image, loader data and firmware areas, and not yet handed out.
+    let bitmap = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, words as usize) };
+    bitmap.fill(0);
+    let bitmap_range = (base, align_up(base + bytes, FRAME_SIZE));
+    let mut fa = FrameAllocator { bitmap, frames, free: 0, hint: 0, bitmap_range };
+
+    for e in boot.memmap().iter().filter(|e| e.kind == E820_RAM) {
+        let first = align_up(e.addr, FRAME_SIZE) / FRAME_SIZE;
+        let last = (e.end() / FRAME_SIZE).min(frames);
+        for idx in first..last {
+            fa.set_free(idx);
+        }
+    }
+    // Where RAM and non-RAM entries overlap, the reservation wins.
+    for e in boot.memmap().iter().filter(|e| e.kind != E820_RAM) {
+        fa.reserve(e.addr, e.end());
+    }
+    for &(s, e) in avoid {
+        fa.reserve(s, e);
+    }
+    fa.reserve(bitmap_range.0, bitmap_range.1);
+    fa.free = fa.recount();
+    TOTAL_USABLE.store(fa.free, core::sync::atomic::Ordering::Relaxed);
+    log::debug!(
+        "frames: bitmap at {:#x} ({} bytes), {} of {} frames free",
+        base, bytes, fa.free, frames
+    );
+    *FRAMES.lock() = Some(fa);
+}
+
+fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
+    f(FRAMES.lock().as_mut().expect("frame allocator used before init"))
+}
+
+/// Allocates one frame, preferring low addresses. Contents are undefined.
+pub fn alloc() -> Option<PhysAddr> {
+    with(|fa| fa.alloc_low())
+}
+
+/// Allocates one frame from the top of RAM (tests use it to reach high memory).
+pub fn alloc_high() -> Option<PhysAddr> {
+    with(|fa| fa.alloc_high())
+}
+
+/// Returns a frame obtained from [`alloc`] or [`alloc_high`].
+/// Panics on double free or on a frame that was never allocatable.
+pub fn free(addr: PhysAddr) {
+    with(|fa| fa.free(addr))
+}
+
+pub fn stats() -> FrameStats {
+    FrameStats {
+        free: with(|fa| fa.free),
+        total_usable: TOTAL_USABLE.load(core::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+/// Free count recomputed from the bitmap, to cross-check the counter.
+pub fn recount() -> u64 {
+    with(|fa| fa.recount())
+}
+
+/// Frames (as indices) the allocator believes are free, for a cheap test of
+/// the "never hand out reserved memory" rule.
+pub fn is_free(addr: PhysAddr) -> bool {
+    with(|fa| {
+        let idx = addr.as_u64() / FRAME_SIZE;
+        idx < fa.frames && fa.is_free(idx)
+    })
+}
+
+/// Adapter for the `x86_64` crate's mapper, which allocates page-table frames.
+pub struct PageTableFrames {
+    /// Before the direct map exists, page tables are written through the
+    /// identity map and so must sit below this limit.
+    pub limit: u64,
+}
+
+// SAFETY: every frame returned comes from the bitmap, is marked used, and is
+// never returned twice without an intervening free.
+unsafe impl x86_64::structures::paging::FrameAllocator<x86_64::structures::paging::Size4KiB> for PageTableFrames {
+    fn allocate_frame(&mut self) -> Option<x86_64::structures::paging::PhysFrame> {
+        let a = alloc()?;
+        if a.as_u64() + FRAME_SIZE > self.limit {
+            free(a);
+            return None;
+        }
+        Some(x86_64::structures::paging::PhysFrame::containing_address(a))
+    }
+}

@@ -1,0 +1,111 @@
+//! The in-guest test runner.
+//!
+//! A suite is a `pub const TESTS: &[Test]` in its module; it joins the run by
+//! being listed in [`SUITES`]. Output is one line per test,
+//! `test <name> ... ok` or `test <name> ... FAILED: <reason>`, then the plain
+//! summary `N passed, N failed`, then the exit port says pass (0) or fail (1).
+
+use alloc::string::String;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use crate::arch::exit::{exit, ExitCode};
+use crate::cmdline::Options;
+use crate::println;
+
+pub mod selftest;
+
+pub type TestFn = fn() -> Result<(), String>;
+
+pub struct Test {
+    pub name: &'static str,
+    pub run: TestFn,
+}
+
+impl Test {
+    pub const fn new(name: &'static str, run: TestFn) -> Test {
+        Test { name, run }
+    }
+}
+
+/// Every suite, in run order. Later modules (process address spaces, PCI,
+/// the GPU driver) append their `TESTS` slice here.
+const SUITES: &[&[Test]] = &[selftest::TESTS];
+
+/// Only with `fail=1`: proves end to end that a failing guest fails the host.
+const FAIL_SUITE: &[Test] = &[Test::new("deliberate_failure", deliberate_failure)];
+
+fn deliberate_failure() -> Result<(), String> {
+    Err(String::from("deliberate failure requested by fail=1"))
+}
+
+// The name of the running test, for the panic and exception reports.
+static CURRENT_PTR: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+static CURRENT_LEN: AtomicUsize = AtomicUsize::new(0);
+
+pub fn current_test() -> Option<&'static str> {
+    let p = CURRENT_PTR.load(Ordering::SeqCst);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: only ever set from a `&'static str` below (pointer + length).
+    let bytes = unsafe { core::slice::from_raw_parts(p, CURRENT_LEN.load(Ordering::SeqCst)) };
+    core::str::from_utf8(bytes).ok()
+}
+
+fn set_current(name: Option<&'static str>) {
+    let (p, l) = name.map_or((core::ptr::null_mut(), 0), |n| (n.as_ptr() as *mut u8, n.len()));
+    CURRENT_LEN.store(l, Ordering::SeqCst);
+    CURRENT_PTR.store(p, Ordering::SeqCst);
+}
+
+fn all_tests<'a>(opts: &'a Options<'a>) -> impl Iterator<Item = &'static Test> + 'a {
+    let extra: &'static [Test] = if opts.fail { FAIL_SUITE } else { &[] };
+    SUITES
+        .iter()
+        .flat_map(|s| s.iter())
+        .chain(extra.iter())
+        .filter(move |t| opts.test_filter.is_none_or(|f| t.name.contains(f)))
+}
+
+fn check_unique_names() {
+    let names = || SUITES.iter().flat_map(|s| s.iter()).chain(FAIL_SUITE.iter()).map(|t| t.name);
+    for (i, a) in names().enumerate() {
+        if names().skip(i + 1).any(|b| b == a) {
+            panic!("duplicate test name '{a}'");
+        }
+    }
+}
+
+pub fn run(opts: &Options<'_>) -> ! {
+    check_unique_names();
+    if opts.list {
+        for t in all_tests(opts) {
+            println!("{}", t.name);
+        }
+        exit(ExitCode::Success);
+    }
+
+    let (mut passed, mut failed) = (0u32, 0u32);
+    for t in all_tests(opts) {
+        set_current(Some(t.name));
+        let result = (t.run)();
+        set_current(None);
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("test {} ... ok", t.name);
+            }
+            Err(reason) => {
+                failed += 1;
+                println!("test {} ... FAILED: {reason}", t.name);
+            }
+        }
+    }
+    let selected_none = passed + failed == 0;
+    if selected_none {
+        // A typo in test= must not look like a green run.
+        println!("tests: filter '{}' matches no test", opts.test_filter.unwrap_or(""));
+    }
+    println!("{passed} passed, {failed} failed");
+    exit(if failed == 0 && !selected_none { ExitCode::Success } else { ExitCode::TestsFailed })
+}
