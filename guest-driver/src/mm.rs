@@ -1,0 +1,522 @@
+//! The address-space interface the mirror layer needs: the part of Linux's
+//! `mm_struct` / `vm_area_struct` / page-table walker / fault handler /
+//! mmu-notifier chain that HMM touches, as a trait.
+//!
+//! The firmware implements [`Mm`] with real x86-64 page tables; the host tests
+//! and the bench implement it with the simulated address space in
+//! [`crate::sim`]. Everything else in this module is generic glue that every
+//! implementation shares, so the reference-count and notifier rules are written
+//! (and tested) once:
+//!
+//! * the *users* count (`mmget` / `mmget_not_zero` / `mmput`): the last
+//!   `mmput` runs the release notifiers and then [`Mm::exit_mmap`];
+//! * the *structure* count (`mmgrab` / `mmdrop`): an `Arc<M>`;
+//! * the mmap lock, whose read guard [`MmapReadGuard`] is the proof that HMM's
+//!   walk and fault entry points demand (it can only be obtained by locking);
+//! * the mmu-notifier chain ([`MmuNotifier`], [`mmu_notifier_invalidate_range_start`] …),
+//!   which the implementation calls around every change to its page tables.
+
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use bitflags::bitflags;
+use lock_api::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::errno::Errno;
+use crate::hmm::Hmm;
+
+/// log2 of the base page size.
+pub const PAGE_SHIFT: u32 = 12;
+/// Base page size (4 KiB).
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// log2 of a PMD-level (huge) leaf.
+pub const PMD_SHIFT: u32 = 21;
+/// Size of a PMD-level (huge) leaf (2 MiB).
+pub const PMD_SIZE: u64 = 1 << PMD_SHIFT;
+
+bitflags! {
+    /// `vm_flags`, the subset HMM looks at.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct VmFlags: u32 {
+        /// `VM_READ`: without it HMM answers EPERM (HMM, like Linux, does not
+        /// support write-without-read).
+        const READ = 1 << 0;
+        /// `VM_WRITE`: a write request on a VMA without it is EPERM.
+        const WRITE = 1 << 1;
+        /// `VM_EXEC`: carried for completeness; HMM ignores it.
+        const EXEC = 1 << 2;
+        /// `VM_SHARED`: informational.
+        const SHARED = 1 << 3;
+        /// `VM_IO`: device memory; HMM refuses it (EFAULT).
+        const IO = 1 << 4;
+        /// `VM_PFNMAP`: raw pfns without `struct page`; HMM refuses it (EFAULT).
+        const PFNMAP = 1 << 5;
+        /// `VM_MIXEDMAP`: HMM refuses it (EFAULT).
+        const MIXEDMAP = 1 << 6;
+        /// Every page in this VMA is a 2 MiB leaf (Linux: a hugetlb VMA). Only
+        /// such VMAs accept ranges with `page_shift == PMD_SHIFT`. Start and
+        /// end of such a VMA must be 2 MiB aligned.
+        const HUGE = 1 << 7;
+    }
+}
+
+impl VmFlags {
+    /// The kinds HMM treats as "special": not backed by ordinary pages.
+    pub const SPECIAL_KINDS: VmFlags = VmFlags::IO.union(VmFlags::PFNMAP).union(VmFlags::MIXEDMAP);
+}
+
+/// A virtual memory area: `[start, end)` with its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    /// First byte (page aligned).
+    pub start: u64,
+    /// One past the last byte (page aligned).
+    pub end: u64,
+    /// Permissions and kind.
+    pub flags: VmFlags,
+}
+
+impl Vma {
+    /// Whether `addr` lies in `[start, end)`.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
+/// What the CPU page table says about one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// No translation (never touched, reclaimed, or no page table at all).
+    None,
+    /// A 4 KiB leaf.
+    Present {
+        /// Page frame number (physical address >> 12).
+        pfn: u64,
+        /// The leaf allows writes.
+        writable: bool,
+    },
+    /// A 2 MiB leaf. `pfn` is the frame of its *first* 4 KiB page (2 MiB
+    /// aligned); the frame backing `addr` is `pfn + ((addr % 2 MiB) >> 12)`.
+    Huge {
+        /// First frame of the leaf.
+        pfn: u64,
+        /// The leaf allows writes.
+        writable: bool,
+    },
+    /// The shared zero page (an anonymous read fault maps it read-only; a write
+    /// fault replaces it by copy-on-write).
+    Zero {
+        /// The zero page's frame.
+        pfn: u64,
+    },
+    /// A special entry (Linux: `pte_special()` that is not the zero page): a
+    /// raw pfn the device must not be given.
+    Special,
+}
+
+/// One step of the software page-table walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walk {
+    /// The state of the page containing the walked address.
+    pub state: PageState,
+    /// log2 of the naturally aligned block around the walked address that
+    /// `state` describes: [`PAGE_SHIFT`] for a PTE-level answer, [`PMD_SHIFT`]
+    /// for a 2 MiB leaf *or* a missing page table (then the whole 2 MiB block
+    /// is `None`). Lets HMM fill 512 entries from one walk.
+    pub shift: u32,
+}
+
+bitflags! {
+    /// `FAULT_FLAG_*` as far as HMM uses them.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct FaultFlags: u32 {
+        /// `FAULT_FLAG_WRITE`: fault for write access (COW, mkwrite).
+        const WRITE = 1 << 0;
+        /// `FAULT_FLAG_REMOTE`: the access is not by the current CPU context
+        /// (it is the device's), so do not charge the current task / check
+        /// protection keys.
+        const REMOTE = 1 << 1;
+        /// `FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_RETRY_NOWAIT`: the handler may
+        /// return [`FaultError::Retry`] instead of blocking. It must *not*
+        /// drop the mmap lock (unlike Linux), see docs/hmm.md.
+        const ALLOW_RETRY = 1 << 2;
+    }
+}
+
+/// Why `handle_mm_fault` failed (Linux: the `VM_FAULT_*` error bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultError {
+    /// `VM_FAULT_SIGSEGV`: no VMA, or the access is not permitted.
+    Sigsegv,
+    /// `VM_FAULT_SIGBUS`: the backing store failed.
+    Sigbus,
+    /// `VM_FAULT_OOM`.
+    Oom,
+    /// `VM_FAULT_RETRY`: would block, only with [`FaultFlags::ALLOW_RETRY`].
+    Retry,
+}
+
+impl core::fmt::Display for FaultError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let s = match self {
+            FaultError::Sigsegv => "VM_FAULT_SIGSEGV",
+            FaultError::Sigbus => "VM_FAULT_SIGBUS",
+            FaultError::Oom => "VM_FAULT_OOM",
+            FaultError::Retry => "VM_FAULT_RETRY",
+        };
+        f.write_str(s)
+    }
+}
+
+impl core::error::Error for FaultError {}
+
+/// The address space (`mm_struct`). See docs/hmm.md "Implementing `Mm`".
+///
+/// Lock types come from the implementation because only it knows what is safe
+/// in its context: the firmware supplies interrupt-safe spin locks (a fault
+/// may be serviced from an interrupt bottom half on a single vCPU), the
+/// simulator supplies `parking_lot` so that host threads do not burn CPU.
+pub trait Mm: Send + Sync + Sized + 'static {
+    /// Mutex used for short, non-calling-out critical sections (HMM's
+    /// `hmm->lock`, the `mm->hmm` slot).
+    type RawMutex: lock_api::RawMutex + Send + Sync;
+    /// Reader/writer lock used for the mmap lock, HMM's `mirrors_sem` and the
+    /// notifier list.
+    type RawRwLock: lock_api::RawRwLock + Send + Sync;
+    /// What the mmap lock protects (the VMA tree). The read guard derefs to it,
+    /// so the implementation's `vma_lookup` reads VMAs through the very guard
+    /// HMM was handed.
+    type MmapData: Send + Sync;
+
+    /// The mmap lock (`mmap_sem`). Use [`mmap_read_lock`] / [`mmap_write_lock`]
+    /// to take it; HMM only accepts the resulting guards.
+    fn mmap_lock(&self) -> &RwLock<Self::RawRwLock, Self::MmapData>;
+
+    /// The generic per-mm state this module manages (users count, notifier
+    /// chain, `mm->hmm`). Embed one [`MmCore`] per address space.
+    fn core(&self) -> &MmCore<Self>;
+
+    /// The VMA containing `addr`, if any (Linux 5.14's `vma_lookup`; 5.3 HMM
+    /// used `find_vma` and then checked `vm_start`).
+    fn vma_lookup(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma>;
+
+    /// Software page-table walk for one address: never faults, never sleeps.
+    /// The implementation synchronises with its own page-table updates
+    /// (Linux: the page-table lock); HMM tolerates a result that is stale by
+    /// the time it returns because every change is bracketed by
+    /// `invalidate_range_start/end`.
+    fn walk(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk;
+
+    /// Resolve a fault at `addr` (Linux `handle_mm_fault`). Runs with the mmap
+    /// lock held for read and must leave it held. Any PTE it replaces (COW of
+    /// the zero page, for instance) must be bracketed by
+    /// [`mmu_notifier_invalidate_range_start`] / `_end`, as Linux does.
+    fn handle_mm_fault(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        flags: FaultFlags,
+    ) -> Result<(), FaultError>;
+
+    /// Tear the address space down: free page tables and frames. Called by the
+    /// last [`mmput`] *after* the release notifiers ran. Must not take the
+    /// mmap lock (a caller of `mmput` may hold it), as Linux's `exit_mmap`.
+    fn exit_mmap(&self);
+
+    /// Monotonic time in nanoseconds (for `range_wait_until_valid`'s timeout).
+    fn now_ns(&self) -> u64;
+
+    /// What to do while polling (`cpu_relax`, or yield to a scheduler).
+    fn cpu_relax(&self) {
+        core::hint::spin_loop();
+    }
+}
+
+/// Read guard of the mmap lock: the proof, demanded by `range_snapshot` and
+/// `range_fault`, that the caller holds the lock for read. Its only
+/// constructors take the lock.
+pub struct MmapReadGuard<'a, M: Mm> {
+    mm: &'a M,
+    data: RwLockReadGuard<'a, M::RawRwLock, M::MmapData>,
+}
+
+impl<'a, M: Mm> MmapReadGuard<'a, M> {
+    /// The address space whose lock this is (HMM checks it is the range's).
+    pub fn mm(&self) -> &'a M {
+        self.mm
+    }
+}
+
+impl<M: Mm> Deref for MmapReadGuard<'_, M> {
+    type Target = M::MmapData;
+    fn deref(&self) -> &M::MmapData {
+        &self.data
+    }
+}
+
+/// Write guard of the mmap lock (munmap/mprotect/mmap; `mirror_register`
+/// demands it, as Linux's `hmm_mirror_register` asserts `mmap_sem` held for
+/// write).
+pub struct MmapWriteGuard<'a, M: Mm> {
+    mm: &'a M,
+    data: RwLockWriteGuard<'a, M::RawRwLock, M::MmapData>,
+}
+
+impl<'a, M: Mm> MmapWriteGuard<'a, M> {
+    /// The address space whose lock this is.
+    pub fn mm(&self) -> &'a M {
+        self.mm
+    }
+}
+
+impl<M: Mm> Deref for MmapWriteGuard<'_, M> {
+    type Target = M::MmapData;
+    fn deref(&self) -> &M::MmapData {
+        &self.data
+    }
+}
+
+impl<M: Mm> DerefMut for MmapWriteGuard<'_, M> {
+    fn deref_mut(&mut self) -> &mut M::MmapData {
+        &mut self.data
+    }
+}
+
+/// `mmap_read_lock(mm)` (Linux 5.8 name for `down_read(&mm->mmap_sem)`).
+pub fn mmap_read_lock<M: Mm>(mm: &M) -> MmapReadGuard<'_, M> {
+    MmapReadGuard {
+        mm,
+        data: mm.mmap_lock().read(),
+    }
+}
+
+/// `mmap_read_trylock(mm)`.
+pub fn mmap_read_trylock<M: Mm>(mm: &M) -> Option<MmapReadGuard<'_, M>> {
+    mm.mmap_lock()
+        .try_read()
+        .map(|data| MmapReadGuard { mm, data })
+}
+
+/// `mmap_write_lock(mm)`.
+pub fn mmap_write_lock<M: Mm>(mm: &M) -> MmapWriteGuard<'_, M> {
+    MmapWriteGuard {
+        mm,
+        data: mm.mmap_lock().write(),
+    }
+}
+
+/// Which kind of change an invalidation announces (`enum mmu_notifier_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmuNotifyEvent {
+    /// munmap / exit: the range is gone.
+    Unmap,
+    /// The pages are being replaced or freed (reclaim, migration, COW).
+    Clear,
+    /// mprotect on a whole VMA.
+    ProtectionVma,
+    /// Write-protection of individual pages.
+    ProtectionPage,
+    /// Soft-dirty tracking.
+    SoftDirty,
+}
+
+/// `struct mmu_notifier_range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmuNotifierRange {
+    /// First byte of the invalidated range.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Why.
+    pub event: MmuNotifyEvent,
+    /// Whether notifiers may sleep / wait. `false` for OOM-reaper-like
+    /// callers: a notifier that would have to block returns EAGAIN.
+    pub blockable: bool,
+}
+
+/// A subscriber to the address space's changes (`struct mmu_notifier_ops`).
+pub trait MmuNotifier<M: Mm>: Send + Sync {
+    /// Called before the CPU page tables in `[start, end)` change. Once it
+    /// returns `Ok`, the subscriber must not hand out translations for the
+    /// range until `invalidate_range_end`. `Err` (only allowed when
+    /// `!range.blockable`) aborts the invalidation; the chain then calls
+    /// `invalidate_range_end` on the subscribers that had succeeded.
+    fn invalidate_range_start(&self, mm: &M, range: &MmuNotifierRange) -> Result<(), Errno>;
+    /// Called after the change, for every successful `invalidate_range_start`.
+    fn invalidate_range_end(&self, mm: &M, range: &MmuNotifierRange);
+    /// The address space is being torn down (last `mmput`).
+    fn release(&self, mm: &M);
+}
+
+/// Identifies a registration in the notifier chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NotifierId(u64);
+
+struct NotifierEntry<M: Mm> {
+    id: NotifierId,
+    // Weak: a subscriber's lifetime is its own (HMM's is its refcount); a dead
+    // entry is skipped and pruned lazily, so that dropping the last `Arc` of a
+    // subscriber from inside a callback cannot deadlock on this list.
+    notifier: Weak<dyn MmuNotifier<M>>,
+}
+
+/// Generic per-address-space state, embedded by every [`Mm`] implementation.
+pub struct MmCore<M: Mm> {
+    /// `mm_users`.
+    users: AtomicUsize,
+    notifiers: RwLock<M::RawRwLock, Vec<NotifierEntry<M>>>,
+    next_notifier_id: AtomicU64,
+    /// `mm->hmm` (5.3): at most one live [`Hmm`] per address space.
+    pub(crate) hmm: Mutex<M::RawMutex, Weak<Hmm<M>>>,
+}
+
+impl<M: Mm> MmCore<M> {
+    /// A fresh address space has one user: its owner (the process).
+    pub fn new() -> Self {
+        MmCore {
+            users: AtomicUsize::new(1),
+            notifiers: RwLock::new(Vec::new()),
+            next_notifier_id: AtomicU64::new(1),
+            hmm: Mutex::new(Weak::new()),
+        }
+    }
+
+    /// Current `mm_users` (diagnostics and tests).
+    pub fn users(&self) -> usize {
+        self.users.load(Ordering::Acquire)
+    }
+
+    /// Number of live subscribers in the chain (diagnostics and tests).
+    pub fn notifier_count(&self) -> usize {
+        self.notifiers
+            .read()
+            .iter()
+            .filter(|e| e.notifier.strong_count() > 0)
+            .count()
+    }
+}
+
+impl<M: Mm> Default for MmCore<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `mmget`: take a users reference. The caller must already hold one (or
+/// otherwise know the address space is alive); use [`mmget_not_zero`] if not.
+pub fn mmget<M: Mm>(mm: &M) {
+    let old = mm.core().users.fetch_add(1, Ordering::AcqRel);
+    debug_assert!(old > 0, "mmget on a dead address space");
+}
+
+/// `mmget_not_zero`: take a users reference unless the address space is
+/// already dying (users reached zero). This is what makes HMM's EFAULT on a
+/// dying address space race-free.
+pub fn mmget_not_zero<M: Mm>(mm: &M) -> bool {
+    mm.core()
+        .users
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            if u == 0 {
+                None
+            } else {
+                Some(u + 1)
+            }
+        })
+        .is_ok()
+}
+
+/// `mmput`: drop a users reference. The last one runs the release notifiers
+/// (HMM's `release`, which calls every mirror's `release`) and then
+/// [`Mm::exit_mmap`].
+pub fn mmput<M: Mm>(mm: &M) {
+    let old = mm.core().users.fetch_sub(1, Ordering::AcqRel);
+    assert!(old > 0, "mmput without a matching mmget");
+    if old == 1 {
+        mmu_notifier_release(mm);
+        mm.exit_mmap();
+    }
+}
+
+/// `mmgrab`: take a structure reference. Keeps the `M` itself alive (not its
+/// mappings). In Rust that is an `Arc` clone; the function exists so the code
+/// reads like the kernel's.
+pub fn mmgrab<M: Mm>(mm: &Arc<M>) -> Arc<M> {
+    Arc::clone(mm)
+}
+
+/// `mmdrop`: drop a structure reference.
+pub fn mmdrop<M: Mm>(mm: Arc<M>) {
+    drop(mm);
+}
+
+/// Subscribe to the address space's invalidations and release
+/// (`mmu_notifier_register`). The caller keeps the subscriber alive; the chain
+/// holds only a weak reference.
+pub fn mmu_notifier_register<M: Mm>(mm: &M, notifier: Weak<dyn MmuNotifier<M>>) -> NotifierId {
+    let core = mm.core();
+    let id = NotifierId(core.next_notifier_id.fetch_add(1, Ordering::Relaxed));
+    let mut list = core.notifiers.write();
+    // Prune subscribers that died since (see NotifierEntry).
+    list.retain(|e| e.notifier.strong_count() > 0);
+    list.push(NotifierEntry { id, notifier });
+    id
+}
+
+/// Unsubscribe (`mmu_notifier_unregister_no_release`). Harmless if `id` is
+/// gone already.
+pub fn mmu_notifier_unregister<M: Mm>(mm: &M, id: NotifierId) {
+    mm.core().notifiers.write().retain(|e| e.id != id);
+}
+
+/// Announce that `[range.start, range.end)` is about to change. Call it before
+/// touching the PTEs and call [`mmu_notifier_invalidate_range_end`] after
+/// (and after the TLB flush); free frames only after `_end`.
+///
+/// With `range.blockable == false` this may fail with EAGAIN: then no
+/// subscriber is left in the "started" state and the caller must not change
+/// the page tables nor call `_end`.
+pub fn mmu_notifier_invalidate_range_start<M: Mm>(
+    mm: &M,
+    range: &MmuNotifierRange,
+) -> Result<(), Errno> {
+    let list = if range.blockable {
+        mm.core().notifiers.read()
+    } else {
+        mm.core().notifiers.try_read().ok_or(Errno::EAGAIN)?
+    };
+    for (i, entry) in list.iter().enumerate() {
+        let Some(n) = entry.notifier.upgrade() else {
+            continue;
+        };
+        if let Err(e) = n.invalidate_range_start(mm, range) {
+            debug_assert!(!range.blockable, "blockable invalidation failed");
+            // Abort cleanly: close what was opened, so no subscriber stays in
+            // the middle of an invalidation (Linux 5.3 left them there).
+            for prev in list[..i].iter().filter_map(|p| p.notifier.upgrade()) {
+                prev.invalidate_range_end(mm, range);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The change announced by [`mmu_notifier_invalidate_range_start`] is done.
+pub fn mmu_notifier_invalidate_range_end<M: Mm>(mm: &M, range: &MmuNotifierRange) {
+    let list = mm.core().notifiers.read();
+    for n in list.iter().filter_map(|e| e.notifier.upgrade()) {
+        n.invalidate_range_end(mm, range);
+    }
+}
+
+/// Run every subscriber's `release` and empty the chain (from the last
+/// `mmput`). The list is taken out first so `release` callbacks run without
+/// the chain lock: they may wait for work that itself sends notifications.
+fn mmu_notifier_release<M: Mm>(mm: &M) {
+    let list = core::mem::take(&mut *mm.core().notifiers.write());
+    for n in list.iter().filter_map(|e| e.notifier.upgrade()) {
+        n.release(mm);
+    }
+}

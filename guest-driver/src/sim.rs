@@ -1,0 +1,618 @@
+//! A simulated address space: an [`Mm`] on host threads, for unit tests, the
+//! bench and (later) host loopback tests. Feature `sim`; uses std.
+//!
+//! It behaves like an anonymous-memory Linux mm as far as HMM can tell:
+//! a read fault on an untouched page maps the shared zero page read-only, a
+//! write fault allocates a frame (copy-on-write from the zero page, announced
+//! through the notifier chain), mprotect/munmap/reclaim bracket their PTE
+//! changes with `invalidate_range_start/end` and free frames only after
+//! `_end`. Frames are never reused, so a device mapping of a freed frame is
+//! detectable forever ([`SimMm::is_freed`], [`SimMm::set_free_hook`]).
+//!
+//! HUGE VMAs are populated with 2 MiB leaves only (any fault allocates a
+//! writable-if-allowed leaf; there is no huge zero page).
+
+use std::boxed::Box;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use std::vec::Vec;
+
+use lock_api::RwLock;
+use parking_lot::Mutex;
+
+use crate::errno::Errno;
+use crate::mm::{
+    mmap_read_lock, mmap_write_lock, mmput, mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard,
+    MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE,
+    PMD_SHIFT, PMD_SIZE,
+};
+
+/// The zero page's frame.
+pub const ZERO_PFN: u64 = 0x10;
+/// First frame handed out by the allocator (2 MiB aligned).
+const FIRST_PFN: u64 = 0x1000;
+const PTRS: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimPte {
+    None,
+    Page { pfn: u64, writable: bool },
+    Zero,
+    Special,
+}
+
+enum Pmd {
+    Table(Box<[SimPte; PTRS]>),
+    Huge { pfn: u64, writable: bool },
+}
+
+/// What the simulated mmap lock protects: the VMA tree.
+#[derive(Default)]
+pub struct SimVmas {
+    vmas: BTreeMap<u64, Vma>,
+}
+
+impl SimVmas {
+    fn lookup(&self, addr: u64) -> Option<Vma> {
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| *v)
+            .filter(|v| v.contains(addr))
+    }
+
+    /// Split VMAs so that `start` and `end` are VMA boundaries.
+    fn split_at(&mut self, addr: u64) {
+        if let Some(v) = self.lookup(addr) {
+            if v.start < addr {
+                self.vmas.insert(v.start, Vma { end: addr, ..v });
+                self.vmas.insert(addr, Vma { start: addr, ..v });
+            }
+        }
+    }
+
+    fn overlapping(&self, start: u64, end: u64) -> Vec<Vma> {
+        self.vmas
+            .values()
+            .filter(|v| v.start < end && start < v.end)
+            .copied()
+            .collect()
+    }
+}
+
+struct Frames {
+    next: u64,
+    freed: HashSet<u64>,
+    in_use: u64,
+}
+
+type FreeHook = Arc<dyn Fn(u64) + Send + Sync>;
+type FaultHook = Arc<dyn Fn(&SimMm, u64) + Send + Sync>;
+
+/// The simulated address space.
+pub struct SimMm {
+    core: MmCore<SimMm>,
+    mmap: RwLock<parking_lot::RawRwLock, SimVmas>,
+    /// The page-table lock; never held while calling notifiers or hooks.
+    pt: Mutex<HashMap<u64, Pmd>>,
+    frames: Mutex<Frames>,
+    free_hook: Mutex<Option<FreeHook>>,
+    fault_hook: Mutex<Option<FaultHook>>,
+    inject: Mutex<HashMap<u64, FaultError>>,
+    dead: AtomicBool,
+    faults: AtomicU64,
+    epoch: Instant,
+}
+
+impl Mm for SimMm {
+    type RawMutex = parking_lot::RawMutex;
+    type RawRwLock = parking_lot::RawRwLock;
+    type MmapData = SimVmas;
+
+    fn mmap_lock(&self) -> &RwLock<parking_lot::RawRwLock, SimVmas> {
+        &self.mmap
+    }
+
+    fn core(&self) -> &MmCore<Self> {
+        &self.core
+    }
+
+    fn vma_lookup(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma> {
+        mmap.lookup(addr)
+    }
+
+    fn walk(&self, _mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk {
+        let pt = self.pt.lock();
+        let state = match pt.get(&(addr >> PMD_SHIFT)) {
+            None => {
+                return Walk {
+                    state: PageState::None,
+                    shift: PMD_SHIFT,
+                }
+            }
+            Some(Pmd::Huge { pfn, writable }) => {
+                return Walk {
+                    state: PageState::Huge {
+                        pfn: *pfn,
+                        writable: *writable,
+                    },
+                    shift: PMD_SHIFT,
+                }
+            }
+            Some(Pmd::Table(t)) => match t[pte_index(addr)] {
+                SimPte::None => PageState::None,
+                SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
+                SimPte::Zero => PageState::Zero { pfn: ZERO_PFN },
+                SimPte::Special => PageState::Special,
+            },
+        };
+        Walk {
+            state,
+            shift: PAGE_SHIFT,
+        }
+    }
+
+    fn handle_mm_fault(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        flags: FaultFlags,
+    ) -> Result<(), FaultError> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(FaultError::Sigsegv);
+        }
+        let vma = mmap.lookup(addr).ok_or(FaultError::Sigsegv)?;
+        let write = flags.contains(FaultFlags::WRITE);
+        if !vma.flags.contains(VmFlags::READ) || (write && !vma.flags.contains(VmFlags::WRITE)) {
+            return Err(FaultError::Sigsegv);
+        }
+        if vma.flags.intersects(VmFlags::SPECIAL_KINDS) {
+            return Err(FaultError::Sigbus);
+        }
+        let injected = self.inject.lock().remove(&(addr & !(PAGE_SIZE - 1)));
+        match injected {
+            Some(FaultError::Retry) if !flags.contains(FaultFlags::ALLOW_RETRY) => {}
+            Some(e) => return Err(e),
+            None => {}
+        }
+        let hook = self.fault_hook.lock().clone();
+        if let Some(hook) = hook {
+            hook(self, addr);
+        }
+        self.faults.fetch_add(1, Ordering::Relaxed);
+
+        if vma.flags.contains(VmFlags::HUGE) {
+            let mut pt = self.pt.lock();
+            let pmd = pt.entry(addr >> PMD_SHIFT);
+            let vma_write = vma.flags.contains(VmFlags::WRITE);
+            match pmd {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let pfn = self.alloc(PTRS as u64);
+                    v.insert(Pmd::Huge {
+                        pfn,
+                        writable: vma_write,
+                    });
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if let Pmd::Huge { writable, .. } = o.get_mut() {
+                        // Permission upgrade: no notifier (nothing a device
+                        // holds becomes wrong).
+                        *writable |= write && vma_write;
+                    }
+                }
+            }
+            return Ok(());
+        }
+
+        let mut pt = self.pt.lock();
+        let table = table_mut(&mut pt, addr);
+        let pte = &mut table[pte_index(addr)];
+        match *pte {
+            SimPte::None => {
+                *pte = if write {
+                    SimPte::Page {
+                        pfn: self.alloc(1),
+                        writable: true,
+                    }
+                } else {
+                    SimPte::Zero
+                };
+            }
+            SimPte::Page {
+                pfn,
+                writable: false,
+            } if write => {
+                *pte = SimPte::Page {
+                    pfn,
+                    writable: true,
+                };
+            }
+            SimPte::Zero if write => {
+                drop(pt);
+                self.cow_zero_page(addr);
+            }
+            SimPte::Page { .. } | SimPte::Zero | SimPte::Special => {}
+        }
+        Ok(())
+    }
+
+    fn exit_mmap(&self) {
+        self.dead.store(true, Ordering::Release);
+        let freed = zap(&mut self.pt.lock(), 0, u64::MAX);
+        self.free(freed);
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn cpu_relax(&self) {
+        // Host threads on a 2-core machine: yield rather than spin.
+        std::thread::yield_now();
+    }
+}
+
+fn pte_index(addr: u64) -> usize {
+    ((addr >> PAGE_SHIFT) as usize) % PTRS
+}
+
+fn table_mut(pt: &mut HashMap<u64, Pmd>, addr: u64) -> &mut [SimPte; PTRS] {
+    let pmd = pt
+        .entry(addr >> PMD_SHIFT)
+        .or_insert_with(|| Pmd::Table(Box::new([SimPte::None; PTRS])));
+    match pmd {
+        Pmd::Table(t) => t,
+        Pmd::Huge { .. } => panic!("sim: 4 KiB operation on a huge leaf at {addr:#x}"),
+    }
+}
+
+/// Clear every translation in `[start, end)`; returns the frames to free.
+fn zap(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) -> Vec<u64> {
+    let mut freed = Vec::new();
+    let keys: Vec<u64> = pt
+        .keys()
+        .copied()
+        .filter(|&k| {
+            let (b, e) = (k << PMD_SHIFT, (k << PMD_SHIFT) + PMD_SIZE);
+            b < end && start < e
+        })
+        .collect();
+    for k in keys {
+        let base = k << PMD_SHIFT;
+        let remove = match pt.get_mut(&k).expect("key just listed") {
+            Pmd::Huge { pfn, .. } => {
+                freed.extend(*pfn..*pfn + PTRS as u64);
+                true
+            }
+            Pmd::Table(t) => {
+                for (i, pte) in t.iter_mut().enumerate() {
+                    let a = base + i as u64 * PAGE_SIZE;
+                    if a < start || a >= end {
+                        continue;
+                    }
+                    if let SimPte::Page { pfn, .. } = *pte {
+                        freed.push(pfn);
+                    }
+                    *pte = SimPte::None;
+                }
+                t.iter().all(|p| *p == SimPte::None)
+            }
+        };
+        if remove {
+            pt.remove(&k);
+        }
+    }
+    freed
+}
+
+impl SimMm {
+    /// A fresh, empty address space with one user (its process).
+    pub fn new() -> Arc<SimMm> {
+        Arc::new(SimMm {
+            core: MmCore::new(),
+            mmap: RwLock::new(SimVmas::default()),
+            pt: Mutex::new(HashMap::new()),
+            frames: Mutex::new(Frames {
+                next: FIRST_PFN,
+                freed: HashSet::new(),
+                in_use: 0,
+            }),
+            free_hook: Mutex::new(None),
+            fault_hook: Mutex::new(None),
+            inject: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn alloc(&self, count: u64) -> u64 {
+        let mut f = self.frames.lock();
+        // Huge leaves need naturally aligned frames.
+        let pfn = f.next.next_multiple_of(count);
+        f.next = pfn + count;
+        f.in_use += count;
+        pfn
+    }
+
+    fn free(&self, pfns: Vec<u64>) {
+        if pfns.is_empty() {
+            return;
+        }
+        {
+            let mut f = self.frames.lock();
+            f.in_use -= pfns.len() as u64;
+            f.freed.extend(pfns.iter().copied());
+        }
+        let hook = self.free_hook.lock().clone();
+        if let Some(hook) = hook {
+            for pfn in pfns {
+                hook(pfn);
+            }
+        }
+    }
+
+    fn cow_zero_page(&self, addr: u64) {
+        let page = addr & !(PAGE_SIZE - 1);
+        let r = MmuNotifierRange {
+            start: page,
+            end: page + PAGE_SIZE,
+            event: MmuNotifyEvent::Clear,
+            blockable: true,
+        };
+        mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        {
+            let mut pt = self.pt.lock();
+            let pte = &mut table_mut(&mut pt, page)[pte_index(page)];
+            // Re-check: another thread may have resolved it meanwhile.
+            if *pte == SimPte::Zero {
+                *pte = SimPte::Page {
+                    pfn: self.alloc(1),
+                    writable: true,
+                };
+            }
+        }
+        mmu_notifier_invalidate_range_end(self, &r);
+    }
+
+    /// `mmap(start, len, prot, MAP_FIXED_NOREPLACE)`. EINVAL if misaligned
+    /// (2 MiB for HUGE) or overlapping an existing VMA.
+    pub fn mmap(&self, start: u64, len: u64, flags: VmFlags) -> Result<(), Errno> {
+        let align = if flags.contains(VmFlags::HUGE) {
+            PMD_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        if !start.is_multiple_of(align) || !len.is_multiple_of(align) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut vmas = mmap_write_lock(self);
+        if !vmas.overlapping(start, start + len).is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        vmas.vmas.insert(
+            start,
+            Vma {
+                start,
+                end: start + len,
+                flags,
+            },
+        );
+        Ok(())
+    }
+
+    /// `munmap(start, len)`: remove the VMAs and free the frames, after
+    /// telling the notifiers (event `Unmap`).
+    pub fn munmap(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let end = start + len;
+        let mut vmas = mmap_write_lock(self);
+        if vmas.overlapping(start, end).iter().any(|v| {
+            v.flags.contains(VmFlags::HUGE)
+                && (!start.is_multiple_of(PMD_SIZE) || !end.is_multiple_of(PMD_SIZE))
+        }) {
+            return Err(Errno::EINVAL);
+        }
+        vmas.split_at(start);
+        vmas.split_at(end);
+        for v in vmas.overlapping(start, end) {
+            vmas.vmas.remove(&v.start);
+        }
+        let freed = self.zap_range(start, end, MmuNotifyEvent::Unmap);
+        drop(vmas);
+        self.free(freed);
+        Ok(())
+    }
+
+    /// `mprotect(start, len, prot)`: replace READ/WRITE/EXEC of the covered
+    /// VMAs, write-protecting PTEs when WRITE goes away (event
+    /// `ProtectionVma`; announced even for upgrades, as Linux does).
+    pub fn mprotect(&self, start: u64, len: u64, prot: VmFlags) -> Result<(), Errno> {
+        let end = start + len;
+        let perms = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
+        let mut vmas = mmap_write_lock(self);
+        vmas.split_at(start);
+        vmas.split_at(end);
+        for v in vmas.overlapping(start, end) {
+            let flags = (v.flags - perms) | (prot & perms);
+            vmas.vmas.insert(v.start, Vma { flags, ..v });
+        }
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::ProtectionVma,
+            blockable: true,
+        };
+        mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        if !prot.contains(VmFlags::WRITE) {
+            let mut pt = self.pt.lock();
+            for (&k, pmd) in pt.iter_mut() {
+                let base = k << PMD_SHIFT;
+                match pmd {
+                    Pmd::Huge { writable, .. } if base < end && start < base + PMD_SIZE => {
+                        *writable = false
+                    }
+                    Pmd::Huge { .. } => {}
+                    Pmd::Table(t) => {
+                        for (i, pte) in t.iter_mut().enumerate() {
+                            let a = base + i as u64 * PAGE_SIZE;
+                            if let SimPte::Page { writable, .. } = pte {
+                                if start <= a && a < end {
+                                    *writable = false;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        mmu_notifier_invalidate_range_end(self, &r);
+        Ok(())
+    }
+
+    /// Page reclaim / migration: drop the translations in `[start, end)`
+    /// *without* the mmap lock (event `Clear`), then free the frames. This is
+    /// the invalidation that can race with a fault in progress.
+    pub fn reclaim(&self, start: u64, end: u64) -> usize {
+        let freed = self.zap_range(start, end, MmuNotifyEvent::Clear);
+        let n = freed.len();
+        self.free(freed);
+        n
+    }
+
+    /// Like [`SimMm::reclaim`] from a context that must not block (the OOM
+    /// reaper): EAGAIN, and nothing changed, if a notifier would block.
+    pub fn reclaim_nonblock(&self, start: u64, end: u64) -> Result<usize, Errno> {
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::Clear,
+            blockable: false,
+        };
+        mmu_notifier_invalidate_range_start(self, &r)?;
+        let freed = zap(&mut self.pt.lock(), start, end);
+        mmu_notifier_invalidate_range_end(self, &r);
+        let n = freed.len();
+        self.free(freed);
+        Ok(n)
+    }
+
+    fn zap_range(&self, start: u64, end: u64, event: MmuNotifyEvent) -> Vec<u64> {
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event,
+            blockable: true,
+        };
+        mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        let freed = zap(&mut self.pt.lock(), start, end);
+        mmu_notifier_invalidate_range_end(self, &r);
+        freed
+    }
+
+    /// A CPU access from the process itself (not remote): fault if needed.
+    pub fn touch(&self, addr: u64, write: bool) -> Result<(), FaultError> {
+        let mmap = mmap_read_lock(self);
+        let ok = match self.walk(&mmap, addr).state {
+            PageState::Present { writable, .. } | PageState::Huge { writable, .. } => {
+                writable || !write
+            }
+            PageState::Zero { .. } => !write,
+            PageState::Special => true,
+            PageState::None => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        let flags = if write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::empty()
+        };
+        self.handle_mm_fault(&mmap, addr, flags)
+    }
+
+    /// Touch every page (every 2 MiB in a HUGE VMA) of `[start, start+len)`.
+    pub fn populate(&self, start: u64, len: u64, write: bool) -> Result<(), FaultError> {
+        let mut a = start;
+        while a < start + len {
+            self.touch(a, write)?;
+            let huge = mmap_read_lock(self)
+                .lookup(a)
+                .is_some_and(|v| v.flags.contains(VmFlags::HUGE));
+            a += if huge { PMD_SIZE } else { PAGE_SIZE };
+        }
+        Ok(())
+    }
+
+    /// Install a special PTE (a raw pfn, Linux `vm_insert_pfn`) at `addr`.
+    pub fn map_special(&self, addr: u64) {
+        let _mmap = mmap_read_lock(self);
+        table_mut(&mut self.pt.lock(), addr)[pte_index(addr)] = SimPte::Special;
+    }
+
+    /// The CPU's translation of `addr` right now.
+    pub fn cpu_state(&self, addr: u64) -> PageState {
+        let mmap = mmap_read_lock(self);
+        self.walk(&mmap, addr).state
+    }
+
+    /// The frame backing `addr` (resolving huge leaves), if mapped.
+    pub fn cpu_pfn(&self, addr: u64) -> Option<(u64, bool)> {
+        match self.cpu_state(addr) {
+            PageState::Present { pfn, writable } => Some((pfn, writable)),
+            PageState::Huge { pfn, writable } => {
+                Some((pfn + ((addr % PMD_SIZE) >> PAGE_SHIFT), writable))
+            }
+            PageState::Zero { pfn } => Some((pfn, false)),
+            PageState::None | PageState::Special => None,
+        }
+    }
+
+    /// Whether `pfn` was handed out and freed since (frames are never reused).
+    pub fn is_freed(&self, pfn: u64) -> bool {
+        self.frames.lock().freed.contains(&pfn)
+    }
+
+    /// Frames currently allocated.
+    pub fn frames_in_use(&self) -> u64 {
+        self.frames.lock().in_use
+    }
+
+    /// Faults resolved by `handle_mm_fault` so far.
+    pub fn fault_count(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// Called for every frame right after it is freed (after
+    /// `invalidate_range_end`), without any sim lock held.
+    pub fn set_free_hook(&self, hook: Option<FreeHook>) {
+        *self.free_hook.lock() = hook;
+    }
+
+    /// Called at the start of every `handle_mm_fault` that will resolve a
+    /// fault (mmap lock held for read, no other sim lock): lets tests run an
+    /// invalidation "during" a fault deterministically.
+    pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
+        *self.fault_hook.lock() = hook;
+    }
+
+    /// Make the next fault on the page of `addr` fail with `err` (one shot).
+    /// `Retry` only fires when the fault allows retry; otherwise the fault
+    /// "blocks" and succeeds.
+    pub fn inject_fault(&self, addr: u64, err: FaultError) {
+        self.inject.lock().insert(addr & !(PAGE_SIZE - 1), err);
+    }
+
+    /// The process exits: drop its users reference (`mmput`).
+    pub fn exit(&self) {
+        mmput(self);
+    }
+
+    /// Whether `exit_mmap` ran.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+}
