@@ -810,3 +810,6 @@ fn walk_entries<M: Mm>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

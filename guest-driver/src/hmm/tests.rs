@@ -1,0 +1,470 @@
+//! Host tests of the HMM contract (docs/hmm.md), one module per clause,
+//! against the simulated address space. Test names state the clause.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::vec::Vec;
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::mm::{
+    mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start, MmuNotifierRange, MmuNotifyEvent, PMD_SIZE,
+};
+use crate::sim::{SimMm, ZERO_PFN};
+
+// The driver's encoding tables (as nouveau's nouveau_svm_pfn_flags/values):
+// flag bits below PFN_SHIFT, special values without the VALID bit.
+const V: u64 = 1 << 0;
+const W: u64 = 1 << 1;
+const DEVPRIV: u64 = 1 << 2;
+const ERR: u64 = 1 << 3;
+const NONE: u64 = 0;
+const SPECIAL: u64 = 1 << 4;
+const PFN_SHIFT: u32 = 8;
+const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [V, W, DEVPRIV];
+const VALUES: [u64; HMM_PFN_VALUE_MAX] = [ERR, NONE, SPECIAL];
+
+const BASE: u64 = 0x4000_0000;
+const PG: u64 = 4096;
+const RW: VmFlags = VmFlags::READ.union(VmFlags::WRITE);
+
+fn entry(pfn: u64, writable: bool) -> u64 {
+    (pfn << PFN_SHIFT) | V | if writable { W } else { 0 }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DevPte {
+    pfn: u64,
+    writable: bool,
+    size: u64,
+}
+
+/// A minimal device driver: a device page table behind its update lock.
+#[derive(Default)]
+struct Dev {
+    /// The driver's update lock and the device page table it protects.
+    pt: Mutex<HashMap<u64, DevPte>>,
+    updates: Mutex<Vec<HmmUpdate>>,
+    releases: AtomicUsize,
+    fail_nonblock: AtomicBool,
+    fail_blockable: AtomicBool,
+    /// Set by the owner right after `mirror_unregister` returned.
+    unregistered: AtomicBool,
+    late_syncs: AtomicUsize,
+    stale_writes: AtomicUsize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// The 2019 check: `range_valid()` under the update lock.
+    Legacy,
+    /// This crate's check: `range_check_seq()` under the update lock.
+    Seq,
+}
+
+impl HmmMirrorOps<SimMm> for Dev {
+    fn sync_cpu_device_pagetables(&self, u: &HmmUpdate) -> Result<(), Errno> {
+        if self.unregistered.load(Ordering::SeqCst) {
+            self.late_syncs.fetch_add(1, Ordering::SeqCst);
+        }
+        if !u.blockable && self.fail_nonblock.load(Ordering::SeqCst) {
+            return Err(Errno::EAGAIN);
+        }
+        if u.blockable && self.fail_blockable.load(Ordering::SeqCst) {
+            self.updates.lock().push(*u);
+            return Err(Errno::EBUSY);
+        }
+        let mut pt = if u.blockable {
+            self.pt.lock()
+        } else {
+            self.pt.try_lock().ok_or(Errno::EAGAIN)?
+        };
+        pt.retain(|&a, e| !(a < u.end && u.start < a + e.size));
+        drop(pt);
+        self.updates.lock().push(*u);
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        self.pt.lock().clear();
+    }
+}
+
+impl Dev {
+    /// The driver fault path of docs/hmm.md: register, fault under the mmap
+    /// read lock, check under the update lock, write device PTEs, retry when
+    /// invalidated. `between` runs after the fault, before the check (to stage
+    /// races). Returns the number of attempts.
+    fn service(
+        &self,
+        mm: &SimMm,
+        mirror: &HmmMirror<SimMm>,
+        start: u64,
+        end: u64,
+        page_shift: u32,
+        write: bool,
+        check: Check,
+        between: &dyn Fn(usize),
+    ) -> Result<usize, Errno> {
+        let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
+        range_register(&mut range, mirror, start, end, page_shift)?;
+        for attempt in 1..=1000 {
+            range.default_flags = V | if write { W } else { 0 };
+            range.pfn_flags_mask = 0;
+            let r = {
+                let mmap = mmap_read_lock(mm);
+                range_fault(&mut range, &mmap, true)
+            };
+            match r {
+                Ok(_) => {}
+                Err(Errno::EAGAIN) => {
+                    range_wait_until_valid(&range, 1000);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            between(attempt);
+            let mut pt = self.pt.lock();
+            let ok = match check {
+                Check::Legacy => range_valid(&range),
+                Check::Seq => range_check_seq(&range),
+            };
+            if !ok {
+                continue;
+            }
+            let size = 1u64 << page_shift;
+            for (i, &e) in range.pfns.iter().enumerate() {
+                let pfn = range.entry_to_pfn(e).expect("fault succeeded: every entry valid");
+                if mm.is_freed(pfn) {
+                    self.stale_writes.fetch_add(1, Ordering::SeqCst);
+                }
+                pt.insert(
+                    start + i as u64 * size,
+                    DevPte {
+                        pfn,
+                        writable: range.entry_is_writable(e),
+                        size,
+                    },
+                );
+            }
+            return Ok(attempt);
+        }
+        panic!("no forward progress after 1000 attempts");
+    }
+
+    fn device_pte(&self, addr: u64) -> Option<DevPte> {
+        self.pt.lock().get(&addr).copied()
+    }
+}
+
+fn setup() -> (Arc<SimMm>, Arc<Dev>, HmmMirror<SimMm>) {
+    let mm = SimMm::new();
+    let dev = Arc::new(Dev::default());
+    let mirror = mirror_register(&mm, &mmap_write_lock(&*mm), dev.clone()).unwrap();
+    (mm, dev, mirror)
+}
+
+fn new_range() -> HmmRange<SimMm> {
+    HmmRange::new(FLAGS, VALUES, PFN_SHIFT)
+}
+
+fn registered(mirror: &HmmMirror<SimMm>, start: u64, end: u64) -> HmmRange<SimMm> {
+    let mut r = new_range();
+    range_register(&mut r, mirror, start, end, PAGE_SHIFT).unwrap();
+    r
+}
+
+fn snapshot(mm: &SimMm, range: &mut HmmRange<SimMm>) -> Result<usize, Errno> {
+    let mmap = mmap_read_lock(mm);
+    range_snapshot(range, &mmap)
+}
+
+fn fault(mm: &SimMm, range: &mut HmmRange<SimMm>, block: bool) -> Result<usize, Errno> {
+    let mmap = mmap_read_lock(mm);
+    range_fault(range, &mmap, block)
+}
+
+fn clear_range(start: u64, end: u64) -> MmuNotifierRange {
+    MmuNotifierRange {
+        start,
+        end,
+        event: MmuNotifyEvent::Clear,
+        blockable: true,
+    }
+}
+
+mod range_register_contract {
+    use super::*;
+
+    #[test]
+    fn range_register_rejects_misaligned_start_or_end_with_einval() {
+        let (_mm, _dev, mirror) = setup();
+        let mut r = new_range();
+        assert_eq!(range_register(&mut r, &mirror, BASE + 1, BASE + PG, PAGE_SHIFT), Err(Errno::EINVAL));
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + PG + 8, PAGE_SHIFT), Err(Errno::EINVAL));
+        assert_eq!(range_register(&mut r, &mirror, BASE + PG, BASE + PMD_SIZE, PMD_SHIFT), Err(Errno::EINVAL));
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + PMD_SIZE + PG, PMD_SHIFT), Err(Errno::EINVAL));
+        assert!(!r.is_registered());
+    }
+
+    #[test]
+    fn range_register_rejects_empty_or_reversed_range_with_einval() {
+        let (_mm, _dev, mirror) = setup();
+        let mut r = new_range();
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE, PAGE_SHIFT), Err(Errno::EINVAL));
+        assert_eq!(range_register(&mut r, &mirror, BASE + PG, BASE, PAGE_SHIFT), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn range_register_rejects_unsupported_page_shift_with_einval() {
+        let (_mm, _dev, mirror) = setup();
+        let mut r = new_range();
+        assert_eq!(range_register(&mut r, &mirror, 0, 1 << 30, 30), Err(Errno::EINVAL));
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + PG, 13), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn range_register_holds_mm_user_reference_for_range_lifetime() {
+        let (mm, _dev, mirror) = setup();
+        assert_eq!(mm.core().users(), 1);
+        let mut r = registered(&mirror, BASE, BASE + 4 * PG);
+        assert_eq!(mm.core().users(), 2);
+        assert_eq!(r.npages(), 4);
+        assert_eq!(r.pfns.len(), 4);
+        range_unregister(&mut r);
+        assert_eq!(mm.core().users(), 1);
+    }
+
+    #[test]
+    fn range_register_takes_hmm_reference_from_mirror() {
+        let (_mm, _dev, mirror) = setup();
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        let before = Arc::strong_count(&hmm);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        assert!(Arc::ptr_eq(r.hmm().unwrap(), &hmm), "the range uses the mirror's hmm");
+        assert_eq!(Arc::strong_count(&hmm), before + 1);
+        assert_eq!(hmm.range_count(), 1);
+        range_unregister(&mut r);
+        assert_eq!(Arc::strong_count(&hmm), before);
+    }
+
+    #[test]
+    fn range_register_keeps_hmm_alive_after_mirror_unregister() {
+        let (mm, _dev, mut mirror) = setup();
+        let r = registered(&mirror, BASE, BASE + PG);
+        let weak = Arc::downgrade(mirror.hmm().unwrap());
+        mirror_unregister(&mut mirror);
+        assert!(weak.upgrade().is_some(), "the range's reference keeps the hmm");
+        drop(r);
+        assert!(weak.upgrade().is_none(), "last reference gone: hmm freed");
+        assert_eq!(mm.core().notifier_count(), 0);
+    }
+
+    #[test]
+    fn range_register_on_dying_address_space_is_efault() {
+        let (mm, dev, mirror) = setup();
+        mm.exit();
+        assert!(mm.is_dead());
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 1);
+        let mut r = new_range();
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + PG, PAGE_SHIFT), Err(Errno::EFAULT));
+        assert!(!r.is_registered());
+        assert_eq!(mm.core().users(), 0, "a failed register leaks no user reference");
+    }
+
+    #[test]
+    fn range_register_with_unregistered_mirror_is_einval() {
+        let (_mm, _dev, mut mirror) = setup();
+        mirror_unregister(&mut mirror);
+        let mut r = new_range();
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + PG, PAGE_SHIFT), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn range_register_of_registered_range_is_ebusy() {
+        let (mm, _dev, mirror) = setup();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        assert_eq!(range_register(&mut r, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT), Err(Errno::EBUSY));
+        assert_eq!(r.end(), BASE + PG);
+        assert_eq!(mm.core().users(), 2);
+    }
+
+    #[test]
+    fn range_register_during_invalidation_starts_invalid() {
+        let (mm, _dev, mirror) = setup();
+        let inv = clear_range(0x1000_0000, 0x1000_1000); // elsewhere
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        let r = registered(&mirror, BASE, BASE + PG);
+        assert!(!range_valid(&r), "2019: valid = !hmm->notifiers");
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(range_valid(&r));
+    }
+
+    #[test]
+    fn range_unregister_unlinks_marks_invalid_and_drops_references() {
+        let (mm, _dev, mirror) = setup();
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        let count = Arc::strong_count(&hmm);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        assert!(range_valid(&r));
+        range_unregister(&mut r);
+        assert!(!range_valid(&r));
+        assert!(!range_check_seq(&r));
+        assert!(!r.is_registered());
+        assert_eq!(hmm.range_count(), 0);
+        assert_eq!(mm.core().users(), 1);
+        assert_eq!(Arc::strong_count(&hmm), count);
+    }
+
+    #[test]
+    fn range_unregister_twice_is_harmless_and_range_can_register_again() {
+        let (mm, _dev, mirror) = setup();
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        let count = Arc::strong_count(&hmm);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        range_unregister(&mut r);
+        range_unregister(&mut r);
+        assert_eq!(mm.core().users(), 1);
+        assert_eq!(Arc::strong_count(&hmm), count);
+        range_register(&mut r, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT).unwrap();
+        assert_eq!(hmm.range_count(), 1);
+        assert!(range_valid(&r));
+    }
+
+    #[test]
+    fn range_dropped_while_registered_unregisters() {
+        let (mm, _dev, mirror) = setup();
+        let r = registered(&mirror, BASE, BASE + PG);
+        drop(r);
+        assert_eq!(mm.core().users(), 1);
+        assert_eq!(mirror.hmm().unwrap().range_count(), 0);
+    }
+}
+
+mod release_contract {
+    use super::*;
+
+    #[test]
+    fn release_cannot_run_while_a_range_is_registered() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, 4 * PG, RW).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + 4 * PG);
+        mm.exit(); // the process exits while the device still works on a range
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 0);
+        assert!(!mm.is_dead());
+        // The range is still fully usable.
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(4));
+        drop(r);
+    }
+
+    #[test]
+    fn release_runs_right_after_the_last_range_unregisters() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, 4 * PG, RW).unwrap();
+        dev.service(&mm, &mirror, BASE, BASE + 4 * PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        let mut r1 = registered(&mirror, BASE, BASE + PG);
+        let mut r2 = registered(&mirror, BASE + PG, BASE + 2 * PG);
+        mm.exit();
+        range_unregister(&mut r1);
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 0, "r2 still holds the mm");
+        range_unregister(&mut r2);
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 1, "released inside the last unregister");
+        assert!(mm.is_dead());
+        assert!(dev.pt.lock().is_empty(), "release cleared the device page table");
+        assert_eq!(mm.frames_in_use(), 0);
+    }
+
+    #[test]
+    fn release_calls_every_mirror_release_once() {
+        let (mm, dev, mirror) = setup();
+        let dev2 = Arc::new(Dev::default());
+        let mirror2 = mirror_register(&mm, &mmap_write_lock(&*mm), dev2.clone()).unwrap();
+        mm.exit();
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 1);
+        assert_eq!(dev2.releases.load(Ordering::SeqCst), 1);
+        assert_eq!(mirror.hmm().unwrap().mirror_count(), 0, "released mirrors are unlinked");
+        drop(mirror2);
+        drop(mirror);
+        assert_eq!(dev.releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "hmm release with a registered range")]
+    fn release_with_a_registered_range_is_asserted() {
+        let (mm, _dev, mirror) = setup();
+        let _r = registered(&mirror, BASE, BASE + PG);
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        // Only a broken Mm (one that ignores mm_users) could do this.
+        MmuNotifier::release(&*hmm, &*mm);
+    }
+}
+
+mod mirror_contract {
+    use super::*;
+
+    #[test]
+    fn mirror_register_shares_one_refcounted_hmm_per_address_space() {
+        let (mm, _dev, mirror) = setup();
+        let dev2 = Arc::new(Dev::default());
+        let mirror2 = mirror_register(&mm, &mmap_write_lock(&*mm), dev2).unwrap();
+        let hmm = mirror.hmm().unwrap();
+        assert!(Arc::ptr_eq(hmm, mirror2.hmm().unwrap()));
+        assert_eq!(hmm.mirror_count(), 2);
+        assert_eq!(mm.core().notifier_count(), 1, "one notifier per hmm, not per mirror");
+    }
+
+    #[test]
+    fn hmm_is_freed_with_its_last_reference_and_recreated_on_demand() {
+        let (mm, _dev, mut mirror) = setup();
+        let weak = Arc::downgrade(mirror.hmm().unwrap());
+        mirror_unregister(&mut mirror);
+        assert!(weak.upgrade().is_none());
+        assert_eq!(mm.core().notifier_count(), 0);
+        let (_m2, dev2) = {
+            let dev2 = Arc::new(Dev::default());
+            (mirror_register(&mm, &mmap_write_lock(&*mm), dev2.clone()).unwrap(), dev2)
+        };
+        assert_eq!(mm.core().notifier_count(), 1);
+        mm.mmap(BASE, PG, RW).unwrap();
+        mm.populate(BASE, PG, true).unwrap();
+        mm.munmap(BASE, PG).unwrap();
+        assert_eq!(dev2.updates.lock().len(), 1, "the new hmm is hooked into the chain");
+    }
+
+    #[test]
+    fn mirror_register_requires_the_write_guard_of_the_same_mm() {
+        let (mm, _dev, _mirror) = setup();
+        let other = SimMm::new();
+        let r = mirror_register(&mm, &mmap_write_lock(&*other), Arc::new(Dev::default()));
+        assert_eq!(r.err(), Some(Errno::EINVAL));
+    }
+
+    #[test]
+    fn mirror_register_on_dead_address_space_is_efault() {
+        let mm = SimMm::new();
+        mm.exit();
+        let r = mirror_register(&mm, &mmap_write_lock(&*mm), Arc::new(Dev::default()));
+        assert_eq!(r.err(), Some(Errno::EFAULT));
+    }
+
+    #[test]
+    fn mirror_unregister_stops_sync_callbacks_and_is_idempotent() {
+        let (mm, dev, mut mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        mirror_unregister(&mut mirror);
+        dev.unregistered.store(true, Ordering::SeqCst);
+        mirror_unregister(&mut mirror);
+        assert!(mirror.hmm().is_none());
+        assert_eq!(hmm.mirror_count(), 0);
+        mm.reclaim(BASE, BASE + PG);
+        assert_eq!(dev.late_syncs.load(Ordering::SeqCst), 0);
+        assert!(dev.updates.lock().is_empty());
+    }
+}
