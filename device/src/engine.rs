@@ -1,0 +1,464 @@
+//! Command validation and the FILL / COPY / ATOMIC / SEMAPHORE engines.
+//! LAUNCH lives in `isa`.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use faultline_abi::{
+    atomic_op, engine, opcode, Access, Counter, FaultReason, SizeFlags, Status, COMMAND_SIZE,
+    PAGE_SIZE, VA_LIMIT,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+
+use crate::counters::Counters;
+use crate::isa::LaunchJob;
+use crate::mmu::{Mmu, Translation, XlateError};
+
+/// Largest FILL/COPY length.
+pub const MAX_XFER: u64 = 1 << 40;
+/// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
+/// command cannot starve control-ring processing (invalidations).
+const XFER_SLICE: u64 = 8 << 20;
+
+/// A fault to report in the fault buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRec {
+    pub ctx: u32,
+    pub page: u64,
+    pub access: Access,
+    pub reason: FaultReason,
+    pub engine: u8,
+    pub channel: u8,
+    pub info: u32,
+}
+
+/// What an engine needs from the device while it runs one slice.
+pub struct Env<'a, M> {
+    pub mem: &'a M,
+    pub mmu: &'a mut Mmu,
+    pub counters: &'a mut Counters,
+    pub faults: &'a mut Vec<FaultRec>,
+    pub ctx: u32,
+    pub channel: u8,
+}
+
+impl<M: GuestMemoryBackend> Env<'_, M> {
+    /// Translate; `Ok(None)` means the access faulted (already queued for
+    /// reporting) and must stall.
+    pub fn xlate(
+        &mut self,
+        va: u64,
+        access: Access,
+        engine: u8,
+        info: u32,
+    ) -> Result<Option<Translation>, Status> {
+        match self
+            .mmu
+            .translate(self.mem, self.counters, self.ctx, va, access)
+        {
+            Ok(t) => Ok(Some(t)),
+            Err(XlateError::Fail(s)) => Err(s),
+            Err(XlateError::Fault { va, reason }) => {
+                let rec = FaultRec {
+                    ctx: self.ctx,
+                    page: va & !(PAGE_SIZE - 1),
+                    access,
+                    reason,
+                    engine,
+                    channel: self.channel,
+                    info,
+                };
+                // Always queued, even if identical to one already queued: the
+                // caller detects a stall by the queue growing. The fault
+                // unit deduplicates.
+                self.faults.push(rec);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Result of running one slice of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done(Status, u64),
+    /// Waiting for REPLAY (or CANCEL).
+    Stalled,
+    /// Budget used up; run again.
+    Yield,
+}
+
+#[derive(Debug)]
+pub enum JobKind {
+    Fill {
+        dst: u64,
+        len: u64,
+        pattern: u64,
+    },
+    Copy {
+        dst: u64,
+        src: u64,
+        len: u64,
+    },
+    Atomic {
+        va: u64,
+        op: u32,
+        wide: bool,
+        operand: u64,
+        compare: u64,
+    },
+    Semaphore {
+        va: u64,
+        wide: bool,
+        value: u64,
+    },
+    Launch(Box<LaunchJob>),
+}
+
+/// A validated command in progress.
+#[derive(Debug)]
+pub struct Job {
+    pub kind: JobKind,
+    /// FILL/COPY progress in bytes.
+    done: u64,
+    /// Pages the (non-LAUNCH) job is stalled on.
+    stalled: Vec<u64>,
+}
+
+fn word(raw: &[u8; COMMAND_SIZE], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&raw[8 + 8 * i..16 + 8 * i]);
+    u64::from_le_bytes(b)
+}
+
+fn dword(raw: &[u8; COMMAND_SIZE], off: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&raw[off..off + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// `[va, va + len)` lies below 2^48.
+fn range_ok(va: u64, len: u64) -> bool {
+    va.checked_add(len).is_some_and(|end| end <= VA_LIMIT)
+}
+
+impl Job {
+    /// Opcode of a raw command (for counters even when validation fails).
+    pub fn raw_opcode(raw: &[u8; COMMAND_SIZE]) -> u32 {
+        dword(raw, 0)
+    }
+
+    /// Validate a whole command before it may have any effect.
+    pub fn validate(raw: &[u8; COMMAND_SIZE]) -> Result<Job, Status> {
+        let op = dword(raw, 0);
+        let flags = dword(raw, 4);
+        let zero_from = |first_word: usize| (first_word..7).all(|i| word(raw, i) == 0);
+        let kind = match op {
+            opcode::FILL => {
+                let (dst, len, pattern) = (word(raw, 0), word(raw, 1), word(raw, 2));
+                if flags != 0 || !zero_from(3) || len > MAX_XFER {
+                    return Err(Status::InvalidCommand);
+                }
+                if !range_ok(dst, len) {
+                    return Err(Status::BadAddress);
+                }
+                JobKind::Fill { dst, len, pattern }
+            }
+            opcode::COPY => {
+                let (dst, src, len) = (word(raw, 0), word(raw, 1), word(raw, 2));
+                if flags != 0 || !zero_from(3) || len > MAX_XFER {
+                    return Err(Status::InvalidCommand);
+                }
+                if !range_ok(dst, len) || !range_ok(src, len) {
+                    return Err(Status::BadAddress);
+                }
+                if len != 0 && dst < src + len && src < dst + len {
+                    return Err(Status::InvalidCommand);
+                }
+                JobKind::Copy { dst, src, len }
+            }
+            opcode::ATOMIC => {
+                let (va, operand, compare) = (word(raw, 0), word(raw, 1), word(raw, 2));
+                let aop = dword(raw, 32);
+                let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
+                if dword(raw, 36) != 0 || !zero_from(4) || aop > atomic_op::CAS {
+                    return Err(Status::InvalidCommand);
+                }
+                let wide = flags.contains(SizeFlags::SIZE64);
+                if !wide && (operand >> 32 != 0 || compare >> 32 != 0) {
+                    return Err(Status::InvalidCommand);
+                }
+                if va >= VA_LIMIT {
+                    return Err(Status::BadAddress);
+                }
+                if va % if wide { 8 } else { 4 } != 0 {
+                    return Err(Status::Misaligned);
+                }
+                JobKind::Atomic {
+                    va,
+                    op: aop,
+                    wide,
+                    operand,
+                    compare,
+                }
+            }
+            opcode::SEMAPHORE_RELEASE => {
+                let (va, value) = (word(raw, 0), word(raw, 1));
+                let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
+                let wide = flags.contains(SizeFlags::SIZE64);
+                if !zero_from(2) || (!wide && value >> 32 != 0) {
+                    return Err(Status::InvalidCommand);
+                }
+                if va >= VA_LIMIT {
+                    return Err(Status::BadAddress);
+                }
+                if va % if wide { 8 } else { 4 } != 0 {
+                    return Err(Status::Misaligned);
+                }
+                JobKind::Semaphore { va, wide, value }
+            }
+            opcode::LAUNCH => {
+                if flags != 0 {
+                    return Err(Status::InvalidCommand);
+                }
+                let code = word(raw, 0);
+                let code_len = dword(raw, 16);
+                let grid = dword(raw, 20);
+                let block = dword(raw, 24);
+                if dword(raw, 28) != 0 {
+                    return Err(Status::InvalidCommand);
+                }
+                let args = [word(raw, 3), word(raw, 4), word(raw, 5), word(raw, 6)];
+                JobKind::Launch(Box::new(LaunchJob::new(code, code_len, grid, block, args)?))
+            }
+            _ => return Err(Status::InvalidOpcode),
+        };
+        Ok(Job {
+            kind,
+            done: 0,
+            stalled: Vec::new(),
+        })
+    }
+
+    pub fn opcode(&self) -> u32 {
+        match self.kind {
+            JobKind::Fill { .. } => opcode::FILL,
+            JobKind::Copy { .. } => opcode::COPY,
+            JobKind::Atomic { .. } => opcode::ATOMIC,
+            JobKind::Semaphore { .. } => opcode::SEMAPHORE_RELEASE,
+            JobKind::Launch(_) => opcode::LAUNCH,
+        }
+    }
+
+    /// Make stalled accesses runnable again (REPLAY).
+    pub fn unstall(&mut self) {
+        self.stalled.clear();
+        if let JobKind::Launch(l) = &mut self.kind {
+            l.unstall();
+        }
+    }
+
+    /// Whether any access of this job waits on a fault in `[start, end)`.
+    pub fn waits_on(&self, start: u64, end: u64) -> bool {
+        let hit = |p: &u64| *p < end && start < p + PAGE_SIZE;
+        match &self.kind {
+            JobKind::Launch(l) => l.stalled_pages().any(|p| hit(&p)),
+            _ => self.stalled.iter().any(hit),
+        }
+    }
+
+    pub fn has_stall(&self) -> bool {
+        match &self.kind {
+            JobKind::Launch(l) => l.stalled_pages().next().is_some(),
+            _ => !self.stalled.is_empty(),
+        }
+    }
+
+    /// Stall on the faults queued since `mark`.
+    fn stall_from<M>(&mut self, env: &Env<'_, M>, mark: usize) -> Outcome {
+        self.stalled
+            .extend(env.faults[mark..].iter().map(|f| f.page));
+        Outcome::Stalled
+    }
+
+    pub fn run<M: GuestMemoryBackend>(&mut self, env: &mut Env<'_, M>) -> Outcome {
+        if !self.stalled.is_empty() {
+            return Outcome::Stalled;
+        }
+        let mark = env.faults.len();
+        let r = match &mut self.kind {
+            JobKind::Fill { dst, len, pattern } => fill(env, *dst, *len, *pattern, &mut self.done),
+            JobKind::Copy { dst, src, len } => copy(env, *dst, *src, *len, &mut self.done),
+            JobKind::Atomic {
+                va,
+                op,
+                wide,
+                operand,
+                compare,
+            } => atomic(env, *va, *op, *wide, *operand, *compare),
+            JobKind::Semaphore { va, wide, value } => semaphore(env, *va, *wide, *value),
+            JobKind::Launch(l) => return l.run(env),
+        };
+        match r {
+            Ok(Some(result)) => Outcome::Done(Status::Ok, result),
+            Ok(None) if env.faults.len() > mark => self.stall_from(env, mark),
+            Ok(None) => Outcome::Yield,
+            Err(s) => Outcome::Done(s, 0),
+        }
+    }
+}
+
+/// `Ok(Some(result))` done, `Ok(None)` stalled or out of budget (the caller
+/// tells them apart by whether faults were queued), `Err` failed.
+type Step = Result<Option<u64>, Status>;
+
+fn fill<M: GuestMemoryBackend>(
+    env: &mut Env<'_, M>,
+    dst: u64,
+    len: u64,
+    pattern: u64,
+    done: &mut u64,
+) -> Step {
+    // Pattern repeated over one page plus one period, so any phase can be
+    // sliced out of it.
+    let mut buf = [0u8; PAGE_SIZE as usize + 8];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern.to_le_bytes()[i % 8];
+    }
+    let stop = len.min(done.saturating_add(XFER_SLICE));
+    while *done < stop {
+        let va = dst + *done;
+        let Some(t) = env.xlate(va, Access::Write, engine::FILL, 0)? else {
+            return Ok(None);
+        };
+        let n = (len - *done).min(t.avail);
+        let mut off = 0;
+        while off < n {
+            let phase = ((*done + off) % 8) as usize;
+            let m = (n - off).min(PAGE_SIZE);
+            env.mem
+                .write_slice(&buf[phase..phase + m as usize], GuestAddress(t.gpa + off))
+                .map_err(|_| Status::MemoryError)?;
+            off += m;
+        }
+        *done += n;
+    }
+    Ok((*done == len).then_some(0))
+}
+
+/// Bulk copy between guest-physical ranges: host-to-host memmove when both
+/// sides are single host slices, else through a bounce buffer.
+fn copy_gpa<M: GuestMemoryBackend>(mem: &M, dst: u64, src: u64, n: u64) -> Result<(), Status> {
+    let len = usize::try_from(n).map_err(|_| Status::MemoryError)?;
+    if let (Ok(s), Ok(d)) = (
+        mem.get_slice(GuestAddress(src), len),
+        mem.get_slice(GuestAddress(dst), len),
+    ) {
+        s.copy_to_volatile_slice(d);
+        return Ok(());
+    }
+    // The range crosses a memory-region boundary or leaves RAM.
+    let mut bounce = [0u8; 4096];
+    let mut off = 0u64;
+    while off < n {
+        let m = (n - off).min(bounce.len() as u64) as usize;
+        mem.read_slice(&mut bounce[..m], GuestAddress(src + off))
+            .map_err(|_| Status::MemoryError)?;
+        mem.write_slice(&bounce[..m], GuestAddress(dst + off))
+            .map_err(|_| Status::MemoryError)?;
+        off += m as u64;
+    }
+    Ok(())
+}
+
+fn copy<M: GuestMemoryBackend>(
+    env: &mut Env<'_, M>,
+    dst: u64,
+    src: u64,
+    len: u64,
+    done: &mut u64,
+) -> Step {
+    let stop = len.min(done.saturating_add(XFER_SLICE));
+    while *done < stop {
+        let s = env.xlate(src + *done, Access::Read, engine::COPY, 0)?;
+        // Translate the destination even if the source faulted, so both
+        // faults are reported in one round trip.
+        let d = env.xlate(dst + *done, Access::Write, engine::COPY, 0)?;
+        let (Some(s), Some(d)) = (s, d) else {
+            return Ok(None);
+        };
+        let n = (len - *done).min(s.avail).min(d.avail);
+        copy_gpa(env.mem, d.gpa, s.gpa, n)?;
+        env.counters.add(Counter::BytesCopied, n);
+        *done += n;
+    }
+    Ok((*done == len).then_some(0))
+}
+
+/// Perform an atomic on guest-physical memory; returns the old value.
+pub fn atomic_gpa<M: GuestMemoryBackend>(
+    mem: &M,
+    gpa: u64,
+    op: u32,
+    wide: bool,
+    operand: u64,
+    compare: u64,
+) -> Result<u64, Status> {
+    let size = if wide { 8 } else { 4 };
+    let slice = mem
+        .get_slice(GuestAddress(gpa), size)
+        .map_err(|_| Status::MemoryError)?;
+    if wide {
+        let a = slice
+            .get_atomic_ref::<AtomicU64>(0)
+            .map_err(|_| Status::Misaligned)?;
+        Ok(match op {
+            atomic_op::ADD => a.fetch_add(operand, Ordering::SeqCst),
+            atomic_op::EXCHANGE => a.swap(operand, Ordering::SeqCst),
+            _ => match a.compare_exchange(compare, operand, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        })
+    } else {
+        let a = slice
+            .get_atomic_ref::<AtomicU32>(0)
+            .map_err(|_| Status::Misaligned)?;
+        let (operand, compare) = (operand as u32, compare as u32);
+        Ok(u64::from(match op {
+            atomic_op::ADD => a.fetch_add(operand, Ordering::SeqCst),
+            atomic_op::EXCHANGE => a.swap(operand, Ordering::SeqCst),
+            _ => match a.compare_exchange(compare, operand, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        }))
+    }
+}
+
+fn atomic<M: GuestMemoryBackend>(
+    env: &mut Env<'_, M>,
+    va: u64,
+    op: u32,
+    wide: bool,
+    operand: u64,
+    compare: u64,
+) -> Step {
+    let Some(t) = env.xlate(va, Access::Atomic, engine::ATOMIC, 0)? else {
+        return Ok(None);
+    };
+    atomic_gpa(env.mem, t.gpa, op, wide, operand, compare).map(Some)
+}
+
+fn semaphore<M: GuestMemoryBackend>(env: &mut Env<'_, M>, va: u64, wide: bool, value: u64) -> Step {
+    let Some(t) = env.xlate(va, Access::Write, engine::SEMAPHORE, 0)? else {
+        return Ok(None);
+    };
+    let addr = GuestAddress(t.gpa);
+    // Release: every earlier write of the channel is visible before the fence.
+    let r = if wide {
+        env.mem.store(value.to_le(), addr, Ordering::Release)
+    } else {
+        env.mem
+            .store((value as u32).to_le(), addr, Ordering::Release)
+    };
+    r.map_err(|_| Status::MemoryError)?;
+    Ok(Some(0))
+}

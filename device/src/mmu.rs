@@ -1,0 +1,332 @@
+//! Device MMU: the 4-level page-table walker and the per-context TLB.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::Ordering;
+
+use faultline_abi::{
+    level_shift, Access, ContextFlags, Counter, FaultReason, Pte, Status, NUM_CONTEXTS,
+    PTE_ADDR_MASK, PTE_RESERVED_MASK, PT_ENTRIES, PT_LEVELS, VA_LIMIT,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::counters::Counters;
+
+/// TLB entries per context in the hash map (the bound the spec promises).
+pub const TLB_CAPACITY: usize = 1024;
+/// Most-recently-used entries checked before the map: COPY alternates
+/// between a source and a destination page, so one entry is not enough.
+const RECENT: usize = 4;
+
+/// A successful translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    pub gpa: u64,
+    /// Bytes from `gpa` to the end of the leaf.
+    pub avail: u64,
+}
+
+/// Why a translation did not produce an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum XlateError {
+    /// Replayable: the access must stall.
+    #[error("page fault at {va:#x}: {reason:?}")]
+    Fault { va: u64, reason: FaultReason },
+    /// Not replayable: the command fails with this status.
+    #[error("translation failed: {0:?}")]
+    Fail(Status),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    va: u64,
+    size: u64,
+    gpa: u64,
+    perms: Pte,
+}
+
+impl Entry {
+    fn covers(&self, va: u64) -> bool {
+        va.wrapping_sub(self.va) < self.size
+    }
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.size != 0 && self.va < end && start < self.va + self.size
+    }
+}
+
+/// Multiplicative hash: keys are page numbers, already well spread in the
+/// high bits once multiplied; SipHash would dominate a TLB hit.
+#[derive(Default)]
+struct PageHasher(u64);
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Key: leaf-aligned VA with the level in the low bits.
+fn key(va: u64, level: u32) -> u64 {
+    (va & !((1u64 << level_shift(level)) - 1)) | u64::from(level)
+}
+
+#[derive(Default)]
+struct Tlb {
+    recent: [Option<Entry>; RECENT],
+    next_recent: usize,
+    map: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
+    /// Insertion order for eviction; may hold keys already invalidated,
+    /// which eviction skips.
+    order: VecDeque<u64>,
+}
+
+impl Tlb {
+    fn lookup(&mut self, va: u64) -> Option<Entry> {
+        for e in self.recent.iter().flatten() {
+            if e.covers(va) {
+                return Some(*e);
+            }
+        }
+        for level in 1..=3 {
+            if let Some(e) = self.map.get(&key(va, level)) {
+                let e = *e;
+                self.remember(e);
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    fn remember(&mut self, e: Entry) {
+        self.recent[self.next_recent] = Some(e);
+        self.next_recent = (self.next_recent + 1) % RECENT;
+    }
+
+    fn insert(&mut self, e: Entry, level: u32) -> bool {
+        let k = key(e.va, level);
+        let mut evicted = false;
+        if self.map.insert(k, e).is_none() {
+            self.order.push_back(k);
+            while self.map.len() > TLB_CAPACITY {
+                let Some(old) = self.order.pop_front() else {
+                    break;
+                };
+                if let Some(victim) = self.map.remove(&old) {
+                    evicted = true;
+                    self.forget_recent(victim.va, victim.va + victim.size);
+                }
+            }
+            // Stale keys pile up in `order` under invalidation churn: rebuild.
+            if self.order.len() > 4 * TLB_CAPACITY {
+                let map = &self.map;
+                self.order.retain(|k| map.contains_key(k));
+            }
+        }
+        // A re-walk may have found different permissions: drop the old copy
+        // so lookups see the new one.
+        self.forget_recent(e.va, e.va + e.size);
+        self.remember(e);
+        evicted
+    }
+
+    fn forget_recent(&mut self, start: u64, end: u64) {
+        for slot in self.recent.iter_mut() {
+            if slot.is_some_and(|e| e.overlaps(start, end)) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.recent = [None; RECENT];
+        self.map.clear();
+        self.order.clear();
+    }
+
+    fn invalidate_range(&mut self, start: u64, end: u64) {
+        self.forget_recent(start, end);
+        self.map.retain(|_, e| !e.overlaps(start, end));
+    }
+}
+
+/// The MMU: context table base plus one TLB per context.
+pub struct Mmu {
+    ctx_table: u64,
+    tlbs: Vec<Tlb>,
+}
+
+impl Default for Mmu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Mmu {
+    pub fn new() -> Self {
+        Self {
+            ctx_table: 0,
+            tlbs: (0..NUM_CONTEXTS).map(|_| Tlb::default()).collect(),
+        }
+    }
+
+    pub fn set_context_table(&mut self, gpa: u64) {
+        self.ctx_table = gpa;
+        self.invalidate_all();
+    }
+
+    pub fn invalidate_all(&mut self) {
+        self.tlbs.iter_mut().for_each(Tlb::clear);
+    }
+
+    pub fn invalidate_context(&mut self, ctx: u32) {
+        if let Some(t) = self.tlbs.get_mut(ctx as usize) {
+            t.clear();
+        }
+    }
+
+    /// Drop entries of `ctx` overlapping `[start, end)`.
+    pub fn invalidate_range(&mut self, ctx: u32, start: u64, end: u64) {
+        if let Some(t) = self.tlbs.get_mut(ctx as usize) {
+            t.invalidate_range(start, end);
+        }
+    }
+
+    /// Number of cached entries of `ctx` (for tests and diagnostics).
+    pub fn tlb_len(&self, ctx: u32) -> usize {
+        self.tlbs.get(ctx as usize).map_or(0, |t| t.map.len())
+    }
+
+    /// Translate `va` in context `ctx` for `access`.
+    pub fn translate<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        counters: &mut Counters,
+        ctx: u32,
+        va: u64,
+        access: Access,
+    ) -> Result<Translation, XlateError> {
+        counters.inc(Counter::Accesses);
+        if va >= VA_LIMIT {
+            return Err(XlateError::Fail(Status::BadAddress));
+        }
+        let Some(tlb) = self.tlbs.get_mut(ctx as usize) else {
+            return Err(XlateError::Fail(Status::InvalidContext));
+        };
+        let need = access.required();
+        if let Some(e) = tlb.lookup(va) {
+            if e.perms.contains(need) {
+                counters.inc(Counter::TlbHits);
+                let off = va - e.va;
+                return Ok(Translation {
+                    gpa: e.gpa + off,
+                    avail: e.size - off,
+                });
+            }
+        }
+        counters.inc(Counter::TlbMisses);
+        counters.inc(Counter::Walks);
+        let (e, level) = walk(mem, self.ctx_table, ctx, va)?;
+        // Cache the leaf even when it lacks permission: a later access that
+        // it does allow can use it.
+        if tlb.insert(e, level) {
+            counters.inc(Counter::TlbEvictions);
+        }
+        if !e.perms.contains(need) {
+            let reason = if !e.perms.contains(Pte::WRITE) {
+                FaultReason::WriteProtect
+            } else {
+                FaultReason::AtomicProtect
+            };
+            return Err(XlateError::Fault { va, reason });
+        }
+        let off = va - e.va;
+        Ok(Translation {
+            gpa: e.gpa + off,
+            avail: e.size - off,
+        })
+    }
+}
+
+fn read_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Result<u64, XlateError> {
+    // The guest may update entries concurrently: one atomic 8-byte load
+    // never sees a torn PTE.
+    if !gpa.is_multiple_of(8) {
+        return Err(XlateError::Fail(Status::MemoryError));
+    }
+    mem.load::<u64>(GuestAddress(gpa), Ordering::Acquire)
+        .map(u64::from_le)
+        .map_err(|_| XlateError::Fail(Status::MemoryError))
+}
+
+/// Walk the page table of `ctx` for `va` (< 2^48). Returns the leaf and its
+/// level. The loop runs at most `PT_LEVELS` times whatever the table
+/// contents, so self-referencing tables cannot make it spin.
+fn walk<M: GuestMemoryBackend>(
+    mem: &M,
+    ctx_table: u64,
+    ctx: u32,
+    va: u64,
+) -> Result<(Entry, u32), XlateError> {
+    let fail = XlateError::Fail;
+    let ent = ctx_table
+        .checked_add(u64::from(ctx) * 16)
+        .ok_or(fail(Status::MemoryError))?;
+    let root = read_u64(mem, ent)?;
+    let flags: u32 = mem
+        .read_obj::<u32>(GuestAddress(ent + 8))
+        .map(u32::from_le)
+        .map_err(|_| fail(Status::MemoryError))?;
+    if !ContextFlags::from_bits_retain(flags).contains(ContextFlags::VALID) {
+        return Err(fail(Status::InvalidContext));
+    }
+    if root & !PTE_ADDR_MASK != 0 {
+        return Err(fail(Status::BadPte));
+    }
+    let mut table = root;
+    for level in (1..=PT_LEVELS).rev() {
+        let shift = level_shift(level);
+        let idx = (va >> shift) & (PT_ENTRIES - 1);
+        let pte = Pte::from_bits_retain(read_u64(mem, table + idx * 8)?);
+        if !pte.contains(Pte::VALID) {
+            return Err(XlateError::Fault {
+                va,
+                reason: FaultReason::NotPresent,
+            });
+        }
+        if pte.bits() & PTE_RESERVED_MASK != 0 {
+            return Err(fail(Status::BadPte));
+        }
+        let addr = pte.bits() & PTE_ADDR_MASK;
+        let is_leaf = level == 1 || (pte.contains(Pte::LEAF) && level < PT_LEVELS);
+        if pte.contains(Pte::LEAF) && level == PT_LEVELS {
+            return Err(fail(Status::BadPte));
+        }
+        if is_leaf {
+            let size = 1u64 << shift;
+            if addr & (size - 1) != 0 {
+                return Err(fail(Status::BadPte));
+            }
+            let perms = pte & (Pte::VALID | Pte::WRITE | Pte::ATOMIC);
+            return Ok((
+                Entry {
+                    va: va & !(size - 1),
+                    size,
+                    gpa: addr,
+                    perms,
+                },
+                level,
+            ));
+        }
+        table = addr;
+    }
+    // Unreachable by construction (level 1 is always a leaf), but a
+    // hostile-input path must not panic.
+    Err(fail(Status::BadPte))
+}

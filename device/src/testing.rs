@@ -1,0 +1,479 @@
+//! A driver-side rig for tests, the fuzz harness and benchmarks: guest
+//! memory, page-table construction, a minimal split-virtqueue producer, the
+//! control ring and fault-buffer consumer. It plays the guest driver's part
+//! with the same `faultline_abi` definitions.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use faultline_abi::{
+    level_shift, opcode, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M,
+    LEAF_4K, NUM_CONTEXTS, PTE_ADDR_MASK,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::device::{Device, InterruptSink};
+use crate::pci::MsiState;
+
+/// Records every vector the device triggers.
+#[derive(Default)]
+pub struct RecordingIrq {
+    pub fired: Mutex<Vec<u32>>,
+    pub msi_changes: Mutex<Vec<MsiState>>,
+}
+
+impl RecordingIrq {
+    pub fn take(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.fired.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl InterruptSink for RecordingIrq {
+    fn trigger(&self, vector: u32) {
+        self.fired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(vector);
+    }
+    fn msi_changed(&self, msi: &MsiState) {
+        self.msi_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(*msi);
+    }
+}
+
+// Guest-physical layout used by the rig.
+pub const SB: u64 = 0x800;
+pub const CTX_TABLE: u64 = 0x1000;
+pub const CTL_RING: u64 = 0x2000;
+pub const CTL_ENTRIES: u32 = 64;
+pub const FAULT_BUF: u64 = 0x4000;
+pub const QUEUES: u64 = 0x10000;
+pub const QUEUE_STRIDE: u64 = 0x2000;
+pub const QUEUE_SIZE: u16 = 64;
+pub const CMDS: u64 = 0x40000;
+pub const CMD_STRIDE: u64 = 0x2000;
+pub const PT_POOL: u64 = 0x100000;
+pub const PT_POOL_END: u64 = 0x400000;
+/// First byte of memory free for test data.
+pub const DATA: u64 = 0x400000;
+
+/// Command builders (64-byte commands as the driver writes them).
+pub mod cmd {
+    use super::*;
+
+    fn raw(op: u32, flags: u32, words: &[u64]) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[0..4].copy_from_slice(&op.to_le_bytes());
+        b[4..8].copy_from_slice(&flags.to_le_bytes());
+        for (i, w) in words.iter().enumerate() {
+            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+    pub fn fill(dst: u64, len: u64, pattern: u64) -> [u8; 64] {
+        raw(opcode::FILL, 0, &[dst, len, pattern])
+    }
+    pub fn copy(dst: u64, src: u64, len: u64) -> [u8; 64] {
+        raw(opcode::COPY, 0, &[dst, src, len])
+    }
+    pub fn atomic(va: u64, op: u32, wide: bool, operand: u64, compare: u64) -> [u8; 64] {
+        raw(
+            opcode::ATOMIC,
+            u32::from(wide),
+            &[va, operand, compare, u64::from(op)],
+        )
+    }
+    pub fn semaphore(va: u64, wide: bool, value: u64) -> [u8; 64] {
+        raw(opcode::SEMAPHORE_RELEASE, u32::from(wide), &[va, value])
+    }
+    pub fn launch(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> [u8; 64] {
+        let mut b = raw(opcode::LAUNCH, 0, &[code]);
+        b[16..20].copy_from_slice(&code_len.to_le_bytes());
+        b[20..24].copy_from_slice(&grid.to_le_bytes());
+        b[24..28].copy_from_slice(&block.to_le_bytes());
+        for (i, a) in args.iter().enumerate() {
+            b[32 + 8 * i..40 + 8 * i].copy_from_slice(&a.to_le_bytes());
+        }
+        b
+    }
+}
+
+/// Driver side of one split virtqueue: two descriptors per command (the
+/// command, then the completion).
+struct DriverQueue {
+    base: u64,
+    cmds: u64,
+    avail_idx: u16,
+    seq: u64,
+}
+
+impl DriverQueue {
+    fn desc(&self) -> u64 {
+        self.base
+    }
+    fn avail(&self) -> u64 {
+        self.base + 16 * u64::from(QUEUE_SIZE)
+    }
+    fn used(&self) -> u64 {
+        (self.avail() + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3
+    }
+}
+
+/// Token for a submitted command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub channel: usize,
+    pub slot: u64,
+    pub completion: u64,
+}
+
+pub struct Rig {
+    pub dev: Device<GuestMemoryMmap>,
+    pub irq: Arc<RecordingIrq>,
+    roots: Vec<u64>,
+    pt_next: u64,
+    queues: Vec<Option<DriverQueue>>,
+    ctl_prod: u32,
+    fault_get: u32,
+    pub fault_entries: u32,
+}
+
+impl Rig {
+    /// Guest RAM `[0, mem_size)`, device enabled, context 0 valid with an
+    /// empty page table.
+    pub fn new(mem_size: u64, fault_entries: u32) -> Rig {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .unwrap_or_else(|e| panic!("guest memory: {e}"));
+        Self::with_memory(mem, fault_entries)
+    }
+
+    pub fn with_memory(mem: GuestMemoryMmap, fault_entries: u32) -> Rig {
+        let irq = Arc::new(RecordingIrq::default());
+        let dev = Device::new(mem, irq.clone());
+        let mut rig = Rig {
+            dev,
+            irq,
+            roots: vec![0; NUM_CONTEXTS as usize],
+            pt_next: PT_POOL,
+            queues: (0..8).map(|_| None).collect(),
+            ctl_prod: 0,
+            fault_get: 0,
+            fault_entries,
+        };
+        // MSI on, 4 vectors, so tests see vectors directly.
+        rig.dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
+        rig.dev.config_write(0x42, &(1u16 | (2 << 4)).to_le_bytes());
+        rig.w32(regs::STATUS_BLOCK_LO, SB as u32);
+        rig.w32(regs::FAULT_BUF_LO, FAULT_BUF as u32);
+        rig.w32(regs::FAULT_BUF_ENTRIES, fault_entries);
+        rig.w32(regs::CTX_TABLE_LO, CTX_TABLE as u32);
+        rig.w32(regs::CTL_RING_LO, CTL_RING as u32);
+        rig.w32(regs::CTL_RING_ENTRIES, CTL_ENTRIES);
+        rig.w32(regs::ENABLE, 1);
+        rig.new_context(0);
+        rig
+    }
+
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        self.dev.memory()
+    }
+
+    pub fn w32(&mut self, off: u64, v: u32) {
+        self.dev.mmio_write(off, &v.to_le_bytes());
+    }
+
+    pub fn r32(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.mmio_read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn alloc_table(&mut self) -> u64 {
+        let t = self.pt_next;
+        assert!(t < PT_POOL_END, "rig page-table pool exhausted");
+        self.pt_next += LEAF_4K;
+        self.mem()
+            .write_slice(&[0u8; 4096], GuestAddress(t))
+            .unwrap_or_else(|e| panic!("{e}"));
+        t
+    }
+
+    /// Give context `ctx` a fresh, empty page table and mark it valid.
+    pub fn new_context(&mut self, ctx: u32) {
+        let root = self.alloc_table();
+        self.roots[ctx as usize] = root;
+        let e = CTX_TABLE + u64::from(ctx) * 16;
+        self.mem().write_obj(root, GuestAddress(e)).unwrap_or(());
+        self.mem()
+            .write_obj(1u32, GuestAddress(e + 8))
+            .unwrap_or(());
+    }
+
+    pub fn root(&self, ctx: u32) -> u64 {
+        self.roots[ctx as usize]
+    }
+
+    fn pte_addr(&mut self, ctx: u32, va: u64, leaf_level: u32, create: bool) -> Option<u64> {
+        let mut table = self.roots[ctx as usize];
+        for level in (leaf_level + 1..=4).rev() {
+            let slot = table + ((va >> level_shift(level)) & 511) * 8;
+            let pte: u64 = self.mem().read_obj(GuestAddress(slot)).unwrap_or(0);
+            if pte & 1 == 0 || pte & Pte::LEAF.bits() != 0 && level < 4 {
+                if !create {
+                    return None;
+                }
+                let t = self.alloc_table();
+                self.mem()
+                    .write_obj(t | Pte::VALID.bits(), GuestAddress(slot))
+                    .unwrap_or(());
+                table = t;
+            } else {
+                table = pte & PTE_ADDR_MASK;
+            }
+        }
+        Some(table + ((va >> level_shift(leaf_level)) & 511) * 8)
+    }
+
+    fn leaf_level(size: u64) -> u32 {
+        match size {
+            LEAF_4K => 1,
+            LEAF_2M => 2,
+            LEAF_1G => 3,
+            _ => panic!("bad leaf size {size:#x}"),
+        }
+    }
+
+    /// Write a leaf PTE mapping `va` → `gpa` (`size` 4 KiB / 2 MiB / 1 GiB)
+    /// with `flags` (VALID is added). No TLB invalidation.
+    pub fn map(&mut self, ctx: u32, va: u64, gpa: u64, size: u64, flags: Pte) {
+        let level = Self::leaf_level(size);
+        let leaf = if level > 1 { Pte::LEAF } else { Pte::empty() };
+        let slot = self.pte_addr(ctx, va, level, true).unwrap_or(0);
+        let pte = gpa | (flags | Pte::VALID | leaf).bits();
+        self.mem().write_obj(pte, GuestAddress(slot)).unwrap_or(());
+    }
+
+    /// Map `[va, va+len)` to `[gpa, ...)` with pages of `size`.
+    pub fn map_range(&mut self, ctx: u32, va: u64, gpa: u64, len: u64, size: u64, flags: Pte) {
+        let mut off = 0;
+        while off < len {
+            self.map(ctx, va + off, gpa + off, size, flags);
+            off += size;
+        }
+    }
+
+    /// Clear the leaf PTE of `va` (no TLB invalidation).
+    pub fn unmap(&mut self, ctx: u32, va: u64, size: u64) {
+        let level = Self::leaf_level(size);
+        if let Some(slot) = self.pte_addr(ctx, va, level, false) {
+            self.mem().write_obj(0u64, GuestAddress(slot)).unwrap_or(());
+        }
+    }
+
+    /// Raw PTE write at the slot for `va` at `level` (for hostile tables).
+    pub fn write_pte(&mut self, ctx: u32, va: u64, level: u32, pte: u64) {
+        let slot = self.pte_addr(ctx, va, level, true).unwrap_or(0);
+        self.mem().write_obj(pte, GuestAddress(slot)).unwrap_or(());
+    }
+
+    pub fn enable_channel(&mut self, ch: usize, ctx: u32) -> bool {
+        let q = DriverQueue {
+            base: QUEUES + ch as u64 * QUEUE_STRIDE,
+            cmds: CMDS + ch as u64 * CMD_STRIDE,
+            avail_idx: 0,
+            seq: 0,
+        };
+        self.mem()
+            .write_slice(&[0u8; QUEUE_STRIDE as usize], GuestAddress(q.base))
+            .unwrap_or(());
+        let c = ch as u32;
+        self.w32(regs::channel_reg(c, regs::CH_QUEUE_SIZE), QUEUE_SIZE.into());
+        self.w32(regs::channel_reg(c, regs::CH_DESC_LO), q.desc() as u32);
+        self.w32(regs::channel_reg(c, regs::CH_AVAIL_LO), q.avail() as u32);
+        self.w32(regs::channel_reg(c, regs::CH_USED_LO), q.used() as u32);
+        self.w32(regs::channel_reg(c, regs::CH_CONTEXT), ctx);
+        self.w32(regs::channel_reg(c, regs::CH_ENABLE), 1);
+        self.queues[ch] = Some(q);
+        self.r32(regs::channel_reg(c, regs::CH_ENABLE)) & 1 != 0
+    }
+
+    /// Queue a command on channel `ch` (no doorbell). At most
+    /// QUEUE_SIZE / 2 commands may be outstanding per channel.
+    pub fn submit(&mut self, ch: usize, cmd: [u8; 64]) -> Ticket {
+        let q = self.queues[ch]
+            .as_mut()
+            .unwrap_or_else(|| panic!("channel {ch} not set up"));
+        let slot = q.seq % (u64::from(QUEUE_SIZE) / 2);
+        q.seq += 1;
+        let cmd_addr = q.cmds + slot * 64;
+        let comp = q.cmds + 0x1000 + slot * 16;
+        let head = (slot * 2) as u16;
+        let desc = q.desc() + u64::from(head) * 16;
+        let avail = q.avail();
+        let idx = q.avail_idx;
+        q.avail_idx = idx.wrapping_add(1);
+        let mem = self.dev.memory();
+        let w = |v: &[u8], a: u64| mem.write_slice(v, GuestAddress(a)).unwrap_or(());
+        w(&cmd, cmd_addr);
+        w(&[0xFF; 16], comp);
+        // Descriptor: addr, len, flags (NEXT = 1, WRITE = 2), next.
+        let mut d = [0u8; 32];
+        d[0..8].copy_from_slice(&cmd_addr.to_le_bytes());
+        d[8..12].copy_from_slice(&64u32.to_le_bytes());
+        d[12..14].copy_from_slice(&1u16.to_le_bytes());
+        d[14..16].copy_from_slice(&(head + 1).to_le_bytes());
+        d[16..24].copy_from_slice(&comp.to_le_bytes());
+        d[24..28].copy_from_slice(&16u32.to_le_bytes());
+        d[28..30].copy_from_slice(&2u16.to_le_bytes());
+        w(&d, desc);
+        let ring = avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        w(&head.to_le_bytes(), ring);
+        mem.store(
+            q.avail_idx.to_le(),
+            GuestAddress(avail + 2),
+            Ordering::Release,
+        )
+        .unwrap_or(());
+        Ticket {
+            channel: ch,
+            slot,
+            completion: comp,
+        }
+    }
+
+    /// Submit, ring the channel doorbell and run the device until idle.
+    pub fn exec(&mut self, ch: usize, cmd: [u8; 64]) -> Ticket {
+        let t = self.submit(ch, cmd);
+        self.dev
+            .doorbell(faultline_abi::doorbell::channel(ch as u32));
+        self.dev.run_until_idle();
+        t
+    }
+
+    /// Completion of a ticket: `None` while pending; `Err(raw)` for a
+    /// status outside the ABI.
+    pub fn completion(&self, t: Ticket) -> Option<Result<(Status, u64), u32>> {
+        let st: u32 = self.mem().read_obj(GuestAddress(t.completion)).unwrap_or(0);
+        if st == u32::MAX {
+            return None;
+        }
+        let res: u64 = self
+            .mem()
+            .read_obj(GuestAddress(t.completion + 8))
+            .unwrap_or(0);
+        Some(Status::from_u32(st).map(|s| (s, res)).ok_or(st))
+    }
+
+    /// Status of a completed ticket (panics if pending: test helper).
+    pub fn status(&self, t: Ticket) -> Status {
+        match self.completion(t) {
+            Some(Ok((s, _))) => s,
+            other => panic!("ticket {t:?} not completed properly: {other:?}"),
+        }
+    }
+
+    pub fn used_idx(&self, ch: usize) -> u16 {
+        let q = self.queues[ch].as_ref().map_or(0, |q| q.used());
+        self.mem().read_obj(GuestAddress(q + 2)).unwrap_or(0)
+    }
+
+    pub fn sb(&self, off: u64) -> u32 {
+        self.mem().read_obj(GuestAddress(SB + off)).unwrap_or(0)
+    }
+
+    /// Drain published fault entries and advance GET in the status block
+    /// (no doorbell).
+    pub fn drain_faults(&mut self) -> Vec<FaultEntry> {
+        let put = self.sb(status_block::FAULT_PUT);
+        let mut out = Vec::new();
+        while self.fault_get != put {
+            let a = FAULT_BUF + u64::from(self.fault_get % self.fault_entries) * 32;
+            let mut b = [0u8; 32];
+            self.mem().read_slice(&mut b, GuestAddress(a)).unwrap_or(());
+            let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+            let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+            out.push(FaultEntry {
+                va: u64_at(0),
+                timestamp: u64_at(8),
+                context: u32_at(16),
+                access: b[20],
+                reason: b[21],
+                engine: b[22],
+                channel: b[23],
+                info: u32_at(24),
+                _reserved: 0,
+            });
+            self.fault_get = self.fault_get.wrapping_add(1);
+        }
+        self.mem()
+            .write_obj(self.fault_get, GuestAddress(SB + status_block::FAULT_GET))
+            .unwrap_or(());
+        out
+    }
+
+    /// Ring a doorbell and run until idle.
+    pub fn ring(&mut self, index: u32) {
+        self.dev.doorbell(index);
+        self.dev.run_until_idle();
+    }
+
+    pub fn replay(&mut self) {
+        self.ring(faultline_abi::doorbell::REPLAY);
+    }
+
+    /// Post a control entry, ring DB_CONTROL, run; returns the entry status
+    /// and whether `ctl_cons` acknowledged it.
+    pub fn ctl(&mut self, op: u32, ctx: u32, start: u64, len: u64) -> (u32, bool) {
+        let idx = self.ctl_prod;
+        let a = CTL_RING + u64::from(idx % CTL_ENTRIES) * 32;
+        let mut e = [0u8; 32];
+        e[0..4].copy_from_slice(&op.to_le_bytes());
+        e[8..12].copy_from_slice(&ctx.to_le_bytes());
+        e[16..24].copy_from_slice(&start.to_le_bytes());
+        e[24..32].copy_from_slice(&len.to_le_bytes());
+        self.mem().write_slice(&e, GuestAddress(a)).unwrap_or(());
+        self.ctl_prod = idx.wrapping_add(1);
+        self.mem()
+            .write_obj(self.ctl_prod, GuestAddress(SB + status_block::CTL_PROD))
+            .unwrap_or(());
+        self.ring(faultline_abi::doorbell::CONTROL);
+        let st: u32 = self.mem().read_obj(GuestAddress(a + 4)).unwrap_or(0);
+        let acked = self.sb(status_block::CTL_CONS).wrapping_sub(self.ctl_prod) as i32 >= 0;
+        (st, acked)
+    }
+
+    pub fn ctl_ok(&mut self, op: u32, ctx: u32, start: u64, len: u64) -> bool {
+        self.ctl(op, ctx, start, len) == (CtlStatus::Ok as u32, true)
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem().read_obj(GuestAddress(gpa)).unwrap_or(0)
+    }
+    pub fn write_u64(&self, gpa: u64, v: u64) {
+        self.mem().write_obj(v, GuestAddress(gpa)).unwrap_or(());
+    }
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        self.mem().read_obj(GuestAddress(gpa)).unwrap_or(0)
+    }
+    pub fn write_u32(&self, gpa: u64, v: u32) {
+        self.mem().write_obj(v, GuestAddress(gpa)).unwrap_or(());
+    }
+    pub fn write_bytes(&self, gpa: u64, b: &[u8]) {
+        self.mem().write_slice(b, GuestAddress(gpa)).unwrap_or(());
+    }
+    pub fn read_bytes(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem()
+            .read_slice(&mut v, GuestAddress(gpa))
+            .unwrap_or(());
+        v
+    }
+
+    /// Write a kernel at `gpa` (little-endian words).
+    pub fn write_code(&self, gpa: u64, code: &[u64]) {
+        let b: Vec<u8> = code.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.write_bytes(gpa, &b);
+    }
+}
