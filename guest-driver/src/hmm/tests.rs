@@ -468,3 +468,385 @@ mod mirror_contract {
         assert!(dev.updates.lock().is_empty());
     }
 }
+
+mod snapshot_page_states {
+    use super::*;
+
+    /// One page of each kind, and a 2 MiB VMA.
+    fn layout() -> (Arc<SimMm>, Arc<Dev>, HmmMirror<SimMm>) {
+        let (mm, dev, mirror) = setup();
+        // BASE+0: untouched, +1: zero page, +2: read-only, +3: writable,
+        // +4: special pte; +5..+6 hole; +6: PROT_NONE; +7: PFNMAP.
+        mm.mmap(BASE, 5 * PG, RW).unwrap();
+        mm.touch(BASE + PG, false).unwrap();
+        mm.touch(BASE + 2 * PG, true).unwrap();
+        mm.mprotect(BASE + 2 * PG, PG, VmFlags::READ).unwrap();
+        mm.touch(BASE + 3 * PG, true).unwrap();
+        mm.map_special(BASE + 4 * PG);
+        mm.mmap(BASE + 6 * PG, PG, VmFlags::empty()).unwrap();
+        mm.mmap(BASE + 7 * PG, PG, RW | VmFlags::PFNMAP).unwrap();
+        mm.mmap(BASE + PMD_SIZE, 2 * PMD_SIZE, RW | VmFlags::HUGE).unwrap();
+        mm.populate(BASE + PMD_SIZE, PMD_SIZE, true).unwrap();
+        (mm, dev, mirror)
+    }
+
+    fn snap_one(mm: &SimMm, mirror: &HmmMirror<SimMm>, addr: u64) -> (Result<usize, Errno>, u64) {
+        let mut r = registered(mirror, addr, addr + PG);
+        r.default_flags = V | W; // requests must be ignored by a snapshot
+        let res = snapshot(mm, &mut r);
+        (res, r.pfns[0])
+    }
+
+    #[test]
+    fn snapshot_of_hole_is_efault_with_none_entry() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE + 5 * PG), (Err(Errno::EFAULT), NONE));
+    }
+
+    #[test]
+    fn snapshot_of_prot_none_vma_is_eperm() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE + 6 * PG), (Err(Errno::EPERM), NONE));
+    }
+
+    #[test]
+    fn snapshot_of_untouched_page_is_none() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE), (Ok(1), NONE));
+    }
+
+    #[test]
+    fn snapshot_of_zero_page_is_valid_read_only_zero_pfn() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE + PG), (Ok(1), entry(ZERO_PFN, false)));
+    }
+
+    #[test]
+    fn snapshot_of_read_only_page_is_valid_without_write() {
+        let (mm, _d, mirror) = layout();
+        let (pfn, _) = mm.cpu_pfn(BASE + 2 * PG).unwrap();
+        assert_ne!(pfn, ZERO_PFN);
+        assert_eq!(snap_one(&mm, &mirror, BASE + 2 * PG), (Ok(1), entry(pfn, false)));
+    }
+
+    #[test]
+    fn snapshot_of_writable_page_is_valid_and_write() {
+        let (mm, _d, mirror) = layout();
+        let (pfn, _) = mm.cpu_pfn(BASE + 3 * PG).unwrap();
+        assert_eq!(snap_one(&mm, &mirror, BASE + 3 * PG), (Ok(1), entry(pfn, true)));
+    }
+
+    #[test]
+    fn snapshot_of_special_pte_is_efault_with_special_value() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE + 4 * PG), (Err(Errno::EFAULT), SPECIAL));
+    }
+
+    #[test]
+    fn snapshot_of_pfnmap_vma_is_efault() {
+        let (mm, _d, mirror) = layout();
+        assert_eq!(snap_one(&mm, &mirror, BASE + 7 * PG), (Err(Errno::EFAULT), SPECIAL));
+    }
+
+    #[test]
+    fn snapshot_of_2mib_leaf_with_4k_entries_gives_consecutive_pfns() {
+        let (mm, _d, mirror) = layout();
+        let (pfn0, w) = mm.cpu_pfn(BASE + PMD_SIZE).unwrap();
+        assert!(w);
+        assert!(matches!(mm.cpu_state(BASE + PMD_SIZE), PageState::Huge { .. }));
+        let mut r = registered(&mirror, BASE + PMD_SIZE, BASE + 2 * PMD_SIZE);
+        assert_eq!(snapshot(&mm, &mut r), Ok(512));
+        for (i, &e) in r.pfns.iter().enumerate() {
+            assert_eq!(e, entry(pfn0 + i as u64, true), "entry {i}");
+        }
+    }
+
+    #[test]
+    fn snapshot_of_2mib_leaf_with_2mib_entries_gives_one_entry_per_leaf() {
+        let (mm, _d, mirror) = layout();
+        let (pfn0, _) = mm.cpu_pfn(BASE + PMD_SIZE).unwrap();
+        let mut r = new_range();
+        range_register(&mut r, &mirror, BASE + PMD_SIZE, BASE + 3 * PMD_SIZE, PMD_SHIFT).unwrap();
+        assert_eq!(r.npages(), 2);
+        assert_eq!(snapshot(&mm, &mut r), Ok(2));
+        assert_eq!(r.pfns, [entry(pfn0, true), NONE], "second leaf untouched");
+    }
+
+    #[test]
+    fn snapshot_never_faults() {
+        let (mm, _d, mirror) = layout();
+        let faults = mm.fault_count();
+        let mut r = registered(&mirror, BASE, BASE + 4 * PG);
+        r.default_flags = V | W;
+        assert_eq!(snapshot(&mm, &mut r), Ok(4));
+        assert_eq!(mm.fault_count(), faults);
+        assert_eq!(r.pfns[0], NONE);
+        assert_eq!(r.pfns[1], entry(ZERO_PFN, false));
+    }
+
+    #[test]
+    fn snapshot_error_keeps_earlier_entries_and_nones_the_rest() {
+        let (mm, _d, mirror) = layout();
+        let mut r = registered(&mirror, BASE + 3 * PG, BASE + 8 * PG);
+        r.pfns.fill(0xdead_0000);
+        let (pfn3, _) = mm.cpu_pfn(BASE + 3 * PG).unwrap();
+        assert_eq!(snapshot(&mm, &mut r), Err(Errno::EFAULT));
+        assert_eq!(r.pfns, [entry(pfn3, true), SPECIAL, NONE, NONE, NONE]);
+    }
+
+    #[test]
+    fn snapshot_requires_the_mmap_guard_of_the_range_mm() {
+        let (_mm, _d, mirror) = layout();
+        let other = SimMm::new();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        let guard = mmap_read_lock(&*other);
+        assert_eq!(range_snapshot(&mut r, &guard), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn snapshot_of_unregistered_range_is_einval() {
+        let (mm, _d, _mirror) = layout();
+        let mut r = new_range();
+        assert_eq!(snapshot(&mm, &mut r), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn snapshot_of_invalidated_range_is_eagain_and_leaves_pfns() {
+        let (mm, _d, mirror) = layout();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.pfns[0] = V | W;
+        let inv = clear_range(BASE, BASE + PG);
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        assert_eq!(snapshot(&mm, &mut r), Err(Errno::EAGAIN));
+        assert_eq!(r.pfns[0], V | W, "requests survive for the retry");
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert_eq!(snapshot(&mm, &mut r), Ok(1));
+    }
+}
+
+mod fault_requests {
+    use super::*;
+
+    fn rw_area(pages: u64) -> (Arc<SimMm>, Arc<Dev>, HmmMirror<SimMm>) {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, pages * PG, RW).unwrap();
+        (mm, dev, mirror)
+    }
+
+    #[test]
+    fn fault_with_read_request_maps_zero_page() {
+        let (mm, _d, mirror) = rw_area(2);
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+        assert_eq!(r.pfns, [entry(ZERO_PFN, false); 2]);
+        assert_eq!(mm.fault_count(), 2);
+    }
+
+    #[test]
+    fn fault_with_write_request_allocates_writable_pages() {
+        let (mm, _d, mirror) = rw_area(2);
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+        for (i, &e) in r.pfns.iter().enumerate() {
+            let (pfn, w) = mm.cpu_pfn(BASE + i as u64 * PG).unwrap();
+            assert!(w && pfn != ZERO_PFN);
+            assert_eq!(e, entry(pfn, true));
+        }
+    }
+
+    #[test]
+    fn fault_with_write_request_cows_the_zero_page() {
+        let (mm, _d, mirror) = rw_area(1);
+        mm.touch(BASE, false).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(1));
+        let (pfn, w) = mm.cpu_pfn(BASE).unwrap();
+        assert!(w && pfn != ZERO_PFN);
+        assert_eq!(r.pfns[0], entry(pfn, true));
+    }
+
+    #[test]
+    fn fault_with_write_request_upgrades_read_only_pte_in_place() {
+        let (mm, _d, mirror) = rw_area(1);
+        mm.touch(BASE, true).unwrap();
+        mm.mprotect(BASE, PG, VmFlags::READ).unwrap();
+        mm.mprotect(BASE, PG, RW).unwrap();
+        let (pfn, w) = mm.cpu_pfn(BASE).unwrap();
+        assert!(!w);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(1));
+        assert_eq!(r.pfns[0], entry(pfn, true));
+    }
+
+    #[test]
+    fn fault_without_request_does_not_fault() {
+        let (mm, _d, mirror) = rw_area(2);
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+        assert_eq!(mm.fault_count(), 0);
+        assert_eq!(r.pfns, [NONE; 2]);
+    }
+
+    #[test]
+    fn fault_honours_per_entry_requests_under_full_mask() {
+        let (mm, _d, mirror) = rw_area(4);
+        let mut r = registered(&mirror, BASE, BASE + 4 * PG);
+        r.pfn_flags_mask = !0;
+        r.default_flags = 0;
+        r.pfns.copy_from_slice(&[0, V, V | W, 0]);
+        assert_eq!(fault(&mm, &mut r, true), Ok(4));
+        assert_eq!(r.pfns[0], NONE);
+        assert_eq!(r.pfns[1], entry(ZERO_PFN, false));
+        assert!(r.entry_is_writable(r.pfns[2]));
+        assert_eq!(r.pfns[3], NONE);
+        assert_eq!(mm.fault_count(), 2);
+    }
+
+    #[test]
+    fn fault_applies_default_flags_to_every_entry() {
+        let (mm, _d, mirror) = rw_area(3);
+        let mut r = registered(&mirror, BASE, BASE + 3 * PG);
+        r.pfn_flags_mask = 0;
+        r.default_flags = V | W;
+        r.pfns.fill(0); // ignored under a zero mask
+        assert_eq!(fault(&mm, &mut r, true), Ok(3));
+        assert!(r.pfns.iter().all(|&e| r.entry_is_writable(e)));
+    }
+
+    #[test]
+    fn fault_pfn_flags_mask_filters_per_entry_write_requests() {
+        let (mm, _d, mirror) = rw_area(2);
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.pfn_flags_mask = V;
+        r.pfns.fill(V | W);
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+        assert_eq!(r.pfns, [entry(ZERO_PFN, false); 2], "write masked off: read faults only");
+    }
+
+    #[test]
+    fn fault_write_request_without_valid_request_is_ignored() {
+        let (mm, _d, mirror) = rw_area(1);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(1));
+        assert_eq!(r.pfns[0], NONE);
+        assert_eq!(mm.fault_count(), 0);
+    }
+
+    #[test]
+    fn fault_write_request_on_read_only_vma_is_eperm() {
+        let (mm, _d, mirror) = setup();
+        mm.mmap(BASE, 2 * PG, VmFlags::READ).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.pfns.copy_from_slice(&[V, V | W]);
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EPERM));
+        assert_eq!(r.pfns, [entry(ZERO_PFN, false), NONE]);
+    }
+
+    #[test]
+    fn fault_on_prot_none_vma_is_eperm() {
+        let (mm, _d, mirror) = setup();
+        mm.mmap(BASE, PG, VmFlags::empty()).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EPERM));
+        assert_eq!(mm.fault_count(), 0);
+    }
+
+    #[test]
+    fn fault_on_hole_is_efault_and_nones_the_rest() {
+        let (mm, _d, mirror) = rw_area(1);
+        let mut r = registered(&mirror, BASE, BASE + 3 * PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EFAULT));
+        assert!(r.entry_is_writable(r.pfns[0]));
+        assert_eq!(&r.pfns[1..], [NONE, NONE]);
+    }
+
+    #[test]
+    fn fault_error_is_efault_with_error_entry() {
+        let (mm, _d, mirror) = rw_area(3);
+        mm.inject_fault(BASE + PG, FaultError::Sigbus);
+        let mut r = registered(&mirror, BASE, BASE + 3 * PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EFAULT));
+        assert_eq!(r.pfns, [entry(ZERO_PFN, false), ERR, NONE]);
+    }
+
+    #[test]
+    fn fault_out_of_memory_is_enomem() {
+        let (mm, _d, mirror) = rw_area(1);
+        mm.inject_fault(BASE, FaultError::Oom);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::ENOMEM));
+        assert_eq!(r.pfns[0], ERR);
+    }
+
+    #[test]
+    fn fault_that_would_block_is_ebusy_unless_block() {
+        let (mm, _d, mirror) = rw_area(1);
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V;
+        mm.inject_fault(BASE, FaultError::Retry);
+        assert_eq!(fault(&mm, &mut r, false), Err(Errno::EBUSY));
+        assert_eq!(r.pfns[0], NONE);
+        mm.inject_fault(BASE, FaultError::Retry);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Ok(1), "a blocking fault waits instead");
+    }
+
+    #[test]
+    fn fault_with_2mib_entries_maps_a_2mib_leaf() {
+        let (mm, _d, mirror) = setup();
+        mm.mmap(BASE, 2 * PMD_SIZE, RW | VmFlags::HUGE).unwrap();
+        let mut r = new_range();
+        range_register(&mut r, &mirror, BASE, BASE + 2 * PMD_SIZE, PMD_SHIFT).unwrap();
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+        for (i, &e) in r.pfns.iter().enumerate() {
+            let (pfn, w) = mm.cpu_pfn(BASE + i as u64 * PMD_SIZE).unwrap();
+            assert!(w);
+            assert_eq!(pfn % 512, 0, "leaf frames are 2 MiB aligned");
+            assert_eq!(e, entry(pfn, true));
+        }
+        assert_eq!(mm.fault_count(), 2, "one fault per 2 MiB leaf");
+    }
+
+    #[test]
+    fn fault_with_2mib_entries_outside_huge_vma_is_einval() {
+        let (mm, _d, mirror) = setup();
+        mm.mmap(BASE, PMD_SIZE, RW).unwrap();
+        let mut r = new_range();
+        range_register(&mut r, &mirror, BASE, BASE + PMD_SIZE, PMD_SHIFT).unwrap();
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn fault_requires_the_mmap_guard_of_the_range_mm() {
+        let (_mm, _d, mirror) = rw_area(1);
+        let other = SimMm::new();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        let guard = mmap_read_lock(&*other);
+        assert_eq!(range_fault(&mut r, &guard, true), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn fault_that_cows_invalidates_its_own_range_and_forces_one_retry() {
+        let (mm, dev, mirror) = rw_area(2);
+        mm.populate(BASE, 2 * PG, false).unwrap(); // zero pages
+        let attempts = dev
+            .service(&mm, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        assert_eq!(attempts, 2, "the COW's own invalidation must be seen by the check");
+        for i in 0..2 {
+            let (pfn, w) = mm.cpu_pfn(BASE + i * PG).unwrap();
+            assert_eq!(dev.device_pte(BASE + i * PG), Some(DevPte { pfn, writable: w, size: PG }));
+        }
+    }
+}
