@@ -850,3 +850,329 @@ mod fault_requests {
         }
     }
 }
+
+mod invalidation_contract {
+    use super::*;
+    use crate::mm::{mmu_notifier_register, MmuNotifier};
+
+    #[test]
+    fn invalidate_range_start_marks_only_overlapping_ranges_invalid() {
+        let (mm, _d, mirror) = setup();
+        let a = registered(&mirror, BASE, BASE + 2 * PG);
+        let b = registered(&mirror, BASE + 2 * PG, BASE + 4 * PG);
+        let c = registered(&mirror, BASE + 4 * PG, BASE + 6 * PG);
+        // [BASE+2PG, BASE+4PG) touches a's end and c's start, overlaps only b.
+        let inv = clear_range(BASE + 2 * PG, BASE + 4 * PG);
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        assert!(range_valid(&a) && !range_valid(&b) && range_valid(&c));
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(range_valid(&b));
+        assert!(range_check_seq(&a) && !range_check_seq(&b) && range_check_seq(&c));
+    }
+
+    #[test]
+    fn invalidate_range_start_calls_every_mirror_sync_with_the_update() {
+        let (mm, dev, _mirror) = setup();
+        let dev2 = Arc::new(Dev::default());
+        let _mirror2 = mirror_register(&mm, &mmap_write_lock(&*mm), dev2.clone()).unwrap();
+        mm.mmap(BASE, 4 * PG, RW).unwrap();
+        mm.munmap(BASE + PG, 2 * PG).unwrap();
+        let want = HmmUpdate {
+            start: BASE + PG,
+            end: BASE + 3 * PG,
+            event: MmuNotifyEvent::Unmap,
+            blockable: true,
+        };
+        assert_eq!(*dev.updates.lock(), [want]);
+        assert_eq!(*dev2.updates.lock(), [want]);
+    }
+
+    #[test]
+    fn invalidate_range_start_bumps_the_address_space_sequence() {
+        let (mm, _d, mirror) = setup();
+        let hmm = Arc::clone(mirror.hmm().unwrap());
+        let s0 = hmm.invalidate_seq();
+        mm.reclaim(0x1000_0000, 0x1000_1000);
+        mm.reclaim(0x2000_0000, 0x2000_1000);
+        assert_eq!(hmm.invalidate_seq(), s0 + 2);
+        assert_eq!(hmm.notifiers_in_progress(), 0);
+    }
+
+    #[test]
+    fn invalidate_range_end_revalidates_only_after_the_last_concurrent_invalidation() {
+        let (mm, _d, mirror) = setup();
+        let r = registered(&mirror, BASE, BASE + PG);
+        let inv1 = clear_range(BASE, BASE + PG);
+        let inv2 = clear_range(0x1000_0000, 0x1000_1000);
+        mmu_notifier_invalidate_range_start(&*mm, &inv1).unwrap();
+        mmu_notifier_invalidate_range_start(&*mm, &inv2).unwrap();
+        mmu_notifier_invalidate_range_end(&*mm, &inv1);
+        assert!(!range_valid(&r), "another invalidation is still in flight");
+        mmu_notifier_invalidate_range_end(&*mm, &inv2);
+        assert!(range_valid(&r));
+    }
+
+    #[test]
+    fn nonblocking_invalidation_failure_aborts_cleanly() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, 2 * PG, RW).unwrap();
+        dev.service(&mm, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        let r = registered(&mirror, BASE, BASE + 2 * PG);
+        dev.fail_nonblock.store(true, Ordering::SeqCst);
+        assert_eq!(mm.reclaim_nonblock(BASE, BASE + 2 * PG), Err(Errno::EAGAIN));
+        let hmm = mirror.hmm().unwrap();
+        assert_eq!(hmm.notifiers_in_progress(), 0, "no invalidation left open");
+        assert!(mm.cpu_pfn(BASE).is_some(), "the caller changed nothing");
+        assert!(dev.device_pte(BASE).is_some());
+        assert!(range_valid(&r), "not wedged invalid (the 5.3 OOM-reaper bug)");
+        assert!(!range_check_seq(&r), "but a check started before the abort retries");
+        dev.fail_nonblock.store(false, Ordering::SeqCst);
+        assert_eq!(mm.reclaim_nonblock(BASE, BASE + 2 * PG), Ok(2));
+        assert!(dev.device_pte(BASE).is_none());
+    }
+
+    #[test]
+    fn nonblocking_invalidation_fails_instead_of_waiting_for_the_update_lock() {
+        let (mm, dev, _mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        mm.populate(BASE, PG, true).unwrap();
+        let held = dev.pt.lock();
+        assert_eq!(mm.reclaim_nonblock(BASE, BASE + PG), Err(Errno::EAGAIN));
+        drop(held);
+        assert!(mm.cpu_pfn(BASE).is_some());
+    }
+
+    #[derive(Default)]
+    struct Counting {
+        starts: AtomicUsize,
+        ends: AtomicUsize,
+    }
+    impl MmuNotifier<SimMm> for Counting {
+        fn invalidate_range_start(&self, _mm: &SimMm, _r: &MmuNotifierRange) -> Result<(), Errno> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn invalidate_range_end(&self, _mm: &SimMm, _r: &MmuNotifierRange) {
+            self.ends.fetch_add(1, Ordering::SeqCst);
+        }
+        fn release(&self, _mm: &SimMm) {}
+    }
+
+    #[test]
+    fn aborted_invalidation_ends_the_notifiers_that_had_started() {
+        let mm = SimMm::new();
+        let counting = Arc::new(Counting::default());
+        let weak = Arc::downgrade(&counting);
+        mmu_notifier_register::<SimMm>(&mm, weak);
+        let dev = Arc::new(Dev::default());
+        let _mirror = mirror_register(&mm, &mmap_write_lock(&*mm), dev.clone()).unwrap();
+        dev.fail_nonblock.store(true, Ordering::SeqCst);
+        assert_eq!(mm.reclaim_nonblock(BASE, BASE + PG), Err(Errno::EAGAIN));
+        assert_eq!(counting.starts.load(Ordering::SeqCst), 1);
+        assert_eq!(counting.ends.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn blockable_sync_error_is_ignored_and_later_mirrors_still_synced() {
+        let (mm, dev, _mirror) = setup();
+        let dev2 = Arc::new(Dev::default());
+        let _mirror2 = mirror_register(&mm, &mmap_write_lock(&*mm), dev2.clone()).unwrap();
+        dev.fail_blockable.store(true, Ordering::SeqCst);
+        mm.reclaim(BASE, BASE + PG);
+        assert_eq!(dev.updates.lock().len(), 1);
+        assert_eq!(dev2.updates.lock().len(), 1);
+    }
+
+    #[test]
+    fn range_wait_until_valid_times_out_during_invalidation_and_succeeds_after() {
+        let (mm, _d, mirror) = setup();
+        let r = registered(&mirror, BASE, BASE + PG);
+        let inv = clear_range(BASE, BASE + PG);
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(!range_wait_until_valid(&r, 20));
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(20));
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(range_wait_until_valid(&r, 0));
+    }
+
+    #[test]
+    fn range_wait_until_valid_returns_when_another_thread_ends_the_invalidation() {
+        let (mm, _d, mirror) = setup();
+        let r = registered(&mirror, BASE, BASE + PG);
+        let inv = clear_range(BASE, BASE + PG);
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        let mm2 = Arc::clone(&mm);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            mmu_notifier_invalidate_range_end(&*mm2, &inv);
+        });
+        assert!(range_wait_until_valid(&r, 10_000));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn invalidation_during_a_fault_forces_a_retry() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, 2 * PG, RW).unwrap();
+        mm.populate(BASE, PG, true).unwrap();
+        let old_pfn = mm.cpu_pfn(BASE).unwrap().0;
+        // While page 1 is being faulted, reclaim page 0 (already walked):
+        // the invalidation starts and ends inside the fault.
+        let fired = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&fired);
+        mm.set_fault_hook(Some(Arc::new(move |mm: &SimMm, _addr| {
+            if !f.swap(true, Ordering::SeqCst) {
+                mm.reclaim(BASE, BASE + PG);
+            }
+        })));
+        let attempts = dev
+            .service(&mm, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        assert!(fired.load(Ordering::SeqCst));
+        assert_eq!(attempts, 2);
+        assert!(mm.is_freed(old_pfn));
+        let (pfn, _) = mm.cpu_pfn(BASE).unwrap();
+        assert_eq!(dev.device_pte(BASE).unwrap().pfn, pfn, "device maps the new frame");
+        assert_eq!(dev.stale_writes.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn invalidation_in_progress_during_a_fault_is_eagain() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, 2 * PG, RW).unwrap();
+        let inv = clear_range(BASE, BASE + PG);
+        mm.set_fault_hook(Some(Arc::new(move |mm: &SimMm, _addr| {
+            mmu_notifier_invalidate_range_start(mm, &inv).unwrap();
+        })));
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EAGAIN));
+        assert_eq!(r.pfns, [NONE, NONE]);
+        mm.set_fault_hook(None);
+        assert!(!range_wait_until_valid(&r, 1));
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(range_wait_until_valid(&r, 1));
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Ok(2));
+    }
+
+    #[test]
+    fn munmap_clears_device_ptes_before_frames_are_freed() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, 4 * PG, RW).unwrap();
+        dev.service(&mm, &mirror, BASE, BASE + 4 * PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        let stale = Arc::new(AtomicUsize::new(0));
+        let (d, s) = (Arc::clone(&dev), Arc::clone(&stale));
+        mm.set_free_hook(Some(Arc::new(move |pfn| {
+            if d.pt.lock().values().any(|e| e.pfn == pfn) {
+                s.fetch_add(1, Ordering::SeqCst);
+            }
+        })));
+        mm.munmap(BASE, 4 * PG).unwrap();
+        assert_eq!(mm.frames_in_use(), 0);
+        assert_eq!(stale.load(Ordering::SeqCst), 0);
+        assert!(dev.pt.lock().is_empty());
+    }
+
+    #[test]
+    fn mprotect_read_only_removes_device_write_access() {
+        let (mm, dev, mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        dev.service(&mm, &mirror, BASE, BASE + PG, PAGE_SHIFT, true, Check::Seq, &|_| {})
+            .unwrap();
+        assert!(dev.device_pte(BASE).unwrap().writable);
+        mm.mprotect(BASE, PG, VmFlags::READ).unwrap();
+        assert!(dev.device_pte(BASE).is_none());
+        assert_eq!(
+            dev.service(&mm, &mirror, BASE, BASE + PG, PAGE_SHIFT, true, Check::Seq, &|_| {}),
+            Err(Errno::EPERM)
+        );
+        dev.service(&mm, &mirror, BASE, BASE + PG, PAGE_SHIFT, false, Check::Seq, &|_| {})
+            .unwrap();
+        assert!(!dev.device_pte(BASE).unwrap().writable);
+    }
+}
+
+mod sequence_check {
+    use super::*;
+
+    /// The race the 2019 design misses, on one schedule, with both checks.
+    #[test]
+    fn legacy_valid_flag_misses_invalidation_between_fault_and_check_but_seq_catches_it() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Ok(1));
+        let pfn = r.entry_to_pfn(r.pfns[0]).unwrap();
+        // Between the fault and the driver's check: an invalidation starts
+        // and ends (reclaim), and the frame is freed.
+        assert_eq!(mm.reclaim(BASE, BASE + PG), 1);
+        assert!(mm.is_freed(pfn), "the pfn the driver holds is gone");
+        // The driver now takes its update lock and checks.
+        assert!(range_valid(&r), "2019: valid is true again, the driver would map a freed frame");
+        assert!(!range_check_seq(&r), "sequence: the invalidation is seen, the driver retries");
+    }
+
+    #[test]
+    fn legacy_check_lets_the_driver_map_a_freed_frame_and_seq_check_does_not() {
+        for (check, stale) in [(Check::Legacy, 1), (Check::Seq, 0)] {
+            let (mm, dev, mirror) = setup();
+            mm.mmap(BASE, PG, RW).unwrap();
+            let mm2 = Arc::clone(&mm);
+            let race = move |attempt: usize| {
+                if attempt == 1 {
+                    mm2.reclaim(BASE, BASE + PG);
+                }
+            };
+            let attempts = dev
+                .service(&mm, &mirror, BASE, BASE + PG, PAGE_SHIFT, true, check, &race)
+                .unwrap();
+            assert_eq!(dev.stale_writes.load(Ordering::SeqCst), stale);
+            assert_eq!(attempts, 2 - stale);
+        }
+    }
+
+    #[test]
+    fn seq_check_passes_without_intervening_invalidation() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V;
+        fault(&mm, &mut r, true).unwrap();
+        assert!(range_valid(&r) && range_check_seq(&r));
+    }
+
+    #[test]
+    fn seq_check_ignores_non_overlapping_invalidation() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, 2 * PG, RW).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V | W;
+        fault(&mm, &mut r, true).unwrap();
+        mm.populate(BASE + PG, PG, true).unwrap();
+        mm.reclaim(BASE + PG, BASE + 2 * PG);
+        assert!(range_check_seq(&r), "the neighbour's invalidation does not force a retry");
+    }
+
+    #[test]
+    fn seq_check_fails_while_an_invalidation_is_in_progress() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V;
+        fault(&mm, &mut r, true).unwrap();
+        let inv = clear_range(BASE, BASE + PG);
+        mmu_notifier_invalidate_range_start(&*mm, &inv).unwrap();
+        assert!(!range_valid(&r));
+        assert!(!range_check_seq(&r));
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(!range_check_seq(&r), "still stale after the end");
+        r.default_flags = V;
+        fault(&mm, &mut r, true).unwrap();
+        assert!(range_check_seq(&r), "a new fault starts from the new stamp");
+    }
+}
