@@ -1,5 +1,6 @@
 //! Time: the TSC, with its frequency from CPUID (leaf 0x15/0x16), the
-//! hypervisor timing leaf 0x40000010, or a measurement against PIT channel 2.
+//! hypervisor timing leaf 0x40000010, KVM's pvclock scale, or a measurement
+//! against the PIT (channel 2, or channel 0 where port 0x61 is missing).
 
 use core::arch::x86_64::__cpuid;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -7,7 +8,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use super::port::{inb, outb};
 
 const PIT_HZ: u64 = 1_193_182;
-const PIT_CH2: u16 = 0x42;
+const PIT_DATA: u16 = 0x40;
 const PIT_CMD: u16 = 0x43;
 const PORT_B: u16 = 0x61;
 /// PIT measurement windows give up after this many TSC ticks (≈ 5 s at
@@ -24,7 +25,8 @@ pub enum TscSource {
     CpuidCrystal = 1,
     CpuidBaseFreq = 2,
     Hypervisor = 3,
-    Pit = 4,
+    KvmClock = 4,
+    Pit = 5,
 }
 
 impl TscSource {
@@ -34,6 +36,7 @@ impl TscSource {
             TscSource::CpuidCrystal => "cpuid 0x15",
             TscSource::CpuidBaseFreq => "cpuid 0x16",
             TscSource::Hypervisor => "hypervisor leaf 0x40000010",
+            TscSource::KvmClock => "kvmclock",
             TscSource::Pit => "PIT",
         }
     }
@@ -78,85 +81,191 @@ fn from_hypervisor() -> Option<u64> {
     (khz != 0).then_some(khz * 1000)
 }
 
-/// True when something answers at port 0x61 (a floating bus reads 0xff).
-pub fn pit_present() -> bool {
+/// Which PIT channel we can read: 2 (gated through port 0x61, untouched by
+/// any timer interrupt) where port 0x61 exists, else 0 (microvm has a PIT but
+/// no port 0x61). None when no PIT answers at all.
+pub fn pit_channel() -> Option<u8> {
+    static CHANNEL: AtomicU8 = AtomicU8::new(0xfe);
+    let cached = CHANNEL.load(Ordering::Relaxed);
+    if cached != 0xfe {
+        return (cached != 0xff).then_some(cached);
+    }
     // SAFETY: reading port B has no side effects.
-    unsafe { inb(PORT_B) != 0xff }
+    let ch = if unsafe { inb(PORT_B) } != 0xff {
+        Some(2)
+    } else {
+        // A running counter changes between reads; a floating bus reads
+        // 0xffff forever. Interrupts are off and the PIC masked, so
+        // reprogramming channel 0 disturbs nobody.
+        pit_start(0);
+        let first = pit_read(0);
+        let t0 = rdtsc();
+        let mut moved = false;
+        while rdtsc() - t0 < 10_000_000 {
+            if pit_read(0) != first {
+                moved = true;
+                break;
+            }
+        }
+        moved.then_some(0)
+    };
+    CHANNEL.store(ch.unwrap_or(0xff), Ordering::Relaxed);
+    ch
 }
 
-/// Starts PIT channel 2 counting down from `count` in mode 0 (output goes
-/// high at terminal count), gated on, speaker off.
-fn pit_start(count: u16) {
-    // SAFETY: channel 2 and port B's gate bit are ours; the speaker stays off.
+/// Starts `ch` as a free-running down-counter (mode 2, reload 65536).
+fn pit_start(ch: u8) {
+    // SAFETY: the PIT channel (and, for channel 2, port B's gate bit) is ours;
+    // the speaker output stays off.
     unsafe {
-        outb(PORT_B, (inb(PORT_B) & !0x02) | 0x01);
-        outb(PIT_CMD, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
-        outb(PIT_CH2, count as u8);
-        outb(PIT_CH2, (count >> 8) as u8);
+        if ch == 2 {
+            outb(PORT_B, (inb(PORT_B) & !0x02) | 0x01);
+        }
+        outb(PIT_CMD, (ch << 6) | 0b0011_0100); // lobyte/hibyte, mode 2, binary
+        outb(PIT_DATA + u16::from(ch), 0);
+        outb(PIT_DATA + u16::from(ch), 0);
     }
 }
 
-fn pit_done() -> bool {
-    // SAFETY: reading port B has no side effects.
-    unsafe { inb(PORT_B) & 0x20 != 0 }
-}
-
-/// Current channel 2 count (latched, so lo/hi belong together).
-pub fn pit_read() -> u16 {
-    // SAFETY: latch command for channel 2, then two reads of its data port.
+/// Current count of `ch`, latched so the two bytes belong together.
+fn pit_read(ch: u8) -> u16 {
+    // SAFETY: a latch command followed by two reads of the data port.
     unsafe {
-        outb(PIT_CMD, 0b1000_0000);
-        let lo = inb(PIT_CH2);
-        let hi = inb(PIT_CH2);
+        outb(PIT_CMD, ch << 6);
+        let lo = inb(PIT_DATA + u16::from(ch));
+        let hi = inb(PIT_DATA + u16::from(ch));
         u16::from_le_bytes([lo, hi])
     }
 }
 
-/// Measures the TSC against a `ms`-millisecond PIT countdown; None if the
-/// PIT never reaches terminal count.
+/// Measures the TSC against `ms` milliseconds of PIT ticks; None if there is
+/// no PIT or it stops counting.
 pub fn pit_measure_tsc_hz(ms: u64) -> Option<u64> {
-    if !pit_present() {
-        return None;
+    let ch = pit_channel()?;
+    let target = PIT_HZ * ms / 1000;
+    pit_start(ch);
+    let mut last = pit_read(ch);
+    // Start on a tick edge so the window is not short by a partial tick.
+    let t_edge = rdtsc();
+    loop {
+        let now = pit_read(ch);
+        if now != last {
+            last = now;
+            break;
+        }
+        if rdtsc() - t_edge > PIT_GIVE_UP_TICKS {
+            return None;
+        }
     }
-    let count = PIT_HZ * ms / 1000;
-    assert!(count > 0 && count <= 0xffff);
-    pit_start(count as u16);
     let t0 = rdtsc();
-    while !pit_done() {
+    let mut ticks = 0u64;
+    while ticks < target {
+        let now = pit_read(ch);
+        // Down-counter modulo 65536: valid while polls are < 54 ms apart.
+        ticks += u64::from(last.wrapping_sub(now));
+        last = now;
         if rdtsc() - t0 > PIT_GIVE_UP_TICKS {
             return None;
         }
-        core::hint::spin_loop();
     }
     let t1 = rdtsc();
-    Some((t1 - t0) * PIT_HZ / count)
+    Some(((u128::from(t1 - t0) * u128::from(PIT_HZ)) / u128::from(ticks)) as u64)
 }
 
-/// Elapsed time over `f`, measured by PIT channel 2 alone (≤ 50 ms).
+/// Elapsed time over `f` by the PIT alone; `f` must take less than 54 ms.
 pub fn pit_time_ns(f: impl FnOnce()) -> Option<u64> {
-    if !pit_present() {
+    let ch = pit_channel()?;
+    pit_start(ch);
+    let start = pit_read(ch);
+    f();
+    let end = pit_read(ch);
+    Some(u64::from(start.wrapping_sub(end)) * 1_000_000_000 / PIT_HZ)
+}
+
+/// TSC frequency from KVM's paravirtual clock: KVM publishes the exact
+/// TSC→ns scale it uses for the guest. Registered only long enough to read.
+fn from_kvmclock() -> Option<u64> {
+    const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
+    const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+    const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+
+    #[repr(C, align(64))]
+    struct PvclockTimeInfo {
+        version: u32,
+        pad0: u32,
+        tsc_timestamp: u64,
+        system_time: u64,
+        tsc_to_system_mul: u32,
+        tsc_shift: i8,
+        flags: u8,
+        pad: [u8; 2],
+    }
+    static mut PVCLOCK: PvclockTimeInfo = PvclockTimeInfo {
+        version: 0, pad0: 0, tsc_timestamp: 0, system_time: 0, tsc_to_system_mul: 0, tsc_shift: 0, flags: 0, pad: [0; 2],
+    };
+
+    if __cpuid(1).ecx & (1 << 31) == 0 {
         return None;
     }
-    pit_start(0xffff);
-    let start = pit_read();
-    f();
-    let end = pit_read();
-    let ticks = start.checked_sub(end)?;
-    Some(u64::from(ticks) * 1_000_000_000 / PIT_HZ)
+    let sig = __cpuid(0x4000_0000);
+    if (sig.ebx, sig.ecx, sig.edx) != (0x4b4d_564b, 0x564b_4d56, 0x4d) {
+        return None;
+    }
+    let features = __cpuid(0x4000_0001).eax;
+    let msr = if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
+        MSR_KVM_SYSTEM_TIME_NEW
+    } else if features & KVM_FEATURE_CLOCKSOURCE != 0 {
+        MSR_KVM_SYSTEM_TIME
+    } else {
+        return None;
+    };
+    let ptr = &raw mut PVCLOCK;
+    // The image is identity-mapped: the static's address is its physical one.
+    let paddr = ptr as u64;
+    let mut msr = x86_64::registers::model_specific::Msr::new(msr);
+    // SAFETY: KVM advertised this MSR; it makes KVM write a 32-byte
+    // pvclock record into PVCLOCK, which only this function reads.
+    unsafe { msr.write(paddr | 1) };
+    let mut sample = None;
+    for _ in 0..1000 {
+        // SAFETY: KVM writes the record on guest entry; volatile reads plus
+        // the even/unchanged version protocol give a consistent snapshot.
+        let (v1, mul, shift, v2) = unsafe {
+            let v1 = core::ptr::read_volatile(&raw const (*ptr).version);
+            let mul = core::ptr::read_volatile(&raw const (*ptr).tsc_to_system_mul);
+            let shift = core::ptr::read_volatile(&raw const (*ptr).tsc_shift);
+            let v2 = core::ptr::read_volatile(&raw const (*ptr).version);
+            (v1, mul, shift, v2)
+        };
+        if v1 == v2 && v1 % 2 == 0 && mul != 0 {
+            sample = Some((mul, shift));
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    // SAFETY: writing 0 disables the clock so KVM stops writing our memory.
+    unsafe { msr.write(0) };
+    let (mul, shift) = sample?;
+    // ns = ((ticks << shift) * mul) >> 32, so Hz = 1e9 * 2^32 / mul / 2^shift.
+    let hz = (1_000_000_000u128 << 32) / u128::from(mul);
+    let hz = if shift >= 0 { hz >> shift } else { hz << -shift };
+    Some(hz as u64)
 }
 
 pub fn init() -> (u64, TscSource) {
     log::debug!(
-        "time: cpuid max {:#x}, hv max {:#x}, port61 {:#x}",
+        "time: cpuid max {:#x}, hypervisor max {:#x}, PIT channel {:?}",
         __cpuid(0).eax,
         if __cpuid(1).ecx & (1 << 31) != 0 { __cpuid(0x4000_0000).eax } else { 0 },
-        // SAFETY: reading port B has no side effects.
-        unsafe { inb(PORT_B) }
+        pit_channel()
     );
     let (hz, src) = if let Some(r) = from_cpuid() {
         r
     } else if let Some(hz) = from_hypervisor() {
         (hz, TscSource::Hypervisor)
+    } else if let Some(hz) = from_kvmclock() {
+        (hz, TscSource::KvmClock)
     } else if let Some(hz) = (0..3).filter_map(|_| pit_measure_tsc_hz(20)).min() {
         // Min of three: an exit or preemption only ever lengthens a window.
         (hz, TscSource::Pit)
@@ -166,6 +275,11 @@ pub fn init() -> (u64, TscSource) {
         log::error!("time: no TSC frequency source (cpuid, hypervisor leaf, PIT); assuming 1 GHz");
         (1_000_000_000, TscSource::Uncalibrated)
     };
+    if src != TscSource::Pit && log::log_enabled!(log::Level::Debug) {
+        if let Some(pit_hz) = pit_measure_tsc_hz(20) {
+            log::debug!("time: {} says {hz} Hz, PIT measures {pit_hz} Hz", src.name());
+        }
+    }
     TSC_HZ.store(hz, Ordering::SeqCst);
     SOURCE.store(src as u8, Ordering::SeqCst);
     (hz, src)
@@ -180,7 +294,8 @@ pub fn source() -> TscSource {
         1 => TscSource::CpuidCrystal,
         2 => TscSource::CpuidBaseFreq,
         3 => TscSource::Hypervisor,
-        4 => TscSource::Pit,
+        4 => TscSource::KvmClock,
+        5 => TscSource::Pit,
         _ => TscSource::Uncalibrated,
     }
 }
