@@ -749,9 +749,19 @@ impl<M: GuestMemoryBackend> Device<M> {
             return;
         };
         let used_len = if wrote { 16 } else { 0 };
+        let event_idx = q.event_idx_enabled();
+        let avail = q.avail_ring();
         let notify = q
             .add_used(&self.mem, head, used_len)
-            .and_then(|()| q.needs_notification(&self.mem));
+            .and_then(|()| q.needs_notification(&self.mem))
+            .map(|n| {
+                // virtio-queue leaves VRING_AVAIL_F_NO_INTERRUPT to us.
+                n && (event_idx
+                    || self
+                        .mem
+                        .load::<u16>(GuestAddress(avail), Ordering::Acquire)
+                        .is_ok_and(|f| u16::from_le(f) & 1 == 0))
+            });
         if !wrote {
             self.device_error(DeviceError::BadChain, ch as u32);
         }
