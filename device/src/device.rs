@@ -152,6 +152,7 @@ pub struct Device<M: GuestMemoryBackend> {
     epoch: Instant,
     ts_hi_latch: u32,
     scratch: Vec<FaultRec>,
+    launch_step_limit: u64,
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
@@ -179,6 +180,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             epoch: Instant::now(),
             ts_hi_latch: 0,
             scratch: Vec::new(),
+            launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
         }
     }
 
@@ -628,6 +630,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             counters,
             scratch,
             channels,
+            launch_step_limit,
             ..
         } = self;
         let c = &mut channels[ch];
@@ -645,6 +648,7 @@ impl<M: GuestMemoryBackend> Device<M> {
                 faults: scratch,
                 ctx: c.context,
                 channel: ch as u8,
+                launch_step_limit: *launch_step_limit,
             };
             match a.job.run(&mut env) {
                 Outcome::Done(status, result) => {
@@ -1014,6 +1018,12 @@ impl<M: GuestMemoryBackend> Device<M> {
             _ => return CtlStatus::BadOp,
         }
         CtlStatus::Ok
+    }
+
+    /// Lower the LAUNCH step limit (tests; the ABI default is
+    /// `MAX_LAUNCH_STEPS`, and values above it are clamped).
+    pub fn set_launch_step_limit(&mut self, steps: u64) {
+        self.launch_step_limit = steps.min(faultline_abi::MAX_LAUNCH_STEPS);
     }
 
     /// Direct access for hosts and tests that bypass the control ring.

@@ -39,6 +39,8 @@ pub struct Env<'a, M> {
     pub faults: &'a mut Vec<FaultRec>,
     pub ctx: u32,
     pub channel: u8,
+    /// Warp-instructions a LAUNCH may execute before `Timeout`.
+    pub launch_step_limit: u64,
 }
 
 impl<M: GuestMemoryBackend> Env<'_, M> {

@@ -4,8 +4,7 @@
 
 use faultline_abi::isa::{self, decode, sreg, NUM_REGS, WARP_SIZE};
 use faultline_abi::{
-    atomic_op, engine, Access, Status, MAX_BLOCK, MAX_CODE_LEN, MAX_GRID, MAX_LAUNCH_STEPS,
-    VA_LIMIT,
+    atomic_op, engine, Access, Status, MAX_BLOCK, MAX_CODE_LEN, MAX_GRID, VA_LIMIT,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -231,7 +230,7 @@ impl LaunchJob {
                 for _ in 0..WARP_QUANTUM {
                     self.steps += 1;
                     slice += 1;
-                    if self.steps > MAX_LAUNCH_STEPS {
+                    if self.steps > env.launch_step_limit {
                         return Outcome::Done(Status::Timeout, 0);
                     }
                     match self.step(i, env) {

@@ -189,7 +189,7 @@ fn bad_ptes_fail_without_fault() {
 
 #[test]
 fn self_referencing_tables_terminate() {
-    let mut rig = Rig::new(16 << 20, 16);
+    let rig = Rig::new(16 << 20, 16);
     let root = rig.root(0);
     // Every root entry points at the root itself: the walk must end after
     // four levels, interpreting the root as a leaf table.
