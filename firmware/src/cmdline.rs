@@ -17,7 +17,12 @@ pub struct Options<'a> {
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Options { test_filter: None, log_level: log::LevelFilter::Info, fail: false, list: false }
+        Options {
+            test_filter: None,
+            log_level: log::LevelFilter::Info,
+            fail: false,
+            list: false,
+        }
     }
 }
 
@@ -26,7 +31,11 @@ impl Default for Options<'_> {
 pub enum Complaint<'a> {
     UnknownKey(&'a str),
     NotKeyValue(&'a str),
-    BadValue { key: &'a str, value: &'a str, expected: &'static str },
+    BadValue {
+        key: &'a str,
+        value: &'a str,
+        expected: &'static str,
+    },
 }
 
 impl core::fmt::Display for Complaint<'_> {
@@ -34,8 +43,15 @@ impl core::fmt::Display for Complaint<'_> {
         match self {
             Complaint::UnknownKey(k) => write!(f, "cmdline: unknown key '{k}' ignored"),
             Complaint::NotKeyValue(w) => write!(f, "cmdline: '{w}' is not key=value, ignored"),
-            Complaint::BadValue { key, value, expected } => {
-                write!(f, "cmdline: bad value '{value}' for '{key}' (expected {expected}), ignored")
+            Complaint::BadValue {
+                key,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "cmdline: bad value '{value}' for '{key}' (expected {expected}), ignored"
+                )
             }
         }
     }
@@ -82,7 +98,11 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
             "fail" | "list" => match parse_bool(value) {
                 Some(b) if key == "fail" => o.fail = b,
                 Some(b) => o.list = b,
-                None => complain(Complaint::BadValue { key, value, expected: "0 or 1" }),
+                None => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "0 or 1",
+                }),
             },
             _ => complain(Complaint::UnknownKey(key)),
         }

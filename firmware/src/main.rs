@@ -33,10 +33,26 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     // Printed, not logged: loglevel=error must not hide a typo.
     cmdline::parse(boot.cmdline, |c| println!("{c}"));
 
+    log::debug!(
+        "pvh: start_info at {:#x}, rsdp at {:#x}",
+        boot.start_info_paddr,
+        boot.rsdp_paddr
+    );
     for e in boot.memmap() {
-        log::debug!("memmap: {:#014x}..{:#014x} type {}", e.addr, e.end(), e.kind);
+        log::debug!(
+            "memmap: {:#014x}..{:#014x} type {}",
+            e.addr,
+            e.end(),
+            e.kind
+        );
     }
-    let ram_end = boot.memmap().iter().filter(|e| e.kind == boot::pvh::E820_RAM).map(|e| e.end()).max().unwrap_or(0);
+    let ram_end = boot
+        .memmap()
+        .iter()
+        .filter(|e| e.kind == boot::pvh::E820_RAM)
+        .map(|e| e.end())
+        .max()
+        .unwrap_or(0);
     mm::set_ram(boot.ram_bytes(), ram_end);
 
     arch::paging::enable_nx();
@@ -48,10 +64,16 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
         arch::paging::init_identity();
     }
     // SAFETY: once, after frames and paging are initialised.
-    let dm = unsafe { mm::direct_map::init(&boot) }.unwrap_or_else(|e| fatal(format_args!("direct map: {e:?}")));
-    log::debug!("direct map: {} x 2 MiB + {} x 4 KiB pages", dm.large_pages, dm.small_pages);
+    let dm = unsafe { mm::direct_map::init(&boot) }
+        .unwrap_or_else(|e| fatal(format_args!("direct map: {e:?}")));
+    log::debug!(
+        "direct map: {} x 2 MiB + {} x 4 KiB pages",
+        dm.large_pages,
+        dm.small_pages
+    );
     for index in [384, 385] {
-        arch::paging::ensure_pml4_entry(index).unwrap_or_else(|e| fatal(format_args!("pml4[{index}]: {e:?}")));
+        arch::paging::ensure_pml4_entry(index)
+            .unwrap_or_else(|e| fatal(format_args!("pml4[{index}]: {e:?}")));
     }
     let heap_size = mm::heap_size_for(boot.ram_bytes());
     // SAFETY: once, after the direct map.
@@ -59,16 +81,25 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
 
     match arch::apic::init() {
-        Ok(a) => log::debug!("x2apic: id {} version {:#x} max lvt {}", a.id, a.version, a.max_lvt),
+        Ok(a) => log::debug!(
+            "x2apic: id {} version {:#x} max lvt {}",
+            a.id,
+            a.version,
+            a.max_lvt
+        ),
         Err(e) => log::warn!("apic: {e}"),
     }
     let (hz, src) = arch::time::init();
 
     let fs = mm::frames::stats();
-    log::info!("memory: {} of {} usable frames free after boot", fs.free, fs.total_usable);
+    log::info!(
+        "memory: {} of {} usable frames free after boot",
+        fs.free,
+        fs.total_usable
+    );
     println!(
         "faultline firmware: {} MiB RAM, {} memmap entries, cmdline \"{}\", tsc {}.{:03} MHz ({})",
-        boot.ram_bytes() >> 20,
+        mm::ram_bytes() >> 20,
         boot.memmap_reported,
         boot.cmdline,
         hz / 1_000_000,
@@ -94,7 +125,9 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
             l.column(),
             info.message()
         )),
-        None => serial::print_emergency(format_args!("\nPANIC (test {test}): {}\n", info.message())),
+        None => {
+            serial::print_emergency(format_args!("\nPANIC (test {test}): {}\n", info.message()))
+        }
     }
     exit(ExitCode::Fatal)
 }

@@ -64,7 +64,12 @@ impl Write for Serial {
 static CONSOLE: Mutex<Serial> = Mutex::new(unsafe { Serial::new(COM1) });
 
 pub fn init() {
-    CONSOLE.lock().init();
+    let mut c = CONSOLE.lock();
+    c.init();
+    // Firmware before us (SeaBIOS) may leave the cursor mid-line; start clean
+    // so our first line is a whole line for anyone parsing the log.
+    let _ = c.write_str("\n");
+    drop(c);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }

@@ -22,7 +22,9 @@ unsafe impl lock_api::RawMutex for RawSpinlock {
     }
 
     fn try_lock(&self) -> bool {
-        self.0.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        self.0
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     unsafe fn unlock(&self) {
@@ -31,3 +33,23 @@ unsafe impl lock_api::RawMutex for RawSpinlock {
 }
 
 pub type Mutex<T> = lock_api::Mutex<RawSpinlock, T>;
+
+/// A static the CPU (or a hypervisor) reads by address, written once during
+/// single-threaded bring-up: GDT, TSS, IDT, IST stacks, pvclock page.
+/// Gives out raw pointers only; each user states why its access is exclusive.
+#[repr(transparent)]
+pub struct CpuStatic<T>(core::cell::UnsafeCell<T>);
+
+// SAFETY: CpuStatic hands out raw pointers only; every dereference is an
+// `unsafe` block at the use site that argues exclusivity (init-once guards).
+unsafe impl<T> Sync for CpuStatic<T> {}
+
+impl<T> CpuStatic<T> {
+    pub const fn new(v: T) -> Self {
+        CpuStatic(core::cell::UnsafeCell::new(v))
+    }
+
+    pub const fn get(&self) -> *mut T {
+        self.0.get()
+    }
+}

@@ -76,7 +76,11 @@ pub fn init() -> Result<ApicInfo, &'static str> {
     ENABLED.store(true, Ordering::SeqCst);
 
     let version = rdmsr(X2APIC_VERSION) as u32;
-    Ok(ApicInfo { id: rdmsr(X2APIC_ID) as u32, version: version & 0xff, max_lvt: (version >> 16) & 0xff })
+    Ok(ApicInfo {
+        id: rdmsr(X2APIC_ID) as u32,
+        version: version & 0xff,
+        max_lvt: (version >> 16) & 0xff,
+    })
 }
 
 pub fn enabled() -> bool {
@@ -85,5 +89,9 @@ pub fn enabled() -> bool {
 
 /// Raw state for the self-test: (IA32_APIC_BASE, SVR, x2APIC ID).
 pub fn snapshot() -> (u64, u64, u32) {
-    (rdmsr(IA32_APIC_BASE), rdmsr(X2APIC_SVR), rdmsr(X2APIC_ID) as u32)
+    (
+        rdmsr(IA32_APIC_BASE),
+        rdmsr(X2APIC_SVR),
+        rdmsr(X2APIC_ID) as u32,
+    )
 }

@@ -11,6 +11,8 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
+use crate::sync::CpuStatic;
+
 pub const IST_DOUBLE_FAULT: u16 = 0;
 pub const IST_NMI: u16 = 1;
 pub const IST_MACHINE_CHECK: u16 = 2;
@@ -20,37 +22,36 @@ const IST_STACK_SIZE: usize = 16 * 1024;
 #[repr(C, align(16))]
 struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
 
-static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
-static mut TSS: TaskStateSegment = TaskStateSegment::new();
-static mut GDT: GlobalDescriptorTable = GlobalDescriptorTable::new();
+static IST_STACKS: CpuStatic<IstStacks> =
+    CpuStatic::new(IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]));
+static TSS: CpuStatic<TaskStateSegment> = CpuStatic::new(TaskStateSegment::new());
+static GDT: CpuStatic<GlobalDescriptorTable> = CpuStatic::new(GlobalDescriptorTable::new());
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
-pub struct Selectors {
-    pub kernel_code: SegmentSelector,
-    pub kernel_data: SegmentSelector,
-}
-
-pub fn init() -> Selectors {
-    assert!(!INITIALIZED.swap(true, Ordering::SeqCst), "gdt::init called twice");
+pub fn init() {
+    assert!(
+        !INITIALIZED.swap(true, Ordering::SeqCst),
+        "gdt::init called twice"
+    );
 
     // SAFETY: the INITIALIZED guard makes this the only access to TSS, GDT and
     // IST_STACKS ever made through mutable references; afterwards the CPU
     // owns them and Rust only holds shared 'static references.
     let (tss, gdt) = unsafe {
-        let stacks = &raw mut IST_STACKS;
-        let tss = &mut *(&raw mut TSS);
+        let stacks = IST_STACKS.get();
+        let tss = &mut *TSS.get();
         for i in 0..IST_COUNT {
             let top = (&raw mut (*stacks).0[i]) as u64 + IST_STACK_SIZE as u64;
             tss.interrupt_stack_table[i] = VirtAddr::new(top & !0xf);
         }
-        (&*(&raw const TSS), &mut *(&raw mut GDT))
+        (&*TSS.get(), &mut *GDT.get())
     };
 
     let kernel_code = gdt.append(Descriptor::kernel_code_segment());
     let kernel_data = gdt.append(Descriptor::kernel_data_segment());
     let tss_sel = gdt.append(Descriptor::tss_segment(tss));
     // SAFETY: `gdt` is 'static and never mutated again (INITIALIZED guard).
-    let gdt: &'static GlobalDescriptorTable = unsafe { &*(&raw const GDT) };
+    let gdt: &'static GlobalDescriptorTable = unsafe { &*GDT.get() };
     gdt.load();
 
     // SAFETY: the selectors index descriptors of the GDT just loaded, with
@@ -64,5 +65,4 @@ pub fn init() -> Selectors {
         GS::set_reg(SegmentSelector(0));
         load_tss(tss_sel);
     }
-    Selectors { kernel_code, kernel_data }
 }

@@ -18,16 +18,42 @@ use x86_64::VirtAddr;
 
 use super::exit::{exit, ExitCode};
 use super::gdt;
+use crate::sync::CpuStatic;
 
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 const EXCEPTION_NAMES: [&str; 32] = [
-    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range exceeded",
-    "invalid opcode", "device not available", "double fault", "coprocessor segment overrun",
-    "invalid TSS", "segment not present", "stack-segment fault", "general protection",
-    "page fault", "reserved", "x87 floating point", "alignment check", "machine check",
-    "SIMD floating point", "virtualization", "control protection", "reserved", "reserved",
-    "reserved", "reserved", "reserved", "reserved", "hypervisor injection",
-    "VMM communication", "security", "reserved",
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range exceeded",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor segment overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack-segment fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 floating point",
+    "alignment check",
+    "machine check",
+    "SIMD floating point",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
 ];
 
 /// Saved state, in the order the common stub pushes it (lowest address first).
@@ -177,14 +203,18 @@ extern "C" {
 #[repr(C, align(16))]
 struct Idt([Entry<HandlerFunc>; 256]);
 
-static mut IDT: Idt = Idt([Entry::missing(); 256]);
+static IDT: CpuStatic<Idt> = CpuStatic::new(Idt([Entry::missing(); 256]));
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
-    assert!(!INITIALIZED.swap(true, Ordering::SeqCst), "idt::init called twice");
+    assert!(
+        !INITIALIZED.swap(true, Ordering::SeqCst),
+        "idt::init called twice"
+    );
     // SAFETY: first and only mutable access to IDT (INITIALIZED guard); the
     // stub table is immutable data emitted by the assembly above.
-    let (idt, stubs, spurious) = unsafe { (&mut *(&raw mut IDT), &exception_stub_table, spurious_stub_addr) };
+    let (idt, stubs, spurious) =
+        unsafe { (&mut *IDT.get(), &exception_stub_table, spurious_stub_addr) };
     for (vector, &stub) in stubs.iter().enumerate() {
         // SAFETY: each stub is a valid interrupt entry point that preserves all
         // state and returns with iretq (or never returns).
@@ -206,7 +236,7 @@ pub fn init() {
 
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
-        base: VirtAddr::from_ptr(&raw const IDT),
+        base: VirtAddr::from_ptr(IDT.get()),
     };
     // SAFETY: IDT is 'static and fully initialised; it is never written again.
     unsafe { lidt(&ptr) };
@@ -237,7 +267,10 @@ pub fn recovery_rip_slot() -> *mut u64 {
 /// exception, if one hit.
 pub fn take_recovered() -> Option<(TrapFrame, u64)> {
     RECOVER_VECTOR.store(u64::MAX, Ordering::SeqCst);
-    LAST_RECOVERED.lock().take().map(|f| (f, LAST_CR2.load(Ordering::SeqCst)))
+    LAST_RECOVERED
+        .lock()
+        .take()
+        .map(|f| (f, LAST_CR2.load(Ordering::SeqCst)))
 }
 
 static LAST_CR2: AtomicU64 = AtomicU64::new(0);
@@ -256,13 +289,28 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         return;
     }
 
-    let name = EXCEPTION_NAMES.get(frame.vector as usize).copied().unwrap_or("interrupt");
+    let name = EXCEPTION_NAMES
+        .get(frame.vector as usize)
+        .copied()
+        .unwrap_or("interrupt");
     crate::serial::print_emergency(format_args!(
         "\nFATAL: exception {} ({name}) error_code={:#x} rip={:#x} cr2={:#x}\n\
          rsp={:#x} rflags={:#x} cs={:#x}\n\
          rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
-        frame.vector, frame.error_code, frame.rip, cr2, frame.rsp, frame.rflags, frame.cs,
-        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp,
+        frame.vector,
+        frame.error_code,
+        frame.rip,
+        cr2,
+        frame.rsp,
+        frame.rflags,
+        frame.cs,
+        frame.rax,
+        frame.rbx,
+        frame.rcx,
+        frame.rdx,
+        frame.rsi,
+        frame.rdi,
+        frame.rbp,
     ));
     exit(ExitCode::Fatal);
 }

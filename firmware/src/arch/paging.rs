@@ -7,8 +7,8 @@
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::mapper::{MapToError, UnmapError};
 use x86_64::structures::paging::{
-    Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F, PhysFrame, Size2MiB, Size4KiB,
-    Translate,
+    Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F, PhysFrame, Size2MiB,
+    Size4KiB, Translate,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -91,7 +91,10 @@ pub unsafe fn init_identity() {
     // SAFETY: CR3 points at a live PML4 below 4 GiB, so identity-reachable;
     // from now on only KERNEL touches it.
     let mapper = unsafe { OffsetPageTable::new(&mut *(pml4 as *mut PageTable), VirtAddr::new(0)) };
-    *KERNEL.lock() = Some(Kernel { mapper, pt_limit: IDENTITY_LIMIT });
+    *KERNEL.lock() = Some(Kernel {
+        mapper,
+        pt_limit: IDENTITY_LIMIT,
+    });
 }
 
 /// Switches table access to the direct map.
@@ -102,8 +105,16 @@ pub unsafe fn switch_to_direct_map(offset: u64) {
     let pml4 = kernel_pml4_phys().as_u64();
     let mut k = KERNEL.lock();
     // SAFETY: the caller guarantees the direct map covers RAM, where the PML4 lives.
-    let mapper = unsafe { OffsetPageTable::new(&mut *((offset + pml4) as *mut PageTable), VirtAddr::new(offset)) };
-    *k = Some(Kernel { mapper, pt_limit: u64::MAX });
+    let mapper = unsafe {
+        OffsetPageTable::new(
+            &mut *((offset + pml4) as *mut PageTable),
+            VirtAddr::new(offset),
+        )
+    };
+    *k = Some(Kernel {
+        mapper,
+        pt_limit: u64::MAX,
+    });
 }
 
 fn with<R>(f: impl FnOnce(&mut Kernel) -> R) -> R {
@@ -122,7 +133,11 @@ pub unsafe fn map_4k(virt: VirtAddr, phys: PhysAddr, flags: F) -> Result<(), Map
         let frame = PhysFrame::from_start_address(phys).expect("map_4k: unaligned phys");
         let parents = F::PRESENT | F::WRITABLE;
         // SAFETY: forwarded to the caller's contract.
-        unsafe { k.mapper.map_to_with_table_flags(page, frame, flags, parents, &mut alloc) }?.flush();
+        unsafe {
+            k.mapper
+                .map_to_with_table_flags(page, frame, flags, parents, &mut alloc)
+        }?
+        .flush();
         Ok(())
     })
 }
@@ -138,7 +153,11 @@ pub unsafe fn map_2m(virt: VirtAddr, phys: PhysAddr, flags: F) -> Result<(), Map
         let frame = PhysFrame::from_start_address(phys).expect("map_2m: unaligned phys");
         let parents = F::PRESENT | F::WRITABLE;
         // SAFETY: forwarded to the caller's contract.
-        unsafe { k.mapper.map_to_with_table_flags(page, frame, flags | F::HUGE_PAGE, parents, &mut alloc) }?.flush();
+        unsafe {
+            k.mapper
+                .map_to_with_table_flags(page, frame, flags | F::HUGE_PAGE, parents, &mut alloc)
+        }?
+        .flush();
         Ok(())
     })
 }

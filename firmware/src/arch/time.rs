@@ -201,9 +201,17 @@ fn from_kvmclock() -> Option<u64> {
         flags: u8,
         pad: [u8; 2],
     }
-    static mut PVCLOCK: PvclockTimeInfo = PvclockTimeInfo {
-        version: 0, pad0: 0, tsc_timestamp: 0, system_time: 0, tsc_to_system_mul: 0, tsc_shift: 0, flags: 0, pad: [0; 2],
-    };
+    static PVCLOCK: crate::sync::CpuStatic<PvclockTimeInfo> =
+        crate::sync::CpuStatic::new(PvclockTimeInfo {
+            version: 0,
+            pad0: 0,
+            tsc_timestamp: 0,
+            system_time: 0,
+            tsc_to_system_mul: 0,
+            tsc_shift: 0,
+            flags: 0,
+            pad: [0; 2],
+        });
 
     if __cpuid(1).ecx & (1 << 31) == 0 {
         return None;
@@ -220,7 +228,7 @@ fn from_kvmclock() -> Option<u64> {
     } else {
         return None;
     };
-    let ptr = &raw mut PVCLOCK;
+    let ptr = PVCLOCK.get();
     // The image is identity-mapped: the static's address is its physical one.
     let paddr = ptr as u64;
     let mut msr = x86_64::registers::model_specific::Msr::new(msr);
@@ -249,7 +257,11 @@ fn from_kvmclock() -> Option<u64> {
     let (mul, shift) = sample?;
     // ns = ((ticks << shift) * mul) >> 32, so Hz = 1e9 * 2^32 / mul / 2^shift.
     let hz = (1_000_000_000u128 << 32) / u128::from(mul);
-    let hz = if shift >= 0 { hz >> shift } else { hz << -shift };
+    let hz = if shift >= 0 {
+        hz >> shift
+    } else {
+        hz << -shift
+    };
     Some(hz as u64)
 }
 
@@ -257,7 +269,11 @@ pub fn init() -> (u64, TscSource) {
     log::debug!(
         "time: cpuid max {:#x}, hypervisor max {:#x}, PIT channel {:?}",
         __cpuid(0).eax,
-        if __cpuid(1).ecx & (1 << 31) != 0 { __cpuid(0x4000_0000).eax } else { 0 },
+        if __cpuid(1).ecx & (1 << 31) != 0 {
+            __cpuid(0x4000_0000).eax
+        } else {
+            0
+        },
         pit_channel()
     );
     let (hz, src) = if let Some(r) = from_cpuid() {
@@ -277,7 +293,10 @@ pub fn init() -> (u64, TscSource) {
     };
     if src != TscSource::Pit && log::log_enabled!(log::Level::Debug) {
         if let Some(pit_hz) = pit_measure_tsc_hz(20) {
-            log::debug!("time: {} says {hz} Hz, PIT measures {pit_hz} Hz", src.name());
+            log::debug!(
+                "time: {} says {hz} Hz, PIT measures {pit_hz} Hz",
+                src.name()
+            );
         }
     }
     TSC_HZ.store(hz, Ordering::SeqCst);
@@ -326,7 +345,9 @@ pub struct TimedOut;
 
 impl Deadline {
     pub fn after_ns(ns: u64) -> Deadline {
-        Deadline { tsc: rdtsc().saturating_add(ns_to_ticks(ns)) }
+        Deadline {
+            tsc: rdtsc().saturating_add(ns_to_ticks(ns)),
+        }
     }
 
     pub fn after_us(us: u64) -> Deadline {

@@ -90,9 +90,17 @@ pub enum PvhError {
 impl core::fmt::Display for PvhError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            PvhError::BadMagic(m) => write!(f, "hvm_start_info magic {m:#x}, expected {START_INFO_MAGIC:#x} (not booted via PVH?)"),
-            PvhError::NoMemmap(v) => write!(f, "hvm_start_info version {v} has no memory map (need >= 1)"),
-            PvhError::AboveIdentityMap(what, a) => write!(f, "{what} at {a:#x} is above the 4 GiB boot identity map"),
+            PvhError::BadMagic(m) => write!(
+                f,
+                "hvm_start_info magic {m:#x}, expected {START_INFO_MAGIC:#x} (not booted via PVH?)"
+            ),
+            PvhError::NoMemmap(v) => write!(
+                f,
+                "hvm_start_info version {v} has no memory map (need >= 1)"
+            ),
+            PvhError::AboveIdentityMap(what, a) => {
+                write!(f, "{what} at {a:#x} is above the 4 GiB boot identity map")
+            }
             PvhError::EmptyMemmap => write!(f, "memory map has no RAM"),
         }
     }
@@ -159,7 +167,11 @@ impl BootInfo {
                 log::warn!("pvh: memory map has more than {MEMMAP_MAX} entries, rest ignored");
                 break;
             }
-            info.memmap[info.memmap_len] = MemmapEntry { addr: raw.addr, size: raw.size, kind: raw.kind };
+            info.memmap[info.memmap_len] = MemmapEntry {
+                addr: raw.addr,
+                size: raw.size,
+                kind: raw.kind,
+            };
             info.memmap_len += 1;
         }
         // Loaders do not promise order; insertion sort needs no allocator.
@@ -180,7 +192,8 @@ impl BootInfo {
             let limit = (IDENTITY_LIMIT - si.cmdline_paddr).min(CMDLINE_MAX as u64) as usize;
             // SAFETY: the whole scan stays below 4 GiB (limit) and the loader
             // put a NUL-terminated string here.
-            let bytes = unsafe { core::slice::from_raw_parts(si.cmdline_paddr as *const u8, limit) };
+            let bytes =
+                unsafe { core::slice::from_raw_parts(si.cmdline_paddr as *const u8, limit) };
             let len = bytes.iter().position(|&b| b == 0).unwrap_or_else(|| {
                 log::warn!("pvh: cmdline not NUL-terminated within {limit} bytes, truncated");
                 limit
@@ -189,7 +202,10 @@ impl BootInfo {
             info.cmdline = match core::str::from_utf8(&bytes[..len]) {
                 Ok(s) => s,
                 Err(e) => {
-                    log::warn!("pvh: cmdline is not UTF-8 after byte {}, truncated", e.valid_up_to());
+                    log::warn!(
+                        "pvh: cmdline is not UTF-8 after byte {}, truncated",
+                        e.valid_up_to()
+                    );
                     // SAFETY: from_utf8 vouched for this prefix.
                     unsafe { core::str::from_utf8_unchecked(&bytes[..e.valid_up_to()]) }
                 }
@@ -202,7 +218,9 @@ impl BootInfo {
             info.reserve(si.modlist_paddr, list_bytes);
             for i in 0..si.nr_modules as u64 {
                 // SAFETY: inside the modlist range checked above.
-                let m: RawModlistEntry = unsafe { read_phys(si.modlist_paddr + i * size_of::<RawModlistEntry>() as u64) };
+                let m: RawModlistEntry = unsafe {
+                    read_phys(si.modlist_paddr + i * size_of::<RawModlistEntry>() as u64)
+                };
                 info.reserve(m.paddr, m.size);
             }
         }
@@ -231,6 +249,10 @@ impl BootInfo {
     }
 
     pub fn ram_bytes(&self) -> u64 {
-        self.memmap().iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum()
+        self.memmap()
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum()
     }
 }

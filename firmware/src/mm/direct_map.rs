@@ -26,7 +26,12 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
     let mut stats = DirectMapStats::default();
     // The map is sorted; merging overlapping/adjacent RAM entries keeps a
     // range from being mapped twice.
-    let mut ranges = boot.memmap().iter().filter(|e| e.kind == E820_RAM).map(|e| (e.addr, e.end())).peekable();
+    let mut ranges = boot
+        .memmap()
+        .iter()
+        .filter(|e| e.kind == E820_RAM)
+        .map(|e| (e.addr, e.end()))
+        .peekable();
     while let Some((mut start, mut end)) = ranges.next() {
         while let Some(&(s, e)) = ranges.peek() {
             if s > end {
@@ -37,7 +42,10 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
         }
         start = start.div_ceil(SMALL) * SMALL;
         end &= !(SMALL - 1);
-        assert!(DIRECT_MAP_BASE + end <= DIRECT_MAP_LIMIT, "RAM beyond the direct map window");
+        assert!(
+            DIRECT_MAP_BASE + end <= DIRECT_MAP_LIMIT,
+            "RAM beyond the direct map window"
+        );
         let mut pa = start;
         while pa < end {
             let va = VirtAddr::new(DIRECT_MAP_BASE + pa);

@@ -58,7 +58,12 @@ fn place_bitmap(boot: &BootInfo, bytes: u64, avoid: &[(u64, u64)]) -> Option<u64
             let clash = avoid
                 .iter()
                 .copied()
-                .chain(boot.memmap().iter().filter(|r| r.kind != E820_RAM).map(|r| (r.addr, r.end())))
+                .chain(
+                    boot.memmap()
+                        .iter()
+                        .filter(|r| r.kind != E820_RAM)
+                        .map(|r| (r.addr, r.end())),
+                )
                 .find(|&r| overlaps((cand, end), r));
             match clash {
                 Some(r) => {
@@ -127,7 +132,10 @@ impl FrameAllocator {
 
     fn free(&mut self, addr: PhysAddr) {
         let a = addr.as_u64();
-        assert!(a % FRAME_SIZE == 0, "frame free: {a:#x} is not page aligned");
+        assert!(
+            a.is_multiple_of(FRAME_SIZE),
+            "frame free: {a:#x} is not page aligned"
+        );
         let idx = a / FRAME_SIZE;
         assert!(idx < self.frames, "frame free: {a:#x} is beyond RAM");
         assert!(!self.is_free(idx), "frame free: double free of {a:#x}");
@@ -147,7 +155,13 @@ impl FrameAllocator {
 /// Call once, with the boot identity map active; `boot` must describe this
 /// machine and `image` must cover the loaded image including .bss.
 pub unsafe fn init(boot: &BootInfo, image: (u64, u64)) {
-    let ram_end = boot.memmap().iter().filter(|e| e.kind == E820_RAM).map(|e| e.end()).max().unwrap_or(0);
+    let ram_end = boot
+        .memmap()
+        .iter()
+        .filter(|e| e.kind == E820_RAM)
+        .map(|e| e.end())
+        .max()
+        .unwrap_or(0);
     let frames = ram_end / FRAME_SIZE;
     let words = frames.div_ceil(64);
     let bytes = words * 8;
@@ -166,7 +180,13 @@ pub unsafe fn init(boot: &BootInfo, image: (u64, u64)) {
     let bitmap = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, words as usize) };
     bitmap.fill(0);
     let bitmap_range = (base, align_up(base + bytes, FRAME_SIZE));
-    let mut fa = FrameAllocator { bitmap, frames, free: 0, hint: 0, bitmap_range };
+    let mut fa = FrameAllocator {
+        bitmap,
+        frames,
+        free: 0,
+        hint: 0,
+        bitmap_range,
+    };
 
     for e in boot.memmap().iter().filter(|e| e.kind == E820_RAM) {
         let first = align_up(e.addr, FRAME_SIZE) / FRAME_SIZE;
@@ -187,13 +207,19 @@ pub unsafe fn init(boot: &BootInfo, image: (u64, u64)) {
     TOTAL_USABLE.store(fa.free, core::sync::atomic::Ordering::Relaxed);
     log::debug!(
         "frames: bitmap at {:#x} ({} bytes), {} of {} frames free",
-        base, bytes, fa.free, frames
+        base,
+        bytes,
+        fa.free,
+        frames
     );
     *FRAMES.lock() = Some(fa);
 }
 
 fn with<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
-    f(FRAMES.lock().as_mut().expect("frame allocator used before init"))
+    f(FRAMES
+        .lock()
+        .as_mut()
+        .expect("frame allocator used before init"))
 }
 
 /// Allocates one frame, preferring low addresses. Contents are undefined.
@@ -242,7 +268,9 @@ pub struct PageTableFrames {
 
 // SAFETY: every frame returned comes from the bitmap, is marked used, and is
 // never returned twice without an intervening free.
-unsafe impl x86_64::structures::paging::FrameAllocator<x86_64::structures::paging::Size4KiB> for PageTableFrames {
+unsafe impl x86_64::structures::paging::FrameAllocator<x86_64::structures::paging::Size4KiB>
+    for PageTableFrames
+{
     fn allocate_frame(&mut self) -> Option<x86_64::structures::paging::PhysFrame> {
         let a = alloc()?;
         if a.as_u64() + FRAME_SIZE > self.limit {

@@ -53,7 +53,9 @@ pub fn current_test() -> Option<&'static str> {
 }
 
 fn set_current(name: Option<&'static str>) {
-    let (p, l) = name.map_or((core::ptr::null_mut(), 0), |n| (n.as_ptr() as *mut u8, n.len()));
+    let (p, l) = name.map_or((core::ptr::null_mut(), 0), |n| {
+        (n.as_ptr() as *mut u8, n.len())
+    });
     CURRENT_LEN.store(l, Ordering::SeqCst);
     CURRENT_PTR.store(p, Ordering::SeqCst);
 }
@@ -68,7 +70,13 @@ fn all_tests<'a>(opts: &'a Options<'a>) -> impl Iterator<Item = &'static Test> +
 }
 
 fn check_unique_names() {
-    let names = || SUITES.iter().flat_map(|s| s.iter()).chain(FAIL_SUITE.iter()).map(|t| t.name);
+    let names = || {
+        SUITES
+            .iter()
+            .flat_map(|s| s.iter())
+            .chain(FAIL_SUITE.iter())
+            .map(|t| t.name)
+    };
     for (i, a) in names().enumerate() {
         if names().skip(i + 1).any(|b| b == a) {
             panic!("duplicate test name '{a}'");
@@ -104,8 +112,15 @@ pub fn run(opts: &Options<'_>) -> ! {
     let selected_none = passed + failed == 0;
     if selected_none {
         // A typo in test= must not look like a green run.
-        println!("tests: filter '{}' matches no test", opts.test_filter.unwrap_or(""));
+        println!(
+            "tests: filter '{}' matches no test",
+            opts.test_filter.unwrap_or("")
+        );
     }
     println!("{passed} passed, {failed} failed");
-    exit(if failed == 0 && !selected_none { ExitCode::Success } else { ExitCode::TestsFailed })
+    exit(if failed == 0 && !selected_none {
+        ExitCode::Success
+    } else {
+        ExitCode::TestsFailed
+    })
 }

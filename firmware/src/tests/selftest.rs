@@ -22,6 +22,7 @@ pub const TESTS: &[Test] = &[
     Test::new("timer_monotonic", timer_monotonic),
     Test::new("exception_recovery", exception_recovery),
     Test::new("x2apic", x2apic),
+    Test::new("address_space_layout", address_space_layout),
 ];
 
 macro_rules! ensure {
@@ -35,18 +36,32 @@ macro_rules! ensure {
 fn cmdline_parse() -> Result<(), String> {
     use crate::cmdline::{parse, Complaint};
     let mut seen = Vec::new();
-    let o = parse("  test=heap loglevel=debug foo=1 junk loglevel=loud list=0 fail=1  ", |c| seen.push(c));
+    let o = parse(
+        "  test=heap loglevel=debug foo=1 junk loglevel=loud list=0 fail=1  ",
+        |c| seen.push(c),
+    );
     ensure!(o.test_filter == Some("heap"), "filter {:?}", o.test_filter);
-    ensure!(o.log_level == log::LevelFilter::Debug, "bad loglevel overrode a good one: {:?}", o.log_level);
+    ensure!(
+        o.log_level == log::LevelFilter::Debug,
+        "bad loglevel overrode a good one: {:?}",
+        o.log_level
+    );
     ensure!(o.fail && !o.list, "fail={} list={}", o.fail, o.list);
     let want = [
         Complaint::UnknownKey("foo"),
         Complaint::NotKeyValue("junk"),
-        Complaint::BadValue { key: "loglevel", value: "loud", expected: "off|error|warn|info|debug|trace" },
+        Complaint::BadValue {
+            key: "loglevel",
+            value: "loud",
+            expected: "off|error|warn|info|debug|trace",
+        },
     ];
     ensure!(seen == want, "complaints {seen:?}");
     let empty = parse("", |c| seen.push(c));
-    ensure!(empty == crate::cmdline::Options::default() && seen.len() == 3, "empty cmdline not default");
+    ensure!(
+        empty == crate::cmdline::Options::default() && seen.len() == 3,
+        "empty cmdline not default"
+    );
     Ok(())
 }
 
@@ -56,23 +71,41 @@ fn frame_alloc() -> Result<(), String> {
     let (img_start, img_end) = crate::boot::image_range();
     let mut got: Vec<PhysAddr> = Vec::with_capacity(N);
     for i in 0..N {
-        let f = if i % 2 == 0 { frames::alloc() } else { frames::alloc_high() };
+        let f = if i % 2 == 0 {
+            frames::alloc()
+        } else {
+            frames::alloc_high()
+        };
         let f = f.ok_or_else(|| format!("out of frames after {i}"))?;
         got.push(f);
     }
-    ensure!(frames::stats().free == before - N as u64, "counter {} after {N} allocs from {before}", frames::stats().free);
+    ensure!(
+        frames::stats().free == before - N as u64,
+        "counter {} after {N} allocs from {before}",
+        frames::stats().free
+    );
     for &f in &got {
         let a = f.as_u64();
         ensure!(a % frames::FRAME_SIZE == 0, "unaligned frame {a:#x}");
         ensure!(a >= 1 << 20, "frame {a:#x} below 1 MiB");
-        ensure!(a + frames::FRAME_SIZE <= img_start || a >= img_end, "frame {a:#x} inside the image");
+        ensure!(
+            a + frames::FRAME_SIZE <= img_start || a >= img_end,
+            "frame {a:#x} inside the image"
+        );
         ensure!(a < mm::ram_end(), "frame {a:#x} beyond RAM");
-        ensure!(!frames::is_free(f), "allocated frame {a:#x} still marked free");
+        ensure!(
+            !frames::is_free(f),
+            "allocated frame {a:#x} still marked free"
+        );
     }
     let mut sorted = got.clone();
     sorted.sort_unstable();
     sorted.dedup();
-    ensure!(sorted.len() == N, "{} duplicate frames handed out", N - sorted.len());
+    ensure!(
+        sorted.len() == N,
+        "{} duplicate frames handed out",
+        N - sorted.len()
+    );
     // Distinct contents per frame: overlapping frames would clobber each other.
     for (i, &f) in got.iter().enumerate() {
         let p = direct_map::phys_to_virt(f).as_mut_ptr::<u64>();
@@ -88,27 +121,58 @@ fn frame_alloc() -> Result<(), String> {
         let p = direct_map::phys_to_virt(f).as_ptr::<u64>();
         // SAFETY: as above.
         let (a, b) = unsafe { (p.read_volatile(), p.add(511).read_volatile()) };
-        ensure!(a == i as u64 ^ 0xfeed_0000 && b == !(i as u64), "frame {:#x} contents clobbered", f.as_u64());
+        ensure!(
+            a == i as u64 ^ 0xfeed_0000 && b == !(i as u64),
+            "frame {:#x} contents clobbered",
+            f.as_u64()
+        );
     }
     for f in got {
         frames::free(f);
     }
     let after = frames::stats().free;
-    ensure!(after == before, "free frames {before} before, {after} after");
+    ensure!(
+        after == before,
+        "free frames {before} before, {after} after"
+    );
     let recount = frames::recount();
-    ensure!(recount == after, "counter says {after} free, bitmap says {recount}");
+    ensure!(
+        recount == after,
+        "counter says {after} free, bitmap says {recount}"
+    );
     Ok(())
 }
 
 fn heap_test() -> Result<(), String> {
     let before = heap::stats();
     {
-        let sizes = [1usize, 2, 3, 7, 8, 15, 16, 31, 64, 100, 255, 256, 1000, 4095, 4096, 4097, 65536, 1 << 20];
+        let sizes = [
+            1usize,
+            2,
+            3,
+            7,
+            8,
+            15,
+            16,
+            31,
+            64,
+            100,
+            255,
+            256,
+            1000,
+            4095,
+            4096,
+            4097,
+            65536,
+            1 << 20,
+        ];
         let mut vecs: Vec<Vec<u8>> = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
             vecs.push((0..n).map(|j| (i * 31 + j) as u8).collect());
         }
-        let boxes: Vec<Box<[u64]>> = (1..64).map(|n| (0..n * 7).map(|j| (n as u64) << 32 | j as u64).collect()).collect();
+        let boxes: Vec<Box<[u64]>> = (1..64)
+            .map(|n| (0..n * 7).map(|j| (n as u64) << 32 | j as u64).collect())
+            .collect();
         let mut map = BTreeMap::new();
         for k in 0..2000u64 {
             let k = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -121,7 +185,11 @@ fn heap_test() -> Result<(), String> {
         for (i, v) in vecs.iter().enumerate() {
             let flip = if i % 2 == 0 { 0xff } else { 0 };
             for (j, &b) in v.iter().enumerate() {
-                ensure!(b == ((i * 31 + j) as u8 ^ flip), "vec {i} (len {}) byte {j} = {b:#x}", v.len());
+                ensure!(
+                    b == ((i * 31 + j) as u8 ^ flip),
+                    "vec {i} (len {}) byte {j} = {b:#x}",
+                    v.len()
+                );
             }
         }
         for (n, b) in (1u64..).zip(&boxes) {
@@ -134,12 +202,20 @@ fn heap_test() -> Result<(), String> {
         for (k, v) in &map {
             ensure!(**v == [*k; 3], "map entry {k:#x} corrupted");
         }
-        let ptrs: Vec<usize> = vecs.iter().filter(|v| !v.is_empty()).map(|v| v.as_ptr() as usize).collect();
-        ensure!(ptrs.iter().all(|&p| p >= mm::HEAP_BASE as usize), "allocation outside the heap window");
+        let ptrs: Vec<usize> = vecs
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.as_ptr() as usize)
+            .collect();
+        ensure!(
+            ptrs.iter().all(|&p| p >= mm::HEAP_BASE as usize),
+            "allocation outside the heap window"
+        );
     }
     let after = heap::stats();
     ensure!(
-        after.allocated_bytes == before.allocated_bytes && after.allocation_count == before.allocation_count,
+        after.allocated_bytes == before.allocated_bytes
+            && after.allocation_count == before.allocation_count,
         "heap leak: {before:?} -> {after:?}"
     );
     Ok(())
@@ -147,7 +223,12 @@ fn heap_test() -> Result<(), String> {
 
 fn check_alias(pa: PhysAddr) -> Result<(), String> {
     let dm = direct_map::phys_to_virt(pa);
-    ensure!(paging::translate(dm) == Some(pa), "direct map of {:#x} translates to {:?}", pa.as_u64(), paging::translate(dm));
+    ensure!(
+        paging::translate(dm) == Some(pa),
+        "direct map of {:#x} translates to {:?}",
+        pa.as_u64(),
+        paging::translate(dm)
+    );
     // Write through one alias, read through the other, both directions.
     let (writer, reader) = if pa.as_u64() + 4096 <= 4 << 30 {
         (VirtAddr::new(pa.as_u64()), dm)
@@ -155,18 +236,27 @@ fn check_alias(pa: PhysAddr) -> Result<(), String> {
         // Above the identity map: borrow a vmap slot as the second alias.
         let va = VirtAddr::new(mm::VMAP_BASE + 0x10_0000);
         // SAFETY: a vmap slot this test owns, mapping a frame it owns.
-        unsafe { paging::map_4k(va, pa, paging::kernel_data_flags()) }.map_err(|e| format!("{e:?}"))?;
+        unsafe { paging::map_4k(va, pa, paging::kernel_data_flags()) }
+            .map_err(|e| format!("{e:?}"))?;
         (va, dm)
     };
     for (round, (w, r)) in [(writer, reader), (reader, writer)].into_iter().enumerate() {
         for i in 0..512u64 {
             // SAFETY: both addresses map the same owned frame; i < 512 words.
-            unsafe { w.as_mut_ptr::<u64>().add(i as usize).write_volatile(pa.as_u64() ^ i ^ round as u64 * 0x5555) };
+            unsafe {
+                w.as_mut_ptr::<u64>()
+                    .add(i as usize)
+                    .write_volatile(pa.as_u64() ^ i ^ (round as u64 * 0x5555))
+            };
         }
         for i in 0..512u64 {
             // SAFETY: as above.
             let v = unsafe { r.as_ptr::<u64>().add(i as usize).read_volatile() };
-            ensure!(v == pa.as_u64() ^ i ^ round as u64 * 0x5555, "frame {:#x} word {i}: alias mismatch", pa.as_u64());
+            ensure!(
+                v == pa.as_u64() ^ i ^ (round as u64 * 0x5555),
+                "frame {:#x} word {i}: alias mismatch",
+                pa.as_u64()
+            );
         }
     }
     if writer.as_u64() >= mm::VMAP_BASE {
@@ -180,7 +270,12 @@ fn direct_map_test() -> Result<(), String> {
     let before = frames::stats().free;
     let low = frames::alloc().ok_or("no low frame")?;
     let high = frames::alloc_high().ok_or("no high frame")?;
-    ensure!(high > low, "high frame {:#x} not above low {:#x}", high.as_u64(), low.as_u64());
+    ensure!(
+        high > low,
+        "high frame {:#x} not above low {:#x}",
+        high.as_u64(),
+        low.as_u64()
+    );
     let r = check_alias(low).and_then(|_| check_alias(high));
     frames::free(low);
     frames::free(high);
@@ -188,7 +283,10 @@ fn direct_map_test() -> Result<(), String> {
     // The map must reach the last byte of RAM and stop at the top of RAM.
     let last = mm::ram_end() - 1;
     let t = paging::translate(VirtAddr::new(mm::DIRECT_MAP_BASE + last));
-    ensure!(t == Some(PhysAddr::new(last)), "last RAM byte {last:#x} maps to {t:?}");
+    ensure!(
+        t == Some(PhysAddr::new(last)),
+        "last RAM byte {last:#x} maps to {t:?}"
+    );
     ensure!(frames::stats().free >= before - 3, "frames leaked");
     Ok(())
 }
@@ -200,43 +298,76 @@ fn page_map() -> Result<(), String> {
     // return exactly the frames it took.
     for round in 0..2 {
         let before = frames::stats().free;
-        ensure!(paging::translate(va).is_none(), "{:#x} mapped before the test", va.as_u64());
+        ensure!(
+            paging::translate(va).is_none(),
+            "{:#x} mapped before the test",
+            va.as_u64()
+        );
         let frame = frames::alloc().ok_or("no frame")?;
         // SAFETY: a vmap address this test owns, mapping a frame it owns.
-        unsafe { paging::map_4k(va, frame, paging::kernel_data_flags()) }.map_err(|e| format!("map: {e:?}"))?;
-        ensure!(paging::translate(va + 0x123u64) == Some(frame + 0x123u64), "translate after map");
+        unsafe { paging::map_4k(va, frame, paging::kernel_data_flags()) }
+            .map_err(|e| format!("map: {e:?}"))?;
+        ensure!(
+            paging::translate(va + 0x123u64) == Some(frame + 0x123u64),
+            "translate after map"
+        );
         for i in 0..512u64 {
             // SAFETY: freshly mapped page, 512 words.
-            unsafe { va.as_mut_ptr::<u64>().add(i as usize).write_volatile(i * 0x0101_0101 + round) };
+            unsafe {
+                va.as_mut_ptr::<u64>()
+                    .add(i as usize)
+                    .write_volatile(i * 0x0101_0101 + round)
+            };
         }
         let dm = direct_map::phys_to_virt(frame).as_ptr::<u64>();
         for i in 0..512u64 {
             // SAFETY: the frame is RAM, hence in the direct map.
             let v = unsafe { dm.add(i as usize).read_volatile() };
-            ensure!(v == i * 0x0101_0101 + round, "word {i} via direct map = {v:#x}");
+            ensure!(
+                v == i * 0x0101_0101 + round,
+                "word {i} via direct map = {v:#x}"
+            );
         }
         // SAFETY: no references into the page remain.
         let got = unsafe { paging::unmap_4k(va) }.map_err(|e| format!("unmap: {e:?}"))?;
-        ensure!(got == frame, "unmap returned {:#x}, mapped {:#x}", got.as_u64(), frame.as_u64());
+        ensure!(
+            got == frame,
+            "unmap returned {:#x}, mapped {:#x}",
+            got.as_u64(),
+            frame.as_u64()
+        );
         ensure!(paging::translate(va).is_none(), "still mapped after unmap");
         frames::free(frame);
         let after = frames::stats().free;
         if round == 0 {
             free_after_first = after;
-            ensure!(before - after <= 3, "first map used {} frames for tables", before - after);
+            ensure!(
+                before - after <= 3,
+                "first map used {} frames for tables",
+                before - after
+            );
         } else {
-            ensure!(after == before && after == free_after_first, "round 2 leaked: {before} -> {after}");
+            ensure!(
+                after == before && after == free_after_first,
+                "round 2 leaked: {before} -> {after}"
+            );
         }
     }
     Ok(())
 }
 
 fn timer_monotonic() -> Result<(), String> {
-    ensure!(time::source() != time::TscSource::Uncalibrated, "TSC frequency unknown");
+    ensure!(
+        time::source() != time::TscSource::Uncalibrated,
+        "TSC frequency unknown"
+    );
     let mut prev = time::now_ns();
     for i in 0..10_000 {
         let t = time::now_ns();
-        ensure!(t > prev, "now_ns not increasing at step {i}: {prev} then {t}");
+        ensure!(
+            t > prev,
+            "now_ns not increasing at step {i}: {prev} then {t}"
+        );
         prev = t;
     }
     const WAIT_MS: u64 = 10;
@@ -249,8 +380,40 @@ fn timer_monotonic() -> Result<(), String> {
         time::Deadline::after_ms(WAIT_MS).wait();
         best = best.min(time::now_ns() - t0);
     }
-    ensure!(best >= WAIT_MS * 1_000_000, "deadline released early: {best} ns");
+    ensure!(
+        best >= WAIT_MS * 1_000_000,
+        "deadline released early: {best} ns"
+    );
     ensure!(best <= hi, "10 ms wait took {best} ns by the TSC");
+    // The timeout helper: a condition that never holds must time out, on time.
+    let t0 = time::now_ns();
+    let r = time::Deadline::after_us(2000).poll(|| false);
+    let took = time::now_ns() - t0;
+    ensure!(
+        r == Err(time::TimedOut),
+        "poll on a false condition returned {r:?}"
+    );
+    ensure!(
+        (2_000_000..=3_000_000).contains(&took),
+        "2 ms poll timeout took {took} ns"
+    );
+    let mut calls = 0;
+    let r = time::Deadline::after_ms(1000).poll(|| {
+        calls += 1;
+        calls == 3
+    });
+    ensure!(
+        r == Ok(()) && calls == 3,
+        "poll stopped after {calls} calls with {r:?}"
+    );
+    let t0 = time::now_ns();
+    time::busy_wait_ns(500_000);
+    let took = time::now_ns() - t0;
+    ensure!(
+        (500_000..=750_000).contains(&took),
+        "0.5 ms busy wait took {took} ns"
+    );
+
     if time::pit_channel().is_some() {
         let mut pit_best = u64::MAX;
         for _ in 0..3 {
@@ -259,8 +422,12 @@ fn timer_monotonic() -> Result<(), String> {
             }
         }
         ensure!(pit_best != u64::MAX, "PIT present but unreadable");
-        ensure!((lo..=hi).contains(&pit_best), "10 ms TSC wait measured {pit_best} ns by the PIT (TSC {} Hz from {})",
-            time::tsc_hz(), time::source().name());
+        ensure!(
+            (lo..=hi).contains(&pit_best),
+            "10 ms TSC wait measured {pit_best} ns by the PIT (TSC {} Hz from {})",
+            time::tsc_hz(),
+            time::source().name()
+        );
         log::debug!("timer: 10 ms wait = {best} ns (TSC), {pit_best} ns (PIT)");
     } else {
         log::debug!("timer: 10 ms wait = {best} ns (TSC), no PIT to cross-check");
@@ -290,11 +457,18 @@ fn exception_recovery() -> Result<(), String> {
     }
     let (frame, _) = idt::take_recovered().ok_or("ud2 did not reach the handler")?;
     ensure!(fell_through == 0, "execution continued after ud2");
-    ensure!(frame.vector == 6, "expected #UD (6), got vector {}", frame.vector);
+    ensure!(
+        frame.vector == 6,
+        "expected #UD (6), got vector {}",
+        frame.vector
+    );
 
     // #PF: read an address in the vmap window that is never mapped.
     let bad = mm::VMAP_END - 0x1000;
-    ensure!(paging::translate(VirtAddr::new(bad)).is_none(), "probe address unexpectedly mapped");
+    ensure!(
+        paging::translate(VirtAddr::new(bad)).is_none(),
+        "probe address unexpectedly mapped"
+    );
     let mut value: u64 = 0x1234;
     idt::arm_recovery(14);
     // SAFETY: as above, for #PF; the faulting load never completes, so
@@ -312,24 +486,90 @@ fn exception_recovery() -> Result<(), String> {
         );
     }
     let (frame, cr2) = idt::take_recovered().ok_or("unmapped read did not fault")?;
-    ensure!(frame.vector == 14, "expected #PF (14), got vector {}", frame.vector);
+    ensure!(
+        frame.vector == 14,
+        "expected #PF (14), got vector {}",
+        frame.vector
+    );
     ensure!(cr2 == bad, "CR2 {cr2:#x}, expected {bad:#x}");
     // Not-present (bit 0), read (bit 1), supervisor (bit 2): all clear.
-    ensure!(frame.error_code & 0x7 == 0, "page fault error code {:#x}", frame.error_code);
+    ensure!(
+        frame.error_code & 0x7 == 0,
+        "page fault error code {:#x}",
+        frame.error_code
+    );
     ensure!(value == 0x1234, "faulting load wrote its destination");
     Ok(())
 }
 
 fn x2apic() -> Result<(), String> {
-    ensure!(apic::x2apic_supported(), "CPU has no x2APIC (CPUID.1:ECX[21])");
+    ensure!(
+        apic::x2apic_supported(),
+        "CPU has no x2APIC (CPUID.1:ECX[21])"
+    );
     ensure!(apic::enabled(), "x2APIC supported but not enabled");
     let (base, svr, id) = apic::snapshot();
-    ensure!(base & (3 << 10) == 3 << 10, "IA32_APIC_BASE {base:#x}: EN/EXTD not both set");
-    ensure!(svr & 0x1ff == 0x100 | u64::from(idt::SPURIOUS_VECTOR), "SVR {svr:#x}");
+    ensure!(
+        base & (3 << 10) == 3 << 10,
+        "IA32_APIC_BASE {base:#x}: EN/EXTD not both set"
+    );
+    ensure!(
+        svr & 0x1ff == 0x100 | u64::from(idt::SPURIOUS_VECTOR),
+        "SVR {svr:#x}"
+    );
     // CPUID leaf 0xB reports the same x2APIC ID in EDX.
     if core::arch::x86_64::__cpuid(0).eax >= 0xb {
         let cpuid_id = core::arch::x86_64::__cpuid_count(0xb, 0).edx;
-        ensure!(cpuid_id == id, "x2APIC ID {id} but CPUID.0xB says {cpuid_id}");
+        ensure!(
+            cpuid_id == id,
+            "x2APIC ID {id} but CPUID.0xB says {cpuid_id}"
+        );
     }
+    Ok(())
+}
+
+/// The layout promise later modules build on: PML4[0] is the identity map,
+/// PML4[1..256) is empty for user processes, and the kernel half is fully
+/// populated at boot so process PML4s can copy it once.
+fn address_space_layout() -> Result<(), String> {
+    use x86_64::structures::paging::PageTable;
+    let pml4_pa = paging::kernel_pml4_phys();
+    // SAFETY: the PML4 is RAM, so it is in the direct map; read-only use.
+    let pml4 = unsafe { &*direct_map::phys_to_virt(pml4_pa).as_ptr::<PageTable>() };
+    let index = |va: u64| ((va >> 39) & 0x1ff) as usize;
+    ensure!(!pml4[0].is_unused(), "PML4[0] (identity map) missing");
+    for i in index(mm::USER_BASE)..=index(mm::USER_END - 1) {
+        ensure!(
+            pml4[i].is_unused(),
+            "PML4[{i}] in the user range is in use: {:?}",
+            pml4[i]
+        );
+    }
+    for (what, va) in [
+        ("direct map", mm::DIRECT_MAP_BASE),
+        ("heap", mm::HEAP_BASE),
+        ("vmap", mm::VMAP_BASE),
+    ] {
+        let e = &pml4[index(va)];
+        ensure!(!e.is_unused(), "PML4[{}] ({what}) not populated", index(va));
+        ensure!(
+            !e.flags()
+                .contains(x86_64::structures::paging::PageTableFlags::USER_ACCESSIBLE),
+            "PML4[{}] ({what}) is user-accessible",
+            index(va)
+        );
+    }
+    // The identity map is still there for the first 4 GiB, in 2 MiB pages.
+    for pa in [0x20_0000u64, 0xffe0_0000] {
+        let t = paging::translate(VirtAddr::new(pa + 0x1234));
+        ensure!(
+            t == Some(PhysAddr::new(pa + 0x1234)),
+            "identity map of {pa:#x} translates to {t:?}"
+        );
+    }
+    ensure!(
+        mm::ram_bytes() > 0 && mm::ram_bytes() <= mm::ram_end(),
+        "RAM facts inconsistent"
+    );
     Ok(())
 }
