@@ -515,6 +515,12 @@ impl SimMm {
     /// A CPU access from the process itself (not remote): fault if needed.
     pub fn touch(&self, addr: u64, write: bool) -> Result<(), FaultError> {
         let mmap = mmap_read_lock(self);
+        let vma = mmap.lookup(addr).ok_or(FaultError::Sigsegv)?;
+        if !vma.flags.contains(VmFlags::READ) || (write && !vma.flags.contains(VmFlags::WRITE)) {
+            // PROT_NONE keeps its PTEs (as Linux's protnone) but the CPU may
+            // not use them.
+            return Err(FaultError::Sigsegv);
+        }
         let ok = match self.walk(&mmap, addr).state {
             PageState::Present { writable, .. } | PageState::Huge { writable, .. } => {
                 writable || !write

@@ -1598,3 +1598,162 @@ mod concurrency {
         assert!(out.stale_writes > 0, "{out:?}");
     }
 }
+
+mod mm_refcounts {
+    use super::*;
+    use crate::mm::{mmget, mmget_not_zero, mmput, MmuNotifier};
+
+    struct SeesRelease {
+        mm_dead_at_release: Mutex<Option<bool>>,
+    }
+    impl MmuNotifier<SimMm> for SeesRelease {
+        fn invalidate_range_start(&self, _mm: &SimMm, _r: &MmuNotifierRange) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn invalidate_range_end(&self, _mm: &SimMm, _r: &MmuNotifierRange) {}
+        fn release(&self, mm: &SimMm) {
+            *self.mm_dead_at_release.lock() = Some(mm.is_dead());
+        }
+    }
+
+    #[test]
+    fn last_mmput_runs_release_notifiers_before_exit_mmap() {
+        let mm = SimMm::new();
+        let n = Arc::new(SeesRelease {
+            mm_dead_at_release: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&n);
+        crate::mm::mmu_notifier_register::<SimMm>(&mm, weak);
+        mmget(&*mm);
+        mmput(&*mm);
+        assert_eq!(*n.mm_dead_at_release.lock(), None, "not the last user");
+        mmput(&*mm);
+        assert_eq!(
+            *n.mm_dead_at_release.lock(),
+            Some(false),
+            "release, then teardown"
+        );
+        assert!(mm.is_dead());
+        assert_eq!(mm.core().notifier_count(), 0, "the chain is emptied");
+    }
+
+    #[test]
+    fn mmget_not_zero_fails_once_users_reach_zero() {
+        let mm = SimMm::new();
+        assert!(mmget_not_zero(&*mm));
+        assert_eq!(mm.core().users(), 2);
+        mmput(&*mm);
+        mmput(&*mm);
+        assert!(!mmget_not_zero(&*mm));
+        assert_eq!(mm.core().users(), 0);
+    }
+
+    #[test]
+    fn structure_reference_outlives_the_users() {
+        let (mm, _dev, mirror) = setup();
+        let weak = Arc::downgrade(&mm);
+        mm.exit();
+        drop(mm);
+        assert!(weak.upgrade().is_some(), "the hmm holds mmgrab");
+        drop(mirror);
+        assert!(weak.upgrade().is_none(), "mmdrop with the hmm");
+    }
+}
+
+mod request_model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Cpu {
+        Untouched,
+        Zero,
+        ReadOnly,
+        Writable,
+    }
+
+    fn cpu() -> impl Strategy<Value = Cpu> {
+        prop_oneof![
+            Just(Cpu::Untouched),
+            Just(Cpu::Zero),
+            Just(Cpu::ReadOnly),
+            Just(Cpu::Writable)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// range_fault against a model of the request encoding: entry i asks
+        /// for `(pfns[i] & pfn_flags_mask) | default_flags`; the answer is
+        /// the CPU translation after exactly the faults the request needs,
+        /// and a snapshot right after reads back the same entries.
+        #[test]
+        fn fault_output_matches_the_request_model(
+            pages in proptest::collection::vec((cpu(), 0u64..4), 1..24),
+            default_flags in 0u64..4,
+            mask in 0u64..4,
+        ) {
+            let (mm, _dev, mirror) = setup();
+            let n = pages.len() as u64;
+            mm.mmap(BASE, n * PG, RW).unwrap();
+            for (i, (c, _)) in pages.iter().enumerate() {
+                let a = BASE + i as u64 * PG;
+                match c {
+                    Cpu::Untouched => {}
+                    Cpu::Zero => mm.touch(a, false).unwrap(),
+                    Cpu::ReadOnly => {
+                        mm.touch(a, true).unwrap();
+                        mm.mprotect(a, PG, VmFlags::READ).unwrap();
+                        mm.mprotect(a, PG, RW).unwrap();
+                    }
+                    Cpu::Writable => mm.touch(a, true).unwrap(),
+                }
+            }
+            let before: Vec<_> = (0..n).map(|i| mm.cpu_pfn(BASE + i * PG)).collect();
+            let mut r = registered(&mirror, BASE, BASE + n * PG);
+            r.default_flags = default_flags;
+            r.pfn_flags_mask = mask;
+            for (e, (_, req)) in r.pfns.iter_mut().zip(&pages) {
+                *e = *req;
+            }
+            let faults0 = mm.fault_count();
+            prop_assert_eq!(fault(&mm, &mut r, true), Ok(pages.len()));
+            let mut want_faults = 0;
+            for (i, (c, req)) in pages.iter().enumerate() {
+                let eff = (req & mask) | default_flags;
+                let (want_v, want_w) = (eff & V != 0, eff & V != 0 && eff & W != 0);
+                let a = BASE + i as u64 * PG;
+                let now = mm.cpu_pfn(a);
+                let expect = match (c, want_v, want_w) {
+                    (Cpu::Untouched, false, _) => None,
+                    (Cpu::Untouched, true, false) => Some((ZERO_PFN, false)),
+                    (Cpu::Untouched | Cpu::Zero | Cpu::ReadOnly, true, true) => {
+                        want_faults += 1;
+                        let (pfn, w) = now.unwrap();
+                        prop_assert!(w && pfn != ZERO_PFN);
+                        if let Cpu::ReadOnly = c {
+                            prop_assert_eq!(Some(pfn), before[i].map(|b| b.0), "mkwrite keeps the frame");
+                        }
+                        Some((pfn, true))
+                    }
+                    _ => before[i],
+                };
+                if matches!((c, want_v, want_w), (Cpu::Untouched, true, false)) {
+                    want_faults += 1;
+                }
+                prop_assert_eq!(now, expect, "cpu state of page {}", i);
+                let e = match expect {
+                    Some((pfn, w)) => entry(pfn, w),
+                    None => NONE,
+                };
+                prop_assert_eq!(r.pfns[i], e, "entry {} (cpu {:?}, request {:#x})", i, c, eff);
+            }
+            prop_assert_eq!(mm.fault_count() - faults0, want_faults);
+            let faulted = r.pfns.clone();
+            r.pfns.fill(0);
+            prop_assert_eq!(snapshot(&mm, &mut r), Ok(pages.len()));
+            prop_assert_eq!(r.pfns.clone(), faulted);
+        }
+    }
+}
