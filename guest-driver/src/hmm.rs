@@ -87,6 +87,11 @@ pub struct HmmUpdate {
 }
 
 /// The driver's side of a mirror (`struct hmm_mirror_ops`).
+///
+/// Re-entrancy (as in Linux): `sync_cpu_device_pagetables` runs with
+/// `mirrors_sem` held for read, so it must not register or unregister a
+/// mirror of the same address space, nor drop a range that may hold the last
+/// mm users reference (release would need `mirrors_sem` for write).
 pub trait HmmMirrorOps<M: Mm>: Send + Sync {
     /// Remove (or downgrade) every device translation in
     /// `[update.start, update.end)` and wait until the device no longer uses
