@@ -767,14 +767,13 @@ fn walk_entries<M: Mm>(
                             faulted_at = j;
                             tries = 1;
                         }
+                        let fault_addr = start + ((j as u64) << shift);
                         if tries > 2 {
                             log::error!(
-                                "hmm: handle_mm_fault succeeded but {:#x} is still not mapped",
-                                addr
+                                "hmm: handle_mm_fault succeeded twice but {fault_addr:#x} is still not mapped"
                             );
                             return Err(fail(j, HmmPfnValue::Error, Errno::EFAULT));
                         }
-                        let fault_addr = start + ((j as u64) << shift);
                         let mut ff = FaultFlags::REMOTE;
                         if want_write {
                             ff |= FaultFlags::WRITE;

@@ -237,6 +237,26 @@ pub trait Mm: Send + Sync + Sized + 'static {
 /// Read guard of the mmap lock: the proof, demanded by `range_snapshot` and
 /// `range_fault`, that the caller holds the lock for read. Its only
 /// constructors take the lock.
+///
+/// It cannot be forged (private fields):
+///
+/// ```compile_fail,E0451
+/// use faultline_driver::mm::{Mm, MmapReadGuard};
+/// fn forge<M: Mm>(mm: &M) -> MmapReadGuard<'_, M> {
+///     MmapReadGuard { mm, data: unimplemented!() }
+/// }
+/// ```
+///
+/// and a write guard is not accepted in its place:
+///
+/// ```compile_fail,E0308
+/// use faultline_driver::hmm::{range_snapshot, HmmRange};
+/// use faultline_driver::mm::{mmap_write_lock, Mm};
+/// fn snap<M: Mm>(mm: &M, range: &mut HmmRange<M>) {
+///     let guard = mmap_write_lock(mm);
+///     let _ = range_snapshot(range, &guard);
+/// }
+/// ```
 pub struct MmapReadGuard<'a, M: Mm> {
     mm: &'a M,
     data: RwLockReadGuard<'a, M::RawRwLock, M::MmapData>,

@@ -103,6 +103,7 @@ pub struct SimMm {
     fault_hook: Mutex<Option<FaultHook>>,
     inject: Mutex<HashMap<u64, FaultError>>,
     dead: AtomicBool,
+    broken_faults: AtomicBool,
     faults: AtomicU64,
     epoch: Instant,
 }
@@ -183,6 +184,9 @@ impl Mm for SimMm {
             hook(self, addr);
         }
         self.faults.fetch_add(1, Ordering::Relaxed);
+        if self.broken_faults.load(Ordering::Relaxed) {
+            return Ok(());
+        }
 
         if vma.flags.contains(VmFlags::HUGE) {
             let mut pt = self.pt.lock();
@@ -324,6 +328,7 @@ impl SimMm {
             fault_hook: Mutex::new(None),
             inject: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            broken_faults: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             epoch: Instant::now(),
         })
@@ -610,6 +615,12 @@ impl SimMm {
     /// "blocks" and succeeds.
     pub fn inject_fault(&self, addr: u64, err: FaultError) {
         self.inject.lock().insert(addr & !(PAGE_SIZE - 1), err);
+    }
+
+    /// Make `handle_mm_fault` report success without mapping anything (a
+    /// broken `Mm`, to test that HMM does not loop forever on one).
+    pub fn set_broken_fault_handler(&self, broken: bool) {
+        self.broken_faults.store(broken, Ordering::Relaxed);
     }
 
     /// The process exits: drop its users reference (`mmput`).

@@ -923,6 +923,17 @@ mod fault_requests {
     }
 
     #[test]
+    fn fault_handler_that_maps_nothing_is_efault_not_a_livelock() {
+        let (mm, _d, mirror) = rw_area(2);
+        mm.set_broken_fault_handler(true);
+        let mut r = registered(&mirror, BASE, BASE + 2 * PG);
+        r.default_flags = V;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EFAULT));
+        assert_eq!(r.pfns, [ERR, NONE]);
+        assert_eq!(mm.fault_count(), 2, "two tries, then give up");
+    }
+
+    #[test]
     fn fault_with_2mib_entries_maps_a_2mib_leaf() {
         let (mm, _d, mirror) = setup();
         mm.mmap(BASE, 2 * PMD_SIZE, RW | VmFlags::HUGE).unwrap();
