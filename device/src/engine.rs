@@ -388,7 +388,28 @@ fn copy<M: GuestMemoryBackend>(
         let (Some(s), Some(d)) = (s, d) else {
             return Ok(None);
         };
-        let n = (len - *done).min(s.avail).min(d.avail);
+        let mut n = (len - *done).min(s.avail).min(d.avail);
+        // Still one translation per page (or leaf), but physically
+        // contiguous pages on both sides coalesce into one bulk copy. A peek
+        // that fails (fault or error) just ends the run; the next iteration
+        // translates that page properly and reports it.
+        while n < stop - *done {
+            let peek = |env: &mut Env<'_, M>, va, access| {
+                env.mmu
+                    .translate(env.mem, env.counters, env.ctx, va, access)
+                    .ok()
+            };
+            let (Some(s2), Some(d2)) = (
+                peek(env, src + *done + n, Access::Read),
+                peek(env, dst + *done + n, Access::Write),
+            ) else {
+                break;
+            };
+            if s2.gpa != s.gpa + n || d2.gpa != d.gpa + n {
+                break;
+            }
+            n = (n + s2.avail.min(d2.avail)).min(stop - *done);
+        }
         copy_gpa(env.mem, d.gpa, s.gpa, n)?;
         env.counters.add(Counter::BytesCopied, n);
         *done += n;

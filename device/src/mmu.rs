@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::counters::Counters;
 
 /// TLB entries per context in the hash map (the bound the spec promises).
-pub const TLB_CAPACITY: usize = 1024;
+pub const TLB_CAPACITY: usize = 4096;
 /// Most-recently-used entries checked before the map: COPY alternates
 /// between a source and a destination page, so one entry is not enough.
 const RECENT: usize = 4;
@@ -54,13 +54,15 @@ impl Entry {
     }
 }
 
-/// Multiplicative hash: keys are page numbers, already well spread in the
-/// high bits once multiplied; SipHash would dominate a TLB hit.
+/// Multiplicative hash for page-number keys; SipHash would dominate a TLB
+/// hit. Keys have constant low bits (alignment + level) and a product's low
+/// bits depend only on the input's low bits, so the high half is folded
+/// down: hashbrown picks buckets from the low bits.
 #[derive(Default)]
 struct PageHasher(u64);
 impl Hasher for PageHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.0 ^ (self.0 >> 32)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
@@ -68,7 +70,7 @@ impl Hasher for PageHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -77,9 +79,36 @@ fn key(va: u64, level: u32) -> u64 {
     (va & !((1u64 << level_shift(level)) - 1)) | u64::from(level)
 }
 
-#[derive(Default)]
+/// Front cache for 4 KiB entries (always a subset of the map): 2-way set
+/// associative with 16-byte entries indexed by page number, so a COPY's
+/// source and destination streams (same index, different tags) coexist and
+/// sequential pages touch sequential cache lines.
+const DM_SETS: usize = 2048;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct DmEntry {
+    /// Page VA | 1 when valid.
+    tag: u64,
+    /// Frame GPA | permission bits (VALID/WRITE/ATOMIC live below bit 12).
+    frame: u64,
+}
+
+impl DmEntry {
+    fn entry(&self) -> Entry {
+        Entry {
+            va: self.tag & !0xFFF,
+            size: PAGE,
+            gpa: self.frame & !0xFFF,
+            perms: Pte::from_bits_truncate(self.frame & 0xFFF),
+        }
+    }
+}
+
+const PAGE: u64 = 1 << 12;
+
 struct Tlb {
     recent: [Option<Entry>; RECENT],
+    dm: Vec<[DmEntry; 2]>,
     next_recent: usize,
     map: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
     /// Insertion order for eviction; may hold keys already invalidated,
@@ -87,8 +116,34 @@ struct Tlb {
     order: VecDeque<u64>,
 }
 
+impl Default for Tlb {
+    fn default() -> Self {
+        Self {
+            recent: [None; RECENT],
+            // Allocated on first insert: most contexts are never used.
+            dm: Vec::new(),
+            next_recent: 0,
+            map: HashMap::default(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+fn dm_set(va: u64) -> usize {
+    (va >> 12) as usize % DM_SETS
+}
+
 impl Tlb {
     fn lookup(&mut self, va: u64) -> Option<Entry> {
+        if let Some(set) = self.dm.get(dm_set(va)) {
+            let tag = (va & !0xFFF) | 1;
+            for w in set {
+                if w.tag == tag {
+                    let e = w.entry();
+                    return Some(e);
+                }
+            }
+        }
         for e in self.recent.iter().flatten() {
             if e.covers(va) {
                 return Some(*e);
@@ -97,11 +152,33 @@ impl Tlb {
         for level in 1..=3 {
             if let Some(e) = self.map.get(&key(va, level)) {
                 let e = *e;
-                self.remember(e);
+                if level == 1 {
+                    self.dm_put(e);
+                } else {
+                    self.remember(e);
+                }
                 return Some(e);
             }
         }
         None
+    }
+
+    fn dm_put(&mut self, e: Entry) {
+        if self.dm.is_empty() {
+            self.dm = vec![[DmEntry::default(); 2]; DM_SETS];
+        }
+        let set = &mut self.dm[dm_set(e.va)];
+        let new = DmEntry {
+            tag: e.va | 1,
+            frame: e.gpa | e.perms.bits(),
+        };
+        if set[0].tag == new.tag {
+            set[0] = new;
+        } else {
+            // Most-recent in way 0; way 0's previous entry moves to way 1.
+            set[1] = set[0];
+            set[0] = new;
+        }
     }
 
     fn remember(&mut self, e: Entry) {
@@ -120,7 +197,7 @@ impl Tlb {
                 };
                 if let Some(victim) = self.map.remove(&old) {
                     evicted = true;
-                    self.forget_recent(victim.va, victim.va + victim.size);
+                    self.forget(victim.va, victim.va + victim.size);
                 }
             }
             // Stale keys pile up in `order` under invalidation churn: rebuild.
@@ -131,27 +208,55 @@ impl Tlb {
         }
         // A re-walk may have found different permissions: drop the old copy
         // so lookups see the new one.
-        self.forget_recent(e.va, e.va + e.size);
-        self.remember(e);
+        self.forget(e.va, e.va + e.size);
+        if level == 1 {
+            self.dm_put(e);
+        } else {
+            self.remember(e);
+        }
         evicted
     }
 
-    fn forget_recent(&mut self, start: u64, end: u64) {
+    /// Drop front-cache copies overlapping `[start, end)`.
+    fn forget(&mut self, start: u64, end: u64) {
         for slot in self.recent.iter_mut() {
             if slot.is_some_and(|e| e.overlaps(start, end)) {
                 *slot = None;
+            }
+        }
+        if self.dm.is_empty() {
+            return;
+        }
+        let hit = |w: &DmEntry| w.tag & 1 != 0 && w.entry().overlaps(start, end);
+        let pages = (end.saturating_sub(start) >> 12).saturating_add(1);
+        if pages < DM_SETS as u64 {
+            let mut va = start & !0xFFF;
+            while va < end {
+                for w in self.dm[dm_set(va)].iter_mut() {
+                    if hit(w) {
+                        *w = DmEntry::default();
+                    }
+                }
+                va += PAGE;
+            }
+        } else {
+            for w in self.dm.iter_mut().flatten() {
+                if hit(w) {
+                    *w = DmEntry::default();
+                }
             }
         }
     }
 
     fn clear(&mut self) {
         self.recent = [None; RECENT];
+        self.dm.fill([DmEntry::default(); 2]);
         self.map.clear();
         self.order.clear();
     }
 
     fn invalidate_range(&mut self, start: u64, end: u64) {
-        self.forget_recent(start, end);
+        self.forget(start, end);
         self.map.retain(|_, e| !e.overlaps(start, end));
     }
 }

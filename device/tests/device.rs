@@ -389,7 +389,7 @@ fn copy_mixed_leaf_sizes() {
     let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
     r.write_bytes(8 << 20, &data);
     r.map(0, 0, 8 << 20, LEAF_2M, Pte::empty());
-    r.map_range(0, LEAF_2M, (10 << 20), 0x10_0000, LEAF_4K, Pte::empty());
+    r.map_range(0, LEAF_2M, 10 << 20, 0x10_0000, LEAF_4K, Pte::empty());
     r.map_range(0, 0x4000_0000 + 0x1000, 16 << 20, len, LEAF_4K, Pte::WRITE);
     let t = r.exec(0, cmd::copy(0x4000_1000, 0, len));
     assert_eq!(r.status(t), Status::Ok);

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Device benchmark: COPY through the emulated GPU's MMU (warm TLB) against a
+# plain host memcpy of the same bytes, 4 KiB and 2 MiB mappings, as ratios.
+# Prints a markdown table on stdout. Usage: scripts/bench-device.sh [reps]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reps="${1:-9}"
+# Build output goes to stderr so stdout stays a clean table.
+cargo build --release -p faultline-device --example bench_copy >&2
+exec cargo run --quiet --release -p faultline-device --example bench_copy -- "$reps"
