@@ -22,17 +22,30 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 struct Row {
     page: &'static str,
+    scattered: bool,
     size: u64,
     warm: bool,
     dev_gibs: f64,
     host_gibs: f64,
 }
 
-fn bench(page: u64, size: u64, reps: usize) -> Row {
+/// `scattered`: destination pages map to frames in a shuffled order, so no
+/// two neighbouring pages coalesce into one host copy.
+fn bench(page: u64, size: u64, scattered: bool, reps: usize) -> Row {
     let mut rig = Rig::new(320 << 20, 64);
     assert!(rig.enable_channel(0, 0));
     rig.map_range(0, SRC_VA, SRC_GPA, size, page, Pte::empty());
-    rig.map_range(0, DST_VA, DST_GPA, size, page, Pte::WRITE);
+    let n = size / page;
+    let frame = |i: u64| if scattered { (i * 7919 + 13) % n } else { i };
+    for i in 0..n {
+        rig.map(
+            0,
+            DST_VA + i * page,
+            DST_GPA + frame(i) * page,
+            page,
+            Pte::WRITE,
+        );
+    }
     let pattern: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
     rig.write_bytes(SRC_GPA, &pattern);
     rig.write_bytes(DST_GPA, &vec![0u8; size as usize]);
@@ -45,11 +58,11 @@ fn bench(page: u64, size: u64, reps: usize) -> Row {
     };
     // Warm the TLB (and the caches) once.
     copy(&mut rig);
-    assert_eq!(
-        rig.read_bytes(DST_GPA, size as usize),
-        pattern,
-        "COPY result"
-    );
+    for i in [0, n / 2, n - 1] {
+        let got = rig.read_bytes(DST_GPA + frame(i) * page, page as usize);
+        let want = &pattern[(i * page) as usize..((i + 1) * page) as usize];
+        assert!(got == want, "COPY result, page {i}");
+    }
 
     let gib = size as f64 / (1u64 << 30) as f64;
     let mut dev = Vec::new();
@@ -73,6 +86,7 @@ fn bench(page: u64, size: u64, reps: usize) -> Row {
     let pages_needed = 2 * size / page;
     Row {
         page: if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
+        scattered,
         size,
         warm: pages_needed <= TLB_CAPACITY as u64,
         dev_gibs: median(dev),
@@ -88,15 +102,21 @@ fn main() {
     let mut rows = Vec::new();
     for size in [4u64 << 20, 64 << 20] {
         for page in [LEAF_4K, LEAF_2M] {
-            rows.push(bench(page, size, reps));
+            rows.push(bench(page, size, false, reps));
         }
+        rows.push(bench(LEAF_4K, size, true, reps));
     }
-    println!("| mapping | bytes per COPY | TLB covers buffers | COPY via MMU (GiB/s) | host memcpy (GiB/s) | ratio |");
-    println!("|---|---|---|---|---|---|");
+    println!("| mapping | dst frames | bytes per COPY | TLB covers buffers | COPY via MMU (GiB/s) | host memcpy (GiB/s) | ratio |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} MiB | {} | {:.2} | {:.2} | {:.3} |",
+            "| {} | {} | {} MiB | {} | {:.2} | {:.2} | {:.3} |",
             r.page,
+            if r.scattered {
+                "shuffled"
+            } else {
+                "contiguous"
+            },
             r.size >> 20,
             if r.warm { "yes (warm)" } else { "no (misses)" },
             r.dev_gibs,
