@@ -10,7 +10,7 @@
 #
 # Environment: FIRMWARE_IMAGE (default: the release build), QEMU_TIMEOUT
 # (seconds, default 60), QEMU_MEM (default 512M), QEMU_BOOT_LOG (keep the
-# serial log at this path).
+# serial log at this path), QEMU_ACCEL=tcg (force emulation even with KVM).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -42,13 +42,13 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     fi
 fi
 
-if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+if [[ "${QEMU_ACCEL:-kvm}" != tcg && -r /dev/kvm && -w /dev/kvm ]]; then
     # QEMU 7.2 (Debian 12) aborts setting MSR 0x10a under nested KVM unless
     # arch-capabilities is hidden; the guest does not need it.
     accel=(-accel kvm -cpu host,-arch-capabilities)
 else
     echo "qemu-boot: ##################################################################" >&2
-    echo "qemu-boot: WARNING: /dev/kvm is not usable; falling back to TCG emulation." >&2
+    echo "qemu-boot: WARNING: /dev/kvm not usable (or QEMU_ACCEL=tcg); using TCG emulation." >&2
     echo "qemu-boot: This is NOT a KVM boot test: timing and CPU behaviour differ."   >&2
     echo "qemu-boot: ##################################################################" >&2
     accel=(-accel tcg -cpu max)

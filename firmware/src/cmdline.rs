@@ -13,6 +13,21 @@ pub struct Options<'a> {
     pub fail: bool,
     /// Print the test names and exit with success.
     pub list: bool,
+    /// Die on purpose after boot, to prove the fatal paths (exit status 2).
+    pub crash: Option<Crash>,
+}
+
+/// Deliberate fatal errors, each exercising a different handler path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// Rust panic: message and location, then exit 2.
+    Panic,
+    /// Unexpected #UD: vector, RIP, then exit 2.
+    InvalidOpcode,
+    /// Unexpected #PF on an unmapped address: error code and CR2.
+    PageFault,
+    /// #PF with an unusable stack escalates to #DF, which must run on its IST stack.
+    DoubleFault,
 }
 
 impl Default for Options<'_> {
@@ -22,6 +37,7 @@ impl Default for Options<'_> {
             log_level: log::LevelFilter::Info,
             fail: false,
             list: false,
+            crash: None,
         }
     }
 }
@@ -102,6 +118,17 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     key,
                     value,
                     expected: "0 or 1",
+                }),
+            },
+            "crash" => match value {
+                "panic" => o.crash = Some(Crash::Panic),
+                "ud" => o.crash = Some(Crash::InvalidOpcode),
+                "pagefault" => o.crash = Some(Crash::PageFault),
+                "doublefault" => o.crash = Some(Crash::DoubleFault),
+                _ => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "panic|ud|pagefault|doublefault",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -106,7 +106,29 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
         (hz / 1000) % 1000,
         src.name()
     );
+    if let Some(c) = opts.crash {
+        crash(c);
+    }
     tests::run(&opts)
+}
+
+fn crash(c: cmdline::Crash) -> ! {
+    let unmapped = mm::VMAP_END - 0x1000;
+    println!("crash: {c:?} requested on the command line");
+    match c {
+        cmdline::Crash::Panic => panic!("deliberate panic requested by crash=panic"),
+        // SAFETY: deliberately raises #UD; the handler never returns here.
+        cmdline::Crash::InvalidOpcode => unsafe { core::arch::asm!("ud2", options(noreturn)) },
+        // SAFETY: deliberately reads an address that is never mapped.
+        cmdline::Crash::PageFault => unsafe {
+            core::arch::asm!("mov rax, [{}]", "ud2", in(reg) unmapped, options(noreturn))
+        },
+        // SAFETY: points RSP at unmapped memory, so delivering the #PF from
+        // the push fails too and the CPU raises #DF on its IST stack.
+        cmdline::Crash::DoubleFault => unsafe {
+            core::arch::asm!("mov rsp, {}", "push rax", "ud2", in(reg) unmapped + 0x800, options(noreturn))
+        },
+    }
 }
 
 fn fatal(args: core::fmt::Arguments<'_>) -> ! {

@@ -294,13 +294,14 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         .copied()
         .unwrap_or("interrupt");
     crate::serial::print_emergency(format_args!(
-        "\nFATAL: exception {} ({name}) error_code={:#x} rip={:#x} cr2={:#x}\n\
+        "\nFATAL: exception {} ({name}) error_code={:#x} rip={:#x} cr2={:#x} (test {})\n\
          rsp={:#x} rflags={:#x} cs={:#x}\n\
          rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
         frame.vector,
         frame.error_code,
         frame.rip,
         cr2,
+        crate::tests::current_test().unwrap_or("-"),
         frame.rsp,
         frame.rflags,
         frame.cs,
