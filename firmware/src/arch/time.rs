@@ -91,26 +91,29 @@ pub fn pit_channel() -> Option<u8> {
         return (cached != 0xff).then_some(cached);
     }
     // SAFETY: reading port B has no side effects.
-    let ch = if unsafe { inb(PORT_B) } != 0xff {
-        Some(2)
-    } else {
-        // A running counter changes between reads; a floating bus reads
-        // 0xffff forever. Interrupts are off and the PIC masked, so
-        // reprogramming channel 0 disturbs nobody.
-        pit_start(0);
-        let first = pit_read(0);
-        let t0 = rdtsc();
-        let mut moved = false;
-        while rdtsc() - t0 < 10_000_000 {
-            if pit_read(0) != first {
-                moved = true;
-                break;
-            }
-        }
-        moved.then_some(0)
-    };
+    let port_b = unsafe { inb(PORT_B) } != 0xff;
+    // A VMM may answer unclaimed ports with any constant, so only a counter
+    // seen moving counts. Interrupts are off and the PIC masked, so
+    // reprogramming channel 0 disturbs nobody.
+    let ch = [2u8, 0]
+        .into_iter()
+        .filter(|&ch| ch != 2 || port_b)
+        .find(|&ch| pit_counter_runs(ch));
     CHANNEL.store(ch.unwrap_or(0xff), Ordering::Relaxed);
     ch
+}
+
+fn pit_counter_runs(ch: u8) -> bool {
+    pit_start(ch);
+    let first = pit_read(ch);
+    let t0 = rdtsc();
+    // ~4 ms at 2.5 GHz: hundreds of PIT ticks if there is a PIT.
+    while rdtsc() - t0 < 10_000_000 {
+        if pit_read(ch) != first {
+            return true;
+        }
+    }
+    false
 }
 
 /// Starts `ch` as a free-running down-counter (mode 2, reload 65536).
