@@ -388,6 +388,9 @@ impl Rig {
     pub fn drain_faults(&mut self) -> Vec<FaultEntry> {
         let put = self.sb(status_block::FAULT_PUT);
         let mut out = Vec::new();
+        // A sane driver never trusts PUT to be within one buffer of GET.
+        let avail = put.wrapping_sub(self.fault_get).min(self.fault_entries);
+        let put = self.fault_get.wrapping_add(avail);
         while self.fault_get != put {
             let a = FAULT_BUF + u64::from(self.fault_get % self.fault_entries) * 32;
             let mut b = [0u8; 32];
