@@ -28,6 +28,8 @@ pub enum Crash {
     PageFault,
     /// #PF with an unusable stack escalates to #DF, which must run on its IST stack.
     DoubleFault,
+    /// Unbounded recursion: hits the kernel stack's guard page (#PF → #DF).
+    StackOverflow,
 }
 
 impl Default for Options<'_> {
@@ -125,10 +127,11 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                 "ud" => o.crash = Some(Crash::InvalidOpcode),
                 "pagefault" => o.crash = Some(Crash::PageFault),
                 "doublefault" => o.crash = Some(Crash::DoubleFault),
+                "stackoverflow" => o.crash = Some(Crash::StackOverflow),
                 _ => complain(Complaint::BadValue {
                     key,
                     value,
-                    expected: "panic|ud|pagefault|doublefault",
+                    expected: "panic|ud|pagefault|doublefault|stackoverflow",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -15,6 +15,7 @@ mod sync;
 mod tests;
 
 use arch::exit::{exit, ExitCode};
+use cmdline::Options;
 
 /// Called by the PVH entry code in long mode, on the boot stack.
 #[no_mangle]
@@ -33,53 +34,17 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     // Printed, not logged: loglevel=error must not hide a typo.
     cmdline::parse(boot.cmdline, |c| println!("{c}"));
 
-    log::debug!(
-        "pvh: start_info at {:#x}, rsdp at {:#x}",
-        boot.start_info_paddr,
-        boot.rsdp_paddr
-    );
-    for e in boot.memmap() {
-        log::debug!(
-            "memmap: {:#014x}..{:#014x} type {}",
-            e.addr,
-            e.end(),
-            e.kind
-        );
-    }
-    let ram_end = boot
-        .memmap()
-        .iter()
-        .filter(|e| e.kind == boot::pvh::E820_RAM)
-        .map(|e| e.end())
-        .max()
-        .unwrap_or(0);
-    mm::set_ram(boot.ram_bytes(), ram_end);
+    boot::init_memory(&boot);
+    let stack_top = boot::init_kernel_stack();
+    let banner = boot::Banner::new(&boot);
+    // SAFETY: the new stack is mapped, owned by nothing else, and `opts` and
+    // `banner` live on the boot stack, which is never reused.
+    unsafe { arch::switch_stack(stack_top, kernel_main, &(opts, banner)) }
+}
 
-    arch::paging::enable_nx();
-    let image = boot::image_range();
-    log::debug!("image: {:#x}..{:#x}", image.0, image.1);
-    // SAFETY: once, with the identity map active and `boot` describing this VM.
-    unsafe {
-        mm::frames::init(&boot, image);
-        arch::paging::init_identity();
-    }
-    // SAFETY: once, after frames and paging are initialised.
-    let dm = unsafe { mm::direct_map::init(&boot) }
-        .unwrap_or_else(|e| fatal(format_args!("direct map: {e:?}")));
-    log::debug!(
-        "direct map: {} x 2 MiB + {} x 4 KiB pages",
-        dm.large_pages,
-        dm.small_pages
-    );
-    for index in [384, 385] {
-        arch::paging::ensure_pml4_entry(index)
-            .unwrap_or_else(|e| fatal(format_args!("pml4[{index}]: {e:?}")));
-    }
-    let heap_size = mm::heap_size_for(boot.ram_bytes());
-    // SAFETY: once, after the direct map.
-    unsafe { mm::heap::init(heap_size) }.unwrap_or_else(|e| fatal(format_args!("heap: {e:?}")));
-    log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
-
+/// Everything after memory bring-up, on the guarded kernel stack.
+extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
+    let (opts, banner) = args;
     match arch::apic::init() {
         Ok(a) => log::debug!(
             "x2apic: id {} version {:#x} max lvt {}",
@@ -100,35 +65,16 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     println!(
         "faultline firmware: {} MiB RAM, {} memmap entries, cmdline \"{}\", tsc {}.{:03} MHz ({})",
         mm::ram_bytes() >> 20,
-        boot.memmap_reported,
-        boot.cmdline,
+        banner.memmap_entries,
+        banner.cmdline,
         hz / 1_000_000,
         (hz / 1000) % 1000,
         src.name()
     );
     if let Some(c) = opts.crash {
-        crash(c);
+        tests::crash::crash(c);
     }
-    tests::run(&opts)
-}
-
-fn crash(c: cmdline::Crash) -> ! {
-    let unmapped = mm::VMAP_END - 0x1000;
-    println!("crash: {c:?} requested on the command line");
-    match c {
-        cmdline::Crash::Panic => panic!("deliberate panic requested by crash=panic"),
-        // SAFETY: deliberately raises #UD; the handler never returns here.
-        cmdline::Crash::InvalidOpcode => unsafe { core::arch::asm!("ud2", options(noreturn)) },
-        // SAFETY: deliberately reads an address that is never mapped.
-        cmdline::Crash::PageFault => unsafe {
-            core::arch::asm!("mov rax, [{}]", "ud2", in(reg) unmapped, options(noreturn))
-        },
-        // SAFETY: points RSP at unmapped memory, so delivering the #PF from
-        // the push fails too and the CPU raises #DF on its IST stack.
-        cmdline::Crash::DoubleFault => unsafe {
-            core::arch::asm!("mov rsp, {}", "push rax", "ud2", in(reg) unmapped + 0x800, options(noreturn))
-        },
-    }
+    tests::run(opts)
 }
 
 fn fatal(args: core::fmt::Arguments<'_>) -> ! {

@@ -16,3 +16,101 @@ pub fn image_range() -> (u64, u64) {
     let end = core::ptr::addr_of!(__image_end) as u64;
     (start, end)
 }
+
+use x86_64::VirtAddr;
+
+use crate::arch::paging;
+use crate::mm;
+
+/// What the banner needs from `BootInfo` once boot is over.
+pub struct Banner {
+    pub memmap_entries: usize,
+    pub cmdline: &'static str,
+}
+
+impl Banner {
+    pub fn new(boot: &pvh::BootInfo) -> Banner {
+        Banner {
+            memmap_entries: boot.memmap_reported,
+            cmdline: boot.cmdline,
+        }
+    }
+}
+
+/// Frames, direct map, kernel-half PML4 entries and heap, in that order
+/// (each needs the previous one). Any failure here is fatal.
+pub fn init_memory(boot: &pvh::BootInfo) {
+    log::debug!(
+        "pvh: start_info at {:#x}, rsdp at {:#x}",
+        boot.start_info_paddr,
+        boot.rsdp_paddr
+    );
+    for e in boot.memmap() {
+        log::debug!(
+            "memmap: {:#014x}..{:#014x} type {}",
+            e.addr,
+            e.end(),
+            e.kind
+        );
+    }
+    let ram_end = boot
+        .memmap()
+        .iter()
+        .filter(|e| e.kind == pvh::E820_RAM)
+        .map(|e| e.end())
+        .max()
+        .unwrap_or(0);
+    mm::set_ram(boot.ram_bytes(), ram_end);
+
+    paging::enable_nx();
+    let image = image_range();
+    log::debug!("image: {:#x}..{:#x}", image.0, image.1);
+    // SAFETY: once, with the identity map active and `boot` describing this VM.
+    unsafe {
+        mm::frames::init(boot, image);
+        paging::init_identity();
+    }
+    // SAFETY: once, after frames and paging are initialised.
+    let dm = unsafe { mm::direct_map::init(boot) }
+        .unwrap_or_else(|e| crate::fatal(format_args!("direct map: {e:?}")));
+    log::debug!(
+        "direct map: {} x 2 MiB + {} x 4 KiB pages",
+        dm.large_pages,
+        dm.small_pages
+    );
+    for index in [384, 385] {
+        paging::ensure_pml4_entry(index)
+            .unwrap_or_else(|e| crate::fatal(format_args!("pml4[{index}]: {e:?}")));
+    }
+    let heap_size = mm::heap_size_for(boot.ram_bytes());
+    // SAFETY: once, after the direct map.
+    unsafe { mm::heap::init(heap_size) }
+        .unwrap_or_else(|e| crate::fatal(format_args!("heap: {e:?}")));
+    log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
+}
+
+/// Maps the kernel stack in the vmap window (with its guard page below) and
+/// returns its top.
+pub fn init_kernel_stack() -> VirtAddr {
+    let pages = mm::KERNEL_STACK_SIZE / mm::frames::FRAME_SIZE;
+    let base = mm::vmap::reserve(pages);
+    for i in 0..pages {
+        let frame = mm::frames::alloc()
+            .unwrap_or_else(|| crate::fatal(format_args!("no frames for the kernel stack")));
+        // SAFETY: freshly reserved vmap pages, fresh frames.
+        unsafe {
+            paging::map_4k(
+                base + i * mm::frames::FRAME_SIZE,
+                frame,
+                paging::kernel_data_flags(),
+            )
+        }
+        .unwrap_or_else(|e| crate::fatal(format_args!("kernel stack: {e:?}")));
+    }
+    log::debug!(
+        "kernel stack: {:#x}..{:#x}",
+        base.as_u64(),
+        base.as_u64() + mm::KERNEL_STACK_SIZE
+    );
+    base + mm::KERNEL_STACK_SIZE
+}

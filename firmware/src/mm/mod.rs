@@ -16,6 +16,7 @@
 pub mod direct_map;
 pub mod frames;
 pub mod heap;
+pub mod vmap;
 
 pub const USER_BASE: u64 = 0x0000_0080_0000_0000;
 pub const USER_END: u64 = 0x0000_8000_0000_0000;
@@ -25,6 +26,10 @@ pub const DIRECT_MAP_LIMIT: u64 = 0xffff_c000_0000_0000;
 pub const HEAP_BASE: u64 = 0xffff_c000_0000_0000;
 pub const VMAP_BASE: u64 = 0xffff_c080_0000_0000;
 pub const VMAP_END: u64 = 0xffff_c100_0000_0000;
+
+/// The kernel stack the firmware runs on after boot (the 64 KiB boot stack
+/// sits next to the boot page tables with no guard).
+pub const KERNEL_STACK_SIZE: u64 = 256 * 1024;
 
 /// Heap size: 1/16 of RAM, at least 4 MiB and at most 256 MiB. Enough for the
 /// driver's bookkeeping while leaving frames for process address spaces.

@@ -12,6 +12,7 @@ use crate::arch::exit::{exit, ExitCode};
 use crate::cmdline::Options;
 use crate::println;
 
+pub mod crash;
 pub mod selftest;
 
 pub type TestFn = fn() -> Result<(), String>;

@@ -234,7 +234,7 @@ fn check_alias(pa: PhysAddr) -> Result<(), String> {
         (VirtAddr::new(pa.as_u64()), dm)
     } else {
         // Above the identity map: borrow a vmap slot as the second alias.
-        let va = VirtAddr::new(mm::VMAP_BASE + 0x10_0000);
+        let va = mm::vmap::reserve(1);
         // SAFETY: a vmap slot this test owns, mapping a frame it owns.
         unsafe { paging::map_4k(va, pa, paging::kernel_data_flags()) }
             .map_err(|e| format!("{e:?}"))?;
@@ -292,7 +292,7 @@ fn direct_map_test() -> Result<(), String> {
 }
 
 fn page_map() -> Result<(), String> {
-    let va = VirtAddr::new(mm::VMAP_BASE + 0x20_0000);
+    let va = mm::vmap::reserve(1);
     let mut free_after_first = 0;
     // Round 1 may allocate intermediate tables that stay; round 2 must
     // return exactly the frames it took.
@@ -464,7 +464,7 @@ fn exception_recovery() -> Result<(), String> {
     );
 
     // #PF: read an address in the vmap window that is never mapped.
-    let bad = mm::VMAP_END - 0x1000;
+    let bad = mm::vmap::NEVER_MAPPED;
     ensure!(
         paging::translate(VirtAddr::new(bad)).is_none(),
         "probe address unexpectedly mapped"
