@@ -384,8 +384,9 @@ fn walk<M: GuestMemoryBackend>(
         .checked_add(u64::from(ctx) * 16)
         .ok_or(fail(Status::MemoryError))?;
     let root = read_u64(mem, ent)?;
+    let flags_at = ent.checked_add(8).ok_or(fail(Status::MemoryError))?;
     let flags: u32 = mem
-        .read_obj::<u32>(GuestAddress(ent + 8))
+        .read_obj::<u32>(GuestAddress(flags_at))
         .map(u32::from_le)
         .map_err(|_| fail(Status::MemoryError))?;
     if !ContextFlags::from_bits_retain(flags).contains(ContextFlags::VALID) {

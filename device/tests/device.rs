@@ -689,3 +689,31 @@ fn worker_thread_processes_doorbells() {
     assert_eq!(st, 0);
     worker.shutdown();
 }
+
+#[test]
+fn event_idx_suppresses_and_requests_interrupts() {
+    use faultline_abi::ChannelFlags;
+    let mut r = Rig::new(64 << 20, 64);
+    r.w32(
+        regs::channel_reg(2, regs::CH_FLAGS),
+        ChannelFlags::EVENT_IDX.bits(),
+    );
+    assert!(r.enable_channel(2, 0));
+    r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
+    let q = faultline_device::testing::QUEUES + 2 * faultline_device::testing::QUEUE_STRIDE;
+    let avail = q + 16 * 64;
+    let used_event = avail + 4 + 2 * 64;
+    let used = (avail + 6 + 2 * 64 + 3) & !3;
+    let avail_event = used + 4 + 8 * 64;
+    r.write_bytes(used_event, &5u16.to_le_bytes());
+    r.irq.take();
+    let t = r.exec(2, cmd::fill(0x1000, 8, 1));
+    assert_eq!(r.status(t), Status::Ok);
+    assert!(r.irq.take().is_empty(), "used_event not reached");
+    r.write_bytes(used_event, &1u16.to_le_bytes());
+    r.exec(2, cmd::fill(0x1000, 8, 2));
+    assert_eq!(r.irq.take(), vec![vector::CHANNEL]);
+    // Idle again: the device asked for a kick at the next avail index.
+    let ae: u16 = r.mem().read_obj(GuestAddress(avail_event)).unwrap();
+    assert_eq!(ae, 2);
+}
