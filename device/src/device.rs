@@ -607,8 +607,10 @@ impl<M: GuestMemoryBackend> Device<M> {
                     Progress::Idle => break,
                 }
             }
-            self.record_faults();
         }
+        // One batch, so one FAULT interrupt per step however many channels
+        // faulted.
+        self.record_faults();
         busy || self.doorbells.any()
     }
 

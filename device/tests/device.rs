@@ -96,8 +96,23 @@ fn channel_setup_is_validated() {
         r.sb(status_block::ERROR_CODE),
         DeviceError::BadChannelSetup as u32
     );
-    // Rings outside RAM.
+    // Misaligned descriptor table.
     r.w32(regs::channel_reg(c, regs::CH_QUEUE_SIZE), 16);
+    r.w32(regs::channel_reg(c, regs::CH_DESC_LO), 0x30008);
+    r.w32(regs::channel_reg(c, regs::CH_AVAIL_LO), 0x31000);
+    r.w32(regs::channel_reg(c, regs::CH_USED_LO), 0x32000);
+    r.w32(regs::channel_reg(c, regs::CH_ENABLE), 1);
+    assert_eq!(r.r32(regs::channel_reg(c, regs::CH_ENABLE)), 2);
+    // Context out of range.
+    r.w32(regs::channel_reg(c, regs::CH_DESC_LO), 0x30000);
+    r.w32(regs::channel_reg(c, regs::CH_CONTEXT), 64);
+    r.w32(regs::channel_reg(c, regs::CH_ENABLE), 1);
+    assert_eq!(r.r32(regs::channel_reg(c, regs::CH_ENABLE)), 2);
+    r.w32(regs::channel_reg(c, regs::CH_CONTEXT), 0);
+    r.w32(regs::channel_reg(c, regs::CH_ENABLE), 1);
+    assert_eq!(r.r32(regs::channel_reg(c, regs::CH_ENABLE)), 1, "now valid");
+    r.w32(regs::channel_reg(c, regs::CH_ENABLE), 0);
+    // Rings outside RAM.
     r.w32(regs::channel_reg(c, regs::CH_DESC_HI), 0x10);
     r.w32(regs::channel_reg(c, regs::CH_ENABLE), 1);
     assert_eq!(r.r32(regs::channel_reg(c, regs::CH_ENABLE)), 2);

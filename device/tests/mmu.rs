@@ -300,3 +300,47 @@ fn control_ring_rejects_bad_entries() {
     assert_eq!(rig.ctl(ctl_op::CANCEL_RANGE, 0, 1 << 48, 0), (4, true));
     assert!(rig.ctl_ok(ctl_op::INVALIDATE_ALL, 0, 0, 0));
 }
+
+#[test]
+fn contexts_are_isolated() {
+    let mut rig = Rig::new(64 << 20, 16);
+    rig.new_context(1);
+    rig.map(0, 0x7000, DATA, LEAF_4K, Pte::WRITE);
+    rig.map(1, 0x7000, DATA + 0x1000, LEAF_4K, Pte::empty());
+    let (mut m, mut c) = mmu();
+    assert_eq!(
+        m.translate(rig.mem(), &mut c, 0, 0x7008, Access::Read)
+            .unwrap()
+            .gpa,
+        DATA + 8
+    );
+    assert_eq!(
+        m.translate(rig.mem(), &mut c, 1, 0x7008, Access::Read)
+            .unwrap()
+            .gpa,
+        DATA + 0x1008
+    );
+    assert!(m
+        .translate(rig.mem(), &mut c, 1, 0x7000, Access::Write)
+        .is_err());
+    // Invalidating context 1 leaves context 0 cached.
+    rig.unmap(0, 0x7000, LEAF_4K);
+    rig.unmap(1, 0x7000, LEAF_4K);
+    m.invalidate_context(1);
+    assert!(
+        m.translate(rig.mem(), &mut c, 0, 0x7000, Access::Read)
+            .is_ok(),
+        "ctx 0 still cached"
+    );
+    assert!(matches!(
+        m.translate(rig.mem(), &mut c, 1, 0x7000, Access::Read),
+        Err(XlateError::Fault {
+            reason: FaultReason::NotPresent,
+            ..
+        })
+    ));
+    m.invalidate_all();
+    assert!(m
+        .translate(rig.mem(), &mut c, 0, 0x7000, Access::Read)
+        .is_err());
+}
