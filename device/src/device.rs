@@ -2,14 +2,15 @@
 //! control ring, channels, and the `process()` step that runs everything.
 
 use std::collections::{HashSet, VecDeque};
+use std::mem::offset_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use faultline_abi::{
     ctl_entry, ctl_op, doorbell, regs, status_block, vector, Access, ChannelFlags, ChannelStatus,
-    Counter, CtlFlags, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, IntCause,
-    Status, ABI_VERSION, COMMAND_SIZE, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
+    Counter, CtlEntry, CtlFlags, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags,
+    IntCause, Status, ABI_VERSION, COMMAND_SIZE, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
     MAX_QUEUE_SIZE, NUM_CHANNELS, NUM_CONTEXTS, NUM_COUNTERS, PAGE_SIZE, VA_LIMIT,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -116,14 +117,18 @@ fn set_hi(v: &mut u64, hi: u32) {
 
 fn entry_bytes(e: &FaultEntry) -> [u8; 32] {
     let mut b = [0u8; 32];
-    b[0..8].copy_from_slice(&e.va.to_le_bytes());
-    b[8..16].copy_from_slice(&e.timestamp.to_le_bytes());
-    b[16..20].copy_from_slice(&e.context.to_le_bytes());
-    b[20] = e.access;
-    b[21] = e.reason;
-    b[22] = e.engine;
-    b[23] = e.channel;
-    b[24..28].copy_from_slice(&e.info.to_le_bytes());
+    let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+    put(offset_of!(FaultEntry, va), &e.va.to_le_bytes());
+    put(
+        offset_of!(FaultEntry, timestamp),
+        &e.timestamp.to_le_bytes(),
+    );
+    put(offset_of!(FaultEntry, context), &e.context.to_le_bytes());
+    put(offset_of!(FaultEntry, access), &[e.access]);
+    put(offset_of!(FaultEntry, reason), &[e.reason]);
+    put(offset_of!(FaultEntry, engine), &[e.engine]);
+    put(offset_of!(FaultEntry, channel), &[e.channel]);
+    put(offset_of!(FaultEntry, info), &e.info.to_le_bytes());
     b
 }
 
@@ -955,7 +960,12 @@ impl<M: GuestMemoryBackend> Device<M> {
             }
             let d = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
             let q = |o: usize| u64::from(d(o)) | (u64::from(d(o + 4)) << 32);
-            let (op, ctx, flags, start, len) = (d(0), d(8), d(12), q(16), q(24));
+            let (op, ctx, flags) = (
+                d(offset_of!(CtlEntry, op)),
+                d(offset_of!(CtlEntry, context)),
+                d(offset_of!(CtlEntry, flags)),
+            );
+            let (start, len) = (q(offset_of!(CtlEntry, start)), q(offset_of!(CtlEntry, len)));
             let status = self.control_op(op, ctx, start, len);
             if self
                 .mem

@@ -1,10 +1,12 @@
 //! Command validation and the FILL / COPY / ATOMIC / SEMAPHORE engines.
 //! LAUNCH lives in `isa`.
 
+use std::mem::offset_of;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
-    atomic_op, engine, opcode, Access, Counter, FaultReason, SizeFlags, Status, COMMAND_SIZE,
+    atomic_op, engine, opcode, Access, AtomicCommand, CopyCommand, Counter, FaultReason,
+    FillCommand, LaunchCommand, RawCommand, SemaphoreCommand, SizeFlags, Status, COMMAND_SIZE,
     PAGE_SIZE, VA_LIMIT,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
@@ -126,16 +128,23 @@ pub struct Job {
     stalled: Vec<u64>,
 }
 
-fn word(raw: &[u8; COMMAND_SIZE], i: usize) -> u64 {
+/// Little-endian u64 at byte `off` of a command (offsets come from the
+/// `faultline_abi` structs via `offset_of!`, so the layout lives only there).
+fn q(raw: &[u8; COMMAND_SIZE], off: usize) -> u64 {
     let mut b = [0u8; 8];
-    b.copy_from_slice(&raw[8 + 8 * i..16 + 8 * i]);
+    b.copy_from_slice(&raw[off..off + 8]);
     u64::from_le_bytes(b)
 }
 
-fn dword(raw: &[u8; COMMAND_SIZE], off: usize) -> u32 {
+fn d(raw: &[u8; COMMAND_SIZE], off: usize) -> u32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&raw[off..off + 4]);
     u32::from_le_bytes(b)
+}
+
+/// All bytes from `off` to the end (reserved fields) are zero.
+fn zero_from(raw: &[u8; COMMAND_SIZE], off: usize) -> bool {
+    raw[off..].iter().all(|b| *b == 0)
 }
 
 /// `[va, va + len)` lies below 2^48.
@@ -146,18 +155,22 @@ fn range_ok(va: u64, len: u64) -> bool {
 impl Job {
     /// Opcode of a raw command (for counters even when validation fails).
     pub fn raw_opcode(raw: &[u8; COMMAND_SIZE]) -> u32 {
-        dword(raw, 0)
+        d(raw, offset_of!(RawCommand, opcode))
     }
 
     /// Validate a whole command before it may have any effect.
     pub fn validate(raw: &[u8; COMMAND_SIZE]) -> Result<Job, Status> {
-        let op = dword(raw, 0);
-        let flags = dword(raw, 4);
-        let zero_from = |first_word: usize| (first_word..7).all(|i| word(raw, i) == 0);
+        let op = d(raw, offset_of!(RawCommand, opcode));
+        let flags = d(raw, offset_of!(RawCommand, flags));
         let kind = match op {
             opcode::FILL => {
-                let (dst, len, pattern) = (word(raw, 0), word(raw, 1), word(raw, 2));
-                if flags != 0 || !zero_from(3) || len > MAX_XFER {
+                let dst = q(raw, offset_of!(FillCommand, dst));
+                let len = q(raw, offset_of!(FillCommand, len));
+                let pattern = q(raw, offset_of!(FillCommand, pattern));
+                if flags != 0
+                    || !zero_from(raw, offset_of!(FillCommand, _reserved))
+                    || len > MAX_XFER
+                {
                     return Err(Status::InvalidCommand);
                 }
                 if !range_ok(dst, len) {
@@ -166,8 +179,13 @@ impl Job {
                 JobKind::Fill { dst, len, pattern }
             }
             opcode::COPY => {
-                let (dst, src, len) = (word(raw, 0), word(raw, 1), word(raw, 2));
-                if flags != 0 || !zero_from(3) || len > MAX_XFER {
+                let dst = q(raw, offset_of!(CopyCommand, dst));
+                let src = q(raw, offset_of!(CopyCommand, src));
+                let len = q(raw, offset_of!(CopyCommand, len));
+                if flags != 0
+                    || !zero_from(raw, offset_of!(CopyCommand, _reserved))
+                    || len > MAX_XFER
+                {
                     return Err(Status::InvalidCommand);
                 }
                 if !range_ok(dst, len) || !range_ok(src, len) {
@@ -179,10 +197,12 @@ impl Job {
                 JobKind::Copy { dst, src, len }
             }
             opcode::ATOMIC => {
-                let (va, operand, compare) = (word(raw, 0), word(raw, 1), word(raw, 2));
-                let aop = dword(raw, 32);
+                let va = q(raw, offset_of!(AtomicCommand, va));
+                let operand = q(raw, offset_of!(AtomicCommand, operand));
+                let compare = q(raw, offset_of!(AtomicCommand, compare));
+                let aop = d(raw, offset_of!(AtomicCommand, op));
                 let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
-                if dword(raw, 36) != 0 || !zero_from(4) || aop > atomic_op::CAS {
+                if !zero_from(raw, offset_of!(AtomicCommand, _reserved0)) || aop > atomic_op::CAS {
                     return Err(Status::InvalidCommand);
                 }
                 let wide = flags.contains(SizeFlags::SIZE64);
@@ -204,10 +224,13 @@ impl Job {
                 }
             }
             opcode::SEMAPHORE_RELEASE => {
-                let (va, value) = (word(raw, 0), word(raw, 1));
+                let va = q(raw, offset_of!(SemaphoreCommand, va));
+                let value = q(raw, offset_of!(SemaphoreCommand, value));
                 let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
                 let wide = flags.contains(SizeFlags::SIZE64);
-                if !zero_from(2) || (!wide && value >> 32 != 0) {
+                if !zero_from(raw, offset_of!(SemaphoreCommand, _reserved))
+                    || (!wide && value >> 32 != 0)
+                {
                     return Err(Status::InvalidCommand);
                 }
                 if va >= VA_LIMIT {
@@ -219,17 +242,15 @@ impl Job {
                 JobKind::Semaphore { va, wide, value }
             }
             opcode::LAUNCH => {
-                if flags != 0 {
+                if flags != 0 || d(raw, offset_of!(LaunchCommand, _reserved)) != 0 {
                     return Err(Status::InvalidCommand);
                 }
-                let code = word(raw, 0);
-                let code_len = dword(raw, 16);
-                let grid = dword(raw, 20);
-                let block = dword(raw, 24);
-                if dword(raw, 28) != 0 {
-                    return Err(Status::InvalidCommand);
-                }
-                let args = [word(raw, 3), word(raw, 4), word(raw, 5), word(raw, 6)];
+                let code = q(raw, offset_of!(LaunchCommand, code));
+                let code_len = d(raw, offset_of!(LaunchCommand, code_len));
+                let grid = d(raw, offset_of!(LaunchCommand, grid));
+                let block = d(raw, offset_of!(LaunchCommand, block));
+                let a = offset_of!(LaunchCommand, args);
+                let args = [q(raw, a), q(raw, a + 8), q(raw, a + 16), q(raw, a + 24)];
                 JobKind::Launch(Box::new(LaunchJob::new(code, code_len, grid, block, args)?))
             }
             _ => return Err(Status::InvalidOpcode),

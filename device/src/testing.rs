@@ -89,12 +89,15 @@ pub mod cmd {
         raw(opcode::SEMAPHORE_RELEASE, u32::from(wide), &[va, value])
     }
     pub fn launch(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> [u8; 64] {
+        use faultline_abi::LaunchCommand as L;
+        use std::mem::offset_of;
         let mut b = raw(opcode::LAUNCH, 0, &[code]);
-        b[16..20].copy_from_slice(&code_len.to_le_bytes());
-        b[20..24].copy_from_slice(&grid.to_le_bytes());
-        b[24..28].copy_from_slice(&block.to_le_bytes());
+        let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+        put(offset_of!(L, code_len), &code_len.to_le_bytes());
+        put(offset_of!(L, grid), &grid.to_le_bytes());
+        put(offset_of!(L, block), &block.to_le_bytes());
         for (i, a) in args.iter().enumerate() {
-            b[32 + 8 * i..40 + 8 * i].copy_from_slice(&a.to_le_bytes());
+            put(offset_of!(L, args) + 8 * i, &a.to_le_bytes());
         }
         b
     }
