@@ -212,7 +212,7 @@ impl Job {
                 if va >= VA_LIMIT {
                     return Err(Status::BadAddress);
                 }
-                if va % if wide { 8 } else { 4 } != 0 {
+                if !va.is_multiple_of(if wide { 8 } else { 4 }) {
                     return Err(Status::Misaligned);
                 }
                 JobKind::Atomic {
@@ -236,7 +236,7 @@ impl Job {
                 if va >= VA_LIMIT {
                     return Err(Status::BadAddress);
                 }
-                if va % if wide { 8 } else { 4 } != 0 {
+                if !va.is_multiple_of(if wide { 8 } else { 4 }) {
                     return Err(Status::Misaligned);
                 }
                 JobKind::Semaphore { va, wide, value }
