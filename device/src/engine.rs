@@ -401,13 +401,22 @@ fn copy<M: GuestMemoryBackend>(
     done: &mut u64,
 ) -> Step {
     let stop = len.min(done.saturating_add(XFER_SLICE));
+    // Translations peeked at the end of one run start the next; they never
+    // outlive this slice, so no control step (invalidation) can intervene.
+    let mut carry = None;
     while *done < stop {
-        let s = env.xlate(src + *done, Access::Read, engine::COPY, 0)?;
-        // Translate the destination even if the source faulted, so both
-        // faults are reported in one round trip.
-        let d = env.xlate(dst + *done, Access::Write, engine::COPY, 0)?;
-        let (Some(s), Some(d)) = (s, d) else {
-            return Ok(None);
+        let (s, d) = match carry.take() {
+            Some(pair) => pair,
+            None => {
+                let s = env.xlate(src + *done, Access::Read, engine::COPY, 0)?;
+                // Translate the destination even if the source faulted, so
+                // both faults are reported in one round trip.
+                let d = env.xlate(dst + *done, Access::Write, engine::COPY, 0)?;
+                let (Some(s), Some(d)) = (s, d) else {
+                    return Ok(None);
+                };
+                (s, d)
+            }
         };
         let mut n = (len - *done).min(s.avail).min(d.avail);
         // Still one translation per page (or leaf), but physically
@@ -427,6 +436,7 @@ fn copy<M: GuestMemoryBackend>(
                 break;
             };
             if s2.gpa != s.gpa + n || d2.gpa != d.gpa + n {
+                carry = Some((s2, d2));
                 break;
             }
             n = (n + s2.avail.min(d2.avail)).min(stop - *done);
