@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::{
-    level_shift, opcode, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M,
+    opcode, pt_index, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M,
     LEAF_4K, NUM_CONTEXTS, PTE_ADDR_MASK,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -221,7 +221,7 @@ impl Rig {
     fn pte_addr(&mut self, ctx: u32, va: u64, leaf_level: u32, create: bool) -> Option<u64> {
         let mut table = self.roots[ctx as usize];
         for level in (leaf_level + 1..=4).rev() {
-            let slot = table + ((va >> level_shift(level)) & 511) * 8;
+            let slot = table + pt_index(va, level) as u64 * 8;
             let pte: u64 = self.mem().read_obj(GuestAddress(slot)).unwrap_or(0);
             if pte & 1 == 0 || pte & Pte::LEAF.bits() != 0 && level < 4 {
                 if !create {
@@ -229,14 +229,14 @@ impl Rig {
                 }
                 let t = self.alloc_table();
                 self.mem()
-                    .write_obj(t | Pte::VALID.bits(), GuestAddress(slot))
+                    .write_obj(Pte::table(t).bits(), GuestAddress(slot))
                     .unwrap_or(());
                 table = t;
             } else {
                 table = pte & PTE_ADDR_MASK;
             }
         }
-        Some(table + ((va >> level_shift(leaf_level)) & 511) * 8)
+        Some(table + pt_index(va, leaf_level) as u64 * 8)
     }
 
     fn leaf_level(size: u64) -> u32 {
@@ -252,9 +252,8 @@ impl Rig {
     /// with `flags` (VALID is added). No TLB invalidation.
     pub fn map(&mut self, ctx: u32, va: u64, gpa: u64, size: u64, flags: Pte) {
         let level = Self::leaf_level(size);
-        let leaf = if level > 1 { Pte::LEAF } else { Pte::empty() };
         let slot = self.pte_addr(ctx, va, level, true).unwrap_or(0);
-        let pte = gpa | (flags | Pte::VALID | leaf).bits();
+        let pte = Pte::leaf(gpa, level, flags).bits();
         self.mem().write_obj(pte, GuestAddress(slot)).unwrap_or(());
     }
 

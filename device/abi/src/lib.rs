@@ -250,6 +250,28 @@ bitflags! {
     }
 }
 
+impl Pte {
+    /// A non-leaf entry pointing at the next-level table at `gpa`.
+    pub const fn table(gpa: u64) -> Pte {
+        Pte::from_bits_retain((gpa & PTE_ADDR_MASK) | Pte::VALID.bits())
+    }
+    /// A leaf at `level` (1: 4 KiB, 2: 2 MiB, 3: 1 GiB) mapping `gpa` with
+    /// `perms` (WRITE / ATOMIC); VALID and, above level 1, LEAF are added.
+    pub const fn leaf(gpa: u64, level: u32, perms: Pte) -> Pte {
+        let leaf = if level > 1 { Pte::LEAF.bits() } else { 0 };
+        Pte::from_bits_retain((gpa & PTE_ADDR_MASK) | perms.bits() | Pte::VALID.bits() | leaf)
+    }
+    /// The table or frame address.
+    pub const fn addr(self) -> u64 {
+        self.bits() & PTE_ADDR_MASK
+    }
+}
+
+/// Index of `va` in a level-`level` table (level 1..=4).
+pub const fn pt_index(va: u64, level: u32) -> usize {
+    ((va >> level_shift(level)) & (PT_ENTRIES - 1)) as usize
+}
+
 /// Mask of the physical address in a PTE or context root.
 pub const PTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 /// PTE bits that must be zero (3..=6).
@@ -824,6 +846,20 @@ mod tests {
         assert_eq!(doorbell::offset(doorbell::channel(0)), regs::DB_CHANNEL0);
         assert_eq!(level_shift(4), 39);
         assert!(regs::counter(NUM_COUNTERS) <= 0x4000);
+    }
+
+    #[test]
+    fn pte_helpers() {
+        let t = Pte::table(0x1234_5000);
+        assert_eq!(t.bits(), 0x1234_5001);
+        let l = Pte::leaf(0x4020_0000, 2, Pte::WRITE);
+        assert!(l.contains(Pte::VALID | Pte::WRITE | Pte::LEAF));
+        assert_eq!(l.addr(), 0x4020_0000);
+        assert!(!Pte::leaf(0x1000, 1, Pte::empty()).contains(Pte::LEAF));
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 4), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 3), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 2), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 1), 0x103);
     }
 
     #[test]
