@@ -299,17 +299,25 @@ impl LaunchJob {
             });
         };
         let imm = i64::from(ins.imm) as u64;
-        let lanes: Vec<usize> = (0..W).filter(|l| active & (1 << l) != 0).collect();
+        // Executing lanes, without allocating on every instruction.
+        let mut lane_buf = [0usize; W];
+        let mut n = 0;
+        for l in (0..W).filter(|l| active & (1 << l) != 0) {
+            lane_buf[n] = l;
+            n += 1;
+        }
+        let lanes = &lane_buf[..n];
 
         if (isa::LD32..=isa::ATOM_CAS64).contains(&ins.op) {
-            return self.memory(wi, &lanes, ins, env);
+            return self.memory(wi, lanes, ins, env);
         }
 
-        let sregs: Vec<u64> = if ins.op == isa::S2R {
-            lanes.iter().map(|&l| self.sreg(w, l, ins.imm)).collect()
-        } else {
-            Vec::new()
-        };
+        let mut sregs = [0u64; W];
+        if ins.op == isa::S2R {
+            for (k, &l) in lanes.iter().enumerate() {
+                sregs[k] = self.sreg(w, l, ins.imm);
+            }
+        }
         let w = &mut self.warps[wi];
         for (k, &l) in lanes.iter().enumerate() {
             let r = &mut w.regs[l];
