@@ -54,6 +54,8 @@ pub enum Error {
         what: &'static str,
         source: io::Error,
     },
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("event loop: {0}")]
     EventLoop(String),
 }

@@ -4,7 +4,9 @@ mod boot;
 mod bus;
 mod devices;
 mod error;
+mod gpu;
 mod memory;
+mod pci;
 mod vmm;
 mod vstate;
 
@@ -118,6 +120,7 @@ fn config(args: RunArgs) -> error::Result<Config> {
         vcpus: args.vcpus,
         cmdline: args.cmdline,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+        gpu: true,
     })
 }
 

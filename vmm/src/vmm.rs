@@ -21,7 +21,9 @@ use crate::bus::Bus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::error::{Error, Result};
+use crate::gpu;
 use crate::memory;
+use crate::pci::{PciBus, PciConfigIo, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use crate::vstate::{self, ExitReason, VcpuThreads, VmExit};
 
 pub struct Config {
@@ -32,6 +34,8 @@ pub struct Config {
     pub cmdline: String,
     /// None: run until the guest exits.
     pub timeout: Option<Duration>,
+    /// Host the Faultline GPU at 00:04.0.
+    pub gpu: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -96,7 +100,9 @@ pub fn run(cfg: Config) -> Result<Outcome> {
     let max_vcpus = kvm.get_max_vcpus().min(255);
     validate_vcpus(cfg.vcpus, max_vcpus)?;
 
-    let vm = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    // Shared with the GPU's BAR and MSI plumbing, which (re)registers
+    // ioeventfds and irqfds when the guest reprograms the device.
+    let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("creating the VM"))?);
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(Error::kvm("setting the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -124,7 +130,7 @@ pub fn run(cfg: Config) -> Result<Outcome> {
         Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>,
     ))));
 
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial.clone(), u64::from(COM1_PORT), COM1_LEN)
         .expect("fixed legacy ports do not overlap");
     pio.insert(
@@ -134,6 +140,18 @@ pub fn run(cfg: Config) -> Result<Outcome> {
     )
     .expect("fixed legacy ports do not overlap");
     let mmio = Bus::new();
+    let mut pci = PciBus::new();
+    let _gpu = if cfg.gpu {
+        Some(gpu::attach(&vm, &mem, cfg.memory, &mmio, &mut pci)?)
+    } else {
+        None
+    };
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci))),
+        u64::from(CONFIG_ADDRESS_PORT),
+        CONFIG_PORTS_LEN,
+    )
+    .expect("fixed legacy ports do not overlap");
 
     let vcpus = vstate::create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
     let threads = VcpuThreads::start(vcpus, pio, mmio, exit.clone())?;
