@@ -56,6 +56,8 @@ pub enum Error {
     },
     #[error("GPU: {0}")]
     Gpu(String),
+    #[error("GPU interrupts: {0}")]
+    GpuIrq(#[from] crate::msi::RouterError),
     #[error("event loop: {0}")]
     EventLoop(String),
 }

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::{Bus, BusDevice};
 use crate::error::{Error, Result};
 use crate::memory::{self, MMIO_HOLE_START};
+use crate::msi::{KvmIrqRoutingOps, MsiRouter};
 use crate::pci::{Devfn, PciBus, PciFunction};
 
 pub type Gpu = Device<GuestMemoryMmap>;
@@ -283,15 +284,6 @@ pub struct GpuHost {
     pub doorbell_fds: Vec<(u32, EventFd)>,
 }
 
-/// Interrupts are not routed yet (MSI plumbing comes with `msi.rs`).
-struct Unrouted;
-
-impl faultline_device::InterruptSink for Unrouted {
-    fn trigger(&self, vector: u32) {
-        log::debug!("GPU vector {vector} dropped: MSI not routed");
-    }
-}
-
 /// Creates the GPU, puts it at 00:04.0 and assigns BAR0 at boot.
 pub fn attach(
     vm: &Arc<VmFd>,
@@ -300,7 +292,8 @@ pub fn attach(
     mmio: &Bus,
     pci: &mut PciBus,
 ) -> Result<GpuHost> {
-    let device = Arc::new(Mutex::new(Device::new(mem.clone(), Arc::new(Unrouted))));
+    let irq = MsiRouter::new(Box::new(KvmIrqRoutingOps(vm.clone())))?;
+    let device = Arc::new(Mutex::new(Device::new(mem.clone(), Arc::new(irq))));
     let doorbells =
         KvmDoorbells::new(vm.clone()).map_err(Error::io("creating the GPU doorbell eventfds"))?;
     let doorbell_fds = doorbells

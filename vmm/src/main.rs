@@ -6,6 +6,7 @@ mod devices;
 mod error;
 mod gpu;
 mod memory;
+mod msi;
 mod pci;
 mod vmm;
 mod vstate;
