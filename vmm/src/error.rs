@@ -58,6 +58,8 @@ pub enum Error {
     Gpu(String),
     #[error("GPU interrupts: {0}")]
     GpuIrq(#[from] crate::msi::RouterError),
+    #[error("cannot write --stats-json {path}: {source}")]
+    StatsWrite { path: PathBuf, source: io::Error },
     #[error("event loop: {0}")]
     EventLoop(String),
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, BusDevice};
 use crate::error::{Error, Result};
+use crate::gpu_worker::GpuWorker;
 use crate::memory::{self, MMIO_HOLE_START};
 use crate::msi::{KvmIrqRoutingOps, MsiRouter};
 use crate::pci::{Devfn, PciBus, PciFunction};
@@ -103,14 +104,22 @@ impl DoorbellEvents for KvmDoorbells {
 }
 
 /// BAR0 as seen on the MMIO bus: offsets into the 64 KiB register window.
-pub struct Bar0(pub Arc<Mutex<Gpu>>);
+pub struct Bar0 {
+    pub device: Arc<Mutex<Gpu>>,
+    /// The worker's wake eventfd. Every register write wakes it, not only
+    /// doorbells: a write such as ENABLE or CH_ENABLE can make queued work
+    /// runnable, and setup writes are rare enough that a spare wake-up is
+    /// free next to the exit that brought us here.
+    pub wake: Arc<EventFd>,
+}
 
 impl BusDevice for Bar0 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        lock(&self.0).mmio_read(offset, data);
+        lock(&self.device).mmio_read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        lock(&self.0).mmio_write(offset, data);
+        lock(&self.device).mmio_write(offset, data);
+        let _ = self.wake.write(1);
     }
 }
 
@@ -277,11 +286,18 @@ impl PciFunction for GpuPci {
 }
 
 /// The GPU as wired into a VM: what the rest of the VMM still needs.
-#[allow(dead_code)] // read by the worker and the stats (next steps)
 pub struct GpuHost {
-    pub device: Arc<Mutex<Gpu>>,
-    /// Duplicates of the doorbell ioeventfds, for the worker.
-    pub doorbell_fds: Vec<(u32, EventFd)>,
+    device: Arc<Mutex<Gpu>>,
+    worker: GpuWorker,
+}
+
+impl GpuHost {
+    /// Stops the worker (vCPUs must be stopped already) and returns the
+    /// device counters as (name, value).
+    pub fn stop(self) -> Vec<(String, u64)> {
+        self.worker.stop();
+        lock(&self.device).counters().named()
+    }
 }
 
 /// Creates the GPU, puts it at 00:04.0 and assigns BAR0 at boot.
@@ -304,9 +320,14 @@ pub fn attach(
         .map(|(a, len)| (a.0, len))
         .collect();
     reserved.push(PLATFORM_RESERVED);
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::io("creating an eventfd"))?);
+    let bar0 = Bar0 {
+        device: device.clone(),
+        wake: wake.clone(),
+    };
     let bar = Bar0Mapping::new(
         mmio.clone(),
-        Arc::new(Mutex::new(Bar0(device.clone()))),
+        Arc::new(Mutex::new(bar0)),
         reserved,
         Box::new(doorbells),
     );
@@ -324,10 +345,8 @@ pub fn attach(
             "PCI slot 00:{GPU_DEVICE:02x}.0 is taken"
         )));
     }
-    Ok(GpuHost {
-        device,
-        doorbell_fds,
-    })
+    let worker = GpuWorker::spawn(device.clone(), doorbell_fds, wake)?;
+    Ok(GpuHost { device, worker })
 }
 
 pub fn gpu_devfn() -> Devfn {
@@ -407,7 +426,10 @@ pub(crate) mod tests {
         let reserved = vec![(0, RAM), PLATFORM_RESERVED];
         let bar = Bar0Mapping::new(
             mmio.clone(),
-            Arc::new(Mutex::new(Bar0(dev.clone()))),
+            Arc::new(Mutex::new(Bar0 {
+                device: dev.clone(),
+                wake: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            })),
             reserved,
             Box::new(db.clone()),
         );

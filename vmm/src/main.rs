@@ -5,6 +5,7 @@ mod bus;
 mod devices;
 mod error;
 mod gpu;
+mod gpu_worker;
 mod memory;
 mod msi;
 mod pci;
@@ -83,6 +84,23 @@ struct RunArgs {
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm", env = "FAULTLINE_KVM_DEVICE")]
     kvm_device: PathBuf,
+    /// Do not attach the Faultline GPU (PCI 00:04.0, BAR0 at 0xc0000000).
+    #[arg(long)]
+    no_gpu: bool,
+    /// Print the GPU's counters to stderr when the VM stops.
+    #[arg(long)]
+    stats: bool,
+    /// Write the GPU's counters as JSON to PATH when the VM stops
+    /// ({"gpu": {"name": value, ...}}, "gpu": null with --no-gpu).
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
+}
+
+/// What to do with the counters once the VM stopped.
+struct StatsOut {
+    print: bool,
+    /// Created (truncated) before the VM starts, so a bad path fails fast.
+    json: Option<(PathBuf, std::fs::File)>,
 }
 
 fn main() -> ExitCode {
@@ -96,17 +114,53 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> u8 {
-    let config = match config(args) {
+    let (config, stats) = match config(args) {
         Ok(c) => c,
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
-    match vmm::run(config) {
-        Ok(outcome) => verdict(outcome),
-        Err(e) => fail(status::VMM_ERROR, &e.to_string()),
+    let report = match vmm::run(config) {
+        Ok(r) => r,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    let code = verdict(report.outcome);
+    match write_stats(stats, report.gpu_counters.as_deref()) {
+        // The guest's verdict wins over a stats failure only if it already
+        // failed; a passing run whose stats were lost is a VMM error.
+        Err(e) if code == 0 => fail(status::VMM_ERROR, &e.to_string()),
+        Err(e) => {
+            eprintln!("faultline: {e}");
+            code
+        }
+        Ok(()) => code,
     }
 }
 
-fn config(args: RunArgs) -> error::Result<Config> {
+fn write_stats(out: StatsOut, counters: Option<&[(String, u64)]>) -> error::Result<()> {
+    if out.print {
+        match counters {
+            None => eprintln!("faultline: no GPU attached, no counters"),
+            Some(c) => {
+                eprintln!("faultline: GPU counters:");
+                for (name, v) in c {
+                    eprintln!("  {name:<24} {v}");
+                }
+            }
+        }
+    }
+    if let Some((path, mut file)) = out.json {
+        let gpu = counters.map(|c| {
+            c.iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>()
+        });
+        let doc = serde_json::json!({ "gpu": gpu });
+        let text = serde_json::to_string_pretty(&doc).expect("a JSON value always serialises");
+        writeln!(file, "{text}").map_err(|source| error::Error::StatsWrite { path, source })?;
+    }
+    Ok(())
+}
+
+fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
     let bytes = memory::parse_size(&args.memory).map_err(|reason| error::Error::Memory {
         value: args.memory.clone(),
         reason,
@@ -114,15 +168,27 @@ fn config(args: RunArgs) -> error::Result<Config> {
     let memory = memory::validate_size(&args.memory, bytes, memory::host_ram_bytes())?;
     // KVM's own limit is checked again once /dev/kvm is open.
     vmm::validate_vcpus(args.vcpus, 255)?;
-    Ok(Config {
+    let json = match args.stats_json {
+        Some(path) => match std::fs::File::create(&path) {
+            Ok(f) => Some((path, f)),
+            Err(source) => return Err(error::Error::StatsWrite { path, source }),
+        },
+        None => None,
+    };
+    let stats = StatsOut {
+        print: args.stats,
+        json,
+    };
+    let config = Config {
         kvm_path: args.kvm_device,
         firmware: args.firmware.unwrap_or_else(default_firmware),
         memory,
         vcpus: args.vcpus,
         cmdline: args.cmdline,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
-        gpu: true,
-    })
+        gpu: !args.no_gpu,
+    };
+    Ok((config, stats))
 }
 
 fn verdict(outcome: Outcome) -> u8 {

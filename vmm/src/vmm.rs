@@ -38,6 +38,13 @@ pub struct Config {
     pub gpu: bool,
 }
 
+/// What `run` hands back when the VM stopped without a VMM error.
+pub struct Report {
+    pub outcome: Outcome,
+    /// The GPU's counters at exit as (name, value); None with `--no-gpu`.
+    pub gpu_counters: Option<Vec<(String, u64)>>,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Guest(ExitReason),
@@ -95,7 +102,7 @@ pub fn validate_vcpus(value: u32, max: usize) -> Result<u32> {
     Ok(value)
 }
 
-pub fn run(cfg: Config) -> Result<Outcome> {
+pub fn run(cfg: Config) -> Result<Report> {
     let kvm = open_kvm(&cfg.kvm_path)?;
     let max_vcpus = kvm.get_max_vcpus().min(255);
     validate_vcpus(cfg.vcpus, max_vcpus)?;
@@ -141,7 +148,7 @@ pub fn run(cfg: Config) -> Result<Outcome> {
     .expect("fixed legacy ports do not overlap");
     let mmio = Bus::new();
     let mut pci = PciBus::new();
-    let _gpu = if cfg.gpu {
+    let gpu = if cfg.gpu {
         Some(gpu::attach(&vm, &mem, cfg.memory, &mmio, &mut pci)?)
     } else {
         None
@@ -173,7 +180,12 @@ pub fn run(cfg: Config) -> Result<Outcome> {
         }
     };
     threads.stop();
-    Ok(outcome)
+    // After the vCPUs: no doorbell or BAR access can arrive any more.
+    let gpu_counters = gpu.map(gpu::GpuHost::stop);
+    Ok(Report {
+        outcome,
+        gpu_counters,
+    })
 }
 
 /// Watches the VM-exit eventfd and the timeout timer.
