@@ -58,8 +58,11 @@ pub trait DoorbellEvents: Send {
     fn unregister(&mut self, i: usize, addr: u64) -> std::result::Result<(), kvm_ioctls::Error>;
 }
 
-/// One 4-byte KVM ioeventfd without datamatch per doorbell (the ABI says the
-/// written value is ignored).
+/// One KVM ioeventfd without datamatch per doorbell (the ABI says the
+/// written value is ignored). kvm-ioctls derives the length from the
+/// datamatch type, so `NoDatamatch` registers length 0: any write size at
+/// the doorbell address matches, which is what the ABI promises for plain
+/// MMIO doorbell writes too.
 pub struct KvmDoorbells {
     vm: Arc<VmFd>,
     /// (doorbell index, BAR0 offset, eventfd)

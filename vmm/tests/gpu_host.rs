@@ -160,3 +160,42 @@ fn control_doorbell_through_ioeventfd_reaches_the_worker() {
     let _ = std::fs::remove_file(&json);
     assert!(text.contains("\"invalidations\": 1"), "{text}");
 }
+
+/// Cost of a doorbell write (ioeventfd, no exit to us) against a plain BAR0
+/// register write (an MMIO exit to the VMM), from the wall time of whole
+/// runs. `cargo test -p faultline --release --test gpu_host -- --ignored
+/// --nocapture`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn bench_doorbell_vs_mmio_exit() {
+    if !kvm_or_skip("bench_doorbell_vs_mmio_exit") {
+        return;
+    }
+    const N: u32 = 20_000;
+    // mov eax, 0xf; mov ecx, n; 1: mov [addr], eax; dec ecx; jnz 1b
+    let looped = |addr: u32, n: u32| {
+        let mut a = Asm::default();
+        a.mov_eax(0xf);
+        a.0.push(0xb9);
+        a.0.extend_from_slice(&n.to_le_bytes());
+        a.0.push(0xa3);
+        a.0.extend_from_slice(&addr.to_le_bytes());
+        a.0.extend_from_slice(&[0x49, 0x75, (-8i8) as u8]);
+        a.pass()
+    };
+    let time = |name: &str, code: Vec<u8>| {
+        let t = std::time::Instant::now();
+        let o = run_guest(name, &code, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        t.elapsed().as_secs_f64()
+    };
+    let base = time("bench-0.elf", looped(BAR0 + 0x34, 1));
+    let bell = time("bench-db.elf", looped(BAR0 + 0x2000, N)) - base;
+    let mmio = time("bench-mmio.elf", looped(BAR0 + 0x34, N)) - base; // INT_ENABLE
+    let us = |t: f64| t * 1e6 / f64::from(N);
+    println!(
+        "doorbell (ioeventfd): {:.2} us/write; register write (MMIO exit): {:.2} us/write",
+        us(bell),
+        us(mmio)
+    );
+}
