@@ -63,6 +63,7 @@ pub fn init_memory(boot: &pvh::BootInfo) {
     mm::set_ram(boot.ram_bytes(), ram_end);
 
     paging::enable_nx();
+    let t0 = crate::arch::time::rdtsc();
     let image = image_range();
     log::debug!("image: {:#x}..{:#x}", image.0, image.1);
     // SAFETY: once, with the identity map active and `boot` describing this VM.
@@ -87,6 +88,11 @@ pub fn init_memory(boot: &pvh::BootInfo) {
     unsafe { mm::heap::init(heap_size) }
         .unwrap_or_else(|e| crate::fatal(format_args!("heap: {e:?}")));
     log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
+    // Cycles, not ns: the TSC is not calibrated yet.
+    log::debug!(
+        "memory bring-up took {} Mcycles",
+        (crate::arch::time::rdtsc() - t0) / 1_000_000
+    );
 }
 
 /// Maps the kernel stack in the vmap window (with its guard page below) and

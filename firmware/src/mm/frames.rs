@@ -90,13 +90,31 @@ impl FrameAllocator {
         self.bitmap[(idx / 64) as usize] & (1 << (idx % 64)) != 0
     }
 
-    /// Marks every whole frame inside `[start, end)` used.
-    fn reserve(&mut self, start: u64, end: u64) {
-        let first = start / FRAME_SIZE;
-        let last = end.div_ceil(FRAME_SIZE).min(self.frames);
-        for idx in first..last {
-            self.set_used(idx);
+    /// Sets frames `[first, last)` free or used, a word at a time in the
+    /// middle: under an instruction-emulating hypervisor a per-frame loop
+    /// over gigabytes costs seconds.
+    fn set_range(&mut self, first: u64, last: u64, free: bool) {
+        let mut idx = first;
+        while idx < last {
+            if idx.is_multiple_of(64) && last - idx >= 64 {
+                self.bitmap[(idx / 64) as usize] = if free { u64::MAX } else { 0 };
+                idx += 64;
+            } else {
+                if free {
+                    self.set_free(idx);
+                } else {
+                    self.set_used(idx);
+                }
+                idx += 1;
+            }
         }
+    }
+
+    /// Marks every frame touching `[start, end)` used.
+    fn reserve(&mut self, start: u64, end: u64) {
+        let first = (start / FRAME_SIZE).min(self.frames);
+        let last = end.div_ceil(FRAME_SIZE).min(self.frames);
+        self.set_range(first, last, false);
     }
 
     fn recount(&mut self) -> u64 {
@@ -125,6 +143,22 @@ impl FrameAllocator {
                 self.set_used(idx);
                 self.free -= 1;
                 return Some(PhysAddr::new(idx * FRAME_SIZE));
+            }
+        }
+        None
+    }
+
+    /// A free, 2 MiB-aligned run of 512 frames, searched from the top so low
+    /// memory stays available for single frames.
+    fn alloc_2m(&mut self) -> Option<PhysAddr> {
+        const WORDS: usize = 512 / 64;
+        let mut w = self.bitmap.len() / WORDS * WORDS;
+        while w >= WORDS {
+            w -= WORDS;
+            if self.bitmap[w..w + WORDS].iter().all(|&x| x == u64::MAX) {
+                self.bitmap[w..w + WORDS].fill(0);
+                self.free -= 512;
+                return Some(PhysAddr::new(w as u64 * 64 * FRAME_SIZE));
             }
         }
         None
@@ -189,11 +223,9 @@ pub unsafe fn init(boot: &BootInfo, image: (u64, u64)) {
     };
 
     for e in boot.memmap().iter().filter(|e| e.kind == E820_RAM) {
-        let first = align_up(e.addr, FRAME_SIZE) / FRAME_SIZE;
+        let first = (align_up(e.addr, FRAME_SIZE) / FRAME_SIZE).min(frames);
         let last = (e.end() / FRAME_SIZE).min(frames);
-        for idx in first..last {
-            fa.set_free(idx);
-        }
+        fa.set_range(first, last, true);
     }
     // Where RAM and non-RAM entries overlap, the reservation wins.
     for e in boot.memmap().iter().filter(|e| e.kind != E820_RAM) {
@@ -230,6 +262,11 @@ pub fn alloc() -> Option<PhysAddr> {
 /// Allocates one frame from the top of RAM (tests use it to reach high memory).
 pub fn alloc_high() -> Option<PhysAddr> {
     with(|fa| fa.alloc_high())
+}
+
+/// Allocates 512 contiguous frames, 2 MiB aligned (for 2 MiB mappings).
+pub fn alloc_2m() -> Option<PhysAddr> {
+    with(|fa| fa.alloc_2m())
 }
 
 /// Returns a frame obtained from [`alloc`] or [`alloc_high`].

@@ -34,7 +34,7 @@ pub const KERNEL_STACK_SIZE: u64 = 256 * 1024;
 /// Heap size: 1/16 of RAM, at least 4 MiB and at most 256 MiB. Enough for the
 /// driver's bookkeeping while leaving frames for process address spaces.
 pub fn heap_size_for(ram_bytes: u64) -> u64 {
-    (ram_bytes / 16).clamp(4 << 20, 256 << 20) & !0xfff
+    (ram_bytes / 16).clamp(4 << 20, 256 << 20) & !((2 << 20) - 1)
 }
 
 use core::sync::atomic::{AtomicU64, Ordering};

@@ -97,8 +97,12 @@ pub fn run(opts: &Options<'_>) -> ! {
     let (mut passed, mut failed) = (0u32, 0u32);
     for t in all_tests(opts) {
         set_current(Some(t.name));
+        let start = crate::arch::time::now_ns();
         let result = (t.run)();
+        let took_us = (crate::arch::time::now_ns() - start) / 1000;
         set_current(None);
+        // Under an emulating hypervisor every instruction counts; keep an eye on it.
+        log::debug!("test {} took {} us", t.name, took_us);
         match result {
             Ok(()) => {
                 passed += 1;
