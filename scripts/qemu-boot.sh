@@ -68,8 +68,9 @@ timeout "${QEMU_TIMEOUT:-60}" qemu-system-x86_64 \
 status=${PIPESTATUS[0]}
 set -e
 
-# The guest prints CRLF; compare without the CR.
-summary=$(tr -d '\r' <"$log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1 || true)
+# The guest prints CRLF; compare without the CR. The summary must be the
+# last thing the guest printed, not just somewhere in the log.
+summary=$(tr -d '\r' <"$log" | grep -v '^[[:space:]]*$' | tail -n 1 | grep -E '^[0-9]+ passed, [0-9]+ failed$' || true)
 listing=0
 [[ " $cmdline " == *" list=1 "* ]] && listing=1
 
@@ -83,7 +84,7 @@ case "$status" in
             echo "qemu-boot: PASS ($summary)" >&2
             exit 0
         fi
-        echo "qemu-boot: ERROR: guest reported success but no 'N passed, 0 failed' line" >&2
+        echo "qemu-boot: ERROR: guest reported success but did not end with 'N passed, 0 failed'" >&2
         exit 2
         ;;
     3)
