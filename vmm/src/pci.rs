@@ -99,6 +99,21 @@ impl PciConfigIo {
         let devfn = Devfn(((a >> 8) & 0xff) as u8);
         Some((devfn, u64::from(a & 0xfc) + data_offset))
     }
+
+    /// The selected function and register for a CONFIG_DATA access of `len`
+    /// bytes at `data_offset`, unless it is disabled, empty, or would cross
+    /// the dword.
+    fn selected(
+        &self,
+        data_offset: u64,
+        len: usize,
+    ) -> Option<(&Arc<Mutex<dyn PciFunction>>, u64)> {
+        let (devfn, reg) = self.target(data_offset)?;
+        if reg % 4 + len as u64 > 4 {
+            return None;
+        }
+        Some((self.bus.function(devfn)?, reg))
+    }
 }
 
 impl BusDevice for PciConfigIo {
@@ -111,13 +126,7 @@ impl BusDevice for PciConfigIo {
                 data[..n].copy_from_slice(&bytes[..n]);
             }
             4..=7 => {
-                let Some((devfn, reg)) = self.target(offset - 4) else {
-                    return;
-                };
-                if reg % 4 + data.len() as u64 > 4 {
-                    return;
-                }
-                if let Some(f) = self.bus.function(devfn) {
+                if let Some((f, reg)) = self.selected(offset - 4, data.len()) {
                     f.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .config_read(reg, data);
@@ -135,13 +144,7 @@ impl BusDevice for PciConfigIo {
                 self.address = u32::from_le_bytes(data.try_into().unwrap()) & 0x80ff_fffc;
             }
             4..=7 => {
-                let Some((devfn, reg)) = self.target(offset - 4) else {
-                    return;
-                };
-                if reg % 4 + data.len() as u64 > 4 {
-                    return;
-                }
-                if let Some(f) = self.bus.function(devfn) {
+                if let Some((f, reg)) = self.selected(offset - 4, data.len()) {
                     f.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .config_write(reg, data);
