@@ -76,7 +76,7 @@ bench_script() {
 
 case "$what" in
   boot) bench_boot ;;
-  device | hmm | exits | faults) bench_script "$what" ;;
+  device | hmm) bench_script "$what" ;;
   all)
     bench_boot
     for b in device hmm; do bench_script "$b"; done

@@ -24,6 +24,17 @@ fn firmware() -> Option<PathBuf> {
     None
 }
 
+/// Boots the firmware with `extra` arguments after `--firmware`; a 60 s
+/// timeout unless `extra` gives one.
+fn boot(fw: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "--firmware", path_str(fw)];
+    if !extra.contains(&"--timeout") {
+        args.extend(["--timeout", "60"]);
+    }
+    args.extend_from_slice(extra);
+    faultline(&args)
+}
+
 /// The `N passed, M failed` line the firmware's test runner ends with.
 fn summary(out: &str) -> Option<(u32, u32)> {
     let line = out.lines().rev().find(|l| l.contains(" passed, "))?;
@@ -38,7 +49,7 @@ fn default_suite_passes() {
     let (true, Some(fw)) = (kvm_or_skip("default_suite_passes"), firmware()) else {
         return;
     };
-    let o = faultline(&["run", "--firmware", path_str(&fw), "--timeout", "60"]);
+    let o = boot(&fw, &[]);
     let out = stdout(&o);
     assert_eq!(
         o.status.code(),
@@ -63,15 +74,7 @@ fn failing_guest_test_makes_faultline_fail() {
     let (true, Some(fw)) = (kvm_or_skip("failing_guest_test"), firmware()) else {
         return;
     };
-    let o = faultline(&[
-        "run",
-        "--firmware",
-        path_str(&fw),
-        "--cmdline",
-        "fail=1",
-        "--timeout",
-        "60",
-    ]);
+    let o = boot(&fw, &["--cmdline", "fail=1"]);
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(1), "stdout:\n{out}");
     assert!(out.contains("test deliberate_failure ... FAILED"), "{out}");
@@ -84,15 +87,7 @@ fn test_filter_and_unknown_keys() {
     let (true, Some(fw)) = (kvm_or_skip("test_filter"), firmware()) else {
         return;
     };
-    let o = faultline(&[
-        "run",
-        "--firmware",
-        path_str(&fw),
-        "--cmdline",
-        "test=heap bogus=1",
-        "--timeout",
-        "60",
-    ]);
+    let o = boot(&fw, &["--cmdline", "test=heap bogus=1"]);
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert_eq!(summary(&out), Some((1, 0)), "{out}");
@@ -107,19 +102,19 @@ fn boots_with_ram_above_4g_and_several_vcpus() {
     };
     // 3 GiB below the MMIO hole plus 64 MiB above 4 GiB. The firmware's
     // memory bring-up time grows with RAM, hence the generous timeout.
-    let o = faultline(&[
-        "run",
-        "--firmware",
-        path_str(&fw),
-        "--memory",
-        "3136M",
-        "--vcpus",
-        "2",
-        "--cmdline",
-        "test=direct_map",
-        "--timeout",
-        "240",
-    ]);
+    let o = boot(
+        &fw,
+        &[
+            "--memory",
+            "3136M",
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "test=direct_map",
+            "--timeout",
+            "240",
+        ],
+    );
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
     // All RAM but the legacy 0x9fc00..1 MiB window is usable.

@@ -95,6 +95,22 @@ impl HmmMirrorOps<SimMm> for Dev {
 }
 
 impl Dev {
+    /// Mirrors [start, end) writable with 4 KiB entries, as a driver's first
+    /// fault on the range would; most tests start from that state.
+    fn map_rw(&self, mm: &SimMm, mirror: &HmmMirror<SimMm>, start: u64, end: u64) -> usize {
+        self.service(
+            mm,
+            mirror,
+            start,
+            end,
+            PAGE_SHIFT,
+            true,
+            Check::Seq,
+            &|_| {},
+        )
+        .unwrap()
+    }
+
     /// The driver fault path of docs/hmm.md: register, fault under the mmap
     /// read lock, check under the update lock, write device PTEs, retry when
     /// invalidated. `between` runs after the fault, before the check (to stage
@@ -413,17 +429,7 @@ mod release_contract {
     fn release_runs_right_after_the_last_range_unregisters() {
         let (mm, dev, mirror) = setup();
         mm.mmap(BASE, 4 * PG, RW).unwrap();
-        dev.service(
-            &mm,
-            &mirror,
-            BASE,
-            BASE + 4 * PG,
-            PAGE_SHIFT,
-            true,
-            Check::Seq,
-            &|_| {},
-        )
-        .unwrap();
+        dev.map_rw(&mm, &mirror, BASE, BASE + 4 * PG);
         let mut r1 = registered(&mirror, BASE, BASE + PG);
         let mut r2 = registered(&mirror, BASE + PG, BASE + 2 * PG);
         mm.exit();
@@ -1068,17 +1074,7 @@ mod invalidation_contract {
     fn nonblocking_invalidation_failure_aborts_cleanly() {
         let (mm, dev, mirror) = setup();
         mm.mmap(BASE, 2 * PG, RW).unwrap();
-        dev.service(
-            &mm,
-            &mirror,
-            BASE,
-            BASE + 2 * PG,
-            PAGE_SHIFT,
-            true,
-            Check::Seq,
-            &|_| {},
-        )
-        .unwrap();
+        dev.map_rw(&mm, &mirror, BASE, BASE + 2 * PG);
         let r = registered(&mirror, BASE, BASE + 2 * PG);
         dev.fail_nonblock.store(true, Ordering::SeqCst);
         assert_eq!(mm.reclaim_nonblock(BASE, BASE + 2 * PG), Err(Errno::EAGAIN));
@@ -1242,17 +1238,7 @@ mod invalidation_contract {
     fn munmap_clears_device_ptes_before_frames_are_freed() {
         let (mm, dev, mirror) = setup();
         mm.mmap(BASE, 4 * PG, RW).unwrap();
-        dev.service(
-            &mm,
-            &mirror,
-            BASE,
-            BASE + 4 * PG,
-            PAGE_SHIFT,
-            true,
-            Check::Seq,
-            &|_| {},
-        )
-        .unwrap();
+        dev.map_rw(&mm, &mirror, BASE, BASE + 4 * PG);
         let stale = Arc::new(AtomicUsize::new(0));
         let (d, s) = (Arc::clone(&dev), Arc::clone(&stale));
         mm.set_free_hook(Some(Arc::new(move |pfn| {
@@ -1270,17 +1256,7 @@ mod invalidation_contract {
     fn mprotect_read_only_removes_device_write_access() {
         let (mm, dev, mirror) = setup();
         mm.mmap(BASE, PG, RW).unwrap();
-        dev.service(
-            &mm,
-            &mirror,
-            BASE,
-            BASE + PG,
-            PAGE_SHIFT,
-            true,
-            Check::Seq,
-            &|_| {},
-        )
-        .unwrap();
+        dev.map_rw(&mm, &mirror, BASE, BASE + PG);
         assert!(dev.device_pte(BASE).unwrap().writable);
         mm.mprotect(BASE, PG, VmFlags::READ).unwrap();
         assert!(dev.device_pte(BASE).is_none());
