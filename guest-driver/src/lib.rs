@@ -6,6 +6,7 @@
 //! * [`hmm`]: the HMM mirror layer (Linux HMM, mid-2019 API, with a
 //!   sequence-checked validity test).
 //! * [`errno`]: the Linux error codes both return.
+//! * [`gpu`]: the GPU driver, on the [`gpu::Platform`] machine interface.
 //! * `sim` (feature `sim`, and in unit tests): a simulated address space on
 //!   host threads.
 #![cfg_attr(not(test), no_std)]
@@ -15,6 +16,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod errno;
+pub mod gpu;
 pub mod hmm;
 pub mod mm;
 #[cfg(any(test, feature = "sim"))]

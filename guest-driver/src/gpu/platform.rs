@@ -1,0 +1,135 @@
+//! The machine interface of the GPU driver.
+
+use core::ptr::NonNull;
+
+/// What the driver needs from the machine it runs on.
+///
+/// Ordering rules an implementation must keep:
+/// * `write32` is a posted MMIO write that is ordered after every earlier
+///   store to DMA memory (x86 UC/WC writes are; a loopback must not reorder).
+/// * `take_interrupts` returns each raised vector at least once after it was
+///   raised: a vector raised while the driver is handling the previous batch
+///   shows up in the next call, never lost.
+pub trait Platform: Send + Sync + 'static {
+    /// Reads the 32-bit BAR0 register at `offset` (see `faultline_abi::regs`).
+    fn read32(&self, offset: u64) -> u32;
+
+    /// Writes the 32-bit BAR0 register at `offset`. Doorbells are writes too.
+    fn write32(&self, offset: u64, value: u32);
+
+    /// Allocates `pages` zeroed, physically contiguous 4 KiB pages the device
+    /// may read and write, or `None` when memory is exhausted.
+    fn dma_alloc(&self, pages: usize) -> Option<DmaRegion>;
+
+    /// Returns a region from [`Platform::dma_alloc`]. The caller guarantees
+    /// the device no longer accesses it (the owning queue or context is
+    /// disabled, or the device was reset).
+    fn dma_free(&self, region: DmaRegion);
+
+    /// Bitmask of MSI vectors (bit `faultline_abi::msi::*`) raised since the
+    /// previous call; clears what it returns.
+    fn take_interrupts(&self) -> u32;
+
+    /// Sleeps until an interrupt may have been raised or `timeout_ns` passed.
+    /// May return early (spurious wake-ups are allowed); callers re-check.
+    fn wait_interrupt(&self, timeout_ns: u64);
+
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&self) -> u64;
+}
+
+/// Physically contiguous memory shared with the device.
+///
+/// `phys` is the address the device uses (a guest-physical address: the
+/// device has no IOMMU); `virt` is where the driver reaches the same bytes.
+/// The device writes it concurrently, so every access is volatile.
+#[derive(Debug)]
+pub struct DmaRegion {
+    phys: u64,
+    virt: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by whoever holds the DmaRegion;
+// all accesses go through volatile reads/writes of naturally aligned words,
+// which are sound from any thread (the device writes it concurrently anyway).
+unsafe impl Send for DmaRegion {}
+// SAFETY: as above; `&DmaRegion` only allows volatile word accesses.
+unsafe impl Sync for DmaRegion {}
+
+impl DmaRegion {
+    /// Wraps memory a [`Platform`] allocated.
+    ///
+    /// # Safety
+    /// `virt..virt+len` must be valid for reads and writes for as long as the
+    /// region lives, 4 KiB aligned, and reach the same bytes the device sees
+    /// at `phys..phys+len`.
+    pub unsafe fn new(phys: u64, virt: NonNull<u8>, len: usize) -> Self {
+        DmaRegion { phys, virt, len }
+    }
+
+    /// The device-visible address of byte 0.
+    pub fn phys(&self) -> u64 {
+        self.phys
+    }
+
+    /// The driver-visible address of byte 0.
+    pub fn virt(&self) -> NonNull<u8> {
+        self.virt
+    }
+
+    /// Length in bytes (a multiple of 4 KiB).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: regions are at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr<T>(&self, offset: usize) -> *mut T {
+        let size = core::mem::size_of::<T>();
+        assert!(
+            offset % size == 0 && offset + size <= self.len,
+            "DMA access at {offset:#x} (+{size}) outside a {:#x}-byte region",
+            self.len
+        );
+        // SAFETY: in bounds by the assert; alignment follows from the page
+        // aligned base and the offset check.
+        unsafe { self.virt.as_ptr().add(offset).cast() }
+    }
+
+    /// Volatile 32-bit read at `offset`.
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        // SAFETY: `ptr` checks bounds and alignment; the memory is valid per `new`.
+        unsafe { self.ptr::<u32>(offset).read_volatile() }
+    }
+
+    /// Volatile 32-bit write at `offset`.
+    pub fn write_u32(&self, offset: usize, value: u32) {
+        // SAFETY: as in `read_u32`.
+        unsafe { self.ptr::<u32>(offset).write_volatile(value) }
+    }
+
+    /// Volatile 64-bit read at `offset`.
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        // SAFETY: as in `read_u32`.
+        unsafe { self.ptr::<u64>(offset).read_volatile() }
+    }
+
+    /// Volatile 64-bit write at `offset`.
+    pub fn write_u64(&self, offset: usize, value: u64) {
+        // SAFETY: as in `read_u32`.
+        unsafe { self.ptr::<u64>(offset).write_volatile(value) }
+    }
+
+    /// Copies `bytes` to `offset` with volatile byte writes.
+    pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len, "DMA write out of bounds");
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: in bounds by the assert above.
+            unsafe { self.virt.as_ptr().add(offset + i).write_volatile(*b) }
+        }
+    }
+}
