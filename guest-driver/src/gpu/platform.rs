@@ -91,7 +91,7 @@ impl DmaRegion {
     fn ptr<T>(&self, offset: usize) -> *mut T {
         let size = core::mem::size_of::<T>();
         assert!(
-            offset % size == 0 && offset + size <= self.len,
+            offset.is_multiple_of(size) && offset + size <= self.len,
             "DMA access at {offset:#x} (+{size}) outside a {:#x}-byte region",
             self.len
         );
