@@ -15,6 +15,18 @@ pub struct Options<'a> {
     pub list: bool,
     /// Die on purpose after boot, to prove the fatal paths (exit status 2).
     pub crash: Option<Crash>,
+    /// `gpu=optional`: GPU tests skip (loudly) instead of failing when no
+    /// GPU is found.
+    pub gpu_optional: bool,
+    /// `bench=<name>`: run that in-guest benchmark instead of the tests.
+    pub bench: Option<Bench>,
+}
+
+/// In-guest benchmarks (machine-readable output, see `bench.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bench {
+    /// VM-exit costs of the GPU paths (`scripts/bench.sh exits`).
+    Exits,
 }
 
 /// Deliberate fatal errors, each exercising a different handler path.
@@ -40,6 +52,8 @@ impl Default for Options<'_> {
             fail: false,
             list: false,
             crash: None,
+            gpu_optional: false,
+            bench: None,
         }
     }
 }
@@ -132,6 +146,23 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     key,
                     value,
                     expected: "panic|ud|pagefault|doublefault|stackoverflow",
+                }),
+            },
+            "gpu" => match value {
+                "required" => o.gpu_optional = false,
+                "optional" => o.gpu_optional = true,
+                _ => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "required|optional",
+                }),
+            },
+            "bench" => match value {
+                "exits" => o.bench = Some(Bench::Exits),
+                _ => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "exits",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -7,9 +7,12 @@
 extern crate alloc;
 
 mod arch;
+mod bench;
 mod boot;
 mod cmdline;
+mod gpu;
 mod mm;
+mod pci;
 mod serial;
 mod sync;
 mod tests;
@@ -73,6 +76,14 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     );
     if let Some(c) = opts.crash {
         tests::crash::crash(c);
+    }
+    gpu::set_policy(if opts.gpu_optional {
+        gpu::Policy::Optional
+    } else {
+        gpu::Policy::Required
+    });
+    if let Some(b) = opts.bench {
+        bench::run(b);
     }
     tests::run(opts)
 }

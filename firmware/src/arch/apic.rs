@@ -18,6 +18,8 @@ const X2APIC_SVR: u32 = 0x80f;
 const X2APIC_LVT_TIMER: u32 = 0x832;
 const X2APIC_LVT_LINT0: u32 = 0x835;
 const X2APIC_LVT_ERROR: u32 = 0x837;
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+const LVT_TIMER_TSC_DEADLINE: u64 = 2 << 17;
 const SVR_ENABLE: u64 = 1 << 8;
 const LVT_MASKED: u64 = 1 << 16;
 
@@ -94,4 +96,29 @@ pub fn snapshot() -> (u64, u64, u32) {
         rdmsr(X2APIC_SVR),
         rdmsr(X2APIC_ID) as u32,
     )
+}
+
+/// This CPU's x2APIC ID (MSI destinations).
+pub fn id() -> u32 {
+    rdmsr(X2APIC_ID) as u32
+}
+
+/// TSC-deadline timer mode (CPUID.1:ECX[24]).
+pub fn tsc_deadline_supported() -> bool {
+    enabled() && __cpuid(1).ecx & (1 << 24) != 0
+}
+
+/// Raises `vector` once the TSC reaches `tsc` (TSC-deadline mode).
+pub fn arm_tsc_deadline(vector: u8, tsc: u64) {
+    wrmsr(X2APIC_LVT_TIMER, LVT_TIMER_TSC_DEADLINE | u64::from(vector));
+    // Ordered after the LVT write: the SDM asks for a fence between the mode
+    // switch and the deadline write.
+    core::sync::atomic::fence(Ordering::SeqCst);
+    wrmsr(IA32_TSC_DEADLINE, tsc.max(1));
+}
+
+/// Cancels an armed deadline and masks the timer again.
+pub fn disarm_timer() {
+    wrmsr(IA32_TSC_DEADLINE, 0);
+    wrmsr(X2APIC_LVT_TIMER, LVT_MASKED);
 }

@@ -242,6 +242,18 @@ pub fn init() {
     unsafe { lidt(&ptr) };
 }
 
+/// Points external-interrupt `vector` (32..255) at `stub`.
+///
+/// # Safety
+/// `stub` must be an entry point that preserves all state and returns with
+/// `iretq`, and nothing may raise `vector` while its gate is rewritten.
+pub unsafe fn set_interrupt_handler(vector: u8, stub: u64) {
+    assert!(INITIALIZED.load(Ordering::SeqCst) && (32..SPURIOUS_VECTOR).contains(&vector));
+    // SAFETY: single CPU; the caller guarantees the vector is quiet, and
+    // the CPU reads a gate only when delivering its vector.
+    unsafe { (*IDT.get()).0[usize::from(vector)].set_handler_addr(VirtAddr::new(stub)) };
+}
+
 /// An armed expectation: "the next exception `vector` is deliberate; resume
 /// at `resume_rip`". Lets tests (and later, user-access helpers) survive a
 /// fault they provoke on purpose.

@@ -4,6 +4,7 @@ pub mod apic;
 pub mod exit;
 pub mod gdt;
 pub mod idt;
+pub mod irq;
 pub mod paging;
 pub mod port;
 pub mod time;

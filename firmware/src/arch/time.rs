@@ -333,7 +333,7 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     (u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64
 }
 
-fn ns_to_ticks(ns: u64) -> u64 {
+pub fn ns_to_ticks(ns: u64) -> u64 {
     (u128::from(ns) * u128::from(tsc_hz()) / 1_000_000_000) as u64
 }
 

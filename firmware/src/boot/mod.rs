@@ -61,6 +61,14 @@ pub fn init_memory(boot: &pvh::BootInfo) {
         .max()
         .unwrap_or(0);
     mm::set_ram(boot.ram_bytes(), ram_end);
+    mm::set_low_top(
+        boot.memmap()
+            .iter()
+            .filter(|e| e.addr < 1 << 32)
+            .map(|e| e.end().min(1 << 32))
+            .max()
+            .unwrap_or(0),
+    );
 
     paging::enable_nx();
     let t0 = crate::arch::time::rdtsc();

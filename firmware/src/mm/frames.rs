@@ -164,6 +164,25 @@ impl FrameAllocator {
         None
     }
 
+    /// `n` physically contiguous frames, starting on a 64-frame (256 KiB)
+    /// boundary, searched from the top like `alloc_2m`. Whole bitmap words
+    /// are checked, which keeps the search cheap; the unused tail of the
+    /// last word stays free.
+    fn alloc_contiguous(&mut self, n: u64) -> Option<PhysAddr> {
+        let words = n.div_ceil(64) as usize;
+        let mut w = self.bitmap.len();
+        while w >= words {
+            w -= words;
+            if self.bitmap[w..w + words].iter().all(|&x| x == u64::MAX) {
+                let first = w as u64 * 64;
+                self.set_range(first, first + n, false);
+                self.free -= n;
+                return Some(PhysAddr::new(first * FRAME_SIZE));
+            }
+        }
+        None
+    }
+
     fn free(&mut self, addr: PhysAddr) {
         let a = addr.as_u64();
         assert!(
@@ -269,7 +288,16 @@ pub fn alloc_2m() -> Option<PhysAddr> {
     with(|fa| fa.alloc_2m())
 }
 
-/// Returns a frame obtained from [`alloc`] or [`alloc_high`].
+/// Allocates `n` (≥ 1) physically contiguous frames (device DMA buffers);
+/// free them one by one with [`free`].
+pub fn alloc_contiguous(n: u64) -> Option<PhysAddr> {
+    if n <= 1 {
+        return alloc();
+    }
+    with(|fa| fa.alloc_contiguous(n))
+}
+
+/// Returns a frame obtained from [`alloc`], [`alloc_high`] or [`alloc_contiguous`].
 /// Panics on double free or on a frame that was never allocatable.
 pub fn free(addr: PhysAddr) {
     with(|fa| fa.free(addr))

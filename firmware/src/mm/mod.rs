@@ -41,6 +41,17 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 static RAM_BYTES: AtomicU64 = AtomicU64::new(0);
 static RAM_END: AtomicU64 = AtomicU64::new(0);
+static LOW_TOP: AtomicU64 = AtomicU64::new(0);
+
+/// Records the end of the highest memory-map entry (of any type) below
+/// 4 GiB: PCI BARs the firmware assigns go above it.
+pub fn set_low_top(end: u64) {
+    LOW_TOP.store(end, Ordering::Relaxed);
+}
+
+pub fn low_top() -> u64 {
+    LOW_TOP.load(Ordering::Relaxed)
+}
 
 /// Records RAM facts for later queries (tests, diagnostics).
 pub fn set_ram(bytes: u64, end: u64) {

@@ -13,6 +13,7 @@ use crate::cmdline::Options;
 use crate::println;
 
 pub mod crash;
+pub mod gpu;
 pub mod selftest;
 
 pub type TestFn = fn() -> Result<(), String>;
@@ -30,7 +31,16 @@ impl Test {
 
 /// Every suite, in run order. Later modules (process address spaces, PCI,
 /// the GPU driver) append their `TESTS` slice here.
-const SUITES: &[&[Test]] = &[selftest::TESTS];
+const SUITES: &[&[Test]] = &[selftest::TESTS, gpu::TESTS];
+
+/// Marks a test's `Err` as a skip (hardware the test needs is absent and
+/// the command line allows that): reported as SKIPPED, counted apart, and
+/// announced loudly before the summary.
+const SKIP_MARK: &str = "\u{1}skip:";
+
+pub fn skip(reason: &str) -> String {
+    alloc::format!("{SKIP_MARK}{reason}")
+}
 
 /// Only with `fail=1`: proves end to end that a failing guest fails the host.
 const FAIL_SUITE: &[Test] = &[Test::new("deliberate_failure", deliberate_failure)];
@@ -94,7 +104,7 @@ pub fn run(opts: &Options<'_>) -> ! {
         exit(ExitCode::Success);
     }
 
-    let (mut passed, mut failed) = (0u32, 0u32);
+    let (mut passed, mut failed, mut skipped) = (0u32, 0u32, 0u32);
     for t in all_tests(opts) {
         set_current(Some(t.name));
         let start = crate::arch::time::now_ns();
@@ -108,13 +118,24 @@ pub fn run(opts: &Options<'_>) -> ! {
                 passed += 1;
                 println!("test {} ... ok", t.name);
             }
+            Err(reason) if reason.starts_with(SKIP_MARK) => {
+                skipped += 1;
+                println!(
+                    "test {} ... SKIPPED: {}",
+                    t.name,
+                    &reason[SKIP_MARK.len()..]
+                );
+            }
             Err(reason) => {
                 failed += 1;
                 println!("test {} ... FAILED: {reason}", t.name);
             }
         }
     }
-    let selected_none = passed + failed == 0;
+    if skipped > 0 {
+        println!("*** {skipped} test(s) SKIPPED, see the SKIPPED lines above ***");
+    }
+    let selected_none = passed + failed + skipped == 0;
     if selected_none {
         // A typo in test= must not look like a green run.
         println!(
