@@ -10,12 +10,13 @@ use std::time::Instant;
 use faultline_abi::{
     ctl_entry, ctl_op, doorbell, regs, status_block, vector, Access, ChannelFlags, ChannelStatus,
     Counter, CtlEntry, CtlFlags, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags,
-    IntCause, Status, ABI_VERSION, COMMAND_SIZE, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
-    MAX_QUEUE_SIZE, NUM_CHANNELS, NUM_CONTEXTS, NUM_COUNTERS, PAGE_SIZE, VA_LIMIT,
+    IntCause, Status, ABI_VERSION, COMMAND_SIZE, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_QUEUE_SIZE,
+    NUM_CONTEXTS, NUM_COUNTERS, PAGE_SIZE, VA_LIMIT,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::config::{Config, ConfigError};
 use crate::counters::Counters;
 use crate::engine::{Env, FaultRec, Job, Outcome};
 use crate::mmu::Mmu;
@@ -137,6 +138,7 @@ fn entry_bytes(e: &FaultEntry) -> [u8; 32] {
 pub struct Device<M: GuestMemoryBackend> {
     mem: M,
     irq: Arc<dyn InterruptSink>,
+    sizing: Config,
     config: ConfigSpace,
     doorbells: Arc<Doorbells>,
     waker: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -161,10 +163,26 @@ pub struct Device<M: GuestMemoryBackend> {
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
+    /// A device with the default sizing (`Config::default()`).
     pub fn new(mem: M, irq: Arc<dyn InterruptSink>) -> Self {
+        Self::build(mem, irq, Config::default())
+    }
+
+    /// A device sized by `sizing` (fault buffer limit, TLB, channels).
+    pub fn with_config(
+        mem: M,
+        irq: Arc<dyn InterruptSink>,
+        sizing: Config,
+    ) -> Result<Self, ConfigError> {
+        sizing.validate()?;
+        Ok(Self::build(mem, irq, sizing))
+    }
+
+    fn build(mem: M, irq: Arc<dyn InterruptSink>, sizing: Config) -> Self {
         Self {
             mem,
             irq,
+            sizing,
             config: ConfigSpace::new(),
             doorbells: Arc::new(Doorbells::default()),
             waker: None,
@@ -175,13 +193,13 @@ impl<M: GuestMemoryBackend> Device<M> {
             int_enable: IntCause::all(),
             regs: Setup::default(),
             live: Setup::default(),
-            mmu: Mmu::new(),
+            mmu: Mmu::with_tlb_capacity(sizing.tlb_entries as usize),
             counters: Counters::default(),
             faults: FaultUnit::default(),
             ctl_cons: 0,
             ctl_broken: false,
             replay_seq: 0,
-            channels: (0..NUM_CHANNELS).map(|_| Channel::default()).collect(),
+            channels: (0..sizing.channels).map(|_| Channel::default()).collect(),
             epoch: Instant::now(),
             ts_hi_latch: 0,
             scratch: Vec::new(),
@@ -191,6 +209,18 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     pub fn memory(&self) -> &M {
         &self.mem
+    }
+
+    /// Replace the memory the device performs DMA on (a vfio-user client
+    /// maps and unmaps regions while the device lives). Translations cached
+    /// in the TLBs are GPAs, not host pointers, so they stay valid; an
+    /// access to a GPA no longer mapped fails like any access outside RAM.
+    pub fn set_memory(&mut self, mem: M) -> M {
+        std::mem::replace(&mut self.mem, mem)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.sizing
     }
 
     pub fn counters(&self) -> &Counters {
@@ -323,7 +353,9 @@ impl<M: GuestMemoryBackend> Device<M> {
             regs::MAGIC => DEVICE_MAGIC,
             regs::VERSION => ABI_VERSION,
             regs::NUM_CONTEXTS => NUM_CONTEXTS,
-            regs::NUM_CHANNELS => NUM_CHANNELS,
+            regs::NUM_CHANNELS => self.sizing.channels,
+            regs::FAULT_BUF_MAX => self.sizing.max_fault_entries,
+            regs::TLB_ENTRIES => self.sizing.tlb_entries,
             regs::STATUS => {
                 let mut s = DeviceStatus::empty();
                 s.set(DeviceStatus::ENABLED, self.enabled);
@@ -351,7 +383,7 @@ impl<M: GuestMemoryBackend> Device<M> {
                 t as u32
             }
             regs::TIMESTAMP_HI => self.ts_hi_latch,
-            o if (regs::CHANNEL_BASE..regs::channel_reg(NUM_CHANNELS, 0)).contains(&o) => {
+            o if (regs::CHANNEL_BASE..regs::channel_reg(self.sizing.channels, 0)).contains(&o) => {
                 let ch = ((o - regs::CHANNEL_BASE) / regs::CHANNEL_STRIDE) as usize;
                 let c = &self.channels[ch];
                 match (o - regs::CHANNEL_BASE) % regs::CHANNEL_STRIDE {
@@ -433,7 +465,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             regs::CTL_RING_LO if setup_ok => set_lo(&mut r.ctl_ring, v),
             regs::CTL_RING_HI if setup_ok => set_hi(&mut r.ctl_ring, v),
             regs::CTL_RING_ENTRIES if setup_ok => r.ctl_entries = v,
-            o if (regs::CHANNEL_BASE..regs::channel_reg(NUM_CHANNELS, 0)).contains(&o) => {
+            o if (regs::CHANNEL_BASE..regs::channel_reg(self.sizing.channels, 0)).contains(&o) => {
                 let ch = ((o - regs::CHANNEL_BASE) / regs::CHANNEL_STRIDE) as usize;
                 let reg = (o - regs::CHANNEL_BASE) % regs::CHANNEL_STRIDE;
                 if reg == regs::CH_ENABLE {
@@ -497,7 +529,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             && self.range_in_ram(r.status_block, status_block::SIZE)
             && r.fault_buf.is_multiple_of(PAGE_SIZE)
             && r.fault_entries.is_power_of_two()
-            && (2..=MAX_FAULT_ENTRIES).contains(&r.fault_entries)
+            && (2..=self.sizing.max_fault_entries).contains(&r.fault_entries)
             && self.range_in_ram(r.fault_buf, u64::from(r.fault_entries) * 32)
             && r.ctx_table.is_multiple_of(PAGE_SIZE)
             && self.range_in_ram(r.ctx_table, u64::from(NUM_CONTEXTS) * 16)

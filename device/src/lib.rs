@@ -14,6 +14,7 @@
 //!
 //! The hardware interface itself is `faultline_abi` / `docs/gpu-abi.md`.
 
+pub mod config;
 pub mod counters;
 mod device;
 pub mod engine;
@@ -24,6 +25,7 @@ pub mod pci;
 pub mod testing;
 mod worker;
 
+pub use config::{Config, ConfigError};
 pub use counters::Counters;
 pub use device::{doorbell_offsets, Device, Doorbells, InterruptSink};
 pub use pci::MsiState;

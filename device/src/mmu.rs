@@ -12,7 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::counters::Counters;
 
-/// TLB entries per context in the hash map (the bound the spec promises).
+/// Default TLB entries per context in the hash map (the bound the spec
+/// promises unless the host configured another, see `Config::tlb_entries`).
 pub const TLB_CAPACITY: usize = 4096;
 /// Most-recently-used entries checked before the map: COPY alternates
 /// between a source and a destination page, so one entry is not enough.
@@ -114,10 +115,17 @@ struct Tlb {
     /// Insertion order for eviction; may hold keys already invalidated,
     /// which eviction skips.
     order: VecDeque<u64>,
+    capacity: usize,
 }
 
 impl Default for Tlb {
     fn default() -> Self {
+        Self::with_capacity(TLB_CAPACITY)
+    }
+}
+
+impl Tlb {
+    fn with_capacity(capacity: usize) -> Self {
         Self {
             recent: [None; RECENT],
             // Allocated on first insert: most contexts are never used.
@@ -125,6 +133,7 @@ impl Default for Tlb {
             next_recent: 0,
             map: HashMap::default(),
             order: VecDeque::new(),
+            capacity: capacity.max(1),
         }
     }
 }
@@ -191,7 +200,7 @@ impl Tlb {
         let mut evicted = false;
         if self.map.insert(k, e).is_none() {
             self.order.push_back(k);
-            while self.map.len() > TLB_CAPACITY {
+            while self.map.len() > self.capacity {
                 let Some(old) = self.order.pop_front() else {
                     break;
                 };
@@ -201,7 +210,7 @@ impl Tlb {
                 }
             }
             // Stale keys pile up in `order` under invalidation churn: rebuild.
-            if self.order.len() > 4 * TLB_CAPACITY {
+            if self.order.len() > 4 * self.capacity {
                 let map = &self.map;
                 self.order.retain(|k| map.contains_key(k));
             }
@@ -275,9 +284,17 @@ impl Default for Mmu {
 
 impl Mmu {
     pub fn new() -> Self {
+        Self::with_tlb_capacity(TLB_CAPACITY)
+    }
+
+    /// An MMU whose per-context TLBs hold at most `entries` leaves (at
+    /// least 1).
+    pub fn with_tlb_capacity(entries: usize) -> Self {
         Self {
             ctx_table: 0,
-            tlbs: (0..NUM_CONTEXTS).map(|_| Tlb::default()).collect(),
+            tlbs: (0..NUM_CONTEXTS)
+                .map(|_| Tlb::with_capacity(entries))
+                .collect(),
         }
     }
 

@@ -153,8 +153,14 @@ impl Rig {
     }
 
     pub fn with_memory(mem: GuestMemoryMmap, fault_entries: u32) -> Rig {
+        Self::with_config(mem, fault_entries, crate::Config::default())
+    }
+
+    /// Like `with_memory`, for a device sized by `cfg` (which must be valid).
+    pub fn with_config(mem: GuestMemoryMmap, fault_entries: u32, cfg: crate::Config) -> Rig {
         let irq = Arc::new(RecordingIrq::default());
-        let dev = Device::new(mem, irq.clone());
+        let dev = Device::with_config(mem, irq.clone(), cfg)
+            .unwrap_or_else(|e| panic!("device config: {e}"));
         let mut rig = Rig {
             dev,
             irq,

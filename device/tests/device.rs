@@ -25,9 +25,11 @@ fn rig() -> Rig {
 fn identity_registers_and_undefined_reads() {
     let mut r = rig();
     assert_eq!(r.r32(regs::MAGIC), DEVICE_MAGIC);
-    assert_eq!(r.r32(regs::VERSION), 0x0001_0000);
+    assert_eq!(r.r32(regs::VERSION), 0x0001_0001);
     assert_eq!(r.r32(regs::NUM_CONTEXTS), 64);
     assert_eq!(r.r32(regs::NUM_CHANNELS), 8);
+    assert_eq!(r.r32(regs::FAULT_BUF_MAX), 1 << 16);
+    assert_eq!(r.r32(regs::TLB_ENTRIES), 4096);
     assert_eq!(r.r32(regs::STATUS), 1);
     for off in [0x0FC, 0x2000, 0x4000, 0xFFFC, 0x1_0000, u64::MAX - 3] {
         assert_eq!(r.r32(off), 0, "{off:#x}");
@@ -43,6 +45,49 @@ fn identity_registers_and_undefined_reads() {
     let t0 = r.r32(regs::TIMESTAMP_LO);
     std::thread::sleep(Duration::from_millis(2));
     assert!(r.r32(regs::TIMESTAMP_LO).wrapping_sub(t0) > 1_000_000);
+}
+
+#[test]
+fn host_sizing_is_reported_and_enforced() {
+    use faultline_device::{Config, ConfigError};
+    let mem = || GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+    let cfg = Config {
+        max_fault_entries: 32,
+        tlb_entries: 16,
+        channels: 2,
+    };
+    let mut r = Rig::with_config(mem(), 32, cfg);
+    assert_eq!(r.r32(regs::STATUS), 1, "32 fault entries fit the limit");
+    assert_eq!(r.r32(regs::NUM_CHANNELS), 2);
+    assert_eq!(r.r32(regs::FAULT_BUF_MAX), 32);
+    assert_eq!(r.r32(regs::TLB_ENTRIES), 16);
+    assert_eq!(r.dev.config(), &cfg);
+    // Channel 2 does not exist: its block reads 0 and ignores writes, and
+    // its doorbell is harmless.
+    r.w32(regs::channel_reg(2, regs::CH_QUEUE_SIZE), 8);
+    assert_eq!(r.r32(regs::channel_reg(2, regs::CH_QUEUE_SIZE)), 0);
+    r.w32(regs::channel_reg(2, regs::CH_ENABLE), 1);
+    assert_eq!(r.r32(regs::channel_reg(2, regs::CH_ENABLE)), 0);
+    r.ring(doorbell::channel(2));
+    assert!(r.enable_channel(1, 0), "the last implemented channel works");
+    // A TLB of 16 leaves evicts on the 17th page.
+    r.map_range(0, DATA, DATA, 64 * LEAF_4K, LEAF_4K, Pte::WRITE);
+    let t = r.exec(1, cmd::fill(DATA, 64 * LEAF_4K, 7));
+    assert_eq!(r.status(t), Status::Ok);
+    assert!(r.dev.counters().slot(Counter::TlbEvictions as u32) >= 64 - 16);
+    // A fault buffer above the limit is a bad setup.
+    r.w32(regs::ENABLE, 0);
+    r.w32(regs::FAULT_BUF_ENTRIES, 64);
+    r.w32(regs::ENABLE, 1);
+    assert_eq!(r.r32(regs::ENABLE), 0);
+    assert_eq!(r.r32(regs::ERROR_CODE), DeviceError::BadSetup as u32);
+    // Invalid sizing never builds a device.
+    let irq = Arc::new(RecordingIrq::default());
+    let bad = Config { channels: 9, ..cfg };
+    assert!(matches!(
+        Device::with_config(mem(), irq, bad),
+        Err(ConfigError::Channels(9))
+    ));
 }
 
 #[test]

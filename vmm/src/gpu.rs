@@ -308,11 +308,14 @@ pub fn attach(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     ram_size: u64,
+    sizing: faultline_device::Config,
     mmio: &Bus,
     pci: &mut PciBus,
 ) -> Result<GpuHost> {
     let irq = MsiRouter::new(Box::new(KvmIrqRoutingOps(vm.clone())))?;
-    let device = Arc::new(Mutex::new(Device::new(mem.clone(), Arc::new(irq))));
+    let device = Device::with_config(mem.clone(), Arc::new(irq), sizing)
+        .map_err(|e| Error::Gpu(e.to_string()))?;
+    let device = Arc::new(Mutex::new(device));
     let doorbells =
         KvmDoorbells::new(vm.clone()).map_err(Error::io("creating the GPU doorbell eventfds"))?;
     let doorbell_fds = doorbells

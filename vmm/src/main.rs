@@ -94,6 +94,54 @@ struct RunArgs {
     /// ({"gpu": {"name": value, ...}}, "gpu": null with --no-gpu).
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+/// GPU sizing, shared by `run` and `serve`; the guest reads it back from
+/// NUM_CHANNELS, FAULT_BUF_MAX and TLB_ENTRIES.
+#[derive(clap::Args)]
+struct GpuArgs {
+    /// Largest fault buffer (entries) the GPU accepts: a power of two, 2..=65536.
+    #[arg(long, value_name = "N", default_value_t = faultline_abi::MAX_FAULT_ENTRIES,
+          value_parser = gpu_fault_entries)]
+    gpu_fault_entries: u32,
+    /// Leaf translations each GPU context's TLB holds: 1..=1048576.
+    #[arg(long, value_name = "N", default_value_t = faultline_device::mmu::TLB_CAPACITY as u32,
+          value_parser = gpu_tlb_entries)]
+    gpu_tlb_entries: u32,
+    /// GPU channels: 1..=8.
+    #[arg(long, value_name = "N", default_value_t = faultline_abi::NUM_CHANNELS,
+          value_parser = gpu_channels)]
+    gpu_channels: u32,
+}
+
+impl GpuArgs {
+    fn config(&self) -> faultline_device::Config {
+        faultline_device::Config {
+            max_fault_entries: self.gpu_fault_entries,
+            tlb_entries: self.gpu_tlb_entries,
+            channels: self.gpu_channels,
+        }
+    }
+}
+
+/// Parses one sizing field and checks it with the device's own rules, so
+/// the bounds live in one place.
+fn gpu_field(s: &str, set: fn(&mut faultline_device::Config, u32)) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    let mut c = faultline_device::Config::default();
+    set(&mut c, v);
+    c.validate().map(|()| v).map_err(|e| e.to_string())
+}
+fn gpu_fault_entries(s: &str) -> Result<u32, String> {
+    gpu_field(s, |c, v| c.max_fault_entries = v)
+}
+fn gpu_tlb_entries(s: &str) -> Result<u32, String> {
+    gpu_field(s, |c, v| c.tlb_entries = v)
+}
+fn gpu_channels(s: &str) -> Result<u32, String> {
+    gpu_field(s, |c, v| c.channels = v)
 }
 
 /// What to do with the counters once the VM stopped.
@@ -104,13 +152,37 @@ struct StatsOut {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     init_logging(cli.log_level);
     let code = match cli.command {
         Command::Run(args) => run(args),
     };
     let _ = std::io::stdout().flush();
     ExitCode::from(code)
+}
+
+/// Help and version go to stdout as clap prints them; a usage error is one
+/// line on stderr and status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or("bad usage");
+    eprintln!(
+        "faultline: {}",
+        line.strip_prefix("error: ").unwrap_or(line)
+    );
+    ExitCode::from(2)
 }
 
 fn run(args: RunArgs) -> u8 {
@@ -186,7 +258,7 @@ fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
         vcpus: args.vcpus,
         cmdline: args.cmdline,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
-        gpu: !args.no_gpu,
+        gpu: (!args.no_gpu).then(|| args.gpu.config()),
     };
     Ok((config, stats))
 }

@@ -34,8 +34,8 @@ pub struct Config {
     pub cmdline: String,
     /// None: run until the guest exits.
     pub timeout: Option<Duration>,
-    /// Host the Faultline GPU at 00:04.0.
-    pub gpu: bool,
+    /// Host the Faultline GPU at 00:04.0, sized by this config.
+    pub gpu: Option<faultline_device::Config>,
 }
 
 /// What `run` hands back when the VM stopped without a VMM error.
@@ -148,10 +148,9 @@ pub fn run(cfg: Config) -> Result<Report> {
     .expect("fixed legacy ports do not overlap");
     let mmio = Bus::new();
     let mut pci = PciBus::new();
-    let gpu = if cfg.gpu {
-        Some(gpu::attach(&vm, &mem, cfg.memory, &mmio, &mut pci)?)
-    } else {
-        None
+    let gpu = match cfg.gpu {
+        Some(sizing) => Some(gpu::attach(&vm, &mem, cfg.memory, sizing, &mmio, &mut pci)?),
+        None => None,
     };
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(pci))),

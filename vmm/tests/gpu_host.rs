@@ -110,6 +110,34 @@ fn config_space_bar0_and_bar_move() {
 }
 
 #[test]
+fn gpu_sizing_options_reach_the_guest() {
+    if !kvm_or_skip("gpu_sizing_options_reach_the_guest") {
+        return;
+    }
+    let code = Asm::default()
+        .load(BAR0 + 0x0c) // NUM_CHANNELS
+        .expect(3)
+        .load(BAR0 + 0x78) // FAULT_BUF_MAX
+        .expect(256)
+        .load(BAR0 + 0x7c) // TLB_ENTRIES
+        .expect(100)
+        .pass();
+    let o = run_guest(
+        "gpu-sizing.elf",
+        &code,
+        &[
+            "--gpu-channels",
+            "3",
+            "--gpu-fault-entries",
+            "256",
+            "--gpu-tlb-entries",
+            "100",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
 fn no_gpu_leaves_the_slot_empty() {
     if !kvm_or_skip("no_gpu_leaves_the_slot_empty") {
         return;

@@ -157,3 +157,27 @@ fn bad_flag_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--no-such-flag"));
 }
+
+#[test]
+fn bad_gpu_sizing_is_a_usage_error() {
+    for (opt, value, needle) in [
+        ("--gpu-channels", "9", "channels 9 must be between 1 and 8"),
+        ("--gpu-channels", "0", "channels 0 must be between 1 and 8"),
+        (
+            "--gpu-fault-entries",
+            "100",
+            "fault buffer entries 100 must be a power of two",
+        ),
+        ("--gpu-fault-entries", "131072", "between 2 and 65536"),
+        (
+            "--gpu-tlb-entries",
+            "0",
+            "TLB entries 0 must be between 1 and 1048576",
+        ),
+        ("--gpu-tlb-entries", "lots", "'lots' is not a number"),
+    ] {
+        let o = faultline(&["run", opt, value]);
+        assert_clean_failure(&o, 2, needle);
+        assert!(stderr(&o).contains(opt), "option named: {}", stderr(&o));
+    }
+}

@@ -9,7 +9,7 @@
 use bitflags::bitflags;
 
 /// ABI version reported by `regs::VERSION`: major in bits 31:16, minor in 15:0.
-pub const ABI_VERSION: u32 = 0x0001_0000;
+pub const ABI_VERSION: u32 = 0x0001_0001;
 /// Value of `regs::MAGIC` ("FLTG" read as little-endian bytes).
 pub const DEVICE_MAGIC: u32 = u32::from_le_bytes(*b"FLTG");
 
@@ -28,7 +28,9 @@ pub const LEAF_4K: u64 = 1 << 12;
 pub const LEAF_2M: u64 = 1 << 21;
 pub const LEAF_1G: u64 = 1 << 30;
 
-/// Number of GPU contexts (address spaces) and channels.
+/// Number of GPU contexts (address spaces), and the most channels a device
+/// has (the register window and doorbells exist for all of them; read
+/// `regs::NUM_CHANNELS` for how many this device implements).
 pub const NUM_CONTEXTS: u32 = 64;
 pub const NUM_CHANNELS: u32 = 8;
 /// Largest virtqueue a channel accepts (power of two).
@@ -122,6 +124,12 @@ pub mod regs {
     /// Device timestamp in ns (read LO first: it latches HI).
     pub const TIMESTAMP_LO: u64 = 0x070;
     pub const TIMESTAMP_HI: u64 = 0x074;
+    /// (ABI 1.1) Largest FAULT_BUF_ENTRIES this device accepts (a power of
+    /// two, at most `MAX_FAULT_ENTRIES`). Reads 0 on 1.0 devices, which
+    /// accept `MAX_FAULT_ENTRIES`.
+    pub const FAULT_BUF_MAX: u64 = 0x078;
+    /// (ABI 1.1) Leaf entries each context's TLB holds before evicting.
+    pub const TLB_ENTRIES: u64 = 0x07C;
 
     // --- Channels: one 64-byte block per channel ---
     pub const CHANNEL_BASE: u64 = 0x1000;

@@ -1,0 +1,86 @@
+//! Host-chosen sizing of the device (`faultline run/serve --gpu-*`). The
+//! guest discovers it through read-only registers (NUM_CHANNELS,
+//! FAULT_BUF_MAX, TLB_ENTRIES), so a driver adapts instead of assuming the
+//! defaults.
+
+use faultline_abi::{MAX_FAULT_ENTRIES, NUM_CHANNELS};
+
+use crate::mmu::TLB_CAPACITY;
+
+/// Largest per-context TLB a host may ask for: far beyond any guest's
+/// working set in this bench, and small enough that 64 contexts of it fit
+/// in memory.
+pub const MAX_TLB_ENTRIES: u32 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Largest FAULT_BUF_ENTRIES the device accepts: a power of two in
+    /// 2..=`MAX_FAULT_ENTRIES`.
+    pub max_fault_entries: u32,
+    /// Leaf translations each context's TLB holds: 1..=`MAX_TLB_ENTRIES`.
+    pub tlb_entries: u32,
+    /// Channels the device implements: 1..=`NUM_CHANNELS`.
+    pub channels: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_fault_entries: MAX_FAULT_ENTRIES,
+            tlb_entries: TLB_CAPACITY as u32,
+            channels: NUM_CHANNELS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("fault buffer entries {0} must be a power of two between 2 and {MAX_FAULT_ENTRIES}")]
+    FaultEntries(u32),
+    #[error("TLB entries {0} must be between 1 and {MAX_TLB_ENTRIES}")]
+    TlbEntries(u32),
+    #[error("channels {0} must be between 1 and {NUM_CHANNELS}")]
+    Channels(u32),
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let f = self.max_fault_entries;
+        if !f.is_power_of_two() || !(2..=MAX_FAULT_ENTRIES).contains(&f) {
+            return Err(ConfigError::FaultEntries(f));
+        }
+        if !(1..=MAX_TLB_ENTRIES).contains(&self.tlb_entries) {
+            return Err(ConfigError::TlbEntries(self.tlb_entries));
+        }
+        if !(1..=NUM_CHANNELS).contains(&self.channels) {
+            return Err(ConfigError::Channels(self.channels));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_bounds_are_enforced() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let c = |f, t, ch| Config {
+            max_fault_entries: f,
+            tlb_entries: t,
+            channels: ch,
+        };
+        assert_eq!(c(2, 1, 1).validate(), Ok(()));
+        assert_eq!(c(1 << 16, MAX_TLB_ENTRIES, 8).validate(), Ok(()));
+        for f in [0, 1, 3, 1 << 17, 96] {
+            assert_eq!(c(f, 1, 1).validate(), Err(ConfigError::FaultEntries(f)));
+        }
+        for t in [0, MAX_TLB_ENTRIES + 1] {
+            assert_eq!(c(2, t, 1).validate(), Err(ConfigError::TlbEntries(t)));
+        }
+        for ch in [0, 9] {
+            assert_eq!(c(2, 1, ch).validate(), Err(ConfigError::Channels(ch)));
+        }
+    }
+}
