@@ -5,7 +5,75 @@
 //! real PCI/MSI/page frames; the host loopback tests implement it on the
 //! device model in the same process. Nothing here knows about x86 boot,
 //! KVM or PCI enumeration.
+//!
+//! # Pieces
+//!
+//! * [`Gpu::probe`]: identity check, reset, status block, fault buffer
+//!   ([`GpuConfig::fault_entries`]), context table, control ring, interrupt
+//!   causes, enable. [`Gpu::poll`] is the interrupt bottom half (takes the
+//!   pending vectors, records device errors, services faults);
+//!   [`Gpu::invalidate_range`] / [`Gpu::invalidate_context`] go through the
+//!   control ring and return once the device acknowledged.
+//! * [`PageTable`]: a device page table in DMA memory (4 KiB / 2 MiB / 1 GiB
+//!   leaves, [`PageTable::root`]).
+//! * [`Context`]: a context slot bound to a page table (the page-table lock
+//!   is the driver's update lock); drop tears the slot down.
+//! * [`Channel`]: a virtqueue bound to a context; [`Channel::submit`] /
+//!   [`Channel::wait`] / [`Channel::run`] take a [`Command`] (FILL, COPY,
+//!   ATOMIC, SEMAPHORE_RELEASE, LAUNCH). Waiting runs the bottom half:
+//!   `take_interrupts` → handle → check the completion → `wait_interrupt`,
+//!   until [`GpuConfig::timeout_ns`] gives [`GpuError::Timeout`].
+//! * Errors are [`GpuError`]: a failed command is `Command(status)`, a
+//!   device error `Device { code, info }`.
+//!
+//! # What the firmware calls: identity-map a buffer, FILL, COPY, check
+//!
+//! ```ignore
+//! use alloc::sync::Arc;
+//! use faultline_abi::Pte;
+//! use faultline_driver::gpu::*;
+//!
+//! // 1. BAR0 mapped, MSI enabled and routed so that the interrupt handler
+//! //    records vectors for `take_interrupts`; then:
+//! let platform: Arc<MyPlatform> = ...;
+//! let gpu = Gpu::probe(platform.clone(), GpuConfig::default())?;
+//!
+//! // 2. A buffer the device can reach, identity-mapped (VA == GPA).
+//! let buf = platform.dma_alloc(4).ok_or(GpuError::NoMemory)?; // 16 KiB
+//! let mut pt = PageTable::new(platform.clone())?;
+//! pt.map_range(buf.phys(), buf.phys(), 4 * 4096, PageSize::Size4K, Pte::WRITE)?;
+//! let ctx = Context::new(&gpu, pt)?;
+//! let chan = Channel::open(&ctx)?;
+//!
+//! // 3. FILL the first half, COPY it to the second half, wait for each.
+//! let (src, dst, len) = (buf.phys(), buf.phys() + 8192, 8192);
+//! chan.run(&Command::Fill { dst: src, len, pattern: 0x0123_4567_89ab_cdef })?;
+//! chan.run(&Command::Copy { dst, src, len })?;
+//!
+//! // 4. Check through the CPU mapping.
+//! assert_eq!(buf.read_u64(8192 + 8), 0x0123_4567_89ab_cdef);
+//!
+//! // 5. Teardown order: channel, context (frees the page table), buffer.
+//! drop(chan);
+//! drop(ctx);
+//! platform.dma_free(buf);
+//! ```
+//!
+//! A command on an address the page table does not map faults; a context
+//! without a [`FaultHandler`] gets the fault cancelled, so `run` returns
+//! `Err(GpuError::Command(Status::Cancelled))`.
 
+mod channel;
+mod context;
+mod device;
+mod error;
+mod pagetable;
 pub mod platform;
+pub mod sync;
 
+pub use channel::{Channel, Command, Ticket};
+pub use context::Context;
+pub use device::{CounterSnapshot, DriverCounters, Fault, FaultHandler, Gpu, GpuConfig};
+pub use error::GpuError;
+pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};

@@ -26,12 +26,14 @@ pub trait Platform: Send + Sync + 'static {
     /// disabled, or the device was reset).
     fn dma_free(&self, region: DmaRegion);
 
-    /// Bitmask of MSI vectors (bit `faultline_abi::msi::*`) raised since the
+    /// Bitmask of MSI vectors (bit `faultline_abi::vector::*`) raised since the
     /// previous call; clears what it returns.
     fn take_interrupts(&self) -> u32;
 
     /// Sleeps until an interrupt may have been raised or `timeout_ns` passed.
-    /// May return early (spurious wake-ups are allowed); callers re-check.
+    /// Returns at once if a vector is pending (raised and not yet taken by
+    /// `take_interrupts`). May return early (spurious wake-ups are allowed);
+    /// callers re-check.
     fn wait_interrupt(&self, timeout_ns: u64);
 
     /// A monotonic clock in nanoseconds.
@@ -100,6 +102,18 @@ impl DmaRegion {
         unsafe { self.virt.as_ptr().add(offset).cast() }
     }
 
+    /// Volatile 16-bit read at `offset`.
+    pub fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: `ptr` checks bounds and alignment; the memory is valid per `new`.
+        unsafe { self.ptr::<u16>(offset).read_volatile() }
+    }
+
+    /// Volatile 16-bit write at `offset`.
+    pub fn write_u16(&self, offset: usize, value: u16) {
+        // SAFETY: as in `read_u16`.
+        unsafe { self.ptr::<u16>(offset).write_volatile(value) }
+    }
+
     /// Volatile 32-bit read at `offset`.
     pub fn read_u32(&self, offset: usize) -> u32 {
         // SAFETY: `ptr` checks bounds and alignment; the memory is valid per `new`.
@@ -122,6 +136,15 @@ impl DmaRegion {
     pub fn write_u64(&self, offset: usize, value: u64) {
         // SAFETY: as in `read_u32`.
         unsafe { self.ptr::<u64>(offset).write_volatile(value) }
+    }
+
+    /// Copies `len(out)` bytes at `offset` into `out` with volatile reads.
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len, "DMA read out of bounds");
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: in bounds by the assert above.
+            *b = unsafe { self.virt.as_ptr().add(offset + i).read_volatile() }
+        }
     }
 
     /// Copies `bytes` to `offset` with volatile byte writes.

@@ -1,0 +1,398 @@
+//! Channels: split virtqueues in DMA memory carrying commands for one
+//! context, and the wait for their completions.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
+use core::sync::atomic::{fence, Ordering};
+
+use faultline_abi::{opcode, regs, DeviceError, Status, PAGE_SIZE};
+
+use super::context::Context;
+use super::sync::SpinMutex;
+use super::{DmaRegion, Gpu, GpuError, Platform};
+
+/// One engine command (docs/gpu-abi.md "Commands").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Byte `i` of `[dst, dst + len)` = byte `i % 8` of `pattern`.
+    Fill {
+        /// Destination VA.
+        dst: u64,
+        /// Bytes.
+        len: u64,
+        /// Little-endian pattern.
+        pattern: u64,
+    },
+    /// Copy `len` bytes from `src` to `dst` (no overlap).
+    Copy {
+        /// Destination VA.
+        dst: u64,
+        /// Source VA.
+        src: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Atomic `op` (`faultline_abi::atomic_op`) at `va`; the completion's
+    /// result is the old value.
+    Atomic {
+        /// Naturally aligned VA.
+        va: u64,
+        /// `atomic_op::*`.
+        op: u32,
+        /// 64-bit operand (else 32-bit).
+        wide: bool,
+        /// Operand (new value for EXCHANGE / CAS).
+        operand: u64,
+        /// CAS comparison value.
+        compare: u64,
+    },
+    /// Release-store `value` at `va`.
+    SemaphoreRelease {
+        /// Naturally aligned VA.
+        va: u64,
+        /// 64-bit store (else 32-bit).
+        wide: bool,
+        /// Value.
+        value: u64,
+    },
+    /// Run a kernel (docs/gpu-abi.md "Compute ISA").
+    Launch {
+        /// VA of the code (8-byte aligned).
+        code: u64,
+        /// Instructions.
+        code_len: u32,
+        /// Blocks.
+        grid: u32,
+        /// Threads per block.
+        block: u32,
+        /// Initial r1..r4.
+        args: [u64; 4],
+    },
+    /// Any 64 bytes (tests of the device's validation).
+    Raw([u64; 8]),
+}
+
+impl Command {
+    /// The 64-byte encoding as eight little-endian words.
+    pub fn encode(&self) -> [u64; 8] {
+        let head = |op: u32, flags: u32| u64::from(op) | u64::from(flags) << 32;
+        match *self {
+            Command::Fill { dst, len, pattern } => {
+                [head(opcode::FILL, 0), dst, len, pattern, 0, 0, 0, 0]
+            }
+            Command::Copy { dst, src, len } => [head(opcode::COPY, 0), dst, src, len, 0, 0, 0, 0],
+            Command::Atomic {
+                va,
+                op,
+                wide,
+                operand,
+                compare,
+            } => [
+                head(opcode::ATOMIC, u32::from(wide)),
+                va,
+                operand,
+                compare,
+                u64::from(op),
+                0,
+                0,
+                0,
+            ],
+            Command::SemaphoreRelease { va, wide, value } => [
+                head(opcode::SEMAPHORE_RELEASE, u32::from(wide)),
+                va,
+                value,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+            Command::Launch {
+                code,
+                code_len,
+                grid,
+                block,
+                args,
+            } => [
+                head(opcode::LAUNCH, 0),
+                code,
+                u64::from(code_len) | u64::from(grid) << 32,
+                u64::from(block),
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+            ],
+            Command::Raw(w) => w,
+        }
+    }
+}
+
+/// A submitted command; redeem it with [`Channel::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a ticket must be waited for"]
+pub struct Ticket {
+    seq: u64,
+    errors: u32,
+}
+
+struct ChanState {
+    avail_idx: u16,
+    used_idx: u16,
+    next_seq: u64,
+    /// Sequence number of the command occupying each slot.
+    slot_seq: Vec<Option<u64>>,
+    free: Vec<u16>,
+    /// Completed commands nobody has waited for yet: (status, result, len).
+    done: BTreeMap<u64, (u32, u64, u32)>,
+}
+
+const COMPLETION_PENDING: u32 = u32::MAX;
+const VRING_DESC_F_NEXT: u64 = 1;
+const VRING_DESC_F_WRITE: u64 = 2;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+/// A running channel bound to one context.
+pub struct Channel<P: Platform> {
+    gpu: Arc<Gpu<P>>,
+    index: u32,
+    context: u32,
+    size: u16,
+    avail_off: usize,
+    used_off: usize,
+    ring: ManuallyDrop<DmaRegion>,
+    cmds: ManuallyDrop<DmaRegion>,
+    st: SpinMutex<ChanState>,
+}
+
+impl<P: Platform> Channel<P> {
+    /// Opens a free channel on `ctx`: allocates the virtqueue and the
+    /// command slots, programs and enables the channel. The channel must be
+    /// dropped before the context (commands would fail `InvalidContext`).
+    pub fn open(ctx: &Context<P>) -> Result<Self, GpuError> {
+        let gpu = ctx.gpu().clone();
+        let p = gpu.platform().clone();
+        let n = gpu.config().queue_size;
+        let nn = usize::from(n);
+        let avail_off = 16 * nn;
+        let used_off = (avail_off + 6 + 2 * nn).next_multiple_of(4);
+        let ring_bytes = used_off + 6 + 8 * nn;
+        let slots = nn / 2;
+        let cmd_bytes = slots * (64 + 16);
+        let index = gpu.alloc_channel()?;
+        let pages = |b: usize| (b as u64).div_ceil(PAGE_SIZE) as usize;
+        let Some(ring) = p.dma_alloc(pages(ring_bytes)) else {
+            gpu.free_channel(index);
+            return Err(GpuError::NoMemory);
+        };
+        let Some(cmds) = p.dma_alloc(pages(cmd_bytes)) else {
+            p.dma_free(ring);
+            gpu.free_channel(index);
+            return Err(GpuError::NoMemory);
+        };
+        // Fixed descriptor pairs: 2s = command slot s, 2s+1 = its completion.
+        for s in 0..slots {
+            let cmd = cmds.phys() + (s * 64) as u64;
+            let comp = cmds.phys() + (slots * 64 + s * 16) as u64;
+            let d = 2 * s * 16;
+            ring.write_u64(d, cmd);
+            ring.write_u64(
+                d + 8,
+                64 | VRING_DESC_F_NEXT << 32 | ((2 * s + 1) as u64) << 48,
+            );
+            ring.write_u64(d + 16, comp);
+            ring.write_u64(d + 24, 16 | VRING_DESC_F_WRITE << 32);
+        }
+        let ch = |r| regs::channel_reg(index, r);
+        let w64 = |lo: u64, v: u64| {
+            p.write32(ch(lo), v as u32);
+            p.write32(ch(lo) + 4, (v >> 32) as u32);
+        };
+        p.write32(ch(regs::CH_QUEUE_SIZE), u32::from(n));
+        w64(regs::CH_DESC_LO, ring.phys());
+        w64(regs::CH_AVAIL_LO, ring.phys() + avail_off as u64);
+        w64(regs::CH_USED_LO, ring.phys() + used_off as u64);
+        p.write32(ch(regs::CH_CONTEXT), ctx.index());
+        p.write32(ch(regs::CH_FLAGS), 0);
+        fence(Ordering::Release);
+        p.write32(ch(regs::CH_ENABLE), 1);
+        let status = p.read32(ch(regs::CH_ENABLE));
+        let chan = Channel {
+            gpu: gpu.clone(),
+            index,
+            context: ctx.index(),
+            size: n,
+            avail_off,
+            used_off,
+            ring: ManuallyDrop::new(ring),
+            cmds: ManuallyDrop::new(cmds),
+            st: SpinMutex::new(ChanState {
+                avail_idx: 0,
+                used_idx: 0,
+                next_seq: 0,
+                slot_seq: alloc::vec![None; slots],
+                free: (0..slots as u16).rev().collect(),
+                done: BTreeMap::new(),
+            }),
+        };
+        if status & faultline_abi::ChannelStatus::RUNNING.bits() == 0 {
+            return Err(GpuError::Device {
+                code: DeviceError::BadChannelSetup as u32,
+                info: index,
+            });
+        }
+        Ok(chan)
+    }
+
+    /// Channel number.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Context the channel's commands run in.
+    pub fn context(&self) -> u32 {
+        self.context
+    }
+
+    fn slots(&self) -> usize {
+        usize::from(self.size) / 2
+    }
+
+    fn comp_off(&self, slot: usize) -> usize {
+        self.slots() * 64 + slot * 16
+    }
+
+    /// Moves completed commands from the used ring to `done`.
+    fn reclaim(&self, st: &mut ChanState) {
+        let idx = self.ring.read_u16(self.used_off + 2);
+        fence(Ordering::Acquire);
+        while st.used_idx != idx {
+            let e = self.used_off + 4 + 8 * usize::from(st.used_idx % self.size);
+            let head = self.ring.read_u32(e) as usize;
+            let len = self.ring.read_u32(e + 4);
+            st.used_idx = st.used_idx.wrapping_add(1);
+            // The device only returns heads we posted; anything else is
+            // ignored rather than trusted.
+            let slot = head / 2;
+            let Some(seq) = st.slot_seq.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            let off = self.comp_off(slot);
+            let status = self.cmds.read_u32(off);
+            let result = self.cmds.read_u64(off + 8);
+            st.done.insert(seq, (status, result, len));
+            st.free.push(slot as u16);
+        }
+    }
+
+    /// Queues `cmd` and notifies the device if it asked for notifications.
+    /// Waits (servicing faults) while every slot is in flight.
+    pub fn submit(&self, cmd: &Command) -> Result<Ticket, GpuError> {
+        let deadline = self.gpu.deadline();
+        let words = cmd.encode();
+        loop {
+            {
+                let mut st = self.st.lock();
+                self.reclaim(&mut st);
+                if let Some(slot) = st.free.pop() {
+                    let slot = usize::from(slot);
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.slot_seq[slot] = Some(seq);
+                    for (i, w) in words.iter().enumerate() {
+                        self.cmds.write_u64(slot * 64 + i * 8, *w);
+                    }
+                    let c = self.comp_off(slot);
+                    self.cmds.write_u32(c, COMPLETION_PENDING);
+                    self.cmds.write_u32(c + 4, 0);
+                    self.cmds.write_u64(c + 8, 0);
+                    let ai = st.avail_idx;
+                    let ring_slot = self.avail_off + 4 + 2 * usize::from(ai % self.size);
+                    self.ring.write_u16(ring_slot, (2 * slot) as u16);
+                    st.avail_idx = ai.wrapping_add(1);
+                    fence(Ordering::Release);
+                    self.ring.write_u16(self.avail_off + 2, st.avail_idx);
+                    // The device re-enables notifications and re-checks the
+                    // avail index before idling; order our index store
+                    // before reading its flag (virtio's rule).
+                    fence(Ordering::SeqCst);
+                    let flags = self.ring.read_u16(self.used_off);
+                    if flags & VRING_USED_F_NO_NOTIFY == 0 {
+                        self.gpu.platform().write32(
+                            faultline_abi::doorbell::offset(faultline_abi::doorbell::channel(
+                                self.index,
+                            )),
+                            1,
+                        );
+                    }
+                    return Ok(Ticket {
+                        seq,
+                        errors: self.gpu.last_error().map_or(0, |e| e.2),
+                    });
+                }
+            }
+            self.gpu.poll(true);
+            self.gpu.wait_slice(deadline, "a free channel slot")?;
+        }
+    }
+
+    /// Waits for `t`'s completion, running the bottom half (fault servicing)
+    /// meanwhile. `Ok(result)` for status Ok (`result` is the ATOMIC old
+    /// value), `Command(status)` otherwise.
+    pub fn wait(&self, t: Ticket) -> Result<u64, GpuError> {
+        let deadline = self.gpu.deadline();
+        loop {
+            {
+                let mut st = self.st.lock();
+                self.reclaim(&mut st);
+                if let Some((status, result, len)) = st.done.remove(&t.seq) {
+                    if len == 0 {
+                        return Err(GpuError::Device {
+                            code: DeviceError::BadChain as u32,
+                            info: self.index,
+                        });
+                    }
+                    return match Status::from_u32(status) {
+                        Some(Status::Ok) => Ok(result),
+                        Some(s) => Err(GpuError::Command(s)),
+                        None => Err(GpuError::BadCompletion(status)),
+                    };
+                }
+            }
+            self.gpu.poll(true);
+            if let Some((code, info, n)) = self.gpu.last_error() {
+                let ours = matches!(code, 2 | 3 | 6) && info == self.index;
+                if n != t.errors && (ours || code == DeviceError::MemoryError as u32) {
+                    return Err(GpuError::Device { code, info });
+                }
+            }
+            self.gpu.wait_slice(deadline, "a command completion")?;
+        }
+    }
+
+    /// Submits `cmd` and waits for it.
+    pub fn run(&self, cmd: &Command) -> Result<u64, GpuError> {
+        let t = self.submit(cmd)?;
+        self.wait(t)
+    }
+}
+
+impl<P: Platform> Drop for Channel<P> {
+    fn drop(&mut self) {
+        let p = self.gpu.platform().clone();
+        p.write32(regs::channel_reg(self.index, regs::CH_ENABLE), 0);
+        // SAFETY: never used again; the channel is stopped, so the device no
+        // longer reads or writes the rings.
+        let (ring, cmds) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.ring),
+                ManuallyDrop::take(&mut self.cmds),
+            )
+        };
+        p.dma_free(ring);
+        p.dma_free(cmds);
+        self.gpu.free_channel(self.index);
+    }
+}

@@ -1,0 +1,67 @@
+//! GPU contexts: a device page table bound to a context slot.
+
+use alloc::sync::Arc;
+
+use super::device::FaultHandler;
+use super::pagetable::PageTable;
+use super::sync::{SpinGuard, SpinMutex};
+use super::{Gpu, GpuError, Platform};
+
+/// A GPU address space: a context-table slot whose root is `page_table`.
+///
+/// The page-table lock is the driver's *update lock*: whoever changes
+/// leaves holds it, and invalidates the TLB (through [`Context::invalidate`])
+/// before relying on a downgrade or removal. Dropping the context marks the
+/// slot invalid, cancels its stalled work, invalidates its TLB and then frees
+/// the page tables.
+pub struct Context<P: Platform> {
+    gpu: Arc<Gpu<P>>,
+    index: u32,
+    pt: SpinMutex<PageTable<P>>,
+}
+
+impl<P: Platform> Context<P> {
+    /// Binds `pt` to a free context slot (and invalidates the slot's TLB).
+    pub fn new(gpu: &Arc<Gpu<P>>, pt: PageTable<P>) -> Result<Self, GpuError> {
+        let index = gpu.alloc_context(pt.root())?;
+        Ok(Context {
+            gpu: gpu.clone(),
+            index,
+            pt: SpinMutex::new(pt),
+        })
+    }
+
+    /// The context-table index (what channels and fault entries name).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The device this context lives on.
+    pub fn gpu(&self) -> &Arc<Gpu<P>> {
+        &self.gpu
+    }
+
+    /// Locks the page table (the update lock).
+    pub fn page_table(&self) -> SpinGuard<'_, PageTable<P>> {
+        self.pt.lock()
+    }
+
+    /// Drops the device TLB entries for `[start, start + len)` and waits for
+    /// the device's acknowledgement.
+    pub fn invalidate(&self, start: u64, len: u64) -> Result<(), GpuError> {
+        self.gpu.invalidate_range(self.index, start, len)
+    }
+
+    /// Routes this context's faults to `handler` (`None`: cancel them all).
+    pub fn set_fault_handler(&self, handler: Option<Arc<dyn FaultHandler>>) {
+        self.gpu.set_handler(self.index, handler);
+    }
+}
+
+impl<P: Platform> Drop for Context<P> {
+    fn drop(&mut self) {
+        // The slot goes first so the device stops walking the tables
+        // before `pt` frees them.
+        self.gpu.free_context(self.index);
+    }
+}

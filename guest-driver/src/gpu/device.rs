@@ -1,0 +1,651 @@
+//! Device bring-up, the control ring, interrupts and the fault bottom half.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+use faultline_abi::{
+    ctl_op, regs, status_block, vector, Access, ContextFlags, CtlFlags, CtlStatus, DeviceStatus,
+    FaultFlags, IntCause, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
+    NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
+};
+
+use super::sync::SpinMutex;
+use super::{DmaRegion, GpuError, Platform};
+
+/// Driver settings fixed at probe time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Fault-buffer entries (power of two, 2..=65536).
+    pub fault_entries: u32,
+    /// Control-ring entries (power of two, 2..=4096).
+    pub ctl_entries: u32,
+    /// Virtqueue size of each channel (power of two, 2..=256); a channel
+    /// holds half as many commands in flight.
+    pub queue_size: u16,
+    /// How long a wait for the device may take before `GpuError::Timeout`.
+    pub timeout_ns: u64,
+    /// Longest single `Platform::wait_interrupt` sleep: several threads may
+    /// wait at once and only one of them takes a given interrupt, so the
+    /// others re-check memory at least this often.
+    pub poll_slice_ns: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            fault_entries: 256,
+            ctl_entries: 64,
+            queue_size: 64,
+            timeout_ns: 10_000_000_000,
+            poll_slice_ns: 1_000_000,
+        }
+    }
+}
+
+/// One fault as the bottom half hands it to a context: deduplicated per
+/// page with the strongest access seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Context index.
+    pub context: u32,
+    /// Page address (4 KiB aligned GPU VA).
+    pub va: u64,
+    /// Strongest access that faulted on the page in this batch.
+    pub access: Access,
+}
+
+/// Who services the faults of a context (the SVM layer). Contexts without
+/// one get every fault cancelled.
+pub trait FaultHandler: Send + Sync {
+    /// Service `faults` (one context, sorted by address, one per page).
+    /// Push the address of every fault that cannot be satisfied to `cancel`;
+    /// the bottom half cancels them, then replays once for the batch.
+    fn service(&self, faults: &[Fault], cancel: &mut Vec<u64>);
+}
+
+/// Driver-side counters (`Gpu::counters`).
+#[derive(Debug, Default)]
+pub struct DriverCounters {
+    /// Fault entries read from the buffer.
+    pub faults_read: AtomicU64,
+    /// Entries dropped as duplicates of another (same context and page).
+    pub faults_deduplicated: AtomicU64,
+    /// Windows serviced (SVM).
+    pub windows: AtomicU64,
+    /// Device leaves written by fault servicing (SVM).
+    pub pages_mapped: AtomicU64,
+    /// Window passes retried because the range was invalidated (SVM).
+    pub retries: AtomicU64,
+    /// REPLAY doorbells rung.
+    pub replays: AtomicU64,
+    /// Faults cancelled.
+    pub cancels: AtomicU64,
+    /// Invalidations received from the CPU side (SVM sync callbacks).
+    pub invalidations: AtomicU64,
+    /// TLB invalidations the driver submitted and saw acknowledged.
+    pub tlb_invalidates: AtomicU64,
+    /// Fault batches (bottom-half runs that found entries).
+    pub batches: AtomicU64,
+}
+
+/// A plain copy of [`DriverCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// See [`DriverCounters`].
+    pub faults_read: u64,
+    /// See [`DriverCounters`].
+    pub faults_deduplicated: u64,
+    /// See [`DriverCounters`].
+    pub windows: u64,
+    /// See [`DriverCounters`].
+    pub pages_mapped: u64,
+    /// See [`DriverCounters`].
+    pub retries: u64,
+    /// See [`DriverCounters`].
+    pub replays: u64,
+    /// See [`DriverCounters`].
+    pub cancels: u64,
+    /// See [`DriverCounters`].
+    pub invalidations: u64,
+    /// See [`DriverCounters`].
+    pub tlb_invalidates: u64,
+    /// See [`DriverCounters`].
+    pub batches: u64,
+}
+
+impl DriverCounters {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads all counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            faults_read: r(&self.faults_read),
+            faults_deduplicated: r(&self.faults_deduplicated),
+            windows: r(&self.windows),
+            pages_mapped: r(&self.pages_mapped),
+            retries: r(&self.retries),
+            replays: r(&self.replays),
+            cancels: r(&self.cancels),
+            invalidations: r(&self.invalidations),
+            tlb_invalidates: r(&self.tlb_invalidates),
+            batches: r(&self.batches),
+        }
+    }
+}
+
+impl core::fmt::Display for CounterSnapshot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "faults read {} dedup {} windows {} pages mapped {} retries {} replays {} \
+             cancels {} invalidations {} tlb invalidates {}",
+            self.faults_read,
+            self.faults_deduplicated,
+            self.windows,
+            self.pages_mapped,
+            self.retries,
+            self.replays,
+            self.cancels,
+            self.invalidations,
+            self.tlb_invalidates
+        )
+    }
+}
+
+struct CtlRing {
+    ring: ManuallyDrop<DmaRegion>,
+    prod: u32,
+}
+
+struct FaultState {
+    get: u32,
+    raw: Vec<Fault>,
+    cancel: Vec<u64>,
+}
+
+/// Per-context registration: who services its faults.
+type Handler = Option<Arc<dyn FaultHandler>>;
+
+/// The probed device. Shared (`Arc`) by contexts and channels.
+pub struct Gpu<P: Platform> {
+    platform: Arc<P>,
+    cfg: GpuConfig,
+    sb: ManuallyDrop<DmaRegion>,
+    fault_buf: ManuallyDrop<DmaRegion>,
+    ctx_table: ManuallyDrop<DmaRegion>,
+    ctl: SpinMutex<CtlRing>,
+    faults: SpinMutex<FaultState>,
+    contexts: SpinMutex<[Handler; NUM_CONTEXTS as usize]>,
+    ctx_used: AtomicU64,
+    ch_used: AtomicU32,
+    /// Last device error seen on the ERROR vector: code << 32 | info.
+    last_error: AtomicU64,
+    error_count: AtomicU32,
+    counters: DriverCounters,
+}
+
+fn pages(bytes: u64) -> usize {
+    bytes.div_ceil(PAGE_SIZE) as usize
+}
+
+impl<P: Platform> Gpu<P> {
+    /// Brings the device up: checks identity, resets it, allocates and
+    /// programs the status block, fault buffer, context table and control
+    /// ring, enables all interrupt causes and starts it.
+    ///
+    /// The platform must already have BAR0 mapped and MSI enabled with the
+    /// vectors routed to whatever feeds `take_interrupts`.
+    pub fn probe(platform: Arc<P>, cfg: GpuConfig) -> Result<Arc<Self>, GpuError> {
+        let magic = platform.read32(regs::MAGIC);
+        if magic != DEVICE_MAGIC {
+            return Err(GpuError::NotFound(magic));
+        }
+        let version = platform.read32(regs::VERSION);
+        if version >> 16 != ABI_VERSION >> 16 {
+            return Err(GpuError::Version(version));
+        }
+        let pow2 = |v: u32, max: u32| v.is_power_of_two() && (2..=max).contains(&v);
+        if !pow2(cfg.fault_entries, MAX_FAULT_ENTRIES)
+            || !pow2(cfg.ctl_entries, MAX_CTL_ENTRIES)
+            || !pow2(
+                u32::from(cfg.queue_size),
+                u32::from(faultline_abi::MAX_QUEUE_SIZE),
+            )
+        {
+            return Err(GpuError::Invalid(
+                "ring sizes must be powers of two in range",
+            ));
+        }
+        platform.write32(regs::RESET, regs::RESET_VALUE);
+
+        let alloc = |bytes: u64| platform.dma_alloc(pages(bytes)).ok_or(GpuError::NoMemory);
+        let sb = alloc(status_block::SIZE)?;
+        let fault_buf = alloc(u64::from(cfg.fault_entries) * 32);
+        let ctx_table = alloc(u64::from(NUM_CONTEXTS) * 16);
+        let ctl = alloc(u64::from(cfg.ctl_entries) * 32);
+        let (fault_buf, ctx_table, ctl) = match (fault_buf, ctx_table, ctl) {
+            (Ok(f), Ok(c), Ok(r)) => (f, c, r),
+            (f, c, r) => {
+                for reg in [Some(sb), f.ok(), c.ok(), r.ok()].into_iter().flatten() {
+                    platform.dma_free(reg);
+                }
+                return Err(GpuError::NoMemory);
+            }
+        };
+        let w64 = |lo: u64, v: u64| {
+            platform.write32(lo, v as u32);
+            platform.write32(lo + 4, (v >> 32) as u32);
+        };
+        w64(regs::STATUS_BLOCK_LO, sb.phys());
+        w64(regs::FAULT_BUF_LO, fault_buf.phys());
+        platform.write32(regs::FAULT_BUF_ENTRIES, cfg.fault_entries);
+        w64(regs::CTX_TABLE_LO, ctx_table.phys());
+        w64(regs::CTL_RING_LO, ctl.phys());
+        platform.write32(regs::CTL_RING_ENTRIES, cfg.ctl_entries);
+        platform.write32(regs::INT_ENABLE, IntCause::all().bits());
+        platform.write32(regs::ENABLE, 1);
+        let status = DeviceStatus::from_bits_truncate(platform.read32(regs::STATUS));
+        let gpu = Gpu {
+            platform,
+            cfg,
+            sb: ManuallyDrop::new(sb),
+            fault_buf: ManuallyDrop::new(fault_buf),
+            ctx_table: ManuallyDrop::new(ctx_table),
+            ctl: SpinMutex::new(CtlRing {
+                ring: ManuallyDrop::new(ctl),
+                prod: 0,
+            }),
+            faults: SpinMutex::new(FaultState {
+                get: 0,
+                raw: Vec::new(),
+                cancel: Vec::new(),
+            }),
+            contexts: SpinMutex::new([const { None }; NUM_CONTEXTS as usize]),
+            ctx_used: AtomicU64::new(0),
+            ch_used: AtomicU32::new(0),
+            last_error: AtomicU64::new(0),
+            error_count: AtomicU32::new(0),
+            counters: DriverCounters::default(),
+        };
+        if !status.contains(DeviceStatus::ENABLED) {
+            // Drop resets the device and frees the memory.
+            return Err(GpuError::Device {
+                code: gpu.platform.read32(regs::ERROR_CODE),
+                info: gpu.platform.read32(regs::ERROR_INFO),
+            });
+        }
+        Ok(Arc::new(gpu))
+    }
+
+    /// The machine interface.
+    pub fn platform(&self) -> &Arc<P> {
+        &self.platform
+    }
+
+    /// The probe-time settings.
+    pub fn config(&self) -> &GpuConfig {
+        &self.cfg
+    }
+
+    /// Driver counters.
+    pub fn counters(&self) -> &DriverCounters {
+        &self.counters
+    }
+
+    /// A device counter (`faultline_abi::Counter` index), read over MMIO
+    /// (slow: two register reads; diagnostics only).
+    pub fn device_counter(&self, index: u32) -> u64 {
+        let lo = self.platform.read32(regs::counter(index));
+        let hi = self.platform.read32(regs::counter(index) + 4);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    /// The last device error reported on the ERROR vector, as
+    /// `(code, info)`, and how many were reported.
+    pub fn last_error(&self) -> Option<(u32, u32, u32)> {
+        let n = self.error_count.load(Ordering::Acquire);
+        let e = self.last_error.load(Ordering::Acquire);
+        (n > 0).then_some(((e >> 32) as u32, e as u32, n))
+    }
+
+    pub(crate) fn deadline(&self) -> u64 {
+        self.platform.now_ns().saturating_add(self.cfg.timeout_ns)
+    }
+
+    /// Sleeps for at most one poll slice, or returns `Timeout(what)` once
+    /// `deadline` passed.
+    pub(crate) fn wait_slice(&self, deadline: u64, what: &'static str) -> Result<(), GpuError> {
+        let now = self.platform.now_ns();
+        if now >= deadline {
+            return Err(GpuError::Timeout(what));
+        }
+        self.platform
+            .wait_interrupt((deadline - now).min(self.cfg.poll_slice_ns));
+        Ok(())
+    }
+
+    fn sb_load(&self, off: u64) -> u32 {
+        let v = self.sb.read_u32(off as usize);
+        // Pairs with the device's release store of the index.
+        fence(Ordering::Acquire);
+        v
+    }
+
+    fn sb_store(&self, off: u64, v: u32) {
+        // Everything written before (entries, PTEs) is visible first.
+        fence(Ordering::Release);
+        self.sb.write_u32(off as usize, v);
+    }
+
+    // ------------------------------------------------------------ interrupts
+
+    /// The bottom half: takes the pending vectors, records device errors and
+    /// services faults (unless `service_faults` is false: callers that hold
+    /// the mmap lock or run inside an invalidation must not fault pages in).
+    /// Returns the vectors it took. Safe to call from any thread at any
+    /// time; fault servicing runs in one caller at a time.
+    pub fn poll(&self, service_faults: bool) -> u32 {
+        let irq = self.platform.take_interrupts();
+        if irq & (1 << vector::ERROR) != 0 {
+            let code = self.platform.read32(regs::ERROR_CODE);
+            let info = self.platform.read32(regs::ERROR_INFO);
+            if code != 0 {
+                log::warn!("gpu: device error {code} info {info:#x}");
+                self.last_error
+                    .store(u64::from(code) << 32 | u64::from(info), Ordering::Release);
+                self.error_count.fetch_add(1, Ordering::AcqRel);
+                self.platform.write32(regs::ERROR_CLEAR, 1);
+            }
+        }
+        if service_faults {
+            self.service_faults();
+        }
+        irq
+    }
+
+    /// Drains the fault buffer once (GET..PUT), dispatches the faults to
+    /// their contexts, cancels what cannot be satisfied and rings REPLAY
+    /// once. Returns whether it found any entry. If another thread is
+    /// already servicing, returns false at once.
+    pub fn service_faults(&self) -> bool {
+        let Some(mut st) = self.faults.try_lock() else {
+            return false;
+        };
+        let put = self.sb_load(status_block::FAULT_PUT);
+        let overflow = FaultFlags::from_bits_truncate(self.sb_load(status_block::FAULT_FLAGS))
+            .contains(FaultFlags::OVERFLOW);
+        if put == st.get && !overflow {
+            return false;
+        }
+        // Never trust PUT beyond one buffer's worth.
+        let n = put.wrapping_sub(st.get).min(self.cfg.fault_entries);
+        let st = &mut *st;
+        st.raw.clear();
+        for i in 0..n {
+            let slot = (st.get.wrapping_add(i) % self.cfg.fault_entries) as usize * 32;
+            let va = self.fault_buf.read_u64(slot);
+            let word = self.fault_buf.read_u64(slot + 16);
+            let context = word as u32;
+            let access = Access::from_u8((word >> 32) as u8).unwrap_or(Access::Atomic);
+            st.raw.push(Fault {
+                context,
+                va: va & !(PAGE_SIZE - 1),
+                access,
+            });
+        }
+        st.get = st.get.wrapping_add(n);
+        self.sb_store(status_block::FAULT_GET, st.get);
+        if overflow {
+            // The device writes the entries it held back once told.
+            self.platform.write32(
+                faultline_abi::doorbell::offset(faultline_abi::doorbell::FAULT_GET),
+                1,
+            );
+        }
+        DriverCounters::add(&self.counters.faults_read, u64::from(n));
+        DriverCounters::add(&self.counters.batches, 1);
+
+        // Sort by (context, page, strongest access first), keep one per page.
+        st.raw
+            .sort_unstable_by(|a, b| (a.context, a.va, b.access).cmp(&(b.context, b.va, a.access)));
+        let before = st.raw.len();
+        st.raw
+            .dedup_by(|later, first| later.context == first.context && later.va == first.va);
+        DriverCounters::add(
+            &self.counters.faults_deduplicated,
+            (before - st.raw.len()) as u64,
+        );
+
+        st.cancel.clear();
+        let mut cancels: Vec<(u32, u64)> = Vec::new();
+        let mut i = 0;
+        while i < st.raw.len() {
+            let ctx = st.raw[i].context;
+            let j = i + st.raw[i..].iter().take_while(|f| f.context == ctx).count();
+            let handler = self
+                .contexts
+                .lock()
+                .get(ctx as usize)
+                .and_then(|h| h.clone());
+            match handler {
+                Some(h) => h.service(&st.raw[i..j], &mut st.cancel),
+                None => st.cancel.extend(st.raw[i..j].iter().map(|f| f.va)),
+            }
+            cancels.extend(st.cancel.drain(..).map(|va| (ctx, va)));
+            i = j;
+        }
+        if !cancels.is_empty() {
+            DriverCounters::add(&self.counters.cancels, cancels.len() as u64);
+            let mut last = None;
+            for (ctx, va) in cancels {
+                match self.ctl_submit(ctl_op::CANCEL_RANGE, ctx, va, 0) {
+                    Ok(seq) => last = Some(seq),
+                    Err(e) => log::warn!("gpu: cancel of {va:#x} not submitted: {e}"),
+                }
+            }
+            if let Some(seq) = last {
+                // Cancels must land before the replay retries the rest.
+                if let Err(e) = self.ctl_wait(seq) {
+                    log::warn!("gpu: cancel not acknowledged: {e}");
+                }
+            }
+        }
+        self.platform.write32(
+            faultline_abi::doorbell::offset(faultline_abi::doorbell::REPLAY),
+            1,
+        );
+        DriverCounters::add(&self.counters.replays, 1);
+        true
+    }
+
+    // ---------------------------------------------------------- control ring
+
+    /// Queues a control entry and rings DB_CONTROL; returns its sequence
+    /// number for [`Gpu::ctl_wait`]. Waits (without servicing faults) while
+    /// the ring is full.
+    pub fn ctl_submit(&self, op: u32, context: u32, start: u64, len: u64) -> Result<u32, GpuError> {
+        let deadline = self.deadline();
+        loop {
+            {
+                let mut c = self.ctl.lock();
+                let cons = self.sb_load(status_block::CTL_CONS);
+                if c.prod.wrapping_sub(cons) < self.cfg.ctl_entries {
+                    let seq = c.prod;
+                    let off = (seq % self.cfg.ctl_entries) as usize * 32;
+                    c.ring.write_u32(off, op);
+                    c.ring.write_u32(off + 4, CtlStatus::Pending as u32);
+                    c.ring.write_u32(off + 8, context);
+                    c.ring.write_u32(off + 12, CtlFlags::NOTIFY.bits());
+                    c.ring.write_u64(off + 16, start);
+                    c.ring.write_u64(off + 24, len);
+                    c.prod = seq.wrapping_add(1);
+                    self.sb_store(status_block::CTL_PROD, c.prod);
+                    self.platform.write32(
+                        faultline_abi::doorbell::offset(faultline_abi::doorbell::CONTROL),
+                        1,
+                    );
+                    return Ok(seq);
+                }
+            }
+            self.poll(false);
+            self.wait_slice(deadline, "control ring space")?;
+        }
+    }
+
+    /// Waits until the device acknowledged control entry `seq` (its
+    /// `ctl_cons` passed it) and returns its status. Never services faults,
+    /// so it is safe inside invalidation callbacks.
+    pub fn ctl_wait(&self, seq: u32) -> Result<(), GpuError> {
+        let deadline = self.deadline();
+        loop {
+            let cons = self.sb_load(status_block::CTL_CONS);
+            if cons.wrapping_sub(seq.wrapping_add(1)) as i32 >= 0 {
+                let off = (seq % self.cfg.ctl_entries) as usize * 32;
+                let status = self.ctl.lock().ring.read_u32(off + 4);
+                return if status == CtlStatus::Ok as u32 {
+                    Ok(())
+                } else {
+                    Err(GpuError::Control(status))
+                };
+            }
+            self.poll(false);
+            if let Some((code, info, _)) = self.last_error() {
+                if code == faultline_abi::DeviceError::BadControlRing as u32
+                    || code == faultline_abi::DeviceError::MemoryError as u32
+                {
+                    return Err(GpuError::Device { code, info });
+                }
+            }
+            self.wait_slice(deadline, "control ring acknowledgement")?;
+        }
+    }
+
+    /// Submits one control entry and waits for its acknowledgement.
+    pub fn control(&self, op: u32, context: u32, start: u64, len: u64) -> Result<(), GpuError> {
+        let seq = self.ctl_submit(op, context, start, len)?;
+        self.ctl_wait(seq)
+    }
+
+    /// Drops the device TLB entries of `context` overlapping
+    /// `[start, start + len)` and waits for the acknowledgement: when this
+    /// returns, no device access can use a translation of that range that
+    /// was cached before the call.
+    pub fn invalidate_range(&self, context: u32, start: u64, len: u64) -> Result<(), GpuError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.control(ctl_op::INVALIDATE_RANGE, context, start, len)?;
+        DriverCounters::add(&self.counters.tlb_invalidates, 1);
+        Ok(())
+    }
+
+    /// Drops every TLB entry of `context` (needed after changing its
+    /// context-table entry) and waits for the acknowledgement.
+    pub fn invalidate_context(&self, context: u32) -> Result<(), GpuError> {
+        self.control(ctl_op::INVALIDATE_CONTEXT, context, 0, 0)?;
+        DriverCounters::add(&self.counters.tlb_invalidates, 1);
+        Ok(())
+    }
+
+    // ------------------------------------------------------ context slots
+
+    pub(crate) fn alloc_context(&self, root: u64) -> Result<u32, GpuError> {
+        let mut used = self.ctx_used.load(Ordering::Acquire);
+        let idx = loop {
+            let free = !used;
+            if free == 0 {
+                return Err(GpuError::NoSlot);
+            }
+            let i = free.trailing_zeros();
+            match self.ctx_used.compare_exchange(
+                used,
+                used | 1 << i,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break i,
+                Err(u) => used = u,
+            }
+        };
+        let off = idx as usize * 16;
+        self.ctx_table.write_u64(off, root);
+        fence(Ordering::Release);
+        self.ctx_table
+            .write_u32(off + 8, ContextFlags::VALID.bits());
+        // The device may have cached a walk of a previous user of the slot.
+        if let Err(e) = self.invalidate_context(idx) {
+            self.free_context(idx);
+            return Err(e);
+        }
+        Ok(idx)
+    }
+
+    /// Marks the slot invalid, fails its stalled work, drops its TLB.
+    pub(crate) fn free_context(&self, idx: u32) {
+        self.contexts.lock()[idx as usize] = None;
+        let off = idx as usize * 16;
+        self.ctx_table.write_u32(off + 8, 0);
+        self.ctx_table.write_u64(off, 0);
+        for op in [ctl_op::CANCEL_CONTEXT, ctl_op::INVALIDATE_CONTEXT] {
+            if let Err(e) = self.control(op, idx, 0, 0) {
+                log::warn!("gpu: teardown of context {idx}: {e}");
+            }
+        }
+        self.ctx_used.fetch_and(!(1 << idx), Ordering::AcqRel);
+    }
+
+    /// Installs (or removes) the fault handler of context `idx`.
+    pub(crate) fn set_handler(&self, idx: u32, h: Handler) {
+        self.contexts.lock()[idx as usize] = h;
+    }
+
+    pub(crate) fn alloc_channel(&self) -> Result<u32, GpuError> {
+        let mut used = self.ch_used.load(Ordering::Acquire);
+        loop {
+            let free = !used & ((1 << NUM_CHANNELS) - 1);
+            if free == 0 {
+                return Err(GpuError::NoSlot);
+            }
+            let i = free.trailing_zeros();
+            match self.ch_used.compare_exchange(
+                used,
+                used | 1 << i,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(i),
+                Err(u) => used = u,
+            }
+        }
+    }
+
+    pub(crate) fn free_channel(&self, idx: u32) {
+        self.ch_used.fetch_and(!(1 << idx), Ordering::AcqRel);
+    }
+}
+
+impl<P: Platform> Drop for Gpu<P> {
+    fn drop(&mut self) {
+        // Stop all DMA before the memory goes back to the platform.
+        self.platform.write32(regs::RESET, regs::RESET_VALUE);
+        // SAFETY: the fields are never touched again (we are in drop), and
+        // the reset above ended the device's use of them.
+        let regions = unsafe {
+            [
+                ManuallyDrop::take(&mut self.ctl.get_mut().ring),
+                ManuallyDrop::take(&mut self.sb),
+                ManuallyDrop::take(&mut self.fault_buf),
+                ManuallyDrop::take(&mut self.ctx_table),
+            ]
+        };
+        for r in regions {
+            self.platform.dma_free(r);
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Device page tables in DMA memory (4 levels, 512 entries, 48-bit VA).
+//!
+//! A [`PageTable`] only edits memory: it never talks to the device. Whoever
+//! downgrades or removes a leaf the device may have cached must invalidate
+//! the device TLB afterwards (see `Context::invalidate`). Tables emptied or
+//! replaced are not freed until the page table is dropped (the device may be
+//! walking them right now), which bounds the memory to what the VA range
+//! ever needed.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use faultline_abi::{pt_index, Pte, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK, VA_LIMIT};
+
+use super::{DmaRegion, GpuError, Platform};
+
+/// Leaf sizes the driver maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSize {
+    /// 4 KiB leaf (level 1).
+    Size4K,
+    /// 2 MiB leaf (level 2).
+    Size2M,
+    /// 1 GiB leaf (level 3).
+    Size1G,
+}
+
+impl PageSize {
+    /// Bytes.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => LEAF_4K,
+            PageSize::Size2M => LEAF_2M,
+            PageSize::Size1G => LEAF_1G,
+        }
+    }
+    /// Page-table level holding this leaf.
+    pub const fn level(self) -> u32 {
+        match self {
+            PageSize::Size4K => 1,
+            PageSize::Size2M => 2,
+            PageSize::Size1G => 3,
+        }
+    }
+    fn from_level(level: u32) -> PageSize {
+        match level {
+            1 => PageSize::Size4K,
+            2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        }
+    }
+}
+
+/// One translation as the device would see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// Guest-physical address `va` translates to (not the leaf base).
+    pub phys: u64,
+    /// Size of the leaf that maps it.
+    pub size: PageSize,
+    /// The leaf's permission bits (VALID, WRITE, ATOMIC).
+    pub perms: Pte,
+}
+
+/// What [`PageTable::unmap_range`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleared {
+    /// Leaves cleared.
+    pub leaves: u64,
+    /// Smallest range covering every cleared leaf (empty if none): a leaf
+    /// larger than the request is cleared whole, so this may exceed it.
+    pub start: u64,
+    /// End of that range.
+    pub end: u64,
+}
+
+/// A device page table owned by the driver.
+pub struct PageTable<P: Platform> {
+    platform: Arc<P>,
+    root: u64,
+    /// Every table, the root included, by guest-physical address.
+    tables: BTreeMap<u64, DmaRegion>,
+    /// Tables no entry points to any more; freed on drop.
+    retired: Vec<DmaRegion>,
+    leaves: u64,
+}
+
+impl<P: Platform> PageTable<P> {
+    /// An empty page table (a zeroed root).
+    pub fn new(platform: Arc<P>) -> Result<Self, GpuError> {
+        let root = platform.dma_alloc(1).ok_or(GpuError::NoMemory)?;
+        let phys = root.phys();
+        let mut tables = BTreeMap::new();
+        tables.insert(phys, root);
+        Ok(PageTable {
+            platform,
+            root: phys,
+            tables,
+            retired: Vec::new(),
+            leaves: 0,
+        })
+    }
+
+    /// Guest-physical address of the level-4 table (the context's root).
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// Valid leaves currently present.
+    pub fn leaf_count(&self) -> u64 {
+        self.leaves
+    }
+
+    /// Tables (including the root) this page table holds in DMA memory.
+    pub fn table_count(&self) -> usize {
+        self.tables.len() + self.retired.len()
+    }
+
+    fn table(&self, phys: u64) -> &DmaRegion {
+        // Only this type writes table entries, and every table address it
+        // writes is a key of `tables`.
+        self.tables
+            .get(&phys)
+            .unwrap_or_else(|| panic!("page table {phys:#x} is not ours"))
+    }
+
+    fn alloc_table(&mut self) -> Result<u64, GpuError> {
+        let t = self.platform.dma_alloc(1).ok_or(GpuError::NoMemory)?;
+        let phys = t.phys();
+        self.tables.insert(phys, t);
+        Ok(phys)
+    }
+
+    /// Unlinks the level-`level` table at `phys` and everything below it.
+    fn retire(&mut self, phys: u64, level: u32) {
+        if let Some(t) = self.tables.remove(&phys) {
+            for i in 0..512 {
+                let e = Pte::from_bits_retain(t.read_u64(i * 8));
+                if e.contains(Pte::VALID) {
+                    if level > 1 && !e.contains(Pte::LEAF) {
+                        self.retire(e.addr(), level - 1);
+                    } else {
+                        self.leaves -= 1;
+                    }
+                }
+            }
+            self.retired.push(t);
+        }
+    }
+
+    fn check(va: u64, phys: u64, size: PageSize) -> Result<(), GpuError> {
+        let s = size.bytes();
+        if !va.is_multiple_of(s) || !phys.is_multiple_of(s) {
+            return Err(GpuError::Invalid("misaligned mapping"));
+        }
+        if va >= VA_LIMIT || phys & !PTE_ADDR_MASK != 0 {
+            return Err(GpuError::Invalid("address out of range"));
+        }
+        Ok(())
+    }
+
+    /// Maps `va` to `phys` with one leaf of `size`; `perms` may hold WRITE
+    /// and ATOMIC. Replaces whatever mapped that range before (a smaller
+    /// leaf's table or a larger leaf is dropped whole); the caller
+    /// invalidates the device TLB if that removed or downgraded anything.
+    pub fn map(&mut self, va: u64, phys: u64, size: PageSize, perms: Pte) -> Result<(), GpuError> {
+        Self::check(va, phys, size)?;
+        let level = size.level();
+        let mut table = self.root;
+        for l in (level + 1..=4).rev() {
+            let slot = pt_index(va, l) * 8;
+            let e = Pte::from_bits_retain(self.table(table).read_u64(slot));
+            table = if e.contains(Pte::VALID) && !e.contains(Pte::LEAF) {
+                e.addr()
+            } else {
+                if e.contains(Pte::VALID) {
+                    // A larger leaf covers this VA: it goes away whole.
+                    self.leaves -= 1;
+                }
+                let t = self.alloc_table()?;
+                self.table(table).write_u64(slot, Pte::table(t).bits());
+                t
+            };
+        }
+        let slot = pt_index(va, level) * 8;
+        let t = self.table(table);
+        let old = Pte::from_bits_retain(t.read_u64(slot));
+        let perms = perms & (Pte::WRITE | Pte::ATOMIC);
+        t.write_u64(slot, Pte::leaf(phys, level, perms).bits());
+        if old.contains(Pte::VALID) {
+            if level > 1 && !old.contains(Pte::LEAF) {
+                self.retire(old.addr(), level - 1);
+                self.leaves += 1;
+            }
+        } else {
+            self.leaves += 1;
+        }
+        Ok(())
+    }
+
+    /// Maps `[va, va + len)` to `[phys, ..)` with leaves of `size`.
+    pub fn map_range(
+        &mut self,
+        va: u64,
+        phys: u64,
+        len: u64,
+        size: PageSize,
+        perms: Pte,
+    ) -> Result<(), GpuError> {
+        if !len.is_multiple_of(size.bytes()) || va.checked_add(len).is_none_or(|e| e > VA_LIMIT) {
+            return Err(GpuError::Invalid("bad mapping length"));
+        }
+        let mut off = 0;
+        while off < len {
+            self.map(va + off, phys + off, size, perms)?;
+            off += size.bytes();
+        }
+        Ok(())
+    }
+
+    /// The translation of `va`, if a valid leaf maps it.
+    pub fn lookup(&self, va: u64) -> Option<Leaf> {
+        if va >= VA_LIMIT {
+            return None;
+        }
+        let mut table = self.root;
+        for level in (1..=4).rev() {
+            let e = Pte::from_bits_retain(self.table(table).read_u64(pt_index(va, level) * 8));
+            if !e.contains(Pte::VALID) {
+                return None;
+            }
+            if level == 1 || e.contains(Pte::LEAF) {
+                let size = PageSize::from_level(level);
+                return Some(Leaf {
+                    phys: e.addr() + (va & (size.bytes() - 1)),
+                    size,
+                    perms: e & (Pte::VALID | Pte::WRITE | Pte::ATOMIC),
+                });
+            }
+            table = e.addr();
+        }
+        None
+    }
+
+    /// Clears every leaf overlapping `[start, end)` (whole leaves, even if
+    /// they extend past the range). Empty tables stay linked.
+    pub fn unmap_range(&mut self, start: u64, end: u64) -> Cleared {
+        let mut c = Cleared {
+            leaves: 0,
+            start: u64::MAX,
+            end: 0,
+        };
+        let end = end.min(VA_LIMIT);
+        if start < end {
+            self.clear(self.root, 4, 0, start, end, &mut c);
+        }
+        self.leaves -= c.leaves;
+        if c.leaves == 0 {
+            c.start = 0;
+        }
+        c
+    }
+
+    fn clear(&self, table: u64, level: u32, base: u64, start: u64, end: u64, c: &mut Cleared) {
+        let span = 1u64 << (12 + 9 * (level - 1));
+        let first = ((start.max(base) - base) / span) as usize;
+        let last = ((end - 1).min(base + 512 * span - 1) - base) / span;
+        for i in first..=last as usize {
+            let t = self.table(table);
+            let e = Pte::from_bits_retain(t.read_u64(i * 8));
+            if !e.contains(Pte::VALID) {
+                continue;
+            }
+            let va = base + i as u64 * span;
+            if level == 1 || e.contains(Pte::LEAF) {
+                t.write_u64(i * 8, 0);
+                c.leaves += 1;
+                c.start = c.start.min(va);
+                c.end = c.end.max(va + span);
+            } else {
+                self.clear(e.addr(), level - 1, va, start, end, c);
+            }
+        }
+    }
+
+    /// Clears WRITE and ATOMIC on every leaf overlapping `[start, end)`;
+    /// returns what it touched like [`PageTable::unmap_range`].
+    pub fn protect_range(&mut self, start: u64, end: u64) -> Cleared {
+        let mut c = Cleared {
+            leaves: 0,
+            start: u64::MAX,
+            end: 0,
+        };
+        let end = end.min(VA_LIMIT);
+        if start < end {
+            self.downgrade(self.root, 4, 0, start, end, &mut c);
+        }
+        if c.leaves == 0 {
+            c.start = 0;
+        }
+        c
+    }
+
+    fn downgrade(&self, table: u64, level: u32, base: u64, start: u64, end: u64, c: &mut Cleared) {
+        let span = 1u64 << (12 + 9 * (level - 1));
+        let first = ((start.max(base) - base) / span) as usize;
+        let last = ((end - 1).min(base + 512 * span - 1) - base) / span;
+        for i in first..=last as usize {
+            let t = self.table(table);
+            let e = Pte::from_bits_retain(t.read_u64(i * 8));
+            if !e.contains(Pte::VALID) {
+                continue;
+            }
+            let va = base + i as u64 * span;
+            if level == 1 || e.contains(Pte::LEAF) {
+                if e.intersects(Pte::WRITE | Pte::ATOMIC) {
+                    t.write_u64(i * 8, (e - Pte::WRITE - Pte::ATOMIC).bits());
+                    c.leaves += 1;
+                    c.start = c.start.min(va);
+                    c.end = c.end.max(va + span);
+                }
+            } else {
+                self.downgrade(e.addr(), level - 1, va, start, end, c);
+            }
+        }
+    }
+}
+
+impl<P: Platform> Drop for PageTable<P> {
+    fn drop(&mut self) {
+        let tables = core::mem::take(&mut self.tables);
+        for (_, t) in tables {
+            self.platform.dma_free(t);
+        }
+        for t in self.retired.drain(..) {
+            self.platform.dma_free(t);
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! A [`Platform`] over the real device model in this process: guest memory
+//! is a `GuestMemoryMmap`, the device runs on its own worker thread (as in
+//! the VMM), MSI vectors land in a pending mask, and DMA memory and process
+//! frames are carved from the same guest memory.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use faultline_device::{Device, InterruptSink, Worker};
+use faultline_driver::gpu::{DmaRegion, Platform};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+const PAGE: u64 = 4096;
+
+/// MSI delivery: a pending mask plus a condvar to sleep on.
+#[derive(Default)]
+pub struct Irq {
+    pending: AtomicU32,
+    lock: Mutex<()>,
+    cv: Condvar,
+    pub raised: AtomicU32,
+}
+
+impl InterruptSink for Irq {
+    fn trigger(&self, vector: u32) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.fetch_or(1 << vector, Ordering::AcqRel);
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
+}
+
+/// First-fit allocator of 4 KiB frames over `[base, end)` of guest memory.
+pub struct FrameAllocator {
+    free: BTreeMap<u64, u64>,
+    in_use: u64,
+}
+
+impl FrameAllocator {
+    fn new(base: u64, end: u64) -> Self {
+        let mut free = BTreeMap::new();
+        free.insert(base, end - base);
+        FrameAllocator { free, in_use: 0 }
+    }
+
+    /// `pages` contiguous frames aligned to `align` pages.
+    pub fn alloc(&mut self, pages: u64, align: u64) -> Option<u64> {
+        let (bytes, align) = (pages * PAGE, align * PAGE);
+        let (&start, &len) = self.free.iter().find(|(&s, &l)| {
+            let a = s.next_multiple_of(align);
+            a + bytes <= s + l
+        })?;
+        let a = start.next_multiple_of(align);
+        self.free.remove(&start);
+        if a > start {
+            self.free.insert(start, a - start);
+        }
+        if a + bytes < start + len {
+            self.free.insert(a + bytes, start + len - a - bytes);
+        }
+        self.in_use += pages;
+        Some(a)
+    }
+
+    pub fn free(&mut self, addr: u64, pages: u64) {
+        let (mut start, mut len) = (addr, pages * PAGE);
+        if let Some((&s, &l)) = self.free.range(..addr).next_back() {
+            assert!(s + l <= addr, "double free of {addr:#x}");
+            if s + l == addr {
+                self.free.remove(&s);
+                start = s;
+                len += l;
+            }
+        }
+        if let Some(&l) = self.free.get(&(addr + pages * PAGE)) {
+            self.free.remove(&(addr + pages * PAGE));
+            len += l;
+        }
+        self.free.insert(start, len);
+        self.in_use -= pages;
+    }
+
+    pub fn in_use(&self) -> u64 {
+        self.in_use
+    }
+}
+
+pub struct Loopback {
+    pub dev: Arc<Mutex<Device<GuestMemoryMmap>>>,
+    pub mem: GuestMemoryMmap,
+    pub irq: Arc<Irq>,
+    pub frames: Mutex<FrameAllocator>,
+    worker: Mutex<Option<Worker>>,
+    epoch: Instant,
+}
+
+/// Guest memory below this stays unused (as real firmware keeps low memory).
+const RAM_BASE: u64 = 1 << 20;
+
+impl Loopback {
+    /// A device over `mem_mib` MiB of guest memory, MSI enabled with four
+    /// vectors, the worker thread running.
+    pub fn new(mem_mib: u64) -> Arc<Self> {
+        let size = mem_mib << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .unwrap_or_else(|e| panic!("guest memory: {e}"));
+        let irq = Arc::new(Irq::default());
+        let mut dev = Device::new(mem.clone(), irq.clone());
+        // MSI: address, then enable with MME = 2 (four vectors).
+        dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
+        dev.config_write(0x42, &(1u16 | (2 << 4)).to_le_bytes());
+        let dev = Arc::new(Mutex::new(dev));
+        let worker = Worker::spawn(dev.clone()).unwrap_or_else(|e| panic!("worker: {e}"));
+        Arc::new(Loopback {
+            dev,
+            mem,
+            irq,
+            frames: Mutex::new(FrameAllocator::new(RAM_BASE, size)),
+            worker: Mutex::new(Some(worker)),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, Device<GuestMemoryMmap>> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Host pointer of guest-physical `pa`.
+    pub fn host_ptr(&self, pa: u64) -> *mut u8 {
+        self.mem
+            .get_host_address(GuestAddress(pa))
+            .unwrap_or_else(|e| panic!("gpa {pa:#x}: {e}"))
+    }
+
+    pub fn read_phys(&self, pa: u64, out: &mut [u8]) {
+        self.mem
+            .read_slice(out, GuestAddress(pa))
+            .unwrap_or_else(|e| panic!("read {pa:#x}: {e}"));
+    }
+
+    pub fn write_phys(&self, pa: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(pa))
+            .unwrap_or_else(|e| panic!("write {pa:#x}: {e}"));
+    }
+
+    pub fn frames_in_use(&self) -> u64 {
+        self.frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_use()
+    }
+
+    /// Stops the worker (the device stays; no more processing).
+    pub fn stop(&self) {
+        if let Some(w) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.shutdown();
+        }
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Platform for Loopback {
+    fn read32(&self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.device().mmio_read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write32(&self, offset: u64, value: u32) {
+        self.device().mmio_write(offset, &value.to_le_bytes());
+    }
+
+    fn dma_alloc(&self, pages: usize) -> Option<DmaRegion> {
+        let pages = pages as u64;
+        // Natural alignment up to 2 MiB so large identity maps can use
+        // large leaves.
+        let align = pages.next_power_of_two().min(512);
+        let pa = self
+            .frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .alloc(pages, align)?;
+        let len = (pages * PAGE) as usize;
+        self.mem
+            .write_slice(&vec![0u8; len], GuestAddress(pa))
+            .ok()?;
+        let virt = NonNull::new(self.host_ptr(pa))?;
+        // SAFETY: `pa..pa+len` lies in one mmapped guest-memory region that
+        // lives as long as `self.mem` (which outlives every region: the
+        // driver frees them through this platform), and the host pointer
+        // reaches the bytes the device sees at `pa`.
+        Some(unsafe { DmaRegion::new(pa, virt, len) })
+    }
+
+    fn dma_free(&self, region: DmaRegion) {
+        self.frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(region.phys(), region.len() as u64 / PAGE);
+    }
+
+    fn take_interrupts(&self) -> u32 {
+        self.irq.pending.swap(0, Ordering::AcqRel)
+    }
+
+    fn wait_interrupt(&self, timeout_ns: u64) {
+        let g = self.irq.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.irq.pending.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let _ = self
+            .irq
+            .cv
+            .wait_timeout(g, Duration::from_nanos(timeout_ns))
+            .unwrap_or_else(|e| e.into_inner());
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}

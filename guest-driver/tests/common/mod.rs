@@ -1,0 +1,2 @@
+//! Shared pieces of the host loopback tests.
+pub mod loopback;
