@@ -21,7 +21,7 @@ use crate::bus::{Bus, BusDevice};
 use crate::error::{Error, Result};
 use crate::gpu_worker::GpuWorker;
 use crate::memory::{self, MMIO_HOLE_START};
-use crate::msi::{KvmIrqRoutingOps, MsiRouter};
+use crate::msi::{KvmIrqRoutingOps, MsiRouter, SignalMsi};
 use crate::pci::{Devfn, PciBus, PciFunction};
 
 pub type Gpu = Device<GuestMemoryMmap>;
@@ -103,6 +103,25 @@ impl DoorbellEvents for KvmDoorbells {
     fn unregister(&mut self, i: usize, addr: u64) -> std::result::Result<(), kvm_ioctls::Error> {
         self.vm
             .unregister_ioevent(&self.events[i].2, &IoEventAddress::Mmio(addr), NoDatamatch)
+    }
+}
+
+/// No ioeventfds at all (`--gpu-no-fastpath`): doorbell writes exit to the
+/// VMM like any other BAR0 write and reach the worker through `Bar0::write`.
+pub struct NoDoorbells;
+
+impl DoorbellEvents for NoDoorbells {
+    fn count(&self) -> usize {
+        0
+    }
+    fn offset(&self, _i: usize) -> u64 {
+        0
+    }
+    fn register(&mut self, _i: usize, _addr: u64) -> std::result::Result<(), kvm_ioctls::Error> {
+        Ok(())
+    }
+    fn unregister(&mut self, _i: usize, _addr: u64) -> std::result::Result<(), kvm_ioctls::Error> {
+        Ok(())
     }
 }
 
@@ -303,7 +322,9 @@ impl GpuHost {
     }
 }
 
-/// Creates the GPU, puts it at 00:04.0 and assigns BAR0 at boot.
+/// Creates the GPU, puts it at 00:04.0 and assigns BAR0 at boot. Without
+/// `fastpath`, doorbells are plain MMIO exits and MSIs `KVM_SIGNAL_MSI`
+/// ioctls (a benchmark baseline and debugging aid).
 pub fn attach(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
@@ -311,16 +332,26 @@ pub fn attach(
     sizing: faultline_device::Config,
     mmio: &Bus,
     pci: &mut PciBus,
+    fastpath: bool,
 ) -> Result<GpuHost> {
-    let irq = MsiRouter::new(Box::new(KvmIrqRoutingOps(vm.clone())))?;
-    let device = Device::with_config(mem.clone(), Arc::new(irq), sizing)
-        .map_err(|e| Error::Gpu(e.to_string()))?;
+    let irq: Arc<dyn faultline_device::InterruptSink> = if fastpath {
+        Arc::new(MsiRouter::new(Box::new(KvmIrqRoutingOps(vm.clone())))?)
+    } else {
+        Arc::new(SignalMsi::new(vm.clone()))
+    };
+    let device =
+        Device::with_config(mem.clone(), irq, sizing).map_err(|e| Error::Gpu(e.to_string()))?;
     let device = Arc::new(Mutex::new(device));
-    let doorbells =
-        KvmDoorbells::new(vm.clone()).map_err(Error::io("creating the GPU doorbell eventfds"))?;
-    let doorbell_fds = doorbells
-        .worker_fds()
-        .map_err(Error::io("duplicating the GPU doorbell eventfds"))?;
+    let (doorbells, doorbell_fds): (Box<dyn DoorbellEvents>, _) = if fastpath {
+        let d = KvmDoorbells::new(vm.clone())
+            .map_err(Error::io("creating the GPU doorbell eventfds"))?;
+        let fds = d
+            .worker_fds()
+            .map_err(Error::io("duplicating the GPU doorbell eventfds"))?;
+        (Box::new(d), fds)
+    } else {
+        (Box::new(NoDoorbells), Vec::new())
+    };
     let mut reserved: Vec<(u64, u64)> = memory::ram_ranges(ram_size)
         .into_iter()
         .map(|(a, len)| (a.0, len))
@@ -335,7 +366,7 @@ pub fn attach(
         mmio.clone(),
         Arc::new(Mutex::new(bar0)),
         reserved,
-        Box::new(doorbells),
+        doorbells,
     );
     let mut function = GpuPci::new(device.clone(), bar);
     function

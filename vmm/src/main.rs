@@ -87,6 +87,10 @@ struct RunArgs {
     /// Do not attach the Faultline GPU (PCI 00:04.0, BAR0 at 0xc0000000).
     #[arg(long)]
     no_gpu: bool,
+    /// Benchmark/debug aid: no doorbell ioeventfds (doorbells exit to the
+    /// VMM like any BAR0 write) and MSIs by KVM_SIGNAL_MSI instead of irqfds.
+    #[arg(long)]
+    gpu_no_fastpath: bool,
     /// Print the GPU's counters to stderr when the VM stops.
     #[arg(long)]
     stats: bool,
@@ -259,6 +263,7 @@ fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
         cmdline: args.cmdline,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         gpu: (!args.no_gpu).then(|| args.gpu.config()),
+        gpu_fastpath: !args.gpu_no_fastpath,
     };
     Ok((config, stats))
 }

@@ -259,6 +259,45 @@ impl InterruptSink for MsiRouter {
     }
 }
 
+/// The slow path `faultline run --gpu-no-fastpath` measures against: every
+/// MSI is a `KVM_SIGNAL_MSI` ioctl from the device thread, with the message
+/// looked up at that moment, instead of an irqfd write.
+pub struct SignalMsi {
+    vm: Arc<VmFd>,
+    state: Mutex<MsiState>,
+}
+
+impl SignalMsi {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            state: Mutex::new(MsiState::default()),
+        }
+    }
+}
+
+impl InterruptSink for SignalMsi {
+    fn trigger(&self, vector: u32) {
+        let live = live_messages(&lock(&self.state));
+        let Some(Some((address, data))) = live.get(vector as usize).copied() else {
+            return;
+        };
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            log::warn!("GPU vector {vector}: KVM_SIGNAL_MSI: {e}");
+        }
+    }
+
+    fn msi_changed(&self, msi: &MsiState) {
+        *lock(&self.state) = *msi;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

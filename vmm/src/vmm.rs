@@ -36,6 +36,9 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// Host the Faultline GPU at 00:04.0, sized by this config.
     pub gpu: Option<faultline_device::Config>,
+    /// Doorbell ioeventfds and MSI irqfds (false: plain exits and
+    /// KVM_SIGNAL_MSI, `--gpu-no-fastpath`).
+    pub gpu_fastpath: bool,
 }
 
 /// What `run` hands back when the VM stopped without a VMM error.
@@ -149,7 +152,15 @@ pub fn run(cfg: Config) -> Result<Report> {
     let mmio = Bus::new();
     let mut pci = PciBus::new();
     let gpu = match cfg.gpu {
-        Some(sizing) => Some(gpu::attach(&vm, &mem, cfg.memory, sizing, &mmio, &mut pci)?),
+        Some(sizing) => Some(gpu::attach(
+            &vm,
+            &mem,
+            cfg.memory,
+            sizing,
+            &mmio,
+            &mut pci,
+            cfg.gpu_fastpath,
+        )?),
         None => None,
     };
     pio.insert(

@@ -1,0 +1,136 @@
+//! The real firmware drives the GPU under faultline: PCI probe, MSI through
+//! irqfd (or KVM_SIGNAL_MSI with --gpu-no-fastpath), hostile register
+//! writes, and the no-GPU policy (`gpu=optional`).
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+fn firmware() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware/target/x86_64-unknown-none/release/faultline-firmware");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "firmware not built at {}: run scripts/build-firmware.sh",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
+        p.display()
+    );
+    None
+}
+
+/// Boots the firmware with `cmdline` and extra VMM arguments.
+fn boot(test: &str, cmdline: &str, extra: &[&str]) -> Option<std::process::Output> {
+    let (true, Some(fw)) = (kvm_or_skip(test), firmware()) else {
+        return None;
+    };
+    let mut args = vec![
+        "run",
+        "--firmware",
+        path_str(&fw),
+        "--timeout",
+        "120",
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    Some(faultline(&args))
+}
+
+fn assert_passed(o: &std::process::Output, tests: &[&str]) {
+    let out = stdout(o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        stderr(o)
+    );
+    for t in tests {
+        assert!(out.contains(&format!("test {t} ... ok")), "{t}:\n{out}");
+    }
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+}
+
+fn stats_json(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("faultline-{name}-{}.json", std::process::id()))
+}
+
+fn read_json(p: &PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap();
+    let _ = std::fs::remove_file(p);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn firmware_finds_the_gpu_and_gets_its_msi() {
+    let Some(o) = boot("firmware_finds_the_gpu", "test=gpu_ loglevel=info", &[]) else {
+        return;
+    };
+    assert_passed(&o, &["gpu_probe", "gpu_msi"]);
+    assert!(
+        stdout(&o).contains("gpu: 00:04.0 BAR0 0xc0000000 (+0x10000), MSI vectors 0x40..+4"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn msi_without_fastpath_uses_signal_msi() {
+    let Some(o) = boot(
+        "msi_without_fastpath",
+        "test=gpu_msi",
+        &["--gpu-no-fastpath"],
+    ) else {
+        return;
+    };
+    assert_passed(&o, &["gpu_msi"]);
+}
+
+#[test]
+fn garbage_in_bar0_gets_errors_and_the_vmm_exits_cleanly() {
+    let json = stats_json("bad-input");
+    let Some(o) = boot(
+        "garbage_in_bar0",
+        "test=gpu_bad_input",
+        &["--stats-json", path_str(&json)],
+    ) else {
+        return;
+    };
+    assert_passed(&o, &["gpu_bad_input"]);
+    // The device reported its errors to the log, and nothing panicked.
+    let err = stderr(&o);
+    assert!(err.contains("BadSetup"), "{err}");
+    assert!(err.contains("BadChannelSetup info 5"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let doc = read_json(&json);
+    assert!(doc["gpu"].is_object(), "{doc}");
+}
+
+#[test]
+fn no_gpu_fails_gpu_tests_unless_optional() {
+    let Some(o) = boot("no_gpu_fails", "test=gpu_probe", &["--no-gpu"]) else {
+        return;
+    };
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("test gpu_probe ... FAILED: no Faultline GPU (fa17:0001) on PCI bus 0"),
+        "{out}"
+    );
+
+    let Some(o) = boot("no_gpu_optional", "test=gpu_ gpu=optional", &["--no-gpu"]) else {
+        return;
+    };
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("test gpu_probe ... SKIPPED"), "{out}");
+    assert!(out.contains("test(s) SKIPPED"), "{out}");
+    assert!(out.trim_end().ends_with("0 passed, 0 failed"), "{out}");
+}
