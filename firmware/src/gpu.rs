@@ -157,7 +157,7 @@ fn map_uncached(phys: u64, len: u64) -> Result<VirtAddr, paging::MapError> {
 
 /// [`Platform`] on this machine: BAR0 through its uncached mapping, DMA
 /// memory from the frame allocator reached through the direct map.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FwPlatform {
     regs: u64,
 }

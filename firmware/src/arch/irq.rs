@@ -20,8 +20,9 @@ pub const WAKE_VECTOR: u8 = 0x4f;
 
 /// Bit `v` set: GPU vector `v` arrived since the last [`take_pending`].
 static PENDING: AtomicU32 = AtomicU32::new(0);
-/// GPU interrupts taken since boot.
-static COUNT: AtomicU64 = AtomicU64::new(0);
+/// GPU interrupts taken since boot, per vector.
+static COUNT: [AtomicU64; GPU_VECTORS as usize] =
+    [const { AtomicU64::new(0) }; GPU_VECTORS as usize];
 
 const _: () = assert!((GPU_VECTOR_BASE as u32).is_multiple_of(GPU_VECTORS));
 
@@ -35,7 +36,7 @@ gpu_irq_stub_\bit:
     push rcx
     push rdx
     lock or dword ptr [rip + {pending}], 1 << \bit
-    lock inc qword ptr [rip + {count}]
+    lock inc qword ptr [rip + {count} + 8 * \bit]
     jmp irq_eoi_return
     .endm
 
@@ -101,6 +102,7 @@ pub fn any_pending() -> bool {
     PENDING.load(Ordering::Acquire) != 0
 }
 
-pub fn count() -> u64 {
-    COUNT.load(Ordering::Relaxed)
+/// GPU interrupts taken since boot on `vector` (ABI numbering).
+pub fn count(vector: u32) -> u64 {
+    COUNT[vector as usize].load(Ordering::Relaxed)
 }
