@@ -1,7 +1,9 @@
 //! Locking for a single-CPU, interrupts-off kernel that will grow more CPUs.
 //!
 //! A plain test-and-set spinlock behind `lock_api`, so the same raw lock backs
-//! our own `Mutex<T>` and talc's `TalcLock`.
+//! our own `Mutex<T>` and talc's `TalcLock`; and interrupt-safe variants
+//! ([`IrqMutex`], [`IrqRwLock`]) for state that handlers share with the code
+//! they interrupt.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,3 +55,182 @@ impl<T> CpuStatic<T> {
         self.0.get()
     }
 }
+
+// Interrupt-safe locks.
+//
+// A lock that an interrupt (or exception) handler may also take must keep
+// interrupts off while held: on one CPU, a handler spinning on a lock the
+// interrupted code holds never returns. The process address spaces use these
+// (the GPU fault path may run from an interrupt bottom half on the same CPU).
+//
+// `lock_api` guards carry no per-guard state, so the "were interrupts on"
+// bit lives in a per-CPU nesting count instead (one CPU today): the first
+// lock taken records it, the last one released restores it. Locks may be
+// released in any order.
+
+use core::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
+
+static IRQ_DEPTH: AtomicU32 = AtomicU32::new(0);
+static IRQ_WERE_ON: AtomicBool = AtomicBool::new(false);
+
+fn irq_push() {
+    let were_on = x86_64::instructions::interrupts::are_enabled();
+    x86_64::instructions::interrupts::disable();
+    if IRQ_DEPTH.fetch_add(1, AtomicOrdering::Relaxed) == 0 {
+        IRQ_WERE_ON.store(were_on, AtomicOrdering::Relaxed);
+    }
+}
+
+fn irq_pop() {
+    let old = IRQ_DEPTH.fetch_sub(1, AtomicOrdering::Relaxed);
+    debug_assert!(old > 0, "irq_pop without irq_push");
+    if old == 1 && IRQ_WERE_ON.load(AtomicOrdering::Relaxed) {
+        x86_64::instructions::interrupts::enable();
+    }
+}
+
+/// How many interrupt-safe locks this CPU holds right now. The process
+/// runner checks it: a segmentation fault that abandons code holding one of
+/// these locks would leave the lock (and interrupts) taken forever.
+pub fn irq_lock_depth() -> u32 {
+    IRQ_DEPTH.load(AtomicOrdering::Relaxed)
+}
+
+/// Spins until `try_acquire` succeeds. With interrupts off and one CPU,
+/// contention can only mean the holder is the code this handler interrupted:
+/// a deadlock. Say so instead of hanging until the VMM's timeout.
+#[cold]
+fn spin_until(what: &str, mut try_acquire: impl FnMut() -> bool) {
+    let deadline = crate::arch::time::Deadline::after_ms(10_000);
+    while !try_acquire() {
+        if deadline.expired() {
+            panic!("{what}: spun for 10 s with interrupts off (deadlock on one CPU?)");
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// A spin lock that keeps interrupts off while held.
+pub struct RawIrqSpinlock(RawSpinlock);
+
+// SAFETY: mutual exclusion is RawSpinlock's (see there); the interrupt
+// bookkeeping is balanced: every successful acquire pushes once and every
+// release pops once, and a failed try pops what it pushed.
+unsafe impl lock_api::RawMutex for RawIrqSpinlock {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: Self = RawIrqSpinlock(RawSpinlock::INIT);
+    // The interrupt state belongs to this CPU: a guard must not move.
+    type GuardMarker = lock_api::GuardNoSend;
+
+    fn lock(&self) {
+        irq_push();
+        if !lock_api::RawMutex::try_lock(&self.0) {
+            spin_until("irq spinlock", || lock_api::RawMutex::try_lock(&self.0));
+        }
+    }
+
+    fn try_lock(&self) -> bool {
+        irq_push();
+        let ok = lock_api::RawMutex::try_lock(&self.0);
+        if !ok {
+            irq_pop();
+        }
+        ok
+    }
+
+    unsafe fn unlock(&self) {
+        // SAFETY: forwarded: the caller holds the lock.
+        unsafe { lock_api::RawMutex::unlock(&self.0) };
+        irq_pop();
+    }
+}
+
+pub type IrqMutex<T> = lock_api::Mutex<RawIrqSpinlock, T>;
+
+/// A reader/writer spin lock that keeps interrupts off while held (readers
+/// included). Writers do not wait for readers to drain ahead of new readers:
+/// on one CPU there is never a concurrent reader to starve them.
+pub struct RawIrqRwLock(AtomicU32);
+
+const WRITER: u32 = 1 << 31;
+
+impl RawIrqRwLock {
+    fn try_shared(&self) -> bool {
+        let s = self.0.load(AtomicOrdering::Relaxed);
+        s & WRITER == 0
+            && s + 1 < WRITER
+            && self
+                .0
+                .compare_exchange(s, s + 1, AtomicOrdering::Acquire, AtomicOrdering::Relaxed)
+                .is_ok()
+    }
+
+    fn try_exclusive(&self) -> bool {
+        self.0
+            .compare_exchange(0, WRITER, AtomicOrdering::Acquire, AtomicOrdering::Relaxed)
+            .is_ok()
+    }
+}
+
+// SAFETY: the state word is WRITER alone (one exclusive holder) or a reader
+// count without WRITER; each transition is a CAS from an observed state, so a
+// writer only enters from 0 and readers only while WRITER is clear. Acquire
+// on entry and Release on exit order the protected data. Interrupt
+// bookkeeping as for RawIrqSpinlock.
+unsafe impl lock_api::RawRwLock for RawIrqRwLock {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: Self = RawIrqRwLock(AtomicU32::new(0));
+    type GuardMarker = lock_api::GuardNoSend;
+
+    fn lock_shared(&self) {
+        irq_push();
+        if !self.try_shared() {
+            spin_until("irq rwlock (read)", || self.try_shared());
+        }
+    }
+
+    fn try_lock_shared(&self) -> bool {
+        irq_push();
+        let ok = self.try_shared();
+        if !ok {
+            irq_pop();
+        }
+        ok
+    }
+
+    unsafe fn unlock_shared(&self) {
+        self.0.fetch_sub(1, AtomicOrdering::Release);
+        irq_pop();
+    }
+
+    fn lock_exclusive(&self) {
+        irq_push();
+        if !self.try_exclusive() {
+            spin_until("irq rwlock (write)", || self.try_exclusive());
+        }
+    }
+
+    fn try_lock_exclusive(&self) -> bool {
+        irq_push();
+        let ok = self.try_exclusive();
+        if !ok {
+            irq_pop();
+        }
+        ok
+    }
+
+    unsafe fn unlock_exclusive(&self) {
+        self.0.store(0, AtomicOrdering::Release);
+        irq_pop();
+    }
+
+    fn is_locked(&self) -> bool {
+        self.0.load(AtomicOrdering::Relaxed) != 0
+    }
+
+    fn is_locked_exclusive(&self) -> bool {
+        self.0.load(AtomicOrdering::Relaxed) & WRITER != 0
+    }
+}
+
+pub type IrqRwLock<T> = lock_api::RwLock<RawIrqRwLock, T>;

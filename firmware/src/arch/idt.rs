@@ -290,6 +290,10 @@ static LAST_CR2: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let cr2 = Cr2::read_raw();
+    // Page faults at process addresses belong to the running process.
+    if frame.vector == 14 && crate::mm::process::page_fault(frame, cr2) {
+        return;
+    }
     let resume = RECOVER_RIP.load(Ordering::SeqCst);
     if frame.vector == RECOVER_VECTOR.load(Ordering::SeqCst) && resume != 0 {
         RECOVER_VECTOR.store(u64::MAX, Ordering::SeqCst);

@@ -68,6 +68,11 @@ pub fn enable_nx() {
     }
 }
 
+/// Whether EFER.NXE is on (the NX bit may be set in page-table entries).
+pub fn nx_enabled() -> bool {
+    NX.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// Flags for kernel data: present, writable, and non-executable when possible.
 pub fn kernel_data_flags() -> F {
     let mut f = F::PRESENT | F::WRITABLE;

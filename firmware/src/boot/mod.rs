@@ -96,6 +96,7 @@ pub fn init_memory(boot: &pvh::BootInfo) {
     unsafe { mm::heap::init(heap_size) }
         .unwrap_or_else(|e| crate::fatal(format_args!("heap: {e:?}")));
     log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
+    mm::process::init();
     // Cycles, not ns: the TSC is not calibrated yet.
     log::debug!(
         "memory bring-up took {} Mcycles",

@@ -5,7 +5,7 @@
 //! | PML4      | range                                   | use                          |
 //! |-----------|-----------------------------------------|------------------------------|
 //! | 0         | 0 .. 4 GiB                              | boot identity map (kernel)   |
-//! | 1..256    | 0x0000_0080_0000_0000 .. 0x0000_8000_.. | user processes (later)       |
+//! | 1..256    | 0x0000_0080_0000_0000 .. 0x0000_8000_.. | user processes (`process`)   |
 //! | 256..384  | 0xffff_8000_0000_0000 ..                | direct map of all RAM        |
 //! | 384       | 0xffff_c000_0000_0000 ..                | kernel heap                  |
 //! | 385       | 0xffff_c080_0000_0000 ..                | kernel vmap (ad-hoc mappings)|
@@ -16,6 +16,7 @@
 pub mod direct_map;
 pub mod frames;
 pub mod heap;
+pub mod process;
 pub mod vmap;
 
 pub const USER_BASE: u64 = 0x0000_0080_0000_0000;

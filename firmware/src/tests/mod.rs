@@ -14,6 +14,7 @@ use crate::println;
 
 pub mod crash;
 pub mod gpu;
+pub mod process;
 pub mod selftest;
 
 pub type TestFn = fn() -> Result<(), String>;
@@ -31,7 +32,7 @@ impl Test {
 
 /// Every suite, in run order. Later modules (process address spaces, PCI,
 /// the GPU driver) append their `TESTS` slice here.
-const SUITES: &[&[Test]] = &[selftest::TESTS, gpu::TESTS];
+const SUITES: &[&[Test]] = &[selftest::TESTS, process::TESTS, gpu::TESTS];
 
 /// Marks a test's `Err` as a skip (hardware the test needs is absent and
 /// the command line allows that): reported as SKIPPED, counted apart, and

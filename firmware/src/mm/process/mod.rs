@@ -1,0 +1,610 @@
+//! Process address spaces on real x86-64 page tables.
+//!
+//! A [`Process`] owns one [`ProcessMm`]: a PML4 whose kernel half (entries 0
+//! and 256..512) is copied from the kernel's, a VMA tree under an mmap lock,
+//! and page tables under a page-table lock. Memory is anonymous and private,
+//! demand-paged: a read fault maps the shared zero page read-only, a write
+//! fault (or a write after such a read: copy-on-write of the zero page)
+//! maps a fresh zeroed frame. `ProcessMm` implements the mirror layer's
+//! [`faultline_driver::mm::Mm`] trait, so HMM (and the GPU driver behind it)
+//! can mirror it.
+//!
+//! # API
+//!
+//! ```ignore
+//! let p = Process::new()?;                               // Err(ENOMEM)
+//! let a = p.mmap(None, 16 * 4096, Prot::READ | Prot::WRITE, MapFlags::empty())?;
+//! let h = p.mmap(None, 4 << 20, Prot::READ | Prot::WRITE, MapFlags::HUGE)?; // 2 MiB leaves
+//! p.run(|| user::write_u64(a, 42))?;                     // CR3 switch; demand paging
+//! let seen = p.run(|| user::read_u64(a + 4096));         // Ok(0): zero page
+//! p.mprotect(a, 4096, Prot::READ)?;
+//! let e = p.run(|| user::write_u64(a, 1)).unwrap_err(); // Segfault { addr: a, access: Write, reason: ReadOnly, .. }
+//! p.munmap(a, 16 * 4096)?;
+//! let w = p.translate(h);                                // the software walk: Walk { state, shift }
+//! let mm: &Arc<ProcessMm> = p.mm();                      // for hmm::mirror_register etc.
+//! drop(p);                                               // mmput: release notifiers, then every frame back
+//! ```
+//!
+//! * [`ProcessMm::mmap`]`(addr, len, prot, flags)`: `addr` is a hint (used
+//!   if free) unless [`MapFlags::FIXED`] (then it must be free: EINVAL
+//!   otherwise, Linux's `MAP_FIXED_NOREPLACE` without EEXIST). `len` is
+//!   rounded up to the page size (2 MiB with [`MapFlags::HUGE`], which also
+//!   wants a 2 MiB-aligned `addr`). [`MapFlags::POPULATE`] faults every page
+//!   in at once. Any of READ/WRITE/EXEC implies READ (x86 has no write-only
+//!   or execute-only pages); `Prot::empty()` is PROT_NONE. Returns the
+//!   address. Errors: EINVAL (alignment, range outside the user half
+//!   `mm::USER_BASE..USER_END`, FIXED overlap), ENOMEM (no gap, or
+//!   POPULATE ran out of frames), EFAULT (address space torn down).
+//! * [`ProcessMm::munmap`], [`ProcessMm::mprotect`]: page-aligned ranges;
+//!   EINVAL when they would split a 2 MiB page; mprotect over a hole is
+//!   ENOMEM (as Linux). munmap frees page-table pages left without a
+//!   mapping.
+//! * [`Process::run`] / [`run`]: runs a closure with the process's page
+//!   tables in CR3; a fault that cannot be resolved ends the closure and
+//!   comes back as `Err(`[`Segfault`]`)` with address, access and
+//!   [`SegvReason`]. Touch process memory through [`user`] (checked to stay
+//!   in the user half). No lock is held while the closure runs, so the GPU
+//!   fault path (HMM `range_fault` → [`Mm::handle_mm_fault`] with REMOTE)
+//!   may run on the same CPU while the closure waits for the device.
+//! * [`zero_pfn`]: the shared zero page's frame (allocated at boot, never
+//!   freed). [`ProcessMm::stats`]: page-table pages, data frames and faults
+//!   of this process; `mm::frames::stats().free` is the global count.
+//!
+//! # Ordering rules (what the mirror depends on)
+//!
+//! munmap, mprotect and the zero-page copy-on-write announce the change with
+//! `mmu_notifier_invalidate_range_start` before the page tables change,
+//! flush the CPU TLB (`invlpg`, or a CR3 reload beyond 8 pages or after
+//! freeing page-table pages; nothing when the process is not loaded, since
+//! without PCIDs loading it flushes), call `_end`, and only then free frames.
+//! Permission upgrades (a write fault on a writable VMA) need no notifier.
+//! The last `mmput` runs the release notifiers and then [`Mm::exit_mmap`],
+//! which frees every frame and page-table page (the PML4 goes with the last
+//! `Arc`).
+//!
+//! # Locks
+//!
+//! Both locks are the interrupt-safe ones from `crate::sync` (interrupts off
+//! while held), so an interrupt handler servicing a device fault cannot
+//! deadlock on code it interrupted. The page-table lock is never held while
+//! notifiers run. The #PF path only *tries* the mmap lock: a page fault
+//! while the same CPU holds it for writing is reported, not deadlocked.
+
+mod pt;
+mod run;
+mod vmas;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::ops::Deref;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bitflags::bitflags;
+use faultline_driver::errno::Errno;
+use faultline_driver::mm::{
+    mmap_read_lock, mmap_write_lock, mmput, mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard,
+    MmuNotifierRange, MmuNotifyEvent, VmFlags, Vma, Walk, PAGE_SIZE, PMD_SIZE,
+};
+
+use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
+use pt::{Flush, FrameList, PageTables, P, W};
+
+pub use run::{is_active, page_fault, run, user, Access, Segfault, SegvReason};
+pub use vmas::Vmas;
+
+bitflags! {
+    /// `PROT_*`. The empty set is PROT_NONE.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Prot: u32 {
+        const READ = 1 << 0;
+        const WRITE = 1 << 1;
+        const EXEC = 1 << 2;
+    }
+
+    /// `MAP_*` beyond anonymous + private (which every mapping is).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MapFlags: u32 {
+        /// Use `addr` exactly; fail (EINVAL) if anything is mapped there.
+        const FIXED = 1 << 0;
+        /// Back the mapping with 2 MiB pages (one PDE each); `addr` and the
+        /// rounded length are 2 MiB multiples.
+        const HUGE = 1 << 1;
+        /// Fault every page in now (write faults if writable).
+        const POPULATE = 1 << 2;
+    }
+}
+
+impl Prot {
+    fn vm_flags(self) -> VmFlags {
+        if self.is_empty() {
+            return VmFlags::empty();
+        }
+        let mut f = VmFlags::READ;
+        if self.contains(Prot::WRITE) {
+            f |= VmFlags::WRITE;
+        }
+        if self.contains(Prot::EXEC) {
+            f |= VmFlags::EXEC;
+        }
+        f
+    }
+}
+
+static ZERO_PA: AtomicU64 = AtomicU64::new(0);
+
+/// Allocates the shared zero page. Call once at boot, after the heap.
+pub fn init() {
+    let pa = pt::alloc_zeroed()
+        .unwrap_or_else(|_| crate::fatal(format_args!("no frame for the zero page")));
+    ZERO_PA.store(pa, Ordering::Relaxed);
+}
+
+fn zero_pa() -> u64 {
+    let pa = ZERO_PA.load(Ordering::Relaxed);
+    assert!(pa != 0, "process::init not called");
+    pa
+}
+
+/// The shared zero page's frame number (what the walk reports as `Zero`).
+pub fn zero_pfn() -> u64 {
+    zero_pa() >> 12
+}
+
+/// Counters of one address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmStats {
+    /// Page-table pages, the PML4 included.
+    pub page_tables: u64,
+    /// 4 KiB frames of process memory (a 2 MiB page counts 512), the zero
+    /// page excluded.
+    pub data_frames: u64,
+    /// Faults resolved (CPU and remote).
+    pub faults: u64,
+}
+
+/// One process's address space (`mm_struct`).
+pub struct ProcessMm {
+    core: MmCore<ProcessMm>,
+    mmap: IrqRwLock<Vmas>,
+    pt: IrqMutex<PageTables>,
+    pml4: u64,
+    dead: AtomicBool,
+    faults: AtomicU64,
+}
+
+/// A process: the owner of one users reference of its [`ProcessMm`]
+/// (dropping it is `mmput`). Derefs to the address space.
+pub struct Process {
+    mm: Arc<ProcessMm>,
+}
+
+impl Process {
+    /// A process with an empty address space.
+    pub fn new() -> Result<Process, Errno> {
+        let tables = PageTables::new().map_err(|_| Errno::ENOMEM)?;
+        let pml4 = tables.pml4_phys();
+        Ok(Process {
+            mm: Arc::new(ProcessMm {
+                core: MmCore::new(),
+                mmap: IrqRwLock::new(Vmas::default()),
+                pt: IrqMutex::new(tables),
+                pml4,
+                dead: AtomicBool::new(false),
+                faults: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The address space (structure reference), for the mirror layer.
+    pub fn mm(&self) -> &Arc<ProcessMm> {
+        &self.mm
+    }
+
+    /// Runs `f` inside this process; see [`run`].
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> Result<R, Segfault> {
+        run::run(&self.mm, f)
+    }
+}
+
+impl Deref for Process {
+    type Target = ProcessMm;
+    fn deref(&self) -> &ProcessMm {
+        &self.mm
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        mmput(&*self.mm);
+    }
+}
+
+fn huge_split(vmas: &Vmas, start: u64, end: u64) -> bool {
+    vmas.overlapping(start, end).any(|v| {
+        v.flags.contains(VmFlags::HUGE)
+            && ((v.start < start && !start.is_multiple_of(PMD_SIZE))
+                || (end < v.end && !end.is_multiple_of(PMD_SIZE)))
+    })
+}
+
+/// `[addr, addr + len)` rounded up to `align`, inside the user half.
+fn user_range(addr: u64, len: u64, align: u64) -> Result<(u64, u64), Errno> {
+    if len == 0 || !addr.is_multiple_of(align) {
+        return Err(Errno::EINVAL);
+    }
+    let end = len
+        .checked_next_multiple_of(align)
+        .and_then(|l| addr.checked_add(l))
+        .ok_or(Errno::EINVAL)?;
+    if addr < crate::mm::USER_BASE || end > crate::mm::USER_END {
+        return Err(Errno::EINVAL);
+    }
+    Ok((addr, end))
+}
+
+impl ProcessMm {
+    /// Physical address of the PML4 (what CR3 gets).
+    pub fn pml4_phys(&self) -> u64 {
+        self.pml4
+    }
+
+    /// Whether the last user is gone (`exit_mmap` ran).
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> MmStats {
+        let pt = self.pt.lock();
+        MmStats {
+            page_tables: pt.tables + 1,
+            data_frames: pt.data,
+            faults: self.faults.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A copy of the VMA list.
+    pub fn vmas(&self) -> Vec<Vma> {
+        mmap_read_lock(self).iter().copied().collect()
+    }
+
+    /// The software walk without the mmap lock (notifier callbacks run
+    /// while munmap holds it for writing): takes only the page-table lock.
+    pub fn translate(&self, addr: u64) -> Walk {
+        self.pt.lock().walk(addr, zero_pa())
+    }
+
+    /// `mmap`; see the module docs.
+    pub fn mmap(
+        &self,
+        addr: Option<u64>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+    ) -> Result<u64, Errno> {
+        let huge = flags.contains(MapFlags::HUGE);
+        let align = if huge { PMD_SIZE } else { PAGE_SIZE };
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = len.checked_next_multiple_of(align).ok_or(Errno::EINVAL)?;
+        let mut vm = prot.vm_flags();
+        if huge {
+            vm |= VmFlags::HUGE;
+        }
+        let mut vmas = mmap_write_lock(self);
+        if self.is_dead() {
+            return Err(Errno::EFAULT);
+        }
+        let start = match addr {
+            Some(a) if flags.contains(MapFlags::FIXED) => {
+                let (s, e) = user_range(a, len, align)?;
+                if vmas.overlaps(s, e) {
+                    return Err(Errno::EINVAL);
+                }
+                s
+            }
+            Some(a) if user_range(a, len, align).is_ok_and(|(s, e)| !vmas.overlaps(s, e)) => a,
+            None if flags.contains(MapFlags::FIXED) => return Err(Errno::EINVAL),
+            _ => vmas
+                .find_free(len, align, crate::mm::USER_BASE)
+                .ok_or(Errno::ENOMEM)?,
+        };
+        vmas.insert(Vma {
+            start,
+            end: start + len,
+            flags: vm,
+        });
+        drop(vmas);
+        if flags.contains(MapFlags::POPULATE) && vm.contains(VmFlags::READ) {
+            let access = if vm.contains(VmFlags::WRITE) {
+                run::Access::Write
+            } else {
+                run::Access::Read
+            };
+            let failed = {
+                let vmas = mmap_read_lock(self);
+                (start..start + len)
+                    .step_by(align as usize)
+                    .any(|a| self.fault(&vmas, a, access).is_err())
+            };
+            if failed {
+                self.munmap(start, len)?;
+                return Err(Errno::ENOMEM);
+            }
+        }
+        Ok(start)
+    }
+
+    /// `munmap`; see the module docs.
+    pub fn munmap(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        let (start, end) = user_range(addr, len, PAGE_SIZE)?;
+        let mut vmas = mmap_write_lock(self);
+        if huge_split(&vmas, start, end) {
+            return Err(Errno::EINVAL);
+        }
+        let Some((lo, hi)) = vmas.remove(start, end) else {
+            return Ok(());
+        };
+        let range = MmuNotifierRange {
+            start: lo,
+            end: hi,
+            event: MmuNotifyEvent::Unmap,
+            blockable: true,
+        };
+        let mut freed = FrameList::new();
+        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
+        {
+            let mut pt = self.pt.lock();
+            let mut flush = Flush::new();
+            pt.zap(lo, hi, zero_pa(), &mut freed, &mut flush);
+            pt.prune(lo, hi, |a, b| vmas.overlaps(a, b), &mut freed, &mut flush);
+            flush.run(is_active(self));
+        }
+        if notified {
+            mmu_notifier_invalidate_range_end(self, &range);
+        } else {
+            log::error!("munmap: a notifier refused a blockable invalidation");
+        }
+        drop(vmas);
+        freed.free_all();
+        Ok(())
+    }
+
+    /// `mprotect`; see the module docs.
+    pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
+        let (start, end) = user_range(addr, len, PAGE_SIZE)?;
+        let mut vmas = mmap_write_lock(self);
+        if !vmas.covers(start, end) {
+            return Err(Errno::ENOMEM);
+        }
+        if huge_split(&vmas, start, end) {
+            return Err(Errno::EINVAL);
+        }
+        let vm = prot.vm_flags();
+        vmas.protect(start, end, vm);
+        let range = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::ProtectionVma,
+            blockable: true,
+        };
+        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
+        {
+            let mut pt = self.pt.lock();
+            let mut flush = Flush::new();
+            pt.protect(start, end, vm, &mut flush);
+            flush.run(is_active(self));
+        }
+        if notified {
+            mmu_notifier_invalidate_range_end(self, &range);
+        } else {
+            log::error!("mprotect: a notifier refused a blockable invalidation");
+        }
+        Ok(())
+    }
+
+    /// A CPU page fault at `addr` (from the #PF hook).
+    fn cpu_fault(&self, addr: u64, access: Access) -> Result<(), SegvReason> {
+        let vmas = self.mmap.try_read().ok_or(SegvReason::MmapLockHeld)?;
+        self.fault(&vmas, addr, access)
+    }
+
+    /// The fault handler proper, under the mmap lock (read).
+    fn fault(&self, vmas: &Vmas, addr: u64, access: Access) -> Result<(), SegvReason> {
+        if self.is_dead() {
+            return Err(SegvReason::Dead);
+        }
+        let vma = vmas.lookup(addr).ok_or(SegvReason::NoMapping)?;
+        let f = vma.flags;
+        if !f.contains(VmFlags::READ) {
+            return Err(SegvReason::NoAccess);
+        }
+        match access {
+            Access::Write if !f.contains(VmFlags::WRITE) => return Err(SegvReason::ReadOnly),
+            Access::Exec if !f.contains(VmFlags::EXEC) => return Err(SegvReason::NoExec),
+            _ => {}
+        }
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let write = access == Access::Write;
+        if f.contains(VmFlags::HUGE) {
+            return self.fault_huge(addr, f, write);
+        }
+        let zero = zero_pa();
+        {
+            let mut pt = self.pt.lock();
+            let (t, i) = pt
+                .pte(addr, true)
+                .map_err(|_| SegvReason::OutOfMemory)?
+                .expect("created");
+            let e = t.get(i);
+            if e & P == 0 {
+                // Not present: nothing cached, no flush, no notifier.
+                if write {
+                    let pa = pt::alloc_zeroed().map_err(|_| SegvReason::OutOfMemory)?;
+                    t.set(i, pt::leaf(pa, f, true, false));
+                    pt.data += 1;
+                } else {
+                    t.set(i, pt::leaf(zero, f, false, false));
+                }
+                return Ok(());
+            }
+            if !write || e & W != 0 {
+                // Already satisfied: the fault came from a stale TLB entry,
+                // which the #PF itself dropped.
+                return Ok(());
+            }
+            if e & pt::ADDR != zero {
+                // Permission upgrade of our own frame: a stale read-only TLB
+                // entry only costs a spurious fault.
+                t.set(i, e | W | pt::D);
+                return Ok(());
+            }
+        }
+        self.cow_zero(addr & !(PAGE_SIZE - 1), f)
+    }
+
+    /// Replaces the zero page at `page` by a private zeroed frame, bracketed
+    /// by the notifiers (a device may hold the zero page's translation).
+    fn cow_zero(&self, page: u64, f: VmFlags) -> Result<(), SegvReason> {
+        let range = MmuNotifierRange {
+            start: page,
+            end: page + PAGE_SIZE,
+            event: MmuNotifyEvent::Clear,
+            blockable: true,
+        };
+        let fresh = pt::alloc_zeroed().map_err(|_| SegvReason::OutOfMemory)?;
+        if mmu_notifier_invalidate_range_start(self, &range).is_err() {
+            crate::mm::frames::free(x86_64::PhysAddr::new(fresh));
+            return Err(SegvReason::Notifier);
+        }
+        let used = {
+            let mut pt = self.pt.lock();
+            let slot = pt.pte(page, false).ok().flatten();
+            // Re-check: the slot may have changed while notifiers ran.
+            match slot {
+                Some((t, i)) if t.get(i) & (P | pt::ADDR) == P | zero_pa() => {
+                    t.set(i, pt::leaf(fresh, f, true, false));
+                    pt.data += 1;
+                    let mut flush = Flush::new();
+                    flush.page(page);
+                    flush.run(is_active(self));
+                    true
+                }
+                _ => false,
+            }
+        };
+        mmu_notifier_invalidate_range_end(self, &range);
+        if !used {
+            crate::mm::frames::free(x86_64::PhysAddr::new(fresh));
+        }
+        Ok(())
+    }
+
+    /// A fault in a 2 MiB VMA: any fault maps the whole 2 MiB page,
+    /// writable if the VMA is (there is no huge zero page).
+    fn fault_huge(&self, addr: u64, f: VmFlags, write: bool) -> Result<(), SegvReason> {
+        let base = addr & !(PMD_SIZE - 1);
+        let writable = f.contains(VmFlags::WRITE);
+        {
+            let mut pt = self.pt.lock();
+            let (t, i) = pt
+                .pde(base, true)
+                .map_err(|_| SegvReason::OutOfMemory)?
+                .expect("created");
+            let e = t.get(i);
+            if e & P != 0 {
+                if write && e & W == 0 {
+                    t.set(i, e | W | pt::D);
+                }
+                return Ok(());
+            }
+        }
+        // Zero the 2 MiB outside the lock (tens of ms under PVM).
+        let pa = pt::alloc_zeroed_2m().map_err(|_| SegvReason::OutOfMemory)?;
+        let mut pt = self.pt.lock();
+        let (t, i) = pt
+            .pde(base, true)
+            .map_err(|_| SegvReason::OutOfMemory)?
+            .expect("created");
+        if t.get(i) & P == 0 {
+            t.set(i, pt::leaf(pa, f, writable, true));
+            pt.data += 512;
+        } else {
+            drop(pt);
+            crate::mm::frames::free_2m(x86_64::PhysAddr::new(pa));
+        }
+        Ok(())
+    }
+
+    fn teardown(&self) {
+        self.dead.store(true, Ordering::Release);
+        let mut pt = self.pt.lock();
+        pt.destroy(zero_pa());
+        let mut flush = Flush::new();
+        flush.everything();
+        flush.run(is_active(self));
+    }
+}
+
+impl Drop for ProcessMm {
+    fn drop(&mut self) {
+        // Without the last mmput (a users reference leaked) the frames
+        // would be lost with the tables: free them here.
+        if !self.is_dead() {
+            log::warn!("process mm dropped with {} users left", self.core.users());
+            self.teardown();
+        }
+        self.pt.get_mut().free_pml4();
+    }
+}
+
+impl Mm for ProcessMm {
+    type RawMutex = RawIrqSpinlock;
+    type RawRwLock = RawIrqRwLock;
+    type MmapData = Vmas;
+
+    fn mmap_lock(&self) -> &IrqRwLock<Vmas> {
+        &self.mmap
+    }
+
+    fn core(&self) -> &MmCore<Self> {
+        &self.core
+    }
+
+    fn vma_lookup(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma> {
+        mmap.lookup(addr)
+    }
+
+    fn walk(&self, _mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk {
+        self.translate(addr)
+    }
+
+    fn handle_mm_fault(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        flags: FaultFlags,
+    ) -> Result<(), FaultError> {
+        // REMOTE changes nothing here: there is no task to charge and no
+        // protection keys; this handler never blocks, so ALLOW_RETRY has no
+        // use either.
+        let access = if flags.contains(FaultFlags::WRITE) {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        self.fault(mmap, addr, access).map_err(|r| match r {
+            SegvReason::OutOfMemory => FaultError::Oom,
+            _ => FaultError::Sigsegv,
+        })
+    }
+
+    fn exit_mmap(&self) {
+        self.teardown();
+    }
+
+    fn now_ns(&self) -> u64 {
+        crate::arch::time::now_ns()
+    }
+}

@@ -1,0 +1,551 @@
+//! The user half of one process's x86-64 page tables, read and written
+//! through the direct map. Every function here expects the caller to hold
+//! the process's page-table lock (`ProcessMm::pt`).
+//!
+//! Leaves carry U (user), A (and D when writable) preset, so the CPU never
+//! has to write accessed/dirty bits back (one trap fewer under shadow
+//! paging), and NX unless the mapping is executable. PROT_NONE keeps the
+//! frame: the entry loses P and gains the software bit [`PROTNONE`], with
+//! the address left in place, as Linux's `_PAGE_PROTNONE`.
+
+use faultline_driver::mm::{PageState, VmFlags, Walk, PAGE_SHIFT, PMD_SHIFT};
+use x86_64::PhysAddr;
+
+use crate::arch::paging;
+use crate::mm::{frames, DIRECT_MAP_BASE, USER_BASE, USER_END};
+
+pub const P: u64 = 1 << 0;
+pub const W: u64 = 1 << 1;
+pub const U: u64 = 1 << 2;
+pub const A: u64 = 1 << 5;
+pub const D: u64 = 1 << 6;
+pub const PS: u64 = 1 << 7;
+/// Software bit (ignored by the CPU, which ignores every bit of a non-present
+/// entry): PROT_NONE, frame still owned.
+pub const PROTNONE: u64 = 1 << 9;
+pub const NX: u64 = 1 << 63;
+pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+const PAGE: u64 = 1 << PAGE_SHIFT;
+const HUGE: u64 = 1 << PMD_SHIFT;
+
+fn index(addr: u64, shift: u32) -> usize {
+    ((addr >> shift) & 511) as usize
+}
+
+/// The first address of the next `1 << shift` block after `addr`.
+fn next_block(addr: u64, shift: u32) -> u64 {
+    ((addr >> shift) + 1) << shift
+}
+
+/// One page-table page owned by a process (or its PML4).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Table(u64);
+
+impl Table {
+    /// # Safety
+    /// `pa` must be a 4 KiB page-table frame of this process's tables (or
+    /// its PML4), reachable through the direct map, written by nothing but
+    /// the holder of the process's page-table lock.
+    unsafe fn at(pa: u64) -> Table {
+        Table(pa)
+    }
+
+    fn slot(self, i: usize) -> *mut u64 {
+        debug_assert!(i < 512);
+        (DIRECT_MAP_BASE + self.0 + i as u64 * 8) as *mut u64
+    }
+
+    pub fn get(self, i: usize) -> u64 {
+        // SAFETY: `Table::at`'s contract; i < 512 keeps us in the frame.
+        unsafe { self.slot(i).read_volatile() }
+    }
+
+    pub fn set(self, i: usize, e: u64) {
+        // SAFETY: as in `get`; the caller holds the page-table lock, so no
+        // other writer races (the CPU's walker only reads: A/D are preset).
+        unsafe { self.slot(i).write_volatile(e) }
+    }
+
+    /// The next-level table under entry `i`, if it is a present non-leaf.
+    fn child(self, i: usize) -> Option<Table> {
+        let e = self.get(i);
+        // SAFETY: a present non-leaf entry of our tables points at one of
+        // our table frames (only this module writes such entries).
+        (e & (P | PS) == P).then(|| unsafe { Table::at(e & ADDR) })
+    }
+}
+
+/// Whether a leaf entry holds a frame (present, or kept by PROT_NONE).
+pub fn holds_frame(e: u64) -> bool {
+    e & (P | PROTNONE) != 0
+}
+
+/// A leaf mapping `pa` with the permissions of `vm`.
+pub fn leaf(pa: u64, vm: VmFlags, writable: bool, huge: bool) -> u64 {
+    let mut e = pa | P | U | A;
+    if writable {
+        e |= W | D;
+    }
+    if huge {
+        e |= PS;
+    }
+    if !vm.contains(VmFlags::EXEC) && paging::nx_enabled() {
+        e |= NX;
+    }
+    e
+}
+
+/// `e` after an mprotect to `vm`: PROT_NONE keeps only the frame; otherwise
+/// the leaf keeps its write permission only if it had it and `vm` allows it
+/// (an upgrade waits for the next write fault, which also keeps the shared
+/// zero page read-only).
+fn reprotect(e: u64, vm: VmFlags) -> u64 {
+    let frame = e & (ADDR | PS);
+    if !vm.contains(VmFlags::READ) {
+        return frame | PROTNONE | U;
+    }
+    let writable = e & (P | W) == (P | W) && vm.contains(VmFlags::WRITE);
+    leaf(e & ADDR, vm, writable, e & PS != 0)
+}
+
+/// Frames to give back after `invalidate_range_end`. A few inline, the rest
+/// on the heap: most unmaps free a handful and a heap allocation is not free
+/// under PVM.
+pub struct FrameList {
+    inline: [u64; 8],
+    n: usize,
+    spill: alloc::vec::Vec<u64>,
+}
+
+/// Low bit of a [`FrameList`] entry: a 2 MiB run.
+const RUN_2M: u64 = 1;
+
+impl FrameList {
+    pub fn new() -> FrameList {
+        FrameList {
+            inline: [0; 8],
+            n: 0,
+            spill: alloc::vec::Vec::new(),
+        }
+    }
+
+    fn push(&mut self, x: u64) {
+        if self.n < self.inline.len() {
+            self.inline[self.n] = x;
+            self.n += 1;
+        } else {
+            self.spill.push(x);
+        }
+    }
+
+    pub fn push_4k(&mut self, pa: u64) {
+        self.push(pa);
+    }
+
+    pub fn push_2m(&mut self, pa: u64) {
+        self.push(pa | RUN_2M);
+    }
+
+    pub fn free_all(self) {
+        for &x in self.inline[..self.n].iter().chain(self.spill.iter()) {
+            if x & RUN_2M != 0 {
+                frames::free_2m(PhysAddr::new(x & !RUN_2M));
+            } else {
+                frames::free(PhysAddr::new(x));
+            }
+        }
+    }
+}
+
+/// TLB entries to drop once the page tables changed. Up to 8 pages by
+/// `invlpg`, beyond that (or after freeing a page-table page, which may sit
+/// in the paging-structure caches) one CR3 reload.
+pub struct Flush {
+    addrs: [u64; 8],
+    n: usize,
+    all: bool,
+}
+
+impl Flush {
+    pub fn new() -> Flush {
+        Flush {
+            addrs: [0; 8],
+            n: 0,
+            all: false,
+        }
+    }
+
+    pub fn page(&mut self, addr: u64) {
+        if self.n < self.addrs.len() {
+            self.addrs[self.n] = addr;
+            self.n += 1;
+        } else {
+            self.all = true;
+        }
+    }
+
+    pub fn everything(&mut self) {
+        self.all = true;
+    }
+
+    /// Performs the flush if the tables are live in CR3. Without PCIDs a
+    /// process that is not loaded has nothing cached: loading it flushes.
+    pub fn run(&self, active: bool) {
+        if !active {
+            return;
+        }
+        if self.all {
+            let (frame, flags) = x86_64::registers::control::Cr3::read();
+            // SAFETY: reloading the current CR3 value only flushes the TLB.
+            unsafe { x86_64::registers::control::Cr3::write(frame, flags) };
+        } else {
+            for &a in &self.addrs[..self.n] {
+                x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(a));
+            }
+        }
+    }
+}
+
+/// Out of frames while building the tables.
+#[derive(Debug)]
+pub struct Oom;
+
+/// A 4 KiB frame, zeroed.
+pub fn alloc_zeroed() -> Result<u64, Oom> {
+    let pa = frames::alloc().ok_or(Oom)?.as_u64();
+    // SAFETY: a fresh frame nobody else references, inside the direct map.
+    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PAGE as usize) };
+    Ok(pa)
+}
+
+/// A 2 MiB-aligned run of 512 frames, zeroed.
+pub fn alloc_zeroed_2m() -> Result<u64, Oom> {
+    let pa = frames::alloc_2m().ok_or(Oom)?.as_u64();
+    // SAFETY: as in `alloc_zeroed`, for the whole run.
+    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, HUGE as usize) };
+    Ok(pa)
+}
+
+/// The page tables of one process: its PML4 (kernel half shared) and the
+/// frame counts.
+pub struct PageTables {
+    pml4: Table,
+    /// Page-table pages below the PML4.
+    pub tables: u64,
+    /// 4 KiB frames of process memory (a 2 MiB leaf counts 512), the zero
+    /// page excluded.
+    pub data: u64,
+}
+
+impl PageTables {
+    /// A PML4 with an empty user half and the kernel's entries 0 and
+    /// 256..512 (all kernel-half entries exist from boot on, so copying them
+    /// once is enough).
+    pub fn new() -> Result<PageTables, Oom> {
+        let pa = alloc_zeroed()?;
+        let kernel = paging::kernel_pml4_phys().as_u64();
+        // SAFETY: `pa` is our fresh PML4 frame; the kernel PML4 is RAM in the
+        // direct map and its kernel half is not written after boot.
+        let pml4 = unsafe {
+            let dst = (DIRECT_MAP_BASE + pa) as *mut u64;
+            let src = (DIRECT_MAP_BASE + kernel) as *const u64;
+            dst.write(src.read());
+            core::ptr::copy_nonoverlapping(src.add(256), dst.add(256), 256);
+            Table::at(pa)
+        };
+        Ok(PageTables {
+            pml4,
+            tables: 0,
+            data: 0,
+        })
+    }
+
+    pub fn pml4_phys(&self) -> u64 {
+        self.pml4.0
+    }
+
+    /// The table under `t[i]`, created if missing.
+    fn child_or_alloc(&mut self, t: Table, i: usize) -> Result<Table, Oom> {
+        if let Some(c) = t.child(i) {
+            return Ok(c);
+        }
+        debug_assert!(t.get(i) & P == 0, "leaf where a table belongs");
+        let pa = alloc_zeroed()?;
+        self.tables += 1;
+        // Permissions are decided at the leaf.
+        t.set(i, pa | P | W | U | A);
+        // SAFETY: just allocated as a table of this process.
+        Ok(unsafe { Table::at(pa) })
+    }
+
+    /// The page directory holding `addr`'s PDE, and the index in it.
+    pub fn pde(&mut self, addr: u64, create: bool) -> Result<Option<(Table, usize)>, Oom> {
+        debug_assert!((USER_BASE..USER_END).contains(&addr));
+        let (i4, i3) = (index(addr, 39), index(addr, 30));
+        let pd = if create {
+            let pdpt = self.child_or_alloc(self.pml4, i4)?;
+            self.child_or_alloc(pdpt, i3)?
+        } else {
+            match self.pml4.child(i4).and_then(|t| t.child(i3)) {
+                Some(t) => t,
+                None => return Ok(None),
+            }
+        };
+        Ok(Some((pd, index(addr, PMD_SHIFT))))
+    }
+
+    /// The page table holding `addr`'s PTE, and the index in it. The PDE
+    /// must not be a 2 MiB leaf (4 KiB and 2 MiB mappings never share a
+    /// VMA, and unmapping clears both).
+    pub fn pte(&mut self, addr: u64, create: bool) -> Result<Option<(Table, usize)>, Oom> {
+        let Some((pd, i2)) = self.pde(addr, create)? else {
+            return Ok(None);
+        };
+        let pt = if create {
+            self.child_or_alloc(pd, i2)?
+        } else {
+            match pd.child(i2) {
+                Some(t) => t,
+                None => return Ok(None),
+            }
+        };
+        Ok(Some((pt, index(addr, PAGE_SHIFT))))
+    }
+
+    /// The software walk the mirror layer uses.
+    pub fn walk(&self, addr: u64, zero_pa: u64) -> Walk {
+        let hole = Walk {
+            state: PageState::None,
+            shift: PMD_SHIFT,
+        };
+        if !(USER_BASE..USER_END).contains(&addr) {
+            return hole;
+        }
+        let Some(pd) = self
+            .pml4
+            .child(index(addr, 39))
+            .and_then(|t| t.child(index(addr, 30)))
+        else {
+            return hole;
+        };
+        let pde = pd.get(index(addr, PMD_SHIFT));
+        if pde & PS != 0 && holds_frame(pde) {
+            return Walk {
+                state: PageState::Huge {
+                    pfn: (pde & ADDR) >> PAGE_SHIFT,
+                    writable: pde & (P | W) == (P | W),
+                },
+                shift: PMD_SHIFT,
+            };
+        }
+        if pde & P == 0 {
+            return hole;
+        }
+        // SAFETY: a present non-leaf PDE of our tables.
+        let pte = unsafe { Table::at(pde & ADDR) }.get(index(addr, PAGE_SHIFT));
+        let state = if !holds_frame(pte) {
+            PageState::None
+        } else if pte & ADDR == zero_pa {
+            PageState::Zero {
+                pfn: zero_pa >> PAGE_SHIFT,
+            }
+        } else {
+            PageState::Present {
+                pfn: (pte & ADDR) >> PAGE_SHIFT,
+                writable: pte & (P | W) == (P | W),
+            }
+        };
+        Walk {
+            state,
+            shift: PAGE_SHIFT,
+        }
+    }
+
+    /// Calls `f(addr, table, index, huge)` for every leaf holding a frame in
+    /// `[start, end)`, skipping missing tables a block at a time.
+    fn for_each_leaf(&self, start: u64, end: u64, mut f: impl FnMut(u64, Table, usize, bool)) {
+        let mut a = start;
+        while a < end {
+            let Some(pdpt) = self.pml4.child(index(a, 39)) else {
+                a = next_block(a, 39);
+                continue;
+            };
+            let Some(pd) = pdpt.child(index(a, 30)) else {
+                a = next_block(a, 30);
+                continue;
+            };
+            let i2 = index(a, PMD_SHIFT);
+            let pde = pd.get(i2);
+            let block_end = next_block(a, PMD_SHIFT);
+            if pde & PS != 0 && holds_frame(pde) {
+                f(a & !(HUGE - 1), pd, i2, true);
+            } else if pde & P != 0 {
+                // SAFETY: a present non-leaf PDE of our tables.
+                let pt = unsafe { Table::at(pde & ADDR) };
+                let stop = end.min(block_end);
+                while a < stop {
+                    let i1 = index(a, PAGE_SHIFT);
+                    if holds_frame(pt.get(i1)) {
+                        f(a, pt, i1, false);
+                    }
+                    a += PAGE;
+                }
+            }
+            a = block_end;
+        }
+    }
+
+    /// Clears every leaf in `[start, end)`; frames go to `freed` (the zero
+    /// page excepted), live translations to `flush`. 2 MiB leaves must lie
+    /// wholly inside the range.
+    pub fn zap(
+        &mut self,
+        start: u64,
+        end: u64,
+        zero_pa: u64,
+        freed: &mut FrameList,
+        flush: &mut Flush,
+    ) {
+        let mut data = 0;
+        self.for_each_leaf(start, end, |a, t, i, huge| {
+            let e = t.get(i);
+            t.set(i, 0);
+            if e & P != 0 {
+                flush.page(a);
+            }
+            if huge {
+                debug_assert!(a >= start && a + HUGE <= end, "partial 2 MiB zap");
+                freed.push_2m(e & ADDR);
+                data += 512;
+            } else if e & ADDR != zero_pa {
+                freed.push_4k(e & ADDR);
+                data += 1;
+            }
+        });
+        self.data -= data;
+    }
+
+    /// Applies `vm`'s permissions to every leaf in `[start, end)`.
+    pub fn protect(&mut self, start: u64, end: u64, vm: VmFlags, flush: &mut Flush) {
+        self.for_each_leaf(start, end, |a, t, i, _| {
+            let e = t.get(i);
+            let new = reprotect(e, vm);
+            if new != e {
+                t.set(i, new);
+                if e & P != 0 {
+                    flush.page(a);
+                }
+            }
+        });
+    }
+
+    /// Frees the page-table pages around `[start, end)` whose span no longer
+    /// overlaps any mapping (`in_use(lo, hi)` says whether one does), as
+    /// Linux's `free_pgtables` after an unmap. Only tables whose span meets
+    /// the range can have lost their last mapping.
+    pub fn prune(
+        &mut self,
+        start: u64,
+        end: u64,
+        in_use: impl Fn(u64, u64) -> bool,
+        freed: &mut FrameList,
+        flush: &mut Flush,
+    ) {
+        let span = |a: u64, shift: u32| {
+            let lo = (a >> shift) << shift;
+            (lo, lo + (1 << shift))
+        };
+        let mut freed_tables = 0;
+        let mut a4 = start;
+        while a4 < end {
+            let i4 = index(a4, 39);
+            let (lo4, hi4) = span(a4, 39);
+            if let Some(pdpt) = self.pml4.child(i4) {
+                let mut a3 = a4;
+                while a3 < end.min(hi4) {
+                    let i3 = index(a3, 30);
+                    let (lo3, hi3) = span(a3, 30);
+                    if let Some(pd) = pdpt.child(i3) {
+                        let mut a2 = a3;
+                        while a2 < end.min(hi3) {
+                            let i2 = index(a2, PMD_SHIFT);
+                            let (lo2, hi2) = span(a2, PMD_SHIFT);
+                            if let Some(pt) = pd.child(i2) {
+                                if !in_use(lo2, hi2) {
+                                    pd.set(i2, 0);
+                                    freed.push_4k(pt.0);
+                                    freed_tables += 1;
+                                }
+                            }
+                            a2 = hi2;
+                        }
+                        if !in_use(lo3, hi3) {
+                            pdpt.set(i3, 0);
+                            freed.push_4k(pd.0);
+                            freed_tables += 1;
+                        }
+                    }
+                    a3 = hi3;
+                }
+                if !in_use(lo4, hi4) {
+                    self.pml4.set(i4, 0);
+                    freed.push_4k(pdpt.0);
+                    freed_tables += 1;
+                }
+            }
+            a4 = hi4;
+        }
+        if freed_tables > 0 {
+            self.tables -= freed_tables;
+            flush.everything();
+        }
+    }
+
+    /// Frees every frame and table of the user half right away (teardown:
+    /// nobody can be told any more). Returns the number of 4 KiB frames.
+    pub fn destroy(&mut self, zero_pa: u64) -> u64 {
+        let mut n = 0;
+        let free = |pa: u64| frames::free(PhysAddr::new(pa));
+        for i4 in index(USER_BASE, 39)..=index(USER_END - 1, 39) {
+            let Some(pdpt) = self.pml4.child(i4) else {
+                continue;
+            };
+            for i3 in 0..512 {
+                let Some(pd) = pdpt.child(i3) else {
+                    continue;
+                };
+                for i2 in 0..512 {
+                    let pde = pd.get(i2);
+                    if pde & PS != 0 && holds_frame(pde) {
+                        frames::free_2m(PhysAddr::new(pde & ADDR));
+                        n += 512;
+                    } else if let Some(pt) = pd.child(i2) {
+                        for i1 in 0..512 {
+                            let e = pt.get(i1);
+                            if holds_frame(e) && e & ADDR != zero_pa {
+                                free(e & ADDR);
+                                n += 1;
+                            }
+                        }
+                        free(pt.0);
+                        n += 1;
+                    }
+                }
+                free(pd.0);
+                n += 1;
+            }
+            free(pdpt.0);
+            n += 1;
+            self.pml4.set(i4, 0);
+        }
+        self.tables = 0;
+        self.data = 0;
+        n
+    }
+
+    /// Frees the PML4 itself (after [`PageTables::destroy`]).
+    pub fn free_pml4(&mut self) {
+        frames::free(PhysAddr::new(self.pml4.0));
+    }
+}
