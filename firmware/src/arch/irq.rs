@@ -18,6 +18,10 @@ pub const GPU_VECTORS: u32 = 4;
 /// Raised by the TSC-deadline timer to end a timed `hlt`.
 pub const WAKE_VECTOR: u8 = 0x4f;
 
+/// TSC at the latest interrupt of each GPU vector (latency benchmarks).
+static LAST_TSC: [AtomicU64; GPU_VECTORS as usize] =
+    [const { AtomicU64::new(0) }; GPU_VECTORS as usize];
+
 /// Bit `v` set: GPU vector `v` arrived since the last [`take_pending`].
 static PENDING: AtomicU32 = AtomicU32::new(0);
 /// GPU interrupts taken since boot, per vector.
@@ -37,6 +41,10 @@ gpu_irq_stub_\bit:
     push rdx
     lock or dword ptr [rip + {pending}], 1 << \bit
     lock inc qword ptr [rip + {count} + 8 * \bit]
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov qword ptr [rip + {tsc} + 8 * \bit], rax
     jmp irq_eoi_return
     .endm
 
@@ -72,6 +80,7 @@ irq_stub_table:
 "#,
     pending = sym PENDING,
     count = sym COUNT,
+    tsc = sym LAST_TSC,
 );
 
 extern "C" {
@@ -105,4 +114,9 @@ pub fn any_pending() -> bool {
 /// GPU interrupts taken since boot on `vector` (ABI numbering).
 pub fn count(vector: u32) -> u64 {
     COUNT[vector as usize].load(Ordering::Relaxed)
+}
+
+/// TSC value taken in the stub of the latest interrupt on `vector`.
+pub fn last_tsc(vector: u32) -> u64 {
+    LAST_TSC[vector as usize].load(Ordering::Acquire)
 }
