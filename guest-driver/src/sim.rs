@@ -11,6 +11,12 @@
 //!
 //! HUGE VMAs are populated with 2 MiB leaves only (any fault allocates a
 //! writable-if-allowed leaf; there is no huge zero page).
+//!
+//! Frames come from a [`FrameSource`]. The default one hands out frame
+//! numbers that are never reused and keeps page contents in host memory;
+//! host loopback tests plug in one that carves frames out of the device's
+//! guest memory, so the GPU can DMA the pages the CPU side sees through
+//! [`SimMm::read`] / [`SimMm::write`].
 
 use std::boxed::Box;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,7 +36,7 @@ use crate::mm::{
     PMD_SHIFT, PMD_SIZE,
 };
 
-/// The zero page's frame.
+/// The zero page's frame with the default [`FrameSource`].
 pub const ZERO_PFN: u64 = 0x10;
 /// First frame handed out by the allocator (2 MiB aligned).
 const FIRST_PFN: u64 = 0x1000;
@@ -84,9 +90,77 @@ impl SimVmas {
 }
 
 struct Frames {
-    next: u64,
     freed: HashSet<u64>,
     in_use: u64,
+}
+
+/// Where the simulated address space gets its page frames, and how the CPU
+/// side reaches their bytes.
+pub trait FrameSource: Send + Sync {
+    /// `count` (1 or 512) zeroed frames, naturally aligned; the first pfn.
+    /// `None` when memory is exhausted (the fault fails with `Oom`).
+    fn alloc(&self, count: u64) -> Option<u64>;
+    /// Returns one frame.
+    fn free(&self, pfn: u64);
+    /// The shared zero page (never allocated or freed).
+    fn zero_pfn(&self) -> u64;
+    /// Reads `out.len()` bytes at byte `offset` of frame `pfn`.
+    fn read(&self, pfn: u64, offset: usize, out: &mut [u8]);
+    /// Writes `data` at byte `offset` of frame `pfn`.
+    fn write(&self, pfn: u64, offset: usize, data: &[u8]);
+    /// Atomically adds `v` to the naturally aligned u64 at `offset` of frame
+    /// `pfn`; returns the old value.
+    fn atomic_add_u64(&self, pfn: u64, offset: usize, v: u64) -> u64;
+}
+
+/// The default source: frame numbers from [`ZERO_PFN`]` + ...`, never
+/// reused, contents in a host map (created on first write).
+#[derive(Default)]
+pub struct HostFrames {
+    next: Mutex<u64>,
+    data: Mutex<HashMap<u64, Box<[u8; PAGE_SIZE as usize]>>>,
+}
+
+impl FrameSource for HostFrames {
+    fn alloc(&self, count: u64) -> Option<u64> {
+        let mut next = self.next.lock();
+        // Huge leaves need naturally aligned frames.
+        let pfn = (*next).max(FIRST_PFN).next_multiple_of(count);
+        *next = pfn + count;
+        Some(pfn)
+    }
+    fn free(&self, pfn: u64) {
+        self.data.lock().remove(&pfn);
+    }
+    fn zero_pfn(&self) -> u64 {
+        ZERO_PFN
+    }
+    fn read(&self, pfn: u64, offset: usize, out: &mut [u8]) {
+        match self.data.lock().get(&pfn) {
+            Some(page) => out.copy_from_slice(&page[offset..offset + out.len()]),
+            None => out.fill(0),
+        }
+    }
+    fn write(&self, pfn: u64, offset: usize, data: &[u8]) {
+        assert_ne!(pfn, ZERO_PFN, "sim: write to the zero page");
+        let mut map = self.data.lock();
+        let page = map
+            .entry(pfn)
+            .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]));
+        page[offset..offset + data.len()].copy_from_slice(data);
+    }
+    fn atomic_add_u64(&self, pfn: u64, offset: usize, v: u64) -> u64 {
+        let mut b = [0u8; 8];
+        // One lock across the read-modify-write.
+        let mut map = self.data.lock();
+        let page = map
+            .entry(pfn)
+            .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]));
+        b.copy_from_slice(&page[offset..offset + 8]);
+        let old = u64::from_le_bytes(b);
+        page[offset..offset + 8].copy_from_slice(&old.wrapping_add(v).to_le_bytes());
+        old
+    }
 }
 
 type FreeHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -99,6 +173,7 @@ pub struct SimMm {
     /// The page-table lock; never held while calling notifiers or hooks.
     pt: Mutex<HashMap<u64, Pmd>>,
     frames: Mutex<Frames>,
+    source: Arc<dyn FrameSource>,
     free_hook: Mutex<Option<FreeHook>>,
     fault_hook: Mutex<Option<FaultHook>>,
     inject: Mutex<HashMap<u64, FaultError>>,
@@ -146,7 +221,9 @@ impl Mm for SimMm {
             Some(Pmd::Table(t)) => match t[pte_index(addr)] {
                 SimPte::None => PageState::None,
                 SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
-                SimPte::Zero => PageState::Zero { pfn: ZERO_PFN },
+                SimPte::Zero => PageState::Zero {
+                    pfn: self.source.zero_pfn(),
+                },
                 SimPte::Special => PageState::Special,
             },
         };
@@ -194,7 +271,7 @@ impl Mm for SimMm {
             let vma_write = vma.flags.contains(VmFlags::WRITE);
             match pmd {
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    let pfn = self.alloc(PTRS as u64);
+                    let pfn = self.alloc(PTRS as u64).ok_or(FaultError::Oom)?;
                     v.insert(Pmd::Huge {
                         pfn,
                         writable: vma_write,
@@ -218,7 +295,7 @@ impl Mm for SimMm {
             SimPte::None => {
                 *pte = if write {
                     SimPte::Page {
-                        pfn: self.alloc(1),
+                        pfn: self.alloc(1).ok_or(FaultError::Oom)?,
                         writable: true,
                     }
                 } else {
@@ -236,7 +313,7 @@ impl Mm for SimMm {
             }
             SimPte::Zero if write => {
                 drop(pt);
-                self.cow_zero_page(addr);
+                self.cow_zero_page(addr)?;
             }
             SimPte::Page { .. } | SimPte::Zero | SimPte::Special => {}
         }
@@ -315,15 +392,20 @@ fn zap(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) -> Vec<u64> {
 impl SimMm {
     /// A fresh, empty address space with one user (its process).
     pub fn new() -> Arc<SimMm> {
+        Self::with_frames(Arc::new(HostFrames::default()))
+    }
+
+    /// A fresh, empty address space whose frames come from `source`.
+    pub fn with_frames(source: Arc<dyn FrameSource>) -> Arc<SimMm> {
         Arc::new(SimMm {
             core: MmCore::new(),
             mmap: RwLock::new(SimVmas::default()),
             pt: Mutex::new(HashMap::new()),
             frames: Mutex::new(Frames {
-                next: FIRST_PFN,
                 freed: HashSet::new(),
                 in_use: 0,
             }),
+            source,
             free_hook: Mutex::new(None),
             fault_hook: Mutex::new(None),
             inject: Mutex::new(HashMap::new()),
@@ -334,13 +416,14 @@ impl SimMm {
         })
     }
 
-    fn alloc(&self, count: u64) -> u64 {
+    fn alloc(&self, count: u64) -> Option<u64> {
+        let pfn = self.source.alloc(count)?;
         let mut f = self.frames.lock();
-        // Huge leaves need naturally aligned frames.
-        let pfn = f.next.next_multiple_of(count);
-        f.next = pfn + count;
         f.in_use += count;
-        pfn
+        for p in pfn..pfn + count {
+            f.freed.remove(&p);
+        }
+        Some(pfn)
     }
 
     fn free(&self, pfns: Vec<u64>) {
@@ -352,6 +435,9 @@ impl SimMm {
             f.in_use -= pfns.len() as u64;
             f.freed.extend(pfns.iter().copied());
         }
+        for &pfn in &pfns {
+            self.source.free(pfn);
+        }
         let hook = self.free_hook.lock().clone();
         if let Some(hook) = hook {
             for pfn in pfns {
@@ -360,7 +446,7 @@ impl SimMm {
         }
     }
 
-    fn cow_zero_page(&self, addr: u64) {
+    fn cow_zero_page(&self, addr: u64) -> Result<(), FaultError> {
         let page = addr & !(PAGE_SIZE - 1);
         let r = MmuNotifierRange {
             start: page,
@@ -369,18 +455,25 @@ impl SimMm {
             blockable: true,
         };
         mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        let mut result = Ok(());
         {
             let mut pt = self.pt.lock();
             let pte = &mut table_mut(&mut pt, page)[pte_index(page)];
             // Re-check: another thread may have resolved it meanwhile.
             if *pte == SimPte::Zero {
-                *pte = SimPte::Page {
-                    pfn: self.alloc(1),
-                    writable: true,
-                };
+                match self.alloc(1) {
+                    Some(pfn) => {
+                        *pte = SimPte::Page {
+                            pfn,
+                            writable: true,
+                        }
+                    }
+                    None => result = Err(FaultError::Oom),
+                }
             }
         }
         mmu_notifier_invalidate_range_end(self, &r);
+        result
     }
 
     /// `mmap(start, len, prot, MAP_FIXED_NOREPLACE)`. EINVAL if misaligned
@@ -580,6 +673,94 @@ impl SimMm {
             PageState::Zero { pfn } => Some((pfn, false)),
             PageState::None | PageState::Special => None,
         }
+    }
+
+    /// A CPU access of the process to `[addr, addr + len)`: faults pages in
+    /// like the CPU would (SIGSEGV on a hole, PROT_NONE or a write to a
+    /// read-only mapping) and calls `f(pfn, offset, chunk_start, chunk_len)`
+    /// per page with the mmap lock held, so the frame cannot be unmapped
+    /// in between (reclaim aside).
+    fn access(
+        &self,
+        addr: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(u64, usize, usize, usize),
+    ) -> Result<(), FaultError> {
+        let mut done = 0usize;
+        while done < len {
+            let a = addr + done as u64;
+            let off = (a % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(len - done);
+            let mmap = mmap_read_lock(self);
+            let vma = mmap.lookup(a).ok_or(FaultError::Sigsegv)?;
+            if !vma.flags.contains(VmFlags::READ) || (write && !vma.flags.contains(VmFlags::WRITE))
+            {
+                return Err(FaultError::Sigsegv);
+            }
+            let mut tries = 0;
+            let pfn = loop {
+                let (pfn, ok) = match self.walk(&mmap, a).state {
+                    PageState::Present { pfn, writable } => (pfn, writable || !write),
+                    PageState::Huge { pfn, writable } => {
+                        (pfn + ((a % PMD_SIZE) >> PAGE_SHIFT), writable || !write)
+                    }
+                    PageState::Zero { pfn } => (pfn, !write),
+                    PageState::Special => return Err(FaultError::Sigbus),
+                    PageState::None => (0, false),
+                };
+                if ok {
+                    break pfn;
+                }
+                tries += 1;
+                if tries > 3 {
+                    return Err(FaultError::Sigbus);
+                }
+                let flags = if write {
+                    FaultFlags::WRITE
+                } else {
+                    FaultFlags::empty()
+                };
+                self.handle_mm_fault(&mmap, a, flags)?;
+            };
+            f(pfn, off, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// CPU read of process memory (faults pages in; SIGSEGV as an error).
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), FaultError> {
+        let src = self.source.clone();
+        self.access(addr, out.len(), false, |pfn, off, at, n| {
+            src.read(pfn, off, &mut out[at..at + n])
+        })
+    }
+
+    /// CPU write of process memory (faults pages in, copy-on-write).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), FaultError> {
+        let src = self.source.clone();
+        self.access(addr, data.len(), true, |pfn, off, at, n| {
+            src.write(pfn, off, &data[at..at + n])
+        })
+    }
+
+    /// CPU `lock xadd` on the naturally aligned u64 at `addr`; the old value.
+    pub fn atomic_add_u64(&self, addr: u64, v: u64) -> Result<u64, FaultError> {
+        if !addr.is_multiple_of(8) {
+            return Err(FaultError::Sigbus);
+        }
+        let src = self.source.clone();
+        let mut old = 0;
+        self.access(addr, 8, true, |pfn, off, _, _| {
+            old = src.atomic_add_u64(pfn, off, v)
+        })?;
+        Ok(old)
+    }
+
+    /// The frame source.
+    pub fn frame_source(&self) -> &Arc<dyn FrameSource> {
+        &self.source
     }
 
     /// Whether `pfn` was handed out and freed since (frames are never reused).

@@ -46,6 +46,11 @@ impl<P: Platform> Context<P> {
         self.pt.lock()
     }
 
+    /// Locks the page table if nobody holds it.
+    pub fn page_table_try(&self) -> Option<SpinGuard<'_, PageTable<P>>> {
+        self.pt.try_lock()
+    }
+
     /// Drops the device TLB entries for `[start, start + len)` and waits for
     /// the device's acknowledgement.
     pub fn invalidate(&self, start: u64, len: u64) -> Result<(), GpuError> {

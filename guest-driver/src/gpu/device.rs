@@ -184,6 +184,7 @@ pub struct Gpu<P: Platform> {
     contexts: SpinMutex<[Handler; NUM_CONTEXTS as usize]>,
     ctx_used: AtomicU64,
     ch_used: AtomicU32,
+    channels: u32,
     /// Last device error seen on the ERROR vector: code << 32 | info.
     last_error: AtomicU64,
     error_count: AtomicU32,
@@ -210,8 +211,14 @@ impl<P: Platform> Gpu<P> {
         if version >> 16 != ABI_VERSION >> 16 {
             return Err(GpuError::Version(version));
         }
+        // ABI 1.1 sizing registers (0 / absent on 1.0 means the 1.0 limits).
+        let channels = platform.read32(regs::NUM_CHANNELS).clamp(1, NUM_CHANNELS);
+        let fault_max = match platform.read32(regs::FAULT_BUF_MAX) {
+            0 => MAX_FAULT_ENTRIES,
+            m => m.min(MAX_FAULT_ENTRIES),
+        };
         let pow2 = |v: u32, max: u32| v.is_power_of_two() && (2..=max).contains(&v);
-        if !pow2(cfg.fault_entries, MAX_FAULT_ENTRIES)
+        if !pow2(cfg.fault_entries, fault_max)
             || !pow2(cfg.ctl_entries, MAX_CTL_ENTRIES)
             || !pow2(
                 u32::from(cfg.queue_size),
@@ -269,6 +276,7 @@ impl<P: Platform> Gpu<P> {
             contexts: SpinMutex::new([const { None }; NUM_CONTEXTS as usize]),
             ctx_used: AtomicU64::new(0),
             ch_used: AtomicU32::new(0),
+            channels,
             last_error: AtomicU64::new(0),
             error_count: AtomicU32::new(0),
             counters: DriverCounters::default(),
@@ -291,6 +299,11 @@ impl<P: Platform> Gpu<P> {
     /// The probe-time settings.
     pub fn config(&self) -> &GpuConfig {
         &self.cfg
+    }
+
+    /// Channels the device implements.
+    pub fn channels(&self) -> u32 {
+        self.channels
     }
 
     /// Driver counters.
@@ -608,7 +621,7 @@ impl<P: Platform> Gpu<P> {
     pub(crate) fn alloc_channel(&self) -> Result<u32, GpuError> {
         let mut used = self.ch_used.load(Ordering::Acquire);
         loop {
-            let free = !used & ((1 << NUM_CHANNELS) - 1);
+            let free = !used & ((1 << self.channels) - 1);
             if free == 0 {
                 return Err(GpuError::NoSlot);
             }

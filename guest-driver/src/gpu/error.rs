@@ -31,6 +31,8 @@ pub enum GpuError {
     BadCompletion(u32),
     /// A control-ring entry completed with a status other than `Ok`.
     Control(u32),
+    /// The address-space layer refused (e.g. EFAULT: the process is dying).
+    Mm(crate::errno::Errno),
     /// The device did not answer in time; the string names what was awaited.
     Timeout(&'static str),
 }
@@ -49,6 +51,7 @@ impl fmt::Display for GpuError {
             GpuError::Command(s) => write!(f, "command failed: {s:?}"),
             GpuError::BadCompletion(s) => write!(f, "bad completion status {s:#x}"),
             GpuError::Control(s) => write!(f, "control entry failed with status {s}"),
+            GpuError::Mm(e) => write!(f, "address space: {e}"),
             GpuError::Timeout(what) => write!(f, "timeout waiting for {what}"),
         }
     }

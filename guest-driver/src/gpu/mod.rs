@@ -69,6 +69,8 @@ mod device;
 mod error;
 mod pagetable;
 pub mod platform;
+pub mod suite;
+mod svm;
 pub mod sync;
 
 pub use channel::{Channel, Command, Ticket};
@@ -77,3 +79,4 @@ pub use device::{CounterSnapshot, DriverCounters, Fault, FaultHandler, Gpu, GpuC
 pub use error::GpuError;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
+pub use svm::{CheckHook, SnapEntry, SvmConfig, SvmContext};

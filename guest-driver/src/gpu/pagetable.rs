@@ -243,6 +243,33 @@ impl<P: Platform> PageTable<P> {
         None
     }
 
+    /// Whether any valid leaf overlaps `[start, end)`.
+    pub fn has_leaves(&self, start: u64, end: u64) -> bool {
+        let mut a = start & !(LEAF_4K - 1);
+        while a < end.min(VA_LIMIT) {
+            match self.lookup(a) {
+                Some(_) => return true,
+                None => a = self.next_candidate(a),
+            }
+        }
+        false
+    }
+
+    /// The next VA after `va` that a leaf could map, skipping the whole
+    /// span of a missing table.
+    fn next_candidate(&self, va: u64) -> u64 {
+        let mut table = self.root;
+        for level in (1..=4).rev() {
+            let span = 1u64 << (12 + 9 * (level - 1));
+            let e = Pte::from_bits_retain(self.table(table).read_u64(pt_index(va, level) * 8));
+            if !e.contains(Pte::VALID) || level == 1 || e.contains(Pte::LEAF) {
+                return (va & !(span - 1)) + span;
+            }
+            table = e.addr();
+        }
+        va + LEAF_4K
+    }
+
     /// Clears every leaf overlapping `[start, end)` (whole leaves, even if
     /// they extend past the range). Empty tables stay linked.
     pub fn unmap_range(&mut self, start: u64, end: u64) -> Cleared {

@@ -1,2 +1,3 @@
 //! Shared pieces of the host loopback tests.
+pub mod env;
 pub mod loopback;

@@ -1,0 +1,462 @@
+//! Shared virtual memory: a GPU context that mirrors a process address
+//! space through HMM (like nouveau's `svmm`).
+//!
+//! The device page table starts empty. A device access to an unmapped (or
+//! insufficiently mapped) page raises a replayable fault; the bottom half
+//! ([`Gpu::service_faults`]) hands the batch, sorted and deduplicated, to
+//! the context, which services it window by window with the seed's pattern:
+//!
+//! ```text
+//! range_register(range, mirror, window)          // holds an mm users reference
+//! loop {
+//!     { mmap read lock; range_fault(range, block) }   // faults CPU pages in
+//!     lock the update lock (the page-table lock)
+//!     if !range_check_seq(range) { unlock; retry }    // invalidated meanwhile
+//!     write device leaves from range.pfns; unlock; break
+//! }
+//! range_unregister(range)
+//! ```
+//!
+//! Faults the CPU mapping cannot satisfy (hole, PROT_NONE, a write to a
+//! read-only mapping, a failed CPU fault) are cancelled: the command that
+//! caused them completes with `Status::Cancelled`. The CPU side's
+//! invalidations arrive in `sync_cpu_device_pagetables`, which clears the
+//! device leaves of the range and returns only after the device acknowledged
+//! the TLB invalidation. Process exit (`release`) tears the context's
+//! mappings and stalled work down.
+
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
+
+use super::device::{DriverCounters, Fault, FaultHandler};
+use super::pagetable::{Leaf, PageSize};
+use super::sync::SpinMutex;
+use super::{Context, Gpu, GpuError, PageTable, Platform};
+use crate::errno::Errno;
+use crate::hmm::{
+    mirror_register, range_check_seq, range_fault, range_register, range_snapshot,
+    range_unregister, range_wait_until_valid, HmmMirror, HmmMirrorOps, HmmPfnValue, HmmRange,
+    HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
+};
+use crate::mm::{mmap_read_lock, mmap_write_lock, Mm, VmFlags, PAGE_SHIFT, PMD_SHIFT};
+
+/// The driver's pfn encoding: entry = physical address | flag bits.
+const PFN_SHIFT: u32 = PAGE_SHIFT;
+const F_VALID: u64 = 1 << 0;
+const F_WRITE: u64 = 1 << 1;
+const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [F_VALID, F_WRITE, 1 << 2];
+const VALUES: [u64; HMM_PFN_VALUE_MAX] = [1 << 3, 0, 1 << 4];
+
+/// Passes over one window before the bottom half gives up for this batch
+/// (the access stays stalled and faults again after the replay).
+const MAX_PASSES: u32 = 32;
+
+/// SVM settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvmConfig {
+    /// Fault-around window (power of two, ≥ 4 KiB): a fault maps the whole
+    /// aligned window around it, clipped to its VMA.
+    pub fault_around: u64,
+}
+
+impl Default for SvmConfig {
+    fn default() -> Self {
+        SvmConfig {
+            fault_around: 64 << 10,
+        }
+    }
+}
+
+/// One entry of [`SvmContext::snapshot`]: what the device would be given
+/// for a page (or a 2 MiB leaf) if it faulted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapEntry {
+    /// No CPU translation yet (untouched).
+    None,
+    /// A frame, with its physical address and whether writes are allowed.
+    Valid {
+        /// Physical address of the frame.
+        phys: u64,
+        /// Writable.
+        writable: bool,
+    },
+    /// A special mapping the device may not use.
+    Special,
+    /// An error entry.
+    Error,
+}
+
+/// Called between `range_fault` and the sequence check (tests inject
+/// invalidations here): `(start, end)` of the window.
+pub type CheckHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// State shared by the context handle, the mirror callbacks and the fault
+/// handler. Holds no reference to the mirror, so there is no cycle.
+struct Shared<P: Platform, M: Mm> {
+    ctx: Context<P>,
+    mm: Arc<M>,
+    released: AtomicBool,
+    fault_around: AtomicU64,
+    hook: SpinMutex<Option<CheckHook>>,
+}
+
+struct Inner<P: Platform, M: Mm> {
+    shared: Arc<Shared<P, M>>,
+    mirror: HmmMirror<M>,
+}
+
+/// The mirror callbacks (hold `Shared` strongly so an invalidation always
+/// reaches the page table while the mirror is registered).
+struct Ops<P: Platform, M: Mm>(Arc<Shared<P, M>>);
+
+/// The fault handler installed on the context (weak: the handle owns it).
+struct Faults<P: Platform, M: Mm>(Weak<Inner<P, M>>);
+
+/// A GPU context mirroring a process address space.
+pub struct SvmContext<P: Platform, M: Mm> {
+    inner: Arc<Inner<P, M>>,
+}
+
+impl<P: Platform, M: Mm> SvmContext<P, M> {
+    /// Creates a context with an empty device page table and registers an
+    /// HMM mirror on `mm`. EFAULT (as `GpuError::Mm`) if the address space
+    /// is already dying.
+    pub fn new(gpu: &Arc<Gpu<P>>, mm: &Arc<M>, cfg: SvmConfig) -> Result<Self, GpuError> {
+        if !cfg.fault_around.is_power_of_two() || cfg.fault_around < PAGE_SIZE {
+            return Err(GpuError::Invalid(
+                "fault-around must be a power of two ≥ 4 KiB",
+            ));
+        }
+        let pt = PageTable::new(gpu.platform().clone())?;
+        let ctx = Context::new(gpu, pt)?;
+        let shared = Arc::new(Shared {
+            ctx,
+            mm: mm.clone(),
+            released: AtomicBool::new(false),
+            fault_around: AtomicU64::new(cfg.fault_around),
+            hook: SpinMutex::new(None),
+        });
+        let mirror = {
+            let mmap = mmap_write_lock(&**mm);
+            mirror_register(mm, &mmap, Arc::new(Ops(shared.clone()))).map_err(GpuError::Mm)?
+        };
+        let inner = Arc::new(Inner { shared, mirror });
+        let handler: Arc<dyn FaultHandler> = Arc::new(Faults(Arc::downgrade(&inner)));
+        inner.shared.ctx.set_fault_handler(Some(handler));
+        Ok(SvmContext { inner })
+    }
+
+    /// The device context (open channels on it).
+    pub fn context(&self) -> &Context<P> {
+        &self.inner.shared.ctx
+    }
+
+    /// The mirrored address space.
+    pub fn mm(&self) -> &Arc<M> {
+        &self.inner.shared.mm
+    }
+
+    /// The HMM mirror (tests register their own ranges on it).
+    pub fn mirror(&self) -> &HmmMirror<M> {
+        &self.inner.mirror
+    }
+
+    /// Whether the address space was released (process exit) and the
+    /// context torn down.
+    pub fn is_released(&self) -> bool {
+        self.inner.shared.released.load(Ordering::Acquire)
+    }
+
+    /// Changes the fault-around window (power of two ≥ 4 KiB).
+    pub fn set_fault_around(&self, bytes: u64) -> Result<(), GpuError> {
+        if !bytes.is_power_of_two() || bytes < PAGE_SIZE {
+            return Err(GpuError::Invalid(
+                "fault-around must be a power of two ≥ 4 KiB",
+            ));
+        }
+        self.inner
+            .shared
+            .fault_around
+            .store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Installs a hook run between `range_fault` and the locked sequence
+    /// check of every window pass.
+    pub fn set_check_hook(&self, hook: Option<CheckHook>) {
+        *self.inner.shared.hook.lock() = hook;
+    }
+
+    /// The device's current translation of `va`.
+    pub fn device_lookup(&self, va: u64) -> Option<Leaf> {
+        self.inner.shared.ctx.page_table().lookup(va)
+    }
+
+    /// Valid leaves in the device page table.
+    pub fn device_leaves(&self) -> u64 {
+        self.inner.shared.ctx.page_table().leaf_count()
+    }
+
+    /// `range_snapshot` of `[start, end)` through this context's mirror,
+    /// with entries of `1 << page_shift` bytes (12, or 21 in a huge VMA):
+    /// the device-visible state of the range in one pass, without faulting.
+    pub fn snapshot(&self, start: u64, end: u64, page_shift: u32) -> Result<Vec<SnapEntry>, Errno> {
+        let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
+        range_register(&mut range, &self.inner.mirror, start, end, page_shift)?;
+        let r = loop {
+            let r = {
+                let mmap = mmap_read_lock(&*self.inner.shared.mm);
+                range_snapshot(&mut range, &mmap)
+            };
+            if r == Err(Errno::EAGAIN) {
+                range_wait_until_valid(&range, 1000);
+                continue;
+            }
+            break r;
+        };
+        let out = r.map(|_| {
+            range
+                .pfns
+                .iter()
+                .map(|&e| decode(&range, e))
+                .collect::<Vec<_>>()
+        });
+        range_unregister(&mut range);
+        out
+    }
+}
+
+fn decode<M: Mm>(range: &HmmRange<M>, e: u64) -> SnapEntry {
+    if e == VALUES[HmmPfnValue::None as usize] {
+        SnapEntry::None
+    } else if e == VALUES[HmmPfnValue::Special as usize] {
+        SnapEntry::Special
+    } else if let Some(pfn) = range.entry_to_pfn(e) {
+        SnapEntry::Valid {
+            phys: pfn << PAGE_SHIFT,
+            writable: range.entry_is_writable(e),
+        }
+    } else {
+        SnapEntry::Error
+    }
+}
+
+impl<P: Platform, M: Mm> Drop for Inner<P, M> {
+    fn drop(&mut self) {
+        // No more faults reach us; then no more invalidations (unregister
+        // waits for running callbacks). The context itself goes when the
+        // last `Shared` reference does: it cancels stalled work, drops the
+        // TLB and frees the page table.
+        self.shared.ctx.set_fault_handler(None);
+        crate::hmm::mirror_unregister(&mut self.mirror);
+    }
+}
+
+impl<P: Platform, M: Mm> Shared<P, M> {
+    fn gpu(&self) -> &Arc<Gpu<P>> {
+        self.ctx.gpu()
+    }
+
+    fn counters(&self) -> &DriverCounters {
+        self.gpu().counters()
+    }
+
+    /// Clears every device leaf and fails stalled work (process exit).
+    fn tear_down(&self) {
+        self.released.store(true, Ordering::Release);
+        let idx = self.ctx.index();
+        {
+            let mut pt = self.ctx.page_table();
+            pt.unmap_range(0, faultline_abi::VA_LIMIT);
+            if let Err(e) = self.gpu().invalidate_context(idx) {
+                log::warn!("svm: release of context {idx}: {e}");
+            }
+        }
+        if let Err(e) = self
+            .gpu()
+            .control(faultline_abi::ctl_op::CANCEL_CONTEXT, idx, 0, 0)
+        {
+            log::warn!("svm: cancel on release of context {idx}: {e}");
+        }
+    }
+}
+
+impl<P: Platform, M: Mm> HmmMirrorOps<M> for Ops<P, M> {
+    fn sync_cpu_device_pagetables(&self, update: &HmmUpdate) -> Result<(), Errno> {
+        let s = &self.0;
+        DriverCounters::add(&s.counters().invalidations, 1);
+        let mut pt = if update.blockable {
+            s.ctx.page_table()
+        } else {
+            s.ctx.page_table_try().ok_or(Errno::EAGAIN)?
+        };
+        if !update.blockable && pt.has_leaves(update.start, update.end) {
+            // Waiting for the device's acknowledgement would block.
+            return Err(Errno::EAGAIN);
+        }
+        let cleared = pt.unmap_range(update.start, update.end);
+        if cleared.leaves > 0 {
+            // Keep the update lock until the acknowledgement: an overlapping
+            // invalidation that finds nothing left to clear must not return
+            // (and let its caller free frames) before this one is acked.
+            if let Err(e) = s.ctx.invalidate(cleared.start, cleared.end - cleared.start) {
+                log::error!(
+                    "svm: TLB invalidate of {:#x}..{:#x}: {e}",
+                    cleared.start,
+                    cleared.end
+                );
+                return Err(Errno::EAGAIN);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.0.tear_down();
+    }
+}
+
+/// One fault-around window of a batch.
+struct Window {
+    start: u64,
+    end: u64,
+    shift: u32,
+    write: bool,
+}
+
+impl<P: Platform, M: Mm> FaultHandler for Faults<P, M> {
+    fn service(&self, faults: &[Fault], cancel: &mut Vec<u64>) {
+        let Some(inner) = self.0.upgrade() else {
+            cancel.extend(faults.iter().map(|f| f.va));
+            return;
+        };
+        let s = &inner.shared;
+        if s.released.load(Ordering::Acquire) {
+            cancel.extend(faults.iter().map(|f| f.va));
+            return;
+        }
+        let around = s.fault_around.load(Ordering::Relaxed);
+        // Plan the windows under one short mmap read lock; faults the VMA
+        // can never satisfy are cancelled right here.
+        let mut windows: Vec<(Window, Vec<u64>)> = Vec::new();
+        {
+            let mmap = mmap_read_lock(&*s.mm);
+            for f in faults {
+                let write = f.access != Access::Read;
+                if let Some((w, vas)) = windows.last_mut() {
+                    if f.va >= w.start && f.va < w.end {
+                        w.write |= write;
+                        vas.push(f.va);
+                        continue;
+                    }
+                }
+                let Some(vma) = s.mm.vma_lookup(&mmap, f.va) else {
+                    cancel.push(f.va);
+                    continue;
+                };
+                if !vma.flags.contains(VmFlags::READ)
+                    || (write && !vma.flags.contains(VmFlags::WRITE))
+                    || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
+                {
+                    cancel.push(f.va);
+                    continue;
+                }
+                let huge = vma.flags.contains(VmFlags::HUGE);
+                let size = if huge { around.max(LEAF_2M) } else { around };
+                let start = (f.va & !(size - 1)).max(vma.start);
+                let end = (f.va & !(size - 1)).saturating_add(size).min(vma.end);
+                let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
+                windows.push((
+                    Window {
+                        start,
+                        end,
+                        shift,
+                        write,
+                    },
+                    alloc::vec![f.va],
+                ));
+            }
+        }
+        for (w, vas) in windows {
+            if let Err(e) = inner.service_window(&w) {
+                log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
+                cancel.extend(vas);
+            }
+        }
+    }
+}
+
+impl<P: Platform, M: Mm> Inner<P, M> {
+    /// One window, the seed's pattern. `Err` cancels the window's faults;
+    /// giving up after too many invalidations returns `Ok` (the faults are
+    /// replayed and come back).
+    fn service_window(&self, w: &Window) -> Result<(), Errno> {
+        let s = &self.shared;
+        let c = s.counters();
+        DriverCounters::add(&c.windows, 1);
+        let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
+        range_register(&mut range, &self.mirror, w.start, w.end, w.shift)?;
+        let mut result = Ok(());
+        for pass in 0..MAX_PASSES {
+            if pass > 0 {
+                DriverCounters::add(&c.retries, 1);
+            }
+            range.default_flags = F_VALID | if w.write { F_WRITE } else { 0 };
+            range.pfn_flags_mask = 0;
+            let r = {
+                let mmap = mmap_read_lock(&*s.mm);
+                range_fault(&mut range, &mmap, true)
+            };
+            match r {
+                Ok(_) => {}
+                Err(Errno::EAGAIN) => {
+                    range_wait_until_valid(&range, 1000);
+                    continue;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let hook = s.hook.lock().clone();
+            if let Some(h) = hook {
+                h(w.start, w.end);
+            }
+            let mut pt = s.ctx.page_table();
+            if !range_check_seq(&range) {
+                continue;
+            }
+            let size = if w.shift == PMD_SHIFT {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
+            let mut mapped = 0;
+            for (i, &e) in range.pfns.iter().enumerate() {
+                let Some(pfn) = range.entry_to_pfn(e) else {
+                    continue;
+                };
+                let perms = if range.entry_is_writable(e) {
+                    Pte::WRITE | Pte::ATOMIC
+                } else {
+                    Pte::empty()
+                };
+                let va = w.start + ((i as u64) << w.shift);
+                if let Err(err) = pt.map(va, pfn << PAGE_SHIFT, size, perms) {
+                    log::error!("svm: device map of {va:#x}: {err}");
+                    result = Err(Errno::ENOMEM);
+                    break;
+                }
+                mapped += 1;
+            }
+            drop(pt);
+            DriverCounters::add(&c.pages_mapped, mapped);
+            break;
+        }
+        range_unregister(&mut range);
+        result
+    }
+}

@@ -1,0 +1,240 @@
+//! The SVM suite's environment in the host loopback: simulated processes
+//! (`SimMm`) whose frames are carved out of the device's guest memory.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use faultline_driver::errno::Errno;
+use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
+use faultline_driver::gpu::{Gpu, GpuConfig};
+use faultline_driver::mm::{VmFlags, PMD_SIZE};
+use faultline_driver::sim::{FrameSource, SimMm};
+
+use super::loopback::Loopback;
+
+const PAGE: u64 = 4096;
+
+#[derive(Default)]
+struct Tracking {
+    canary: Option<u64>,
+    held: Vec<u64>,
+    recorded: Vec<u64>,
+}
+
+/// Process frames from the loopback's guest memory.
+pub struct LoopFrames {
+    lb: Arc<Loopback>,
+    zero: u64,
+    track: Mutex<Tracking>,
+}
+
+impl LoopFrames {
+    fn new(lb: Arc<Loopback>) -> Self {
+        let zero = lb
+            .frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .alloc(1, 1)
+            .expect("zero page");
+        lb.write_phys(zero, &[0; PAGE as usize]);
+        LoopFrames {
+            lb,
+            zero: zero / PAGE,
+            track: Mutex::new(Tracking::default()),
+        }
+    }
+
+    fn tracking(&self) -> std::sync::MutexGuard<'_, Tracking> {
+        self.track.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl FrameSource for LoopFrames {
+    fn alloc(&self, count: u64) -> Option<u64> {
+        let pa = self
+            .lb
+            .frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .alloc(count, count)?;
+        self.lb.write_phys(pa, &vec![0u8; (count * PAGE) as usize]);
+        Some(pa / PAGE)
+    }
+
+    fn free(&self, pfn: u64) {
+        let pa = pfn * PAGE;
+        let mut t = self.tracking();
+        if let Some(c) = t.canary {
+            let page: Vec<u8> = (0..PAGE / 8).flat_map(|_| c.to_le_bytes()).collect();
+            self.lb.write_phys(pa, &page);
+            t.held.push(pa);
+            t.recorded.push(pa);
+            return;
+        }
+        drop(t);
+        self.lb
+            .frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(pa, 1);
+    }
+
+    fn zero_pfn(&self) -> u64 {
+        self.zero
+    }
+
+    fn read(&self, pfn: u64, offset: usize, out: &mut [u8]) {
+        self.lb.read_phys(pfn * PAGE + offset as u64, out);
+    }
+
+    fn write(&self, pfn: u64, offset: usize, data: &[u8]) {
+        assert_ne!(pfn, self.zero, "CPU write to the zero page");
+        self.lb.write_phys(pfn * PAGE + offset as u64, data);
+    }
+
+    fn atomic_add_u64(&self, pfn: u64, offset: usize, v: u64) -> u64 {
+        let p = self.lb.host_ptr(pfn * PAGE + offset as u64).cast::<u64>();
+        // SAFETY: an aligned u64 inside guest memory, which stays mapped for
+        // the loopback's lifetime; the device accesses it atomically too.
+        let a = unsafe { AtomicU64::from_ptr(p) };
+        a.fetch_add(v, Ordering::SeqCst)
+    }
+}
+
+pub struct LoopEnv {
+    pub lb: Arc<Loopback>,
+    pub gpu: Arc<Gpu<Loopback>>,
+    pub frames: Arc<LoopFrames>,
+    next_va: AtomicU64,
+    capacity: u64,
+    pub large: u64,
+}
+
+impl LoopEnv {
+    pub fn new(mem_mib: u64, cfg: GpuConfig) -> Self {
+        let lb = Loopback::new(mem_mib);
+        let gpu = Gpu::probe(lb.clone(), cfg).unwrap_or_else(|e| panic!("probe: {e}"));
+        let frames = Arc::new(LoopFrames::new(lb.clone()));
+        LoopEnv {
+            lb,
+            gpu,
+            frames,
+            next_va: AtomicU64::new(0x10_0000_0000),
+            capacity: mem_mib << 8,
+            large: 256 << 20,
+        }
+    }
+}
+
+fn vm_flags(prot: Prot, huge: bool) -> VmFlags {
+    let mut f = VmFlags::empty();
+    if prot.contains(Prot::READ) || prot.contains(Prot::WRITE) {
+        f |= VmFlags::READ;
+    }
+    if prot.contains(Prot::WRITE) {
+        f |= VmFlags::WRITE;
+    }
+    if huge {
+        f |= VmFlags::HUGE;
+    }
+    f
+}
+
+impl SvmEnv for LoopEnv {
+    type P = Loopback;
+    type M = SimMm;
+    type Process = Arc<SimMm>;
+
+    fn gpu(&self) -> &Arc<Gpu<Loopback>> {
+        &self.gpu
+    }
+
+    fn spawn(&self) -> Result<Arc<SimMm>, String> {
+        Ok(SimMm::with_frames(self.frames.clone()))
+    }
+
+    fn mm(&self, p: &Arc<SimMm>) -> Arc<SimMm> {
+        p.clone()
+    }
+
+    fn exit(&self, p: Arc<SimMm>) {
+        p.exit();
+    }
+
+    fn mmap(
+        &self,
+        p: &Arc<SimMm>,
+        hint: u64,
+        len: u64,
+        prot: Prot,
+        huge: bool,
+    ) -> Result<u64, Errno> {
+        let addr = if hint != 0 {
+            hint
+        } else {
+            // Distinct addresses per mapping, 2 MiB apart and aligned.
+            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
+            self.next_va.fetch_add(span, Ordering::Relaxed)
+        };
+        p.mmap(addr, len, vm_flags(prot, huge))?;
+        Ok(addr)
+    }
+
+    fn munmap(&self, p: &Arc<SimMm>, addr: u64, len: u64) -> Result<(), Errno> {
+        p.munmap(addr, len)
+    }
+
+    fn mprotect(&self, p: &Arc<SimMm>, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
+        p.mprotect(addr, len, vm_flags(prot, false))
+    }
+
+    fn read(&self, p: &Arc<SimMm>, addr: u64, out: &mut [u8]) -> Result<(), Segv> {
+        p.read(addr, out).map_err(|_| Segv)
+    }
+
+    fn write(&self, p: &Arc<SimMm>, addr: u64, data: &[u8]) -> Result<(), Segv> {
+        p.write(addr, data).map_err(|_| Segv)
+    }
+
+    fn atomic_add_u64(&self, p: &Arc<SimMm>, addr: u64, v: u64) -> Result<u64, Segv> {
+        p.atomic_add_u64(addr, v).map_err(|_| Segv)
+    }
+
+    fn cpu_phys(&self, p: &Arc<SimMm>, addr: u64) -> Option<u64> {
+        p.cpu_pfn(addr).map(|(pfn, _)| pfn * PAGE + addr % PAGE)
+    }
+
+    fn free_frames(&self) -> u64 {
+        self.capacity - self.lb.frames_in_use()
+    }
+
+    fn track_freed(&self, canary: Option<u64>) {
+        let held = {
+            let mut t = self.frames.tracking();
+            t.canary = canary;
+            if canary.is_some() {
+                return;
+            }
+            t.recorded.clear();
+            std::mem::take(&mut t.held)
+        };
+        let mut a = self.lb.frames.lock().unwrap_or_else(|e| e.into_inner());
+        for pa in held {
+            a.free(pa, 1);
+        }
+    }
+
+    fn take_freed(&self) -> Vec<u64> {
+        std::mem::take(&mut self.frames.tracking().recorded)
+    }
+
+    fn read_phys(&self, pa: u64, out: &mut [u8]) {
+        self.lb.read_phys(pa, out);
+    }
+
+    fn large_bytes(&self) -> u64 {
+        self.large
+    }
+}
