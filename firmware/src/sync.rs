@@ -73,18 +73,24 @@ use core::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 static IRQ_DEPTH: AtomicU32 = AtomicU32::new(0);
 static IRQ_WERE_ON: AtomicBool = AtomicBool::new(false);
 
+// Plain loads and stores, no locked read-modify-write: the count is this
+// CPU's and only changes with interrupts off, so nothing can interleave (and
+// locked instructions are dear under an emulating hypervisor).
 fn irq_push() {
     let were_on = x86_64::instructions::interrupts::are_enabled();
     x86_64::instructions::interrupts::disable();
-    if IRQ_DEPTH.fetch_add(1, AtomicOrdering::Relaxed) == 0 {
+    let depth = IRQ_DEPTH.load(AtomicOrdering::Relaxed);
+    IRQ_DEPTH.store(depth + 1, AtomicOrdering::Relaxed);
+    if depth == 0 {
         IRQ_WERE_ON.store(were_on, AtomicOrdering::Relaxed);
     }
 }
 
 fn irq_pop() {
-    let old = IRQ_DEPTH.fetch_sub(1, AtomicOrdering::Relaxed);
-    debug_assert!(old > 0, "irq_pop without irq_push");
-    if old == 1 && IRQ_WERE_ON.load(AtomicOrdering::Relaxed) {
+    let depth = IRQ_DEPTH.load(AtomicOrdering::Relaxed);
+    debug_assert!(depth > 0, "irq_pop without irq_push");
+    IRQ_DEPTH.store(depth - 1, AtomicOrdering::Relaxed);
+    if depth == 1 && IRQ_WERE_ON.load(AtomicOrdering::Relaxed) {
         x86_64::instructions::interrupts::enable();
     }
 }

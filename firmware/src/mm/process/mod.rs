@@ -1,7 +1,7 @@
 //! Process address spaces on real x86-64 page tables.
 //!
 //! A [`Process`] owns one [`ProcessMm`]: a PML4 whose kernel half (entries 0
-//! and 256..512) is copied from the kernel's, a VMA tree under an mmap lock,
+//! and 256..512) is copied from the kernel's, a sorted VMA list under an mmap lock,
 //! and page tables under a page-table lock. Memory is anonymous and private,
 //! demand-paged: a read fault maps the shared zero page read-only, a write
 //! fault (or a write after such a read: copy-on-write of the zero page)

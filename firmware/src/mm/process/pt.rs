@@ -456,23 +456,29 @@ impl PageTables {
             let lo = (a >> shift) << shift;
             (lo, lo + (1 << shift))
         };
+        // A parent is in use if any child table survived; otherwise ask
+        // (its other children, outside the range, may still be used).
         let mut freed_tables = 0;
         let mut a4 = start;
         while a4 < end {
             let i4 = index(a4, 39);
             let (lo4, hi4) = span(a4, 39);
             if let Some(pdpt) = self.pml4.child(i4) {
+                let mut kept4 = false;
                 let mut a3 = a4;
                 while a3 < end.min(hi4) {
                     let i3 = index(a3, 30);
                     let (lo3, hi3) = span(a3, 30);
                     if let Some(pd) = pdpt.child(i3) {
+                        let mut kept3 = false;
                         let mut a2 = a3;
                         while a2 < end.min(hi3) {
                             let i2 = index(a2, PMD_SHIFT);
                             let (lo2, hi2) = span(a2, PMD_SHIFT);
                             if let Some(pt) = pd.child(i2) {
-                                if !in_use(lo2, hi2) {
+                                if in_use(lo2, hi2) {
+                                    kept3 = true;
+                                } else {
                                     pd.set(i2, 0);
                                     freed.push_4k(pt.0);
                                     freed_tables += 1;
@@ -480,7 +486,9 @@ impl PageTables {
                             }
                             a2 = hi2;
                         }
-                        if !in_use(lo3, hi3) {
+                        if kept3 || in_use(lo3, hi3) {
+                            kept4 = true;
+                        } else {
                             pdpt.set(i3, 0);
                             freed.push_4k(pd.0);
                             freed_tables += 1;
@@ -488,7 +496,7 @@ impl PageTables {
                     }
                     a3 = hi3;
                 }
-                if !in_use(lo4, hi4) {
+                if !kept4 && !in_use(lo4, hi4) {
                     self.pml4.set(i4, 0);
                     freed.push_4k(pdpt.0);
                     freed_tables += 1;

@@ -1,119 +1,119 @@
-//! The VMA tree of one process: non-overlapping `[start, end)` areas keyed by
-//! start, split at the edges of an munmap/mprotect and merged with equal
-//! neighbours afterwards (so a random mix of operations does not grow it
-//! without bound). What the mmap lock protects.
+//! The VMAs of one process: non-overlapping `[start, end)` areas, split at
+//! the edges of an munmap/mprotect and merged with equal neighbours
+//! afterwards (so a random mix of operations does not grow the list without
+//! bound). What the mmap lock protects.
+//!
+//! A sorted vector rather than a tree: lookups are a binary search and an
+//! insert or removal is one `memmove`, which is a single `rep movs` — under
+//! an instruction-emulating hypervisor far cheaper than a B-tree's node
+//! juggling, and processes here have tens of VMAs, not thousands.
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use faultline_driver::mm::{VmFlags, Vma};
 
 use crate::mm::{USER_BASE, USER_END};
 
-/// The VMA tree (`MmapData` of [`super::ProcessMm`]).
+/// The VMA list (`MmapData` of [`super::ProcessMm`]), sorted by address.
 #[derive(Default)]
 pub struct Vmas {
-    map: BTreeMap<u64, Vma>,
+    v: Vec<Vma>,
 }
 
 impl Vmas {
-    /// The VMA containing `addr`.
-    pub fn lookup(&self, addr: u64) -> Option<Vma> {
-        self.map
-            .range(..=addr)
-            .next_back()
-            .map(|(_, v)| *v)
-            .filter(|v| v.contains(addr))
+    /// Index of the first VMA ending after `addr` (the one containing it, if
+    /// any, else the next one).
+    fn first_after(&self, addr: u64) -> usize {
+        self.v.partition_point(|x| x.end <= addr)
     }
 
-    /// Whether any VMA overlaps `[start, end)`. The last VMA starting before
-    /// `end` is the only candidate: the ones before it end before it starts.
+    /// The VMA containing `addr`.
+    pub fn lookup(&self, addr: u64) -> Option<Vma> {
+        self.v
+            .get(self.first_after(addr))
+            .filter(|x| x.start <= addr)
+            .copied()
+    }
+
+    /// Whether any VMA overlaps `[start, end)`.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.map
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, v)| v.end > start)
+        self.v
+            .get(self.first_after(start))
+            .is_some_and(|x| x.start < end)
     }
 
     /// Whether VMAs cover `[start, end)` without a hole.
     pub fn covers(&self, start: u64, end: u64) -> bool {
         let mut a = start;
-        while a < end {
-            match self.lookup(a) {
-                Some(v) => a = v.end,
-                None => return false,
+        for x in &self.v[self.first_after(start)..] {
+            if a >= end {
+                break;
             }
+            if x.start > a {
+                return false;
+            }
+            a = x.end;
         }
-        true
+        a >= end
     }
 
     /// All VMAs in address order.
     pub fn iter(&self) -> impl Iterator<Item = &Vma> {
-        self.map.values()
+        self.v.iter()
     }
 
     /// The VMAs overlapping `[start, end)`.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> {
-        let first = self.lookup(start).map_or(start, |v| v.start);
-        self.map.range(first..end).map(|(_, v)| v)
+        self.v[self.first_after(start)..]
+            .iter()
+            .take_while(move |x| x.start < end)
     }
 
     /// The lowest `align`-aligned gap of `len` bytes at or above `from`.
     pub fn find_free(&self, len: u64, align: u64, from: u64) -> Option<u64> {
         let up = |x: u64| x.checked_next_multiple_of(align);
         let mut a = up(from.max(USER_BASE))?;
-        for v in self.map.values() {
-            if v.end <= a {
-                continue;
-            }
-            if a.checked_add(len)? <= v.start {
+        for x in &self.v[self.first_after(a)..] {
+            if a.checked_add(len)? <= x.start {
                 return Some(a);
             }
-            a = up(v.end)?;
+            a = up(x.end)?;
         }
         (a.checked_add(len)? <= USER_END).then_some(a)
     }
 
     /// Makes `addr` a VMA boundary.
     fn split_at(&mut self, addr: u64) {
-        if let Some(v) = self.lookup(addr) {
-            if v.start < addr {
-                self.map.insert(v.start, Vma { end: addr, ..v });
-                self.map.insert(addr, Vma { start: addr, ..v });
+        let i = self.first_after(addr);
+        if let Some(x) = self.v.get(i).copied() {
+            if x.start < addr {
+                self.v[i].end = addr;
+                self.v.insert(i + 1, Vma { start: addr, ..x });
             }
         }
     }
 
-    /// Merges equal neighbours among the VMAs touching `[start, end]`.
-    fn merge(&mut self, start: u64, end: u64) {
-        // Begin with the VMA that ends at or contains `start` (one that starts
-        // there may merge with it), else the first one after.
-        let Some(mut cur) = self
-            .map
-            .range(..start)
-            .next_back()
-            .map(|(_, v)| *v)
-            .filter(|v| v.end >= start)
-            .or_else(|| self.map.range(start..).next().map(|(_, v)| *v))
-        else {
-            return;
-        };
-        while cur.start <= end {
-            let Some(next) = self.map.get(&cur.end).copied() else {
-                match self.map.range(cur.end..).next() {
-                    Some((_, v)) => {
-                        cur = *v;
-                        continue;
-                    }
-                    None => return,
+    /// The index range of the VMAs inside `[start, end)` (both boundaries).
+    fn span(&self, start: u64, end: u64) -> (usize, usize) {
+        let i = self.first_after(start);
+        let n = self.v[i..].iter().take_while(|x| x.start < end).count();
+        (i, i + n)
+    }
+
+    /// Merges equal, touching neighbours across the boundaries of the VMAs
+    /// `first..=last` (the ones just changed; the rest is already merged).
+    fn merge(&mut self, first: usize, mut last: usize) {
+        let mut k = first.saturating_sub(1);
+        while k <= last && k + 1 < self.v.len() {
+            let (a, b) = (self.v[k], self.v[k + 1]);
+            if a.end == b.start && a.flags == b.flags {
+                self.v[k].end = b.end;
+                self.v.remove(k + 1);
+                if k < last {
+                    last -= 1;
                 }
-            };
-            if next.flags == cur.flags {
-                self.map.remove(&next.start);
-                cur.end = next.end;
-                self.map.insert(cur.start, cur);
             } else {
-                cur = next;
+                k += 1;
             }
         }
     }
@@ -121,25 +121,23 @@ impl Vmas {
     /// Adds a VMA over a range no VMA overlaps.
     pub fn insert(&mut self, vma: Vma) {
         debug_assert!(!self.overlaps(vma.start, vma.end));
-        self.map.insert(vma.start, vma);
-        self.merge(vma.start, vma.end);
+        let i = self.first_after(vma.start);
+        self.v.insert(i, vma);
+        self.merge(i, i);
     }
 
-    /// Removes `[start, end)` from the tree; returns the span from the first
-    /// removed byte to the last, if anything was mapped there.
+    /// Removes `[start, end)`; returns the span from the first removed byte
+    /// to the last, if anything was mapped there.
     pub fn remove(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
         if !self.overlaps(start, end) {
             return None;
         }
         self.split_at(start);
         self.split_at(end);
-        let keys: Vec<u64> = self.map.range(start..end).map(|(&k, _)| k).collect();
-        let first = *keys.first()?;
-        let last_end = self.map[keys.last()?].end;
-        for k in keys {
-            self.map.remove(&k);
-        }
-        Some((first, last_end))
+        let (i, j) = self.span(start, end);
+        let span = (self.v[i].start, self.v[j - 1].end);
+        self.v.drain(i..j);
+        Some(span)
     }
 
     /// Replaces READ/WRITE/EXEC of every VMA in `[start, end)` (which the
@@ -148,9 +146,12 @@ impl Vmas {
         let mask = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
         self.split_at(start);
         self.split_at(end);
-        for v in self.map.range_mut(start..end).map(|(_, v)| v) {
-            v.flags = (v.flags - mask) | (perms & mask);
+        let (i, j) = self.span(start, end);
+        for x in &mut self.v[i..j] {
+            x.flags = (x.flags - mask) | (perms & mask);
         }
-        self.merge(start, end);
+        if j > i {
+            self.merge(i, j - 1);
+        }
     }
 }
