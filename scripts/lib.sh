@@ -2,7 +2,7 @@
 
 FAULTLINE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FIRMWARE_IMAGE="$FAULTLINE_ROOT/firmware/target/x86_64-unknown-none/release/faultline-firmware"
-FAULTLINE_BIN="$FAULTLINE_ROOT/target/release/faultline"
+FAULTLINE_BIN="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -53,6 +53,20 @@ qemu_boot() {
   scripts/qemu-boot.sh microvm && scripts/qemu-boot.sh q35
 }
 
+# The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU
+# comes from a cached trixie root (scripts/qemu-setup.sh).
+qemu_vfio_user() {
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: the vfio-user QEMU run needs KVM"
+    return
+  fi
+  if ! scripts/qemu-setup.sh >/dev/null; then
+    skip_or_fail "no QEMU with vfio-user-pci (scripts/qemu-setup.sh failed)"
+    return
+  fi
+  scripts/qemu-run.sh
+}
+
 # cargo-fuzz needs nightly for its sanitizer flags; the same harness also
 # runs on stable inside the device's tests (fuzz_smoke).
 fuzz_short() {
@@ -78,6 +92,7 @@ step lint lint
 # firmware built above.
 step host-tests cargo test -q --workspace
 step qemu-boot qemu_boot
+step qemu-vfio-user qemu_vfio_user
 step fuzz fuzz_short
 
 echo

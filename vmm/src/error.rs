@@ -56,6 +56,8 @@ pub enum Error {
     },
     #[error("GPU: {0}")]
     Gpu(String),
+    #[error("serve: {0}")]
+    Serve(String),
     #[error("GPU interrupts: {0}")]
     GpuIrq(#[from] crate::msi::RouterError),
     #[error("cannot write --stats-json {path}: {source}")]

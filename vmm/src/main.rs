@@ -9,6 +9,7 @@ mod gpu_worker;
 mod memory;
 mod msi;
 mod pci;
+mod serve;
 mod vmm;
 mod vstate;
 
@@ -62,6 +63,28 @@ enum Command {
     /// reported failure (value 1), 3 VMM or setup error, 4 the guest crashed
     /// (triple fault, panic value >= 2, vCPU error), 5 --timeout expired.
     Run(RunArgs),
+    /// Serve the Faultline GPU to another VMM (QEMU's vfio-user-pci) over
+    /// vfio-user on a UNIX socket, for one client.
+    ///
+    /// Exit status: 0 the client disconnected (between messages), 3 setup
+    /// error, protocol violation, or the client vanished mid-message.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// UNIX socket to listen on; must not exist. Removed once a client
+    /// connected (one client per server).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Print the GPU's counters to stderr when the client disconnects.
+    #[arg(long)]
+    stats: bool,
+    /// Write the GPU's counters as JSON to PATH when the client disconnects.
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
+    #[command(flatten)]
+    gpu: GpuArgs,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +186,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_level);
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
     };
     let _ = std::io::stdout().flush();
     ExitCode::from(code)
@@ -211,6 +235,38 @@ fn run(args: RunArgs) -> u8 {
     }
 }
 
+fn serve(args: ServeArgs) -> u8 {
+    let stats = match stats_out(args.stats, args.stats_json) {
+        Ok(s) => s,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    let cfg = serve::ServeConfig {
+        socket: args.socket,
+        sizing: args.gpu.config(),
+    };
+    let report = match serve::serve(cfg) {
+        Ok(r) => r,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    match write_stats(stats, Some(&report.gpu_counters)) {
+        Ok(()) => 0,
+        Err(e) => fail(status::VMM_ERROR, &e.to_string()),
+    }
+}
+
+/// Creates (truncates) the JSON file before anything starts, so a bad path
+/// fails fast.
+fn stats_out(print: bool, json: Option<PathBuf>) -> error::Result<StatsOut> {
+    let json = match json {
+        Some(path) => match std::fs::File::create(&path) {
+            Ok(f) => Some((path, f)),
+            Err(source) => return Err(error::Error::StatsWrite { path, source }),
+        },
+        None => None,
+    };
+    Ok(StatsOut { print, json })
+}
+
 fn write_stats(out: StatsOut, counters: Option<&[(String, u64)]>) -> error::Result<()> {
     if out.print {
         match counters {
@@ -244,17 +300,7 @@ fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
     let memory = memory::validate_size(&args.memory, bytes, memory::host_ram_bytes())?;
     // KVM's own limit is checked again once /dev/kvm is open.
     vmm::validate_vcpus(args.vcpus, 255)?;
-    let json = match args.stats_json {
-        Some(path) => match std::fs::File::create(&path) {
-            Ok(f) => Some((path, f)),
-            Err(source) => return Err(error::Error::StatsWrite { path, source }),
-        },
-        None => None,
-    };
-    let stats = StatsOut {
-        print: args.stats,
-        json,
-    };
+    let stats = stats_out(args.stats, args.stats_json)?;
     let config = Config {
         kvm_path: args.kvm_device,
         firmware: args.firmware.unwrap_or_else(default_firmware),

@@ -176,8 +176,14 @@ fn bad_gpu_sizing_is_a_usage_error() {
         ),
         ("--gpu-tlb-entries", "lots", "'lots' is not a number"),
     ] {
-        let o = faultline(&["run", opt, value]);
-        assert_clean_failure(&o, 2, needle);
-        assert!(stderr(&o).contains(opt), "option named: {}", stderr(&o));
+        for cmd in ["run", "serve"] {
+            let mut args = vec![cmd, opt, value];
+            if cmd == "serve" {
+                args.extend(["--socket", "/nonexistent/dir/sock"]);
+            }
+            let o = faultline(&args);
+            assert_clean_failure(&o, 2, needle);
+            assert!(stderr(&o).contains(opt), "option named: {}", stderr(&o));
+        }
     }
 }
