@@ -1,0 +1,191 @@
+//! Host loopback benchmark of the SVM fault path (the real driver, the real
+//! device model on its worker thread, simulated processes). Prints a
+//! markdown table; medians of `BENCH_REPS` runs (default 5).
+//!
+//! * single-fault round trip: an 8-byte FILL on a page the device has not
+//!   mapped (CPU-populated, fault-around 4 KiB) → fault → HMM → replay →
+//!   done, against a null baseline where the handler writes the leaf
+//!   directly (device fault, interrupt and replay only);
+//! * sequential first touch of 64 MiB the CPU never touched, fault-around
+//!   4 KiB / 64 KiB / 2 MiB (pages/s);
+//! * munmap of one device-mapped page until the device acknowledged the
+//!   TLB invalidation (the whole munmap call).
+//!
+//! Run: `cargo run --release -p faultline-driver --example bench_svm`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::env::LoopEnv;
+use common::loopback::Loopback;
+use faultline_abi::{Pte, PAGE_SIZE};
+use faultline_driver::gpu::suite::{Prot, SvmEnv};
+use faultline_driver::gpu::{
+    Channel, Command, Context, Fault, FaultHandler, GpuConfig, PageSize, PageTable, Platform,
+    SvmConfig, SvmContext,
+};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Maps the faulting page identity (VA == GPA), no HMM.
+struct Direct(Arc<Context<Loopback>>);
+
+impl FaultHandler for Direct {
+    fn service(&self, faults: &[Fault], _cancel: &mut Vec<u64>) {
+        let mut pt = self.0.page_table();
+        for f in faults {
+            pt.map(f.va, f.va, PageSize::Size4K, Pte::WRITE)
+                .unwrap_or_else(|e| panic!("map: {e}"));
+        }
+    }
+}
+
+const ROUND_TRIPS: u64 = 2000;
+
+fn null_round_trip() -> f64 {
+    let lb = Loopback::new(64);
+    let gpu = faultline_driver::gpu::Gpu::probe(lb.clone(), GpuConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let buf = lb.dma_alloc(ROUND_TRIPS as usize).expect("dma");
+    let pt = PageTable::new(lb.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = Arc::new(Context::new(&gpu, pt).unwrap_or_else(|e| panic!("{e}")));
+    ctx.set_fault_handler(Some(Arc::new(Direct(ctx.clone()))));
+    let chan = Channel::open(&ctx).unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    for i in 0..ROUND_TRIPS {
+        let dst = buf.phys() + i * PAGE_SIZE;
+        chan.run(&Command::Fill {
+            dst,
+            len: 8,
+            pattern: i,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
+    ctx.set_fault_handler(None);
+    drop(chan);
+    lb.dma_free(buf);
+    ns
+}
+
+fn svm_round_trip() -> f64 {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let p = env.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let len = ROUND_TRIPS * PAGE_SIZE;
+    let va = env.mmap(&p, 0, len, Prot::RW, false).expect("mmap");
+    for i in 0..ROUND_TRIPS {
+        env.write(&p, va + i * PAGE_SIZE, &[1]).expect("populate");
+    }
+    let svm = SvmContext::new(
+        env.gpu(),
+        &p,
+        SvmConfig {
+            fault_around: PAGE_SIZE,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let chan = Channel::open(svm.context()).unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    for i in 0..ROUND_TRIPS {
+        chan.run(&Command::Fill {
+            dst: va + i * PAGE_SIZE,
+            len: 8,
+            pattern: i,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
+    drop(chan);
+    env.exit(p);
+    ns
+}
+
+fn first_touch(around: u64) -> f64 {
+    let env = LoopEnv::new(160, GpuConfig::default());
+    let p = env.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let len = 64 << 20;
+    let va = env.mmap(&p, 0, len, Prot::RW, false).expect("mmap");
+    let svm = SvmContext::new(
+        env.gpu(),
+        &p,
+        SvmConfig {
+            fault_around: around,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let chan = Channel::open(svm.context()).unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    chan.run(&Command::Fill {
+        dst: va,
+        len,
+        pattern: 7,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pages_per_s = (len / PAGE_SIZE) as f64 / t.elapsed().as_secs_f64();
+    drop(chan);
+    env.exit(p);
+    pages_per_s
+}
+
+fn munmap_to_ack() -> f64 {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let p = env.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let svm =
+        SvmContext::new(env.gpu(), &p, SvmConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    let chan = Channel::open(svm.context()).unwrap_or_else(|e| panic!("{e}"));
+    let mut samples = Vec::new();
+    for _ in 0..500 {
+        let va = env.mmap(&p, 0, PAGE_SIZE, Prot::RW, false).expect("mmap");
+        chan.run(&Command::Fill {
+            dst: va,
+            len: 8,
+            pattern: 1,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let t = Instant::now();
+        env.munmap(&p, va, PAGE_SIZE).expect("munmap");
+        samples.push(t.elapsed().as_nanos() as f64);
+        assert!(svm.device_lookup(va).is_none());
+    }
+    drop(chan);
+    env.exit(p);
+    median(samples)
+}
+
+fn main() {
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let null = median((0..reps).map(|_| null_round_trip()).collect());
+    let svm = median((0..reps).map(|_| svm_round_trip()).collect());
+    println!("| host loopback (device model on a worker thread) | value |");
+    println!("|---|---|");
+    println!(
+        "| single-fault round trip, SVM (HMM, 4 KiB window) | {:.1} µs |",
+        svm / 1e3
+    );
+    println!(
+        "| single-fault round trip, null handler | {:.1} µs |",
+        null / 1e3
+    );
+    println!("| ratio SVM / null | {:.2} |", svm / null);
+    for (name, around) in [("4 KiB", 4096u64), ("64 KiB", 64 << 10), ("2 MiB", 2 << 20)] {
+        let pps = median((0..reps).map(|_| first_touch(around)).collect());
+        println!(
+            "| first touch 64 MiB, fault-around {name} | {:.0} pages/s |",
+            pps
+        );
+    }
+    let ack = median((0..reps).map(|_| munmap_to_ack()).collect());
+    println!(
+        "| munmap of a device-mapped page → TLB ack | {:.1} µs |",
+        ack / 1e3
+    );
+}
