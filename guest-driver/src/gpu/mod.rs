@@ -62,6 +62,29 @@
 //! A command on an address the page table does not map faults; a context
 //! without a [`FaultHandler`] gets the fault cancelled, so `run` returns
 //! `Err(GpuError::Command(Status::Cancelled))`.
+//!
+//! # Shared virtual memory
+//!
+//! [`SvmContext::new(&gpu, &mm, SvmConfig::default())`](SvmContext::new)
+//! binds a context to a process address space (any [`crate::mm::Mm`]) through
+//! an HMM mirror; open a [`Channel`] on [`SvmContext::context`] and submit
+//! commands on process virtual addresses. Faults are serviced by whoever
+//! runs the bottom half ([`Gpu::poll`], which every wait calls), so the
+//! firmware needs no extra thread: submit, then `wait`. CPU munmap/mprotect
+//! reach the driver through the mirror and return only after the device
+//! acknowledged the TLB invalidation. Never call `poll(true)` (or a channel
+//! wait) with the process's mmap lock held.
+//!
+//! # The SVM suite
+//!
+//! [`suite`] holds the 22 tests of issue 7, generic over
+//! [`suite::SvmEnv`]. The host loopback runs them in `cargo test`
+//! (`tests/svm_loopback.rs`); the firmware implements `SvmEnv` on its
+//! processes and calls `suite::run(&env, filter, |name, result| ...)`.
+//! `fault_buffer_overflow` wants a GPU probed with a small
+//! [`GpuConfig::fault_entries`] (it sizes its kernel to 4× the buffer,
+//! 512..4096 pages); `large_first_touch` touches [`suite::SvmEnv::large_bytes`]
+//! (256 MiB unless the environment says less).
 
 mod channel;
 mod context;
