@@ -204,13 +204,12 @@ fn session_config_bar0_dma_msi_and_counters() {
     );
 
     // Guest RAM: a memfd mapped at GPA 0.
-    // SAFETY: a NUL-terminated name and no flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"faultline-test-ram".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: memfd_create just returned this descriptor to us.
-    let ram = unsafe { File::from_raw_fd(fd) };
-    ram.set_len(RAM).unwrap();
+    let ram = memfd(libc::MFD_ALLOW_SEALING);
     c.dma_map(0, 0, RAM, ram.as_raw_fd()).unwrap();
+    assert!(
+        ram.set_len(RAM / 2).is_err(),
+        "the server sealed guest RAM against shrinking"
+    );
     // MSI: 4 vectors enabled in config space, eventfd for CONTROL (3).
     let ev: Vec<EventFd> = (0..4)
         .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -313,6 +312,39 @@ fn garbage_on_the_socket_is_a_clear_error() {
         let o = srv.finish();
         assert_clean_error(&o, needle);
     }
+}
+
+/// `RAM` bytes of memfd, created with `flags`.
+fn memfd(flags: libc::c_uint) -> File {
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"faultline-test-ram".as_ptr(), flags) };
+    assert!(fd >= 0);
+    // SAFETY: memfd_create just returned this descriptor to us.
+    let ram = unsafe { File::from_raw_fd(fd) };
+    ram.set_len(RAM).unwrap();
+    ram
+}
+
+#[test]
+fn dma_map_of_unsealable_memory_is_refused() {
+    let srv = Server::start("unsealable", &[]);
+    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
+    // Without MFD_ALLOW_SEALING the memfd can never be sealed: the client
+    // could shrink it under the device.
+    let ram = memfd(0);
+    // The crate's client ignores the error reply; stderr shows the refusal.
+    let _ = c.dma_map(0, 0, RAM, ram.as_raw_fd());
+    let mut magic = [0u8; 4];
+    c.region_read(BAR0, 0, &mut magic).unwrap();
+    assert_eq!(&magic, b"FLTG", "still serving");
+    drop(c);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("sealed against shrinking"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

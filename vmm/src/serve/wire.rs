@@ -281,6 +281,12 @@ pub fn pump_replies(mut inner: UnixStream, client: &Mutex<UnixStream>) {
         if inner.read_exact(&mut msg[HEADER..]).is_err() {
             return;
         }
+        // The crate answers a failed backend call with the error flag but
+        // errno 0, which QEMU reports as "Success"; say what kind of failure
+        // it was (the backend refuses only invalid requests).
+        if u32_at(&msg, 8) & FLAG_ERROR != 0 && u32_at(&msg, 12) == 0 {
+            msg[12..16].copy_from_slice(&(libc::EINVAL as u32).to_le_bytes());
+        }
         if let Err(e) = lock(client).write_all(&msg) {
             log::debug!("reply to the client lost: {e}");
             return;
@@ -312,6 +318,27 @@ mod tests {
             Err(WireError::Violation(s)) => s,
             other => panic!("expected a violation, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn error_replies_without_errno_get_einval() {
+        let (mut crate_side, inner) = UnixStream::pair().unwrap();
+        let (client_far, client_near) = UnixStream::pair().unwrap();
+        let mut bare = error_reply(7, 2, 0);
+        crate_side.write_all(&bare).unwrap();
+        let ok_reply = {
+            let mut h = error_reply(8, 2, 0);
+            h[8..12].copy_from_slice(&TYPE_REPLY.to_le_bytes());
+            h
+        };
+        crate_side.write_all(&ok_reply).unwrap();
+        drop(crate_side);
+        pump_replies(inner, &Mutex::new(client_near));
+        let mut got = [0u8; 2 * HEADER];
+        (&client_far).read_exact(&mut got).unwrap();
+        bare[12..16].copy_from_slice(&(libc::EINVAL as u32).to_le_bytes());
+        assert_eq!(&got[..HEADER], &bare, "errno filled in");
+        assert_eq!(&got[HEADER..], &ok_reply, "success untouched");
     }
 
     #[test]
