@@ -398,6 +398,29 @@ impl ServerBackend for Backend {
     }
 }
 
+/// Device DMA goes through a shared mapping of the client's file: if the
+/// client shrank the file afterwards, a DMA access would raise SIGBUS in this
+/// process. A file sealed against shrinking cannot do that, so the seal is a
+/// condition of the map (QEMU's memfd backend seals by default).
+fn seal_against_shrinking(file: &File) -> Result<(), String> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; F_ADD_SEALS takes the seal bits as an int.
+    if seals >= 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
+        return Ok(());
+    }
+    Err(
+        "the file cannot be sealed against shrinking, so the client could make device \
+         DMA fault in the server: back guest RAM with a sealable memfd \
+         (QEMU: memory-backend-memfd, seal=on is its default)"
+            .into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,27 +452,4 @@ mod tests {
         assert_eq!(i[0].count, 0, "no INTx");
         assert_eq!(i[2].count, 0, "no MSI-X");
     }
-}
-
-/// Device DMA goes through a shared mapping of the client's file: if the
-/// client shrank the file afterwards, a DMA access would raise SIGBUS in this
-/// process. A file sealed against shrinking cannot do that, so the seal is a
-/// condition of the map (QEMU's memfd backend seals by default).
-fn seal_against_shrinking(file: &File) -> Result<(), String> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
-    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-        return Ok(());
-    }
-    // SAFETY: as above; F_ADD_SEALS takes the seal bits as an int.
-    if seals >= 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
-        return Ok(());
-    }
-    Err(
-        "the file cannot be sealed against shrinking, so the client could make device \
-         DMA fault in the server: back guest RAM with a sealable memfd \
-         (QEMU: memory-backend-memfd, seal=on is its default)"
-            .into(),
-    )
 }
