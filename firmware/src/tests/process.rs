@@ -1250,6 +1250,9 @@ fn random_ops() -> Result<(), String> {
         "teardown after the random run: {} frames missing",
         free_at_start - frames::stats().free
     );
-    log::debug!("random ops: mmap/munmap/mprotect/touch = {counts:?}");
+    log::debug!(
+        "random ops: mmap/munmap/mprotect/touch = {counts:?}, free frames {free_at_start} before, {} after",
+        frames::stats().free
+    );
     Ok(())
 }
