@@ -56,6 +56,17 @@ qemu_boot() {
     QEMU_ACCEL=tcg scripts/qemu-boot.sh microvm test=process
 }
 
+# The default in-guest suite (self-tests, process mm, GPU, SVM) under
+# faultline, with its per-test lines in the log; vmm/tests also boots it but
+# only shows a failure's output.
+guest_suite() {
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: the in-guest suite needs KVM"
+    return
+  fi
+  scripts/run.sh
+}
+
 # The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU
 # comes from a cached trixie root (scripts/qemu-setup.sh).
 qemu_vfio_user() {
@@ -94,6 +105,7 @@ step lint lint
 # Host tests include the boot tests in faultline (vmm/tests), which use the
 # firmware built above.
 step host-tests cargo test -q --workspace
+step guest-suite guest_suite
 step qemu-boot qemu_boot
 step qemu-vfio-user qemu_vfio_user
 step fuzz fuzz_short
