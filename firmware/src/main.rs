@@ -14,6 +14,7 @@ mod gpu;
 mod mm;
 mod pci;
 mod serial;
+mod svm_env;
 mod sync;
 mod tests;
 

@@ -196,7 +196,7 @@ fn bad_commands(d: &Arc<Driver>, s: &Setup) -> Result<(), String> {
 const BAD_SETUP: u32 = 1;
 const BAD_CHANNEL_SETUP: u32 = 2;
 
-fn device() -> Result<&'static Gpu, String> {
+pub(super) fn device() -> Result<&'static Gpu, String> {
     match gpu::get()? {
         Some(g) => Ok(g),
         None if gpu::policy() == Policy::Optional => Err(super::skip(

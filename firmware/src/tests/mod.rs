@@ -16,6 +16,7 @@ pub mod crash;
 pub mod gpu;
 pub mod process;
 pub mod selftest;
+pub mod svm;
 
 pub type TestFn = fn() -> Result<(), String>;
 
@@ -32,7 +33,7 @@ impl Test {
 
 /// Every suite, in run order. Later modules (process address spaces, PCI,
 /// the GPU driver) append their `TESTS` slice here.
-const SUITES: &[&[Test]] = &[selftest::TESTS, process::TESTS, gpu::TESTS];
+const SUITES: &[&[Test]] = &[selftest::TESTS, process::TESTS, gpu::TESTS, svm::TESTS];
 
 /// Marks a test's `Err` as a skip (hardware the test needs is absent and
 /// the command line allows that): reported as SKIPPED, counted apart, and

@@ -714,6 +714,10 @@ pub fn munmap_reuse<E: SvmEnv>(env: &E) -> TestResult {
     ok(env.munmap(&p, old, len), "munmap")?;
     // New mappings, written by the CPU: likely to reuse the frames.
     let new = ok(env.mmap(&p, 0, 4 * len, Prot::RW, false), "mmap new")?;
+    ensure!(
+        new >= old + len || new + 4 * len <= old,
+        "the new mapping {new:#x} reuses the unmapped addresses {old:#x}"
+    );
     for i in 0..4 * len / PAGE_SIZE {
         write_u64(env, &p, new + i * PAGE_SIZE, 0x7777)?;
     }

@@ -70,6 +70,7 @@
 //! notifiers run. The #PF path only *tries* the mmap lock: a page fault
 //! while the same CPU holds it for writing is reported, not deadlocked.
 
+pub mod freed;
 mod pt;
 mod run;
 mod vmas;

@@ -118,8 +118,10 @@ pub struct FrameList {
     spill: alloc::vec::Vec<u64>,
 }
 
-/// Low bit of a [`FrameList`] entry: a 2 MiB run.
+/// Low bits of a [`FrameList`] entry: a 2 MiB run; a page-table page (not
+/// process data, so not watched by [`super::freed`]).
 const RUN_2M: u64 = 1;
+const TABLE: u64 = 2;
 
 impl FrameList {
     pub fn new() -> FrameList {
@@ -147,12 +149,16 @@ impl FrameList {
         self.push(pa | RUN_2M);
     }
 
+    pub fn push_table(&mut self, pa: u64) {
+        self.push(pa | TABLE);
+    }
+
     pub fn free_all(self) {
         for &x in self.inline[..self.n].iter().chain(self.spill.iter()) {
-            if x & RUN_2M != 0 {
-                frames::free_2m(PhysAddr::new(x & !RUN_2M));
+            if x & TABLE != 0 {
+                frames::free(PhysAddr::new(x & !TABLE));
             } else {
-                frames::free(PhysAddr::new(x));
+                super::freed::free_data(x & !RUN_2M, x & RUN_2M != 0);
             }
         }
     }
@@ -480,7 +486,7 @@ impl PageTables {
                                     kept3 = true;
                                 } else {
                                     pd.set(i2, 0);
-                                    freed.push_4k(pt.0);
+                                    freed.push_table(pt.0);
                                     freed_tables += 1;
                                 }
                             }
@@ -490,7 +496,7 @@ impl PageTables {
                             kept4 = true;
                         } else {
                             pdpt.set(i3, 0);
-                            freed.push_4k(pd.0);
+                            freed.push_table(pd.0);
                             freed_tables += 1;
                         }
                     }
@@ -498,7 +504,7 @@ impl PageTables {
                 }
                 if !kept4 && !in_use(lo4, hi4) {
                     self.pml4.set(i4, 0);
-                    freed.push_4k(pdpt.0);
+                    freed.push_table(pdpt.0);
                     freed_tables += 1;
                 }
             }
@@ -526,13 +532,13 @@ impl PageTables {
                 for i2 in 0..512 {
                     let pde = pd.get(i2);
                     if pde & PS != 0 && holds_frame(pde) {
-                        frames::free_2m(PhysAddr::new(pde & ADDR));
+                        super::freed::free_data(pde & ADDR, true);
                         n += 512;
                     } else if let Some(pt) = pd.child(i2) {
                         for i1 in 0..512 {
                             let e = pt.get(i1);
                             if holds_frame(e) && e & ADDR != zero_pa {
-                                free(e & ADDR);
+                                super::freed::free_data(e & ADDR, false);
                                 n += 1;
                             }
                         }

@@ -1,0 +1,103 @@
+//! Where process data frames go when an address space lets go of them, and
+//! an optional watch on that for tests: with a canary set, every data frame
+//! freed by munmap or teardown is filled with it, recorded and held back
+//! from the allocator, so a test can later prove that nothing (a GPU, say)
+//! wrote to it after the unmap returned. Page-table pages are not watched.
+
+use alloc::vec::Vec;
+
+use x86_64::PhysAddr;
+
+use crate::mm::{frames, DIRECT_MAP_BASE};
+use crate::sync::IrqMutex;
+
+const FRAME: u64 = 4096;
+const HUGE: u64 = 2 << 20;
+
+struct Watch {
+    canary: u64,
+    /// Runs held back from the allocator: (address, 2 MiB run).
+    held: Vec<(u64, bool)>,
+    /// 4 KiB frames recorded since the last [`take`].
+    recorded: Vec<u64>,
+}
+
+static WATCH: IrqMutex<Option<Watch>> = IrqMutex::new(None);
+
+/// `Some(canary)`: start watching (frames freed from now on are filled,
+/// recorded and held). `None`: stop and give every held frame back.
+pub fn track(canary: Option<u64>) {
+    let old = {
+        let mut w = WATCH.lock();
+        match (canary, w.as_mut()) {
+            (Some(c), Some(w)) => {
+                w.canary = c;
+                return;
+            }
+            (Some(c), None) => {
+                *w = Some(Watch {
+                    canary: c,
+                    held: Vec::new(),
+                    recorded: Vec::new(),
+                });
+                return;
+            }
+            (None, _) => w.take(),
+        }
+    };
+    for (pa, huge) in old.map(|w| w.held).unwrap_or_default() {
+        release(pa, huge);
+    }
+}
+
+/// The frames recorded since the last call (2 MiB runs as 512 entries).
+pub fn take() -> Vec<u64> {
+    WATCH
+        .lock()
+        .as_mut()
+        .map(|w| core::mem::take(&mut w.recorded))
+        .unwrap_or_default()
+}
+
+fn release(pa: u64, huge: bool) {
+    if huge {
+        frames::free_2m(PhysAddr::new(pa));
+    } else {
+        frames::free(PhysAddr::new(pa));
+    }
+}
+
+/// `rep stosq`: one instruction for the whole run, which matters where
+/// supervisor code is emulated instruction by instruction.
+fn fill_u64(pa: u64, bytes: u64, v: u64) {
+    let dst = (DIRECT_MAP_BASE + pa) as *mut u64;
+    // SAFETY: a frame run that was just taken out of a process's page
+    // tables and is not yet back in the allocator: nobody else uses it;
+    // the direct map covers all RAM.
+    unsafe {
+        core::arch::asm!(
+            "rep stosq",
+            inout("rdi") dst => _,
+            inout("rcx") bytes / 8 => _,
+            in("rax") v,
+            options(nostack)
+        );
+    }
+}
+
+/// Frees a data frame (4 KiB) or run (2 MiB) that a process no longer maps
+/// (after the invalidation that unmapped it completed).
+pub fn free_data(pa: u64, huge: bool) {
+    {
+        let mut w = WATCH.lock();
+        if let Some(w) = w.as_mut() {
+            let bytes = if huge { HUGE } else { FRAME };
+            fill_u64(pa, bytes, w.canary);
+            w.held.push((pa, huge));
+            w.recorded
+                .extend((0..bytes / FRAME).map(|i| pa + i * FRAME));
+            return;
+        }
+    }
+    release(pa, huge);
+}

@@ -1,0 +1,156 @@
+//! The SVM suite's environment in the guest (`faultline_driver::gpu::suite::SvmEnv`):
+//! real processes (`mm::process`), CPU accesses made by this CPU through
+//! the process's own page tables (CR3 switched by `Process::run`, a fault
+//! that cannot be resolved comes back as `Segv`), frame accounting from the
+//! frame allocator, and the GPU through the driver on the PCI device.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use faultline_driver::errno::Errno;
+use faultline_driver::gpu::suite::{self, Segv, SvmEnv};
+use faultline_driver::gpu::Gpu;
+use faultline_driver::mm::PageState;
+
+use crate::gpu::FwPlatform;
+use crate::mm::process::{self, freed, user, MapFlags, Process, ProcessMm};
+use crate::mm::{direct_map, frames};
+
+/// One probed driver and everything else from the running firmware.
+pub struct FwEnv {
+    gpu: Arc<Gpu<FwPlatform>>,
+    /// Where the next mapping without an address goes.
+    next_va: AtomicU64,
+}
+
+/// Mappings the suite does not place go here and upwards.
+const MMAP_BASE: u64 = crate::mm::USER_BASE + (1 << 30);
+
+impl FwEnv {
+    pub fn new(gpu: Arc<Gpu<FwPlatform>>) -> FwEnv {
+        FwEnv {
+            gpu,
+            next_va: AtomicU64::new(MMAP_BASE),
+        }
+    }
+}
+
+fn prot(p: suite::Prot) -> process::Prot {
+    let mut out = process::Prot::empty();
+    if p.contains(suite::Prot::READ) {
+        out |= process::Prot::READ;
+    }
+    if p.contains(suite::Prot::WRITE) {
+        out |= process::Prot::WRITE;
+    }
+    out
+}
+
+/// Runs `f` inside `p`; a segmentation fault becomes `Segv` (logged at
+/// debug level: several tests expect one).
+fn inside<R>(p: &Process, f: impl FnOnce() -> R) -> Result<R, Segv> {
+    p.run(f).map_err(|e| {
+        log::debug!("svm env: {e}");
+        Segv
+    })
+}
+
+impl SvmEnv for FwEnv {
+    type P = FwPlatform;
+    type M = ProcessMm;
+    type Process = Process;
+
+    fn gpu(&self) -> &Arc<Gpu<FwPlatform>> {
+        &self.gpu
+    }
+
+    fn spawn(&self) -> Result<Process, String> {
+        Process::new().map_err(|e| format!("process creation: {e:?}"))
+    }
+
+    fn mm(&self, p: &Process) -> Arc<ProcessMm> {
+        p.mm().clone()
+    }
+
+    fn exit(&self, p: Process) {
+        drop(p);
+    }
+
+    fn mmap(
+        &self,
+        p: &Process,
+        hint: u64,
+        len: u64,
+        pr: suite::Prot,
+        huge: bool,
+    ) -> Result<u64, Errno> {
+        let mut flags = MapFlags::empty();
+        if huge {
+            flags |= MapFlags::HUGE;
+        }
+        let addr = if hint == 0 {
+            // Never reuse an address within a test (the address space's own
+            // choice would be the lowest gap): tests such as munmap_reuse
+            // check that an unmapped range stays unmapped. 2 MiB aligned,
+            // with a 2 MiB gap between mappings, as in the host loopback.
+            let span = len.next_multiple_of(2 << 20) + (2 << 20);
+            self.next_va.fetch_add(span, Ordering::Relaxed)
+        } else {
+            flags |= MapFlags::FIXED;
+            hint
+        };
+        p.mmap(Some(addr), len, prot(pr), flags)
+    }
+
+    fn munmap(&self, p: &Process, addr: u64, len: u64) -> Result<(), Errno> {
+        p.munmap(addr, len)
+    }
+
+    fn mprotect(&self, p: &Process, addr: u64, len: u64, pr: suite::Prot) -> Result<(), Errno> {
+        p.mprotect(addr, len, prot(pr))
+    }
+
+    fn read(&self, p: &Process, addr: u64, out: &mut [u8]) -> Result<(), Segv> {
+        inside(p, || user::read_bytes(addr, out))
+    }
+
+    fn write(&self, p: &Process, addr: u64, data: &[u8]) -> Result<(), Segv> {
+        inside(p, || user::write_bytes(addr, data))
+    }
+
+    fn atomic_add_u64(&self, p: &Process, addr: u64, v: u64) -> Result<u64, Segv> {
+        inside(p, || user::atomic_add_u64(addr, v))
+    }
+
+    fn cpu_phys(&self, p: &Process, addr: u64) -> Option<u64> {
+        match p.translate(addr).state {
+            PageState::Present { pfn, .. } | PageState::Zero { pfn } => {
+                Some((pfn << 12) + addr % 4096)
+            }
+            PageState::Huge { pfn, .. } => Some((pfn << 12) + addr % (2 << 20)),
+            PageState::None | PageState::Special => None,
+        }
+    }
+
+    fn free_frames(&self) -> u64 {
+        frames::stats().free
+    }
+
+    fn track_freed(&self, canary: Option<u64>) {
+        freed::track(canary);
+    }
+
+    fn take_freed(&self) -> Vec<u64> {
+        freed::take()
+    }
+
+    fn read_phys(&self, pa: u64, out: &mut [u8]) {
+        let src = direct_map::phys_to_virt(x86_64::PhysAddr::new(pa));
+        // SAFETY: the direct map covers all RAM; the suite reads frames it
+        // got from `take_freed` (held back, so nobody frees them under us).
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr::<u8>(), out.as_mut_ptr(), out.len()) }
+    }
+}
