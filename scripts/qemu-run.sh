@@ -9,7 +9,7 @@
 # line "N passed, 0 failed"), 1 a guest test failed (QEMU status 3), 2 any
 # other outcome: guest crash (QEMU status 5), timeout, QEMU or server error.
 #
-# Environment: QEMU_TIMEOUT (seconds, default 240), QEMU_MEM (default 512M),
+# Environment: QEMU_TIMEOUT (seconds, default 480), QEMU_MEM (default 512M),
 # FAULTLINE_SERVE_ARGS (extra `faultline serve` options, e.g. --gpu-channels 4),
 # QEMU_RUN_LOG (keep the serial log at this path).
 set -euo pipefail
@@ -74,7 +74,9 @@ fi
 
 say "qemu-run: QEMU $(chroot "$root" qemu-system-x86_64 --version | head -n 1 | awk '{print $4}') q35 + vfio-user-pci, cmdline \"$cmdline\""
 set +e
-timeout "${QEMU_TIMEOUT:-240}" chroot "$root" qemu-system-x86_64 \
+# The default suite takes ~95 s here under PVM (the SVM suite's
+# large_first_touch alone ~70 s): leave room for a loaded host.
+timeout "${QEMU_TIMEOUT:-480}" chroot "$root" qemu-system-x86_64 \
   -M q35,accel=kvm,memory-backend=mem \
   -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" \
   -cpu host,-arch-capabilities -nodefaults -no-reboot \
@@ -127,7 +129,7 @@ case "$status" in
     exit 2
     ;;
   124)
-    say "qemu-run: ERROR: timed out after ${QEMU_TIMEOUT:-240}s"
+    say "qemu-run: ERROR: timed out after ${QEMU_TIMEOUT:-480}s"
     exit 2
     ;;
   *)

@@ -256,3 +256,42 @@ fn contexts_and_channels_are_released() {
     drop(ctx);
     lb.dma_free(buf);
 }
+
+/// Neighbouring 4 KiB maps reuse the last level-1 table; a 2 MiB leaf that
+/// replaces that table, and a 4 KiB map that splits the leaf again, must
+/// not write through the stale table.
+#[test]
+fn page_table_leaf_table_cache_follows_replacements() {
+    let lb = Loopback::new(16);
+    let mut pt = PageTable::new(lb.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let (va, pa) = (0x4000_0000u64, 0x20_0000u64);
+    let map = |pt: &mut PageTable<Loopback>, va, pa, size| {
+        pt.map(va, pa, size, Pte::WRITE)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    map(&mut pt, va, pa, PageSize::Size4K);
+    map(&mut pt, va + 0x1000, pa + 0x1000, PageSize::Size4K);
+    let tables = pt.table_count();
+    map(&mut pt, va, pa, PageSize::Size2M);
+    assert_eq!(pt.leaf_count(), 1);
+    assert_eq!(
+        pt.table_count(),
+        tables,
+        "the replaced table is retired, not freed"
+    );
+    assert_eq!(
+        pt.lookup(va + 0x1000).map(|l| l.size),
+        Some(PageSize::Size2M)
+    );
+    // Splitting again needs a fresh table: the retired one must not be
+    // written (the device may still walk it until the TLB flush).
+    map(&mut pt, va + 0x3000, 0x60_3000, PageSize::Size4K);
+    let leaf = pt.lookup(va + 0x3000).expect("mapped");
+    assert_eq!((leaf.phys, leaf.size), (0x60_3000, PageSize::Size4K));
+    assert_eq!(pt.lookup(va + 0x1000), None, "the 2 MiB leaf is gone whole");
+    assert_eq!(pt.leaf_count(), 1);
+    assert_eq!(pt.table_count(), tables + 1);
+    map(&mut pt, va + 0x4000, 0x60_4000, PageSize::Size4K);
+    assert_eq!(pt.lookup(va + 0x4000).map(|l| l.phys), Some(0x60_4000));
+    assert_eq!(pt.leaf_count(), 2);
+}

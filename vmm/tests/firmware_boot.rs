@@ -24,12 +24,15 @@ fn firmware() -> Option<PathBuf> {
     None
 }
 
-/// Boots the firmware with `extra` arguments after `--firmware`; a 60 s
-/// timeout unless `extra` gives one.
+/// Boots the firmware with `extra` arguments after `--firmware`; a 400 s
+/// timeout unless `extra` gives one. The whole default suite takes ~110 s
+/// alone under PVM, most of it the SVM suite's large_first_touch (65,536
+/// GPU first-touch faults serviced by emulated guest code); cargo runs these
+/// boots in parallel on shared cores, so leave a wide margin.
 fn boot(fw: &std::path::Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["run", "--firmware", path_str(fw)];
     if !extra.contains(&"--timeout") {
-        args.extend(["--timeout", "60"]);
+        args.extend(["--timeout", "400"]);
     }
     args.extend_from_slice(extra);
     faultline(&args)

@@ -53,11 +53,8 @@ svm_tests!(
     fault_buffer_overflow,
     pointer_chase,
     atomic_counter,
+    large_first_touch,
 );
-
-/// Suite tests not registered yet: large_first_touch needs the fault path
-/// to get cheaper under PVM first (~110 s for 256 MiB today).
-const PENDING: &[&str] = &["large_first_touch"];
 
 /// The driver configuration a test wants.
 fn config(name: &str) -> GpuConfig {
@@ -86,11 +83,11 @@ fn config(name: &str) -> GpuConfig {
 fn check_registered() -> Result<(), String> {
     let suite = suite::tests::<FwEnv>();
     for (n, _) in &suite {
-        if !TESTS.iter().any(|t| t.name == *n) && !PENDING.contains(n) {
+        if !TESTS.iter().any(|t| t.name == *n) {
             return Err(format!("suite test {n} is not registered in the firmware"));
         }
     }
-    if suite.len() != TESTS.len() + PENDING.len() {
+    if suite.len() != TESTS.len() {
         return Err(format!(
             "{} firmware SVM tests for {} suite tests",
             TESTS.len(),

@@ -84,6 +84,11 @@ pub struct PageTable<P: Platform> {
     /// Tables no entry points to any more; freed on drop.
     retired: Vec<DmaRegion>,
     leaves: u64,
+    /// The level-1 table of the latest 4 KiB `map`: (va >> 21, table).
+    /// Faults map runs of neighbouring pages, and where the driver runs
+    /// emulated (PVM) the walk from the root is most of a map's cost.
+    /// Cleared whenever a table is unlinked or replaced by a larger leaf.
+    last_l1: Option<(u64, u64)>,
 }
 
 impl<P: Platform> PageTable<P> {
@@ -99,6 +104,7 @@ impl<P: Platform> PageTable<P> {
             tables,
             retired: Vec::new(),
             leaves: 0,
+            last_l1: None,
         })
     }
 
@@ -134,6 +140,7 @@ impl<P: Platform> PageTable<P> {
 
     /// Unlinks the level-`level` table at `phys` and everything below it.
     fn retire(&mut self, phys: u64, level: u32) {
+        self.last_l1 = None;
         if let Some(t) = self.tables.remove(&phys) {
             for i in 0..512 {
                 let e = Pte::from_bits_retain(t.read_u64(i * 8));
@@ -167,8 +174,17 @@ impl<P: Platform> PageTable<P> {
     pub fn map(&mut self, va: u64, phys: u64, size: PageSize, perms: Pte) -> Result<(), GpuError> {
         Self::check(va, phys, size)?;
         let level = size.level();
-        let mut table = self.root;
-        for l in (level + 1..=4).rev() {
+        let cached = match self.last_l1 {
+            Some((block, t)) if level == 1 && block == va >> 21 => Some(t),
+            _ => None,
+        };
+        if level > 1 {
+            // This leaf may replace the cached table.
+            self.last_l1 = None;
+        }
+        let mut table = cached.unwrap_or(self.root);
+        let walk = if cached.is_some() { 1..1 } else { level + 1..5 };
+        for l in walk.rev() {
             let slot = pt_index(va, l) * 8;
             let e = Pte::from_bits_retain(self.table(table).read_u64(slot));
             table = if e.contains(Pte::VALID) && !e.contains(Pte::LEAF) {
@@ -182,6 +198,9 @@ impl<P: Platform> PageTable<P> {
                 self.table(table).write_u64(slot, Pte::table(t).bits());
                 t
             };
+        }
+        if level == 1 {
+            self.last_l1 = Some((va >> 21, table));
         }
         let slot = pt_index(va, level) * 8;
         let t = self.table(table);

@@ -85,19 +85,41 @@ fn fill_u64(pa: u64, bytes: u64, v: u64) {
     }
 }
 
-/// Frees a data frame (4 KiB) or run (2 MiB) that a process no longer maps
-/// (after the invalidation that unmapped it completed).
-pub fn free_data(pa: u64, huge: bool) {
-    {
-        let mut w = WATCH.lock();
-        if let Some(w) = w.as_mut() {
+/// Gives frames back with both locks taken once: many frames per
+/// munmap or teardown, and a lock round trip costs more than a free under
+/// PVM. Lock order: the watch, then the frame allocator.
+pub struct Freer {
+    watch: lock_api::MutexGuard<'static, crate::sync::RawIrqSpinlock, Option<Watch>>,
+    frames: frames::Batch,
+}
+
+impl Freer {
+    pub fn new() -> Freer {
+        let watch = WATCH.lock();
+        Freer {
+            watch,
+            frames: frames::batch(),
+        }
+    }
+
+    /// A data frame (4 KiB) or run (2 MiB) that a process no longer maps
+    /// (after the invalidation that unmapped it completed).
+    pub fn data(&mut self, pa: u64, huge: bool) {
+        if let Some(w) = self.watch.as_mut() {
             let bytes = if huge { HUGE } else { FRAME };
             fill_u64(pa, bytes, w.canary);
             w.held.push((pa, huge));
             w.recorded
                 .extend((0..bytes / FRAME).map(|i| pa + i * FRAME));
-            return;
+        } else if huge {
+            self.frames.free_2m(PhysAddr::new(pa));
+        } else {
+            self.frames.free(PhysAddr::new(pa));
         }
     }
-    release(pa, huge);
+
+    /// A page-table page (never watched).
+    pub fn table(&mut self, pa: u64) {
+        self.frames.free(PhysAddr::new(pa));
+    }
 }

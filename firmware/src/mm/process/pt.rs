@@ -11,6 +11,7 @@
 use faultline_driver::mm::{PageState, VmFlags, Walk, PAGE_SHIFT, PMD_SHIFT};
 use x86_64::PhysAddr;
 
+use super::freed::Freer;
 use crate::arch::paging;
 use crate::mm::{frames, DIRECT_MAP_BASE, USER_BASE, USER_END};
 
@@ -154,11 +155,15 @@ impl FrameList {
     }
 
     pub fn free_all(self) {
+        if self.n == 0 {
+            return;
+        }
+        let mut f = Freer::new();
         for &x in self.inline[..self.n].iter().chain(self.spill.iter()) {
             if x & TABLE != 0 {
-                frames::free(PhysAddr::new(x & !TABLE));
+                f.table(x & !TABLE);
             } else {
-                super::freed::free_data(x & !RUN_2M, x & RUN_2M != 0);
+                f.data(x & !RUN_2M, x & RUN_2M != 0);
             }
         }
     }
@@ -520,7 +525,7 @@ impl PageTables {
     /// nobody can be told any more). Returns the number of 4 KiB frames.
     pub fn destroy(&mut self, zero_pa: u64) -> u64 {
         let mut n = 0;
-        let free = |pa: u64| frames::free(PhysAddr::new(pa));
+        let mut f = Freer::new();
         for i4 in index(USER_BASE, 39)..=index(USER_END - 1, 39) {
             let Some(pdpt) = self.pml4.child(i4) else {
                 continue;
@@ -532,24 +537,24 @@ impl PageTables {
                 for i2 in 0..512 {
                     let pde = pd.get(i2);
                     if pde & PS != 0 && holds_frame(pde) {
-                        super::freed::free_data(pde & ADDR, true);
+                        f.data(pde & ADDR, true);
                         n += 512;
                     } else if let Some(pt) = pd.child(i2) {
                         for i1 in 0..512 {
                             let e = pt.get(i1);
                             if holds_frame(e) && e & ADDR != zero_pa {
-                                super::freed::free_data(e & ADDR, false);
+                                f.data(e & ADDR, false);
                                 n += 1;
                             }
                         }
-                        free(pt.0);
+                        f.table(pt.0);
                         n += 1;
                     }
                 }
-                free(pd.0);
+                f.table(pd.0);
                 n += 1;
             }
-            free(pdpt.0);
+            f.table(pdpt.0);
             n += 1;
             self.pml4.set(i4, 0);
         }
