@@ -31,30 +31,7 @@ macro_rules! svm_tests {
     };
 }
 
-svm_tests!(
-    open_close,
-    anon_read,
-    anon_read_prot,
-    anon_write,
-    anon_write_prot,
-    anon_write_huge,
-    anon_read_multiple,
-    anon_write_multiple,
-    anon_teardown,
-    snapshot,
-    double_map,
-    two_processes,
-    mprotect_downgrade,
-    munmap_reuse,
-    release_with_context,
-    release_waits_for_range,
-    register_dead_mm,
-    invalidate_during_fault,
-    fault_buffer_overflow,
-    pointer_chase,
-    atomic_counter,
-    large_first_touch,
-);
+faultline_driver::svm_suite!(svm_tests);
 
 /// The driver configuration a test wants.
 fn config(name: &str) -> GpuConfig {

@@ -108,32 +108,48 @@ pub type TestResult = Result<(), String>;
 /// A test.
 pub type TestFn<E> = fn(&E) -> TestResult;
 
+/// The names of every test, in the order issue 7 lists them: the one list
+/// the hosts share. `svm_suite!(m)` expands to `m! { open_close, anon_read,
+/// ... }`, so each host (this module's [`tests`], the loopback's
+/// `#[test]`s, the firmware's runner) generates its own entry per name.
+#[macro_export]
+macro_rules! svm_suite {
+    ($m:ident) => {
+        $m! {
+            open_close,
+            anon_read,
+            anon_read_prot,
+            anon_write,
+            anon_write_prot,
+            anon_write_huge,
+            anon_read_multiple,
+            anon_write_multiple,
+            anon_teardown,
+            snapshot,
+            double_map,
+            two_processes,
+            mprotect_downgrade,
+            munmap_reuse,
+            release_with_context,
+            release_waits_for_range,
+            register_dead_mm,
+            invalidate_during_fault,
+            fault_buffer_overflow,
+            pointer_chase,
+            atomic_counter,
+            large_first_touch,
+        }
+    };
+}
+
 /// Every test, in the order issue 7 lists them.
 pub fn tests<E: SvmEnv>() -> Vec<(&'static str, TestFn<E>)> {
-    vec![
-        ("open_close", open_close::<E> as TestFn<E>),
-        ("anon_read", anon_read::<E>),
-        ("anon_read_prot", anon_read_prot::<E>),
-        ("anon_write", anon_write::<E>),
-        ("anon_write_prot", anon_write_prot::<E>),
-        ("anon_write_huge", anon_write_huge::<E>),
-        ("anon_read_multiple", anon_read_multiple::<E>),
-        ("anon_write_multiple", anon_write_multiple::<E>),
-        ("anon_teardown", anon_teardown::<E>),
-        ("snapshot", snapshot::<E>),
-        ("double_map", double_map::<E>),
-        ("two_processes", two_processes::<E>),
-        ("mprotect_downgrade", mprotect_downgrade::<E>),
-        ("munmap_reuse", munmap_reuse::<E>),
-        ("release_with_context", release_with_context::<E>),
-        ("release_waits_for_range", release_waits_for_range::<E>),
-        ("register_dead_mm", register_dead_mm::<E>),
-        ("invalidate_during_fault", invalidate_during_fault::<E>),
-        ("fault_buffer_overflow", fault_buffer_overflow::<E>),
-        ("pointer_chase", pointer_chase::<E>),
-        ("atomic_counter", atomic_counter::<E>),
-        ("large_first_touch", large_first_touch::<E>),
-    ]
+    macro_rules! list {
+        ($($name:ident),* $(,)?) => {
+            vec![$((stringify!($name), $name::<E> as TestFn<E>)),*]
+        };
+    }
+    crate::svm_suite!(list)
 }
 
 /// Runs the tests whose name contains `filter` (all for ""), calling
