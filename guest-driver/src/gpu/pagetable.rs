@@ -10,6 +10,7 @@
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::ops::Range;
 
 use faultline_abi::{pt_index, Pte, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK, VA_LIMIT};
 
@@ -292,47 +293,26 @@ impl<P: Platform> PageTable<P> {
     /// Clears every leaf overlapping `[start, end)` (whole leaves, even if
     /// they extend past the range). Empty tables stay linked.
     pub fn unmap_range(&mut self, start: u64, end: u64) -> Cleared {
-        let mut c = Cleared {
-            leaves: 0,
-            start: u64::MAX,
-            end: 0,
-        };
-        let end = end.min(VA_LIMIT);
-        if start < end {
-            self.clear(self.root, 4, 0, start, end, &mut c);
-        }
+        let c = self.edit_leaves(start, end, &mut |_| Some(Pte::empty()));
         self.leaves -= c.leaves;
-        if c.leaves == 0 {
-            c.start = 0;
-        }
         c
-    }
-
-    fn clear(&self, table: u64, level: u32, base: u64, start: u64, end: u64, c: &mut Cleared) {
-        let span = 1u64 << (12 + 9 * (level - 1));
-        let first = ((start.max(base) - base) / span) as usize;
-        let last = ((end - 1).min(base + 512 * span - 1) - base) / span;
-        for i in first..=last as usize {
-            let t = self.table(table);
-            let e = Pte::from_bits_retain(t.read_u64(i * 8));
-            if !e.contains(Pte::VALID) {
-                continue;
-            }
-            let va = base + i as u64 * span;
-            if level == 1 || e.contains(Pte::LEAF) {
-                t.write_u64(i * 8, 0);
-                c.leaves += 1;
-                c.start = c.start.min(va);
-                c.end = c.end.max(va + span);
-            } else {
-                self.clear(e.addr(), level - 1, va, start, end, c);
-            }
-        }
     }
 
     /// Clears WRITE and ATOMIC on every leaf overlapping `[start, end)`;
     /// returns what it touched like [`PageTable::unmap_range`].
     pub fn protect_range(&mut self, start: u64, end: u64) -> Cleared {
+        let rw = Pte::WRITE | Pte::ATOMIC;
+        self.edit_leaves(start, end, &mut |e| e.intersects(rw).then(|| e - rw))
+    }
+
+    /// Offers every valid leaf overlapping `[start, end)` to `edit`; where
+    /// it returns a new entry, that entry is written and the leaf counted.
+    fn edit_leaves(
+        &self,
+        start: u64,
+        end: u64,
+        edit: &mut impl FnMut(Pte) -> Option<Pte>,
+    ) -> Cleared {
         let mut c = Cleared {
             leaves: 0,
             start: u64::MAX,
@@ -340,7 +320,7 @@ impl<P: Platform> PageTable<P> {
         };
         let end = end.min(VA_LIMIT);
         if start < end {
-            self.downgrade(self.root, 4, 0, start, end, &mut c);
+            self.edit_in(self.root, 4, 0, start..end, edit, &mut c);
         }
         if c.leaves == 0 {
             c.start = 0;
@@ -348,10 +328,18 @@ impl<P: Platform> PageTable<P> {
         c
     }
 
-    fn downgrade(&self, table: u64, level: u32, base: u64, start: u64, end: u64, c: &mut Cleared) {
+    fn edit_in(
+        &self,
+        table: u64,
+        level: u32,
+        base: u64,
+        range: Range<u64>,
+        edit: &mut impl FnMut(Pte) -> Option<Pte>,
+        c: &mut Cleared,
+    ) {
         let span = 1u64 << (12 + 9 * (level - 1));
-        let first = ((start.max(base) - base) / span) as usize;
-        let last = ((end - 1).min(base + 512 * span - 1) - base) / span;
+        let first = ((range.start.max(base) - base) / span) as usize;
+        let last = ((range.end - 1).min(base + 512 * span - 1) - base) / span;
         for i in first..=last as usize {
             let t = self.table(table);
             let e = Pte::from_bits_retain(t.read_u64(i * 8));
@@ -360,14 +348,14 @@ impl<P: Platform> PageTable<P> {
             }
             let va = base + i as u64 * span;
             if level == 1 || e.contains(Pte::LEAF) {
-                if e.intersects(Pte::WRITE | Pte::ATOMIC) {
-                    t.write_u64(i * 8, (e - Pte::WRITE - Pte::ATOMIC).bits());
+                if let Some(new) = edit(e) {
+                    t.write_u64(i * 8, new.bits());
                     c.leaves += 1;
                     c.start = c.start.min(va);
                     c.end = c.end.max(va + span);
                 }
             } else {
-                self.downgrade(e.addr(), level - 1, va, start, end, c);
+                self.edit_in(e.addr(), level - 1, va, range.clone(), edit, c);
             }
         }
     }
