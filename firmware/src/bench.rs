@@ -17,6 +17,7 @@ use crate::println;
 pub fn run(b: Bench) -> ! {
     let result = match b {
         Bench::Exits => exits(),
+        Bench::Faults => crate::bench_faults::run(),
     };
     match result {
         Ok(()) => exit(ExitCode::Success),

@@ -27,6 +27,8 @@ pub struct Options<'a> {
 pub enum Bench {
     /// VM-exit costs of the GPU paths (`scripts/bench.sh exits`).
     Exits,
+    /// SVM fault and invalidation costs (`scripts/bench.sh faults`).
+    Faults,
 }
 
 /// Deliberate fatal errors, each exercising a different handler path.
@@ -159,10 +161,11 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
             },
             "bench" => match value {
                 "exits" => o.bench = Some(Bench::Exits),
+                "faults" => o.bench = Some(Bench::Faults),
                 _ => complain(Complaint::BadValue {
                     key,
                     value,
-                    expected: "exits",
+                    expected: "exits|faults",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -8,6 +8,7 @@ extern crate alloc;
 
 mod arch;
 mod bench;
+mod bench_faults;
 mod boot;
 mod cmdline;
 mod gpu;

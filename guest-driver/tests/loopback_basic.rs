@@ -167,8 +167,15 @@ fn unmapped_access_is_cancelled_and_invalidate_takes_effect() {
     // so the driver cancels it and the command fails.
     let cleared = ctx.page_table().unmap_range(buf.phys(), buf.phys() + 4096);
     assert_eq!((cleared.leaves, cleared.start), (1, buf.phys()));
+    let before = lb.now_ns();
     ctx.invalidate(buf.phys(), 4096)
         .unwrap_or_else(|e| panic!("{e}"));
+    // The acknowledgement time benchmarks read lies within the call.
+    let ack = gpu.last_tlb_ack_ns();
+    assert!(
+        before <= ack && ack <= lb.now_ns(),
+        "ack at {ack}, call from {before}"
+    );
     assert_eq!(
         chan.run(&Command::Fill {
             dst: buf.phys(),

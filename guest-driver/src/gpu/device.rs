@@ -189,6 +189,9 @@ pub struct Gpu<P: Platform> {
     last_error: AtomicU64,
     error_count: AtomicU32,
     counters: DriverCounters,
+    /// `Platform::now_ns` when the driver last saw a TLB invalidation
+    /// acknowledged (benchmarks time munmap → ack with it).
+    tlb_ack_ns: AtomicU64,
 }
 
 fn pages(bytes: u64) -> usize {
@@ -280,6 +283,7 @@ impl<P: Platform> Gpu<P> {
             last_error: AtomicU64::new(0),
             error_count: AtomicU32::new(0),
             counters: DriverCounters::default(),
+            tlb_ack_ns: AtomicU64::new(0),
         };
         if !status.contains(DeviceStatus::ENABLED) {
             // Drop resets the device and frees the memory.
@@ -309,6 +313,12 @@ impl<P: Platform> Gpu<P> {
     /// Driver counters.
     pub fn counters(&self) -> &DriverCounters {
         &self.counters
+    }
+
+    /// `Platform::now_ns` at the moment the driver last saw a TLB
+    /// invalidation acknowledged (0: never).
+    pub fn last_tlb_ack_ns(&self) -> u64 {
+        self.tlb_ack_ns.load(Ordering::Acquire)
     }
 
     /// A device counter (`faultline_abi::Counter` index), read over MMIO
@@ -554,7 +564,7 @@ impl<P: Platform> Gpu<P> {
             return Ok(());
         }
         self.control(ctl_op::INVALIDATE_RANGE, context, start, len)?;
-        DriverCounters::add(&self.counters.tlb_invalidates, 1);
+        self.note_tlb_ack();
         Ok(())
     }
 
@@ -562,8 +572,14 @@ impl<P: Platform> Gpu<P> {
     /// context-table entry) and waits for the acknowledgement.
     pub fn invalidate_context(&self, context: u32) -> Result<(), GpuError> {
         self.control(ctl_op::INVALIDATE_CONTEXT, context, 0, 0)?;
-        DriverCounters::add(&self.counters.tlb_invalidates, 1);
+        self.note_tlb_ack();
         Ok(())
+    }
+
+    fn note_tlb_ack(&self) {
+        self.tlb_ack_ns
+            .store(self.platform.now_ns(), Ordering::Release);
+        DriverCounters::add(&self.counters.tlb_invalidates, 1);
     }
 
     // ------------------------------------------------------ context slots
