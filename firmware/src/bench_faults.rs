@@ -11,7 +11,8 @@
 //!   `svm_resident` goes through the full HMM path of an `SvmContext`
 //!   (fault-around 4 KiB) on a process page the CPU already populated;
 //!   `svm_first_touch` the same on a page the CPU never touched, so
-//!   `range_fault` also allocates and zeroes the frame.
+//!   `range_fault` also allocates and zeroes the frame. The variants take
+//!   turns, one sample each.
 //! * `first_touch`: one FILL over 64 MiB the CPU never touched, per
 //!   fault-around size, with 4 KiB CPU pages (and once with 2 MiB pages).
 //! * `munmap`: munmap of a 64 KiB mapping the device has mapped, from the
@@ -77,9 +78,7 @@ pub fn run() -> Result<(), String> {
         ..GpuConfig::default()
     };
     let gpu = Gpu::probe(p, cfg).map_err(e("probe"))?;
-    single_null(&gpu)?;
-    single_svm(&gpu, true)?;
-    single_svm(&gpu, false)?;
+    single_faults(&gpu)?;
     for fa in [4 << 10, 64 << 10, 2 << 20] {
         first_touch(&gpu, fa, false)?;
     }
@@ -149,51 +148,47 @@ fn one_fault(gpu: &Gpu<P>, chan: &Channel<P>, cmd: &Command) -> Result<Stamps, S
     Ok(s)
 }
 
-/// Runs `n + WARMUP` faulting commands made by `cmd(i)` and prints the
-/// medians of the round trip and its three segments (the segments over the
-/// samples whose FAULT MSI arrived in time; `late_fault_msi` counts the
-/// others, which still count in the round trip).
-fn single(
-    variant: &str,
-    gpu: &Gpu<P>,
-    chan: &Channel<P>,
-    cmd: impl Fn(usize) -> Command,
-) -> Result<(), String> {
-    let mut total = Vec::with_capacity(SINGLE);
-    let mut to_fault = Vec::with_capacity(SINGLE);
-    let mut service = Vec::with_capacity(SINGLE);
-    let mut tail = Vec::with_capacity(SINGLE);
-    let mut late = 0;
-    for i in 0..SINGLE + WARMUP {
-        let s = one_fault(gpu, chan, &cmd(i))?;
-        if i < WARMUP {
-            continue;
-        }
-        total.push(s.done_irq - s.doorbell);
-        tail.push(s.done_irq - s.replay);
+/// Samples of one variant: the round trip and its three segments.
+#[derive(Default)]
+struct Samples {
+    total: Vec<u64>,
+    to_fault: Vec<u64>,
+    service: Vec<u64>,
+    tail: Vec<u64>,
+    /// Samples whose FAULT MSI came after the replay (in `total` and
+    /// `tail`, not in the other two segments).
+    late: usize,
+}
+
+impl Samples {
+    fn push(&mut self, s: &Stamps) {
+        self.total.push(s.done_irq - s.doorbell);
+        self.tail.push(s.done_irq - s.replay);
         match s.fault_irq {
             Some(f) => {
-                to_fault.push(f - s.doorbell);
-                service.push(s.replay - f);
+                self.to_fault.push(f - s.doorbell);
+                self.service.push(s.replay - f);
             }
-            None => late += 1,
+            None => self.late += 1,
         }
     }
-    if late > SINGLE / 2 {
-        return Err(format!(
-            "{variant}: the FAULT MSI came after the replay in {late} of {SINGLE} faults"
-        ));
+
+    fn print(&mut self, variant: &str) -> Result<(), String> {
+        if self.to_fault.is_empty() {
+            return Err(format!("{variant}: no FAULT MSI came before its replay"));
+        }
+        let min = time::ticks_to_ns(*self.total.iter().min().unwrap_or(&0));
+        println!(
+            "bench single_fault variant={variant} samples={SINGLE} median_ns={} min_ns={min} \
+             fault_irq_ns={} service_ns={} replay_done_ns={} late_fault_msi={}",
+            median_ns(&mut self.total),
+            median_ns(&mut self.to_fault),
+            median_ns(&mut self.service),
+            median_ns(&mut self.tail),
+            self.late
+        );
+        Ok(())
     }
-    let min = time::ticks_to_ns(*total.iter().min().unwrap_or(&0));
-    println!(
-        "bench single_fault variant={variant} samples={SINGLE} median_ns={} min_ns={min} \
-         fault_irq_ns={} service_ns={} replay_done_ns={} late_fault_msi={late}",
-        median_ns(&mut total),
-        median_ns(&mut to_fault),
-        median_ns(&mut service),
-        median_ns(&mut tail)
-    );
-    Ok(())
 }
 
 /// The null baseline's fault handler: one device PTE per fault, to a frame
@@ -222,7 +217,9 @@ impl FaultHandler for Preset {
     }
 }
 
-fn single_null(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
+/// The three single-fault variants, interleaved sample by sample so that
+/// drifting host load (2 shared cores) hits them alike.
+fn single_faults(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
     let p = gpu.platform();
     let buf = p.dma_alloc(1).ok_or("dma_alloc failed")?;
     let result = (|| {
@@ -233,11 +230,7 @@ fn single_null(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
             phys: buf.phys(),
         })));
         let chan = Channel::open(&ctx).map_err(e("channel"))?;
-        let r = single("null", gpu, &chan, |i| Command::Fill {
-            dst: NULL_VA + i as u64 * PAGE_SIZE,
-            len: PAGE_SIZE,
-            pattern: PATTERN,
-        });
+        let r = svm_pair(gpu, &chan);
         drop(chan);
         ctx.set_fault_handler(None);
         r?;
@@ -250,54 +243,68 @@ fn single_null(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
     result
 }
 
-fn single_svm(gpu: &Arc<Gpu<P>>, resident: bool) -> Result<(), String> {
-    let pr = Process::new().map_err(ed("process"))?;
+/// Sets up the two SVM variants and runs all three (`null` on `null_chan`).
+fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>) -> Result<(), String> {
     let n = (SINGLE + WARMUP) as u64;
-    let flags = if resident {
-        MapFlags::POPULATE
-    } else {
-        MapFlags::empty()
-    };
-    let a = pr
-        .mmap(None, n * PAGE_SIZE, Prot::READ | Prot::WRITE, flags)
-        .map_err(ed("mmap"))?;
-    let svm = SvmContext::new(
-        gpu,
-        pr.mm(),
-        SvmConfig {
-            fault_around: PAGE_SIZE,
-        },
-    )
-    .map_err(e("svm context"))?;
-    let chan = Channel::open(svm.context()).map_err(e("channel"))?;
-    let variant = if resident {
-        "svm_resident"
-    } else {
-        "svm_first_touch"
-    };
+    let mut procs = Vec::new();
+    for flags in [MapFlags::POPULATE, MapFlags::empty()] {
+        let pr = Process::new().map_err(ed("process"))?;
+        let a = pr
+            .mmap(None, n * PAGE_SIZE, Prot::READ | Prot::WRITE, flags)
+            .map_err(ed("mmap"))?;
+        let svm = SvmContext::new(
+            gpu,
+            pr.mm(),
+            SvmConfig {
+                fault_around: PAGE_SIZE,
+            },
+        )
+        .map_err(e("svm context"))?;
+        let chan = Channel::open(svm.context()).map_err(e("channel"))?;
+        procs.push((pr, a, svm, chan));
+    }
+    let names = ["null", "svm_resident", "svm_first_touch"];
+    let mut samples: [Samples; 3] = Default::default();
     let mapped0 = gpu.counters().snapshot().pages_mapped;
-    single(variant, gpu, &chan, |i| Command::Fill {
-        dst: a + i as u64 * PAGE_SIZE,
-        len: PAGE_SIZE,
-        pattern: PATTERN,
-    })?;
+    for i in 0..SINGLE + WARMUP {
+        let off = i as u64 * PAGE_SIZE;
+        for (v, smp) in samples.iter_mut().enumerate() {
+            let (chan, dst) = match v {
+                0 => (null_chan, NULL_VA + off),
+                _ => (&procs[v - 1].3, procs[v - 1].1 + off),
+            };
+            let cmd = Command::Fill {
+                dst,
+                len: PAGE_SIZE,
+                pattern: PATTERN,
+            };
+            let s = one_fault(gpu, chan, &cmd)?;
+            if i >= WARMUP {
+                smp.push(&s);
+            }
+        }
+    }
     let mapped = gpu.counters().snapshot().pages_mapped - mapped0;
-    if mapped != n {
+    if mapped != 2 * n {
         return Err(format!(
-            "{variant}: {mapped} device pages mapped for {n} faults"
+            "svm variants: {mapped} device pages mapped for {} faults",
+            2 * n
         ));
     }
-    let last = a + (n - 1) * PAGE_SIZE + 8;
-    let seen = pr
-        .run(|| (user::read_u64(a), user::read_u64(last)))
-        .map_err(ed("CPU read"))?;
-    if seen != (PATTERN, PATTERN) {
-        return Err(format!(
-            "{variant}: the CPU reads {seen:x?} after the FILLs"
-        ));
+    for (pr, a, _, _) in &procs {
+        let (a, last) = (*a, *a + (n - 1) * PAGE_SIZE + 8);
+        let seen = pr
+            .run(|| (user::read_u64(a), user::read_u64(last)))
+            .map_err(ed("CPU read"))?;
+        if seen != (PATTERN, PATTERN) {
+            return Err(format!(
+                "svm variants: the CPU reads {seen:x?} after the FILLs"
+            ));
+        }
     }
-    drop(chan);
-    drop(svm);
+    for (v, smp) in samples.iter_mut().enumerate() {
+        smp.print(names[v])?;
+    }
     Ok(())
 }
 
