@@ -40,7 +40,8 @@ boot() {
 declare -A all
 for r in $(seq "$runs"); do
   say "faults: boot $r/$runs"
-  while read -r key val; do all[$key]+="$val "; done < <(boot)
+  res=$(boot) || exit 1
+  while read -r key val; do all[$key]+="$val "; done <<<"$res"
 done
 
 need() { [ -n "${all[$1]:-}" ] || die "no '$1' result from the guest"; }

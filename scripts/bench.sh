@@ -73,7 +73,10 @@ MD
 bench_script() {
   local name=$1 script=scripts/bench-$1.sh
   [ -x "$script" ] || die "$script is missing"
-  "$script" "$runs" | record "$name"
+  local out
+  # A failed run must not overwrite the recorded figures with nothing.
+  out=$("$script" "$runs") || die "$script failed"
+  printf '%s\n' "$out" | record "$name"
 }
 
 case "$what" in

@@ -405,11 +405,19 @@ fn munmap(gpu: &Arc<Gpu<P>>, mirrored: bool) -> Result<(), String> {
             if c.tlb_invalidates - c0.tlb_invalidates != 1
                 || ack < t0_ns
                 || svm.device_lookup(a).is_some()
-                || irq::count(vector::CONTROL) == irq0
             {
                 return Err(format!(
-                    "munmap: expected one acknowledged TLB invalidation, counters {c0} → {c}"
+                    "munmap: expected one acknowledged TLB invalidation, counters {c0} → {c}, \
+                     ack at {ack} ns, munmap from {t0_ns} ns"
                 ));
+            }
+            // The CONTROL MSI may only be taken after munmap returned.
+            let deadline = time::Deadline::after_ms(2000);
+            while irq::count(vector::CONTROL) == irq0 {
+                if deadline.expired() {
+                    return Err("munmap: no CONTROL MSI within 2 s".into());
+                }
+                gpu.platform().wait_interrupt(1_000_000);
             }
             if i >= WARMUP {
                 to_ack.push(time::ns_to_ticks(ack - t0_ns));
