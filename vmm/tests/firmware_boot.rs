@@ -3,26 +3,6 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
-
-fn firmware() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../firmware/target/x86_64-unknown-none/release/faultline-firmware");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!(
-            "firmware not built at {}: run scripts/build-firmware.sh",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
-        p.display()
-    );
-    None
-}
 
 /// Boots the firmware with `extra` arguments after `--firmware`; a 400 s
 /// timeout unless `extra` gives one. The whole default suite takes ~110 s

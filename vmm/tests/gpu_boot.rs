@@ -7,25 +7,6 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
-fn firmware() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../firmware/target/x86_64-unknown-none/release/faultline-firmware");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!(
-            "firmware not built at {}: run scripts/build-firmware.sh",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
-        p.display()
-    );
-    None
-}
-
 /// Boots the firmware with `cmdline` and extra VMM arguments.
 fn boot(test: &str, cmdline: &str, extra: &[&str]) -> Option<std::process::Output> {
     let (true, Some(fw)) = (kvm_or_skip(test), firmware()) else {

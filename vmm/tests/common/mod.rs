@@ -120,3 +120,25 @@ pub fn kvm_or_skip(test: &str) -> bool {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The release firmware built by scripts/build-firmware.sh, or None (a
+/// SKIP line) when it is not built; with FAULTLINE_REQUIRE_KVM=1 a missing
+/// build fails the test instead.
+pub fn firmware() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware/target/x86_64-unknown-none/release/faultline-firmware");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "firmware not built at {}: run scripts/build-firmware.sh",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
+        p.display()
+    );
+    None
+}
