@@ -239,6 +239,12 @@ impl Platform for FwPlatform {
     fn wait_interrupt(&self, timeout_ns: u64) {
         use x86_64::instructions::interrupts;
         let deadline = time::rdtsc().saturating_add(time::ns_to_ticks(timeout_ns));
+        // The driver may wait inside an interrupt-safe lock (munmap's TLB
+        // invalidation runs under the mm's IrqRwLock). Interrupts must be on
+        // while halted or the MSI never wakes us; that is safe there because
+        // the MSI stubs take no lock. On return the caller's IF is restored,
+        // or the lock's "interrupts off" promise would silently end here.
+        let was_enabled = interrupts::are_enabled();
         interrupts::disable();
         if !irq::any_pending() {
             if apic::tsc_deadline_supported() {
@@ -252,7 +258,11 @@ impl Platform for FwPlatform {
                 }
             }
         }
-        interrupts::enable();
+        if was_enabled {
+            interrupts::enable();
+        } else {
+            interrupts::disable();
+        }
     }
 
     fn now_ns(&self) -> u64 {
