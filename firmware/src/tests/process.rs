@@ -65,6 +65,19 @@ fn map(p: &Process, addr: Option<u64>, len: u64, prot: Prot, f: MapFlags) -> Res
         .map_err(|e| format!("mmap({addr:x?}, {len:#x}, {prot:?}, {f:?}): {e:?}"))
 }
 
+/// A process with a notifier [`Recorder`] attached, then one RW mapping of
+/// `len` bytes where the process puts it.
+fn watched(len: u64, f: MapFlags) -> Result<(Process, Arc<Recorder>, u64), String> {
+    let p = new_process()?;
+    let rec = Recorder::attach(&p);
+    let a = map(&p, None, len, RW, f)?;
+    Ok((p, rec, a))
+}
+
+fn debug_str(e: impl core::fmt::Debug) -> String {
+    format!("{e:?}")
+}
+
 fn read(p: &Process, addr: u64) -> Result<u64, Segfault> {
     p.run(|| user::read_u64(addr))
 }
@@ -86,6 +99,14 @@ fn present(w: Walk) -> Option<(u64, bool)> {
         PageState::Present { pfn, writable } => Some((pfn, writable)),
         _ => None,
     }
+}
+
+/// [`present`] for the 4 KiB PTE a notifier call saw.
+fn present_at(s: &Seen) -> Option<(u64, bool)> {
+    present(Walk {
+        state: s.state,
+        shift: 12,
+    })
 }
 
 fn demand_paging() -> Result<(), String> {
@@ -220,9 +241,7 @@ impl MmuNotifier<ProcessMm> for Recorder {
 }
 
 fn zero_page_cow() -> Result<(), String> {
-    let p = new_process()?;
-    let rec = Recorder::attach(&p);
-    let a = map(&p, None, PG, RW, MapFlags::empty())?;
+    let (p, rec, a) = watched(PG, MapFlags::empty())?;
     ensure!(read(&p, a + 64) == Ok(0), "fresh page does not read 0");
     let z = Walk {
         state: PageState::Zero { pfn: zero_pfn() },
@@ -251,10 +270,7 @@ fn zero_page_cow() -> Result<(), String> {
             && log[0].phase == "start"
             && log[0].state == z.state
             && log[1].phase == "end"
-            && present(Walk {
-                state: log[1].state,
-                shift: 12
-            }) == Some((pfn, true)),
+            && present_at(&log[1]) == Some((pfn, true)),
         "COW notifications {log:?}"
     );
     Ok(())
@@ -347,15 +363,12 @@ fn segfaults() -> Result<(), String> {
 }
 
 fn mprotect() -> Result<(), String> {
-    let p = new_process()?;
-    let rec = Recorder::attach(&p);
-    let a = map(&p, None, 2 * PG, RW, MapFlags::empty())?;
+    let (p, rec, a) = watched(2 * PG, MapFlags::empty())?;
     write(&p, a, 0x55).map_err(|e| format!("write: {e}"))?;
     let (pfn, _) = present(p.translate(a)).ok_or("not present")?;
     rec.take();
     // Down to read-only: the frame stays, loses write.
-    p.mprotect(a, PG, Prot::READ)
-        .map_err(|e| format!("{e:?}"))?;
+    p.mprotect(a, PG, Prot::READ).map_err(debug_str)?;
     ensure!(
         p.vmas().len() == 2,
         "mprotect of one page did not split: {:?}",
@@ -374,8 +387,7 @@ fn mprotect() -> Result<(), String> {
         SegvReason::ReadOnly,
     )?;
     // Down to nothing: the walk still reports the (kept) frame, read-only.
-    p.mprotect(a, PG, Prot::empty())
-        .map_err(|e| format!("{e:?}"))?;
+    p.mprotect(a, PG, Prot::empty()).map_err(debug_str)?;
     ensure!(
         present(p.translate(a)) == Some((pfn, false)),
         "after NONE: {:?}",
@@ -383,7 +395,7 @@ fn mprotect() -> Result<(), String> {
     );
     expect_segv(read(&p, a), a, Access::Read, SegvReason::NoAccess)?;
     // Up to read-write: same frame and data; the write upgrades in place.
-    p.mprotect(a, PG, RW).map_err(|e| format!("{e:?}"))?;
+    p.mprotect(a, PG, RW).map_err(debug_str)?;
     ensure!(
         p.vmas().len() == 1,
         "equal neighbours not merged: {:?}",
@@ -422,16 +434,14 @@ fn mprotect() -> Result<(), String> {
 }
 
 fn munmap() -> Result<(), String> {
-    let p = new_process()?;
-    let rec = Recorder::attach(&p);
-    let a = map(&p, None, 3 * PG, RW, MapFlags::empty())?;
+    let (p, rec, a) = watched(3 * PG, MapFlags::empty())?;
     for i in 0..3 {
         write(&p, a + i * PG, i + 1).map_err(|e| format!("write {i}: {e}"))?;
     }
     let (pfn, _) = present(p.translate(a + PG)).ok_or("not present")?;
     let free = frames::stats().free;
     rec.take();
-    p.munmap(a + PG, PG).map_err(|e| format!("{e:?}"))?;
+    p.munmap(a + PG, PG).map_err(debug_str)?;
     ensure!(
         frames::stats().free == free + 1 && frames::is_free(PhysAddr::new(pfn << 12)),
         "munmap of one page returned {} frames",
@@ -468,7 +478,7 @@ fn munmap() -> Result<(), String> {
     // Unmapping everything also frees the page-table pages (PDPT, PD, PT).
     let tables = p.stats().page_tables;
     let free = frames::stats().free;
-    p.munmap(a, 3 * PG).map_err(|e| format!("{e:?}"))?;
+    p.munmap(a, 3 * PG).map_err(debug_str)?;
     ensure!(
         p.stats().page_tables == 1 && frames::stats().free == free + 2 + (tables - 1),
         "full munmap left {} tables, returned {} frames",
@@ -543,8 +553,7 @@ fn huge_pages() -> Result<(), String> {
         p.mprotect(h, HUGE / 2, Prot::READ) == Err(Errno::EINVAL),
         "mprotect split a 2 MiB page"
     );
-    p.mprotect(h, HUGE, Prot::READ)
-        .map_err(|e| format!("{e:?}"))?;
+    p.mprotect(h, HUGE, Prot::READ).map_err(debug_str)?;
     ensure!(
         p.translate(h).state
             == PageState::Huge {
@@ -560,7 +569,7 @@ fn huge_pages() -> Result<(), String> {
         Access::Write,
         SegvReason::ReadOnly,
     )?;
-    p.munmap(h, 2 * HUGE).map_err(|e| format!("{e:?}"))?;
+    p.munmap(h, 2 * HUGE).map_err(debug_str)?;
     // Frames and both page-table pages back: the count from before the faults.
     ensure!(
         frames::stats().free == free,
@@ -571,9 +580,7 @@ fn huge_pages() -> Result<(), String> {
 }
 
 fn notifier_order() -> Result<(), String> {
-    let p = new_process()?;
-    let rec = Recorder::attach(&p);
-    let a = map(&p, None, 2 * PG, RW, MapFlags::empty())?;
+    let (p, rec, a) = watched(2 * PG, MapFlags::empty())?;
     write(&p, a, 1).map_err(|e| format!("{e}"))?;
     write(&p, a + PG, 2).map_err(|e| format!("{e}"))?;
     let (pfn, _) = present(p.translate(a)).ok_or("not present")?;
@@ -581,34 +588,24 @@ fn notifier_order() -> Result<(), String> {
         .store(pfn, core::sync::atomic::Ordering::Relaxed);
     rec.take();
 
-    p.mprotect(a, 2 * PG, Prot::READ)
-        .map_err(|e| format!("{e:?}"))?;
+    p.mprotect(a, 2 * PG, Prot::READ).map_err(debug_str)?;
     let log = rec.take();
     ensure!(
         log.len() == 2
             && log[0].phase == "start"
-            && present(Walk {
-                state: log[0].state,
-                shift: 12
-            }) == Some((pfn, true))
+            && present_at(&log[0]) == Some((pfn, true))
             && log[1].phase == "end"
-            && present(Walk {
-                state: log[1].state,
-                shift: 12
-            }) == Some((pfn, false))
+            && present_at(&log[1]) == Some((pfn, false))
             && log.iter().all(|s| (s.start, s.end) == (a, a + 2 * PG)),
         "mprotect: start must see the old PTE, end the new one: {log:?}"
     );
 
-    p.munmap(a, 2 * PG).map_err(|e| format!("{e:?}"))?;
+    p.munmap(a, 2 * PG).map_err(debug_str)?;
     let log = rec.take();
     ensure!(
         log.len() == 2
             && log[0].phase == "start"
-            && present(Walk {
-                state: log[0].state,
-                shift: 12
-            }) == Some((pfn, false))
+            && present_at(&log[0]) == Some((pfn, false))
             && !log[0].watched_free
             && log[1].phase == "end"
             && log[1].state == PageState::None
@@ -664,7 +661,7 @@ fn isolation() -> Result<(), String> {
             && p1.pml4_phys() != crate::arch::paging::kernel_pml4_phys().as_u64(),
         "processes share a PML4"
     );
-    p1.munmap(a, PG).map_err(|e| format!("{e:?}"))?;
+    p1.munmap(a, PG).map_err(debug_str)?;
     ensure!(read(&p2, a) == Ok(0x2222_2222), "munmap in p1 hit p2");
     Ok(())
 }
@@ -815,7 +812,7 @@ fn hmm_mirror() -> Result<(), String> {
     );
     drop(range);
     ensure!(p.mm().core().users() == 1, "range kept its users reference");
-    p.munmap(a, 2 * PG).map_err(|e| format!("{e:?}"))?;
+    p.munmap(a, 2 * PG).map_err(debug_str)?;
     let ups = ops.updates.lock().clone();
     ensure!(
         ups.iter()
@@ -830,9 +827,7 @@ fn teardown() -> Result<(), String> {
     let free = frames::stats().free;
     let heap = crate::mm::heap::stats();
     {
-        let p = new_process()?;
-        let rec = Recorder::attach(&p);
-        let a = map(&p, None, 8 * PG, RW, MapFlags::POPULATE)?;
+        let (p, rec, a) = watched(8 * PG, MapFlags::POPULATE)?;
         let h = map(&p, Some(USER_BASE + (300 << 30)), HUGE, RW, MapFlags::HUGE)?;
         let far = map(
             &p,
@@ -843,8 +838,7 @@ fn teardown() -> Result<(), String> {
         )?;
         write(&p, h, 1).map_err(|e| format!("{e}"))?;
         ensure!(read(&p, far) == Ok(0), "far read");
-        p.mprotect(a, PG, Prot::empty())
-            .map_err(|e| format!("{e:?}"))?;
+        p.mprotect(a, PG, Prot::empty()).map_err(debug_str)?;
         let st = p.stats();
         ensure!(
             st.data_frames == 8 + 512,
