@@ -100,6 +100,14 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Says SKIP where it is seen: straight to the process's stderr, because
+/// libtest captures `eprintln!` of a passing test, which would turn the skip
+/// into a silent `ok`.
+fn say_skip(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "*** SKIP {line} ***");
+}
+
 /// True when KVM is usable. When it is not, the test says SKIP loudly, or
 /// fails if FAULTLINE_REQUIRE_KVM=1 (as CI sets it).
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -112,7 +120,9 @@ pub fn kvm_or_skip(test: &str) -> bool {
         if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: /dev/kvm is not usable and FAULTLINE_REQUIRE_KVM=1");
         }
-        eprintln!("SKIP {test}: /dev/kvm is not usable");
+        say_skip(&format!(
+            "{test}: /dev/kvm is not usable (FAULTLINE_REQUIRE_KVM=1 makes this a failure)"
+        ));
     }
     ok
 }
@@ -136,9 +146,10 @@ pub fn firmware() -> Option<PathBuf> {
             p.display()
         );
     }
-    eprintln!(
-        "SKIP: firmware not built at {}; run scripts/build-firmware.sh",
+    say_skip(&format!(
+        "firmware not built at {}; run scripts/build-firmware.sh \
+         (FAULTLINE_REQUIRE_KVM=1 makes this a failure)",
         p.display()
-    );
+    ));
     None
 }
