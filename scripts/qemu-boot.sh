@@ -12,6 +12,8 @@
 # Environment: FIRMWARE_IMAGE (default: the release build), QEMU_TIMEOUT
 # (seconds, default 60), QEMU_MEM (default 512M), QEMU_BOOT_LOG (keep the
 # serial log at this path), QEMU_ACCEL=tcg (force emulation even with KVM).
+# Without usable KVM it falls back to TCG with a warning, or fails (status 2)
+# when FAULTLINE_REQUIRE_KVM=1 and QEMU_ACCEL is not tcg.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -49,6 +51,11 @@ if [[ "${QEMU_ACCEL:-kvm}" != tcg && -r /dev/kvm && -w /dev/kvm ]]; then
     # QEMU 7.2 (Debian 12) aborts setting MSR 0x10a under nested KVM unless
     # arch-capabilities is hidden; the guest does not need it.
     accel=(-accel kvm -cpu host,-arch-capabilities)
+elif [[ "${QEMU_ACCEL:-kvm}" != tcg && "${FAULTLINE_REQUIRE_KVM:-0}" = 1 ]]; then
+    # CI asked for a real KVM boot: a TCG fallback would be a green run that
+    # never touched KVM.
+    echo "qemu-boot: ERROR: /dev/kvm is not usable and FAULTLINE_REQUIRE_KVM=1 forbids the TCG fallback" >&2
+    exit 2
 else
     echo "qemu-boot: ##################################################################" >&2
     echo "qemu-boot: WARNING: /dev/kvm not usable (or QEMU_ACCEL=tcg); using TCG emulation." >&2
