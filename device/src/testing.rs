@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::{
-    opcode, pt_index, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M,
-    LEAF_4K, NUM_CONTEXTS, PTE_ADDR_MASK,
+    pt_index, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K,
+    NUM_CONTEXTS, PTE_ADDR_MASK,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -59,47 +59,39 @@ pub const PT_POOL_END: u64 = 0x400000;
 /// First byte of memory free for test data.
 pub const DATA: u64 = 0x400000;
 
-/// Command builders (64-byte commands as the driver writes them).
+/// Command builders (64-byte commands as the driver writes them, through
+/// the ABI's own encoder).
 pub mod cmd {
-    use super::*;
+    use faultline_abi::Command;
 
-    fn raw(op: u32, flags: u32, words: &[u64]) -> [u8; 64] {
-        let mut b = [0u8; 64];
-        b[0..4].copy_from_slice(&op.to_le_bytes());
-        b[4..8].copy_from_slice(&flags.to_le_bytes());
-        for (i, w) in words.iter().enumerate() {
-            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
-        }
-        b
-    }
     pub fn fill(dst: u64, len: u64, pattern: u64) -> [u8; 64] {
-        raw(opcode::FILL, 0, &[dst, len, pattern])
+        Command::Fill { dst, len, pattern }.to_bytes()
     }
     pub fn copy(dst: u64, src: u64, len: u64) -> [u8; 64] {
-        raw(opcode::COPY, 0, &[dst, src, len])
+        Command::Copy { dst, src, len }.to_bytes()
     }
     pub fn atomic(va: u64, op: u32, wide: bool, operand: u64, compare: u64) -> [u8; 64] {
-        raw(
-            opcode::ATOMIC,
-            u32::from(wide),
-            &[va, operand, compare, u64::from(op)],
-        )
+        Command::Atomic {
+            va,
+            op,
+            wide,
+            operand,
+            compare,
+        }
+        .to_bytes()
     }
     pub fn semaphore(va: u64, wide: bool, value: u64) -> [u8; 64] {
-        raw(opcode::SEMAPHORE_RELEASE, u32::from(wide), &[va, value])
+        Command::SemaphoreRelease { va, wide, value }.to_bytes()
     }
     pub fn launch(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> [u8; 64] {
-        use faultline_abi::LaunchCommand as L;
-        use std::mem::offset_of;
-        let mut b = raw(opcode::LAUNCH, 0, &[code]);
-        let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
-        put(offset_of!(L, code_len), &code_len.to_le_bytes());
-        put(offset_of!(L, grid), &grid.to_le_bytes());
-        put(offset_of!(L, block), &block.to_le_bytes());
-        for (i, a) in args.iter().enumerate() {
-            put(offset_of!(L, args) + 8 * i, &a.to_le_bytes());
+        Command::Launch {
+            code,
+            code_len,
+            grid,
+            block,
+            args,
         }
-        b
+        .to_bytes()
     }
 }
 

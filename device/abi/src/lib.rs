@@ -582,6 +582,135 @@ pub const MAX_GRID: u32 = 1 << 20;
 /// failing with `Status::Timeout`.
 pub const MAX_LAUNCH_STEPS: u64 = 1 << 28;
 
+/// One engine command as the driver builds it (docs/gpu-abi.md "Commands");
+/// [`Command::encode`] lays it out as the `#[repr(C)]` views above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Byte `i` of `[dst, dst + len)` = byte `i % 8` of `pattern`.
+    Fill {
+        /// Destination VA.
+        dst: u64,
+        /// Bytes.
+        len: u64,
+        /// Little-endian pattern.
+        pattern: u64,
+    },
+    /// Copy `len` bytes from `src` to `dst` (no overlap).
+    Copy {
+        /// Destination VA.
+        dst: u64,
+        /// Source VA.
+        src: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Atomic `op` ([`atomic_op`]) at `va`; the completion's
+    /// result is the old value.
+    Atomic {
+        /// Naturally aligned VA.
+        va: u64,
+        /// `atomic_op::*`.
+        op: u32,
+        /// 64-bit operand (else 32-bit).
+        wide: bool,
+        /// Operand (new value for EXCHANGE / CAS).
+        operand: u64,
+        /// CAS comparison value.
+        compare: u64,
+    },
+    /// Release-store `value` at `va`.
+    SemaphoreRelease {
+        /// Naturally aligned VA.
+        va: u64,
+        /// 64-bit store (else 32-bit).
+        wide: bool,
+        /// Value.
+        value: u64,
+    },
+    /// Run a kernel (docs/gpu-abi.md "Compute ISA").
+    Launch {
+        /// VA of the code (8-byte aligned).
+        code: u64,
+        /// Instructions.
+        code_len: u32,
+        /// Blocks.
+        grid: u32,
+        /// Threads per block.
+        block: u32,
+        /// Initial r1..r4.
+        args: [u64; 4],
+    },
+    /// Any 64 bytes (tests of the device's validation).
+    Raw([u64; 8]),
+}
+
+impl Command {
+    /// The 64-byte encoding as eight words (little-endian in memory).
+    pub fn encode(&self) -> [u64; 8] {
+        let head = |op: u32, flags: u32| u64::from(op) | u64::from(flags) << 32;
+        match *self {
+            Command::Fill { dst, len, pattern } => {
+                [head(opcode::FILL, 0), dst, len, pattern, 0, 0, 0, 0]
+            }
+            Command::Copy { dst, src, len } => [head(opcode::COPY, 0), dst, src, len, 0, 0, 0, 0],
+            Command::Atomic {
+                va,
+                op,
+                wide,
+                operand,
+                compare,
+            } => [
+                head(opcode::ATOMIC, u32::from(wide)),
+                va,
+                operand,
+                compare,
+                u64::from(op),
+                0,
+                0,
+                0,
+            ],
+            Command::SemaphoreRelease { va, wide, value } => [
+                head(opcode::SEMAPHORE_RELEASE, u32::from(wide)),
+                va,
+                value,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+            Command::Launch {
+                code,
+                code_len,
+                grid,
+                block,
+                args,
+            } => [
+                head(opcode::LAUNCH, 0),
+                code,
+                u64::from(code_len) | u64::from(grid) << 32,
+                u64::from(block),
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+            ],
+            Command::Raw(w) => w,
+        }
+    }
+}
+
+impl Command {
+    /// The 64 bytes the device reads.
+    pub fn to_bytes(&self) -> [u8; COMMAND_SIZE] {
+        let mut b = [0u8; COMMAND_SIZE];
+        for (chunk, w) in b.chunks_exact_mut(8).zip(self.encode()) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+}
+
 /// Completion record written to the chain's writable descriptor.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -830,6 +959,53 @@ mod tests {
         let w = isa::encode(isa::ADDI, 3, 4, 5, -7);
         let f = isa::decode(w);
         assert_eq!((f.op, f.rd, f.rs1, f.rs2, f.imm), (isa::ADDI, 3, 4, 5, -7));
+    }
+
+    #[test]
+    fn command_encoding_matches_the_layouts() {
+        use core::mem::offset_of;
+        let b = Command::Launch {
+            code: 0x1000,
+            code_len: 7,
+            grid: 3,
+            block: 32,
+            args: [11, 12, 13, 14],
+        }
+        .to_bytes();
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(u32_at(offset_of!(LaunchCommand, opcode)), opcode::LAUNCH);
+        assert_eq!(u64_at(offset_of!(LaunchCommand, code)), 0x1000);
+        assert_eq!(u32_at(offset_of!(LaunchCommand, code_len)), 7);
+        assert_eq!(u32_at(offset_of!(LaunchCommand, grid)), 3);
+        assert_eq!(u32_at(offset_of!(LaunchCommand, block)), 32);
+        assert_eq!(u64_at(offset_of!(LaunchCommand, args) + 24), 14);
+        let b = Command::Atomic {
+            va: 0x2000,
+            op: atomic_op::CAS,
+            wide: true,
+            operand: 5,
+            compare: 6,
+        }
+        .to_bytes();
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(
+            u32_at(offset_of!(AtomicCommand, flags)),
+            SizeFlags::SIZE64.bits()
+        );
+        assert_eq!(u64_at(offset_of!(AtomicCommand, operand)), 5);
+        assert_eq!(u64_at(offset_of!(AtomicCommand, compare)), 6);
+        assert_eq!(u32_at(offset_of!(AtomicCommand, op)), atomic_op::CAS);
+        let b = Command::Copy {
+            dst: 1,
+            src: 2,
+            len: 3,
+        }
+        .to_bytes();
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(u64_at(offset_of!(CopyCommand, src)), 2);
+        assert_eq!(u64_at(offset_of!(CopyCommand, len)), 3);
     }
 
     #[test]

@@ -96,10 +96,11 @@ pub mod suite;
 mod svm;
 pub mod sync;
 
-pub use channel::{Channel, Command, Ticket};
+pub use channel::{Channel, Ticket};
 pub use context::Context;
 pub use device::{CounterSnapshot, DriverCounters, Fault, FaultHandler, Gpu, GpuConfig};
 pub use error::GpuError;
+pub use faultline_abi::Command;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
 pub use svm::{CheckHook, SnapEntry, SvmConfig, SvmContext};
