@@ -1,38 +1,13 @@
 //! Locking for a single-CPU, interrupts-off kernel that will grow more CPUs.
 //!
-//! A plain test-and-set spinlock behind `lock_api`, so the same raw lock backs
+//! The driver's test-and-set spinlock (`faultline_driver::sync`), so one raw lock backs
 //! our own `Mutex<T>` and talc's `TalcLock`; and interrupt-safe variants
 //! ([`IrqMutex`], [`IrqRwLock`]) for state that handlers share with the code
 //! they interrupt.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::AtomicBool;
 
-pub struct RawSpinlock(AtomicBool);
-
-// SAFETY: `lock` only returns once this CPU swapped the flag from false to
-// true, and `unlock` is the only way it becomes false again, so at most one
-// holder exists at a time; Acquire/Release order the protected data.
-unsafe impl lock_api::RawMutex for RawSpinlock {
-    #[allow(clippy::declare_interior_mutable_const)]
-    const INIT: Self = RawSpinlock(AtomicBool::new(false));
-    type GuardMarker = lock_api::GuardSend;
-
-    fn lock(&self) {
-        while !self.try_lock() {
-            core::hint::spin_loop();
-        }
-    }
-
-    fn try_lock(&self) -> bool {
-        self.0
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    unsafe fn unlock(&self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
+pub use faultline_driver::sync::RawSpin as RawSpinlock;
 
 pub type Mutex<T> = lock_api::Mutex<RawSpinlock, T>;
 

@@ -7,6 +7,7 @@
 //!   sequence-checked validity test).
 //! * [`errno`]: the Linux error codes both return.
 //! * [`gpu`]: the GPU driver, on the [`gpu::Platform`] machine interface.
+//! * [`sync`]: the spin lock the driver and the firmware share.
 //! * `sim` (feature `sim`, and in unit tests): a simulated address space on
 //!   host threads.
 #![cfg_attr(not(test), no_std)]
@@ -21,3 +22,4 @@ pub mod hmm;
 pub mod mm;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod sync;

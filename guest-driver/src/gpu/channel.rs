@@ -10,8 +10,8 @@ use core::sync::atomic::{fence, Ordering};
 use faultline_abi::{regs, Command, DeviceError, Status, PAGE_SIZE};
 
 use super::context::Context;
-use super::sync::SpinMutex;
 use super::{DmaRegion, Gpu, GpuError, Platform};
+use crate::sync::SpinMutex;
 
 /// A submitted command; redeem it with [`Channel::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

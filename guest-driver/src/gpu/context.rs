@@ -4,8 +4,8 @@ use alloc::sync::Arc;
 
 use super::device::FaultHandler;
 use super::pagetable::PageTable;
-use super::sync::{SpinGuard, SpinMutex};
 use super::{Gpu, GpuError, Platform};
+use crate::sync::{SpinGuard, SpinMutex};
 
 /// A GPU address space: a context-table slot whose root is `page_table`.
 ///

@@ -11,8 +11,8 @@ use faultline_abi::{
     NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
 };
 
-use super::sync::SpinMutex;
 use super::{DmaRegion, GpuError, Platform};
+use crate::sync::SpinMutex;
 
 /// Driver settings fixed at probe time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -94,7 +94,6 @@ mod pagetable;
 pub mod platform;
 pub mod suite;
 mod svm;
-pub mod sync;
 
 pub use channel::{Channel, Ticket};
 pub use context::Context;

@@ -33,7 +33,6 @@ use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
 
 use super::device::{DriverCounters, Fault, FaultHandler};
 use super::pagetable::{Leaf, PageSize};
-use super::sync::SpinMutex;
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
 use crate::hmm::{
@@ -42,6 +41,7 @@ use crate::hmm::{
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use crate::mm::{mmap_read_lock, mmap_write_lock, Mm, VmFlags, PAGE_SHIFT, PMD_SHIFT};
+use crate::sync::SpinMutex;
 
 /// The driver's pfn encoding: entry = physical address | flag bits.
 const PFN_SHIFT: u32 = PAGE_SHIFT;

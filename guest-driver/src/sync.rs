@@ -1,4 +1,5 @@
-//! The driver's own lock: a test-and-set spin lock behind `lock_api`.
+//! A test-and-set spin lock behind `lock_api`: the driver's own lock, and
+//! the raw lock the firmware builds its `Mutex` and interrupt-safe locks on.
 //!
 //! The device state the driver guards (control-ring producer, channel
 //! producers, page tables) is touched for short stretches and never from an
