@@ -77,12 +77,8 @@ struct ServeArgs {
     /// connected (one client per server).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
-    /// Print the GPU's counters to stderr when the client disconnects.
-    #[arg(long)]
-    stats: bool,
-    /// Write the GPU's counters as JSON to PATH when the client disconnects.
-    #[arg(long, value_name = "PATH")]
-    stats_json: Option<PathBuf>,
+    #[command(flatten)]
+    stats: StatsArgs,
     #[command(flatten)]
     gpu: GpuArgs,
 }
@@ -114,15 +110,23 @@ struct RunArgs {
     /// VMM like any BAR0 write) and MSIs by KVM_SIGNAL_MSI instead of irqfds.
     #[arg(long)]
     gpu_no_fastpath: bool,
-    /// Print the GPU's counters to stderr when the VM stops.
+    #[command(flatten)]
+    stats: StatsArgs,
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+/// The GPU's counters at exit (the VM stopped, or the client disconnected);
+/// shared by `run` and `serve`.
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// Print the GPU's counters to stderr at exit.
     #[arg(long)]
     stats: bool,
-    /// Write the GPU's counters as JSON to PATH when the VM stops
+    /// Write the GPU's counters as JSON to PATH at exit
     /// ({"gpu": {"name": value, ...}}, "gpu": null with --no-gpu).
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
-    #[command(flatten)]
-    gpu: GpuArgs,
 }
 
 /// GPU sizing, shared by `run` and `serve`; the guest reads it back from
@@ -236,7 +240,7 @@ fn run(args: RunArgs) -> u8 {
 }
 
 fn serve(args: ServeArgs) -> u8 {
-    let stats = match stats_out(args.stats, args.stats_json) {
+    let stats = match stats_out(args.stats) {
         Ok(s) => s,
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
@@ -256,7 +260,12 @@ fn serve(args: ServeArgs) -> u8 {
 
 /// Creates (truncates) the JSON file before anything starts, so a bad path
 /// fails fast.
-fn stats_out(print: bool, json: Option<PathBuf>) -> error::Result<StatsOut> {
+fn stats_out(
+    StatsArgs {
+        stats: print,
+        stats_json: json,
+    }: StatsArgs,
+) -> error::Result<StatsOut> {
     let json = match json {
         Some(path) => match std::fs::File::create(&path) {
             Ok(f) => Some((path, f)),
@@ -300,7 +309,7 @@ fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
     let memory = memory::validate_size(&args.memory, bytes, memory::host_ram_bytes())?;
     // KVM's own limit is checked again once /dev/kvm is open.
     vmm::validate_vcpus(args.vcpus, 255)?;
-    let stats = stats_out(args.stats, args.stats_json)?;
+    let stats = stats_out(args.stats)?;
     let config = Config {
         kvm_path: args.kvm_device,
         firmware: args.firmware.unwrap_or_else(default_firmware),
