@@ -672,26 +672,36 @@ fn isolation() -> Result<(), String> {
 fn tlb_flush() -> Result<(), String> {
     let p = new_process()?;
     let a = map(&p, None, 16 * PG, RW, MapFlags::empty())?;
+    // What the call inside the process returned: a refused call would
+    // otherwise show up below as a missing flush.
+    let called = core::cell::Cell::new(None);
+    let refused = |what: &str, c: &core::cell::Cell<Option<Result<(), Errno>>>| match c.take() {
+        Some(Ok(())) => Ok(()),
+        other => Err(format!("{what} inside the process: {other:?}")),
+    };
     let r = p.run(|| {
         user::write_u64(a, 1);
-        let _ = p.mprotect(a, PG, Prot::READ);
+        called.set(Some(p.mprotect(a, PG, Prot::READ)));
         user::write_u64(a, 2);
     });
+    refused("mprotect(READ)", &called)?;
     expect_segv(r.map(|_| 0), a, Access::Write, SegvReason::ReadOnly)?;
     let r = p.run(|| {
         let v = user::read_u64(a + PG);
-        let _ = p.munmap(a + PG, PG);
+        called.set(Some(p.munmap(a + PG, PG)));
         v + user::read_u64(a + PG)
     });
+    refused("munmap", &called)?;
     expect_segv(r, a + PG, Access::Read, SegvReason::NoMapping)?;
     // More pages than invlpg covers: the CR3 reload path.
     let r = p.run(|| {
         for i in 2..16 {
             user::write_u64(a + i * PG, i);
         }
-        let _ = p.mprotect(a + 2 * PG, 14 * PG, Prot::empty());
+        called.set(Some(p.mprotect(a + 2 * PG, 14 * PG, Prot::empty())));
         user::read_u64(a + 15 * PG)
     });
+    refused("mprotect(NONE) of 14 pages", &called)?;
     expect_segv(r, a + 15 * PG, Access::Read, SegvReason::NoAccess)?;
     // COW from the device side while the CPU caches the zero page.
     let b = map(&p, None, PG, RW, MapFlags::empty())?;
