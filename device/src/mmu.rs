@@ -382,7 +382,11 @@ fn read_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Result<u64, XlateError>
     if !gpa.is_multiple_of(8) {
         return Err(XlateError::Fail(Status::MemoryError));
     }
-    mem.load::<u64>(GuestAddress(gpa), Ordering::Acquire)
+    // `get_slice` + a slice load is one region lookup; `Bytes::load` on the
+    // whole memory goes through the multi-region slice iterator, which cost
+    // more than the rest of the walk.
+    mem.get_slice(GuestAddress(gpa), 8)
+        .and_then(|s| s.load::<u64>(0, Ordering::Acquire).map_err(Into::into))
         .map(u64::from_le)
         .map_err(|_| XlateError::Fail(Status::MemoryError))
 }
@@ -401,9 +405,12 @@ fn walk<M: GuestMemoryBackend>(
         .checked_add(u64::from(ctx) * 16)
         .ok_or(fail(Status::MemoryError))?;
     let root = read_u64(mem, ent)?;
+    // `ent` is 8-aligned (read_u64 checked), so the flags word is aligned
+    // for an atomic load.
     let flags_at = ent.checked_add(8).ok_or(fail(Status::MemoryError))?;
-    let flags: u32 = mem
-        .read_obj::<u32>(GuestAddress(flags_at))
+    let flags = mem
+        .get_slice(GuestAddress(flags_at), 4)
+        .and_then(|s| s.load::<u32>(0, Ordering::Acquire).map_err(Into::into))
         .map(u32::from_le)
         .map_err(|_| fail(Status::MemoryError))?;
     if !ContextFlags::from_bits_retain(flags).contains(ContextFlags::VALID) {
