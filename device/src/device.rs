@@ -231,8 +231,10 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.doorbells.clone()
     }
 
-    /// Called (without the device lock held by the caller's convention)
-    /// whenever a plain MMIO write rang a doorbell, so a worker can wake.
+    /// Called after every BAR0 write through [`Self::mmio_write`], so a
+    /// worker can wake: a doorbell, but also ENABLE or CH_ENABLE, can make
+    /// work runnable. Setup writes are rare and each one already cost its
+    /// host an exit or a socket message, so a spare wake-up is free.
     pub fn set_waker(&mut self, waker: Arc<dyn Fn() + Send + Sync>) {
         self.waker = Some(waker);
     }
@@ -417,16 +419,21 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
     }
 
-    /// Write BAR0 (aligned 4-byte accesses; others are ignored).
+    /// Write BAR0 (aligned 4-byte accesses; others are ignored), then wake
+    /// the worker (see [`Self::set_waker`]).
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        self.apply_mmio_write(offset, data);
+        if let Some(w) = &self.waker {
+            w();
+        }
+    }
+
+    fn apply_mmio_write(&mut self, offset: u64, data: &[u8]) {
         if (regs::DOORBELL_BASE..doorbell::offset(doorbell::COUNT)).contains(&offset)
             && offset.is_multiple_of(regs::DOORBELL_STRIDE)
         {
             // Any size: the value is ignored, as with an ioeventfd.
             self.doorbell(((offset - regs::DOORBELL_BASE) / regs::DOORBELL_STRIDE) as u32);
-            if let Some(w) = &self.waker {
-                w();
-            }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {

@@ -128,11 +128,6 @@ impl DoorbellEvents for NoDoorbells {
 /// BAR0 as seen on the MMIO bus: offsets into the 64 KiB register window.
 pub struct Bar0 {
     pub device: Arc<Mutex<Gpu>>,
-    /// The worker's wake eventfd. Every register write wakes it, not only
-    /// doorbells: a write such as ENABLE or CH_ENABLE can make queued work
-    /// runnable, and setup writes are rare enough that a spare wake-up is
-    /// free next to the exit that brought us here.
-    pub wake: Arc<EventFd>,
 }
 
 impl BusDevice for Bar0 {
@@ -140,8 +135,8 @@ impl BusDevice for Bar0 {
         lock(&self.device).mmio_read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
+        // The device wakes its worker itself (`Device::set_waker`).
         lock(&self.device).mmio_write(offset, data);
-        let _ = self.wake.write(1);
     }
 }
 
@@ -360,7 +355,6 @@ pub fn attach(
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::io("creating an eventfd"))?);
     let bar0 = Bar0 {
         device: device.clone(),
-        wake: wake.clone(),
     };
     let bar = Bar0Mapping::new(
         mmio.clone(),
@@ -465,7 +459,6 @@ pub(crate) mod tests {
             mmio.clone(),
             Arc::new(Mutex::new(Bar0 {
                 device: dev.clone(),
-                wake: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             })),
             reserved,
             Box::new(db.clone()),

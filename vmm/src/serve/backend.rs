@@ -11,7 +11,7 @@ use std::io::{Error, ErrorKind, Write};
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::pci::{BAR0_SIZE, CONFIG_SPACE_SIZE, MSI_VECTORS};
-use faultline_device::{Device, InterruptSink, Waker};
+use faultline_device::{Device, InterruptSink};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_MASK,
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
@@ -164,7 +164,6 @@ fn pieces(
 
 pub struct Backend {
     device: Arc<Mutex<ServedGpu>>,
-    waker: Waker,
     irq: Arc<MsiEventfds>,
     /// What the client has mapped; the device holds a copy (region list
     /// shared through `Arc`s).
@@ -172,10 +171,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(device: Arc<Mutex<ServedGpu>>, waker: Waker, irq: Arc<MsiEventfds>) -> Self {
+    pub fn new(device: Arc<Mutex<ServedGpu>>, irq: Arc<MsiEventfds>) -> Self {
         Self {
             device,
-            waker,
             irq,
             mem: GuestMemoryMmap::new(),
         }
@@ -237,8 +235,7 @@ impl ServerBackend for Backend {
                 }
             }
         }
-        // Not only doorbells: ENABLE or CH_ENABLE can make work runnable.
-        self.waker.wake();
+        // mmio_write woke the worker (`Device::set_waker`).
         Ok(())
     }
 

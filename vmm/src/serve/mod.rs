@@ -82,7 +82,7 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
 
     let worker = Worker::spawn(device.clone())
         .map_err(|e| serve_err(format!("starting the GPU worker: {e}")))?;
-    let backend = Backend::new(device.clone(), worker.waker(), irq);
+    let backend = Backend::new(device.clone(), irq);
     let (private, addr) = private_listener()?;
     let mut inner = UnixStream::connect_addr(&addr)
         .map_err(|e| serve_err(format!("connecting the private socket: {e}")))?;
