@@ -46,7 +46,7 @@ impl Waker {
 }
 
 pub struct Worker {
-    shared: Arc<Shared>,
+    /// Its `shared` is the worker thread's state too.
     waker: Waker,
     thread: Option<JoinHandle<()>>,
 }
@@ -93,7 +93,6 @@ impl Worker {
                 }
             })?;
         Ok(Worker {
-            shared,
             waker,
             thread: Some(thread),
         })
@@ -109,8 +108,8 @@ impl Worker {
     }
 
     fn stop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
-        self.shared.kick();
+        self.waker.shared.shutdown.store(true, Ordering::Release);
+        self.waker.shared.kick();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
