@@ -7,7 +7,7 @@
 //! entries, doorbells, processing steps and a driver-like fault service.
 //! The device must never panic and never hang.
 
-use faultline_abi::{ctl_op, doorbell, isa, regs, Pte, LEAF_4K};
+use faultline_abi::{ctl_op, doorbell, isa, regs, DeviceStatus, Pte, DEVICE_MAGIC, LEAF_4K};
 
 use crate::testing::{cmd, Rig, CMDS, CTL_RING, CTX_TABLE, DATA, FAULT_BUF, PT_POOL, QUEUES, SB};
 
@@ -62,7 +62,8 @@ impl Input<'_> {
     }
 }
 
-/// Run one fuzz input. Panics only if the device model does.
+/// Run one fuzz input. Panics if the device model does, or if a reset
+/// afterwards does not bring it back.
 pub fn run(data: &[u8]) {
     let mut rig = Rig::new(MEM, 16);
     rig.dev.set_launch_step_limit(20_000);
@@ -202,5 +203,14 @@ pub fn run(data: &[u8]) {
             break;
         }
     }
+    // Counters are read as the host does at exit.
     let _ = rig.dev.counters().named();
+    // Whatever the input did, a reset brings the device back to power-on.
+    rig.w32(regs::RESET, regs::RESET_VALUE);
+    assert_eq!(rig.r32(regs::MAGIC), DEVICE_MAGIC, "identity after reset");
+    assert_eq!(
+        DeviceStatus::from_bits_truncate(rig.r32(regs::STATUS)),
+        DeviceStatus::empty(),
+        "a reset device is disabled and error-free"
+    );
 }
