@@ -68,8 +68,38 @@ impl Server {
         s
     }
 
+    /// A `vfio_user` client session, retried like [`Server::connect`].
+    fn client(&self) -> vfio_user::Client {
+        let t0 = Instant::now();
+        loop {
+            match vfio_user::Client::new(&self.socket) {
+                Ok(c) => return c,
+                // Refused before listen(); anything else repeats until the
+                // deadline and is then reported.
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("vfio-user client on {}: {e:?}", self.socket.display()),
+            }
+        }
+    }
+
     fn connect(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.socket).unwrap();
+        // The socket file appears at bind(), a moment before listen(): a
+        // connect in between is refused, so retry that (and only that).
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && t0.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("connect to {}: {e}", self.socket.display()),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s
     }
@@ -180,7 +210,7 @@ fn session_config_bar0_dma_msi_and_counters() {
             json.to_str().unwrap(),
         ],
     );
-    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
+    let mut c = srv.client();
     let rd = |c: &mut vfio_user::Client, region, off| {
         let mut b = [0u8; 4];
         c.region_read(region, off, &mut b).unwrap();
@@ -328,7 +358,7 @@ fn memfd(flags: libc::c_uint) -> File {
 #[test]
 fn dma_map_of_unsealable_memory_is_refused() {
     let srv = Server::start("unsealable", &[]);
-    let mut c = vfio_user::Client::new(&srv.socket).unwrap();
+    let mut c = srv.client();
     // Without MFD_ALLOW_SEALING the memfd can never be sealed: the client
     // could shrink it under the device.
     let ram = memfd(0);

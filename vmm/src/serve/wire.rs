@@ -91,6 +91,9 @@ fn u16_at(b: &[u8], o: usize) -> u16 {
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from(u32_at(b, o)) | u64::from(u32_at(b, o + 4)) << 32
+}
 
 fn read_rest(s: &mut UnixStream, buf: &mut [u8], what: u16) -> Result<(), WireError> {
     s.read_exact(buf).map_err(|e| match e.kind() {
@@ -230,8 +233,8 @@ pub fn check(m: &Message) -> Result<Verdict, WireError> {
     // Read-only maps go through: the backend leaves them out quietly.
     let writable = |m: &Message| u32_at(&m.bytes, HEADER + 4) & 2 != 0;
     if m.command == cmd::DMA_MAP && m.fds.is_empty() && writable(m) {
-        let iova = u64::from_le_bytes(m.bytes[HEADER + 16..HEADER + 24].try_into().unwrap());
-        let size = u64::from_le_bytes(m.bytes[HEADER + 24..HEADER + 32].try_into().unwrap());
+        let iova = u64_at(&m.bytes, HEADER + 16);
+        let size = u64_at(&m.bytes, HEADER + 24);
         return Ok(Verdict::Refuse(
             libc::EINVAL,
             format!(
