@@ -1,6 +1,6 @@
 //! Device counters, readable through the BAR0 counter window.
 
-use faultline_abi::{Counter, Status, COUNTER_NAMES, NUM_COUNTERS};
+use faultline_abi::{Counter, Opcode, Status, COUNTER_NAMES, NUM_COUNTERS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
@@ -34,43 +34,43 @@ impl Counters {
         self.add(c, 1);
     }
 
-    pub fn command_done(&mut self, opcode: u32, status: Status) {
-        if (1..6).contains(&opcode) {
-            let i = Counter::CmdBase as usize + opcode as usize;
-            self.slots[i] = self.slots[i].wrapping_add(1);
+    /// A command completed: count it per opcode (if it had a valid one)
+    /// and per status.
+    pub fn command_done(&mut self, op: Option<Opcode>, status: Status) {
+        if let Some(op) = op {
+            self.bump(Counter::command_slot(op));
         }
-        let i = Counter::StatusBase as usize + status as usize;
-        self.slots[i] = self.slots[i].wrapping_add(1);
+        self.bump(Counter::status_slot(status));
     }
 
-    pub fn commands(&self, opcode: u32) -> u64 {
-        if (1..6).contains(&opcode) {
-            self.slots[Counter::CmdBase as usize + opcode as usize]
-        } else {
-            0
-        }
+    fn bump(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        *s = s.wrapping_add(1);
     }
 
+    /// Commands completed with opcode `op`.
+    pub fn commands(&self, op: Opcode) -> u64 {
+        self.slot(Counter::command_slot(op))
+    }
+
+    /// Commands completed with `status`.
     pub fn with_status(&self, status: Status) -> u64 {
-        self.slots[Counter::StatusBase as usize + status as usize]
+        self.slot(Counter::status_slot(status))
     }
 
     /// Non-zero counters as (name, value), for printing at exit.
     pub fn named(&self) -> Vec<(String, u64)> {
-        const OPS: [&str; 6] = ["", "fill", "copy", "atomic", "semaphore", "launch"];
         let mut out = Vec::new();
         for (i, name) in COUNTER_NAMES.iter().enumerate() {
             out.push((name.to_string(), self.slots[i]));
         }
-        for (op, name) in OPS.iter().enumerate().skip(1) {
-            out.push((format!("cmd_{name}"), self.commands(op as u32)));
+        for &op in Opcode::ALL {
+            out.push((format!("cmd_{}", op.name()), self.commands(op)));
         }
-        for s in 0..Status::COUNT as u32 {
-            if let Some(st) = Status::from_u32(s) {
-                let v = self.with_status(st);
-                if v != 0 {
-                    out.push((format!("status_{st:?}"), v));
-                }
+        for &st in Status::ALL {
+            let v = self.with_status(st);
+            if v != 0 {
+                out.push((format!("status_{st:?}"), v));
             }
         }
         out

@@ -1,13 +1,11 @@
-//! Command validation and the FILL / COPY / ATOMIC / SEMAPHORE engines.
-//! LAUNCH lives in `isa`.
+//! Jobs (a decoded command in progress) and the FILL / COPY / ATOMIC /
+//! SEMAPHORE engines. LAUNCH lives in `isa`.
 
-use std::mem::offset_of;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
-    atomic_op, engine, opcode, Access, AtomicCommand, CopyCommand, Counter, FaultReason,
-    FillCommand, LaunchCommand, RawCommand, SemaphoreCommand, SizeFlags, Status, COMMAND_SIZE,
-    PAGE_SIZE, VA_LIMIT,
+    atomic_op, engine, Access, Command, Counter, FaultReason, Opcode, Status, COMMAND_SIZE,
+    PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
@@ -15,8 +13,6 @@ use crate::counters::Counters;
 use crate::isa::LaunchJob;
 use crate::mmu::{Mmu, Translation, XlateError};
 
-/// Largest FILL/COPY length.
-pub const MAX_XFER: u64 = 1 << 40;
 /// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
 /// command cannot starve control-ring processing (invalidations).
 const XFER_SLICE: u64 = 8 << 20;
@@ -91,191 +87,58 @@ pub enum Outcome {
     Yield,
 }
 
-#[derive(Debug)]
-pub enum JobKind {
-    Fill {
-        dst: u64,
-        len: u64,
-        pattern: u64,
-    },
-    Copy {
-        dst: u64,
-        src: u64,
-        len: u64,
-    },
-    Atomic {
-        va: u64,
-        op: u32,
-        wide: bool,
-        operand: u64,
-        compare: u64,
-    },
-    Semaphore {
-        va: u64,
-        wide: bool,
-        value: u64,
-    },
-    Launch(Box<LaunchJob>),
-}
-
-/// A validated command in progress.
+/// A decoded command in progress: the command itself, and for LAUNCH the
+/// state of its warps.
 #[derive(Debug)]
 pub struct Job {
-    pub kind: JobKind,
+    command: Command,
+    launch: Option<Box<LaunchJob>>,
     /// FILL/COPY progress in bytes.
     done: u64,
     /// Pages the (non-LAUNCH) job is stalled on.
     stalled: Vec<u64>,
 }
 
-/// Little-endian u64 at byte `off` of a command (offsets come from the
-/// `faultline_abi` structs via `offset_of!`, so the layout lives only there).
-fn q(raw: &[u8; COMMAND_SIZE], off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&raw[off..off + 8]);
-    u64::from_le_bytes(b)
-}
-
-fn d(raw: &[u8; COMMAND_SIZE], off: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&raw[off..off + 4]);
-    u32::from_le_bytes(b)
-}
-
-/// All bytes from `off` to the end (reserved fields) are zero.
-fn zero_from(raw: &[u8; COMMAND_SIZE], off: usize) -> bool {
-    raw[off..].iter().all(|b| *b == 0)
-}
-
-/// `[va, va + len)` lies below 2^48.
-fn range_ok(va: u64, len: u64) -> bool {
-    va.checked_add(len).is_some_and(|end| end <= VA_LIMIT)
-}
-
 impl Job {
-    /// Opcode of a raw command (for counters even when validation fails).
-    pub fn raw_opcode(raw: &[u8; COMMAND_SIZE]) -> u32 {
-        d(raw, offset_of!(RawCommand, opcode))
+    /// Decode and validate a whole command before it may have any effect
+    /// (`Command::from_le_bytes` holds the rules); `Err` is the status to
+    /// complete it with.
+    pub fn decode(raw: &[u8; COMMAND_SIZE]) -> Result<Job, Status> {
+        Command::from_le_bytes(raw).map(Job::new)
     }
 
-    /// Validate a whole command before it may have any effect.
-    pub fn validate(raw: &[u8; COMMAND_SIZE]) -> Result<Job, Status> {
-        let op = d(raw, offset_of!(RawCommand, opcode));
-        let flags = d(raw, offset_of!(RawCommand, flags));
-        let kind = match op {
-            opcode::FILL => {
-                let dst = q(raw, offset_of!(FillCommand, dst));
-                let len = q(raw, offset_of!(FillCommand, len));
-                let pattern = q(raw, offset_of!(FillCommand, pattern));
-                if flags != 0
-                    || !zero_from(raw, offset_of!(FillCommand, _reserved))
-                    || len > MAX_XFER
-                {
-                    return Err(Status::InvalidCommand);
-                }
-                if !range_ok(dst, len) {
-                    return Err(Status::BadAddress);
-                }
-                JobKind::Fill { dst, len, pattern }
-            }
-            opcode::COPY => {
-                let dst = q(raw, offset_of!(CopyCommand, dst));
-                let src = q(raw, offset_of!(CopyCommand, src));
-                let len = q(raw, offset_of!(CopyCommand, len));
-                if flags != 0
-                    || !zero_from(raw, offset_of!(CopyCommand, _reserved))
-                    || len > MAX_XFER
-                {
-                    return Err(Status::InvalidCommand);
-                }
-                if !range_ok(dst, len) || !range_ok(src, len) {
-                    return Err(Status::BadAddress);
-                }
-                if len != 0 && dst < src + len && src < dst + len {
-                    return Err(Status::InvalidCommand);
-                }
-                JobKind::Copy { dst, src, len }
-            }
-            opcode::ATOMIC => {
-                let va = q(raw, offset_of!(AtomicCommand, va));
-                let operand = q(raw, offset_of!(AtomicCommand, operand));
-                let compare = q(raw, offset_of!(AtomicCommand, compare));
-                let aop = d(raw, offset_of!(AtomicCommand, op));
-                let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
-                if !zero_from(raw, offset_of!(AtomicCommand, _reserved0)) || aop > atomic_op::CAS {
-                    return Err(Status::InvalidCommand);
-                }
-                let wide = flags.contains(SizeFlags::SIZE64);
-                if !wide && (operand >> 32 != 0 || compare >> 32 != 0) {
-                    return Err(Status::InvalidCommand);
-                }
-                if va >= VA_LIMIT {
-                    return Err(Status::BadAddress);
-                }
-                if !va.is_multiple_of(if wide { 8 } else { 4 }) {
-                    return Err(Status::Misaligned);
-                }
-                JobKind::Atomic {
-                    va,
-                    op: aop,
-                    wide,
-                    operand,
-                    compare,
-                }
-            }
-            opcode::SEMAPHORE_RELEASE => {
-                let va = q(raw, offset_of!(SemaphoreCommand, va));
-                let value = q(raw, offset_of!(SemaphoreCommand, value));
-                let flags = SizeFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
-                let wide = flags.contains(SizeFlags::SIZE64);
-                if !zero_from(raw, offset_of!(SemaphoreCommand, _reserved))
-                    || (!wide && value >> 32 != 0)
-                {
-                    return Err(Status::InvalidCommand);
-                }
-                if va >= VA_LIMIT {
-                    return Err(Status::BadAddress);
-                }
-                if !va.is_multiple_of(if wide { 8 } else { 4 }) {
-                    return Err(Status::Misaligned);
-                }
-                JobKind::Semaphore { va, wide, value }
-            }
-            opcode::LAUNCH => {
-                if flags != 0 || d(raw, offset_of!(LaunchCommand, _reserved)) != 0 {
-                    return Err(Status::InvalidCommand);
-                }
-                let code = q(raw, offset_of!(LaunchCommand, code));
-                let code_len = d(raw, offset_of!(LaunchCommand, code_len));
-                let grid = d(raw, offset_of!(LaunchCommand, grid));
-                let block = d(raw, offset_of!(LaunchCommand, block));
-                let a = offset_of!(LaunchCommand, args);
-                let args = [q(raw, a), q(raw, a + 8), q(raw, a + 16), q(raw, a + 24)];
-                JobKind::Launch(Box::new(LaunchJob::new(code, code_len, grid, block, args)?))
-            }
-            _ => return Err(Status::InvalidOpcode),
+    /// A job for a decoded command.
+    pub fn new(command: Command) -> Job {
+        let launch = match command {
+            Command::Launch {
+                code,
+                code_len,
+                grid,
+                block,
+                args,
+            } => Some(Box::new(LaunchJob::new(code, code_len, grid, block, args))),
+            _ => None,
         };
-        Ok(Job {
-            kind,
+        Job {
+            command,
+            launch,
             done: 0,
             stalled: Vec::new(),
-        })
+        }
     }
 
-    pub fn opcode(&self) -> u32 {
-        match self.kind {
-            JobKind::Fill { .. } => opcode::FILL,
-            JobKind::Copy { .. } => opcode::COPY,
-            JobKind::Atomic { .. } => opcode::ATOMIC,
-            JobKind::Semaphore { .. } => opcode::SEMAPHORE_RELEASE,
-            JobKind::Launch(_) => opcode::LAUNCH,
-        }
+    pub fn command(&self) -> &Command {
+        &self.command
+    }
+
+    pub fn opcode(&self) -> Option<Opcode> {
+        self.command.opcode()
     }
 
     /// Make stalled accesses runnable again (REPLAY).
     pub fn unstall(&mut self) {
         self.stalled.clear();
-        if let JobKind::Launch(l) = &mut self.kind {
+        if let Some(l) = &mut self.launch {
             l.unstall();
         }
     }
@@ -283,16 +146,16 @@ impl Job {
     /// Whether any access of this job waits on a fault in `[start, end)`.
     pub fn waits_on(&self, start: u64, end: u64) -> bool {
         let hit = |p: &u64| *p < end && start < p + PAGE_SIZE;
-        match &self.kind {
-            JobKind::Launch(l) => l.stalled_pages().any(|p| hit(&p)),
-            _ => self.stalled.iter().any(hit),
+        match &self.launch {
+            Some(l) => l.stalled_pages().any(|p| hit(&p)),
+            None => self.stalled.iter().any(hit),
         }
     }
 
     pub fn has_stall(&self) -> bool {
-        match &self.kind {
-            JobKind::Launch(l) => l.stalled_pages().next().is_some(),
-            _ => !self.stalled.is_empty(),
+        match &self.launch {
+            Some(l) => l.stalled_pages().next().is_some(),
+            None => !self.stalled.is_empty(),
         }
     }
 
@@ -304,22 +167,26 @@ impl Job {
     }
 
     pub fn run<M: GuestMemoryBackend>(&mut self, env: &mut Env<'_, M>) -> Outcome {
+        if let Some(l) = &mut self.launch {
+            return l.run(env);
+        }
         if !self.stalled.is_empty() {
             return Outcome::Stalled;
         }
         let mark = env.faults.len();
-        let r = match &mut self.kind {
-            JobKind::Fill { dst, len, pattern } => fill(env, *dst, *len, *pattern, &mut self.done),
-            JobKind::Copy { dst, src, len } => copy(env, *dst, *src, *len, &mut self.done),
-            JobKind::Atomic {
+        let r = match self.command {
+            Command::Fill { dst, len, pattern } => fill(env, dst, len, pattern, &mut self.done),
+            Command::Copy { dst, src, len } => copy(env, dst, src, len, &mut self.done),
+            Command::Atomic {
                 va,
                 op,
                 wide,
                 operand,
                 compare,
-            } => atomic(env, *va, *op, *wide, *operand, *compare),
-            JobKind::Semaphore { va, wide, value } => semaphore(env, *va, *wide, *value),
-            JobKind::Launch(l) => return l.run(env),
+            } => atomic(env, va, op, wide, operand, compare),
+            Command::SemaphoreRelease { va, wide, value } => semaphore(env, va, wide, value),
+            // LAUNCH ran above; decoding never yields `Raw`.
+            Command::Launch { .. } | Command::Raw(_) => Err(Status::InvalidOpcode),
         };
         match r {
             Ok(Some(result)) => Outcome::Done(Status::Ok, result),

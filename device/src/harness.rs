@@ -7,7 +7,7 @@
 //! entries, doorbells, processing steps and a driver-like fault service.
 //! The device must never panic and never hang.
 
-use faultline_abi::{ctl_op, doorbell, isa, regs, DeviceStatus, Pte, DEVICE_MAGIC, LEAF_4K};
+use faultline_abi::{doorbell, isa, regs, CtlOp, DeviceStatus, Pte, DEVICE_MAGIC, LEAF_4K};
 
 use crate::testing::{cmd, Rig, CMDS, CTL_RING, CTX_TABLE, DATA, FAULT_BUF, PT_POOL, QUEUES, SB};
 
@@ -159,14 +159,10 @@ pub fn run(data: &[u8]) {
                 }
             }
             8 => {
-                let op = [
-                    ctl_op::INVALIDATE_ALL,
-                    ctl_op::INVALIDATE_CONTEXT,
-                    ctl_op::INVALIDATE_RANGE,
-                    ctl_op::CANCEL_RANGE,
-                    ctl_op::CANCEL_CONTEXT,
-                    inp.u32(),
-                ][inp.u8() as usize % 6];
+                // A valid op most of the time, else any value.
+                let any = inp.u32();
+                let sel = inp.u8() as usize % (CtlOp::COUNT + 1);
+                let op = CtlOp::ALL.get(sel).map_or(any, |&op| op.into());
                 let ctx = u32::from(inp.u8() % 66);
                 let (start, len) = (inp.va(), u64::from(inp.u32()));
                 rig.ctl(op, ctx, start, len);

@@ -2,10 +2,8 @@
 //! independently; a warp whose memory instruction faults stalls alone until
 //! REPLAY while the others keep running.
 
-use faultline_abi::isa::{self, decode, sreg, NUM_REGS, WARP_SIZE};
-use faultline_abi::{
-    atomic_op, engine, Access, Status, MAX_BLOCK, MAX_CODE_LEN, MAX_GRID, VA_LIMIT,
-};
+use faultline_abi::isa::{self, decode, sreg, INSN_SIZE, NUM_REGS, WARP_SIZE};
+use faultline_abi::{atomic_op, engine, le, Access, Status};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::engine::{atomic_gpa, Env, Outcome};
@@ -28,10 +26,6 @@ struct Insn {
     imm: i32,
 }
 
-fn known(op: u8) -> bool {
-    matches!(op, 0x00..=0x04 | 0x10..=0x1C | 0x20..=0x26 | 0x30..=0x33 | 0x38..=0x3D | 0x40..=0x46)
-}
-
 /// Decode and check a whole kernel: nothing runs unless all of it is valid.
 fn decode_program(words: &[u64]) -> Result<Vec<Insn>, Status> {
     let len = words.len() as i64;
@@ -40,7 +34,7 @@ fn decode_program(words: &[u64]) -> Result<Vec<Insn>, Status> {
         .enumerate()
         .map(|(pc, w)| {
             let f = decode(*w);
-            if !known(f.op) || f.rd >= NUM_REGS || f.rs1 >= NUM_REGS || f.rs2 >= NUM_REGS {
+            if !isa::is_known(f.op) || f.rd >= NUM_REGS || f.rs1 >= NUM_REGS || f.rs2 >= NUM_REGS {
                 return Err(Status::InvalidInstruction);
             }
             if (isa::BEQ..=isa::JMP).contains(&f.op) {
@@ -100,28 +94,11 @@ pub struct LaunchJob {
 }
 
 impl LaunchJob {
-    pub fn new(
-        code: u64,
-        code_len: u32,
-        grid: u32,
-        block: u32,
-        args: [u64; 4],
-    ) -> Result<Self, Status> {
-        if !(1..=MAX_CODE_LEN).contains(&code_len)
-            || !(1..=MAX_GRID).contains(&grid)
-            || !(1..=MAX_BLOCK).contains(&block)
-        {
-            return Err(Status::InvalidCommand);
-        }
-        let bytes = u64::from(code_len) * 8;
-        if code.checked_add(bytes).is_none_or(|end| end > VA_LIMIT) {
-            return Err(Status::BadAddress);
-        }
-        if !code.is_multiple_of(8) {
-            return Err(Status::Misaligned);
-        }
+    /// The execution state of a decoded LAUNCH (`Command::from_le_bytes`
+    /// checked the geometry and the code range).
+    pub fn new(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> Self {
         let warps_per_block = u64::from(block.div_ceil(WARP_SIZE));
-        Ok(Self {
+        Self {
             code,
             code_len,
             grid,
@@ -135,7 +112,7 @@ impl LaunchJob {
             warps_per_block,
             total_warps: warps_per_block * u64::from(grid),
             steps: 0,
-        })
+        }
     }
 
     pub fn unstall(&mut self) {
@@ -153,7 +130,8 @@ impl LaunchJob {
     }
 
     fn fetch<M: GuestMemoryBackend>(&mut self, env: &mut Env<'_, M>) -> Result<bool, Status> {
-        let total = self.code_len as usize * 8;
+        let insn = INSN_SIZE as usize;
+        let total = self.code_len as usize * insn;
         while self.fetched.len() < total {
             let va = self.code + self.fetched.len() as u64;
             let mark = env.faults.len();
@@ -171,8 +149,8 @@ impl LaunchJob {
         }
         let words: Vec<u64> = self
             .fetched
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .chunks_exact(insn)
+            .map(|c| le::u64_at(c, 0).unwrap_or(0))
             .collect();
         self.prog = decode_program(&words)?;
         Ok(true)

@@ -7,21 +7,30 @@
 //! * route PCI config accesses to [`Device::config_read`] /
 //!   [`Device::config_write`] and BAR0 accesses to [`Device::mmio_read`] /
 //!   [`Device::mmio_write`];
-//! * register one ioeventfd per entry of [`doorbell_offsets`] and call
-//!   [`Doorbells::ring`] (or [`Device::doorbell`]) when it fires;
-//! * call [`Device::process`] on a worker (see [`Worker`]) until it returns
-//!   `false`.
+//! * register one ioeventfd per entry of [`doorbell_offsets`] and hand them
+//!   to the [`Worker`] (or call [`Doorbells::ring`] / [`Device::doorbell`]
+//!   when one fires);
+//! * run [`Device::process`] until it returns `false` whenever a doorbell
+//!   or a BAR0 write made work: [`Worker`] is that loop on its own thread,
+//!   woken by the doorbell eventfds and by `mmio_write`.
 //!
 //! The hardware interface itself is `faultline_abi` / `docs/gpu-abi.md`.
+//!
+//! With the `test-utils` feature, `testing` (a driver-side rig over real
+//! guest memory) and `harness` (the fuzz body) are built too; production
+//! builds leave them out.
 
 pub mod config;
 pub mod counters;
 mod device;
 pub mod engine;
+#[cfg(feature = "test-utils")]
 pub mod harness;
 pub mod isa;
 pub mod mmu;
 pub mod pci;
+pub mod sync;
+#[cfg(feature = "test-utils")]
 pub mod testing;
 mod worker;
 

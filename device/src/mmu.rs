@@ -5,8 +5,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 
 use faultline_abi::{
-    level_shift, Access, ContextFlags, Counter, FaultReason, Pte, Status, NUM_CONTEXTS,
-    PTE_ADDR_MASK, PTE_RESERVED_MASK, PT_ENTRIES, PT_LEVELS, VA_LIMIT,
+    level_shift, Access, ContextEntry, ContextFlags, Counter, FaultReason, Pte, Status,
+    NUM_CONTEXTS, PAGE_SHIFT, PAGE_SIZE, PTE_ADDR_MASK, PTE_RESERVED_MASK, PT_ENTRIES, PT_LEVELS,
+    VA_LIMIT,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -80,36 +81,41 @@ fn key(va: u64, level: u32) -> u64 {
     (va & !((1u64 << level_shift(level)) - 1)) | u64::from(level)
 }
 
-/// Front cache for 4 KiB entries (always a subset of the map): 2-way set
-/// associative with 16-byte entries indexed by page number, so a COPY's
-/// source and destination streams (same index, different tags) coexist and
-/// sequential pages touch sequential cache lines.
-const DM_SETS: usize = 2048;
+/// Sets of the page cache: the front cache for 4 KiB entries (always a
+/// subset of the map), 2-way set associative with 16-byte entries indexed
+/// by page number, so a COPY's source and destination streams (same index,
+/// different tags) coexist and sequential pages touch sequential cache
+/// lines.
+const PAGE_CACHE_SETS: usize = 2048;
 
+/// Low bits of a page address: the page cache keeps flags there.
+const IN_PAGE: u64 = PAGE_SIZE - 1;
+
+/// One way of a page-cache set: a 4 KiB translation in two words.
 #[derive(Debug, Clone, Copy, Default)]
-struct DmEntry {
+struct CachedPage {
     /// Page VA | 1 when valid.
     tag: u64,
     /// Frame GPA | permission bits (VALID/WRITE/ATOMIC live below bit 12).
     frame: u64,
 }
 
-impl DmEntry {
+impl CachedPage {
     fn entry(&self) -> Entry {
         Entry {
-            va: self.tag & !0xFFF,
-            size: PAGE,
-            gpa: self.frame & !0xFFF,
-            perms: Pte::from_bits_truncate(self.frame & 0xFFF),
+            va: self.tag & !IN_PAGE,
+            size: PAGE_SIZE,
+            gpa: self.frame & !IN_PAGE,
+            perms: Pte::from_bits_truncate(self.frame & IN_PAGE),
         }
     }
 }
 
-const PAGE: u64 = 1 << 12;
-
 struct Tlb {
+    /// Large leaves used last (4 KiB ones go to `pages`).
     recent: [Option<Entry>; RECENT],
-    dm: Vec<[DmEntry; 2]>,
+    /// The page cache, `PAGE_CACHE_SETS` sets of two ways.
+    pages: Vec<[CachedPage; 2]>,
     next_recent: usize,
     map: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
     /// Insertion order for eviction; may hold keys already invalidated,
@@ -129,7 +135,7 @@ impl Tlb {
         Self {
             recent: [None; RECENT],
             // Allocated on first insert: most contexts are never used.
-            dm: Vec::new(),
+            pages: Vec::new(),
             next_recent: 0,
             map: HashMap::default(),
             order: VecDeque::new(),
@@ -138,14 +144,14 @@ impl Tlb {
     }
 }
 
-fn dm_set(va: u64) -> usize {
-    (va >> 12) as usize % DM_SETS
+fn page_set(va: u64) -> usize {
+    (va >> PAGE_SHIFT) as usize % PAGE_CACHE_SETS
 }
 
 impl Tlb {
     fn lookup(&mut self, va: u64) -> Option<Entry> {
-        if let Some(set) = self.dm.get(dm_set(va)) {
-            let tag = (va & !0xFFF) | 1;
+        if let Some(set) = self.pages.get(page_set(va)) {
+            let tag = (va & !IN_PAGE) | 1;
             for w in set {
                 if w.tag == tag {
                     let e = w.entry();
@@ -162,7 +168,7 @@ impl Tlb {
             if let Some(e) = self.map.get(&key(va, level)) {
                 let e = *e;
                 if level == 1 {
-                    self.dm_put(e);
+                    self.cache_page(e);
                 } else {
                     self.remember(e);
                 }
@@ -172,12 +178,12 @@ impl Tlb {
         None
     }
 
-    fn dm_put(&mut self, e: Entry) {
-        if self.dm.is_empty() {
-            self.dm = vec![[DmEntry::default(); 2]; DM_SETS];
+    fn cache_page(&mut self, e: Entry) {
+        if self.pages.is_empty() {
+            self.pages = vec![[CachedPage::default(); 2]; PAGE_CACHE_SETS];
         }
-        let set = &mut self.dm[dm_set(e.va)];
-        let new = DmEntry {
+        let set = &mut self.pages[page_set(e.va)];
+        let new = CachedPage {
             tag: e.va | 1,
             frame: e.gpa | e.perms.bits(),
         };
@@ -219,7 +225,7 @@ impl Tlb {
         // so lookups see the new one.
         self.forget(e.va, e.va + e.size);
         if level == 1 {
-            self.dm_put(e);
+            self.cache_page(e);
         } else {
             self.remember(e);
         }
@@ -233,25 +239,25 @@ impl Tlb {
                 *slot = None;
             }
         }
-        if self.dm.is_empty() {
+        if self.pages.is_empty() {
             return;
         }
-        let hit = |w: &DmEntry| w.tag & 1 != 0 && w.entry().overlaps(start, end);
-        let pages = (end.saturating_sub(start) >> 12).saturating_add(1);
-        if pages < DM_SETS as u64 {
-            let mut va = start & !0xFFF;
+        let hit = |w: &CachedPage| w.tag & 1 != 0 && w.entry().overlaps(start, end);
+        let pages = (end.saturating_sub(start) >> PAGE_SHIFT).saturating_add(1);
+        if pages < PAGE_CACHE_SETS as u64 {
+            let mut va = start & !IN_PAGE;
             while va < end {
-                for w in self.dm[dm_set(va)].iter_mut() {
+                for w in self.pages[page_set(va)].iter_mut() {
                     if hit(w) {
-                        *w = DmEntry::default();
+                        *w = CachedPage::default();
                     }
                 }
-                va += PAGE;
+                va += PAGE_SIZE;
             }
         } else {
-            for w in self.dm.iter_mut().flatten() {
+            for w in self.pages.iter_mut().flatten() {
                 if hit(w) {
-                    *w = DmEntry::default();
+                    *w = CachedPage::default();
                 }
             }
         }
@@ -259,7 +265,7 @@ impl Tlb {
 
     fn clear(&mut self) {
         self.recent = [None; RECENT];
-        self.dm.fill([DmEntry::default(); 2]);
+        self.pages.fill([CachedPage::default(); 2]);
         self.map.clear();
         self.order.clear();
     }
@@ -402,12 +408,17 @@ fn walk<M: GuestMemoryBackend>(
 ) -> Result<(Entry, u32), XlateError> {
     let fail = XlateError::Fail;
     let ent = ctx_table
-        .checked_add(u64::from(ctx) * 16)
+        .checked_add(u64::from(ctx) * ContextEntry::SIZE as u64)
         .ok_or(fail(Status::MemoryError))?;
-    let root = read_u64(mem, ent)?;
-    // `ent` is 8-aligned (read_u64 checked), so the flags word is aligned
-    // for an atomic load.
-    let flags_at = ent.checked_add(8).ok_or(fail(Status::MemoryError))?;
+    let root_at = ent
+        .checked_add(ContextEntry::ROOT_OFFSET as u64)
+        .ok_or(fail(Status::MemoryError))?;
+    let root = read_u64(mem, root_at)?;
+    // The root is 8-aligned (read_u64 checked), so the flags word is
+    // aligned for an atomic load.
+    let flags_at = ent
+        .checked_add(ContextEntry::FLAGS_OFFSET as u64)
+        .ok_or(fail(Status::MemoryError))?;
     let flags = mem
         .get_slice(GuestAddress(flags_at), 4)
         .and_then(|s| s.load::<u32>(0, Ordering::Acquire).map_err(Into::into))

@@ -7,13 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::{
-    pt_index, regs, status_block, CtlStatus, FaultEntry, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K,
-    NUM_CONTEXTS, PTE_ADDR_MASK,
+    pt_index, regs, status_block, virtq, Completion, ContextEntry, ContextFlags, CtlEntry, CtlOp,
+    CtlStatus, FaultEntry, Pte, Status, COMMAND_SIZE, LEAF_1G, LEAF_2M, LEAF_4K, NUM_CONTEXTS,
+    PTE_ADDR_MASK,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device::{Device, InterruptSink};
 use crate::pci::MsiState;
+use crate::sync::lock;
 
 /// Records every vector the device triggers.
 #[derive(Default)]
@@ -24,22 +26,16 @@ pub struct RecordingIrq {
 
 impl RecordingIrq {
     pub fn take(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.fired.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *lock(&self.fired))
     }
 }
 
 impl InterruptSink for RecordingIrq {
     fn trigger(&self, vector: u32) {
-        self.fired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(vector);
+        lock(&self.fired).push(vector);
     }
     fn msi_changed(&self, msi: &MsiState) {
-        self.msi_changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(*msi);
+        lock(&self.msi_changes).push(*msi);
     }
 }
 
@@ -58,6 +54,13 @@ pub const PT_POOL: u64 = 0x100000;
 pub const PT_POOL_END: u64 = 0x400000;
 /// First byte of memory free for test data.
 pub const DATA: u64 = 0x400000;
+/// Offset of the completions within a channel's command area.
+const COMPLETIONS: u64 = 0x1000;
+
+/// Guest-physical address of context `ctx`'s entry in the rig's table.
+pub fn context_entry(ctx: u32) -> u64 {
+    CTX_TABLE + u64::from(ctx) * ContextEntry::SIZE as u64
+}
 
 /// Command builders (64-byte commands as the driver writes them, through
 /// the ABI's own encoder).
@@ -65,10 +68,10 @@ pub mod cmd {
     use faultline_abi::Command;
 
     pub fn fill(dst: u64, len: u64, pattern: u64) -> [u8; 64] {
-        Command::Fill { dst, len, pattern }.to_bytes()
+        Command::Fill { dst, len, pattern }.to_le_bytes()
     }
     pub fn copy(dst: u64, src: u64, len: u64) -> [u8; 64] {
-        Command::Copy { dst, src, len }.to_bytes()
+        Command::Copy { dst, src, len }.to_le_bytes()
     }
     pub fn atomic(va: u64, op: u32, wide: bool, operand: u64, compare: u64) -> [u8; 64] {
         Command::Atomic {
@@ -78,10 +81,10 @@ pub mod cmd {
             operand,
             compare,
         }
-        .to_bytes()
+        .to_le_bytes()
     }
     pub fn semaphore(va: u64, wide: bool, value: u64) -> [u8; 64] {
-        Command::SemaphoreRelease { va, wide, value }.to_bytes()
+        Command::SemaphoreRelease { va, wide, value }.to_le_bytes()
     }
     pub fn launch(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> [u8; 64] {
         Command::Launch {
@@ -91,7 +94,7 @@ pub mod cmd {
             block,
             args,
         }
-        .to_bytes()
+        .to_le_bytes()
     }
 }
 
@@ -109,10 +112,11 @@ impl DriverQueue {
         self.base
     }
     fn avail(&self) -> u64 {
-        self.base + 16 * u64::from(QUEUE_SIZE)
+        self.base + virtq::desc_table_size(QUEUE_SIZE) as u64
     }
     fn used(&self) -> u64 {
-        (self.avail() + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3
+        let end = self.avail() + virtq::avail_ring_size(QUEUE_SIZE) as u64;
+        end.next_multiple_of(virtq::USED_ALIGN)
     }
 }
 
@@ -205,11 +209,12 @@ impl Rig {
     pub fn new_context(&mut self, ctx: u32) {
         let root = self.alloc_table();
         self.roots[ctx as usize] = root;
-        let e = CTX_TABLE + u64::from(ctx) * 16;
-        self.mem().write_obj(root, GuestAddress(e)).unwrap_or(());
-        self.mem()
-            .write_obj(1u32, GuestAddress(e + 8))
-            .unwrap_or(());
+        let e = ContextEntry {
+            root,
+            flags: ContextFlags::VALID.bits(),
+            _reserved: 0,
+        };
+        self.write_bytes(context_entry(ctx), &e.to_le_bytes());
     }
 
     pub fn root(&self, ctx: u32) -> u64 {
@@ -307,32 +312,39 @@ impl Rig {
             .unwrap_or_else(|| panic!("channel {ch} not set up"));
         let slot = q.seq % (u64::from(QUEUE_SIZE) / 2);
         q.seq += 1;
-        let cmd_addr = q.cmds + slot * 64;
-        let comp = q.cmds + 0x1000 + slot * 16;
+        let cmd_addr = q.cmds + slot * COMMAND_SIZE as u64;
+        let comp = q.cmds + COMPLETIONS + slot * Completion::SIZE as u64;
         let head = (slot * 2) as u16;
-        let desc = q.desc() + u64::from(head) * 16;
+        let desc = q.desc() + u64::from(head) * virtq::Descriptor::SIZE as u64;
         let avail = q.avail();
         let idx = q.avail_idx;
         q.avail_idx = idx.wrapping_add(1);
         let mem = self.dev.memory();
         let w = |v: &[u8], a: u64| mem.write_slice(v, GuestAddress(a)).unwrap_or(());
         w(&cmd, cmd_addr);
-        w(&[0xFF; 16], comp);
-        // Descriptor: addr, len, flags (NEXT = 1, WRITE = 2), next.
-        let mut d = [0u8; 32];
-        d[0..8].copy_from_slice(&cmd_addr.to_le_bytes());
-        d[8..12].copy_from_slice(&64u32.to_le_bytes());
-        d[12..14].copy_from_slice(&1u16.to_le_bytes());
-        d[14..16].copy_from_slice(&(head + 1).to_le_bytes());
-        d[16..24].copy_from_slice(&comp.to_le_bytes());
-        d[24..28].copy_from_slice(&16u32.to_le_bytes());
-        d[28..30].copy_from_slice(&2u16.to_le_bytes());
-        w(&d, desc);
-        let ring = avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        w(&[0xFF; Completion::SIZE], comp);
+        let command = virtq::Descriptor {
+            addr: cmd_addr,
+            len: COMMAND_SIZE as u32,
+            flags: virtq::DESC_F_NEXT,
+            next: head + 1,
+        };
+        let completion = virtq::Descriptor {
+            addr: comp,
+            len: Completion::SIZE as u32,
+            flags: virtq::DESC_F_WRITE,
+            next: 0,
+        };
+        w(&command.to_le_bytes(), desc);
+        w(
+            &completion.to_le_bytes(),
+            desc + virtq::Descriptor::SIZE as u64,
+        );
+        let ring = avail + virtq::avail_entry(idx % QUEUE_SIZE) as u64;
         w(&head.to_le_bytes(), ring);
         mem.store(
             q.avail_idx.to_le(),
-            GuestAddress(avail + 2),
+            GuestAddress(avail + virtq::RING_IDX as u64),
             Ordering::Release,
         )
         .unwrap_or(());
@@ -355,15 +367,19 @@ impl Rig {
     /// Completion of a ticket: `None` while pending; `Err(raw)` for a
     /// status outside the ABI.
     pub fn completion(&self, t: Ticket) -> Option<Result<(Status, u64), u32>> {
-        let st: u32 = self.mem().read_obj(GuestAddress(t.completion)).unwrap_or(0);
-        if st == u32::MAX {
+        let mut b = [0u8; Completion::SIZE];
+        self.mem()
+            .read_slice(&mut b, GuestAddress(t.completion))
+            .unwrap_or(());
+        let c = Completion::from_le_bytes(&b);
+        if c.status == u32::MAX {
             return None;
         }
-        let res: u64 = self
-            .mem()
-            .read_obj(GuestAddress(t.completion + 8))
-            .unwrap_or(0);
-        Some(Status::from_u32(st).map(|s| (s, res)).ok_or(st))
+        Some(
+            Status::from_u32(c.status)
+                .map(|s| (s, c.result))
+                .ok_or(c.status),
+        )
     }
 
     /// Status of a completed ticket (panics if pending: test helper).
@@ -376,7 +392,9 @@ impl Rig {
 
     pub fn used_idx(&self, ch: usize) -> u16 {
         let q = self.queues[ch].as_ref().map_or(0, |q| q.used());
-        self.mem().read_obj(GuestAddress(q + 2)).unwrap_or(0)
+        self.mem()
+            .read_obj(GuestAddress(q + virtq::RING_IDX as u64))
+            .unwrap_or(0)
     }
 
     pub fn sb(&self, off: u64) -> u32 {
@@ -392,22 +410,11 @@ impl Rig {
         let avail = put.wrapping_sub(self.fault_get).min(self.fault_entries);
         let put = self.fault_get.wrapping_add(avail);
         while self.fault_get != put {
-            let a = FAULT_BUF + u64::from(self.fault_get % self.fault_entries) * 32;
-            let mut b = [0u8; 32];
+            let slot = u64::from(self.fault_get % self.fault_entries);
+            let a = FAULT_BUF + slot * FaultEntry::SIZE as u64;
+            let mut b = [0u8; FaultEntry::SIZE];
             self.mem().read_slice(&mut b, GuestAddress(a)).unwrap_or(());
-            let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-            let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-            out.push(FaultEntry {
-                va: u64_at(0),
-                timestamp: u64_at(8),
-                context: u32_at(16),
-                access: b[20],
-                reason: b[21],
-                engine: b[22],
-                channel: b[23],
-                info: u32_at(24),
-                _reserved: 0,
-            });
+            out.push(FaultEntry::from_le_bytes(&b));
             self.fault_get = self.fault_get.wrapping_add(1);
         }
         self.mem()
@@ -428,26 +435,29 @@ impl Rig {
 
     /// Post a control entry, ring DB_CONTROL, run; returns the entry status
     /// and whether `ctl_cons` acknowledged it.
-    pub fn ctl(&mut self, op: u32, ctx: u32, start: u64, len: u64) -> (u32, bool) {
+    /// `op` may be any value (a `CtlOp` or a raw one, to test BadOp).
+    pub fn ctl(&mut self, op: impl Into<u32>, ctx: u32, start: u64, len: u64) -> (u32, bool) {
         let idx = self.ctl_prod;
-        let a = CTL_RING + u64::from(idx % CTL_ENTRIES) * 32;
-        let mut e = [0u8; 32];
-        e[0..4].copy_from_slice(&op.to_le_bytes());
-        e[8..12].copy_from_slice(&ctx.to_le_bytes());
-        e[16..24].copy_from_slice(&start.to_le_bytes());
-        e[24..32].copy_from_slice(&len.to_le_bytes());
-        self.mem().write_slice(&e, GuestAddress(a)).unwrap_or(());
+        let a = CTL_RING + u64::from(idx % CTL_ENTRIES) * CtlEntry::SIZE as u64;
+        let e = CtlEntry {
+            op: op.into(),
+            context: ctx,
+            start,
+            len,
+            ..CtlEntry::default()
+        };
+        self.write_bytes(a, &e.to_le_bytes());
         self.ctl_prod = idx.wrapping_add(1);
         self.mem()
             .write_obj(self.ctl_prod, GuestAddress(SB + status_block::CTL_PROD))
             .unwrap_or(());
         self.ring(faultline_abi::doorbell::CONTROL);
-        let st: u32 = self.mem().read_obj(GuestAddress(a + 4)).unwrap_or(0);
+        let st = self.read_u32(a + CtlEntry::STATUS_OFFSET as u64);
         let acked = self.sb(status_block::CTL_CONS).wrapping_sub(self.ctl_prod) as i32 >= 0;
         (st, acked)
     }
 
-    pub fn ctl_ok(&mut self, op: u32, ctx: u32, start: u64, len: u64) -> bool {
+    pub fn ctl_ok(&mut self, op: CtlOp, ctx: u32, start: u64, len: u64) -> bool {
         self.ctl(op, ctx, start, len) == (CtlStatus::Ok as u32, true)
     }
 

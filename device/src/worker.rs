@@ -1,99 +1,101 @@
-//! A small std-thread worker that runs `Device::process` whenever a doorbell
-//! is rung. Hosts with their own event loop can ignore it and call
-//! `process()` themselves.
+//! The device's worker thread (`faultline-gpu`), the one shape every host
+//! uses (`faultline run`, `faultline serve`, the host loopback tests): an
+//! epoll loop over the doorbell eventfds a host wired up (KVM ioeventfds:
+//! the guest's doorbell write never exits to userspace) and a wake eventfd
+//! (BAR0 writes through `Device::mmio_write`, `Waker`), running
+//! `Device::process` while it reports more work. Waiting on the eventfds
+//! themselves keeps a doorbell to one wake-up of this thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, Doorbells};
+use crate::sync::lock;
 
-#[derive(Default)]
-struct Shared {
-    kicked: Mutex<bool>,
-    cv: Condvar,
-    shutdown: AtomicBool,
-}
+/// Epoll tokens of the two eventfds that are not doorbells (doorbell fds
+/// use their position in the list).
+const WAKE: u64 = u64::MAX;
+const SHUTDOWN: u64 = u64::MAX - 1;
 
-impl Shared {
-    fn kick(&self) {
-        let mut k = self.kicked.lock().unwrap_or_else(|e| e.into_inner());
-        *k = true;
-        self.cv.notify_one();
-    }
-}
-
-/// Rings doorbells and wakes the worker; cheap to clone, usable from
-/// ioeventfd handler threads without touching the device lock.
+/// Rings doorbells and wakes the worker; cheap to clone, usable from any
+/// thread without touching the device lock.
 #[derive(Clone)]
 pub struct Waker {
     doorbells: Arc<Doorbells>,
-    shared: Arc<Shared>,
+    wake: Arc<EventFd>,
 }
 
 impl Waker {
     pub fn ring(&self, index: u32) {
         self.doorbells.ring(index);
-        self.shared.kick();
+        self.wake();
     }
     /// Wake without a doorbell (e.g. after a register write that enabled a
     /// channel).
     pub fn wake(&self) {
-        self.shared.kick();
+        // Only fails if the counter would overflow, and then the worker
+        // has a wake-up pending anyway.
+        let _ = self.wake.write(1);
     }
 }
 
 pub struct Worker {
-    /// Its `shared` is the worker thread's state too.
     waker: Waker,
+    shutdown: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Spawn the worker thread for `device`. It installs itself as the
-    /// device's waker so doorbells written through `mmio_write` wake it.
-    pub fn spawn<M>(device: Arc<Mutex<Device<M>>>) -> std::io::Result<Worker>
+    /// Spawn the worker thread for `device`. `doorbell_fds` are (doorbell
+    /// index, eventfd) pairs the host connected to the guest's doorbell
+    /// writes (none where every BAR0 write arrives through `mmio_write`).
+    /// The worker installs itself as the device's waker.
+    pub fn spawn<M>(
+        device: Arc<Mutex<Device<M>>>,
+        doorbell_fds: Vec<(u32, EventFd)>,
+    ) -> io::Result<Worker>
     where
         M: GuestMemoryBackend + Send + 'static,
     {
-        let shared = Arc::new(Shared::default());
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let shutdown = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        let watch = |fd: &EventFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        for (i, (_, fd)) in doorbell_fds.iter().enumerate() {
+            watch(fd, i as u64)?;
+        }
+        watch(&wake, WAKE)?;
+        watch(&shutdown, SHUTDOWN)?;
         let doorbells = {
-            let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
-            let s = shared.clone();
-            d.set_waker(Arc::new(move || s.kick()));
+            let mut d = lock(&device);
+            let w = wake.clone();
+            d.set_waker(Arc::new(move || {
+                let _ = w.write(1);
+            }));
             d.doorbells()
         };
-        let waker = Waker {
-            doorbells,
-            shared: shared.clone(),
+        let waker = Waker { doorbells, wake };
+        let thread = {
+            let waker = waker.clone();
+            std::thread::Builder::new()
+                .name("faultline-gpu".into())
+                .spawn(move || run(&epoll, &doorbell_fds, &waker, &device))?
         };
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("faultline-gpu".into())
-            .spawn(move || loop {
-                {
-                    let mut k = s.kicked.lock().unwrap_or_else(|e| e.into_inner());
-                    while !*k && !s.shutdown.load(Ordering::Acquire) {
-                        k = s.cv.wait(k).unwrap_or_else(|e| e.into_inner());
-                    }
-                    *k = false;
-                }
-                if s.shutdown.load(Ordering::Acquire) {
-                    return;
-                }
-                // Release the lock between slices so vCPU threads' MMIO is
-                // never blocked for long.
-                loop {
-                    let more = device.lock().unwrap_or_else(|e| e.into_inner()).process();
-                    if !more || s.shutdown.load(Ordering::Acquire) {
-                        break;
-                    }
-                }
-            })?;
         Ok(Worker {
             waker,
+            shutdown,
             thread: Some(thread),
         })
     }
@@ -102,16 +104,20 @@ impl Worker {
         self.waker.clone()
     }
 
-    /// Stop the thread and wait for it.
+    /// Stop the thread after its current slice and wait for it.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
-        self.waker.shared.shutdown.store(true, Ordering::Release);
-        self.waker.shared.kick();
+        if let Err(e) = self.shutdown.write(1) {
+            log::error!("cannot stop the GPU worker: {e}");
+            return;
+        }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                log::error!("the GPU worker panicked");
+            }
         }
     }
 }
@@ -119,5 +125,46 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn run<M: GuestMemoryBackend>(
+    epoll: &Epoll,
+    doorbell_fds: &[(u32, EventFd)],
+    waker: &Waker,
+    device: &Mutex<Device<M>>,
+) {
+    let mut events = vec![EpollEvent::default(); doorbell_fds.len() + 2];
+    let mut busy = false;
+    loop {
+        // While the device has more work, only poll (timeout 0) so new
+        // doorbells are picked up between slices; idle, block.
+        let n = match epoll.wait(if busy { 0 } else { -1 }, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                log::error!("GPU worker: epoll_wait: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                SHUTDOWN => return,
+                // Consumed only; `process()` below does the work.
+                WAKE => {
+                    let _ = waker.wake.read();
+                }
+                i => {
+                    if let Some((index, fd)) = doorbell_fds.get(i as usize) {
+                        // The count is irrelevant: a doorbell means "look
+                        // again".
+                        let _ = fd.read();
+                        waker.doorbells.ring(*index);
+                    }
+                }
+            }
+        }
+        // The lock is taken per slice so vCPU BAR0 accesses interleave.
+        busy = lock(device).process();
     }
 }

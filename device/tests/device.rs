@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultline_abi::{
-    atomic_op, ctl_op, doorbell, engine, regs, status_block, vector, Access, Counter, DeviceError,
+    atomic_op, doorbell, engine, regs, status_block, vector, Access, Counter, CtlOp, DeviceError,
     FaultFlags, FaultReason, Pte, Status, DEVICE_MAGIC, LEAF_2M, LEAF_4K,
 };
 use faultline_device::testing::{cmd, RecordingIrq, Rig, CTX_TABLE, DATA};
@@ -371,7 +371,7 @@ fn cancel_range_fails_only_matching_work() {
     r.ring(doorbell::channel(0));
     r.ring(doorbell::channel(1));
     assert_eq!(r.drain_faults().len(), 2);
-    assert!(r.ctl_ok(ctl_op::CANCEL_RANGE, 0, 0x5123, 0));
+    assert!(r.ctl_ok(CtlOp::CancelRange, 0, 0x5123, 0));
     assert_eq!(r.status(a), Status::Cancelled);
     assert_eq!(r.completion(b), None);
     assert_eq!(r.dev.counters().get(Counter::Cancels), 1);
@@ -381,9 +381,9 @@ fn cancel_range_fails_only_matching_work() {
     assert_eq!(r.status(c), Status::Ok);
     // Wrong context cancels nothing; the right one cancels b.
     r.new_context(1);
-    assert!(r.ctl_ok(ctl_op::CANCEL_CONTEXT, 1, 0, 0));
+    assert!(r.ctl_ok(CtlOp::CancelContext, 1, 0, 0));
     assert_eq!(r.completion(b), None);
-    assert!(r.ctl_ok(ctl_op::CANCEL_CONTEXT, 0, 0, 0));
+    assert!(r.ctl_ok(CtlOp::CancelContext, 0, 0, 0));
     assert_eq!(r.status(b), Status::Cancelled);
 }
 
@@ -660,7 +660,7 @@ fn invalid_context_fails_commands() {
     let t = r.exec(2, cmd::fill(0x1000, 8, 0));
     assert_eq!(r.status(t), Status::InvalidContext);
     r.write_u64(CTX_TABLE, 0x123); // root not page aligned
-    assert!(r.ctl_ok(ctl_op::INVALIDATE_ALL, 0, 0, 0));
+    assert!(r.ctl_ok(CtlOp::InvalidateAll, 0, 0, 0));
     let t = r.exec(0, cmd::fill(0x1000, 8, 0));
     assert_eq!(r.status(t), Status::BadPte);
 }
@@ -731,15 +731,19 @@ fn channel_driven_through_virtio_queue_mock() {
 
 // --------------------------------------------------------------- worker
 
-#[test]
-fn worker_thread_processes_doorbells() {
+/// Runs `cmd` on channel 0 through a worker built by `spawn`, rung by
+/// `ring`; returns the completion status once the data shows up.
+fn through_worker(
+    spawn: impl FnOnce(Arc<Mutex<faultline_device::Device<vm_memory::GuestMemoryMmap>>>) -> Worker,
+    ring: impl FnOnce(&Worker),
+) {
     let mut r = rig();
     r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
     let t = r.submit(0, cmd::semaphore(0x1000, true, 77));
     let mem = r.mem().clone();
     let dev = Arc::new(Mutex::new(r.dev));
-    let worker = Worker::spawn(dev.clone()).unwrap();
-    worker.waker().ring(doorbell::channel(0));
+    let worker = spawn(dev.clone());
+    ring(&worker);
     let deadline = Instant::now() + Duration::from_secs(10);
     while mem.read_obj::<u64>(GuestAddress(DATA)).unwrap() != 77 {
         assert!(Instant::now() < deadline, "worker never ran");
@@ -748,6 +752,27 @@ fn worker_thread_processes_doorbells() {
     let st: u32 = mem.read_obj(GuestAddress(t.completion)).unwrap();
     assert_eq!(st, 0);
     worker.shutdown();
+    // The device is free again once the worker stopped.
+    assert!(!faultline_device::sync::lock(&dev).process());
+}
+
+#[test]
+fn worker_thread_processes_doorbells() {
+    through_worker(
+        |dev| Worker::spawn(dev, Vec::new()).unwrap(),
+        |w| w.waker().ring(doorbell::channel(0)),
+    );
+}
+
+#[test]
+fn worker_thread_processes_doorbell_eventfds() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let host_side = fd.try_clone().unwrap();
+    through_worker(
+        |dev| Worker::spawn(dev, vec![(doorbell::channel(0), fd)]).unwrap(),
+        |_| host_side.write(1).unwrap(),
+    );
 }
 
 #[test]

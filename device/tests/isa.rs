@@ -536,6 +536,6 @@ fn cancelled_launch_stops_all_warps() {
     let mut r = rig_with(&code);
     let t = r.exec(0, cmd::launch(CODE_VA, 4, 4, 8, [0x90_0000, 0, 0, 0]));
     assert_eq!(r.drain_faults().len(), 4);
-    assert!(r.ctl_ok(faultline_abi::ctl_op::CANCEL_RANGE, 0, 0x90_2000, 0x1000));
+    assert!(r.ctl_ok(faultline_abi::CtlOp::CancelRange, 0, 0x90_2000, 0x1000));
     assert_eq!(r.status(t), Status::Cancelled);
 }

@@ -1,7 +1,7 @@
 //! Walker and TLB tests.
 
 use faultline_abi::{
-    ctl_op, Access, Counter, FaultReason, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK,
+    Access, Counter, CtlOp, FaultReason, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK,
 };
 use faultline_device::counters::Counters;
 use faultline_device::mmu::{Mmu, Translation, XlateError, TLB_CAPACITY};
@@ -238,12 +238,12 @@ fn stale_translation_never_used_after_invalidate_ack() {
         "TLB caches translations"
     );
     // Range invalidation, acknowledged through ctl_cons.
-    assert!(rig.ctl_ok(ctl_op::INVALIDATE_RANGE, 0, 0x7000, 0x1000));
+    assert!(rig.ctl_ok(CtlOp::InvalidateRange, 0, 0x7000, 0x1000));
     rig.exec(0, cmd::copy(0x9000, 0x7000, 8));
     assert_eq!(rig.read_u64(DATA + 0x20000), 0x2E2);
     // Unmap + context invalidation: the next access faults.
     rig.unmap(0, 0x7000, LEAF_4K);
-    assert!(rig.ctl_ok(ctl_op::INVALIDATE_CONTEXT, 0, 0, 0));
+    assert!(rig.ctl_ok(CtlOp::InvalidateContext, 0, 0, 0));
     let t = rig.exec(0, cmd::copy(0x9000, 0x7000, 8));
     assert_eq!(rig.completion(t), None, "stalled on a fault");
     let f = rig.drain_faults();
@@ -254,7 +254,7 @@ fn stale_translation_never_used_after_invalidate_ack() {
     rig.replay();
     assert_eq!(rig.status(t), Status::Ok);
     rig.map(0, 0x7000, new, LEAF_4K, Pte::WRITE);
-    assert!(rig.ctl_ok(ctl_op::INVALIDATE_ALL, 0, 0, 0));
+    assert!(rig.ctl_ok(CtlOp::InvalidateAll, 0, 0, 0));
     rig.write_u64(DATA + 0x20000, 0);
     rig.exec(0, cmd::copy(0x9000, 0x7000, 8));
     assert_eq!(rig.read_u64(DATA + 0x20000), 0x2E2);
@@ -293,12 +293,12 @@ fn permission_upgrade_needs_no_invalidation() {
 #[test]
 fn control_ring_rejects_bad_entries() {
     let mut rig = Rig::new(16 << 20, 16);
-    assert_eq!(rig.ctl(99, 0, 0, 0), (2, true));
-    assert_eq!(rig.ctl(ctl_op::INVALIDATE_CONTEXT, 64, 0, 0), (3, true));
-    assert_eq!(rig.ctl(ctl_op::INVALIDATE_RANGE, 0, 0, 0), (4, true));
-    assert_eq!(rig.ctl(ctl_op::INVALIDATE_RANGE, 0, u64::MAX, 2), (4, true));
-    assert_eq!(rig.ctl(ctl_op::CANCEL_RANGE, 0, 1 << 48, 0), (4, true));
-    assert!(rig.ctl_ok(ctl_op::INVALIDATE_ALL, 0, 0, 0));
+    assert_eq!(rig.ctl(99u32, 0, 0, 0), (2, true));
+    assert_eq!(rig.ctl(CtlOp::InvalidateContext, 64, 0, 0), (3, true));
+    assert_eq!(rig.ctl(CtlOp::InvalidateRange, 0, 0, 0), (4, true));
+    assert_eq!(rig.ctl(CtlOp::InvalidateRange, 0, u64::MAX, 2), (4, true));
+    assert_eq!(rig.ctl(CtlOp::CancelRange, 0, 1 << 48, 0), (4, true));
+    assert!(rig.ctl_ok(CtlOp::InvalidateAll, 0, 0, 0));
 }
 
 #[test]

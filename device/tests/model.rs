@@ -2,7 +2,7 @@
 //! replay / cancel sequences against a simple reference model, checking the
 //! data every access sees and every fault the device reports.
 
-use faultline_abi::{ctl_op, Access, FaultReason, Pte, Status, LEAF_4K};
+use faultline_abi::{Access, CtlOp, FaultReason, Pte, Status, LEAF_4K};
 use faultline_device::testing::{cmd, Rig, DATA};
 use proptest::prelude::*;
 
@@ -94,9 +94,9 @@ struct Model {
 fn invalidate(rig: &mut Rig, page: u64, how: u8) {
     let va = VA + page * LEAF_4K;
     let ok = match how {
-        0 => rig.ctl_ok(ctl_op::INVALIDATE_RANGE, 0, va, LEAF_4K),
-        1 => rig.ctl_ok(ctl_op::INVALIDATE_CONTEXT, 0, 0, 0),
-        _ => rig.ctl_ok(ctl_op::INVALIDATE_ALL, 0, 0, 0),
+        0 => rig.ctl_ok(CtlOp::InvalidateRange, 0, va, LEAF_4K),
+        1 => rig.ctl_ok(CtlOp::InvalidateContext, 0, 0, 0),
+        _ => rig.ctl_ok(CtlOp::InvalidateAll, 0, 0, 0),
     };
     assert!(ok, "invalidation acknowledged");
 }
@@ -135,7 +135,7 @@ fn access(
         m.pte[page as usize] = Some((frame, true));
         rig.replay();
     } else {
-        prop_assert!(rig.ctl_ok(ctl_op::CANCEL_RANGE, 0, va, 0));
+        prop_assert!(rig.ctl_ok(CtlOp::CancelRange, 0, va, 0));
     }
     let st = rig.status(t);
     prop_assert_eq!(st, if fix { Status::Ok } else { Status::Cancelled });

@@ -7,6 +7,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
+use faultline_abi::le;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -42,21 +43,9 @@ pub struct ElfInfo {
 }
 
 pub fn inspect_elf(image: &[u8]) -> std::result::Result<ElfInfo, String> {
-    let u16_at = |o: usize| {
-        image
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |o: usize| {
-        image
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        image
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
+    let u16_at = |at: usize| le::u16_at(image, at);
+    let u32_at = |at: usize| le::u32_at(image, at);
+    let u64_at = |at: usize| le::u64_at(image, at);
     if image.get(..4) != Some(b"\x7fELF") {
         return Err("not an ELF file (bad magic)".into());
     }
@@ -118,10 +107,7 @@ pub fn inspect_elf(image: &[u8]) -> std::result::Result<ElfInfo, String> {
 /// Scans ELF notes for Xen's PHYS32_ENTRY (type 18, name "Xen").
 fn has_pvh_note(mut notes: &[u8]) -> bool {
     const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-    let word = |b: &[u8], i: usize| {
-        b.get(i..i + 4)
-            .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
-    };
+    let word = le::u32_at;
     while let (Some(namesz), Some(descsz), Some(ty)) =
         (word(notes, 0), word(notes, 4), word(notes, 8))
     {

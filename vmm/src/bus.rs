@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use faultline_device::sync::{lock, unpoisoned};
+
 /// A device reachable through port or memory-mapped I/O. The offset is
 /// relative to the start of the range the device was inserted at.
 pub trait BusDevice: Send {
@@ -61,11 +63,11 @@ impl Bus {
     // update is a single BTreeMap operation after the checks), so a
     // poisoned lock is still consistent.
     fn map(&self) -> std::sync::RwLockReadGuard<'_, Map> {
-        self.devices.read().unwrap_or_else(|e| e.into_inner())
+        unpoisoned(self.devices.read())
     }
 
     fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, Map> {
-        self.devices.write().unwrap_or_else(|e| e.into_inner())
+        unpoisoned(self.devices.write())
     }
 
     pub fn insert(
@@ -144,14 +146,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// A device that panicked while holding its lock has already reported the
-/// bug; the VM keeps going with whatever state it left.
-fn lock<'a>(
-    dev: &'a Mutex<dyn BusDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

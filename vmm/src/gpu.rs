@@ -1,7 +1,8 @@
 //! Hosting the Faultline GPU (`faultline-device`) in this VMM: its config
 //! space on PCI bus 0, BAR0 on the MMIO bus, one KVM ioeventfd per doorbell
-//! (so doorbell writes never exit to us), MSI through irqfds (`msi.rs`) and a
-//! worker thread (`worker.rs`).
+//! (so doorbell writes never exit to us), MSI through irqfds (`msi.rs`) and
+//! the device crate's worker thread (`faultline_device::Worker`), which
+//! waits on those ioeventfds.
 //!
 //! BAR placement: the guest is PVH firmware with no PCI enumeration of its
 //! own, so the VMM plays SeaBIOS: at boot BAR0 is assigned at
@@ -9,17 +10,17 @@
 //! mastering are enabled. The guest may size and move the BAR like on real
 //! hardware; every change is followed here (`Bar0Mapping::update`).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use faultline_abi::pci::BAR0_SIZE;
-use faultline_device::{doorbell_offsets, Device};
+use faultline_device::sync::lock;
+use faultline_device::{doorbell_offsets, Device, Worker};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, BusDevice};
 use crate::error::{Error, Result};
-use crate::gpu_worker::GpuWorker;
 use crate::memory::{self, MMIO_HOLE_START};
 use crate::msi::{KvmIrqRoutingOps, MsiRouter, SignalMsi};
 use crate::pci::{Devfn, PciBus, PciFunction};
@@ -41,12 +42,6 @@ const PCI_BAR0: u64 = 0x10;
 const PCI_BAR0_HI: u64 = 0x14;
 const COMMAND_MEMORY: u16 = 1 << 1;
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
-
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A thread that panicked holding the device has already reported it;
-    // the VM keeps running with whatever state was left.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Doorbell ioeventfds, behind a trait so BAR moves are testable without KVM.
 pub trait DoorbellEvents: Send {
@@ -305,14 +300,14 @@ impl PciFunction for GpuPci {
 /// The GPU as wired into a VM: what the rest of the VMM still needs.
 pub struct GpuHost {
     device: Arc<Mutex<Gpu>>,
-    worker: GpuWorker,
+    worker: Worker,
 }
 
 impl GpuHost {
     /// Stops the worker (vCPUs must be stopped already) and returns the
     /// device counters as (name, value).
     pub fn stop(self) -> Vec<(String, u64)> {
-        self.worker.stop();
+        self.worker.shutdown();
         lock(&self.device).counters().named()
     }
 }
@@ -352,7 +347,6 @@ pub fn attach(
         .map(|(a, len)| (a.0, len))
         .collect();
     reserved.push(PLATFORM_RESERVED);
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::io("creating an eventfd"))?);
     let bar0 = Bar0 {
         device: device.clone(),
     };
@@ -376,7 +370,8 @@ pub fn attach(
             "PCI slot 00:{GPU_DEVICE:02x}.0 is taken"
         )));
     }
-    let worker = GpuWorker::spawn(device.clone(), doorbell_fds, wake)?;
+    let worker = Worker::spawn(device.clone(), doorbell_fds)
+        .map_err(Error::io("starting the GPU worker"))?;
     Ok(GpuHost { device, worker })
 }
 

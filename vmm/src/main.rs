@@ -5,7 +5,6 @@ mod bus;
 mod devices;
 mod error;
 mod gpu;
-mod gpu_worker;
 mod memory;
 mod msi;
 mod pci;

@@ -16,6 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::pci::MSI_VECTORS;
+use faultline_device::sync::lock;
 use faultline_device::{InterruptSink, MsiState};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
@@ -24,8 +25,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use crate::gpu::lock;
 
 /// GSIs 0..24 are the IOAPIC pins; the GPU's vectors follow.
 pub const MSI_GSI_BASE: u32 = 24;

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use faultline_device::sync::lock;
+
 use crate::bus::BusDevice;
 
 pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
@@ -127,9 +129,7 @@ impl BusDevice for PciConfigIo {
             }
             4..=7 => {
                 if let Some((f, reg)) = self.selected(offset - 4, data.len()) {
-                    f.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .config_read(reg, data);
+                    lock(f).config_read(reg, data);
                 }
             }
             _ => {}
@@ -145,9 +145,7 @@ impl BusDevice for PciConfigIo {
             }
             4..=7 => {
                 if let Some((f, reg)) = self.selected(offset - 4, data.len()) {
-                    f.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .config_write(reg, data);
+                    lock(f).config_write(reg, data);
                 }
             }
             _ => {}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use faultline_device::sync::lock;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm};
 use vm_superio::Serial;
@@ -181,7 +182,7 @@ pub fn run(cfg: Config) -> Result<Report> {
 
     let outcome = loop {
         em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-        let c = control.lock().unwrap_or_else(|e| e.into_inner());
+        let c = lock(&control);
         if c.timed_out {
             break Outcome::TimedOut;
         }
@@ -267,7 +268,7 @@ impl MutEventSubscriber for StdinToSerial {
             let _ = ops.remove(Events::new(&std::io::stdin(), EventSet::IN));
             return;
         }
-        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.serial);
         // A full FIFO drops input, as a real UART would.
         if let Err(e) = s.0.enqueue_raw_bytes(&buf[..n]) {
             log::debug!("serial input dropped: {e:?}");

@@ -7,7 +7,11 @@ use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
 use core::sync::atomic::{fence, Ordering};
 
-use faultline_abi::{regs, Command, DeviceError, Status, PAGE_SIZE};
+use faultline_abi::virtq::{self, Descriptor, UsedElem};
+use faultline_abi::{
+    doorbell, regs, ChannelStatus, Command, Completion, DeviceError, Status, COMMAND_SIZE,
+    PAGE_SIZE,
+};
 
 use super::context::Context;
 use super::{DmaRegion, Gpu, GpuError, Platform};
@@ -32,10 +36,23 @@ struct ChanState {
     done: BTreeMap<u64, (u32, u64, u32)>,
 }
 
-const COMPLETION_PENDING: u32 = u32::MAX;
-const VRING_DESC_F_NEXT: u64 = 1;
-const VRING_DESC_F_WRITE: u64 = 2;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
+/// What a completion holds until the device writes it.
+const COMPLETION_PENDING: Completion = Completion {
+    status: u32::MAX,
+    _reserved: 0,
+    result: 0,
+};
+
+/// Byte offset of command slot `slot` in the command area.
+fn cmd_off(slot: usize) -> usize {
+    slot * COMMAND_SIZE
+}
+
+/// Byte offset of slot `slot`'s completion: completions follow the `slots`
+/// command slots.
+fn comp_off(slots: usize, slot: usize) -> usize {
+    slots * COMMAND_SIZE + slot * Completion::SIZE
+}
 
 /// A running channel bound to one context.
 pub struct Channel<P: Platform> {
@@ -58,12 +75,12 @@ impl<P: Platform> Channel<P> {
         let gpu = ctx.gpu().clone();
         let p = gpu.platform().clone();
         let n = gpu.config().queue_size;
-        let nn = usize::from(n);
-        let avail_off = 16 * nn;
-        let used_off = (avail_off + 6 + 2 * nn).next_multiple_of(4);
-        let ring_bytes = used_off + 6 + 8 * nn;
-        let slots = nn / 2;
-        let cmd_bytes = slots * (64 + 16);
+        let avail_off = virtq::desc_table_size(n);
+        let used_off =
+            (avail_off + virtq::avail_ring_size(n)).next_multiple_of(virtq::USED_ALIGN as usize);
+        let ring_bytes = used_off + virtq::used_ring_size(n);
+        let slots = usize::from(n) / 2;
+        let cmd_bytes = slots * (COMMAND_SIZE + Completion::SIZE);
         let index = gpu.alloc_channel()?;
         let pages = |b: usize| (b as u64).div_ceil(PAGE_SIZE) as usize;
         let Some(ring) = p.dma_alloc(pages(ring_bytes)) else {
@@ -77,21 +94,26 @@ impl<P: Platform> Channel<P> {
         };
         // Fixed descriptor pairs: 2s = command slot s, 2s+1 = its completion.
         for s in 0..slots {
-            let cmd = cmds.phys() + (s * 64) as u64;
-            let comp = cmds.phys() + (slots * 64 + s * 16) as u64;
-            let d = 2 * s * 16;
-            ring.write_u64(d, cmd);
-            ring.write_u64(
-                d + 8,
-                64 | VRING_DESC_F_NEXT << 32 | ((2 * s + 1) as u64) << 48,
-            );
-            ring.write_u64(d + 16, comp);
-            ring.write_u64(d + 24, 16 | VRING_DESC_F_WRITE << 32);
+            let command = Descriptor {
+                addr: cmds.phys() + cmd_off(s) as u64,
+                len: COMMAND_SIZE as u32,
+                flags: virtq::DESC_F_NEXT,
+                next: (2 * s + 1) as u16,
+            };
+            let completion = Descriptor {
+                addr: cmds.phys() + comp_off(slots, s) as u64,
+                len: Completion::SIZE as u32,
+                flags: virtq::DESC_F_WRITE,
+                next: 0,
+            };
+            let d = 2 * s * Descriptor::SIZE;
+            ring.write_array(d, &command.to_le_bytes());
+            ring.write_array(d + Descriptor::SIZE, &completion.to_le_bytes());
         }
         let ch = |r| regs::channel_reg(index, r);
         let w64 = |lo: u64, v: u64| {
             p.write32(ch(lo), v as u32);
-            p.write32(ch(lo) + 4, (v >> 32) as u32);
+            p.write32(regs::upper_half(ch(lo)), (v >> 32) as u32);
         };
         p.write32(ch(regs::CH_QUEUE_SIZE), u32::from(n));
         w64(regs::CH_DESC_LO, ring.phys());
@@ -120,7 +142,7 @@ impl<P: Platform> Channel<P> {
                 done: BTreeMap::new(),
             }),
         };
-        if status & faultline_abi::ChannelStatus::RUNNING.bits() == 0 {
+        if status & ChannelStatus::RUNNING.bits() == 0 {
             return Err(GpuError::Device {
                 code: DeviceError::BadChannelSetup as u32,
                 info: index,
@@ -143,29 +165,22 @@ impl<P: Platform> Channel<P> {
         usize::from(self.size) / 2
     }
 
-    fn comp_off(&self, slot: usize) -> usize {
-        self.slots() * 64 + slot * 16
-    }
-
     /// Moves completed commands from the used ring to `done`.
     fn reclaim(&self, st: &mut ChanState) {
-        let idx = self.ring.read_u16(self.used_off + 2);
+        let idx = self.ring.read_u16(self.used_off + virtq::RING_IDX);
         fence(Ordering::Acquire);
         while st.used_idx != idx {
-            let e = self.used_off + 4 + 8 * usize::from(st.used_idx % self.size);
-            let head = self.ring.read_u32(e) as usize;
-            let len = self.ring.read_u32(e + 4);
+            let e = self.used_off + virtq::used_entry(st.used_idx % self.size);
+            let used = UsedElem::from_le_bytes(&self.ring.read_array(e));
             st.used_idx = st.used_idx.wrapping_add(1);
             // The device only returns heads we posted; anything else is
             // ignored rather than trusted.
-            let slot = head / 2;
+            let slot = used.id as usize / 2;
             let Some(seq) = st.slot_seq.get_mut(slot).and_then(Option::take) else {
                 continue;
             };
-            let off = self.comp_off(slot);
-            let status = self.cmds.read_u32(off);
-            let result = self.cmds.read_u64(off + 8);
-            st.done.insert(seq, (status, result, len));
+            let c = Completion::from_le_bytes(&self.cmds.read_array(comp_off(self.slots(), slot)));
+            st.done.insert(seq, (c.status, c.result, used.len));
             st.free.push(slot as u16);
         }
     }
@@ -184,31 +199,27 @@ impl<P: Platform> Channel<P> {
                     let seq = st.next_seq;
                     st.next_seq += 1;
                     st.slot_seq[slot] = Some(seq);
-                    for (i, w) in words.iter().enumerate() {
-                        self.cmds.write_u64(slot * 64 + i * 8, *w);
-                    }
-                    let c = self.comp_off(slot);
-                    self.cmds.write_u32(c, COMPLETION_PENDING);
-                    self.cmds.write_u32(c + 4, 0);
-                    self.cmds.write_u64(c + 8, 0);
+                    self.cmds.write_words(cmd_off(slot), &words);
+                    self.cmds.write_array(
+                        comp_off(self.slots(), slot),
+                        &COMPLETION_PENDING.to_le_bytes(),
+                    );
                     let ai = st.avail_idx;
-                    let ring_slot = self.avail_off + 4 + 2 * usize::from(ai % self.size);
+                    let ring_slot = self.avail_off + virtq::avail_entry(ai % self.size);
                     self.ring.write_u16(ring_slot, (2 * slot) as u16);
                     st.avail_idx = ai.wrapping_add(1);
                     fence(Ordering::Release);
-                    self.ring.write_u16(self.avail_off + 2, st.avail_idx);
+                    self.ring
+                        .write_u16(self.avail_off + virtq::RING_IDX, st.avail_idx);
                     // The device re-enables notifications and re-checks the
                     // avail index before idling; order our index store
                     // before reading its flag (virtio's rule).
                     fence(Ordering::SeqCst);
-                    let flags = self.ring.read_u16(self.used_off);
-                    if flags & VRING_USED_F_NO_NOTIFY == 0 {
-                        self.gpu.platform().write32(
-                            faultline_abi::doorbell::offset(faultline_abi::doorbell::channel(
-                                self.index,
-                            )),
-                            1,
-                        );
+                    let flags = self.ring.read_u16(self.used_off + virtq::RING_FLAGS);
+                    if flags & virtq::USED_F_NO_NOTIFY == 0 {
+                        self.gpu
+                            .platform()
+                            .write32(doorbell::offset(doorbell::channel(self.index)), 1);
                     }
                     return Ok(Ticket {
                         seq,
@@ -246,7 +257,8 @@ impl<P: Platform> Channel<P> {
             }
             self.gpu.poll(true);
             if let Some((code, info, n)) = self.gpu.last_error() {
-                let ours = matches!(code, 2 | 3 | 6) && info == self.index;
+                let ours = DeviceError::from_u32(code).is_some_and(DeviceError::is_channel_error)
+                    && info == self.index;
                 if n != t.errors && (ours || code == DeviceError::MemoryError as u32) {
                     return Err(GpuError::Device { code, info });
                 }

@@ -6,11 +6,13 @@ use core::mem::ManuallyDrop;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
-    ctl_op, regs, status_block, vector, Access, ContextFlags, CtlFlags, CtlStatus, DeviceStatus,
-    FaultFlags, IntCause, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
-    NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
+    doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CtlEntry, CtlFlags,
+    CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, IntCause, StatusBlock,
+    ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES, NUM_CHANNELS, NUM_CONTEXTS,
+    PAGE_SIZE,
 };
 
+use super::counters::DriverCounters;
 use super::{DmaRegion, GpuError, Platform};
 use crate::sync::SpinMutex;
 
@@ -63,99 +65,6 @@ pub trait FaultHandler: Send + Sync {
     /// Push the address of every fault that cannot be satisfied to `cancel`;
     /// the bottom half cancels them, then replays once for the batch.
     fn service(&self, faults: &[Fault], cancel: &mut Vec<u64>);
-}
-
-/// Driver-side counters (`Gpu::counters`).
-#[derive(Debug, Default)]
-pub struct DriverCounters {
-    /// Fault entries read from the buffer.
-    pub faults_read: AtomicU64,
-    /// Entries dropped as duplicates of another (same context and page).
-    pub faults_deduplicated: AtomicU64,
-    /// Windows serviced (SVM).
-    pub windows: AtomicU64,
-    /// Device leaves written by fault servicing (SVM).
-    pub pages_mapped: AtomicU64,
-    /// Window passes retried because the range was invalidated (SVM).
-    pub retries: AtomicU64,
-    /// REPLAY doorbells rung.
-    pub replays: AtomicU64,
-    /// Faults cancelled.
-    pub cancels: AtomicU64,
-    /// Invalidations received from the CPU side (SVM sync callbacks).
-    pub invalidations: AtomicU64,
-    /// TLB invalidations the driver submitted and saw acknowledged.
-    pub tlb_invalidates: AtomicU64,
-    /// Fault batches (bottom-half runs that found entries).
-    pub batches: AtomicU64,
-}
-
-/// A plain copy of [`DriverCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CounterSnapshot {
-    /// See [`DriverCounters`].
-    pub faults_read: u64,
-    /// See [`DriverCounters`].
-    pub faults_deduplicated: u64,
-    /// See [`DriverCounters`].
-    pub windows: u64,
-    /// See [`DriverCounters`].
-    pub pages_mapped: u64,
-    /// See [`DriverCounters`].
-    pub retries: u64,
-    /// See [`DriverCounters`].
-    pub replays: u64,
-    /// See [`DriverCounters`].
-    pub cancels: u64,
-    /// See [`DriverCounters`].
-    pub invalidations: u64,
-    /// See [`DriverCounters`].
-    pub tlb_invalidates: u64,
-    /// See [`DriverCounters`].
-    pub batches: u64,
-}
-
-impl DriverCounters {
-    /// Adds `n` to a counter.
-    pub fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Reads all counters.
-    pub fn snapshot(&self) -> CounterSnapshot {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CounterSnapshot {
-            faults_read: r(&self.faults_read),
-            faults_deduplicated: r(&self.faults_deduplicated),
-            windows: r(&self.windows),
-            pages_mapped: r(&self.pages_mapped),
-            retries: r(&self.retries),
-            replays: r(&self.replays),
-            cancels: r(&self.cancels),
-            invalidations: r(&self.invalidations),
-            tlb_invalidates: r(&self.tlb_invalidates),
-            batches: r(&self.batches),
-        }
-    }
-}
-
-impl core::fmt::Display for CounterSnapshot {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "faults read {} dedup {} windows {} pages mapped {} retries {} replays {} \
-             cancels {} invalidations {} tlb invalidates {}",
-            self.faults_read,
-            self.faults_deduplicated,
-            self.windows,
-            self.pages_mapped,
-            self.retries,
-            self.replays,
-            self.cancels,
-            self.invalidations,
-            self.tlb_invalidates
-        )
-    }
 }
 
 struct CtlRing {
@@ -235,10 +144,11 @@ impl<P: Platform> Gpu<P> {
         platform.write32(regs::RESET, regs::RESET_VALUE);
 
         let alloc = |bytes: u64| platform.dma_alloc(pages(bytes)).ok_or(GpuError::NoMemory);
-        let sb = alloc(status_block::SIZE)?;
-        let fault_buf = alloc(u64::from(cfg.fault_entries) * 32);
-        let ctx_table = alloc(u64::from(NUM_CONTEXTS) * 16);
-        let ctl = alloc(u64::from(cfg.ctl_entries) * 32);
+        let bytes = |entries: u32, size: usize| u64::from(entries) * size as u64;
+        let sb = alloc(StatusBlock::SIZE as u64)?;
+        let fault_buf = alloc(bytes(cfg.fault_entries, FaultEntry::SIZE));
+        let ctx_table = alloc(bytes(NUM_CONTEXTS, ContextEntry::SIZE));
+        let ctl = alloc(bytes(cfg.ctl_entries, CtlEntry::SIZE));
         let (fault_buf, ctx_table, ctl) = match (fault_buf, ctx_table, ctl) {
             (Ok(f), Ok(c), Ok(r)) => (f, c, r),
             (f, c, r) => {
@@ -250,7 +160,7 @@ impl<P: Platform> Gpu<P> {
         };
         let w64 = |lo: u64, v: u64| {
             platform.write32(lo, v as u32);
-            platform.write32(lo + 4, (v >> 32) as u32);
+            platform.write32(regs::upper_half(lo), (v >> 32) as u32);
         };
         w64(regs::STATUS_BLOCK_LO, sb.phys());
         w64(regs::FAULT_BUF_LO, fault_buf.phys());
@@ -325,7 +235,7 @@ impl<P: Platform> Gpu<P> {
     /// (slow: two register reads; diagnostics only).
     pub fn device_counter(&self, index: u32) -> u64 {
         let lo = self.platform.read32(regs::counter(index));
-        let hi = self.platform.read32(regs::counter(index) + 4);
+        let hi = self.platform.read32(regs::upper_half(regs::counter(index)));
         u64::from(lo) | (u64::from(hi) << 32)
     }
 
@@ -411,25 +321,21 @@ impl<P: Platform> Gpu<P> {
         let st = &mut *st;
         st.raw.clear();
         for i in 0..n {
-            let slot = (st.get.wrapping_add(i) % self.cfg.fault_entries) as usize * 32;
-            let va = self.fault_buf.read_u64(slot);
-            let word = self.fault_buf.read_u64(slot + 16);
-            let context = word as u32;
-            let access = Access::from_u8((word >> 32) as u8).unwrap_or(Access::Atomic);
+            let slot = (st.get.wrapping_add(i) % self.cfg.fault_entries) as usize;
+            let e = FaultEntry::from_le_bytes(&self.fault_buf.read_array(slot * FaultEntry::SIZE));
             st.raw.push(Fault {
-                context,
-                va: va & !(PAGE_SIZE - 1),
-                access,
+                context: e.context,
+                va: e.va & !(PAGE_SIZE - 1),
+                // Anything outside the ABI is served as the strongest access.
+                access: Access::from_u8(e.access).unwrap_or(Access::Atomic),
             });
         }
         st.get = st.get.wrapping_add(n);
         self.sb_store(status_block::FAULT_GET, st.get);
         if overflow {
             // The device writes the entries it held back once told.
-            self.platform.write32(
-                faultline_abi::doorbell::offset(faultline_abi::doorbell::FAULT_GET),
-                1,
-            );
+            self.platform
+                .write32(doorbell::offset(doorbell::FAULT_GET), 1);
         }
         DriverCounters::add(&self.counters.faults_read, u64::from(n));
         DriverCounters::add(&self.counters.batches, 1);
@@ -467,7 +373,7 @@ impl<P: Platform> Gpu<P> {
             DriverCounters::add(&self.counters.cancels, cancels.len() as u64);
             let mut last = None;
             for (ctx, va) in cancels {
-                match self.ctl_submit(ctl_op::CANCEL_RANGE, ctx, va, 0) {
+                match self.ctl_submit(CtlOp::CancelRange, ctx, va, 0) {
                     Ok(seq) => last = Some(seq),
                     Err(e) => log::warn!("gpu: cancel of {va:#x} not submitted: {e}"),
                 }
@@ -479,10 +385,7 @@ impl<P: Platform> Gpu<P> {
                 }
             }
         }
-        self.platform.write32(
-            faultline_abi::doorbell::offset(faultline_abi::doorbell::REPLAY),
-            1,
-        );
+        self.platform.write32(doorbell::offset(doorbell::REPLAY), 1);
         DriverCounters::add(&self.counters.replays, 1);
         true
     }
@@ -492,7 +395,13 @@ impl<P: Platform> Gpu<P> {
     /// Queues a control entry and rings DB_CONTROL; returns its sequence
     /// number for [`Gpu::ctl_wait`]. Waits (without servicing faults) while
     /// the ring is full.
-    pub fn ctl_submit(&self, op: u32, context: u32, start: u64, len: u64) -> Result<u32, GpuError> {
+    pub fn ctl_submit(
+        &self,
+        op: CtlOp,
+        context: u32,
+        start: u64,
+        len: u64,
+    ) -> Result<u32, GpuError> {
         let deadline = self.deadline();
         loop {
             {
@@ -500,19 +409,20 @@ impl<P: Platform> Gpu<P> {
                 let cons = self.sb_load(status_block::CTL_CONS);
                 if c.prod.wrapping_sub(cons) < self.cfg.ctl_entries {
                     let seq = c.prod;
-                    let off = (seq % self.cfg.ctl_entries) as usize * 32;
-                    c.ring.write_u32(off, op);
-                    c.ring.write_u32(off + 4, CtlStatus::Pending as u32);
-                    c.ring.write_u32(off + 8, context);
-                    c.ring.write_u32(off + 12, CtlFlags::NOTIFY.bits());
-                    c.ring.write_u64(off + 16, start);
-                    c.ring.write_u64(off + 24, len);
+                    let entry = CtlEntry {
+                        op: op.into(),
+                        status: CtlStatus::Pending.into(),
+                        context,
+                        flags: CtlFlags::NOTIFY.bits(),
+                        start,
+                        len,
+                    };
+                    c.ring
+                        .write_array(self.ctl_offset(seq), &entry.to_le_bytes());
                     c.prod = seq.wrapping_add(1);
                     self.sb_store(status_block::CTL_PROD, c.prod);
-                    self.platform.write32(
-                        faultline_abi::doorbell::offset(faultline_abi::doorbell::CONTROL),
-                        1,
-                    );
+                    self.platform
+                        .write32(doorbell::offset(doorbell::CONTROL), 1);
                     return Ok(seq);
                 }
             }
@@ -529,8 +439,8 @@ impl<P: Platform> Gpu<P> {
         loop {
             let cons = self.sb_load(status_block::CTL_CONS);
             if cons.wrapping_sub(seq.wrapping_add(1)) as i32 >= 0 {
-                let off = (seq % self.cfg.ctl_entries) as usize * 32;
-                let status = self.ctl.lock().ring.read_u32(off + 4);
+                let status_at = self.ctl_offset(seq) + CtlEntry::STATUS_OFFSET;
+                let status = self.ctl.lock().ring.read_u32(status_at);
                 return if status == CtlStatus::Ok as u32 {
                     Ok(())
                 } else {
@@ -539,8 +449,8 @@ impl<P: Platform> Gpu<P> {
             }
             self.poll(false);
             if let Some((code, info, _)) = self.last_error() {
-                if code == faultline_abi::DeviceError::BadControlRing as u32
-                    || code == faultline_abi::DeviceError::MemoryError as u32
+                if code == DeviceError::BadControlRing as u32
+                    || code == DeviceError::MemoryError as u32
                 {
                     return Err(GpuError::Device { code, info });
                 }
@@ -549,8 +459,13 @@ impl<P: Platform> Gpu<P> {
         }
     }
 
+    /// Byte offset of control entry `seq` in the ring.
+    fn ctl_offset(&self, seq: u32) -> usize {
+        (seq % self.cfg.ctl_entries) as usize * CtlEntry::SIZE
+    }
+
     /// Submits one control entry and waits for its acknowledgement.
-    pub fn control(&self, op: u32, context: u32, start: u64, len: u64) -> Result<(), GpuError> {
+    pub fn control(&self, op: CtlOp, context: u32, start: u64, len: u64) -> Result<(), GpuError> {
         let seq = self.ctl_submit(op, context, start, len)?;
         self.ctl_wait(seq)
     }
@@ -563,7 +478,7 @@ impl<P: Platform> Gpu<P> {
         if len == 0 {
             return Ok(());
         }
-        self.control(ctl_op::INVALIDATE_RANGE, context, start, len)?;
+        self.control(CtlOp::InvalidateRange, context, start, len)?;
         self.note_tlb_ack();
         Ok(())
     }
@@ -571,7 +486,7 @@ impl<P: Platform> Gpu<P> {
     /// Drops every TLB entry of `context` (needed after changing its
     /// context-table entry) and waits for the acknowledgement.
     pub fn invalidate_context(&self, context: u32) -> Result<(), GpuError> {
-        self.control(ctl_op::INVALIDATE_CONTEXT, context, 0, 0)?;
+        self.control(CtlOp::InvalidateContext, context, 0, 0)?;
         self.note_tlb_ack();
         Ok(())
     }
@@ -602,11 +517,16 @@ impl<P: Platform> Gpu<P> {
                 Err(u) => used = u,
             }
         };
-        let off = idx as usize * 16;
-        self.ctx_table.write_u64(off, root);
-        fence(Ordering::Release);
+        // The device loads root and flags as two words (`ContextEntry`):
+        // the root is visible before VALID.
+        let entry = idx as usize * ContextEntry::SIZE;
         self.ctx_table
-            .write_u32(off + 8, ContextFlags::VALID.bits());
+            .write_u64(entry + ContextEntry::ROOT_OFFSET, root);
+        fence(Ordering::Release);
+        self.ctx_table.write_u32(
+            entry + ContextEntry::FLAGS_OFFSET,
+            ContextFlags::VALID.bits(),
+        );
         // The device may have cached a walk of a previous user of the slot.
         if let Err(e) = self.invalidate_context(idx) {
             self.free_context(idx);
@@ -618,10 +538,12 @@ impl<P: Platform> Gpu<P> {
     /// Marks the slot invalid, fails its stalled work, drops its TLB.
     pub(crate) fn free_context(&self, idx: u32) {
         self.contexts.lock()[idx as usize] = None;
-        let off = idx as usize * 16;
-        self.ctx_table.write_u32(off + 8, 0);
-        self.ctx_table.write_u64(off, 0);
-        for op in [ctl_op::CANCEL_CONTEXT, ctl_op::INVALIDATE_CONTEXT] {
+        let entry = idx as usize * ContextEntry::SIZE;
+        self.ctx_table
+            .write_u32(entry + ContextEntry::FLAGS_OFFSET, 0);
+        self.ctx_table
+            .write_u64(entry + ContextEntry::ROOT_OFFSET, 0);
+        for op in [CtlOp::CancelContext, CtlOp::InvalidateContext] {
             if let Err(e) = self.control(op, idx, 0, 0) {
                 log::warn!("gpu: teardown of context {idx}: {e}");
             }

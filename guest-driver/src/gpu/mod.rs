@@ -88,6 +88,7 @@
 
 mod channel;
 mod context;
+mod counters;
 mod device;
 mod error;
 mod pagetable;
@@ -97,7 +98,8 @@ mod svm;
 
 pub use channel::{Channel, Ticket};
 pub use context::Context;
-pub use device::{CounterSnapshot, DriverCounters, Fault, FaultHandler, Gpu, GpuConfig};
+pub use counters::{CounterSnapshot, DriverCounters};
+pub use device::{Fault, FaultHandler, Gpu, GpuConfig};
 pub use error::GpuError;
 pub use faultline_abi::Command;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};

@@ -138,6 +138,55 @@ impl DmaRegion {
         unsafe { self.ptr::<u64>(offset).write_volatile(value) }
     }
 
+    /// Volatile copy of the `N` bytes of a device structure at `offset`
+    /// (`faultline_abi`'s `from_le_bytes` decodes it), in the widest
+    /// naturally aligned words `offset` and `N` allow.
+    pub fn read_array<const N: usize>(&self, offset: usize) -> [u8; N] {
+        let mut out = [0u8; N];
+        match (offset | N) % 8 {
+            0 => {
+                for (i, c) in out.chunks_exact_mut(8).enumerate() {
+                    c.copy_from_slice(&self.read_u64(offset + 8 * i).to_ne_bytes());
+                }
+            }
+            4 => {
+                for (i, c) in out.chunks_exact_mut(4).enumerate() {
+                    c.copy_from_slice(&self.read_u32(offset + 4 * i).to_ne_bytes());
+                }
+            }
+            _ => self.read_bytes(offset, &mut out),
+        }
+        out
+    }
+
+    /// Volatile store of a device structure's encoding (`to_le_bytes`) at
+    /// `offset`, in words as [`DmaRegion::read_array`].
+    pub fn write_array<const N: usize>(&self, offset: usize, bytes: &[u8; N]) {
+        match (offset | N) % 8 {
+            0 => {
+                for (i, c) in bytes.chunks_exact(8).enumerate() {
+                    let w = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+                    self.write_u64(offset + 8 * i, w);
+                }
+            }
+            4 => {
+                for (i, c) in bytes.chunks_exact(4).enumerate() {
+                    let w = u32::from_ne_bytes(c.try_into().unwrap_or([0; 4]));
+                    self.write_u32(offset + 4 * i, w);
+                }
+            }
+            _ => self.write_bytes(offset, bytes),
+        }
+    }
+
+    /// Volatile stores of consecutive 64-bit words from `offset` (a
+    /// command's `encode()`).
+    pub fn write_words(&self, offset: usize, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            self.write_u64(offset + 8 * i, *w);
+        }
+    }
+
     /// Copies `len(out)` bytes at `offset` into `out` with volatile reads.
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
         assert!(offset + out.len() <= self.len, "DMA read out of bounds");

@@ -31,7 +31,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
 
-use super::device::{DriverCounters, Fault, FaultHandler};
+use super::counters::DriverCounters;
+use super::device::{Fault, FaultHandler};
 use super::pagetable::{Leaf, PageSize};
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
@@ -277,7 +278,7 @@ impl<P: Platform, M: Mm> Shared<P, M> {
         }
         if let Err(e) = self
             .gpu()
-            .control(faultline_abi::ctl_op::CANCEL_CONTEXT, idx, 0, 0)
+            .control(faultline_abi::CtlOp::CancelContext, idx, 0, 0)
         {
             log::warn!("svm: cancel on release of context {idx}: {e}");
         }

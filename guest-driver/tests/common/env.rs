@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
 use faultline_driver::gpu::{Gpu, GpuConfig};
@@ -32,12 +33,7 @@ pub struct LoopFrames {
 
 impl LoopFrames {
     fn new(lb: Arc<Loopback>) -> Self {
-        let zero = lb
-            .frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .alloc(1, 1)
-            .expect("zero page");
+        let zero = lock(&lb.frames).alloc(1, 1).expect("zero page");
         lb.write_phys(zero, &[0; PAGE as usize]);
         LoopFrames {
             lb,
@@ -47,18 +43,13 @@ impl LoopFrames {
     }
 
     fn tracking(&self) -> std::sync::MutexGuard<'_, Tracking> {
-        self.track.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.track)
     }
 }
 
 impl FrameSource for LoopFrames {
     fn alloc(&self, count: u64) -> Option<u64> {
-        let pa = self
-            .lb
-            .frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .alloc(count, count)?;
+        let pa = lock(&self.lb.frames).alloc(count, count)?;
         self.lb.write_phys(pa, &vec![0u8; (count * PAGE) as usize]);
         Some(pa / PAGE)
     }
@@ -74,11 +65,7 @@ impl FrameSource for LoopFrames {
             return;
         }
         drop(t);
-        self.lb
-            .frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .free(pa, 1);
+        lock(&self.lb.frames).free(pa, 1);
     }
 
     fn zero_pfn(&self) -> u64 {
@@ -220,7 +207,7 @@ impl SvmEnv for LoopEnv {
             t.recorded.clear();
             std::mem::take(&mut t.held)
         };
-        let mut a = self.lb.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = lock(&self.lb.frames);
         for pa in held {
             a.free(pa, 1);
         }

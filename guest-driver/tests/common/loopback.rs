@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use faultline_device::sync::lock;
 use faultline_device::{Device, InterruptSink, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -28,7 +29,7 @@ pub struct Irq {
 
 impl InterruptSink for Irq {
     fn trigger(&self, vector: u32) {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock(&self.lock);
         self.pending.fetch_or(1 << vector, Ordering::AcqRel);
         self.raised.fetch_add(1, Ordering::Relaxed);
         self.cv.notify_all();
@@ -115,7 +116,8 @@ impl Loopback {
         dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
         dev.config_write(0x42, &(1u16 | (2 << 4)).to_le_bytes());
         let dev = Arc::new(Mutex::new(dev));
-        let worker = Worker::spawn(dev.clone()).unwrap_or_else(|e| panic!("worker: {e}"));
+        let worker =
+            Worker::spawn(dev.clone(), Vec::new()).unwrap_or_else(|e| panic!("worker: {e}"));
         Arc::new(Loopback {
             dev,
             mem,
@@ -127,7 +129,7 @@ impl Loopback {
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, Device<GuestMemoryMmap>> {
-        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.dev)
     }
 
     /// Host pointer of guest-physical `pa`.
@@ -150,15 +152,12 @@ impl Loopback {
     }
 
     pub fn frames_in_use(&self) -> u64 {
-        self.frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .in_use()
+        lock(&self.frames).in_use()
     }
 
     /// Stops the worker (the device stays; no more processing).
     pub fn stop(&self) {
-        if let Some(w) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(w) = lock(&self.worker).take() {
             w.shutdown();
         }
     }
@@ -186,11 +185,7 @@ impl Platform for Loopback {
         // Natural alignment up to 2 MiB so large identity maps can use
         // large leaves.
         let align = pages.next_power_of_two().min(512);
-        let pa = self
-            .frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .alloc(pages, align)?;
+        let pa = lock(&self.frames).alloc(pages, align)?;
         let len = (pages * PAGE) as usize;
         self.mem
             .write_slice(&vec![0u8; len], GuestAddress(pa))
@@ -204,10 +199,7 @@ impl Platform for Loopback {
     }
 
     fn dma_free(&self, region: DmaRegion) {
-        self.frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .free(region.phys(), region.len() as u64 / PAGE);
+        lock(&self.frames).free(region.phys(), region.len() as u64 / PAGE);
     }
 
     fn take_interrupts(&self) -> u32 {
@@ -215,15 +207,14 @@ impl Platform for Loopback {
     }
 
     fn wait_interrupt(&self, timeout_ns: u64) {
-        let g = self.irq.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let g = lock(&self.irq.lock);
         if self.irq.pending.load(Ordering::Acquire) != 0 {
             return;
         }
         let _ = self
             .irq
             .cv
-            .wait_timeout(g, Duration::from_nanos(timeout_ns))
-            .unwrap_or_else(|e| e.into_inner());
+            .wait_timeout(g, Duration::from_nanos(timeout_ns));
     }
 
     fn now_ns(&self) -> u64 {

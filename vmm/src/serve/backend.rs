@@ -11,6 +11,7 @@ use std::io::{Error, ErrorKind, Write};
 use std::sync::{Arc, Mutex};
 
 use faultline_abi::pci::{BAR0_SIZE, CONFIG_SPACE_SIZE, MSI_VECTORS};
+use faultline_device::sync::lock;
 use faultline_device::{Device, InterruptSink};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_MASK,
@@ -25,8 +26,6 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
-
-use crate::gpu::lock;
 
 pub type ServedGpu = Device<GuestMemoryMmap>;
 

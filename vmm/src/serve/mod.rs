@@ -5,7 +5,8 @@
 //! (`wire`), the `vfio_user` crate's server runs the accepted ones against
 //! the device (`backend`) on its own thread over a private socket pair, a
 //! pump copies its replies back, and the device crate's `Worker` runs the
-//! device. One client per server process: the socket path is removed once
+//! device (as under `faultline run`, minus the doorbell eventfds: every
+//! doorbell arrives as a REGION_WRITE, and `mmio_write` wakes the worker). One client per server process: the socket path is removed once
 //! a client connected, and the server exits when that client goes away.
 
 mod backend;
@@ -20,11 +21,11 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use faultline_device::sync::lock;
 use faultline_device::{Device, Worker};
 use vm_memory::GuestMemoryMmap;
 
 use crate::error::{Error, Result};
-use crate::gpu::lock;
 use backend::{Backend, MsiEventfds};
 use wire::{Verdict, WireError};
 
@@ -80,7 +81,7 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
     let (client, _) = accepted.map_err(|e| serve_err(format!("accepting a client: {e}")))?;
     log::info!("vfio-user client connected");
 
-    let worker = Worker::spawn(device.clone())
+    let worker = Worker::spawn(device.clone(), Vec::new())
         .map_err(|e| serve_err(format!("starting the GPU worker: {e}")))?;
     let backend = Backend::new(device.clone(), irq);
     let (private, addr) = private_listener()?;

@@ -11,9 +11,9 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
+use faultline_abi::le;
+use faultline_device::sync::lock;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-
-use crate::gpu::lock;
 
 pub const HEADER: usize = 16;
 /// What the crate advertises as `max_data_xfer_size` (1 MiB) plus the
@@ -85,14 +85,16 @@ pub struct Message {
     pub fds: Vec<File>,
 }
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
+// Fields of messages whose length the framing or `check` established
+// first; a field past the end would read as 0, never panic.
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    le::u16_at(b, at).unwrap_or(0)
 }
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    le::u32_at(b, at).unwrap_or(0)
 }
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from(u32_at(b, o)) | u64::from(u32_at(b, o + 4)) << 32
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    le::u64_at(b, at).unwrap_or(0)
 }
 
 fn read_rest(s: &mut UnixStream, buf: &mut [u8], what: u16) -> Result<(), WireError> {

@@ -1,0 +1,141 @@
+//! Device page tables and the context table (docs/gpu-abi.md "Context table
+//! and device page tables").
+
+use bitflags::bitflags;
+
+use crate::le::le_struct;
+
+/// Size of a GPU page and of the smallest translation.
+pub const PAGE_SHIFT: u32 = 12;
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// GPU virtual addresses are 48 bits; any higher bit set is a bad address
+/// (not a fault).
+pub const VA_BITS: u32 = 48;
+pub const VA_LIMIT: u64 = 1 << VA_BITS;
+/// Page-table levels: level 4 is the root, level 1 holds 4 KiB leaves.
+pub const PT_LEVELS: u32 = 4;
+pub const PT_ENTRIES: u64 = 512;
+/// Leaf sizes: 4 KiB at level 1, 2 MiB at level 2, 1 GiB at level 3.
+pub const LEAF_4K: u64 = 1 << 12;
+pub const LEAF_2M: u64 = 1 << 21;
+pub const LEAF_1G: u64 = 1 << 30;
+
+/// Mask of the physical address in a PTE or context root.
+pub const PTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+/// PTE bits that must be zero (3..=6).
+pub const PTE_RESERVED_MASK: u64 = 0x78;
+
+/// Shift of the level-`level` index within a VA (level 1..=4).
+pub const fn level_shift(level: u32) -> u32 {
+    PAGE_SHIFT + 9 * (level - 1)
+}
+
+/// Index of `va` in a level-`level` table (level 1..=4).
+pub const fn pt_index(va: u64, level: u32) -> usize {
+    ((va >> level_shift(level)) & (PT_ENTRIES - 1)) as usize
+}
+
+bitflags! {
+    /// Device page-table entry bits. Bits 51:12 hold the guest-physical
+    /// address of the next table or of the leaf page.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Pte: u64 {
+        const VALID = 1 << 0;
+        /// Leaf only: writes allowed.
+        const WRITE = 1 << 1;
+        /// Leaf only: atomics allowed (also need WRITE).
+        const ATOMIC = 1 << 2;
+        /// Levels 2 and 3: this entry is a 2 MiB / 1 GiB leaf. Level 1
+        /// entries are always leaves; LEAF at level 4 is a BAD_PTE.
+        const LEAF = 1 << 7;
+    }
+
+    /// `ContextEntry::flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct ContextFlags: u32 {
+        const VALID = 1 << 0;
+    }
+}
+
+impl Pte {
+    /// A non-leaf entry pointing at the next-level table at `gpa`.
+    pub const fn table(gpa: u64) -> Pte {
+        Pte::from_bits_retain((gpa & PTE_ADDR_MASK) | Pte::VALID.bits())
+    }
+    /// A leaf at `level` (1: 4 KiB, 2: 2 MiB, 3: 1 GiB) mapping `gpa` with
+    /// `perms` (WRITE / ATOMIC); VALID and, above level 1, LEAF are added.
+    pub const fn leaf(gpa: u64, level: u32, perms: Pte) -> Pte {
+        let leaf = if level > 1 { Pte::LEAF.bits() } else { 0 };
+        Pte::from_bits_retain((gpa & PTE_ADDR_MASK) | perms.bits() | Pte::VALID.bits() | leaf)
+    }
+    /// The table or frame address.
+    pub const fn addr(self) -> u64 {
+        self.bits() & PTE_ADDR_MASK
+    }
+}
+
+/// One entry of the context table (guest memory, `NUM_CONTEXTS` entries of
+/// `ContextEntry::SIZE` bytes, 4 KiB aligned table).
+///
+/// The device loads `root` and `flags` as two aligned atomic words, at
+/// [`ContextEntry::ROOT_OFFSET`] and [`ContextEntry::FLAGS_OFFSET`]; a
+/// driver that publishes a new entry stores `root` before setting VALID.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContextEntry {
+    /// Guest-physical address of the level-4 table (4 KiB aligned).
+    pub root: u64,
+    /// `ContextFlags`.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<ContextEntry>() == 16);
+le_struct!(ContextEntry {
+    root: u64,
+    flags: u32
+});
+
+impl ContextEntry {
+    pub const ROOT_OFFSET: usize = core::mem::offset_of!(ContextEntry, root);
+    pub const FLAGS_OFFSET: usize = core::mem::offset_of!(ContextEntry, flags);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pte_helpers() {
+        let t = Pte::table(0x1234_5000);
+        assert_eq!(t.bits(), 0x1234_5001);
+        let l = Pte::leaf(0x4020_0000, 2, Pte::WRITE);
+        assert!(l.contains(Pte::VALID | Pte::WRITE | Pte::LEAF));
+        assert_eq!(l.addr(), 0x4020_0000);
+        assert!(!Pte::leaf(0x1000, 1, Pte::empty()).contains(Pte::LEAF));
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 4), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 3), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 2), 0x100);
+        assert_eq!(pt_index(0x0000_8040_2010_3000, 1), 0x103);
+        assert_eq!(level_shift(4), 39);
+    }
+
+    /// docs/gpu-abi.md: `ContextEntry { root: u64, flags: u32, _: u32 }`.
+    #[test]
+    fn context_entry_round_trip_matches_the_documented_layout() {
+        let e = ContextEntry {
+            root: 0x0123_4567_89ab_c000,
+            flags: ContextFlags::VALID.bits(),
+            _reserved: 0,
+        };
+        let mut want = [0u8; 16];
+        want[0..8].copy_from_slice(&e.root.to_le_bytes());
+        want[8..12].copy_from_slice(&e.flags.to_le_bytes());
+        assert_eq!(ContextEntry::SIZE, 16);
+        assert_eq!(
+            (ContextEntry::ROOT_OFFSET, ContextEntry::FLAGS_OFFSET),
+            (0, 8)
+        );
+        assert_eq!(e.to_le_bytes(), want);
+        assert_eq!(ContextEntry::from_le_bytes(&want), e);
+    }
+}

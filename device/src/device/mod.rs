@@ -1,0 +1,406 @@
+//! The device: its state, lifecycle (reset, enable, disable), interrupts,
+//! the status block and the `process()` step that runs everything. Each
+//! concern the step drives lives in a child module as an `impl Device`
+//! block over the state it owns:
+//!
+//! * `regs`: BAR0 reads and writes (the register file, staged setup);
+//! * `control`: the control ring (TLB invalidation, CANCEL);
+//! * `faults`: the fault unit (recording, the fault buffer, GET updates,
+//!   REPLAY, cancellation of stalled work);
+//! * `channels`: the virtqueues, the command in flight on each, completion.
+
+mod channels;
+mod control;
+mod faults;
+mod regs;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use faultline_abi::{
+    doorbell, status_block, vector, ContextEntry, CtlEntry, DeviceError, FaultEntry, IntCause,
+    StatusBlock, MAX_CTL_ENTRIES, NUM_CONTEXTS, PAGE_SIZE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::config::{Config, ConfigError};
+use crate::counters::Counters;
+use crate::engine::FaultRec;
+use crate::mmu::Mmu;
+use crate::pci::{ConfigSpace, MsiState};
+use channels::{Channel, Progress};
+use control::ControlRing;
+use faults::FaultUnit;
+use regs::Setup;
+
+/// Implemented by the host: deliver an MSI vector (irqfd, eventfd, ...).
+pub trait InterruptSink: Send + Sync {
+    /// Send `vector` (already folded into the enabled vector count and
+    /// checked against the mask; look up the message with
+    /// `MsiState::message`).
+    fn trigger(&self, vector: u32);
+    /// The guest reprogrammed the MSI capability.
+    fn msi_changed(&self, _msi: &MsiState) {}
+}
+
+/// Pending doorbells, shareable with the thread that receives ioeventfd
+/// wakes so ringing never needs the device lock.
+#[derive(Debug, Default)]
+pub struct Doorbells {
+    pending: AtomicU64,
+}
+
+impl Doorbells {
+    /// Ring doorbell `index` (`faultline_abi::doorbell`); unknown indices
+    /// are ignored.
+    pub fn ring(&self, index: u32) {
+        if index < doorbell::COUNT {
+            self.pending.fetch_or(1 << index, Ordering::AcqRel);
+        }
+    }
+    fn take(&self) -> u64 {
+        self.pending.swap(0, Ordering::AcqRel)
+    }
+    pub fn any(&self) -> bool {
+        self.pending.load(Ordering::Acquire) != 0
+    }
+}
+
+/// BAR0 offsets of every doorbell, as (doorbell index, offset). Each wants
+/// one 4-byte ioeventfd without datamatch.
+pub fn doorbell_offsets() -> Vec<(u32, u64)> {
+    (0..doorbell::COUNT)
+        .map(|i| (i, doorbell::offset(i)))
+        .collect()
+}
+
+/// The emulated GPU, generic over the guest memory it performs DMA on
+/// (`GuestMemoryMmap` in-process, mmapped fd regions in a vfio-user server).
+pub struct Device<M: GuestMemoryBackend> {
+    mem: M,
+    irq: Arc<dyn InterruptSink>,
+    sizing: Config,
+    config: ConfigSpace,
+    doorbells: Arc<Doorbells>,
+    waker: Option<Arc<dyn Fn() + Send + Sync>>,
+    enabled: bool,
+    error_code: u32,
+    error_info: u32,
+    int_status: IntCause,
+    int_enable: IntCause,
+    /// The setup registers as the guest last wrote them (writable only
+    /// while disabled).
+    staged: Setup,
+    /// The setup ENABLE validated, which the device uses until disabled.
+    active: Setup,
+    mmu: Mmu,
+    counters: Counters,
+    faults: FaultUnit,
+    control: ControlRing,
+    channels: Vec<Channel>,
+    epoch: Instant,
+    ts_hi_latch: u32,
+    /// Faults the engines hit during this step, recorded at its end.
+    queued_faults: Vec<FaultRec>,
+    launch_step_limit: u64,
+}
+
+impl<M: GuestMemoryBackend> Device<M> {
+    /// A device with the default sizing (`Config::default()`).
+    pub fn new(mem: M, irq: Arc<dyn InterruptSink>) -> Self {
+        Self::build(mem, irq, Config::default())
+    }
+
+    /// A device sized by `sizing` (fault buffer limit, TLB, channels).
+    pub fn with_config(
+        mem: M,
+        irq: Arc<dyn InterruptSink>,
+        sizing: Config,
+    ) -> Result<Self, ConfigError> {
+        sizing.validate()?;
+        Ok(Self::build(mem, irq, sizing))
+    }
+
+    fn build(mem: M, irq: Arc<dyn InterruptSink>, sizing: Config) -> Self {
+        Self {
+            mem,
+            irq,
+            sizing,
+            config: ConfigSpace::new(),
+            doorbells: Arc::new(Doorbells::default()),
+            waker: None,
+            enabled: false,
+            error_code: 0,
+            error_info: 0,
+            int_status: IntCause::empty(),
+            int_enable: IntCause::all(),
+            staged: Setup::default(),
+            active: Setup::default(),
+            mmu: Mmu::with_tlb_capacity(sizing.tlb_entries as usize),
+            counters: Counters::default(),
+            faults: FaultUnit::default(),
+            control: ControlRing::default(),
+            channels: (0..sizing.channels).map(|_| Channel::default()).collect(),
+            epoch: Instant::now(),
+            ts_hi_latch: 0,
+            queued_faults: Vec::new(),
+            launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
+        }
+    }
+
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Replace the memory the device performs DMA on (a vfio-user client
+    /// maps and unmaps regions while the device lives). Translations cached
+    /// in the TLBs are GPAs, not host pointers, so they stay valid; an
+    /// access to a GPA no longer mapped fails like any access outside RAM.
+    pub fn set_memory(&mut self, mem: M) -> M {
+        std::mem::replace(&mut self.mem, mem)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.sizing
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn doorbells(&self) -> Arc<Doorbells> {
+        self.doorbells.clone()
+    }
+
+    /// Called after every BAR0 write through [`Self::mmio_write`], so a
+    /// worker can wake: a doorbell, but also ENABLE or CH_ENABLE, can make
+    /// work runnable. Setup writes are rare and each one already cost its
+    /// host an exit or a socket message, so a spare wake-up is free.
+    pub fn set_waker(&mut self, waker: Arc<dyn Fn() + Send + Sync>) {
+        self.waker = Some(waker);
+    }
+
+    pub fn msi_state(&self) -> MsiState {
+        self.config.msi()
+    }
+
+    /// BAR0 base while the guest has memory decoding enabled.
+    pub fn bar0_address(&self) -> Option<u64> {
+        self.config.bar0()
+    }
+
+    pub fn config_read(&self, offset: u64, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    pub fn config_write(&mut self, offset: u64, data: &[u8]) {
+        let effect = self.config.write(offset, data);
+        if effect.msi_changed {
+            self.irq.msi_changed(&self.config.msi());
+            let ready = self.config.take_deliverable();
+            for v in 0..32 {
+                if ready & (1 << v) != 0 {
+                    self.irq.trigger(v);
+                }
+            }
+        }
+    }
+
+    /// What an ioeventfd wake calls: record the doorbell; `process()` acts.
+    pub fn doorbell(&self, index: u32) {
+        self.doorbells.ring(index);
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn raise(&mut self, cause: IntCause) {
+        self.int_status |= cause;
+        if !self.int_enable.intersects(cause) {
+            return;
+        }
+        let vec = if cause.contains(IntCause::FAULT) {
+            vector::FAULT
+        } else if cause.contains(IntCause::CHANNEL) {
+            vector::CHANNEL
+        } else if cause.contains(IntCause::ERROR) {
+            vector::ERROR
+        } else {
+            vector::CONTROL
+        };
+        if let Some(v) = self.config.raise(vec) {
+            self.irq.trigger(v);
+        }
+    }
+
+    fn device_error(&mut self, code: DeviceError, info: u32) {
+        log::warn!("faultline device error {code:?} info {info}");
+        self.error_code = code as u32;
+        self.error_info = info;
+        if self.enabled {
+            // Best effort: the status block itself may be the problem.
+            let _ = self.sb_store_raw(status_block::ERROR_CODE, code as u32);
+        }
+        self.raise(IntCause::ERROR);
+    }
+
+    // ---------------------------------------------------------- status block
+
+    fn sb_store_raw(&self, field: u64, v: u32) -> Result<(), ()> {
+        let addr = self.active.status_block + field;
+        self.mem
+            .store(v.to_le(), GuestAddress(addr), Ordering::Release)
+            .map_err(|_| ())
+    }
+
+    /// Store status-block `field` (a `status_block` offset), release order.
+    fn sb_store(&mut self, field: u64, v: u32) {
+        if self.sb_store_raw(field, v).is_err() {
+            self.device_error(DeviceError::MemoryError, field as u32);
+        }
+    }
+
+    /// Load status-block `field` (a `status_block` offset), acquire order.
+    fn sb_load(&mut self, field: u64) -> Option<u32> {
+        let addr = self.active.status_block + field;
+        match self.mem.load::<u32>(GuestAddress(addr), Ordering::Acquire) {
+            Ok(v) => Some(u32::from_le(v)),
+            Err(_) => {
+                self.device_error(DeviceError::MemoryError, field as u32);
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- lifecycle
+
+    /// Power-on state, except config space (MSI routing belongs to the
+    /// host's view of the function) and the interrupt sink.
+    pub fn reset(&mut self) {
+        self.disable();
+        self.staged = Setup::default();
+        self.active = Setup::default();
+        self.error_code = 0;
+        self.error_info = 0;
+        self.int_status = IntCause::empty();
+        self.int_enable = IntCause::all();
+        self.counters = Counters::default();
+        self.doorbells.take();
+        for c in &mut self.channels {
+            *c = Channel::default();
+        }
+    }
+
+    fn range_in_ram(&self, base: u64, len: u64) -> bool {
+        base.checked_add(len).is_some()
+            && usize::try_from(len).is_ok_and(|l| self.mem.check_range(GuestAddress(base), l))
+    }
+
+    fn enable(&mut self) {
+        if self.enabled {
+            return;
+        }
+        let r = self.staged;
+        let bytes = |entries: u32, size: usize| u64::from(entries) * size as u64;
+        let ok = r.status_block != 0
+            && r.status_block.is_multiple_of(status_block::ALIGN)
+            && self.range_in_ram(r.status_block, StatusBlock::SIZE as u64)
+            && r.fault_buf.is_multiple_of(PAGE_SIZE)
+            && r.fault_entries.is_power_of_two()
+            && (2..=self.sizing.max_fault_entries).contains(&r.fault_entries)
+            && self.range_in_ram(r.fault_buf, bytes(r.fault_entries, FaultEntry::SIZE))
+            && r.ctx_table.is_multiple_of(PAGE_SIZE)
+            && self.range_in_ram(r.ctx_table, bytes(NUM_CONTEXTS, ContextEntry::SIZE))
+            && r.ctl_ring.is_multiple_of(PAGE_SIZE)
+            && r.ctl_entries.is_power_of_two()
+            && (2..=MAX_CTL_ENTRIES).contains(&r.ctl_entries)
+            && self.range_in_ram(r.ctl_ring, bytes(r.ctl_entries, CtlEntry::SIZE));
+        if !ok {
+            self.device_error(DeviceError::BadSetup, 0);
+            return;
+        }
+        self.active = r;
+        self.enabled = true;
+        self.mmu.set_context_table(r.ctx_table);
+        self.faults = FaultUnit::default();
+        self.control = ControlRing::default();
+        for field in [
+            status_block::FAULT_PUT,
+            status_block::FAULT_FLAGS,
+            status_block::CTL_CONS,
+            status_block::ERROR_CODE,
+            status_block::REPLAY_SEQ,
+        ] {
+            self.sb_store(field, 0);
+        }
+    }
+
+    fn disable(&mut self) {
+        self.enabled = false;
+        for ch in 0..self.channels.len() {
+            self.channel_stop(ch);
+        }
+        self.mmu.invalidate_all();
+        self.faults = FaultUnit::default();
+    }
+
+    // --------------------------------------------------------------- process
+
+    /// Run pending work: doorbells, then a bounded slice of every channel.
+    /// Returns `true` if more work is ready (call again), `false` when idle
+    /// or waiting for the driver. Deterministic: no threads involved.
+    pub fn process(&mut self) -> bool {
+        let bells = self.doorbells.take();
+        if !self.enabled {
+            return false;
+        }
+        if bells & (1 << doorbell::CONTROL) != 0 {
+            self.process_control();
+        }
+        if bells & (1 << doorbell::FAULT_GET) != 0 {
+            self.fault_get_update();
+        }
+        if bells & (1 << doorbell::REPLAY) != 0 {
+            self.replay();
+        }
+        let mut busy = false;
+        for ch in 0..self.channels.len() {
+            // A few slices per channel per call keeps channels fair and
+            // bounds how long a host holds the device lock.
+            for _ in 0..4 {
+                match self.run_channel(ch) {
+                    Progress::Busy => busy = true,
+                    Progress::Idle => break,
+                }
+            }
+        }
+        // One batch, so one FAULT interrupt per step however many channels
+        // faulted.
+        self.record_faults();
+        busy || self.doorbells.any()
+    }
+
+    /// Process until idle (tests and simple hosts).
+    pub fn run_until_idle(&mut self) {
+        // Bounded so a kernel that loops forever still returns (it will fail
+        // with Timeout after MAX_LAUNCH_STEPS anyway).
+        for _ in 0..1_000_000 {
+            if !self.process() {
+                return;
+            }
+        }
+    }
+
+    /// Lower the LAUNCH step limit (tests; the ABI default is
+    /// `MAX_LAUNCH_STEPS`, and values above it are clamped).
+    pub fn set_launch_step_limit(&mut self, steps: u64) {
+        self.launch_step_limit = steps.min(faultline_abi::MAX_LAUNCH_STEPS);
+    }
+
+    /// Direct access for hosts and tests that bypass the control ring.
+    pub fn mmu_mut(&mut self) -> &mut Mmu {
+        &mut self.mmu
+    }
+}
