@@ -34,8 +34,18 @@ toolchain() {
   fi
 }
 
+# The device's test rigs (feature test-utils) are for tests, benchmarks and
+# the fuzzer only: the faultline binary must not pull them in.
+no_test_rigs_in_vmm() {
+  if cargo tree -q -p faultline -e features -i faultline-device | grep -q test-utils; then
+    say "the faultline binary enables faultline-device's test-utils"
+    return 1
+  fi
+}
+
 lint() {
-  cargo fmt --all -- --check &&
+  no_test_rigs_in_vmm &&
+    cargo fmt --all -- --check &&
     (cd firmware && cargo fmt -- --check) &&
     cargo clippy -q --workspace --all-targets -- -D warnings &&
     (cd firmware && cargo clippy -q --release -- -D warnings)

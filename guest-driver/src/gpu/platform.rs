@@ -145,13 +145,18 @@ impl DmaRegion {
         let mut out = [0u8; N];
         match (offset | N) % 8 {
             0 => {
+                let p = self.span::<u64>(offset, N);
                 for (i, c) in out.chunks_exact_mut(8).enumerate() {
-                    c.copy_from_slice(&self.read_u64(offset + 8 * i).to_ne_bytes());
+                    // SAFETY: `span` checked that all `N / 8` words are in
+                    // bounds and aligned; the memory is valid per `new`.
+                    c.copy_from_slice(&unsafe { p.add(i).read_volatile() }.to_ne_bytes());
                 }
             }
             4 => {
+                let p = self.span::<u32>(offset, N);
                 for (i, c) in out.chunks_exact_mut(4).enumerate() {
-                    c.copy_from_slice(&self.read_u32(offset + 4 * i).to_ne_bytes());
+                    // SAFETY: as above, for `N / 4` words.
+                    c.copy_from_slice(&unsafe { p.add(i).read_volatile() }.to_ne_bytes());
                 }
             }
             _ => self.read_bytes(offset, &mut out),
@@ -164,19 +169,37 @@ impl DmaRegion {
     pub fn write_array<const N: usize>(&self, offset: usize, bytes: &[u8; N]) {
         match (offset | N) % 8 {
             0 => {
+                let p = self.span::<u64>(offset, N);
                 for (i, c) in bytes.chunks_exact(8).enumerate() {
                     let w = u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
-                    self.write_u64(offset + 8 * i, w);
+                    // SAFETY: `span` checked bounds and alignment.
+                    unsafe { p.add(i).write_volatile(w) }
                 }
             }
             4 => {
+                let p = self.span::<u32>(offset, N);
                 for (i, c) in bytes.chunks_exact(4).enumerate() {
                     let w = u32::from_ne_bytes(c.try_into().unwrap_or([0; 4]));
-                    self.write_u32(offset + 4 * i, w);
+                    // SAFETY: `span` checked bounds and alignment.
+                    unsafe { p.add(i).write_volatile(w) }
                 }
             }
             _ => self.write_bytes(offset, bytes),
         }
+    }
+
+    /// The `T`-aligned start of `bytes` bytes at `offset`, all in bounds:
+    /// one check for a whole structure.
+    fn span<T>(&self, offset: usize, bytes: usize) -> *mut T {
+        assert!(
+            offset.is_multiple_of(core::mem::size_of::<T>())
+                && offset.checked_add(bytes).is_some_and(|end| end <= self.len),
+            "DMA access at {offset:#x} (+{bytes}) outside a {:#x}-byte region",
+            self.len
+        );
+        // SAFETY: in bounds by the assert; alignment follows from the page
+        // aligned base and the offset check.
+        unsafe { self.virt.as_ptr().add(offset).cast() }
     }
 
     /// Volatile stores of consecutive 64-bit words from `offset` (a
