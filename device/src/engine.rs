@@ -127,10 +127,6 @@ impl Job {
         }
     }
 
-    pub fn command(&self) -> &Command {
-        &self.command
-    }
-
     pub fn opcode(&self) -> Option<Opcode> {
         self.command.opcode()
     }
