@@ -1,11 +1,12 @@
 //! Walker and TLB tests.
 
 use faultline_abi::{
-    Access, Counter, CtlOp, FaultReason, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK,
+    Access, ContextEntry, Counter, CtlOp, FaultReason, Pte, Status, LEAF_1G, LEAF_2M, LEAF_4K,
+    PTE_ADDR_MASK,
 };
 use faultline_device::counters::Counters;
 use faultline_device::mmu::{Mmu, Translation, XlateError, TLB_CAPACITY};
-use faultline_device::testing::{cmd, Rig, CTX_TABLE, DATA};
+use faultline_device::testing::{cmd, context_entry, Rig, CTX_TABLE, DATA};
 
 fn mmu() -> (Mmu, Counters) {
     let mut m = Mmu::new();
@@ -151,7 +152,7 @@ fn non_canonical_and_out_of_ram() {
     let t = rig.exec(0, cmd::fill(0x5000, 16, 1));
     assert_eq!(rig.status(t), Status::MemoryError);
     // Context table entry not valid.
-    rig.write_u32(CTX_TABLE + 16 + 8, 0);
+    rig.write_u32(context_entry(1) + ContextEntry::FLAGS_OFFSET as u64, 0);
     assert_eq!(
         m.translate(rig.mem(), &mut c, 1, 0, Access::Read),
         Err(XlateError::Fail(Status::InvalidContext))
