@@ -60,8 +60,10 @@ impl Write for Serial {
     }
 }
 
-// SAFETY: COM1 is driven only through this lock (and the panic path below).
-static CONSOLE: Mutex<Serial> = Mutex::new(unsafe { Serial::new(COM1) });
+static CONSOLE: Mutex<Serial> = Mutex::new(
+    // SAFETY: COM1 is driven only through this lock (and the panic path below).
+    unsafe { Serial::new(COM1) },
+);
 
 pub fn init() {
     let mut c = CONSOLE.lock();
