@@ -55,15 +55,19 @@ pub enum Error {
         source: io::Error,
     },
     #[error("GPU: {0}")]
-    Gpu(String),
+    GpuConfig(#[from] faultline_device::ConfigError),
+    #[error("GPU: BAR0 cannot be placed at {0:#x}")]
+    GpuBar0(u64),
+    #[error("GPU: PCI slot 00:{0:02x}.0 is taken")]
+    GpuSlot(u8),
     #[error("serve: {0}")]
-    Serve(String),
+    Serve(#[from] crate::serve::ServeError),
     #[error("GPU interrupts: {0}")]
     GpuIrq(#[from] crate::msi::RouterError),
     #[error("cannot write --stats-json {path}: {source}")]
     StatsWrite { path: PathBuf, source: io::Error },
-    #[error("event loop: {0}")]
-    EventLoop(String),
+    #[error("event loop: {0:?}")]
+    EventLoop(#[source] event_manager::Error),
 }
 
 impl Error {
@@ -77,3 +81,68 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::ServeError;
+    use std::error::Error as _;
+
+    /// The causes below `e`, outermost first.
+    fn causes(e: &Error) -> Vec<&(dyn std::error::Error + 'static)> {
+        std::iter::successors(e.source(), |&c| c.source()).collect()
+    }
+
+    #[test]
+    fn causes_stay_reachable_as_sources() {
+        let e = Error::from(ServeError::Listen {
+            path: "/run/gpu.sock".into(),
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        });
+        let c = causes(&e);
+        assert!(c[0].downcast_ref::<ServeError>().is_some(), "{c:?}");
+        assert!(
+            c.last().unwrap().downcast_ref::<io::Error>().is_some(),
+            "{c:?}"
+        );
+
+        let e = Error::from(faultline_device::ConfigError::Channels(9));
+        assert!(causes(&e)[0]
+            .downcast_ref::<faultline_device::ConfigError>()
+            .is_some());
+        let e = Error::EventLoop(event_manager::Error::InvalidCapacity);
+        assert!(causes(&e)[0]
+            .downcast_ref::<event_manager::Error>()
+            .is_some());
+    }
+
+    /// The one-line messages users and scripts see.
+    #[test]
+    fn messages_read_as_one_line() {
+        let cases = [
+            (
+                Error::from(ServeError::SocketExists("/tmp/gpu.sock".into())),
+                "serve: /tmp/gpu.sock already exists (a stale socket of an earlier server? remove it)",
+            ),
+            (
+                Error::from(ServeError::Io {
+                    what: "accepting a client",
+                    source: io::Error::other("out of descriptors"),
+                }),
+                "serve: accepting a client: out of descriptors",
+            ),
+            (
+                Error::from(faultline_device::ConfigError::Channels(9)),
+                "GPU: channels 9 must be between 1 and 8",
+            ),
+            (
+                Error::GpuBar0(0xc000_0000),
+                "GPU: BAR0 cannot be placed at 0xc0000000",
+            ),
+            (Error::GpuSlot(4), "GPU: PCI slot 00:04.0 is taken"),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+    }
+}

@@ -329,8 +329,7 @@ pub fn attach(
     } else {
         Arc::new(SignalMsi::new(vm.clone()))
     };
-    let device =
-        Device::with_config(mem.clone(), irq, sizing).map_err(|e| Error::Gpu(e.to_string()))?;
+    let device = Device::with_config(mem.clone(), irq, sizing)?;
     let device = Arc::new(Mutex::new(device));
     let (doorbells, doorbell_fds): (Box<dyn DoorbellEvents>, _) = if fastpath {
         let d = KvmDoorbells::new(vm.clone())
@@ -361,14 +360,10 @@ pub fn attach(
         .assign_bar0(BAR0_BOOT_ADDR)
         .map_err(Error::kvm("registering the GPU doorbell ioeventfds"))?;
     if function.bar0_mapped() != Some(BAR0_BOOT_ADDR) {
-        return Err(Error::Gpu(format!(
-            "BAR0 cannot be placed at {BAR0_BOOT_ADDR:#x}"
-        )));
+        return Err(Error::GpuBar0(BAR0_BOOT_ADDR));
     }
     if !pci.add(gpu_devfn(), Arc::new(Mutex::new(function))) {
-        return Err(Error::Gpu(format!(
-            "PCI slot 00:{GPU_DEVICE:02x}.0 is taken"
-        )));
+        return Err(Error::GpuSlot(GPU_DEVICE));
     }
     let worker = Worker::spawn(device.clone(), doorbell_fds)
         .map_err(Error::io("starting the GPU worker"))?;

@@ -174,14 +174,14 @@ pub fn run(cfg: Config) -> Result<Report> {
     let vcpus = vstate::create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
     let threads = VcpuThreads::start(vcpus, pio, mmio, exit.clone())?;
 
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new()
-        .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    let mut em =
+        EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().map_err(Error::EventLoop)?;
     let control = Arc::new(Mutex::new(Control::new(exit.clone(), cfg.timeout)?));
     em.add_subscriber(control.clone());
     em.add_subscriber(Arc::new(Mutex::new(StdinToSerial { serial })));
 
     let outcome = loop {
-        em.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        em.run().map_err(Error::EventLoop)?;
         let c = lock(&control);
         if c.timed_out {
             break Outcome::TimedOut;

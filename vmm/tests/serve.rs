@@ -432,6 +432,27 @@ fn dma_map_without_fd_is_refused_and_unmapped_dma_fails_cleanly() {
 }
 
 #[test]
+fn refused_request_marked_no_reply_gets_no_error_reply() {
+    const NO_REPLY: u32 = 0x10;
+    const DMA_READ: u16 = 11;
+    let srv = Server::start("noreply", &[]);
+    let mut s = srv.connect();
+    handshake(&mut s);
+    // Refused (this server does no DMA_READ), and the client asked for no
+    // reply: the next reply on the wire must be the one to request 3.
+    s.write_all(&header(2, DMA_READ, 16, NO_REPLY)).unwrap();
+    assert_eq!(region_io(&mut s, 3, None, CONFIG, 0), 0x0001_fa17);
+    drop(s);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("DMA_READ is not supported"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn client_disconnect_mid_command_is_a_clear_error() {
     let srv = Server::start("midcmd", &[]);
     let mut s = srv.connect();

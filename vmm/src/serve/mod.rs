@@ -39,8 +39,27 @@ pub struct ServeReport {
     pub gpu_counters: Vec<(String, u64)>,
 }
 
-fn serve_err(what: impl std::fmt::Display) -> Error {
-    Error::Serve(what.to_string())
+/// Why `faultline serve` stopped; each renders as one line after "serve: ".
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{} already exists (a stale socket of an earlier server? remove it)", .0.display())]
+    SocketExists(PathBuf),
+    #[error("cannot listen on {}: {source}", .path.display())]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Session(#[from] WireError),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| ServeError::Io { what, source }.into()
 }
 
 /// The private listener the crate's server accepts from: an abstract UNIX
@@ -49,27 +68,24 @@ fn private_listener() -> Result<(UnixListener, SocketAddr)> {
     let tag = RandomState::new().hash_one(std::process::id());
     let name = format!("faultline-vfio-user-{}-{tag:016x}", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes())
-        .map_err(|e| serve_err(format!("private socket address: {e}")))?;
-    let l = UnixListener::bind_addr(&addr)
-        .map_err(|e| serve_err(format!("binding the private socket: {e}")))?;
+        .map_err(io_err("private socket address"))?;
+    let l = UnixListener::bind_addr(&addr).map_err(io_err("binding the private socket"))?;
     Ok((l, addr))
 }
 
 pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
     let irq = Arc::new(MsiEventfds::default());
-    let device = Device::with_config(GuestMemoryMmap::new(), irq.clone(), cfg.sizing)
-        .map_err(|e| Error::Gpu(e.to_string()))?;
+    let device = Device::with_config(GuestMemoryMmap::new(), irq.clone(), cfg.sizing)?;
     let device = Arc::new(Mutex::new(device));
 
     let path = &cfg.socket;
     if std::fs::symlink_metadata(path).is_ok() {
-        return Err(serve_err(format!(
-            "{} already exists (a stale socket of an earlier server? remove it)",
-            path.display()
-        )));
+        return Err(ServeError::SocketExists(path.clone()).into());
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| serve_err(format!("cannot listen on {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(path).map_err(|source| ServeError::Listen {
+        path: path.clone(),
+        source,
+    })?;
     log::info!(
         "serving the Faultline GPU over vfio-user on {}",
         path.display()
@@ -78,15 +94,15 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
     // One client per server: later connection attempts find no socket.
     drop(listener);
     let _ = std::fs::remove_file(path);
-    let (client, _) = accepted.map_err(|e| serve_err(format!("accepting a client: {e}")))?;
+    let (client, _) = accepted.map_err(io_err("accepting a client"))?;
     log::info!("vfio-user client connected");
 
-    let worker = Worker::spawn(device.clone(), Vec::new())
-        .map_err(|e| serve_err(format!("starting the GPU worker: {e}")))?;
+    let worker =
+        Worker::spawn(device.clone(), Vec::new()).map_err(io_err("starting the GPU worker"))?;
     let backend = Backend::new(device.clone(), irq);
     let (private, addr) = private_listener()?;
-    let mut inner = UnixStream::connect_addr(&addr)
-        .map_err(|e| serve_err(format!("connecting the private socket: {e}")))?;
+    let mut inner =
+        UnixStream::connect_addr(&addr).map_err(io_err("connecting the private socket"))?;
     let server = vfio_user::Server::from_owned_fd(
         OwnedFd::from(private),
         true,
@@ -99,12 +115,9 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
             let mut backend = backend;
             server.run(&mut backend)
         })
-        .map_err(|e| serve_err(format!("spawning the vfio-user thread: {e}")))?;
+        .map_err(io_err("spawning the vfio-user thread"))?;
 
-    let clone = |s: &UnixStream| {
-        s.try_clone()
-            .map_err(|e| serve_err(format!("duplicating a socket: {e}")))
-    };
+    let clone = |s: &UnixStream| s.try_clone().map_err(io_err("duplicating a socket"));
     let client_writer = Arc::new(Mutex::new(clone(&client)?));
     let pump = {
         let inner = clone(&inner)?;
@@ -112,7 +125,7 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
         std::thread::Builder::new()
             .name("vfio-user-replies".into())
             .spawn(move || wire::pump_replies(inner, &w))
-            .map_err(|e| serve_err(format!("spawning the reply thread: {e}")))?
+            .map_err(io_err("spawning the reply thread"))?
     };
 
     let outcome = guard(clone(&client)?, &mut inner, &client_writer);
@@ -134,7 +147,7 @@ pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
             log::info!("vfio-user client disconnected");
             Ok(ServeReport { gpu_counters })
         }
-        Err(e) => Err(serve_err(e)),
+        Err(e) => Err(ServeError::Session(e).into()),
     }
 }
 
@@ -150,7 +163,7 @@ fn guard(
             Verdict::Forward => wire::forward(inner, &m)?,
             Verdict::Refuse(errno, why) => {
                 log::warn!("{why}");
-                if m.flags & 0x10 == 0 {
+                if m.flags & wire::FLAG_NO_REPLY == 0 {
                     lock(client_writer).write_all(&wire::error_reply(m.id, m.command, errno))?;
                 }
             }

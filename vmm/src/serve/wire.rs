@@ -23,8 +23,15 @@ const MAX_MESSAGE: u32 = HEADER as u32 + 32 + MAX_DATA;
 /// SCM_RIGHTS descriptors taken per message; the kernel drops any beyond.
 const MAX_FDS: usize = 16;
 
+// Header flags, as the vfio-user spec's message header defines them.
+/// Bits 0-3, the message type: 0 a command, 1 a reply.
 const FLAG_TYPE: u32 = 0xf;
 const TYPE_REPLY: u32 = 1;
+/// Bit 4, "No_reply": the sender of a command wants no reply to it, not
+/// even an error reply.
+pub const FLAG_NO_REPLY: u32 = 0x10;
+/// Bit 5, "Error": a reply reporting failure, with the errno in the
+/// header's error field.
 const FLAG_ERROR: u32 = 0x20;
 
 pub mod cmd {
@@ -371,7 +378,7 @@ mod tests {
         assert!(violation(&msg(0, 0, &[], 0)).contains("unknown command 0"));
         // No-reply requests are fine.
         assert_eq!(
-            check(&msg(cmd::DEVICE_GET_INFO, 0x10, &[0; 16], 0)).unwrap(),
+            check(&msg(cmd::DEVICE_GET_INFO, FLAG_NO_REPLY, &[0; 16], 0)).unwrap(),
             Verdict::Forward
         );
     }
