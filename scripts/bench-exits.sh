@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# VM-exit costs of the GPU paths, measured in the guest with the TSC
-# (firmware `bench=exits`): one BAR0 register read (an MMIO exit round
-# trip), and doorbell-to-completion-interrupt latency of a no-op command
-# (zero-length FILL) with the fast path (doorbell ioeventfd, MSI irqfd) and
-# without it (`faultline run --gpu-no-fastpath`: doorbell as an MMIO exit,
-# MSI by KVM_SIGNAL_MSI). Both variants are booted alternately, `runs`
-# times each; each boot reports medians over hundreds of operations, and
-# the table gives the median of those.
+# VM-exit costs of the GPU paths, measured in the guest with the TSC (the
+# firmware's bench build, `bench=exits`): one BAR0 register read (an MMIO
+# exit round trip), and doorbell-to-completion-interrupt latency of a no-op
+# command (zero-length FILL) with the fast path (doorbell ioeventfd, MSI
+# irqfd) and without it (`faultline run --gpu-no-fastpath`: doorbell as an
+# MMIO exit, MSI by KVM_SIGNAL_MSI). Both variants are booted alternately,
+# `runs` times each; each boot reports medians over hundreds of operations,
+# and the table gives the median of those.
 # Prints markdown on stdout; build output goes to stderr.
 # Usage: scripts/bench-exits.sh [runs]   (called by `scripts/bench.sh exits`)
 set -euo pipefail
@@ -15,7 +15,7 @@ cd "$FAULTLINE_ROOT"
 
 runs="${1:-5}"
 kvm_usable || die "the exits benchmark needs /dev/kvm"
-scripts/build-firmware.sh >/dev/null
+scripts/build-firmware.sh --bench >/dev/null
 build_vmm
 bin="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 
@@ -24,7 +24,7 @@ median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]
 # One boot; prints "name median_ns" per bench line, fails without them.
 boot() {
   local out
-  out=$("$bin" run --firmware "$FIRMWARE_IMAGE" --timeout 120 --cmdline bench=exits "$@" 2>&1) ||
+  out=$("$bin" run --firmware "$FIRMWARE_BENCH_IMAGE" --timeout 120 --cmdline bench=exits "$@" 2>&1) ||
     die "faultline run $* bench=exits failed: $(printf '%s\n' "$out" | tail -3)"
   printf '%s\n' "$out" | awk '$1 == "bench" { for (i = 3; i <= NF; i++) if ($i ~ /^median_ns=/) { sub(/median_ns=/, "", $i); print $2, $i } }'
 }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# SVM fault and invalidation costs, measured in the guest with the TSC
-# (firmware `bench=faults`, see firmware/src/bench_faults.rs): single-fault
-# round trip through the full HMM path against a null fault handler,
-# sequential first-touch throughput of 64 MiB per fault-around size, and
-# munmap → device-acknowledged TLB invalidation. `runs` boots; each boot
+# SVM fault and invalidation costs, measured in the guest with the TSC (the
+# firmware's bench build, `bench=faults`, see firmware/src/bench/faults.rs):
+# single-fault round trip through the full HMM path against a null fault
+# handler, sequential first-touch throughput of 64 MiB per fault-around size,
+# and munmap → device-acknowledged TLB invalidation. `runs` boots; each boot
 # gives medians over 100 faults / 50 munmaps and one 64 MiB pass per
 # fault-around size; the tables give the median over the boots.
 # Prints markdown on stdout; progress and build output go to stderr.
@@ -15,7 +15,7 @@ cd "$FAULTLINE_ROOT"
 runs="${1:-3}"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "runs must be a positive number, not '$runs'"
 kvm_usable || die "the faults benchmark needs /dev/kvm"
-scripts/build-firmware.sh >/dev/null
+scripts/build-firmware.sh --bench >/dev/null
 build_vmm
 bin="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 memory=512M
@@ -26,7 +26,7 @@ median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]
 # line (id: the bench name plus its variant or fault-around/CPU page).
 boot() {
   local out
-  out=$("$bin" run --firmware "$FIRMWARE_IMAGE" --memory "$memory" --timeout 1800 --cmdline bench=faults 2>&1) ||
+  out=$("$bin" run --firmware "$FIRMWARE_BENCH_IMAGE" --memory "$memory" --timeout 1800 --cmdline bench=faults 2>&1) ||
     die "faultline run bench=faults failed: $(printf '%s\n' "$out" | grep -E 'bench|FAIL|panic|error' | tail -3)"
   printf '%s\n' "$out" | tr -d '\r' | awk '$1 == "bench" {
     id = $2; delete f

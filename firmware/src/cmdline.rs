@@ -22,13 +22,25 @@ pub struct Options<'a> {
     pub bench: Option<Bench>,
 }
 
-/// In-guest benchmarks (machine-readable output, see `bench.rs`).
+/// In-guest benchmarks (machine-readable output, see `bench/`; bench build only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bench {
     /// VM-exit costs of the GPU paths (`scripts/bench.sh exits`).
     Exits,
     /// SVM fault and invalidation costs (`scripts/bench.sh faults`).
     Faults,
+}
+
+impl Bench {
+    const ALL: [Bench; 2] = [Bench::Exits, Bench::Faults];
+
+    /// The `bench=` value that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bench::Exits => "exits",
+            Bench::Faults => "faults",
+        }
+    }
 }
 
 /// Deliberate fatal errors, each exercising a different handler path.
@@ -159,10 +171,9 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     expected: "required|optional",
                 }),
             },
-            "bench" => match value {
-                "exits" => o.bench = Some(Bench::Exits),
-                "faults" => o.bench = Some(Bench::Faults),
-                _ => complain(Complaint::BadValue {
+            "bench" => match Bench::ALL.into_iter().find(|b| b.name() == value) {
+                Some(b) => o.bench = Some(b),
+                None => complain(Complaint::BadValue {
                     key,
                     value,
                     expected: "exits|faults",

@@ -14,9 +14,9 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use core::ptr::NonNull;
-use core::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
 
-use faultline_abi::{pci as id, regs};
+use faultline_abi::pci as id;
 use faultline_driver::gpu::{DmaRegion, Platform};
 use x86_64::structures::paging::PageTableFlags as F;
 use x86_64::{PhysAddr, VirtAddr};
@@ -155,16 +155,6 @@ fn map_uncached(phys: u64, len: u64) -> Result<VirtAddr, paging::MapError> {
     Ok(virt)
 }
 
-/// BAR0 offsets of the doorbells, and the TSC just before the latest
-/// doorbell write (the start of the doorbell-to-interrupt latency).
-const DOORBELLS: core::ops::Range<u64> =
-    regs::DOORBELL_BASE..regs::DOORBELL_BASE + 4 * faultline_abi::doorbell::COUNT as u64;
-static DOORBELL_TSC: AtomicU64 = AtomicU64::new(0);
-
-pub fn last_doorbell_tsc() -> u64 {
-    DOORBELL_TSC.load(Ordering::Relaxed)
-}
-
 /// [`Platform`] on this machine: BAR0 through its uncached mapping, DMA
 /// memory from the frame allocator reached through the direct map.
 #[derive(Debug, Clone)]
@@ -194,9 +184,6 @@ impl Platform for FwPlatform {
     }
 
     fn write32(&self, offset: u64, value: u32) {
-        if (DOORBELLS).contains(&offset) {
-            DOORBELL_TSC.store(time::rdtsc(), Ordering::Relaxed);
-        }
         // DMA memory is written with volatile stores too; the fence keeps
         // the compiler from sinking them below the doorbell. The CPU keeps
         // UC stores after earlier WB stores on its own.

@@ -8,7 +8,6 @@ extern crate alloc;
 
 mod arch;
 mod bench;
-mod bench_faults;
 mod boot;
 mod cmdline;
 mod gpu;

@@ -147,3 +147,22 @@ fn no_gpu_fails_gpu_tests_unless_optional() {
     assert!(out.contains("test(s) SKIPPED"), "{out}");
     assert!(out.trim_end().ends_with("0 passed, 0 failed"), "{out}");
 }
+
+#[test]
+fn default_image_refuses_benchmarks_and_names_the_bench_build() {
+    for name in ["exits", "faults"] {
+        let Some(o) = boot("no_benchmarks", &format!("bench={name}"), &[]) else {
+            return;
+        };
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains(&format!(
+                "bench: FAILED: bench={name} needs the bench build of the firmware \
+                 (scripts/build-firmware.sh --bench"
+            )),
+            "{out}"
+        );
+        assert!(!out.contains("bench single_fault"), "{out}");
+    }
+}

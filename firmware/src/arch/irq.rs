@@ -5,7 +5,9 @@
 //! can arrive while the interrupted code holds any of the firmware's
 //! (non-IRQ-safe) spinlocks. A GPU vector sets its bit in [`PENDING`] and
 //! bumps [`COUNT`]; every stub then EOIs the x2APIC. Nothing else runs in
-//! interrupt context; whoever waits reads the mask.
+//! interrupt context; whoever waits reads the mask. The bench build
+//! (feature `bench`) also stamps the TSC of each GPU interrupt; the default
+//! image has no such instructions on its interrupt path.
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -19,6 +21,7 @@ pub const GPU_VECTORS: u32 = 4;
 pub const WAKE_VECTOR: u8 = 0x4f;
 
 /// TSC at the latest interrupt of each GPU vector (latency benchmarks).
+#[cfg(feature = "bench")]
 static LAST_TSC: [AtomicU64; GPU_VECTORS as usize] =
     [const { AtomicU64::new(0) }; GPU_VECTORS as usize];
 
@@ -30,8 +33,12 @@ static COUNT: [AtomicU64; GPU_VECTORS as usize] =
 
 const _: () = assert!((GPU_VECTOR_BASE as u32).is_multiple_of(GPU_VECTORS));
 
-global_asm!(
-    r#"
+/// The stubs, with `$stamp` (assembly, may use `{tsc}`) after the GPU
+/// stubs' bookkeeping.
+macro_rules! irq_stubs {
+    ($stamp:literal $(, tsc = $tsc:path)?) => {
+        global_asm!(
+            r#"
     .pushsection .text.irq_stubs, "ax"
     .macro GPU_IRQ bit
     .p2align 4
@@ -40,11 +47,9 @@ gpu_irq_stub_\bit:
     push rcx
     push rdx
     lock or dword ptr [rip + {pending}], 1 << \bit
-    lock inc qword ptr [rip + {count} + 8 * \bit]
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
-    mov qword ptr [rip + {tsc} + 8 * \bit], rax
+    lock inc qword ptr [rip + {count} + 8 * \bit]"#,
+            $stamp,
+            r#"
     jmp irq_eoi_return
     .endm
 
@@ -78,10 +83,24 @@ irq_stub_table:
     .quad wake_irq_stub
     .popsection
 "#,
-    pending = sym PENDING,
-    count = sym COUNT,
-    tsc = sym LAST_TSC,
+            pending = sym PENDING,
+            count = sym COUNT,
+            $(tsc = sym $tsc,)?
+        );
+    };
+}
+
+#[cfg(feature = "bench")]
+irq_stubs!(
+    r#"
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov qword ptr [rip + {tsc} + 8 * \bit], rax"#,
+    tsc = LAST_TSC
 );
+#[cfg(not(feature = "bench"))]
+irq_stubs!("");
 
 extern "C" {
     static irq_stub_table: [u64; 5];
@@ -117,6 +136,7 @@ pub fn count(vector: u32) -> u64 {
 }
 
 /// TSC value taken in the stub of the latest interrupt on `vector`.
+#[cfg(feature = "bench")]
 pub fn last_tsc(vector: u32) -> u64 {
     LAST_TSC[vector as usize].load(Ordering::Acquire)
 }

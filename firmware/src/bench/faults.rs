@@ -37,12 +37,12 @@ use faultline_driver::gpu::{
     PageTable, Platform, SvmConfig, SvmContext,
 };
 
+use super::{last_doorbell_tsc, Stamped};
 use crate::arch::{irq, time};
-use crate::gpu::{last_doorbell_tsc, FwPlatform};
 use crate::mm::process::{user, MapFlags, Process, Prot};
 use crate::println;
 
-type P = FwPlatform;
+type P = Stamped;
 
 /// Timed single faults per variant, after `WARMUP` untimed ones.
 const SINGLE: usize = 100;
@@ -71,7 +71,7 @@ fn median_ns(v: &mut [u64]) -> u64 {
 
 pub fn run() -> Result<(), String> {
     let g = crate::gpu::get()?.ok_or("bench=faults needs the Faultline GPU")?;
-    let p = Arc::new(g.platform.clone());
+    let p = Arc::new(Stamped(g.platform.clone()));
     let cfg = GpuConfig {
         // A 64 MiB FILL at 4 KiB fault-around is 16384 round trips.
         timeout_ns: 600_000_000_000,

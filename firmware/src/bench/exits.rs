@@ -1,6 +1,4 @@
-//! In-guest benchmarks selected by `bench=` on the command line. Output is
-//! one `bench <name> key=value ...` line per result for scripts to parse
-//! (`scripts/bench-exits.sh`), then the exit port says success or failure.
+//! `bench=exits`: VM-exit costs of the GPU paths (`scripts/bench.sh exits`).
 
 use alloc::format;
 use alloc::string::String;
@@ -9,24 +7,9 @@ use alloc::sync::Arc;
 use faultline_abi::{regs, vector, Pte, DEVICE_MAGIC};
 use faultline_driver::gpu::{Channel, Command, Context, GpuConfig, PageSize, PageTable, Platform};
 
-use crate::arch::exit::{exit, ExitCode};
+use super::{last_doorbell_tsc, Stamped};
 use crate::arch::time;
-use crate::cmdline::Bench;
 use crate::println;
-
-pub fn run(b: Bench) -> ! {
-    let result = match b {
-        Bench::Exits => exits(),
-        Bench::Faults => crate::bench_faults::run(),
-    };
-    match result {
-        Ok(()) => exit(ExitCode::Success),
-        Err(e) => {
-            println!("bench: FAILED: {e}");
-            exit(ExitCode::TestsFailed)
-        }
-    }
-}
 
 /// Median and minimum of `samples` (TSC ticks), in ns.
 fn summarize(samples: &mut [u64]) -> (u64, u64) {
@@ -46,7 +29,7 @@ const NOOPS: usize = 300;
 /// the CPU sleeping in `hlt` meanwhile) and `bench noop_total ...` (the
 /// same, from the start of the driver's submit). Whether doorbells and
 /// MSIs take the fast path is the VMM's choice (`--gpu-no-fastpath`).
-fn exits() -> Result<(), String> {
+pub fn run() -> Result<(), String> {
     let g = crate::gpu::get()?.ok_or("bench=exits needs the Faultline GPU")?;
     let p = &g.platform;
     // One BAR0 register read: an MMIO exit to the VMM and back.
@@ -62,7 +45,7 @@ fn exits() -> Result<(), String> {
     let (median, min) = summarize(&mut s);
     println!("bench mmio_read samples={READS} median_ns={median} min_ns={min}");
 
-    let p = Arc::new(g.platform.clone());
+    let p = Arc::new(Stamped(g.platform.clone()));
     let cfg = GpuConfig {
         timeout_ns: 2_000_000_000,
         ..GpuConfig::default()
@@ -99,7 +82,7 @@ fn exits() -> Result<(), String> {
             p.wait_interrupt(1_000_000);
         }
         let irq_at = crate::arch::irq::last_tsc(vector::CHANNEL);
-        let t = irq_at.wrapping_sub(crate::gpu::last_doorbell_tsc());
+        let t = irq_at.wrapping_sub(last_doorbell_tsc());
         let total = irq_at.wrapping_sub(t0);
         chan.wait(ticket).map_err(e("no-op FILL"))?;
         // The first few warm up caches and the host threads.
