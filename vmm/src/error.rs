@@ -1,5 +1,6 @@
-//! Everything that can stop `faultline run` before or while the guest runs.
-//! Each variant renders as one line a user can act on.
+//! Everything that can stop `faultline run` (before or while the guest runs)
+//! or `faultline serve`. Each variant renders as one line a user can act on;
+//! the cause, where there is one, stays reachable as its `source()`.
 
 use std::io;
 use std::path::PathBuf;

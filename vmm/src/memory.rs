@@ -3,8 +3,8 @@
 //!
 //! Layout: RAM from 0 up to the 32-bit MMIO hole at 3 GiB, the rest above
 //! 4 GiB. The hole is where the VMM places device BARs; it is never RAM.
-//! RAM lives in one memfd so that a vfio-user or vhost peer can be handed the
-//! same pages later.
+//! RAM lives in one memfd so that its pages can be shared with another
+//! process (a vfio-user or vhost peer).
 
 use std::ffi::CStr;
 use std::fs::File;

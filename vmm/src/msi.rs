@@ -70,7 +70,7 @@ impl Route {
     }
 }
 
-/// KVM's default x86 table (virt/kvm/irqchip.c, `default_routing`): GSIs
+/// KVM's default x86 table (`default_routing` in arch/x86/kvm/): GSIs
 /// 0..16 on both the IOAPIC pin and the PIC (master for 0..8, slave for
 /// 8..16, pin = gsi % 8), GSIs 16..24 on the IOAPIC only.
 pub fn legacy_routes() -> Vec<Route> {

@@ -33,6 +33,8 @@ pub const FLAG_NO_REPLY: u32 = 0x10;
 /// Bit 5, "Error": a reply reporting failure, with the errno in the
 /// header's error field.
 const FLAG_ERROR: u32 = 0x20;
+/// DMA_MAP's flags: bit 1, "WRITE", the client lets the device write there.
+const DMA_MAP_WRITE: u32 = 2;
 
 pub mod cmd {
     pub const VERSION: u16 = 1;
@@ -240,7 +242,7 @@ pub fn check(m: &Message) -> Result<Verdict, WireError> {
         return violation(format!("read of more than {MAX_DATA} bytes"));
     }
     // Read-only maps go through: the backend leaves them out quietly.
-    let writable = |m: &Message| u32_at(&m.bytes, HEADER + 4) & 2 != 0;
+    let writable = |m: &Message| u32_at(&m.bytes, HEADER + 4) & DMA_MAP_WRITE != 0;
     if m.command == cmd::DMA_MAP && m.fds.is_empty() && writable(m) {
         let iova = u64_at(&m.bytes, HEADER + 16);
         let size = u64_at(&m.bytes, HEADER + 24);
