@@ -1,6 +1,6 @@
-//! The SVM suite of issue 7 in the guest: the 22 tests of
-//! `faultline_driver::gpu::suite`, each under its own name, each on a
-//! freshly probed driver (the device is reset per test, so one test's
+//! The SVM suite in the guest: every test of `faultline_driver::gpu::suite`,
+//! each under its own name, each on a freshly probed driver configured for
+//! the test's `Needs` (the device is reset per test, so one test's
 //! leftovers cannot help or hurt the next), with real processes and this
 //! CPU's accesses through their page tables (`crate::svm_env`). After each
 //! test the driver's counters are printed on one line.
@@ -12,11 +12,12 @@ use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 
-use faultline_driver::gpu::suite::{self, SvmEnv};
-use faultline_driver::gpu::{Gpu, GpuConfig};
+use faultline_driver::gpu::suite::{self, Needs, SvmEnv};
+use faultline_driver::gpu::Gpu;
 
 use super::Test;
 use crate::gpu;
+use crate::mm::frames;
 use crate::println;
 use crate::svm_env::FwEnv;
 
@@ -33,35 +34,15 @@ macro_rules! svm_tests {
 
 faultline_driver::svm_suite!(svm_tests);
 
-/// The driver configuration a test wants.
-fn config(name: &str) -> GpuConfig {
-    let base = GpuConfig {
-        // A lost interrupt shows up as a timeout, not a hang.
-        timeout_ns: 10_000_000_000,
-        ..GpuConfig::default()
-    };
-    match name {
-        // The suite sizes its kernel to 4x the buffer: a tiny buffer must
-        // overflow and lose nothing.
-        "fault_buffer_overflow" => GpuConfig {
-            fault_entries: 16,
-            ..base
-        },
-        // 65,536 first-touch faults serviced by emulated supervisor code.
-        "large_first_touch" => GpuConfig {
-            timeout_ns: 120_000_000_000,
-            ..base
-        },
-        _ => base,
-    }
-}
-
 /// Every suite test is registered here, and under its own name.
 fn check_registered() -> Result<(), String> {
     let suite = suite::tests::<FwEnv>();
-    for (n, _) in &suite {
-        if !TESTS.iter().any(|t| t.name == *n) {
-            return Err(format!("suite test {n} is not registered in the firmware"));
+    for t in &suite {
+        if !TESTS.iter().any(|f| f.name == t.name) {
+            return Err(format!(
+                "suite test {} is not registered in the firmware",
+                t.name
+            ));
         }
     }
     if suite.len() != TESTS.len() {
@@ -74,18 +55,28 @@ fn check_registered() -> Result<(), String> {
     Ok(())
 }
 
+/// The environment for a test: its memory checked against the free frames
+/// (this VM's RAM is fixed at boot), the driver probed as it asks.
+fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
+    let free_mib = (frames::stats().free * frames::FRAME_SIZE) >> 20;
+    if free_mib < needs.memory_mib {
+        return Err(format!(
+            "needs {} MiB of guest memory, {free_mib} MiB free; boot with more --memory",
+            needs.memory_mib
+        ));
+    }
+    let platform = Arc::new(g.platform.clone());
+    let driver = Gpu::<gpu::FwPlatform>::probe(platform, needs.gpu_config())
+        .map_err(|e| format!("driver probe: {e}"))?;
+    Ok(FwEnv::new(driver))
+}
+
 fn run_named(name: &str) -> Result<(), String> {
     check_registered()?;
     let g = super::gpu::device()?;
-    let (_, test) = suite::tests::<FwEnv>()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .ok_or_else(|| format!("no suite test {name}"))?;
-    let platform = Arc::new(g.platform.clone());
-    let driver = Gpu::<gpu::FwPlatform>::probe(platform, config(name))
-        .map_err(|e| format!("driver probe: {e}"))?;
-    let env = FwEnv::new(driver);
-    let r = test(&env);
-    println!("svm {name}: {}", env.gpu().counters().snapshot());
+    let (env, r) = suite::run(name, |needs| env_for(g, needs));
+    if let Some(env) = env {
+        println!("svm {name}: {}", env.gpu().counters().snapshot());
+    }
     r
 }

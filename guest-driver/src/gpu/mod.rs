@@ -77,14 +77,15 @@
 //!
 //! # The SVM suite
 //!
-//! [`suite`] holds the 22 tests of issue 7, generic over
-//! [`suite::SvmEnv`]. The host loopback runs them in `cargo test`
-//! (`tests/svm_loopback.rs`); the firmware implements `SvmEnv` on its
-//! processes and calls `suite::run(&env, filter, |name, result| ...)`.
-//! `fault_buffer_overflow` wants a GPU probed with a small
-//! [`GpuConfig::fault_entries`] (it sizes its kernel to 4× the buffer,
-//! 512..4096 pages); `large_first_touch` touches [`suite::SvmEnv::large_bytes`]
-//! (256 MiB unless the environment says less).
+//! [`suite`] holds the SVM tests, generic over [`suite::SvmEnv`], each
+//! declaring beside its body what it needs ([`suite::Needs`]: fault-buffer
+//! entries, driver timeout, guest memory); [`suite::tests`] lists them. A
+//! host runs one with [`suite::run`], which builds the environment for the
+//! test's needs first: the host loopback in `cargo test`
+//! (`tests/svm_loopback.rs`) and the firmware on its processes, one test
+//! of its own per suite test. `large_first_touch` touches
+//! [`suite::SvmEnv::large_bytes`] (256 MiB unless the environment says
+//! less).
 
 mod channel;
 mod context;

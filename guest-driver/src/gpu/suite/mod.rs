@@ -1,0 +1,236 @@
+//! The SVM test suite, shared by the host loopback (`cargo test`) and the
+//! in-guest suite: every test is generic over [`SvmEnv`], the few things an
+//! OS offers a GPU test (processes, mmap/munmap/mprotect, CPU access to
+//! process memory, frame accounting).
+//!
+//! A test is a module in one of the theme files (`basic`, `protection`,
+//! `teardown`, `races`, `scale`) holding its body, `run`, and what it needs
+//! from its host, `NEEDS` (a [`Needs`]); [`svm_suite!`](crate::svm_suite)
+//! lists every test by name, in run order. Hosts take the list from
+//! [`tests`] and run one with [`run`], which builds the environment for the
+//! test's needs first. Each returns `Err(message)` on failure.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use bitflags::bitflags;
+
+use super::{Gpu, GpuConfig, Platform};
+use crate::errno::Errno;
+use crate::mm::Mm;
+
+mod helpers;
+
+mod basic;
+mod protection;
+mod races;
+mod scale;
+mod teardown;
+
+use basic::*;
+use protection::*;
+use races::*;
+use scale::*;
+use teardown::*;
+
+bitflags! {
+    /// mmap/mprotect protection (empty = PROT_NONE).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Prot: u32 {
+        /// PROT_READ.
+        const READ = 1;
+        /// PROT_WRITE (implies READ for the CPU here).
+        const WRITE = 2;
+    }
+}
+
+impl Prot {
+    /// PROT_READ | PROT_WRITE.
+    pub const RW: Prot = Prot::READ.union(Prot::WRITE);
+    /// PROT_NONE.
+    pub const NONE: Prot = Prot::empty();
+}
+
+/// A CPU access that would have raised SIGSEGV (or SIGBUS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segv;
+
+/// What the suite needs from its host.
+pub trait SvmEnv {
+    /// The machine interface of the GPU.
+    type P: Platform;
+    /// The process address space.
+    type M: Mm;
+    /// A process (dropping it without [`SvmEnv::exit`] is not expected).
+    type Process;
+
+    /// The probed GPU.
+    fn gpu(&self) -> &Arc<Gpu<Self::P>>;
+    /// A new process with an empty address space.
+    fn spawn(&self) -> Result<Self::Process, String>;
+    /// Its address space (a structure reference).
+    fn mm(&self, p: &Self::Process) -> Arc<Self::M>;
+    /// Process exit: drops the process's users reference on its mm.
+    fn exit(&self, p: Self::Process);
+    /// Anonymous private mapping at `hint` (fixed, must not overlap; 0 lets
+    /// the host choose). `huge`: 2 MiB pages (hint and len 2 MiB aligned).
+    fn mmap(
+        &self,
+        p: &Self::Process,
+        hint: u64,
+        len: u64,
+        prot: Prot,
+        huge: bool,
+    ) -> Result<u64, Errno>;
+    /// munmap.
+    fn munmap(&self, p: &Self::Process, addr: u64, len: u64) -> Result<(), Errno>;
+    /// mprotect.
+    fn mprotect(&self, p: &Self::Process, addr: u64, len: u64, prot: Prot) -> Result<(), Errno>;
+    /// A CPU read of process memory.
+    fn read(&self, p: &Self::Process, addr: u64, out: &mut [u8]) -> Result<(), Segv>;
+    /// A CPU write of process memory.
+    fn write(&self, p: &Self::Process, addr: u64, data: &[u8]) -> Result<(), Segv>;
+    /// A CPU atomic add on the u64 at `addr` (naturally aligned); old value.
+    fn atomic_add_u64(&self, p: &Self::Process, addr: u64, v: u64) -> Result<u64, Segv>;
+    /// Physical address of the frame the CPU maps at `addr` right now.
+    fn cpu_phys(&self, p: &Self::Process, addr: u64) -> Option<u64>;
+    /// Free physical frames (for leak checks).
+    fn free_frames(&self) -> u64;
+    /// `Some(canary)`: from now on every process frame freed is filled with
+    /// the 8-byte `canary` right after it is freed (after the invalidation
+    /// that unmapped it completed), recorded, and held back from reuse.
+    /// `None`: stop, and release the held frames.
+    fn track_freed(&self, canary: Option<u64>);
+    /// Physical addresses of the frames recorded since the last call.
+    fn take_freed(&self) -> Vec<u64>;
+    /// Reads physical memory.
+    fn read_phys(&self, pa: u64, out: &mut [u8]);
+    /// Bytes `large_first_touch` touches (256 MiB unless the host is small).
+    fn large_bytes(&self) -> u64 {
+        256 << 20
+    }
+}
+
+/// What a test needs from its host, declared beside its body (`NEEDS`).
+/// A host builds each test's environment from it: the driver is probed with
+/// [`Needs::gpu_config`], and the memory is sized (loopback) or checked
+/// (firmware) against `memory_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Fault-buffer entries to probe the driver with; `None`: the driver's
+    /// default ([`GpuConfig::fault_entries`]).
+    pub fault_entries: Option<u32>,
+    /// How long one wait for the device may take; `None`: the driver's
+    /// default ([`GpuConfig::timeout_ns`]). A lost interrupt then shows up
+    /// as a timeout, not a hang.
+    pub timeout_ns: Option<u64>,
+    /// Guest memory the test uses in all, in MiB: its processes' frames plus
+    /// the driver's page tables and rings.
+    pub memory_mib: u64,
+}
+
+impl Needs {
+    /// What most tests need: the driver's defaults and 64 MiB.
+    pub const DEFAULT: Needs = Needs {
+        fault_entries: None,
+        timeout_ns: None,
+        memory_mib: 64,
+    };
+
+    /// The driver configuration to probe with: the defaults, with the
+    /// fault-buffer size and timeout these needs ask for.
+    pub fn gpu_config(&self) -> GpuConfig {
+        let d = GpuConfig::default();
+        GpuConfig {
+            fault_entries: self.fault_entries.unwrap_or(d.fault_entries),
+            timeout_ns: self.timeout_ns.unwrap_or(d.timeout_ns),
+            ..d
+        }
+    }
+}
+
+/// A test's outcome.
+pub type TestResult = Result<(), String>;
+/// A test's body.
+pub type TestFn<E> = fn(&E) -> TestResult;
+
+/// One test of the suite.
+pub struct SvmTest<E: SvmEnv> {
+    /// Its name (the module's).
+    pub name: &'static str,
+    /// What its host must provide.
+    pub needs: Needs,
+    /// Its body.
+    pub run: TestFn<E>,
+}
+
+/// The names of every test, in run order: the one list the hosts share.
+/// `svm_suite!(m)` expands to `m! { open_close, anon_read, ... }`, so each
+/// host (this module's [`tests`], the loopback's `#[test]`s, the firmware's
+/// runner) generates its own entry per name. A new test's module goes in a
+/// theme file; its name goes here.
+#[macro_export]
+macro_rules! svm_suite {
+    ($m:ident) => {
+        $m! {
+            open_close,
+            anon_read,
+            anon_read_prot,
+            anon_write,
+            anon_write_prot,
+            anon_write_huge,
+            anon_read_multiple,
+            anon_write_multiple,
+            anon_teardown,
+            snapshot,
+            double_map,
+            two_processes,
+            mprotect_downgrade,
+            munmap_reuse,
+            release_with_context,
+            release_waits_for_range,
+            register_dead_mm,
+            invalidate_during_fault,
+            fault_buffer_overflow,
+            pointer_chase,
+            atomic_counter,
+            large_first_touch,
+        }
+    };
+}
+
+/// Every test, in run order.
+pub fn tests<E: SvmEnv>() -> Vec<SvmTest<E>> {
+    macro_rules! list {
+        ($($name:ident),* $(,)?) => {
+            vec![$(SvmTest {
+                name: stringify!($name),
+                needs: $name::NEEDS,
+                run: $name::run::<E> as TestFn<E>,
+            }),*]
+        };
+    }
+    crate::svm_suite!(list)
+}
+
+/// Runs the test called `name` on the environment `make_env` builds for its
+/// [`Needs`]. Returns that environment (for the host's report, `None` if
+/// there is no such test or the environment could not be built: the result
+/// says which) and the test's result.
+pub fn run<E: SvmEnv>(
+    name: &str,
+    make_env: impl FnOnce(&Needs) -> Result<E, String>,
+) -> (Option<E>, TestResult) {
+    let Some(test) = tests::<E>().into_iter().find(|t| t.name == name) else {
+        return (None, Err(format!("no suite test {name}")));
+    };
+    let env = match make_env(&test.needs) {
+        Ok(env) => env,
+        Err(e) => return (None, Err(e)),
+    };
+    let r = (test.run)(&env);
+    (Some(env), r)
+}

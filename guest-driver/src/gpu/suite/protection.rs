@@ -1,0 +1,100 @@
+//! Protection: the device never gets more access than the CPU mapping
+//! allows, before or after an mprotect.
+
+use super::helpers::*;
+use super::{Needs, Prot, Segv, SvmEnv, TestResult};
+
+/// A PROT_NONE source: the command fails, the destination is untouched.
+pub(super) mod anon_read_prot {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 64 << 10;
+        let (p, src) = spawn_mapped(env, len)?;
+        let dst = mmap_rw(env, &p, len, "mmap dst")?;
+        for (_, a) in sampled(src, len, FIRST) {
+            write_u64(env, &p, a, 7)?;
+        }
+        for (_, a) in sampled(dst, len, ENDS) {
+            write_u64(env, &p, a, 0xdead)?;
+        }
+        ok(env.mprotect(&p, src, len, Prot::NONE), "mprotect")?;
+        bound(env, p, |p, _, chan| {
+            let r = copy(chan, dst, src, len);
+            ensure!(cancelled(r), "copy from PROT_NONE: {r:?}");
+            check_words(env, p, sampled(dst, len, ENDS), |_| 0xdead)?;
+            ensure!(
+                env.read(p, src, &mut [0; 8]) == Err(Segv),
+                "CPU read of PROT_NONE"
+            );
+            Ok(())
+        })
+    }
+}
+
+/// Read-only: the GPU write fails and memory is unchanged; after mprotect
+/// RW it succeeds.
+pub(super) mod anon_write_prot {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 64 << 10;
+        let (p, va) = spawn_mapped(env, len)?;
+        for (i, a) in sampled(va, len, ENDS) {
+            write_u64(env, &p, a, i)?;
+        }
+        ok(env.mprotect(&p, va, len, Prot::READ), "mprotect RO")?;
+        bound(env, p, |p, svm, chan| {
+            let r = fill(chan, va, len, PAT);
+            ensure!(cancelled(r), "fill of read-only memory: {r:?}");
+            check_words(env, p, sampled(va, len, ENDS), |i| i)?;
+            ensure!(
+                svm.device_lookup(va)
+                    .is_none_or(|l| !l.perms.contains(faultline_abi::Pte::WRITE)),
+                "device has a writable leaf for read-only memory"
+            );
+            ok(env.mprotect(p, va, len, Prot::RW), "mprotect RW")?;
+            ok(fill(chan, va, len, PAT), "fill after mprotect RW")?;
+            check_words(env, p, sampled(va, len, ENDS), |_| PAT)
+        })
+    }
+}
+
+/// RW → RO while mapped on the device: the next device write faults and
+/// fails; reads still work.
+pub(super) mod mprotect_downgrade {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 64 << 10;
+        let (p, va) = spawn_mapped(env, len)?;
+        let dst = mmap_rw(env, &p, len, "mmap dst")?;
+        bound(env, p, |p, svm, chan| {
+            ok(fill(chan, va, len, PAT), "fill")?;
+            ensure!(
+                svm.device_lookup(va)
+                    .is_some_and(|l| l.perms.contains(faultline_abi::Pte::WRITE)),
+                "device should map writable"
+            );
+            ok(env.mprotect(p, va, len, Prot::READ), "mprotect")?;
+            ensure!(
+                svm.device_lookup(va)
+                    .is_none_or(|l| !l.perms.contains(faultline_abi::Pte::WRITE)),
+                "device still writable after mprotect"
+            );
+            ensure!(cancelled(fill(chan, va, len, 1)), "write after downgrade");
+            check_words(env, p, sampled(va, len, ENDS), |_| PAT)?;
+            ok(copy(chan, dst, va, len), "read after downgrade")?;
+            check_words(env, p, sampled(dst, len, ENDS), |_| PAT)
+        })
+    }
+}

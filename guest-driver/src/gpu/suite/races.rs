@@ -1,0 +1,209 @@
+//! Races: the CPU changes the address space, or touches the same memory,
+//! while the GPU works on it.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use faultline_abi::{atomic_op, isa, Status, PAGE_SIZE};
+
+use super::super::{Command, GpuError};
+use super::helpers::*;
+use super::{Needs, Prot, Segv, SvmEnv, TestResult};
+use crate::mm::{
+    mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, MmuNotifierRange,
+    MmuNotifyEvent,
+};
+
+/// What a freed frame is filled with while a test watches frees.
+const CANARY: u64 = 0xcafe_f00d_dead_beef;
+
+/// munmap half a buffer while the GPU streams over it: the command either
+/// completes or fails cleanly, and no device write lands after the munmap
+/// (a canary written into every freed frame survives).
+pub(super) mod anon_teardown {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 4 << 20;
+        let (p, va) = spawn_mapped(env, len)?;
+        bound(env, p, |p, svm, chan| {
+            let mut outcomes = [0u32; 2];
+            for round in 0..4u64 {
+                // Map everything on the device first so the second FILL streams
+                // without faults while the munmap runs.
+                ok(fill(chan, va, len, round), "warm fill")?;
+                env.track_freed(Some(CANARY));
+                let t = ok(
+                    chan.submit(&Command::Fill {
+                        dst: va,
+                        len,
+                        pattern: PAT,
+                    }),
+                    "submit",
+                )?;
+                let half = va + len / 2;
+                let r1 = env.munmap(p, half, len / 2);
+                let r = chan.wait(t);
+                let freed = env.take_freed();
+                ok(r1, "munmap")?;
+                match r {
+                    Ok(_) => outcomes[0] += 1,
+                    Err(GpuError::Command(Status::Cancelled)) => outcomes[1] += 1,
+                    Err(e) => return Err(format!("round {round}: fill ended with {e}")),
+                }
+                ensure!(
+                    freed.len() as u64 == len / 2 / PAGE_SIZE,
+                    "freed {} frames",
+                    freed.len()
+                );
+                for pa in &freed {
+                    let mut b = [0u8; 8];
+                    env.read_phys(*pa, &mut b);
+                    let v = u64::from_le_bytes(b);
+                    env.read_phys(*pa + PAGE_SIZE - 8, &mut b);
+                    let w = u64::from_le_bytes(b);
+                    ensure!(
+                        v == CANARY && w == CANARY,
+                        "round {round}: freed frame {pa:#x} written after munmap ({v:#x}, {w:#x})"
+                    );
+                }
+                env.track_freed(None);
+                ensure!(
+                    env.read(p, half, &mut [0; 8]) == Err(Segv),
+                    "unmapped half still readable"
+                );
+                ensure!(
+                    svm.device_lookup(half).is_none(),
+                    "device still maps the unmapped half"
+                );
+                // The valid half holds the first or the second pattern, never junk.
+                let first = read_u64(env, p, va)?;
+                ensure!(
+                    first == PAT || first == round,
+                    "valid half holds {first:#x}"
+                );
+                ok(env.mmap(p, half, len / 2, Prot::RW, false), "remap")?;
+            }
+            // Both outcomes are legal; which one happened depends on timing.
+            log::info!(
+                "anon_teardown: {} completed, {} cancelled",
+                outcomes[0],
+                outcomes[1]
+            );
+            Ok(())
+        })
+    }
+}
+
+/// An invalidation between `range_fault` and the check forces a retry; the
+/// final device state matches the CPU's.
+pub(super) mod invalidate_during_fault {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 64 << 10;
+        let (p, va) = spawn_mapped(env, len)?;
+        for (i, a) in sampled(va, len, FIRST) {
+            write_u64(env, &p, a, 0x4000 + i)?;
+        }
+        let dst = mmap_rw(env, &p, len, "mmap dst")?;
+        bound(env, p, |p, svm, chan| {
+            let mm = env.mm(p);
+            let shots = Arc::new(AtomicU64::new(0));
+            let s2 = shots.clone();
+            svm.set_check_hook(Some(Arc::new(move |start, end| {
+                // Once per window of the source: a full invalidation cycle that
+                // starts and ends before the driver's check.
+                if start < va + len && va < end && s2.fetch_add(1, Ordering::AcqRel) < 4 {
+                    let r = MmuNotifierRange {
+                        start,
+                        end,
+                        event: MmuNotifyEvent::Clear,
+                        blockable: true,
+                    };
+                    if mmu_notifier_invalidate_range_start(&*mm, &r).is_ok() {
+                        mmu_notifier_invalidate_range_end(&*mm, &r);
+                    }
+                }
+            })));
+            let before = counters(env);
+            ok(copy(chan, dst, va, len), "copy")?;
+            svm.set_check_hook(None);
+            let after = counters(env);
+            ensure!(shots.load(Ordering::Acquire) >= 1, "hook never ran");
+            ensure!(after.retries > before.retries, "no retry counted");
+            check_words(env, p, sampled(dst, len, FIRST), |i| 0x4000 + i)?;
+            for i in 0..len / PAGE_SIZE {
+                let a = va + i * PAGE_SIZE;
+                let dev = svm.device_lookup(a).map(|l| l.phys);
+                let cpu = env.cpu_phys(p, a);
+                ensure!(
+                    dev.is_none() || dev == cpu,
+                    "page {i}: device {dev:?} CPU {cpu:?}"
+                );
+            }
+            Ok(())
+        })
+    }
+}
+
+/// GPU atomics (kernel and ATOMIC commands) and CPU atomics on one counter.
+pub(super) mod atomic_counter {
+    use super::*;
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let (p, buf) = spawn_mapped(env, 2 * PAGE_SIZE)?;
+        let (counter, code) = (buf, buf + PAGE_SIZE);
+        let iters = 200i32;
+        let k = [
+            // r1 = counter, r2 = 1, r3 = loop count
+            isa::encode(isa::MOVI, 2, 0, 0, 1),
+            isa::encode(isa::MOVI, 3, 0, 0, iters),
+            isa::encode(isa::ATOM_ADD64, 4, 1, 2, 0),
+            isa::encode(isa::ADDI, 3, 3, 0, -1),
+            isa::encode(isa::BNE, 0, 3, 0, -2),
+            isa::encode(isa::EXIT, 0, 0, 0, 0),
+        ];
+        write_code(env, &p, code, &k)?;
+        bound(env, p, |p, _, chan| {
+            // Map the counter on the device first, so the kernel and the CPU race.
+            let old = ok(
+                chan.run(&Command::Atomic {
+                    va: counter,
+                    op: atomic_op::ADD,
+                    wide: true,
+                    operand: 5,
+                    compare: 0,
+                }),
+                "atomic command",
+            )?;
+            ensure!(old == 0, "counter started at {old}");
+            let threads = 64u64;
+            let t = ok(
+                chan.submit(&launch(code, &k, 2, 32, [counter, 0, 0, 0])),
+                "launch",
+            )?;
+            let cpu_adds = 1000u64;
+            for _ in 0..cpu_adds {
+                env.atomic_add_u64(p, counter, 1)
+                    .map_err(|_| String::from("CPU atomic faulted"))?;
+            }
+            ok(chan.wait(t), "kernel")?;
+            let total = read_u64(env, p, counter)?;
+            let expect = 5 + threads * iters as u64 + cpu_adds;
+            ensure!(total == expect, "counter {total}, expected {expect}");
+            Ok(())
+        })
+    }
+}
