@@ -1,6 +1,7 @@
 //! HMM: a device driver's mirror of a process address space (Linux HMM as of
-//! mid-2019, after the two seed patches: `range_register` takes the mirror and
-//! a registered range holds an mm *users* reference).
+//! mid-2019, with two rules of its own: `range_register` takes the mirror,
+//! whose `Hmm` the range shares, and a registered range holds an mm *users*
+//! reference for its lifetime, so release cannot run while a range exists).
 //!
 //! Driver pattern (docs/hmm.md has the full contract):
 //!
@@ -261,8 +262,8 @@ impl<M: Mm> MmuNotifier<M> for Hmm<M> {
     }
 
     fn release(&self, _mm: &M) {
-        // Seed rule: a registered range holds an mm users reference, so the
-        // last mmput (our caller) cannot happen while one exists.
+        // A registered range holds an mm users reference, so the last mmput
+        // (our caller) cannot happen while one exists.
         assert!(
             self.lock.lock().ranges.is_empty(),
             "hmm release with a registered range: range_register's mmget was lost"
@@ -511,7 +512,8 @@ pub fn range_register<M: Mm>(
     range.end = end;
     range.page_shift = page_shift;
 
-    // Prevent release from running while the range exists (seed 2).
+    // The range holds an mm users reference for its lifetime, so release
+    // cannot run while it exists.
     if !mmget_not_zero(&*hmm.mm) {
         return Err(Errno::EFAULT);
     }
@@ -531,7 +533,8 @@ pub fn range_register<M: Mm>(
         link
     };
     range.notifier_seq = link.invalidate_seq.load(Ordering::Acquire);
-    // The hmm reference comes from the mirror (seed 1): a simple clone.
+    // The range shares the mirror's `Hmm`: a plain clone, no lookup through
+    // the address space (which may be dying).
     range.reg = Some(Registration {
         hmm: Arc::clone(hmm),
         link,

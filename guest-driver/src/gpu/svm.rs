@@ -4,7 +4,8 @@
 //! The device page table starts empty. A device access to an unmapped (or
 //! insufficiently mapped) page raises a replayable fault; the bottom half
 //! ([`Gpu::service_faults`]) hands the batch, sorted and deduplicated, to
-//! the context, which services it window by window with the seed's pattern:
+//! the context, which services it window by window with the HMM driver
+//! pattern (docs/hmm.md):
 //!
 //! ```text
 //! range_register(range, mirror, window)          // holds an mm users reference
@@ -94,9 +95,11 @@ pub enum SnapEntry {
 /// invalidations here): `(start, end)` of the window.
 pub type CheckHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
-/// State shared by the context handle, the mirror callbacks and the fault
-/// handler. Holds no reference to the mirror, so there is no cycle.
-struct Shared<P: Platform, M: Mm> {
+/// The SVM state of one context: the device context and its page table,
+/// the mirrored address space, the fault-around setting. Shared by the
+/// handle, the mirror callbacks and the fault handler; holds no reference
+/// to the mirror, so there is no cycle.
+struct SvmState<P: Platform, M: Mm> {
     ctx: Context<P>,
     mm: Arc<M>,
     released: AtomicBool,
@@ -104,21 +107,26 @@ struct Shared<P: Platform, M: Mm> {
     hook: SpinMutex<Option<CheckHook>>,
 }
 
-struct Inner<P: Platform, M: Mm> {
-    shared: Arc<Shared<P, M>>,
+/// The binding of a context to an address space: its state plus the
+/// registered mirror. Dropping it unhooks the fault handler, then
+/// unregisters the mirror.
+struct Binding<P: Platform, M: Mm> {
+    state: Arc<SvmState<P, M>>,
     mirror: HmmMirror<M>,
 }
 
-/// The mirror callbacks (hold `Shared` strongly so an invalidation always
-/// reaches the page table while the mirror is registered).
-struct Ops<P: Platform, M: Mm>(Arc<Shared<P, M>>);
+/// The mirror callbacks (`HmmMirrorOps`): CPU invalidations and release.
+/// They hold the state strongly, so an invalidation always reaches the page
+/// table while the mirror is registered.
+struct MirrorCallbacks<P: Platform, M: Mm>(Arc<SvmState<P, M>>);
 
-/// The fault handler installed on the context (weak: the handle owns it).
-struct Faults<P: Platform, M: Mm>(Weak<Inner<P, M>>);
+/// The fault handler installed on the context: services fault batches
+/// window by window. Weak, since the handle owns the binding.
+struct SvmFaultHandler<P: Platform, M: Mm>(Weak<Binding<P, M>>);
 
 /// A GPU context mirroring a process address space.
 pub struct SvmContext<P: Platform, M: Mm> {
-    inner: Arc<Inner<P, M>>,
+    binding: Arc<Binding<P, M>>,
 }
 
 impl<P: Platform, M: Mm> SvmContext<P, M> {
@@ -133,7 +141,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
         }
         let pt = PageTable::new(gpu.platform().clone())?;
         let ctx = Context::new(gpu, pt)?;
-        let shared = Arc::new(Shared {
+        let state = Arc::new(SvmState {
             ctx,
             mm: mm.clone(),
             released: AtomicBool::new(false),
@@ -142,33 +150,34 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
         });
         let mirror = {
             let mmap = mmap_write_lock(&**mm);
-            mirror_register(mm, &mmap, Arc::new(Ops(shared.clone()))).map_err(GpuError::Mm)?
+            mirror_register(mm, &mmap, Arc::new(MirrorCallbacks(state.clone())))
+                .map_err(GpuError::Mm)?
         };
-        let inner = Arc::new(Inner { shared, mirror });
-        let handler: Arc<dyn FaultHandler> = Arc::new(Faults(Arc::downgrade(&inner)));
-        inner.shared.ctx.set_fault_handler(Some(handler));
-        Ok(SvmContext { inner })
+        let binding = Arc::new(Binding { state, mirror });
+        let handler: Arc<dyn FaultHandler> = Arc::new(SvmFaultHandler(Arc::downgrade(&binding)));
+        binding.state.ctx.set_fault_handler(Some(handler));
+        Ok(SvmContext { binding })
     }
 
     /// The device context (open channels on it).
     pub fn context(&self) -> &Context<P> {
-        &self.inner.shared.ctx
+        &self.binding.state.ctx
     }
 
     /// The mirrored address space.
     pub fn mm(&self) -> &Arc<M> {
-        &self.inner.shared.mm
+        &self.binding.state.mm
     }
 
     /// The HMM mirror (tests register their own ranges on it).
     pub fn mirror(&self) -> &HmmMirror<M> {
-        &self.inner.mirror
+        &self.binding.mirror
     }
 
     /// Whether the address space was released (process exit) and the
     /// context torn down.
     pub fn is_released(&self) -> bool {
-        self.inner.shared.released.load(Ordering::Acquire)
+        self.binding.state.released.load(Ordering::Acquire)
     }
 
     /// Changes the fault-around window (power of two ≥ 4 KiB).
@@ -178,8 +187,8 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
                 "fault-around must be a power of two ≥ 4 KiB",
             ));
         }
-        self.inner
-            .shared
+        self.binding
+            .state
             .fault_around
             .store(bytes, Ordering::Relaxed);
         Ok(())
@@ -188,17 +197,17 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// Installs a hook run between `range_fault` and the locked sequence
     /// check of every window pass.
     pub fn set_check_hook(&self, hook: Option<CheckHook>) {
-        *self.inner.shared.hook.lock() = hook;
+        *self.binding.state.hook.lock() = hook;
     }
 
     /// The device's current translation of `va`.
     pub fn device_lookup(&self, va: u64) -> Option<Leaf> {
-        self.inner.shared.ctx.page_table().lookup(va)
+        self.binding.state.ctx.page_table().lookup(va)
     }
 
     /// Valid leaves in the device page table.
     pub fn device_leaves(&self) -> u64 {
-        self.inner.shared.ctx.page_table().leaf_count()
+        self.binding.state.ctx.page_table().leaf_count()
     }
 
     /// `range_snapshot` of `[start, end)` through this context's mirror,
@@ -206,10 +215,10 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// the device-visible state of the range in one pass, without faulting.
     pub fn snapshot(&self, start: u64, end: u64, page_shift: u32) -> Result<Vec<SnapEntry>, Errno> {
         let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
-        range_register(&mut range, &self.inner.mirror, start, end, page_shift)?;
+        range_register(&mut range, &self.binding.mirror, start, end, page_shift)?;
         let r = loop {
             let r = {
-                let mmap = mmap_read_lock(&*self.inner.shared.mm);
+                let mmap = mmap_read_lock(&*self.binding.state.mm);
                 range_snapshot(&mut range, &mmap)
             };
             if r == Err(Errno::EAGAIN) {
@@ -245,18 +254,18 @@ fn decode<M: Mm>(range: &HmmRange<M>, e: u64) -> SnapEntry {
     }
 }
 
-impl<P: Platform, M: Mm> Drop for Inner<P, M> {
+impl<P: Platform, M: Mm> Drop for Binding<P, M> {
     fn drop(&mut self) {
         // No more faults reach us; then no more invalidations (unregister
         // waits for running callbacks). The context itself goes when the
-        // last `Shared` reference does: it cancels stalled work, drops the
+        // last `SvmState` reference does: it cancels stalled work, drops the
         // TLB and frees the page table.
-        self.shared.ctx.set_fault_handler(None);
+        self.state.ctx.set_fault_handler(None);
         crate::hmm::mirror_unregister(&mut self.mirror);
     }
 }
 
-impl<P: Platform, M: Mm> Shared<P, M> {
+impl<P: Platform, M: Mm> SvmState<P, M> {
     fn gpu(&self) -> &Arc<Gpu<P>> {
         self.ctx.gpu()
     }
@@ -285,7 +294,7 @@ impl<P: Platform, M: Mm> Shared<P, M> {
     }
 }
 
-impl<P: Platform, M: Mm> HmmMirrorOps<M> for Ops<P, M> {
+impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
     fn sync_cpu_device_pagetables(&self, update: &HmmUpdate) -> Result<(), Errno> {
         let s = &self.0;
         DriverCounters::add(&s.counters().invalidations, 1);
@@ -328,13 +337,13 @@ struct Window {
     write: bool,
 }
 
-impl<P: Platform, M: Mm> FaultHandler for Faults<P, M> {
+impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
     fn service(&self, faults: &[Fault], cancel: &mut Vec<u64>) {
-        let Some(inner) = self.0.upgrade() else {
+        let Some(binding) = self.0.upgrade() else {
             cancel.extend(faults.iter().map(|f| f.va));
             return;
         };
-        let s = &inner.shared;
+        let s = &binding.state;
         if s.released.load(Ordering::Acquire) {
             cancel.extend(faults.iter().map(|f| f.va));
             return;
@@ -382,7 +391,7 @@ impl<P: Platform, M: Mm> FaultHandler for Faults<P, M> {
             }
         }
         for (w, vas) in windows {
-            if let Err(e) = inner.service_window(&w) {
+            if let Err(e) = binding.service_window(&w) {
                 log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
                 cancel.extend(vas);
             }
@@ -390,12 +399,12 @@ impl<P: Platform, M: Mm> FaultHandler for Faults<P, M> {
     }
 }
 
-impl<P: Platform, M: Mm> Inner<P, M> {
-    /// One window, the seed's pattern. `Err` cancels the window's faults;
+impl<P: Platform, M: Mm> Binding<P, M> {
+    /// One window, the HMM driver pattern. `Err` cancels the window's faults;
     /// giving up after too many invalidations returns `Ok` (the faults are
     /// replayed and come back).
     fn service_window(&self, w: &Window) -> Result<(), Errno> {
-        let s = &self.shared;
+        let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
         let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);

@@ -133,7 +133,8 @@ pub(super) mod release_with_context {
     }
 }
 
-/// Teardown waits until a registered range unregisters (the seed's rule).
+/// Teardown waits until a registered range unregisters: a range holds an mm
+/// users reference, so release cannot run while it exists.
 pub(super) mod release_waits_for_range {
     use super::*;
 
