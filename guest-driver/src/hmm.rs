@@ -78,9 +78,10 @@ pub struct HmmUpdate {
     pub start: u64,
     /// One past the last byte.
     pub end: u64,
-    /// Why (5.3 only had `HMM_UPDATE_INVALIDATE`; the notifier event is passed
-    /// through because a driver may downgrade instead of clearing on
-    /// `ProtectionPage`).
+    /// Why (5.3 only had `HMM_UPDATE_INVALIDATE`). The notifier event is
+    /// passed through because on `ProtectionPage` a driver may downgrade its
+    /// translations to read-only instead of clearing them; every other event
+    /// needs them cleared.
     pub event: MmuNotifyEvent,
     /// Whether the callback may block (wait for the update lock or the device's
     /// TLB-invalidate acknowledgement).
@@ -94,9 +95,9 @@ pub struct HmmUpdate {
 /// mirror of the same address space, nor drop a range that may hold the last
 /// mm users reference (release would need `mirrors_sem` for write).
 pub trait HmmMirrorOps<M: Mm>: Send + Sync {
-    /// Remove (or downgrade) every device translation in
-    /// `[update.start, update.end)` and wait until the device no longer uses
-    /// them. Take the driver's update lock: that is what orders this against
+    /// Remove every device translation in `[update.start, update.end)` (or,
+    /// on `ProtectionPage`, make it read-only) and wait until the device no
+    /// longer uses the old ones. Take the driver's update lock: that is what orders this against
     /// `range_check_seq`. If `!update.blockable` and this would have to block,
     /// return `Err(Errno::EAGAIN)` without blocking. Errors on a blockable
     /// update are logged and ignored (as in Linux).

@@ -334,12 +334,33 @@ pub enum MmuNotifyEvent {
     Unmap,
     /// The pages are being replaced or freed (reclaim, migration, COW).
     Clear,
-    /// mprotect on a whole VMA.
+    /// mprotect that may remove read access, or adds access: the new
+    /// protection is not announced, so a mirror must clear its translations
+    /// (PROT_NONE must not leave the device a readable one).
     ProtectionVma,
-    /// Write-protection of individual pages.
+    /// Write-protection: every translation in the range stays as it is but
+    /// loses write access (an mprotect to read-only announces this). A
+    /// mirror may downgrade its translations to read-only instead of
+    /// clearing them.
     ProtectionPage,
     /// Soft-dirty tracking.
     SoftDirty,
+}
+
+impl MmuNotifyEvent {
+    /// What an mprotect to `prot` announces: [`ProtectionPage`] when the
+    /// range stays readable and loses write (every translation is kept, only
+    /// write-protected), [`ProtectionVma`] otherwise (read may go away).
+    ///
+    /// [`ProtectionPage`]: MmuNotifyEvent::ProtectionPage
+    /// [`ProtectionVma`]: MmuNotifyEvent::ProtectionVma
+    pub fn for_mprotect(prot: VmFlags) -> MmuNotifyEvent {
+        if prot.contains(VmFlags::READ) && !prot.contains(VmFlags::WRITE) {
+            MmuNotifyEvent::ProtectionPage
+        } else {
+            MmuNotifyEvent::ProtectionVma
+        }
+    }
 }
 
 /// `struct mmu_notifier_range`.

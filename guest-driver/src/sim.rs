@@ -525,8 +525,9 @@ impl SimMm {
     }
 
     /// `mprotect(start, len, prot)`: replace READ/WRITE/EXEC of the covered
-    /// VMAs, write-protecting PTEs when WRITE goes away (event
-    /// `ProtectionVma`; announced even for upgrades, as Linux does).
+    /// VMAs, write-protecting PTEs when WRITE goes away. Announced even for
+    /// upgrades, as Linux does, with [`MmuNotifyEvent::for_mprotect`]'s
+    /// event (`ProtectionPage` for read-only, else `ProtectionVma`).
     pub fn mprotect(&self, start: u64, len: u64, prot: VmFlags) -> Result<(), Errno> {
         let end = start + len;
         let perms = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
@@ -540,7 +541,7 @@ impl SimMm {
         let r = MmuNotifierRange {
             start,
             end,
-            event: MmuNotifyEvent::ProtectionVma,
+            event: MmuNotifyEvent::for_mprotect(prot),
             blockable: true,
         };
         mmu_notifier_invalidate_range_start(self, &r).expect("blockable");

@@ -408,13 +408,20 @@ fn mprotect() -> Result<(), String> {
         "after RW + write: {:?}",
         p.translate(a)
     );
+    // Start and end of each: read-only is a write-protection (translations
+    // kept), PROT_NONE and the upgrade are not.
     let log = rec.take();
+    let events = [
+        MmuNotifyEvent::ProtectionPage,
+        MmuNotifyEvent::ProtectionVma,
+        MmuNotifyEvent::ProtectionVma,
+    ];
     ensure!(
         log.len() == 6
             && log
                 .iter()
-                .all(|s| (s.start, s.end, s.event)
-                    == (a, a + PG, Some(MmuNotifyEvent::ProtectionVma))),
+                .zip(events.iter().flat_map(|&e| [e, e]))
+                .all(|(s, e)| (s.start, s.end, s.event) == (a, a + PG, Some(e))),
         "mprotect notifications {log:?}"
     );
     // A hole in the range: ENOMEM and nothing changes.

@@ -64,13 +64,14 @@ pub struct Leaf {
     pub perms: Pte,
 }
 
-/// What [`PageTable::unmap_range`] removed.
+/// What [`PageTable::unmap_range`] removed (or [`PageTable::protect_range`]
+/// downgraded): what the device TLB must forget.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cleared {
-    /// Leaves cleared.
+    /// Leaves cleared (or downgraded).
     pub leaves: u64,
-    /// Smallest range covering every cleared leaf (empty if none): a leaf
-    /// larger than the request is cleared whole, so this may exceed it.
+    /// Smallest range covering every such leaf (empty if none): a leaf
+    /// larger than the request is changed whole, so this may exceed it.
     pub start: u64,
     /// End of that range.
     pub end: u64,
@@ -298,8 +299,9 @@ impl<P: Platform> PageTable<P> {
         c
     }
 
-    /// Clears WRITE and ATOMIC on every leaf overlapping `[start, end)`;
-    /// returns what it touched like [`PageTable::unmap_range`].
+    /// Clears WRITE and ATOMIC on every leaf overlapping `[start, end)`
+    /// (whole leaves) and keeps it mapped; returns the leaves it downgraded
+    /// (read-only ones are left alone and not counted).
     pub fn protect_range(&mut self, start: u64, end: u64) -> Cleared {
         let rw = Pte::WRITE | Pte::ATOMIC;
         self.edit_leaves(start, end, &mut |e| e.intersects(rw).then(|| e - rw))

@@ -22,8 +22,9 @@
 //! read-only mapping, a failed CPU fault) are cancelled: the command that
 //! caused them completes with `Status::Cancelled`. The CPU side's
 //! invalidations arrive in `sync_cpu_device_pagetables`, which clears the
-//! device leaves of the range and returns only after the device acknowledged
-//! the TLB invalidation. Process exit (`release`) tears the context's
+//! device leaves of the range (or, for a write-protection, makes them
+//! read-only) and returns only after the device acknowledged the TLB
+//! invalidation. Process exit (`release`) tears the context's
 //! mappings and stalled work down.
 
 use alloc::sync::{Arc, Weak};
@@ -42,7 +43,9 @@ use crate::hmm::{
     range_unregister, range_wait_until_valid, HmmMirror, HmmMirrorOps, HmmPfnValue, HmmRange,
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
-use crate::mm::{mmap_read_lock, mmap_write_lock, Mm, VmFlags, PAGE_SHIFT, PMD_SHIFT};
+use crate::mm::{
+    mmap_read_lock, mmap_write_lock, Mm, MmuNotifyEvent, VmFlags, PAGE_SHIFT, PMD_SHIFT,
+};
 use crate::sync::SpinMutex;
 
 /// The driver's pfn encoding: entry = physical address | flag bits.
@@ -307,11 +310,19 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
             // Waiting for the device's acknowledgement would block.
             return Err(Errno::EAGAIN);
         }
-        let cleared = pt.unmap_range(update.start, update.end);
+        // A write-protection keeps every frame mapped: downgrade the leaves
+        // to read-only, so device reads go on without faulting. Anything
+        // else may take read access or the frames away: clear.
+        let cleared = if update.event == MmuNotifyEvent::ProtectionPage {
+            pt.protect_range(update.start, update.end)
+        } else {
+            pt.unmap_range(update.start, update.end)
+        };
         if cleared.leaves > 0 {
             // Keep the update lock until the acknowledgement: an overlapping
-            // invalidation that finds nothing left to clear must not return
-            // (and let its caller free frames) before this one is acked.
+            // invalidation that finds nothing left to change must not return
+            // (and let its caller free frames, or write through the CPU
+            // mapping alone) before this one is acked.
             if let Err(e) = s.ctx.invalidate(cleared.start, cleared.end - cleared.start) {
                 log::error!(
                     "svm: TLB invalidate of {:#x}..{:#x}: {e}",

@@ -1286,6 +1286,19 @@ mod invalidation_contract {
         .unwrap();
         assert!(!dev.device_pte(BASE).unwrap().writable);
     }
+
+    #[test]
+    fn mprotect_announces_a_write_protection_only_when_the_range_stays_readable() {
+        let (mm, dev, _mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let event_of = |prot| {
+            mm.mprotect(BASE, PG, prot).unwrap();
+            dev.updates.lock().pop().unwrap().event
+        };
+        assert_eq!(event_of(VmFlags::READ), MmuNotifyEvent::ProtectionPage);
+        assert_eq!(event_of(VmFlags::empty()), MmuNotifyEvent::ProtectionVma);
+        assert_eq!(event_of(RW), MmuNotifyEvent::ProtectionVma);
+    }
 }
 
 mod sequence_check {

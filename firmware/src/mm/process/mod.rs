@@ -58,6 +58,8 @@
 //! freeing page-table pages; nothing when the process is not loaded, since
 //! without PCIDs loading it flushes), call `_end`, and only then free frames.
 //! Permission upgrades (a write fault on a writable VMA) need no notifier.
+//! An mprotect to read-only announces `ProtectionPage` (translations kept,
+//! write-protected: a mirror may downgrade), any other `ProtectionVma`.
 //! The last `mmput` runs the release notifiers and then [`Mm::exit_mmap`],
 //! which frees every frame and page-table page (the PML4 goes with the last
 //! `Arc`).
@@ -387,7 +389,7 @@ impl ProcessMm {
         let range = MmuNotifierRange {
             start,
             end,
-            event: MmuNotifyEvent::ProtectionVma,
+            event: MmuNotifyEvent::for_mprotect(vm),
             blockable: true,
         };
         let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();

@@ -1,6 +1,8 @@
 //! Protection: the device never gets more access than the CPU mapping
 //! allows, before or after an mprotect.
 
+use faultline_abi::Pte;
+
 use super::helpers::*;
 use super::{Needs, Prot, Segv, SvmEnv, TestResult};
 
@@ -56,7 +58,7 @@ pub(super) mod anon_write_prot {
             check_words(env, p, sampled(va, len, ENDS), |i| i)?;
             ensure!(
                 svm.device_lookup(va)
-                    .is_none_or(|l| !l.perms.contains(faultline_abi::Pte::WRITE)),
+                    .is_none_or(|l| !l.perms.contains(Pte::WRITE)),
                 "device has a writable leaf for read-only memory"
             );
             ok(env.mprotect(p, va, len, Prot::RW), "mprotect RW")?;
@@ -66,8 +68,10 @@ pub(super) mod anon_write_prot {
     }
 }
 
-/// RW → RO while mapped on the device: the next device write faults and
-/// fails; reads still work.
+/// RW → RO while mapped on the device: a write-protection, so the device
+/// keeps every leaf, read-only and on the same frame, and its TLB forgets
+/// the writable ones: the next device write faults and fails; reads still
+/// work.
 pub(super) mod mprotect_downgrade {
     use super::*;
 
@@ -82,15 +86,20 @@ pub(super) mod mprotect_downgrade {
             ok(fill(chan, va, len, PAT), "fill")?;
             ensure!(
                 svm.device_lookup(va)
-                    .is_some_and(|l| l.perms.contains(faultline_abi::Pte::WRITE)),
+                    .is_some_and(|l| l.perms.contains(Pte::WRITE)),
                 "device should map writable"
             );
             ok(env.mprotect(p, va, len, Prot::READ), "mprotect")?;
-            ensure!(
-                svm.device_lookup(va)
-                    .is_none_or(|l| !l.perms.contains(faultline_abi::Pte::WRITE)),
-                "device still writable after mprotect"
-            );
+            for (i, a) in sampled(va, len, FIRST) {
+                let leaf = svm.device_lookup(a);
+                let cpu = env.cpu_phys(p, a);
+                ensure!(
+                    leaf.is_some_and(|l| !l.perms.intersects(Pte::WRITE | Pte::ATOMIC)
+                        && Some(l.phys) == cpu),
+                    "page {i} after mprotect: device {leaf:?}, CPU {cpu:?} (want read-only, same frame)"
+                );
+            }
+            // Through a stale writable TLB entry this write would succeed.
             ensure!(cancelled(fill(chan, va, len, 1)), "write after downgrade");
             check_words(env, p, sampled(va, len, ENDS), |_| PAT)?;
             ok(copy(chan, dst, va, len), "read after downgrade")?;
