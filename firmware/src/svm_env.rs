@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{self, Segv, SvmEnv};
 use faultline_driver::gpu::Gpu;
-use faultline_driver::mm::PageState;
+use faultline_driver::mm::{PageState, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 
 use crate::gpu::FwPlatform;
 use crate::mm::process::{self, freed, user, MapFlags, Process, ProcessMm};
@@ -96,7 +96,7 @@ impl SvmEnv for FwEnv {
             // choice would be the lowest gap): tests such as munmap_reuse
             // check that an unmapped range stays unmapped. 2 MiB aligned,
             // with a 2 MiB gap between mappings, as in the host loopback.
-            let span = len.next_multiple_of(2 << 20) + (2 << 20);
+            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
             self.next_va.fetch_add(span, Ordering::Relaxed)
         } else {
             flags |= MapFlags::FIXED;
@@ -128,9 +128,9 @@ impl SvmEnv for FwEnv {
     fn cpu_phys(&self, p: &Process, addr: u64) -> Option<u64> {
         match p.translate(addr).state {
             PageState::Present { pfn, .. } | PageState::Zero { pfn } => {
-                Some((pfn << 12) + addr % 4096)
+                Some((pfn << PAGE_SHIFT) + addr % PAGE_SIZE)
             }
-            PageState::Huge { pfn, .. } => Some((pfn << 12) + addr % (2 << 20)),
+            PageState::Huge { pfn, .. } => Some((pfn << PAGE_SHIFT) + addr % PMD_SIZE),
             PageState::None | PageState::Special => None,
         }
     }

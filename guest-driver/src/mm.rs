@@ -22,19 +22,19 @@ use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bitflags::bitflags;
+use faultline_abi::{level_shift, LEAF_2M};
 use lock_api::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::errno::Errno;
 use crate::hmm::Hmm;
 
-/// log2 of the base page size.
-pub const PAGE_SHIFT: u32 = 12;
-/// Base page size (4 KiB).
-pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
-/// log2 of a PMD-level (huge) leaf.
-pub const PMD_SHIFT: u32 = 21;
+/// The base page (4 KiB): one size for the CPU side, the device and the
+/// mirror between them, defined once in the hardware interface.
+pub use faultline_abi::{PAGE_SHIFT, PAGE_SIZE};
+/// log2 of a PMD-level (huge) leaf: the device's level-2 leaf.
+pub const PMD_SHIFT: u32 = level_shift(2);
 /// Size of a PMD-level (huge) leaf (2 MiB).
-pub const PMD_SIZE: u64 = 1 << PMD_SHIFT;
+pub const PMD_SIZE: u64 = LEAF_2M;
 
 bitflags! {
     /// `vm_flags`, the subset HMM looks at.

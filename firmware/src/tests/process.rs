@@ -17,7 +17,7 @@ use faultline_driver::hmm::{
 use faultline_driver::mm::{
     mmap_read_lock, mmap_write_lock, mmget, mmget_not_zero, mmput, mmu_notifier_register,
     FaultError, FaultFlags, Mm, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags,
-    Walk, PAGE_SHIFT, PMD_SHIFT,
+    Walk, PAGE_SHIFT, PAGE_SIZE as PG, PMD_SHIFT, PMD_SIZE as HUGE,
 };
 use x86_64::PhysAddr;
 
@@ -52,8 +52,6 @@ macro_rules! ensure {
     };
 }
 
-const PG: u64 = 4096;
-const HUGE: u64 = 2 << 20;
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 
 fn new_process() -> Result<Process, String> {

@@ -12,7 +12,9 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use faultline_abi::{pt_index, Pte, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK, VA_LIMIT};
+use faultline_abi::{
+    level_shift, pt_index, Pte, LEAF_1G, LEAF_2M, LEAF_4K, PTE_ADDR_MASK, VA_LIMIT,
+};
 
 use super::{DmaRegion, GpuError, Platform};
 
@@ -177,7 +179,7 @@ impl<P: Platform> PageTable<P> {
         Self::check(va, phys, size)?;
         let level = size.level();
         let cached = match self.last_l1 {
-            Some((block, t)) if level == 1 && block == va >> 21 => Some(t),
+            Some((block, t)) if level == 1 && block == va >> level_shift(2) => Some(t),
             _ => None,
         };
         if level > 1 {
@@ -202,7 +204,7 @@ impl<P: Platform> PageTable<P> {
             };
         }
         if level == 1 {
-            self.last_l1 = Some((va >> 21, table));
+            self.last_l1 = Some((va >> level_shift(2), table));
         }
         let slot = pt_index(va, level) * 8;
         let t = self.table(table);
@@ -281,7 +283,7 @@ impl<P: Platform> PageTable<P> {
     fn next_candidate(&self, va: u64) -> u64 {
         let mut table = self.root;
         for level in (1..=4).rev() {
-            let span = 1u64 << (12 + 9 * (level - 1));
+            let span = 1u64 << level_shift(level);
             let e = Pte::from_bits_retain(self.table(table).read_u64(pt_index(va, level) * 8));
             if !e.contains(Pte::VALID) || level == 1 || e.contains(Pte::LEAF) {
                 return (va & !(span - 1)) + span;
@@ -339,7 +341,7 @@ impl<P: Platform> PageTable<P> {
         edit: &mut impl FnMut(Pte) -> Option<Pte>,
         c: &mut Cleared,
     ) {
-        let span = 1u64 << (12 + 9 * (level - 1));
+        let span = 1u64 << level_shift(level);
         let first = ((range.start.max(base) - base) / span) as usize;
         let last = ((range.end - 1).min(base + 512 * span - 1) - base) / span;
         for i in first..=last as usize {

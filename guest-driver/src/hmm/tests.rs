@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 use super::*;
 use crate::mm::{
     mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, MmuNotifierRange, MmuNotifyEvent, PMD_SIZE,
+    mmu_notifier_invalidate_range_start, MmuNotifierRange, MmuNotifyEvent, PAGE_SIZE as PG,
+    PMD_SIZE,
 };
 use crate::sim::{SimMm, ZERO_PFN};
 
@@ -28,7 +29,6 @@ const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [V, W, DEVPRIV];
 const VALUES: [u64; HMM_PFN_VALUE_MAX] = [ERR, NONE, SPECIAL];
 
 const BASE: u64 = 0x4000_0000;
-const PG: u64 = 4096;
 const RW: VmFlags = VmFlags::READ.union(VmFlags::WRITE);
 
 fn entry(pfn: u64, writable: bool) -> u64 {

@@ -10,12 +10,10 @@ use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
 use faultline_driver::gpu::{Gpu, GpuConfig};
-use faultline_driver::mm::{VmFlags, PMD_SIZE};
+use faultline_driver::mm::{VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
 use faultline_driver::sim::{FrameSource, SimMm};
 
 use super::loopback::Loopback;
-
-const PAGE: u64 = 4096;
 
 #[derive(Default)]
 struct Tracking {

@@ -11,12 +11,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use faultline_abi::PAGE_SIZE as PAGE;
 use faultline_device::sync::lock;
 use faultline_device::{Device, InterruptSink, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-const PAGE: u64 = 4096;
 
 /// MSI delivery: a pending mask plus a condvar to sleep on.
 #[derive(Default)]

@@ -6,13 +6,11 @@
 
 use alloc::vec::Vec;
 
+use faultline_driver::mm::{PAGE_SIZE, PMD_SIZE};
 use x86_64::PhysAddr;
 
 use crate::mm::{frames, DIRECT_MAP_BASE};
 use crate::sync::IrqMutex;
-
-const FRAME: u64 = 4096;
-const HUGE: u64 = 2 << 20;
 
 struct Watch {
     canary: u64,
@@ -106,11 +104,11 @@ impl Freer {
     /// (after the invalidation that unmapped it completed).
     pub fn data(&mut self, pa: u64, huge: bool) {
         if let Some(w) = self.watch.as_mut() {
-            let bytes = if huge { HUGE } else { FRAME };
+            let bytes = if huge { PMD_SIZE } else { PAGE_SIZE };
             fill_u64(pa, bytes, w.canary);
             w.held.push((pa, huge));
             w.recorded
-                .extend((0..bytes / FRAME).map(|i| pa + i * FRAME));
+                .extend((0..bytes / PAGE_SIZE).map(|i| pa + i * PAGE_SIZE));
         } else if huge {
             self.frames.free_2m(PhysAddr::new(pa));
         } else {

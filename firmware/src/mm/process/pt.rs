@@ -8,7 +8,7 @@
 //! frame: the entry loses P and gains the software bit [`PROTNONE`], with
 //! the address left in place, as Linux's `_PAGE_PROTNONE`.
 
-use faultline_driver::mm::{PageState, VmFlags, Walk, PAGE_SHIFT, PMD_SHIFT};
+use faultline_driver::mm::{PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE};
 use x86_64::PhysAddr;
 
 use super::freed::Freer;
@@ -26,9 +26,6 @@ pub const PS: u64 = 1 << 7;
 pub const PROTNONE: u64 = 1 << 9;
 pub const NX: u64 = 1 << 63;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
-
-const PAGE: u64 = 1 << PAGE_SHIFT;
-const HUGE: u64 = 1 << PMD_SHIFT;
 
 fn index(addr: u64, shift: u32) -> usize {
     ((addr >> shift) & 511) as usize
@@ -226,7 +223,7 @@ pub struct Oom;
 pub fn alloc_zeroed() -> Result<u64, Oom> {
     let pa = frames::alloc().ok_or(Oom)?.as_u64();
     // SAFETY: a fresh frame nobody else references, inside the direct map.
-    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PAGE as usize) };
+    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PAGE_SIZE as usize) };
     Ok(pa)
 }
 
@@ -234,7 +231,7 @@ pub fn alloc_zeroed() -> Result<u64, Oom> {
 pub fn alloc_zeroed_2m() -> Result<u64, Oom> {
     let pa = frames::alloc_2m().ok_or(Oom)?.as_u64();
     // SAFETY: as in `alloc_zeroed`, for the whole run.
-    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, HUGE as usize) };
+    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PMD_SIZE as usize) };
     Ok(pa)
 }
 
@@ -390,7 +387,7 @@ impl PageTables {
             let pde = pd.get(i2);
             let block_end = next_block(a, PMD_SHIFT);
             if pde & PS != 0 && holds_frame(pde) {
-                f(a & !(HUGE - 1), pd, i2, true);
+                f(a & !(PMD_SIZE - 1), pd, i2, true);
             } else if pde & P != 0 {
                 // SAFETY: a present non-leaf PDE of our tables.
                 let pt = unsafe { Table::at(pde & ADDR) };
@@ -400,7 +397,7 @@ impl PageTables {
                     if holds_frame(pt.get(i1)) {
                         f(a, pt, i1, false);
                     }
-                    a += PAGE;
+                    a += PAGE_SIZE;
                 }
             }
             a = block_end;
@@ -426,7 +423,7 @@ impl PageTables {
                 flush.page(a);
             }
             if huge {
-                debug_assert!(a >= start && a + HUGE <= end, "partial 2 MiB zap");
+                debug_assert!(a >= start && a + PMD_SIZE <= end, "partial 2 MiB zap");
                 freed.push_2m(e & ADDR);
                 data += 512;
             } else if e & ADDR != zero_pa {
