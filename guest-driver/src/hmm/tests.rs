@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 use super::*;
 use crate::mm::{
     mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, MmuNotifierRange, MmuNotifyEvent, PAGE_SIZE as PG,
-    PMD_SIZE,
+    mmu_notifier_invalidate_range_start, FaultError, MmuNotifier, MmuNotifierRange, MmuNotifyEvent,
+    PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE as PG, PMD_SHIFT, PMD_SIZE,
 };
 use crate::sim::{SimMm, ZERO_PFN};
 

@@ -1,0 +1,224 @@
+//! `range_snapshot` and `range_fault`: the walk over the CPU page tables
+//! that fills a range's pfns, faulting pages in on request.
+
+use alloc::sync::Arc;
+use core::ptr;
+use core::sync::atomic::Ordering;
+
+use super::notifier::RangeLink;
+use super::range::{encode, HmmRange};
+use super::{HmmPfnFlag, HmmPfnValue};
+use crate::errno::Errno;
+use crate::mm::{
+    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PMD_SHIFT,
+};
+
+/// `hmm_range_snapshot`: fill `pfns` from the CPU page tables without
+/// faulting. Caller holds the mmap lock for read (the guard is the proof).
+///
+/// Returns the number of entries filled (all of them) or: EINVAL (range not
+/// registered, guard of another address space, `page_shift` 21 outside a
+/// huge VMA), EAGAIN (range invalid; `pfns` untouched), EFAULT (hole, special
+/// VMA or special PTE), EPERM (VMA without read). On error, entries before the
+/// failing one keep their values, the failing one is `values[None]` (or
+/// `values[Special]`) and the rest are `values[None]`.
+pub fn range_snapshot<M: Mm>(
+    range: &mut HmmRange<M>,
+    mmap: &MmapReadGuard<'_, M>,
+) -> Result<usize, Errno> {
+    range_walk(range, mmap, None)
+}
+
+/// `hmm_range_fault`: like [`range_snapshot`], but pages whose request
+/// (`(pfns[i] & pfn_flags_mask) | default_flags`) asks for `Valid` (and
+/// `Write`) more than the CPU page table gives are faulted in through
+/// `handle_mm_fault`. Additional errors: EPERM for a write request on a VMA
+/// without write, EFAULT (failing entry `values[Error]`) when the fault
+/// fails, ENOMEM, EBUSY when `!block` and the fault would block, EAGAIN when
+/// the range was invalidated while faulting.
+pub fn range_fault<M: Mm>(
+    range: &mut HmmRange<M>,
+    mmap: &MmapReadGuard<'_, M>,
+    block: bool,
+) -> Result<usize, Errno> {
+    range_walk(range, mmap, Some(block))
+}
+
+/// An error at entry `at`: that entry gets `value`, the rest `values[None]`.
+struct WalkError {
+    at: usize,
+    value: HmmPfnValue,
+    err: Errno,
+}
+
+fn range_walk<M: Mm>(
+    range: &mut HmmRange<M>,
+    mmap: &MmapReadGuard<'_, M>,
+    fault: Option<bool>,
+) -> Result<usize, Errno> {
+    let reg = range.reg.as_ref().ok_or(Errno::EINVAL)?;
+    let hmm = Arc::clone(&reg.hmm);
+    let link = Arc::clone(&reg.link);
+    let mm: &M = &hmm.mm;
+    if !ptr::eq(mmap.mm(), mm) {
+        return Err(Errno::EINVAL);
+    }
+    if range.pfns.len() != range.npages() {
+        return Err(Errno::EINVAL);
+    }
+    {
+        // read_begin: note the stamp before looking at any PTE.
+        let _st = hmm.lock.lock();
+        if !link.valid.load(Ordering::Acquire) {
+            return Err(Errno::EAGAIN);
+        }
+        range.notifier_seq = link.invalidate_seq.load(Ordering::Acquire);
+    }
+    match walk_entries(range, mm, mmap, &link, fault) {
+        Ok(()) => Ok(range.pfns.len()),
+        Err(e) => {
+            let none = range.values[HmmPfnValue::None as usize];
+            range.pfns[e.at] = range.values[e.value as usize];
+            range.pfns[e.at + 1..].fill(none);
+            Err(e.err)
+        }
+    }
+}
+
+fn walk_entries<M: Mm>(
+    range: &mut HmmRange<M>,
+    mm: &M,
+    mmap: &MmapReadGuard<'_, M>,
+    link: &RangeLink,
+    fault: Option<bool>,
+) -> Result<(), WalkError> {
+    let (start, shift, pfn_shift) = (range.start, range.page_shift, range.pfn_shift);
+    let (flags, values) = (range.flags, range.values);
+    let (default_flags, mask) = (range.default_flags, range.pfn_flags_mask);
+    let req_valid = flags[HmmPfnFlag::Valid as usize];
+    let req_write = flags[HmmPfnFlag::Write as usize];
+    let none = values[HmmPfnValue::None as usize];
+    let npages = range.pfns.len();
+    let pfns = &mut range.pfns[..];
+    let fail = |at: usize, value: HmmPfnValue, err: Errno| WalkError { at, value, err };
+
+    let mut i = 0;
+    while i < npages {
+        let addr = start + ((i as u64) << shift);
+        let vma = mm
+            .vma_lookup(mmap, addr)
+            .ok_or(fail(i, HmmPfnValue::None, Errno::EFAULT))?;
+        if vma.flags.intersects(VmFlags::SPECIAL_KINDS) {
+            return Err(fail(i, HmmPfnValue::Special, Errno::EFAULT));
+        }
+        if shift == PMD_SHIFT && !vma.flags.contains(VmFlags::HUGE) {
+            return Err(fail(i, HmmPfnValue::None, Errno::EINVAL));
+        }
+        if !vma.flags.contains(VmFlags::READ) {
+            return Err(fail(i, HmmPfnValue::None, Errno::EPERM));
+        }
+        // Entries entirely inside this VMA.
+        let vma_end = npages.min(((vma.end - start) >> shift) as usize);
+        if vma_end <= i {
+            // A 2 MiB entry straddling the VMA end: not a huge VMA after all.
+            return Err(fail(i, HmmPfnValue::None, Errno::EINVAL));
+        }
+        // Faults taken for the entry at index `faulted_at`, to stop a handler
+        // that reports success without mapping anything.
+        let mut faulted_at = usize::MAX;
+        let mut tries = 0;
+        'vma: while i < vma_end {
+            let addr = start + ((i as u64) << shift);
+            let w = mm.walk(mmap, addr);
+            // How many entries this answer covers.
+            let n = if w.shift > shift {
+                let block_end = (addr | ((1u64 << w.shift) - 1)) + 1;
+                (((block_end - addr) >> shift) as usize).min(vma_end - i)
+            } else {
+                1
+            };
+            let (cpu_valid, cpu_write, pfn0) = match w.state {
+                PageState::None => (false, false, 0),
+                PageState::Present { pfn, writable } if shift == PAGE_SHIFT => {
+                    (true, writable, pfn)
+                }
+                PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
+                PageState::Huge { pfn, writable } => {
+                    let leaf_base = addr & !((1u64 << PMD_SHIFT) - 1);
+                    (true, writable, pfn + ((addr - leaf_base) >> PAGE_SHIFT))
+                }
+                PageState::Special => return Err(fail(i, HmmPfnValue::Special, Errno::EFAULT)),
+                // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm`
+                // broke the HUGE-VMA contract.
+                PageState::Present { .. } | PageState::Zero { .. } => {
+                    return Err(fail(i, HmmPfnValue::Error, Errno::EFAULT));
+                }
+            };
+            let pfn_step = if cpu_valid && matches!(w.state, PageState::Huge { .. }) {
+                1u64 << (shift - PAGE_SHIFT)
+            } else {
+                0
+            };
+            for k in 0..n {
+                let j = i + k;
+                if let Some(block) = fault {
+                    let req = (pfns[j] & mask) | default_flags;
+                    let want = req & req_valid != 0;
+                    let want_write = want && req & req_write != 0;
+                    if want && (!cpu_valid || (want_write && !cpu_write)) {
+                        if want_write && !vma.flags.contains(VmFlags::WRITE) {
+                            return Err(fail(j, HmmPfnValue::None, Errno::EPERM));
+                        }
+                        if faulted_at == j {
+                            tries += 1;
+                        } else {
+                            faulted_at = j;
+                            tries = 1;
+                        }
+                        let fault_addr = start + ((j as u64) << shift);
+                        if tries > 2 {
+                            log::error!(
+                                "hmm: handle_mm_fault succeeded twice but {fault_addr:#x} is still not mapped"
+                            );
+                            return Err(fail(j, HmmPfnValue::Error, Errno::EFAULT));
+                        }
+                        let mut ff = FaultFlags::REMOTE;
+                        if want_write {
+                            ff |= FaultFlags::WRITE;
+                        }
+                        if !block {
+                            ff |= FaultFlags::ALLOW_RETRY;
+                        }
+                        match mm.handle_mm_fault(mmap, fault_addr, ff) {
+                            Ok(()) => {}
+                            Err(FaultError::Retry) => {
+                                return Err(fail(j, HmmPfnValue::None, Errno::EBUSY))
+                            }
+                            Err(FaultError::Oom) => {
+                                return Err(fail(j, HmmPfnValue::Error, Errno::ENOMEM))
+                            }
+                            Err(FaultError::Sigsegv | FaultError::Sigbus) => {
+                                return Err(fail(j, HmmPfnValue::Error, Errno::EFAULT));
+                            }
+                        }
+                        // Faults are slow and can race with invalidations; stop
+                        // early rather than fill pfns the driver will discard.
+                        if !link.valid.load(Ordering::Acquire) {
+                            return Err(fail(j, HmmPfnValue::None, Errno::EAGAIN));
+                        }
+                        // Re-walk from the faulted entry.
+                        i = j;
+                        continue 'vma;
+                    }
+                }
+                pfns[j] = if cpu_valid {
+                    encode(&flags, pfn_shift, pfn0 + k as u64 * pfn_step, cpu_write)
+                } else {
+                    none
+                };
+            }
+            i += n;
+        }
+    }
+    Ok(())
+}
