@@ -1,0 +1,280 @@
+//! What the process does to its simulated address space: mmap, munmap,
+//! mprotect, reclaim (each bracketed by the notifier chain), and CPU
+//! accesses that fault pages in as the CPU would.
+
+use std::vec::Vec;
+
+use super::pt::{pte_index, table_mut, write_protect, zap, SimPte};
+use super::SimMm;
+use crate::errno::Errno;
+use crate::mm::{
+    mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmuNotifierRange,
+    MmuNotifyEvent, PageState, VmFlags, Vma, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE,
+};
+
+impl SimMm {
+    /// `mmap(start, len, prot, MAP_FIXED_NOREPLACE)`. EINVAL if misaligned
+    /// (2 MiB for HUGE) or overlapping an existing VMA.
+    pub fn mmap(&self, start: u64, len: u64, flags: VmFlags) -> Result<(), Errno> {
+        let align = if flags.contains(VmFlags::HUGE) {
+            PMD_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        if !start.is_multiple_of(align) || !len.is_multiple_of(align) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut vmas = mmap_write_lock(self);
+        if !vmas.overlapping(start, start + len).is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        vmas.vmas.insert(
+            start,
+            Vma {
+                start,
+                end: start + len,
+                flags,
+            },
+        );
+        Ok(())
+    }
+
+    /// `munmap(start, len)`: remove the VMAs and free the frames, after
+    /// telling the notifiers (event `Unmap`).
+    pub fn munmap(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let end = start + len;
+        let mut vmas = mmap_write_lock(self);
+        if vmas.overlapping(start, end).iter().any(|v| {
+            v.flags.contains(VmFlags::HUGE)
+                && (!start.is_multiple_of(PMD_SIZE) || !end.is_multiple_of(PMD_SIZE))
+        }) {
+            return Err(Errno::EINVAL);
+        }
+        vmas.split_at(start);
+        vmas.split_at(end);
+        for v in vmas.overlapping(start, end) {
+            vmas.vmas.remove(&v.start);
+        }
+        let freed = self.zap_range(start, end, MmuNotifyEvent::Unmap);
+        drop(vmas);
+        self.free(freed);
+        Ok(())
+    }
+
+    /// `mprotect(start, len, prot)`: replace READ/WRITE/EXEC of the covered
+    /// VMAs, write-protecting PTEs when WRITE goes away. Announced even for
+    /// upgrades, as Linux does, with [`MmuNotifyEvent::for_mprotect`]'s
+    /// event (`ProtectionPage` for read-only, else `ProtectionVma`).
+    pub fn mprotect(&self, start: u64, len: u64, prot: VmFlags) -> Result<(), Errno> {
+        let end = start + len;
+        let perms = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
+        let mut vmas = mmap_write_lock(self);
+        vmas.split_at(start);
+        vmas.split_at(end);
+        for v in vmas.overlapping(start, end) {
+            let flags = (v.flags - perms) | (prot & perms);
+            vmas.vmas.insert(v.start, Vma { flags, ..v });
+        }
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::for_mprotect(prot),
+            blockable: true,
+        };
+        mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        if !prot.contains(VmFlags::WRITE) {
+            write_protect(&mut self.pt.lock(), start, end);
+        }
+        mmu_notifier_invalidate_range_end(self, &r);
+        Ok(())
+    }
+
+    /// Page reclaim / migration: drop the translations in `[start, end)`
+    /// *without* the mmap lock (event `Clear`), then free the frames. This is
+    /// the invalidation that can race with a fault in progress.
+    pub fn reclaim(&self, start: u64, end: u64) -> usize {
+        let freed = self.zap_range(start, end, MmuNotifyEvent::Clear);
+        let n = freed.len();
+        self.free(freed);
+        n
+    }
+
+    /// Like [`SimMm::reclaim`] from a context that must not block (the OOM
+    /// reaper): EAGAIN, and nothing changed, if a notifier would block.
+    pub fn reclaim_nonblock(&self, start: u64, end: u64) -> Result<usize, Errno> {
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::Clear,
+            blockable: false,
+        };
+        mmu_notifier_invalidate_range_start(self, &r)?;
+        let freed = zap(&mut self.pt.lock(), start, end);
+        mmu_notifier_invalidate_range_end(self, &r);
+        let n = freed.len();
+        self.free(freed);
+        Ok(n)
+    }
+
+    fn zap_range(&self, start: u64, end: u64, event: MmuNotifyEvent) -> Vec<u64> {
+        let r = MmuNotifierRange {
+            start,
+            end,
+            event,
+            blockable: true,
+        };
+        mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        let freed = zap(&mut self.pt.lock(), start, end);
+        mmu_notifier_invalidate_range_end(self, &r);
+        freed
+    }
+
+    /// A CPU access from the process itself (not remote): fault if needed.
+    pub fn touch(&self, addr: u64, write: bool) -> Result<(), FaultError> {
+        let mmap = mmap_read_lock(self);
+        let vma = mmap.lookup(addr).ok_or(FaultError::Sigsegv)?;
+        if !vma.flags.contains(VmFlags::READ) || (write && !vma.flags.contains(VmFlags::WRITE)) {
+            // PROT_NONE keeps its PTEs (as Linux's protnone) but the CPU may
+            // not use them.
+            return Err(FaultError::Sigsegv);
+        }
+        let ok = match self.walk(&mmap, addr).state {
+            PageState::Present { writable, .. } | PageState::Huge { writable, .. } => {
+                writable || !write
+            }
+            PageState::Zero { .. } => !write,
+            PageState::Special => true,
+            PageState::None => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        let flags = if write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::empty()
+        };
+        self.handle_mm_fault(&mmap, addr, flags)
+    }
+
+    /// Touch every page (every 2 MiB in a HUGE VMA) of `[start, start+len)`.
+    pub fn populate(&self, start: u64, len: u64, write: bool) -> Result<(), FaultError> {
+        let mut a = start;
+        while a < start + len {
+            self.touch(a, write)?;
+            let huge = mmap_read_lock(self)
+                .lookup(a)
+                .is_some_and(|v| v.flags.contains(VmFlags::HUGE));
+            a += if huge { PMD_SIZE } else { PAGE_SIZE };
+        }
+        Ok(())
+    }
+
+    /// Install a special PTE (a raw pfn, Linux `vm_insert_pfn`) at `addr`.
+    pub fn map_special(&self, addr: u64) {
+        let _mmap = mmap_read_lock(self);
+        table_mut(&mut self.pt.lock(), addr)[pte_index(addr)] = SimPte::Special;
+    }
+
+    /// The CPU's translation of `addr` right now.
+    pub fn cpu_state(&self, addr: u64) -> PageState {
+        let mmap = mmap_read_lock(self);
+        self.walk(&mmap, addr).state
+    }
+
+    /// The frame backing `addr` (resolving huge leaves), if mapped.
+    pub fn cpu_pfn(&self, addr: u64) -> Option<(u64, bool)> {
+        match self.cpu_state(addr) {
+            PageState::Present { pfn, writable } => Some((pfn, writable)),
+            PageState::Huge { pfn, writable } => {
+                Some((pfn + ((addr % PMD_SIZE) >> PAGE_SHIFT), writable))
+            }
+            PageState::Zero { pfn } => Some((pfn, false)),
+            PageState::None | PageState::Special => None,
+        }
+    }
+
+    /// A CPU access of the process to `[addr, addr + len)`: faults pages in
+    /// like the CPU would (SIGSEGV on a hole, PROT_NONE or a write to a
+    /// read-only mapping) and calls `f(pfn, offset, chunk_start, chunk_len)`
+    /// per page with the mmap lock held, so the frame cannot be unmapped
+    /// in between (reclaim aside).
+    fn access(
+        &self,
+        addr: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(u64, usize, usize, usize),
+    ) -> Result<(), FaultError> {
+        let mut done = 0usize;
+        while done < len {
+            let a = addr + done as u64;
+            let off = (a % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(len - done);
+            let mmap = mmap_read_lock(self);
+            let vma = mmap.lookup(a).ok_or(FaultError::Sigsegv)?;
+            if !vma.flags.contains(VmFlags::READ) || (write && !vma.flags.contains(VmFlags::WRITE))
+            {
+                return Err(FaultError::Sigsegv);
+            }
+            let mut tries = 0;
+            let pfn = loop {
+                let (pfn, ok) = match self.walk(&mmap, a).state {
+                    PageState::Present { pfn, writable } => (pfn, writable || !write),
+                    PageState::Huge { pfn, writable } => {
+                        (pfn + ((a % PMD_SIZE) >> PAGE_SHIFT), writable || !write)
+                    }
+                    PageState::Zero { pfn } => (pfn, !write),
+                    PageState::Special => return Err(FaultError::Sigbus),
+                    PageState::None => (0, false),
+                };
+                if ok {
+                    break pfn;
+                }
+                tries += 1;
+                if tries > 3 {
+                    return Err(FaultError::Sigbus);
+                }
+                let flags = if write {
+                    FaultFlags::WRITE
+                } else {
+                    FaultFlags::empty()
+                };
+                self.handle_mm_fault(&mmap, a, flags)?;
+            };
+            f(pfn, off, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// CPU read of process memory (faults pages in; SIGSEGV as an error).
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), FaultError> {
+        let src = self.source.clone();
+        self.access(addr, out.len(), false, |pfn, off, at, n| {
+            src.read(pfn, off, &mut out[at..at + n])
+        })
+    }
+
+    /// CPU write of process memory (faults pages in, copy-on-write).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), FaultError> {
+        let src = self.source.clone();
+        self.access(addr, data.len(), true, |pfn, off, at, n| {
+            src.write(pfn, off, &data[at..at + n])
+        })
+    }
+
+    /// CPU `lock xadd` on the naturally aligned u64 at `addr`; the old value.
+    pub fn atomic_add_u64(&self, addr: u64, v: u64) -> Result<u64, FaultError> {
+        if !addr.is_multiple_of(8) {
+            return Err(FaultError::Sigbus);
+        }
+        let src = self.source.clone();
+        let mut old = 0;
+        self.access(addr, 8, true, |pfn, off, _, _| {
+            old = src.atomic_add_u64(pfn, off, v)
+        })?;
+        Ok(old)
+    }
+}

@@ -1,0 +1,100 @@
+//! The simulated page table: a 2 MiB-block map of either a 2 MiB leaf or a
+//! table of 512 PTEs, and the operations that change translations.
+
+use std::boxed::Box;
+use std::collections::HashMap;
+use std::vec::Vec;
+
+use crate::mm::{PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE};
+
+pub(super) const PTRS: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SimPte {
+    None,
+    Page { pfn: u64, writable: bool },
+    Zero,
+    Special,
+}
+
+pub(super) enum Pmd {
+    Table(Box<[SimPte; PTRS]>),
+    Huge { pfn: u64, writable: bool },
+}
+
+pub(super) fn pte_index(addr: u64) -> usize {
+    ((addr >> PAGE_SHIFT) as usize) % PTRS
+}
+
+pub(super) fn table_mut(pt: &mut HashMap<u64, Pmd>, addr: u64) -> &mut [SimPte; PTRS] {
+    let pmd = pt
+        .entry(addr >> PMD_SHIFT)
+        .or_insert_with(|| Pmd::Table(Box::new([SimPte::None; PTRS])));
+    match pmd {
+        Pmd::Table(t) => t,
+        Pmd::Huge { .. } => panic!("sim: 4 KiB operation on a huge leaf at {addr:#x}"),
+    }
+}
+
+/// Clear every translation in `[start, end)`; returns the frames to free.
+pub(super) fn zap(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) -> Vec<u64> {
+    let mut freed = Vec::new();
+    let keys: Vec<u64> = pt
+        .keys()
+        .copied()
+        .filter(|&k| {
+            let (b, e) = (k << PMD_SHIFT, (k << PMD_SHIFT) + PMD_SIZE);
+            b < end && start < e
+        })
+        .collect();
+    for k in keys {
+        let base = k << PMD_SHIFT;
+        let remove = match pt.get_mut(&k).expect("key just listed") {
+            Pmd::Huge { pfn, .. } => {
+                freed.extend(*pfn..*pfn + PTRS as u64);
+                true
+            }
+            Pmd::Table(t) => {
+                for (i, pte) in t.iter_mut().enumerate() {
+                    let a = base + i as u64 * PAGE_SIZE;
+                    if a < start || a >= end {
+                        continue;
+                    }
+                    if let SimPte::Page { pfn, .. } = *pte {
+                        freed.push(pfn);
+                    }
+                    *pte = SimPte::None;
+                }
+                t.iter().all(|p| *p == SimPte::None)
+            }
+        };
+        if remove {
+            pt.remove(&k);
+        }
+    }
+    freed
+}
+
+/// Clears write permission on every translation in `[start, end)` (a whole
+/// 2 MiB leaf if it overlaps).
+pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
+    for (&k, pmd) in pt.iter_mut() {
+        let base = k << PMD_SHIFT;
+        match pmd {
+            Pmd::Huge { writable, .. } if base < end && start < base + PMD_SIZE => {
+                *writable = false
+            }
+            Pmd::Huge { .. } => {}
+            Pmd::Table(t) => {
+                for (i, pte) in t.iter_mut().enumerate() {
+                    let a = base + i as u64 * PAGE_SIZE;
+                    if let SimPte::Page { writable, .. } = pte {
+                        if start <= a && a < end {
+                            *writable = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

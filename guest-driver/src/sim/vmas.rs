@@ -1,0 +1,40 @@
+//! The VMA tree, which the simulated mmap lock protects.
+
+use std::collections::BTreeMap;
+use std::vec::Vec;
+
+use crate::mm::Vma;
+
+/// What the simulated mmap lock protects: the VMA tree.
+#[derive(Default)]
+pub struct SimVmas {
+    pub(super) vmas: BTreeMap<u64, Vma>,
+}
+
+impl SimVmas {
+    pub(super) fn lookup(&self, addr: u64) -> Option<Vma> {
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| *v)
+            .filter(|v| v.contains(addr))
+    }
+
+    /// Split VMAs so that `start` and `end` are VMA boundaries.
+    pub(super) fn split_at(&mut self, addr: u64) {
+        if let Some(v) = self.lookup(addr) {
+            if v.start < addr {
+                self.vmas.insert(v.start, Vma { end: addr, ..v });
+                self.vmas.insert(addr, Vma { start: addr, ..v });
+            }
+        }
+    }
+
+    pub(super) fn overlapping(&self, start: u64, end: u64) -> Vec<Vma> {
+        self.vmas
+            .values()
+            .filter(|v| v.start < end && start < v.end)
+            .copied()
+            .collect()
+    }
+}
