@@ -7,10 +7,10 @@ use alloc::string::String;
 
 use faultline_abi::{isa, LEAF_2M, PAGE_SIZE};
 
-use super::super::{PageSize, SnapEntry};
 use super::helpers::*;
 use super::{Needs, Prot, SvmEnv, TestResult};
 use crate::errno::Errno;
+use crate::gpu::{PageSize, SnapEntry};
 
 /// Bind and unbind a context repeatedly: no leaked frames, slots reused.
 pub(super) mod open_close {

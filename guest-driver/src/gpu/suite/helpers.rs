@@ -7,8 +7,8 @@ use alloc::vec::Vec;
 
 use faultline_abi::{Status, PAGE_SIZE};
 
-use super::super::{Channel, Command, CounterSnapshot, GpuError, Platform, SvmConfig, SvmContext};
 use super::{Prot, SvmEnv, TestResult};
+use crate::gpu::{Channel, Command, CounterSnapshot, GpuError, Platform, SvmConfig, SvmContext};
 
 /// `return Err(format!(...))` unless `cond` holds.
 macro_rules! ensure {

@@ -8,9 +8,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use faultline_abi::{atomic_op, isa, Status, PAGE_SIZE};
 
-use super::super::{Command, GpuError};
 use super::helpers::*;
 use super::{Needs, Prot, Segv, SvmEnv, TestResult};
+use crate::gpu::{Command, GpuError};
 use crate::mm::{
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, MmuNotifierRange,
     MmuNotifyEvent,

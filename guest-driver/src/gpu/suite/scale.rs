@@ -3,9 +3,9 @@
 
 use faultline_abi::{isa, Counter, PAGE_SIZE};
 
-use super::super::{Platform, SvmConfig};
 use super::helpers::*;
 use super::{Needs, SvmEnv, TestResult};
+use crate::gpu::{Platform, SvmConfig};
 
 /// A kernel touching many more pages at once than the fault buffer holds:
 /// every fault is serviced, nothing lost.

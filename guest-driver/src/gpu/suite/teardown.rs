@@ -6,10 +6,10 @@ use alloc::vec::Vec;
 
 use faultline_abi::PAGE_SIZE;
 
-use super::super::{GpuError, SvmConfig, SvmContext};
 use super::helpers::*;
 use super::{Needs, SvmEnv, TestResult};
 use crate::errno::Errno;
+use crate::gpu::{GpuError, SvmConfig, SvmContext};
 use crate::hmm::{range_register, range_unregister, HmmRange};
 use crate::mm::Mm;
 
