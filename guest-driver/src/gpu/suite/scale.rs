@@ -67,10 +67,11 @@ pub(super) mod large_first_touch {
 
     /// Room for [`SvmEnv::large_bytes`] (256 MiB) of process frames plus
     /// page tables, and time for 65,536 first-touch faults where the
-    /// driver runs emulated.
+    /// driver runs emulated (~90 s on an idle nested-KVM host; the wait is
+    /// a hang detector, so it leaves room for a loaded one).
     pub const NEEDS: Needs = Needs {
         memory_mib: 320,
-        timeout_ns: Some(120_000_000_000),
+        timeout_ns: Some(300_000_000_000),
         ..Needs::DEFAULT
     };
 
