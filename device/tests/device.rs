@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultline_abi::{
-    atomic_op, doorbell, engine, regs, status_block, vector, Access, Counter, CtlOp, DeviceError,
-    FaultFlags, FaultReason, Pte, Status, DEVICE_MAGIC, LEAF_2M, LEAF_4K,
+    atomic_op, doorbell, engine, regs, status_block, vector, Access, ChannelStatus, Counter, CtlOp,
+    DeviceError, FaultFlags, FaultReason, Pte, Status, DEVICE_MAGIC, LEAF_2M, LEAF_4K,
 };
 use faultline_device::testing::{cmd, RecordingIrq, Rig, CTX_TABLE, DATA};
 use faultline_device::{doorbell_offsets, Device, Worker};
@@ -651,6 +651,32 @@ fn malformed_chains_and_rings() {
     r.write_u32(faultline_device::testing::SB + status_block::CTL_PROD, 1000);
     r.ring(doorbell::CONTROL);
     assert_eq!(r.r32(regs::ERROR_CODE), DeviceError::BadControlRing as u32);
+}
+
+/// docs/gpu-abi.md: a broken queue stops the channel with BadQueue and
+/// CH_ENABLE reads ERROR. A head index beyond the queue size is one.
+#[test]
+fn out_of_range_head_stops_the_channel_with_bad_queue() {
+    let mut r = rig();
+    let q = faultline_device::testing::QUEUES;
+    let avail = q + 16 * 64;
+    r.write_bytes(avail + 4, &200u16.to_le_bytes());
+    r.write_bytes(avail + 2, &1u16.to_le_bytes());
+    r.irq.take();
+    r.ring(doorbell::channel(0));
+    assert_eq!(r.r32(regs::ERROR_CODE), DeviceError::BadQueue as u32);
+    assert_eq!(r.r32(regs::ERROR_INFO), 0);
+    assert!(r.irq.take().contains(&vector::ERROR));
+    assert_eq!(
+        r.r32(regs::channel_reg(0, regs::CH_ENABLE)),
+        ChannelStatus::ERROR.bits()
+    );
+    // Stopped: nothing more is consumed, and re-enabling recovers.
+    assert_eq!(r.used_idx(0), 0);
+    assert!(r.enable_channel(0, 0));
+    r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
+    let t = r.exec(0, cmd::fill(0x1000, 8, 7));
+    assert_eq!(r.status(t), Status::Ok);
 }
 
 #[test]

@@ -151,9 +151,8 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     /// The queue broke (the guest corrupted a ring): stop the channel.
     fn queue_broken(&mut self, ch: usize) {
-        let c = &mut self.channels[ch];
-        c.queue = None;
-        c.error = true;
+        self.channel_stop(ch);
+        self.channels[ch].error = true;
         self.device_error(DeviceError::BadQueue, ch as u32);
     }
 
@@ -227,6 +226,12 @@ impl<M: GuestMemoryBackend> Device<M> {
             let _ = q.disable_notification(&*mem);
         }
         let head = chain.head_index();
+        if u32::from(head) >= c.size {
+            // A head no descriptor has: the ring itself is corrupt (the
+            // chain could not even be returned), so the queue is broken.
+            self.queue_broken(ch);
+            return Progress::Idle;
+        }
         let mut cmd: Option<[u8; COMMAND_SIZE]> = None;
         let mut cmd_bad = false;
         let mut completion = None;
@@ -245,7 +250,8 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
         let (Some(cmd), Some(completion)) = (cmd, completion) else {
             if q.add_used(&*mem, head, 0).is_err() {
-                c.queue = None;
+                self.queue_broken(ch);
+                return Progress::Idle;
             }
             self.device_error(DeviceError::BadChain, ch as u32);
             return Progress::Busy;
