@@ -1,16 +1,24 @@
-//! Device counters, readable through the BAR0 counter window.
+//! Device counters: the per-reset block the guest reads through the BAR0
+//! counter window, and lifetime totals for the host (`named()`).
 
 use faultline_abi::{Counter, Opcode, Status, COUNTER_NAMES, NUM_COUNTERS};
 
+const N: usize = NUM_COUNTERS as usize;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
-    slots: [u64; NUM_COUNTERS as usize],
+    /// Since the last RESET (the BAR0 counter window, docs/gpu-abi.md).
+    slots: [u64; N],
+    /// What earlier reset periods counted: lifetime = retired + slots. Kept
+    /// apart so the hot path increments one array only.
+    retired: [u64; N],
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Self {
-            slots: [0; NUM_COUNTERS as usize],
+            slots: [0; N],
+            retired: [0; N],
         }
     }
 }
@@ -20,9 +28,30 @@ impl Counters {
         self.slots[c as usize]
     }
 
-    /// Counter slot `i` (0 for unknown slots).
+    /// Counter slot `i` since the last RESET (0 for unknown slots).
     pub fn slot(&self, i: u32) -> u64 {
         self.slots.get(i as usize).copied().unwrap_or(0)
+    }
+
+    /// Counter slot `i` over the device's whole life, RESETs included.
+    pub fn lifetime_slot(&self, i: u32) -> u64 {
+        let i = i as usize;
+        match (self.slots.get(i), self.retired.get(i)) {
+            (Some(s), Some(r)) => s.wrapping_add(*r),
+            _ => 0,
+        }
+    }
+
+    pub fn lifetime(&self, c: Counter) -> u64 {
+        self.lifetime_slot(c as u32)
+    }
+
+    /// RESET: the guest-visible counters start again from 0; their totals
+    /// move into the lifetime ones.
+    pub fn reset(&mut self) {
+        for (r, s) in self.retired.iter_mut().zip(self.slots.iter_mut()) {
+            *r = r.wrapping_add(std::mem::take(s));
+        }
     }
 
     pub fn add(&mut self, c: Counter, n: u64) {
@@ -58,21 +87,57 @@ impl Counters {
         self.slot(Counter::status_slot(status))
     }
 
-    /// Non-zero counters as (name, value), for printing at exit.
+    /// The counters as (name, value), for printing at exit: first those
+    /// since the last RESET (the names of the BAR0 window), then the same
+    /// over the device's lifetime as `lifetime.<name>`. A run usually ends
+    /// with the guest's RESET, which zeroes the first group. Per-status
+    /// counts appear only when non-zero.
     pub fn named(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
-        for (i, name) in COUNTER_NAMES.iter().enumerate() {
-            out.push((name.to_string(), self.slots[i]));
-        }
-        for &op in Opcode::ALL {
-            out.push((format!("cmd_{}", op.name()), self.commands(op)));
-        }
-        for &st in Status::ALL {
-            let v = self.with_status(st);
-            if v != 0 {
-                out.push((format!("status_{st:?}"), v));
+        for (prefix, get) in [
+            ("", &Self::slot as &dyn Fn(&Self, u32) -> u64),
+            ("lifetime.", &Self::lifetime_slot),
+        ] {
+            for (i, name) in COUNTER_NAMES.iter().enumerate() {
+                out.push((format!("{prefix}{name}"), get(self, i as u32)));
+            }
+            for &op in Opcode::ALL {
+                let v = get(self, Counter::command_slot(op));
+                out.push((format!("{prefix}cmd_{}", op.name()), v));
+            }
+            for &st in Status::ALL {
+                let v = get(self, Counter::status_slot(st));
+                if v != 0 {
+                    out.push((format!("{prefix}status_{st:?}"), v));
+                }
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_keeps_lifetime_totals() {
+        let mut c = Counters::default();
+        c.add(Counter::FaultsRaised, 3);
+        c.command_done(Some(Opcode::Fill), Status::Ok);
+        c.reset();
+        c.inc(Counter::FaultsRaised);
+        assert_eq!(c.get(Counter::FaultsRaised), 1);
+        assert_eq!(c.lifetime(Counter::FaultsRaised), 4);
+        assert_eq!(c.commands(Opcode::Fill), 0);
+        assert_eq!(c.lifetime_slot(Counter::command_slot(Opcode::Fill)), 1);
+        c.reset();
+        let named = c.named();
+        let v = |n: &str| named.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        assert_eq!(v("faults_raised"), Some(0));
+        assert_eq!(v("lifetime.faults_raised"), Some(4));
+        assert_eq!(v("lifetime.cmd_fill"), Some(1));
+        assert_eq!(v("status_Ok"), None);
+        assert_eq!(v("lifetime.status_Ok"), Some(1));
     }
 }

@@ -286,7 +286,7 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.error_info = 0;
         self.int_status = IntCause::empty();
         self.int_enable = IntCause::all();
-        self.counters = Counters::default();
+        self.counters.reset();
         self.doorbells.take();
         for c in &mut self.channels {
             *c = Channel::default();
