@@ -1,9 +1,10 @@
 //! Device counters: the per-reset block the guest reads through the BAR0
 //! counter window, and lifetime totals for the host (`named()`).
 
-use faultline_abi::{Counter, Opcode, Status, COUNTER_NAMES, NUM_COUNTERS};
+use faultline_abi::{Counter, DeviceError, Opcode, Status, COUNTER_NAMES, NUM_COUNTERS};
 
 const N: usize = NUM_COUNTERS as usize;
+const ERRORS: usize = DeviceError::COUNT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
@@ -12,6 +13,9 @@ pub struct Counters {
     /// What earlier reset periods counted: lifetime = retired + slots. Kept
     /// apart so the hot path increments one array only.
     retired: [u64; N],
+    /// Device errors raised, per `DeviceError` code, over the device's
+    /// lifetime (host-only: not in the BAR0 window).
+    errors: [u64; ERRORS],
 }
 
 impl Default for Counters {
@@ -19,6 +23,7 @@ impl Default for Counters {
         Self {
             slots: [0; N],
             retired: [0; N],
+            errors: [0; ERRORS],
         }
     }
 }
@@ -52,6 +57,19 @@ impl Counters {
         for (r, s) in self.retired.iter_mut().zip(self.slots.iter_mut()) {
             *r = r.wrapping_add(std::mem::take(s));
         }
+    }
+
+    /// Count one device error of kind `code`; returns how many of that
+    /// kind the device has raised in its life, this one included.
+    pub fn device_error(&mut self, code: DeviceError) -> u64 {
+        let e = &mut self.errors[code as usize];
+        *e = e.saturating_add(1);
+        *e
+    }
+
+    /// Device errors of kind `code` raised over the device's lifetime.
+    pub fn device_errors(&self, code: DeviceError) -> u64 {
+        self.errors[code as usize]
     }
 
     pub fn add(&mut self, c: Counter, n: u64) {
@@ -91,7 +109,8 @@ impl Counters {
     /// since the last RESET (the names of the BAR0 window), then the same
     /// over the device's lifetime as `lifetime.<name>`. A run usually ends
     /// with the guest's RESET, which zeroes the first group. Per-status
-    /// counts appear only when non-zero.
+    /// counts appear only when non-zero. Last, `errors.<Kind>`: device
+    /// errors raised per kind over the lifetime (every kind listed).
     pub fn named(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (prefix, get) in [
@@ -110,6 +129,11 @@ impl Counters {
                 if v != 0 {
                     out.push((format!("{prefix}status_{st:?}"), v));
                 }
+            }
+        }
+        for &e in DeviceError::ALL {
+            if e != DeviceError::None {
+                out.push((format!("errors.{e:?}"), self.device_errors(e)));
             }
         }
         out

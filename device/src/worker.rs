@@ -165,6 +165,17 @@ fn run<M: GuestMemoryBackend>(
             }
         }
         // The lock is taken per slice so vCPU BAR0 accesses interleave.
-        busy = lock(device).process();
+        let first_errors = {
+            let mut d = lock(device);
+            busy = d.process();
+            d.take_first_errors()
+        };
+        // Logged with the lock released: a stderr that blocks stalls this
+        // thread only, never a vCPU's register access. Info, not warn: the
+        // guest caused them (often on purpose, in bad-input tests), and
+        // the counters have the totals.
+        for e in first_errors {
+            log::info!("{e}");
+        }
     }
 }

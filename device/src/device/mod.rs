@@ -44,6 +44,25 @@ pub trait InterruptSink: Send + Sync {
     fn msi_changed(&self, _msi: &MsiState) {}
 }
 
+/// The first device error of one kind (`Device::take_first_errors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstError {
+    pub code: DeviceError,
+    /// `ERROR_INFO` of that error (the channel, for channel errors).
+    pub info: u32,
+}
+
+impl std::fmt::Display for FirstError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GPU device error {:?} (info {}), caused by the guest; later ones of this kind \
+             are counted (errors.{:?} in --stats), not logged",
+            self.code, self.info, self.code
+        )
+    }
+}
+
 /// Pending doorbells, shareable with the thread that receives ioeventfd
 /// wakes so ringing never needs the device lock.
 #[derive(Debug, Default)]
@@ -101,6 +120,9 @@ pub struct Device<M: GuestMemoryBackend> {
     channels: Vec<Channel>,
     epoch: Instant,
     ts_hi_latch: u32,
+    /// The first device error of each kind, waiting for the host to log it
+    /// (at most one entry per `DeviceError` kind over the device's life).
+    first_errors: Vec<FirstError>,
     /// Faults the engines hit during this step, recorded at its end.
     queued_faults: Vec<FaultRec>,
     launch_step_limit: u64,
@@ -144,6 +166,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             channels: (0..sizing.channels).map(|_| Channel::default()).collect(),
             epoch: Instant::now(),
             ts_hi_latch: 0,
+            first_errors: Vec::new(),
             queued_faults: Vec::new(),
             launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
         }
@@ -167,6 +190,14 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The first device error of each kind raised since the last call (each
+    /// kind is reported once in the device's life; `counters()` counts them
+    /// all). For the host to log once it released the device lock: the
+    /// worker does so after each step.
+    pub fn take_first_errors(&mut self) -> Vec<FirstError> {
+        std::mem::take(&mut self.first_errors)
     }
 
     pub fn doorbells(&self) -> Arc<Doorbells> {
@@ -236,7 +267,13 @@ impl<M: GuestMemoryBackend> Device<M> {
     }
 
     fn device_error(&mut self, code: DeviceError, info: u32) {
-        log::warn!("faultline device error {code:?} info {info}");
+        // Every error is the guest's doing and a guest can raise them by
+        // the million: count each, note only the first of each kind for the
+        // host to log (never here, under the device lock; see
+        // `take_first_errors`).
+        if self.counters.device_error(code) == 1 {
+            self.first_errors.push(FirstError { code, info });
+        }
         self.error_code = code as u32;
         self.error_info = info;
         if self.enabled {
