@@ -340,12 +340,16 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
     }
 }
 
-/// One fault-around window of a batch.
+/// One fault-around window of a batch: its pages share one VMA.
 struct Window {
     start: u64,
     end: u64,
     shift: u32,
+    /// Some fault of the window is a write the VMA allowed when planned:
+    /// the window is faulted in writable where the VMA still allows it.
     write: bool,
+    /// The window's faults: page address and whether it is a write.
+    faults: Vec<(u64, bool)>,
 }
 
 impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
@@ -360,17 +364,23 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
             return;
         }
         let around = s.fault_around.load(Ordering::Relaxed);
-        // Plan the windows under one short mmap read lock; faults the VMA
-        // can never satisfy are cancelled right here.
-        let mut windows: Vec<(Window, Vec<u64>)> = Vec::new();
+        // Plan the windows under one short mmap read lock. Permissions are
+        // per fault: one the VMA can never satisfy (a write to a read-only
+        // mapping, say) is cancelled right here and takes nothing else in
+        // its window with it.
+        let mut windows: Vec<(Window, bool)> = Vec::new();
         {
             let mmap = mmap_read_lock(&*s.mm);
             for f in faults {
                 let write = f.access != Access::Read;
-                if let Some((w, vas)) = windows.last_mut() {
+                if let Some((w, vma_write)) = windows.last_mut() {
                     if f.va >= w.start && f.va < w.end {
-                        w.write |= write;
-                        vas.push(f.va);
+                        if write && !*vma_write {
+                            cancel.push(f.va);
+                        } else {
+                            w.write |= write;
+                            w.faults.push((f.va, write));
+                        }
                         continue;
                     }
                 }
@@ -378,8 +388,9 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
                     cancel.push(f.va);
                     continue;
                 };
+                let vma_write = vma.flags.contains(VmFlags::WRITE);
                 if !vma.flags.contains(VmFlags::READ)
-                    || (write && !vma.flags.contains(VmFlags::WRITE))
+                    || (write && !vma_write)
                     || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
                 {
                     cancel.push(f.va);
@@ -396,39 +407,59 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
                         end,
                         shift,
                         write,
+                        faults: alloc::vec![(f.va, write)],
                     },
-                    alloc::vec![f.va],
+                    vma_write,
                 ));
             }
         }
-        for (w, vas) in windows {
-            if let Err(e) = binding.service_window(&w) {
-                log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
-                cancel.extend(vas);
-            }
+        for (w, _) in windows {
+            binding.service_window(&w, cancel);
         }
     }
 }
 
 impl<P: Platform, M: Mm> Binding<P, M> {
-    /// One window, the HMM driver pattern. `Err` cancels the window's faults;
-    /// giving up after too many invalidations returns `Ok` (the faults are
-    /// replayed and come back).
-    fn service_window(&self, w: &Window) -> Result<(), Errno> {
+    /// One window, the HMM driver pattern. Faults it cannot satisfy go to
+    /// `cancel`: all of them if the window could not be faulted in, else the
+    /// writes whose page the device was not given writable (the VMA lost
+    /// its write permission since the plan). Giving up after too many
+    /// invalidations cancels nothing (the faults are replayed and come
+    /// back).
+    fn service_window(&self, w: &Window, cancel: &mut Vec<u64>) {
         let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
         let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
-        range_register(&mut range, &self.mirror, w.start, w.end, w.shift)?;
+        if let Err(e) = range_register(&mut range, &self.mirror, w.start, w.end, w.shift) {
+            log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
+            cancel.extend(w.faults.iter().map(|f| f.0));
+            return;
+        }
         let mut result = Ok(());
+        // The pages the device was given writable (bit per entry).
+        let mut writable: Vec<bool> = Vec::new();
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 DriverCounters::add(&c.retries, 1);
             }
-            range.default_flags = F_VALID | if w.write { F_WRITE } else { 0 };
-            range.pfn_flags_mask = 0;
             let r = {
                 let mmap = mmap_read_lock(&*s.mm);
+                // Request flags per page (`(pfns[i] & pfn_flags_mask) |
+                // default_flags`): every page for read, and for write the
+                // pages the VMA allows it on, decided under the same lock
+                // as the fault, so a read never fails for a write the
+                // mapping refuses.
+                range.default_flags = F_VALID;
+                range.pfn_flags_mask = F_WRITE;
+                let vma = s.mm.vma_lookup(&mmap, w.start);
+                for (i, req) in range.pfns.iter_mut().enumerate() {
+                    let va = w.start + ((i as u64) << w.shift);
+                    let vma_write = vma.as_ref().is_some_and(|v| {
+                        va >= v.start && va < v.end && v.flags.contains(VmFlags::WRITE)
+                    });
+                    *req = if w.write && vma_write { F_WRITE } else { 0 };
+                }
                 range_fault(&mut range, &mmap, true)
             };
             match r {
@@ -456,6 +487,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 PageSize::Size4K
             };
             let mut mapped = 0;
+            writable.clear();
+            writable.extend(range.pfns.iter().map(|&e| range.entry_is_writable(e)));
             for (i, &e) in range.pfns.iter().enumerate() {
                 let Some(pfn) = range.entry_to_pfn(e) else {
                     continue;
@@ -478,6 +511,22 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             break;
         }
         range_unregister(&mut range);
-        result
+        match result {
+            Err(e) => {
+                log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
+                cancel.extend(w.faults.iter().map(|f| f.0));
+            }
+            // `writable` stays empty when every pass was invalidated: then
+            // nothing is cancelled, the replay brings the faults back.
+            Ok(()) if !writable.is_empty() => {
+                for &(va, write) in &w.faults {
+                    let i = ((va - w.start) >> w.shift) as usize;
+                    if write && !writable.get(i).copied().unwrap_or(false) {
+                        cancel.push(va);
+                    }
+                }
+            }
+            Ok(()) => {}
+        }
     }
 }

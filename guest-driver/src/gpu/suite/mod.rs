@@ -189,6 +189,7 @@ macro_rules! svm_suite {
             double_map,
             two_processes,
             mprotect_downgrade,
+            mixed_access_ro_window,
             munmap_reuse,
             release_with_context,
             release_waits_for_range,

@@ -107,3 +107,90 @@ pub(super) mod mprotect_downgrade {
         })
     }
 }
+
+/// A read fault and a write fault in one fault-around window of a read-only
+/// mapping, serviced in one batch: the read completes (its page mapped
+/// read-only on the device), only the write is cancelled. Both orders of
+/// the two pages in the window.
+pub(super) mod mixed_access_ro_window {
+    use super::*;
+    use crate::gpu::{Channel, Command, Platform, SvmConfig};
+    use faultline_abi::{Counter, PAGE_SIZE};
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let window = SvmConfig::default().fault_around;
+        // One window per round, aligned so each round's two pages share it.
+        let len = 2 * window;
+        let p = env.spawn()?;
+        let map = mmap_rw(env, &p, len + window, "mmap")?;
+        let ro = (map + window - 1) & !(window - 1);
+        for (i, a) in sampled(ro, len, FIRST) {
+            write_u64(env, &p, a, 0x7000 + i)?;
+        }
+        ok(
+            env.mprotect(&p, map, len + window, Prot::READ),
+            "mprotect RO",
+        )?;
+        let dst = mmap_rw(env, &p, 2 * PAGE_SIZE, "mmap dst")?;
+        for (_, a) in sampled(dst, 2 * PAGE_SIZE, FIRST) {
+            write_u64(env, &p, a, 0xdead)?;
+        }
+        bound(env, p, |p, svm, reader| {
+            let writer = ok(Channel::open(svm.context()), "second channel")?;
+            // (page read, page written) inside round r's window.
+            let rounds = [(0u64, 1u64), (window / PAGE_SIZE + 1, window / PAGE_SIZE)];
+            for (r, &(rp, wp)) in rounds.iter().enumerate() {
+                let (src, wva) = (ro + rp * PAGE_SIZE, ro + wp * PAGE_SIZE);
+                let out = dst + r as u64 * PAGE_SIZE;
+                let raised = env.gpu().device_counter(Counter::FaultsRaised as u32);
+                let tr = ok(
+                    reader.submit(&Command::Copy {
+                        dst: out,
+                        src,
+                        len: PAGE_SIZE,
+                    }),
+                    "submit copy",
+                )?;
+                let tw = ok(
+                    writer.submit(&Command::Fill {
+                        dst: wva,
+                        len: PAGE_SIZE,
+                        pattern: PAT,
+                    }),
+                    "submit fill",
+                )?;
+                // Nothing services faults until a wait: once both are in the
+                // buffer, the first wait drains them as one batch.
+                let deadline = env.gpu().platform().now_ns() + 10_000_000_000;
+                while env.gpu().device_counter(Counter::FaultsRaised as u32) < raised + 2 {
+                    ensure!(
+                        env.gpu().platform().now_ns() < deadline,
+                        "round {r}: the device raised {} of 2 faults",
+                        env.gpu().device_counter(Counter::FaultsRaised as u32) - raised
+                    );
+                }
+                let rr = reader.wait(tr);
+                let rw = writer.wait(tw);
+                ensure!(
+                    rr.is_ok(),
+                    "round {r}: read of page {rp} in a window with a refused write: {rr:?}"
+                );
+                ensure!(
+                    cancelled(rw),
+                    "round {r}: write to read-only page {wp}: {rw:?}"
+                );
+                check_words(env, p, sampled(out, PAGE_SIZE, FIRST), |_| 0x7000 + rp)?;
+                check_words(env, p, sampled(wva, PAGE_SIZE, FIRST), |_| 0x7000 + wp)?;
+                let leaf = svm.device_lookup(src);
+                ensure!(
+                    leaf.is_some_and(|l| !l.perms.intersects(Pte::WRITE | Pte::ATOMIC)),
+                    "round {r}: device leaf of the read page: {leaf:?} (want read-only)"
+                );
+            }
+            Ok(())
+        })
+    }
+}
