@@ -16,6 +16,9 @@ pub struct Counters {
     /// Device errors raised, per `DeviceError` code, over the device's
     /// lifetime (host-only: not in the BAR0 window).
     errors: [u64; ERRORS],
+    /// Most faults ever held back at once for want of fault-buffer space
+    /// (bounded by one per stalled access, `faults::MAX_BACKLOG`).
+    backlog_peak: u64,
 }
 
 impl Default for Counters {
@@ -24,6 +27,7 @@ impl Default for Counters {
             slots: [0; N],
             retired: [0; N],
             errors: [0; ERRORS],
+            backlog_peak: 0,
         }
     }
 }
@@ -72,6 +76,16 @@ impl Counters {
         self.errors[code as usize]
     }
 
+    /// The device holds `len` faults back: keep the high-water mark.
+    pub fn note_fault_backlog(&mut self, len: usize) {
+        self.backlog_peak = self.backlog_peak.max(len as u64);
+    }
+
+    /// Most faults the device ever held back at once (lifetime).
+    pub fn fault_backlog_peak(&self) -> u64 {
+        self.backlog_peak
+    }
+
     pub fn add(&mut self, c: Counter, n: u64) {
         let s = &mut self.slots[c as usize];
         *s = s.wrapping_add(n);
@@ -110,7 +124,8 @@ impl Counters {
     /// over the device's lifetime as `lifetime.<name>`. A run usually ends
     /// with the guest's RESET, which zeroes the first group. Per-status
     /// counts appear only when non-zero. Last, `errors.<Kind>`: device
-    /// errors raised per kind over the lifetime (every kind listed).
+    /// errors raised per kind over the lifetime (every kind listed), and
+    /// `fault_backlog_peak`, the most faults ever held back at once.
     pub fn named(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (prefix, get) in [
@@ -136,6 +151,7 @@ impl Counters {
                 out.push((format!("errors.{e:?}"), self.device_errors(e)));
             }
         }
+        out.push(("fault_backlog_peak".into(), self.backlog_peak));
         out
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use faultline_abi::isa::WARP_SIZE;
 use faultline_abi::{
     atomic_op, engine, Access, Command, Counter, FaultReason, Opcode, Status, COMMAND_SIZE,
     PAGE_SIZE,
@@ -16,6 +17,13 @@ use crate::mmu::{Mmu, Translation, XlateError};
 /// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
 /// command cannot starve control-ring processing (invalidations).
 const XFER_SLICE: u64 = 8 << 20;
+
+/// The most distinct pages one command can be stalled on at once: a LAUNCH
+/// with every resident warp stalled, each on a page per lane (its code
+/// fetch stalls on one page, before any warp runs); a COPY stalls on two,
+/// the other commands on one. Bounds the device's fault bookkeeping.
+pub const MAX_STALLED_PAGES: usize = crate::isa::MAX_RESIDENT_WARPS * WARP_SIZE as usize;
+const _: () = assert!(MAX_STALLED_PAGES >= 2);
 
 /// A fault to report in the fault buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

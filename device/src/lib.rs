@@ -36,6 +36,6 @@ mod worker;
 
 pub use config::{Config, ConfigError};
 pub use counters::Counters;
-pub use device::{doorbell_offsets, Device, Doorbells, FirstError, InterruptSink};
+pub use device::{doorbell_offsets, Device, Doorbells, FirstError, InterruptSink, MAX_BACKLOG};
 pub use pci::MsiState;
 pub use worker::{Waker, Worker};

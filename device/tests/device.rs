@@ -389,6 +389,115 @@ fn overflow_keeps_accesses_stalled_and_recovers() {
     }
 }
 
+// ------------------------------------------- bounded fault bookkeeping
+
+/// The flood: a 2-entry fault buffer the driver never drains, and
+/// a LAUNCH of 512 threads each storing to its own unmapped page, whose
+/// work is then thrown away, over and over. Cancelled or stopped work's
+/// faults go with it: the backlog never exceeds one launch's faults, and
+/// none of them is delivered later.
+fn flood(end_cycle: impl Fn(&mut Rig)) {
+    let mut r = Rig::new(64 << 20, 2);
+    assert!(r.enable_channel(0, 0));
+    let code = DATA;
+    r.write_code(code, &scatter_kernel());
+    r.map(0, 0x1000, code, LEAF_4K, Pte::empty());
+    let base = 0x100_0000u64;
+    for cycle in 0..40u64 {
+        let t = r.exec(0, cmd::launch(0x1000, 5, 64, 8, [base, 0, 0, 0]));
+        assert_eq!(r.completion(t), None, "cycle {cycle}: stalled");
+        assert!(r.dev.fault_backlog() <= 512, "cycle {cycle}");
+        assert!(r.dev.faults_pending() <= 512, "cycle {cycle}");
+        end_cycle(&mut r);
+        assert_eq!(r.dev.fault_backlog(), 0, "cycle {cycle}: backlog kept");
+        assert_eq!(r.dev.faults_pending(), 0, "cycle {cycle}: pending kept");
+    }
+    let peak = r.dev.counters().fault_backlog_peak();
+    assert!((1..=512).contains(&peak), "peak {peak}");
+    assert!(peak as usize <= faultline_device::MAX_BACKLOG);
+    assert_eq!(r.sb(status_block::FAULT_FLAGS), 0, "nothing held back");
+    // The driver finally drains: only the first cycle's two entries were
+    // ever written, and no stale fault of cancelled work follows.
+    let first = r.drain_faults();
+    assert_eq!(first.len(), 2);
+    r.ring(doorbell::FAULT_GET);
+    assert_eq!(r.drain_faults(), Vec::new(), "stale faults delivered");
+    assert_eq!(r.sb(status_block::FAULT_PUT), 2);
+}
+
+#[test]
+fn cancel_context_drops_the_faults_it_cancels() {
+    flood(|r| {
+        assert!(r.ctl_ok(CtlOp::CancelContext, 0, 0, 0));
+    });
+}
+
+#[test]
+fn cancel_range_drops_the_faults_it_cancels() {
+    flood(|r| {
+        assert!(r.ctl_ok(CtlOp::CancelRange, 0, 0x100_0000, 0x1000));
+    });
+}
+
+#[test]
+fn channel_stop_drops_the_faults_of_its_work() {
+    flood(|r| {
+        r.w32(regs::channel_reg(0, regs::CH_ENABLE), 0);
+        assert!(r.enable_channel(0, 0));
+    });
+}
+
+/// A command that faults and then fails (the source page is not mapped,
+/// the destination's PTE is bad) waits on nothing: its fault is not kept.
+#[test]
+fn faults_of_failed_commands_are_not_kept() {
+    let mut r = Rig::new(64 << 20, 2);
+    assert!(r.enable_channel(0, 0));
+    r.write_pte(
+        0,
+        0x20_0000,
+        1,
+        Pte::leaf(DATA, 1, Pte::WRITE).bits() | 1 << 3,
+    );
+    for i in 0..100u64 {
+        let t = r.exec(0, cmd::copy(0x20_0000, 0x40_0000 + i * 0x1000, 8));
+        assert_eq!(r.status(t), Status::BadPte);
+    }
+    assert_eq!(r.dev.fault_backlog(), 0);
+    assert_eq!(r.dev.faults_pending(), 0);
+    assert_eq!(r.drain_faults(), Vec::new());
+}
+
+/// A fault two channels wait on stays while either does: stopping one
+/// channel leaves the other's report (held back, then written).
+#[test]
+fn a_fault_shared_by_two_channels_stays_for_the_other() {
+    let mut r = Rig::new(64 << 20, 2);
+    for ch in 0..2 {
+        assert!(r.enable_channel(ch, 0));
+    }
+    // Fill the buffer with two other faults, then both channels fault on
+    // page 0x9000: one held-back entry, two waiters.
+    let a = r.exec(0, cmd::copy(0x5000, 0x6000, 8));
+    let b = r.exec(1, cmd::fill(0x9000, 8, 1));
+    r.w32(regs::channel_reg(0, regs::CH_ENABLE), 0);
+    assert!(r.enable_channel(0, 0));
+    let c = r.exec(0, cmd::fill(0x9000, 8, 2));
+    assert_eq!(
+        (r.completion(a), r.completion(b), r.completion(c)),
+        (None, None, None)
+    );
+    // Channel 0's FILL goes: channel 1 still waits on 0x9000.
+    r.w32(regs::channel_reg(0, regs::CH_ENABLE), 0);
+    let mut seen: Vec<u64> = r.drain_faults().iter().map(|e| e.va).collect();
+    r.ring(doorbell::FAULT_GET);
+    seen.extend(r.drain_faults().iter().map(|e| e.va));
+    assert_eq!(seen, [0x6000, 0x5000, 0x9000]);
+    r.map(0, 0x9000, DATA, LEAF_4K, Pte::WRITE);
+    r.replay();
+    assert_eq!(r.status(b), Status::Ok);
+}
+
 // ---------------------------------------------------- replay and cancel
 
 #[test]

@@ -143,10 +143,14 @@ impl<M: GuestMemoryBackend> Device<M> {
         q.is_valid(&self.mem).then_some(q)
     }
 
+    /// CH_ENABLE=0 (also disable, RESET, a broken ring): the command in
+    /// flight is dropped without completion, and the faults it waited on
+    /// with it.
     pub(super) fn channel_stop(&mut self, ch: usize) {
         let c = &mut self.channels[ch];
         c.queue = None;
         c.in_flight = None;
+        self.release_faults(ch);
     }
 
     /// The queue broke (the guest corrupted a ring): stop the channel.
@@ -282,6 +286,7 @@ impl<M: GuestMemoryBackend> Device<M> {
         status: Status,
         result: u64,
     ) {
+        self.release_faults(ch);
         self.counters.command_done(op, status);
         let rec = Completion {
             status: status as u32,

@@ -2,23 +2,50 @@
 //! fault buffer (or held back while it is full), and PUT is published; GET
 //! updates release the held-back ones; REPLAY retries every stalled access;
 //! CANCEL fails stalled work.
+//!
+//! Bookkeeping is bounded by what can stall: every pending fault names the
+//! channels whose command in flight waits on it, and when that command
+//! ends (completed, cancelled, dropped by a channel stop or a broken ring)
+//! its share goes. A fault no command waits on any more is forgotten, and
+//! if it was still held back it is never written. So `pending` and the
+//! held-back queue hold at most one entry per stalled access
+//! (`MAX_BACKLOG`), whatever the guest repeats.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use faultline_abi::{
-    status_block, Access, Counter, DeviceError, FaultEntry, FaultFlags, IntCause, PAGE_SIZE,
+    status_block, Access, Counter, DeviceError, FaultEntry, FaultFlags, IntCause, NUM_CHANNELS,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::Device;
+use crate::engine::MAX_STALLED_PAGES;
+
+/// Channels waiting on one fault, a bit per channel.
+type Waiters = u32;
+const _: () = assert!(NUM_CHANNELS <= Waiters::BITS);
+
+/// Most faults the device can hold back: one per stalled access, i.e. per
+/// distinct (context, page, access) the commands in flight wait on.
+pub const MAX_BACKLOG: usize = NUM_CHANNELS as usize * MAX_STALLED_PAGES;
+
+type Key = (u32, u64, Access);
+
+fn key_of(e: &FaultEntry) -> Option<Key> {
+    Access::from_u8(e.access).map(|a| (e.context, e.va, a))
+}
 
 #[derive(Default)]
 pub(super) struct FaultUnit {
     /// The fault buffer's PUT (free-running).
     put: u32,
-    /// Faults reported and not replayed yet: (context, page, access).
-    pending: HashSet<(u32, u64, Access)>,
-    /// Entries waiting for space in the fault buffer, oldest first.
+    /// Faults reported (or held back) and not replayed yet, by (context,
+    /// page, access), with the channels whose command waits on each.
+    pending: HashMap<Key, Waiters>,
+    /// Channels with a bit set somewhere in `pending`.
+    waiting: Waiters,
+    /// Entries waiting for space in the fault buffer, oldest first; each
+    /// has its key in `pending`.
     unreported: VecDeque<FaultEntry>,
     /// OVERFLOW is set in the status block.
     overflow: bool,
@@ -64,9 +91,17 @@ impl<M: GuestMemoryBackend> Device<M> {
         let mut space = None;
         let (mut wrote, mut overflowed) = (false, false);
         for r in &recs {
-            if !self.faults.pending.insert((r.ctx, r.page, r.access)) {
-                self.counters.inc(Counter::FaultsDeduplicated);
-                continue;
+            let bit: Waiters = 1 << r.channel;
+            self.faults.waiting |= bit;
+            match self.faults.pending.entry((r.ctx, r.page, r.access)) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    *o.get_mut() |= bit;
+                    self.counters.inc(Counter::FaultsDeduplicated);
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(bit);
+                }
             }
             let e = FaultEntry {
                 va: r.page,
@@ -87,7 +122,14 @@ impl<M: GuestMemoryBackend> Device<M> {
                 }
             } else {
                 self.counters.inc(Counter::FaultOverflows);
-                self.faults.unreported.push_back(e);
+                // Cannot exceed the bound (one entry per stalled access);
+                // should it ever, OVERFLOW alone says so and the stalled
+                // access reports again on REPLAY.
+                if self.faults.unreported.len() < MAX_BACKLOG {
+                    self.faults.unreported.push_back(e);
+                    self.counters
+                        .note_fault_backlog(self.faults.unreported.len());
+                }
                 if !self.faults.overflow {
                     self.faults.overflow = true;
                     overflowed = true;
@@ -140,6 +182,7 @@ impl<M: GuestMemoryBackend> Device<M> {
         // Every stalled access retries and reports again if it still
         // faults, so the dedup state and unwritten entries start afresh.
         self.faults.pending.clear();
+        self.faults.waiting = 0;
         self.faults.unreported.clear();
         if self.faults.overflow {
             self.faults.overflow = false;
@@ -152,10 +195,8 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     /// Fail stalled work of `ctx` waiting on `[start, end)` (all of it when
     /// `range` is None).
+    /// Their faults go with them (`release_faults`).
     pub(super) fn cancel(&mut self, ctx: u32, range: Option<(u64, u64)>) {
-        self.faults.pending.retain(|(c, page, _)| {
-            *c != ctx || range.is_some_and(|(s, e)| !(*page < e && s < page + PAGE_SIZE))
-        });
         for ch in 0..self.channels.len() {
             let c = &self.channels[ch];
             let hit = c.context() == ctx
@@ -168,5 +209,47 @@ impl<M: GuestMemoryBackend> Device<M> {
                 self.cancel_in_flight(ch);
             }
         }
+    }
+}
+
+impl<M: GuestMemoryBackend> Device<M> {
+    /// The command in flight on channel `ch` ended (completed, cancelled or
+    /// dropped): it waits on nothing any more. Faults only it waited on are
+    /// forgotten, held-back ones are never written, and faults it hit in
+    /// this step are not recorded.
+    pub(super) fn release_faults(&mut self, ch: usize) {
+        if !self.queued_faults.is_empty() {
+            self.queued_faults.retain(|f| usize::from(f.channel) != ch);
+        }
+        let bit: Waiters = 1 << ch;
+        let f = &mut self.faults;
+        if f.waiting & bit == 0 {
+            return;
+        }
+        f.waiting &= !bit;
+        f.pending.retain(|_, w| {
+            *w &= !bit;
+            *w != 0
+        });
+        let pending = &f.pending;
+        f.unreported
+            .retain(|e| key_of(e).is_some_and(|k| pending.contains_key(&k)));
+        if f.overflow && f.unreported.is_empty() && self.enabled {
+            // Nothing held back any more: the buffer did not lose anything
+            // a command still waits on.
+            f.overflow = false;
+            self.sb_store(status_block::FAULT_FLAGS, 0);
+        }
+    }
+
+    /// Faults held back for want of space in the fault buffer (diagnostics
+    /// and tests; bounded by `MAX_BACKLOG`).
+    pub fn fault_backlog(&self) -> usize {
+        self.faults.unreported.len()
+    }
+
+    /// Faults reported or held back that commands still wait on.
+    pub fn faults_pending(&self) -> usize {
+        self.faults.pending.len()
     }
 }

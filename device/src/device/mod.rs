@@ -32,6 +32,7 @@ use crate::pci::{ConfigSpace, MsiState};
 use channels::{Channel, Progress};
 use control::ControlRing;
 use faults::FaultUnit;
+pub use faults::MAX_BACKLOG;
 use regs::Setup;
 
 /// Implemented by the host: deliver an MSI vector (irqfd, eventfd, ...).
