@@ -104,3 +104,48 @@ fn boots_with_ram_above_4g_and_several_vcpus() {
     assert!(out.contains("3135 MiB RAM"), "{out}");
     assert!(out.contains("test direct_map ... ok"), "{out}");
 }
+
+/// At `--memory 16M` (the smallest the VMM accepts) every test either runs
+/// or fails up front with one line naming what it needs; none fails with
+/// what running out of memory would give (a cancelled command, an
+/// allocation error). The largest need is `large_first_touch`'s 320 MiB;
+/// README gives the suite's minimum `--memory` from it.
+#[test]
+fn too_small_a_guest_says_what_each_test_needs() {
+    let (true, Some(fw)) = (kvm_or_skip("too_small_a_guest"), firmware()) else {
+        return;
+    };
+    let o = boot(&fw, &["--memory", "16M"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{}", stderr(&o));
+    let (p, f) = summary(&out).expect("summary line");
+    let results: Vec<&str> = out.lines().filter(|l| l.starts_with("test ")).collect();
+    assert_eq!(results.len() as u32, p + f, "{out}");
+    let mut needs = 0;
+    for l in &results {
+        if l.ends_with(" ... ok") {
+            continue;
+        }
+        let (_, why) = l
+            .split_once(" ... FAILED: ")
+            .unwrap_or_else(|| panic!("{l}"));
+        let mib = why
+            .strip_prefix("needs ≥ ")
+            .and_then(|w| w.split_once(" MiB of guest memory, "))
+            .and_then(|(n, rest)| Some((n.parse::<u64>().ok()?, rest)));
+        let Some((n, rest)) = mib else {
+            panic!("a failure that is not a memory need: {l}\n{out}");
+        };
+        let free: u64 = rest
+            .strip_suffix(" MiB free; boot with more --memory")
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{l}"));
+        assert!(n > free, "a need that fits is not a reason to fail: {l}");
+        needs += 1;
+    }
+    assert!(needs > 0 && needs == f, "{out}");
+    assert!(
+        out.contains("test large_first_touch ... FAILED: needs ≥ 320 MiB of guest memory"),
+        "{out}"
+    );
+}

@@ -61,7 +61,7 @@ fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
     let free_mib = (frames::stats().free * frames::FRAME_SIZE) >> 20;
     if free_mib < needs.memory_mib {
         return Err(format!(
-            "needs {} MiB of guest memory, {free_mib} MiB free; boot with more --memory",
+            "needs ≥ {} MiB of guest memory, {free_mib} MiB free; boot with more --memory",
             needs.memory_mib
         ));
     }
