@@ -17,6 +17,7 @@ mod serial;
 mod svm_env;
 mod sync;
 mod tests;
+mod user;
 
 use arch::exit::{exit, ExitCode};
 use cmdline::Options;

@@ -1,9 +1,13 @@
 //! The long-mode GDT with a TSS, replacing the boot GDT from the entry code.
 //!
-//! The TSS carries the IST stacks: a double fault after a stack overflow, an
-//! NMI or a machine check must not run on the (possibly broken) current stack.
+//! Kernel code and data (DPL 0), user data and code (DPL 3, for the agent in
+//! `crate::user`), and the TSS. The TSS carries the IST stacks (a double
+//! fault after a stack overflow, an NMI or a machine check must not run on
+//! the possibly broken current stack) and RSP0, the stack an interrupt or
+//! exception from user mode switches to: `crate::user` points it at the
+//! kernel stack of the code that entered user mode.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
 use x86_64::instructions::tables::load_tss;
@@ -28,6 +32,43 @@ static TSS: CpuStatic<TaskStateSegment> = CpuStatic::new(TaskStateSegment::new()
 static GDT: CpuStatic<GlobalDescriptorTable> = CpuStatic::new(GlobalDescriptorTable::new());
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
+/// The selectors `init` installed (raw values, RPL included).
+static KERNEL_CS: AtomicU16 = AtomicU16::new(0);
+static KERNEL_SS: AtomicU16 = AtomicU16::new(0);
+static USER_CS: AtomicU16 = AtomicU16::new(0);
+static USER_SS: AtomicU16 = AtomicU16::new(0);
+
+/// Segment selectors for an `iretq` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selectors {
+    pub code: u16,
+    pub stack: u16,
+}
+
+/// Kernel code and stack selectors (RPL 0).
+pub fn kernel_selectors() -> Selectors {
+    Selectors {
+        code: KERNEL_CS.load(Ordering::Relaxed),
+        stack: KERNEL_SS.load(Ordering::Relaxed),
+    }
+}
+
+/// User code and stack selectors (RPL 3).
+pub fn user_selectors() -> Selectors {
+    Selectors {
+        code: USER_CS.load(Ordering::Relaxed),
+        stack: USER_SS.load(Ordering::Relaxed),
+    }
+}
+
+/// Where the CPU reads RSP0 (the stack for interrupts and exceptions taken
+/// in user mode). Only 4-byte aligned (the TSS is packed): write it with an
+/// unaligned store.
+pub fn rsp0_slot() -> *mut u64 {
+    // SAFETY: only the address is taken; TSS is 'static.
+    unsafe { (&raw mut (*TSS.get()).privilege_stack_table[0]).cast::<u64>() }
+}
+
 pub fn init() {
     assert!(
         !INITIALIZED.swap(true, Ordering::SeqCst),
@@ -49,7 +90,13 @@ pub fn init() {
 
     let kernel_code = gdt.append(Descriptor::kernel_code_segment());
     let kernel_data = gdt.append(Descriptor::kernel_data_segment());
+    let user_data = gdt.append(Descriptor::user_data_segment());
+    let user_code = gdt.append(Descriptor::user_code_segment());
     let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+    KERNEL_CS.store(kernel_code.0, Ordering::Relaxed);
+    KERNEL_SS.store(kernel_data.0, Ordering::Relaxed);
+    USER_CS.store(user_code.0, Ordering::Relaxed);
+    USER_SS.store(user_data.0, Ordering::Relaxed);
     // SAFETY: `gdt` is 'static and never mutated again (INITIALIZED guard).
     let gdt: &'static GlobalDescriptorTable = unsafe { &*GDT.get() };
     gdt.load();

@@ -155,6 +155,16 @@ exception_common:
     mov rbx, rsp
     and rsp, -16
     cld
+    /* Exceptions leave RFLAGS.AC as it was: user mode may have set it, and
+       a fault inside a uaccess window has it set. The handler runs with
+       supervisor access to user pages closed (SMAP); iretq restores the
+       interrupted AC. Through popfq, not clac: see crate::user. */
+    test dword ptr [rbx + {rflags}], {ac}
+    jz 2f
+    pushfq
+    and dword ptr [rsp], {not_ac}
+    popfq
+2:
     call exception_dispatch
     mov rsp, rbx
     pop r15
@@ -192,7 +202,10 @@ exception_stub_table:
 spurious_stub_addr:
     .quad spurious_stub
     .popsection
-"#
+"#,
+    rflags = const core::mem::offset_of!(TrapFrame, rflags),
+    ac = const crate::user::RFLAGS_AC,
+    not_ac = const !(crate::user::RFLAGS_AC as u32),
 );
 
 extern "C" {
@@ -290,6 +303,10 @@ static LAST_CR2: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let cr2 = Cr2::read_raw();
+    // Everything raised in user mode belongs to the user call in progress.
+    if frame.cs & 3 == 3 && crate::user::entry::exception(frame, cr2) {
+        return;
+    }
     // Page faults at process addresses belong to the running process.
     if frame.vector == 14 && crate::mm::process::page_fault(frame, cr2) {
         return;

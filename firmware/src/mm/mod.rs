@@ -5,7 +5,8 @@
 //! | PML4      | range                                   | use                          |
 //! |-----------|-----------------------------------------|------------------------------|
 //! | 0         | 0 .. 4 GiB                              | boot identity map (kernel)   |
-//! | 1..256    | 0x0000_0080_0000_0000 .. 0x0000_8000_.. | user processes (`process`)   |
+//! | 1..255    | 0x0000_0080_0000_0000 .. 0x0000_7f80_.. | user processes (`process`)   |
+//! | 255       | 0x0000_7f80_0000_0000 ..                | the agent's code (`user`), in every process |
 //! | 256..384  | 0xffff_8000_0000_0000 ..                | direct map of all RAM        |
 //! | 384       | 0xffff_c000_0000_0000 ..                | kernel heap                  |
 //! | 385       | 0xffff_c080_0000_0000 ..                | kernel vmap (ad-hoc mappings)|
@@ -20,7 +21,9 @@ pub mod process;
 pub mod vmap;
 
 pub const USER_BASE: u64 = 0x0000_0080_0000_0000;
-pub const USER_END: u64 = 0x0000_8000_0000_0000;
+/// End of the range processes map in; PML4 slot 255 above it holds the
+/// agent (`crate::user::AGENT_BASE`).
+pub const USER_END: u64 = 0x0000_7f80_0000_0000;
 pub const DIRECT_MAP_BASE: u64 = 0xffff_8000_0000_0000;
 /// The direct map may use PML4[256..384): 64 TiB of RAM.
 pub const DIRECT_MAP_LIMIT: u64 = 0xffff_c000_0000_0000;

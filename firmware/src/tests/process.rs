@@ -1,7 +1,14 @@
 //! Process address spaces: demand paging, the zero page, segmentation
 //! faults, mprotect/munmap, 2 MiB pages, notifier ordering, isolation, TLB
-//! maintenance, the mirror layer on top, teardown accounting and a long
-//! random run against a reference model.
+//! maintenance, the mirror layer on top, teardown accounting, a long
+//! random run against a reference model, and the walls between user and
+//! kernel (U/S, SMAP, SMEP).
+//!
+//! Every CPU access to process memory here is made in user mode by the
+//! process's agent (`crate::user::agent`), so faults carry U and the CPU
+//! checks the user permissions; `Process::run` (kernel code in the
+//! process's context) is used where a test needs the tables to stay
+//! loaded between accesses, or kernel access itself is under test.
 
 use alloc::format;
 use alloc::string::String;
@@ -27,6 +34,7 @@ use crate::mm::process::{
 };
 use crate::mm::{direct_map, frames, USER_BASE};
 use crate::sync::IrqMutex;
+use crate::user::agent::{Agent, ChaseList, Pattern};
 
 pub const TESTS: &[Test] = &[
     Test::new("process_demand_paging", demand_paging),
@@ -42,6 +50,10 @@ pub const TESTS: &[Test] = &[
     Test::new("process_hmm_mirror", hmm_mirror),
     Test::new("process_teardown", teardown),
     Test::new("process_random_ops", random_ops),
+    Test::new("process_agent_ops", agent_ops),
+    Test::new("process_user_kernel_pages", user_kernel_pages),
+    Test::new("process_smap", smap),
+    Test::new("process_smep", smep),
 ];
 
 macro_rules! ensure {
@@ -76,13 +88,21 @@ fn debug_str(e: impl core::fmt::Debug) -> String {
     format!("{e:?}")
 }
 
+/// A user-mode load of the u64 at `addr`.
 fn read(p: &Process, addr: u64) -> Result<u64, Segfault> {
-    p.run(|| user::read_u64(addr))
+    p.agent().read_u64(addr)
 }
 
+/// A user-mode store.
 fn write(p: &Process, addr: u64, v: u64) -> Result<(), Segfault> {
-    p.run(|| user::write_u64(addr, v))
+    p.agent().write_u64(addr, v)
 }
+
+/// Page-fault error code bits.
+const PF_P: u64 = 1 << 0;
+const PF_W: u64 = 1 << 1;
+const PF_U: u64 = 1 << 2;
+const PF_I: u64 = 1 << 4;
 
 /// A word of a frame, through the direct map (what the device would see).
 fn frame_word(pfn: u64, offset: u64) -> u64 {
@@ -146,19 +166,46 @@ fn demand_paging() -> Result<(), String> {
         "untouched page 3 got mapped"
     );
     let after = p.stats();
-    // Bulk accessors: one `rep stos` / `rep movs` across a fresh page.
+    // Bulk accessors: a pattern over a fresh page, checked word by word,
+    // then bytes in and out at unaligned addresses.
+    let ag = p.agent();
+    let fill = Pattern::constant(0xabab_abab_abab_abab);
+    ag.fill(a + 3 * PG, PG, fill)
+        .map_err(|e| format!("fill: {e}"))?;
+    let bad = ag
+        .check(a + 3 * PG, PG, fill)
+        .map_err(|e| format!("check: {e}"))?;
+    ensure!(bad.is_none(), "filled page: {bad:x?}");
     let bytes: [u8; 5] = [1, 2, 3, 4, 5];
     let mut got = [0u8; 16];
-    p.run(|| {
-        user::fill(a + 3 * PG, 0xab, PG);
-        user::write_bytes(a + 3 * PG + 100, &bytes);
-        user::read_bytes(a + 3 * PG + 96, &mut got);
-    })
-    .map_err(|e| format!("bulk access: {e}"))?;
+    ag.write_bytes(a + 3 * PG + 100, &bytes)
+        .map_err(|e| format!("write_bytes: {e}"))?;
+    ag.read_bytes(a + 3 * PG + 96, &mut got)
+        .map_err(|e| format!("read_bytes: {e}"))?;
     ensure!(
         got[..4] == [0xab; 4] && got[4..9] == bytes && got[9..] == [0xab; 7],
         "bulk access read back {got:x?}"
     );
+    // A check sees a changed word (the word holding byte 100 onwards).
+    let bad = ag
+        .check(a + 3 * PG, PG, fill)
+        .map_err(|e| format!("check: {e}"))?;
+    ensure!(
+        bad.is_some_and(|m| m.addr == a + 3 * PG + 96 && m.expected == fill.base),
+        "check after the byte writes: {bad:x?}"
+    );
+    // Longer than one register load: 200 bytes across the page end.
+    let long: Vec<u8> = (0..200u32).map(|i| (i * 7) as u8).collect();
+    let at = a + 3 * PG + PG - 100;
+    let r = ag.write_bytes(at, &long);
+    ensure!(
+        r.is_err_and(|s| s.addr == a + 4 * PG && s.reason == SegvReason::NoMapping),
+        "write_bytes past the mapping: {r:?}"
+    );
+    let mut back = [0u8; 100];
+    ag.read_bytes(at, &mut back)
+        .map_err(|e| format!("read_bytes: {e}"))?;
+    ensure!(back[..] == long[..100], "bytes up to the mapping's end");
     ensure!(
         after.faults - before.faults == 3,
         "{} faults for three first touches (re-reads must not fault)",
@@ -281,7 +328,15 @@ fn expect_segv(
     reason: SegvReason,
 ) -> Result<(), String> {
     match r {
-        Err(s) if s.addr == addr && s.access == access && s.reason == reason => Ok(()),
+        // From user mode (U), as every access of the tests' agent.
+        Err(s)
+            if s.addr == addr
+                && s.access == access
+                && s.reason == reason
+                && s.error & PF_U != 0 =>
+        {
+            Ok(())
+        }
         Err(s) => Err(format!(
             "expected {access:?} fault at {addr:#x} ({reason:?}), got {s}"
         )),
@@ -312,7 +367,8 @@ fn segfaults() -> Result<(), String> {
     )?;
     let hole = rw + 64 * PG;
     expect_segv(read(&p, hole), hole, Access::Read, SegvReason::NoMapping)?;
-    // The closure ends at the fault: nothing after it runs, nothing is
+    // Kernel code in the process (the `user` accessors, inside stac/clac):
+    // the closure ends at the fault, nothing after it runs, nothing is
     // returned, and the process keeps working.
     let mut reached = false;
     let r = p.run(|| {
@@ -325,19 +381,12 @@ fn segfaults() -> Result<(), String> {
         "closure not ended at the faulting write"
     );
     ensure!(read(&p, rw) == Ok(7), "write before the fault lost");
-    // Instruction fetch from a non-executable mapping (with NX available).
+    // Instruction fetch from a non-executable mapping (with NX available),
+    // in user mode: the agent jumps to `jmp rsi`, which returns to it.
     if crate::arch::paging::nx_enabled() {
         let code = map(&p, None, PG, RW, MapFlags::empty())?;
-        write(&p, code, 0xc3).map_err(|e| format!("write ret: {e}"))?; // `ret`
-        let call = |p: &Process| {
-            p.run(|| {
-                // SAFETY: the target holds `ret` (or faults, which `run`
-                // turns into an error); no registers but the clobbered ones
-                // change.
-                unsafe { core::arch::asm!("call {0}", in(reg) code, clobber_abi("C")) };
-                0u64
-            })
-        };
+        write(&p, code, JMP_RSI).map_err(|e| format!("write jmp: {e}"))?;
+        let call = |p: &Process| p.agent().jump(code).map(|_| 0);
         expect_segv(call(&p), code, Access::Exec, SegvReason::NoExec)?;
         p.mprotect(code, PG, Prot::READ | Prot::EXEC)
             .map_err(|e| format!("mprotect exec: {e:?}"))?;
@@ -649,13 +698,11 @@ fn isolation() -> Result<(), String> {
         read(&p1, a) == Ok(0x1111_1111) && read(&p2, a) == Ok(0x2222_2222),
         "same address, shared data"
     );
-    // Nested: p2 runs inside p1's closure, and p1's tables come back after.
-    let nested = p1.run(|| {
-        let inner = p2.run(|| user::read_u64(a));
-        (inner, user::read_u64(a))
-    });
+    // Nested: p2's agent runs inside p1's closure, and p1's tables come
+    // back after.
+    let nested = p1.run(|| (p2.agent().read_u64(a), p1.agent().read_u64(a)));
     ensure!(
-        nested == Ok((Ok(0x2222_2222), 0x1111_1111)),
+        nested == Ok((Ok(0x2222_2222), Ok(0x1111_1111))),
         "nested run: {nested:?}"
     );
     let f1 = present(p1.translate(a)).ok_or("p1 not mapped")?.0;
@@ -672,8 +719,9 @@ fn isolation() -> Result<(), String> {
 }
 
 /// munmap/mprotect from inside the running process must drop the TLB
-/// entries the closure just used: a stale entry would let the next access
-/// through instead of faulting.
+/// entries the agent just used: a stale entry would let the next access
+/// through instead of faulting. `run` keeps the process's tables (and
+/// their TLB entries) loaded between the agent's calls.
 fn tlb_flush() -> Result<(), String> {
     let p = new_process()?;
     let a = map(&p, None, 16 * PG, RW, MapFlags::empty())?;
@@ -684,34 +732,38 @@ fn tlb_flush() -> Result<(), String> {
         Some(Ok(())) => Ok(()),
         other => Err(format!("{what} inside the process: {other:?}")),
     };
-    let r = p.run(|| {
-        user::write_u64(a, 1);
+    let ag = p.agent();
+    let inside = |f: &dyn Fn() -> Result<u64, Segfault>| {
+        p.run(f).map_err(|e| format!("kernel side faulted: {e}"))
+    };
+    let r = inside(&|| {
+        ag.write_u64(a, 1)?;
         called.set(Some(p.mprotect(a, PG, Prot::READ)));
-        user::write_u64(a, 2);
-    });
+        ag.write_u64(a, 2).map(|_| 0)
+    })?;
     refused("mprotect(READ)", &called)?;
-    expect_segv(r.map(|_| 0), a, Access::Write, SegvReason::ReadOnly)?;
-    let r = p.run(|| {
-        let v = user::read_u64(a + PG);
+    expect_segv(r, a, Access::Write, SegvReason::ReadOnly)?;
+    let r = inside(&|| {
+        let v = ag.read_u64(a + PG)?;
         called.set(Some(p.munmap(a + PG, PG)));
-        v + user::read_u64(a + PG)
-    });
+        Ok(v + ag.read_u64(a + PG)?)
+    })?;
     refused("munmap", &called)?;
     expect_segv(r, a + PG, Access::Read, SegvReason::NoMapping)?;
     // More pages than invlpg covers: the CR3 reload path.
-    let r = p.run(|| {
+    let r = inside(&|| {
         for i in 2..16 {
-            user::write_u64(a + i * PG, i);
+            ag.write_u64(a + i * PG, i)?;
         }
         called.set(Some(p.mprotect(a + 2 * PG, 14 * PG, Prot::empty())));
-        user::read_u64(a + 15 * PG)
-    });
+        ag.read_u64(a + 15 * PG)
+    })?;
     refused("mprotect(NONE) of 14 pages", &called)?;
     expect_segv(r, a + 15 * PG, Access::Read, SegvReason::NoAccess)?;
     // COW from the device side while the CPU caches the zero page.
     let b = map(&p, None, PG, RW, MapFlags::empty())?;
     let r = p.run(|| {
-        let z = user::read_u64(b);
+        let z = ag.read_u64(b);
         let g = mmap_read_lock(&**p.mm());
         let f = p
             .mm()
@@ -724,10 +776,10 @@ fn tlb_flush() -> Result<(), String> {
             // SAFETY: the frame just mapped for the process, in the direct map.
             unsafe { va.as_mut_ptr::<u64>().write_volatile(0x77) };
         }
-        (z, f, user::read_u64(b))
+        (z, f, ag.read_u64(b))
     });
     ensure!(
-        r == Ok((0, Ok(()), 0x77)),
+        r == Ok((Ok(0), Ok(()), Ok(0x77))),
         "CPU read after a remote COW saw {r:?} (stale zero page?)"
     );
     Ok(())
@@ -889,8 +941,7 @@ fn teardown() -> Result<(), String> {
             "release notifications {log:?}"
         );
         ensure!(
-            crate::mm::process::run(&mm, || user::read_u64(a + PG))
-                .is_err_and(|s| s.reason == SegvReason::Dead),
+            read_via(&mm, a + PG).is_err_and(|s| s.reason == SegvReason::Dead),
             "dead address space still faults pages in"
         );
         ensure!(
@@ -915,7 +966,7 @@ fn teardown() -> Result<(), String> {
 }
 
 fn read_via(mm: &Arc<ProcessMm>, addr: u64) -> Result<u64, Segfault> {
-    crate::mm::process::run(mm, || user::read_u64(addr))
+    Agent::new(mm).read_u64(addr)
 }
 
 // The random run. A 48-page window of 4 KiB mappings and two 2 MiB pages,
@@ -1174,9 +1225,9 @@ fn random_ops() -> Result<(), String> {
             let val = (u64::from(k) + 1) | ((i as u64) << 32) | ((huge as u64) << 48);
             let mp = *m.page(huge, i);
             let r = if write {
-                p.run(|| user::write_u64(start, val)).map(|_| 0)
+                p.agent().write_u64(start, val).map(|_| 0)
             } else {
-                p.run(|| user::read_u64(start))
+                p.agent().read_u64(start)
             };
             let access = if write { Access::Write } else { Access::Read };
             let want_err = match mp.prot {
@@ -1263,5 +1314,225 @@ fn random_ops() -> Result<(), String> {
         "random ops: mmap/munmap/mprotect/touch = {counts:?}, free frames {free_at_start} before, {} after",
         frames::stats().free
     );
+    Ok(())
+}
+
+/// `jmp rsi` (FF E6) as the u64 that holds it: user code the agent's jump
+/// operation runs returns with it.
+const JMP_RSI: u64 = 0xe6ff;
+
+/// User mode cannot touch kernel memory: no kernel page carries U/S, so
+/// the CPU refuses every agent access to one with a protection fault (P
+/// and U in the error code: the page is there, just not for user mode),
+/// and nothing lands. The same agent reads and writes its own process's
+/// page, and may read (not write) its own code.
+fn user_kernel_pages() -> Result<(), String> {
+    static KERNEL_WORD: core::sync::atomic::AtomicU64 =
+        core::sync::atomic::AtomicU64::new(0x6b65_726e);
+    let p = new_process()?;
+    let ag = p.agent();
+    let a = map(&p, None, PG, RW, MapFlags::empty())?;
+    write(&p, a, 0x5157).map_err(|e| format!("own page: {e}"))?;
+    ensure!(read(&p, a) == Ok(0x5157), "own page reads back wrong");
+    let heap = alloc::boxed::Box::new(0x6865_6170u64);
+    let stack_word = 0x7374_6b00u64;
+    let image = KERNEL_WORD.as_ptr() as u64;
+    let pml4 = direct_map::phys_to_virt(crate::arch::paging::kernel_pml4_phys()).as_u64();
+    let heap_va = &*heap as *const u64 as u64;
+    let stack_va = core::ptr::addr_of!(stack_word) as u64;
+    let agent = crate::user::AGENT_BASE;
+    let cases = [
+        ("the kernel image (identity map)", image, false),
+        ("the kernel image (identity map)", image, true),
+        ("the kernel PML4 (direct map)", pml4, false),
+        ("the kernel heap", heap_va, false),
+        ("the kernel stack (vmap)", stack_va, true),
+        ("the agent's own code", agent, true),
+    ];
+    for (what, addr, w) in cases {
+        let r = if w {
+            ag.write_u64(addr, 0xbad).map(|_| 0)
+        } else {
+            ag.read_u64(addr)
+        };
+        let want_err = PF_P | PF_U | if w { PF_W } else { 0 };
+        // In the kernel half a hypervisor may answer "not present" instead
+        // (this host's kvm_pvm does: its shadow tables keep the guest
+        // kernel half out of user mode altogether); below it (the identity
+        // map, the agent) the walk is the guest's own, so P must be set.
+        let mask = if addr >= crate::mm::DIRECT_MAP_BASE {
+            PF_U | PF_W
+        } else {
+            PF_P | PF_U | PF_W
+        };
+        match r {
+            Err(s)
+                if s.addr == addr
+                    && s.reason == SegvReason::NotUser
+                    && s.error & mask == want_err & mask => {}
+            other => {
+                return Err(format!(
+                    "user {} of {what} at {addr:#x}: {other:x?}, expected a protection fault (error code {want_err:#x})",
+                    if w { "write" } else { "read" }
+                ))
+            }
+        }
+    }
+    ensure!(
+        KERNEL_WORD.load(core::sync::atomic::Ordering::SeqCst) == 0x6b65_726e
+            && *heap == 0x6865_6170
+            // SAFETY: a local the agent was refused write access to.
+            && unsafe { core::ptr::read_volatile(&stack_word) } == 0x7374_6b00,
+        "a refused user write landed"
+    );
+    let first = ag
+        .read_u64(agent)
+        .map_err(|e| format!("agent reading its own code: {e}"))?;
+    // SAFETY: the agent's first page is kernel text, mapped and 8 bytes long at least.
+    let want = unsafe { (crate::user::agent::code_start() as *const u64).read_volatile() };
+    ensure!(
+        first == want,
+        "agent code reads {first:#x} in user mode, {want:#x} in the kernel"
+    );
+    Ok(())
+}
+
+/// SMAP: kernel code touching a present, user-accessible page without
+/// `stac` is refused by the CPU (a protection fault from supervisor mode:
+/// P set, U clear), for reads and writes; the `user` accessors, which open
+/// the window, get through.
+fn smap() -> Result<(), String> {
+    if !crate::user::smap_enabled() {
+        return Err(super::skip(
+            "this CPU has no SMAP (CPUID.(EAX=7,ECX=0):EBX bit 20 clear), so nothing stops the kernel touching user memory",
+        ));
+    }
+    let p = new_process()?;
+    let a = map(&p, None, PG, RW, MapFlags::empty())?;
+    // Present, user, writable: only SMAP can refuse the kernel now.
+    write(&p, a, 0x5a5a).map_err(|e| format!("agent write: {e}"))?;
+    // SAFETY: a user address inside `run`: no Rust object lives there, and
+    // the fault (the point of the test) ends the closure.
+    let r = p.run(|| unsafe { (a as *const u64).read_volatile() });
+    let refused = |r: &Result<u64, Segfault>, w: bool| {
+        matches!(r, Err(s) if s.addr == a
+            && s.reason == SegvReason::Smap
+            && s.error & (PF_P | PF_U | PF_W) == PF_P | if w { PF_W } else { 0 })
+    };
+    ensure!(
+        refused(&r, false),
+        "kernel read of user memory without stac: {r:x?}"
+    );
+    // SAFETY: as above.
+    let r = p
+        .run(|| unsafe { (a as *mut u64).write_volatile(0xbad) })
+        .map(|_| 0);
+    ensure!(
+        refused(&r, true),
+        "kernel write of user memory without stac: {r:x?}"
+    );
+    let v = p.run(|| user::read_u64(a));
+    ensure!(v == Ok(0x5a5a), "kernel read with stac: {v:x?}");
+    Ok(())
+}
+
+/// SMEP: the kernel cannot run code on a user page (a fetch fault from
+/// supervisor mode on a present page: P and I set, U clear) that user mode
+/// runs fine.
+fn smep() -> Result<(), String> {
+    if !crate::user::smep_enabled() {
+        return Err(super::skip(
+            "this CPU has no SMEP (CPUID.(EAX=7,ECX=0):EBX bit 7 clear), so nothing stops the kernel running user code",
+        ));
+    }
+    let p = new_process()?;
+    let code = map(&p, None, PG, RW, MapFlags::empty())?;
+    // `jmp rsi` for user mode at +0, `ret` for the kernel at +16.
+    write(&p, code, JMP_RSI).map_err(|e| format!("write jmp: {e}"))?;
+    write(&p, code + 16, 0xc3).map_err(|e| format!("write ret: {e}"))?;
+    p.mprotect(code, PG, Prot::READ | Prot::EXEC)
+        .map_err(debug_str)?;
+    p.agent()
+        .jump(code)
+        .map_err(|e| format!("user mode running its own code: {e}"))?;
+    let target = code + 16;
+    let r = p.run(|| {
+        // SAFETY: the target holds `ret` (or faults, which `run` turns into
+        // an error); no registers but the clobbered ones change.
+        unsafe { core::arch::asm!("call {0}", in(reg) target, clobber_abi("C")) };
+    });
+    ensure!(
+        matches!(r, Err(s) if s.addr == target
+            && s.reason == SegvReason::KernelExec
+            && s.error & (PF_P | PF_U | PF_I) == PF_P | PF_I),
+        "kernel call into a user page: {r:x?}"
+    );
+    Ok(())
+}
+
+/// The agent's operations the other tests use less: a round trip, an
+/// atomic add, a pattern that changes per word and per page (checked
+/// against its formula word by word), the pointer-chase list (walked back
+/// node by node), and a spin that sees its value and one that gives up.
+fn agent_ops() -> Result<(), String> {
+    let p = new_process()?;
+    let ag = p.agent();
+    let e = |what: &'static str| move |s: Segfault| format!("{what}: {s}");
+    let a = map(&p, None, 4 * PG, RW, MapFlags::empty())?;
+    ag.nop().map_err(e("nop"))?;
+    ag.write_u64(a, 40).map_err(e("write"))?;
+    let old = ag.atomic_add_u64(a, 2).map_err(e("atomic add"))?;
+    ensure!(
+        old == 40 && read(&p, a) == Ok(42),
+        "atomic add: old {old}, now {:?}",
+        read(&p, a)
+    );
+    ensure!(
+        ag.spin_until(a, 42, 10) == Ok(None),
+        "spin on a value that is there"
+    );
+    ensure!(
+        ag.spin_until(a, 43, 1000) == Ok(Some(42)),
+        "spin on a value that never comes"
+    );
+    let pat = Pattern {
+        base: 0x1000,
+        per_word: 3,
+        per_page: 0x10_0000,
+    };
+    ag.fill(a + PG, 2 * PG, pat).map_err(e("fill"))?;
+    ensure!(
+        ag.check(a + PG, 2 * PG, pat) == Ok(None),
+        "check of the pattern just filled"
+    );
+    for off in [0, 8, PG - 8, PG, PG + 8, 2 * PG - 8] {
+        let got = read(&p, a + PG + off).map_err(e("read"))?;
+        ensure!(
+            got == pat.at(off),
+            "+{off:#x}: {got:#x}, the formula says {:#x}",
+            pat.at(off)
+        );
+    }
+    let list = ChaseList {
+        heap: a + 3 * PG,
+        slots: PG / 16,
+        step: 7,
+        nodes: 100,
+        value_offset: 3,
+    };
+    ag.build_list(list).map_err(e("build list"))?;
+    let node = |i: u64| list.heap + ((i * list.step) % list.slots) * 16;
+    let mut at = node(0);
+    for i in 0..list.nodes {
+        ensure!(
+            at == node(i),
+            "node {i} at {at:#x}, expected {:#x}",
+            node(i)
+        );
+        let value = read(&p, at + 8).map_err(e("read node"))?;
+        ensure!(value == i * i + 3, "node {i} holds {value}");
+        at = read(&p, at).map_err(e("read next"))?;
+    }
+    ensure!(at == 0, "the last node points at {at:#x}");
     Ok(())
 }

@@ -93,7 +93,24 @@ use faultline_driver::mm::{
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
 use pt::{Flush, FrameList, PageTables, P, W};
 
-pub use run::{is_active, page_fault, run, user, Access, Segfault, SegvReason};
+pub use run::{
+    call_user, is_active, page_fault, user, user_page_fault, Access, Segfault, SegvReason,
+};
+
+/// Entry bits and frames for page tables the kernel builds for user mode
+/// outside any process (the agent's, `crate::user`).
+pub mod pt_entry {
+    pub use super::pt::{alloc_zeroed, A, P, U, W};
+
+    /// Writes entry `i` of the page-table page at physical `table`.
+    pub fn write(table: u64, i: usize, e: u64) {
+        assert!(i < 512 && table.is_multiple_of(4096));
+        let slot = (crate::mm::DIRECT_MAP_BASE + table + i as u64 * 8) as *mut u64;
+        // SAFETY: `table` is a page-table frame the caller allocated and
+        // owns (in the direct map); i < 512 keeps the store inside it.
+        unsafe { slot.write_volatile(e) }
+    }
+}
 pub use vmas::Vmas;
 
 bitflags! {
@@ -136,8 +153,10 @@ impl Prot {
 
 static ZERO_PA: AtomicU64 = AtomicU64::new(0);
 
-/// Allocates the shared zero page. Call once at boot, after the heap.
+/// Allocates the shared zero page and sets up user mode (SMEP/SMAP, the
+/// agent's mapping: `crate::user::init`). Call once at boot, after the heap.
 pub fn init() {
+    crate::user::init();
     let pa = pt::alloc_zeroed()
         .unwrap_or_else(|_| crate::fatal(format_args!("no frame for the zero page")));
     ZERO_PA.store(pa, Ordering::Relaxed);
@@ -204,9 +223,15 @@ impl Process {
         &self.mm
     }
 
-    /// Runs `f` inside this process; see [`run`].
+    /// Runs kernel code `f` inside this process; see [`run`].
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> Result<R, Segfault> {
         run::run(&self.mm, f)
+    }
+
+    /// This process's agent: CPU accesses to its memory made in user mode
+    /// (`crate::user::agent`).
+    pub fn agent(&self) -> crate::user::agent::Agent<'_> {
+        crate::user::agent::Agent::new(&self.mm)
     }
 }
 

@@ -27,7 +27,10 @@ pub const PROTNONE: u64 = 1 << 9;
 pub const NX: u64 = 1 << 63;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-fn index(addr: u64, shift: u32) -> usize {
+const AGENT_SLOT: usize = index(crate::user::AGENT_BASE, 39);
+const _: () = assert!(crate::user::AGENT_BASE == USER_END && AGENT_SLOT == 255);
+
+const fn index(addr: u64, shift: u32) -> usize {
     ((addr >> shift) & 511) as usize
 }
 
@@ -247,9 +250,10 @@ pub struct PageTables {
 }
 
 impl PageTables {
-    /// A PML4 with an empty user half and the kernel's entries 0 and
-    /// 256..512 (all kernel-half entries exist from boot on, so copying them
-    /// once is enough).
+    /// A PML4 with an empty user half, the kernel's entries 0 and 256..512
+    /// (all kernel-half entries exist from boot on, so copying them once is
+    /// enough) and the agent's slot 255 (`crate::user`, shared, never freed
+    /// here: it lies above `USER_END`).
     pub fn new() -> Result<PageTables, Oom> {
         let pa = alloc_zeroed()?;
         let kernel = paging::kernel_pml4_phys().as_u64();
@@ -259,6 +263,7 @@ impl PageTables {
             let dst = (DIRECT_MAP_BASE + pa) as *mut u64;
             let src = (DIRECT_MAP_BASE + kernel) as *const u64;
             dst.write(src.read());
+            dst.add(AGENT_SLOT).write(crate::user::agent_pml4e());
             core::ptr::copy_nonoverlapping(src.add(256), dst.add(256), 256);
             Table::at(pa)
         };

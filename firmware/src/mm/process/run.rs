@@ -2,8 +2,18 @@
 //! process addresses served by its address space, and a segmentation fault
 //! turned into an error value instead of a dead firmware.
 //!
-//! The closure runs in supervisor mode on the kernel stack (there is no user
-//! mode here). A fault the address space cannot resolve abandons the closure
+//! Two ways in. [`call_user`] runs user code (the agent, `crate::user`) at
+//! CPL 3: that is how tests touch process memory. [`run`] runs a kernel
+//! closure with the process's tables loaded, the context of a system call:
+//! the closure may call mm operations (munmap from "inside" the process) and
+//! the agent, and touch process memory itself only through [`user`], inside
+//! `stac`/`clac` where SMAP is on (`crate::user::with_user_access`).
+//!
+//! A kernel-mode fault at a user address with SMAP on and RFLAGS.AC clear
+//! (an access outside [`user`]) is refused (`SegvReason::Smap`), as is any
+//! kernel instruction fetch from a user address (`KernelExec`); the mm is
+//! not asked. The closure runs on the kernel stack. A fault the address
+//! space cannot resolve abandons the closure
 //! the way `longjmp` would: the exception handler rewrites the trap frame to
 //! resume in [`run`]'s trampoline with the callee-saved registers and stack
 //! pointer saved on entry. Nothing on the closure's part of the stack is
@@ -51,6 +61,16 @@ pub enum SegvReason {
     MmapLockHeld,
     /// A notifier refused a blockable invalidation (a broken subscriber).
     Notifier,
+    /// A user-mode access outside the process's range (`mm::USER_BASE..
+    /// USER_END`): kernel memory, whose pages lack U/S, or the agent's
+    /// read-only code.
+    NotUser,
+    /// A kernel access to user memory with SMAP on and RFLAGS.AC clear.
+    Smap,
+    /// A kernel instruction fetch from a user address.
+    KernelExec,
+    /// An exception other than a page fault in user mode (`Segfault::vector`).
+    UserException,
 }
 
 impl SegvReason {
@@ -64,18 +84,25 @@ impl SegvReason {
             SegvReason::Dead => "address space torn down",
             SegvReason::MmapLockHeld => "mmap lock held for writing",
             SegvReason::Notifier => "a notifier refused the invalidation",
+            SegvReason::NotUser => "not a user address",
+            SegvReason::Smap => "kernel access to user memory outside a uaccess window (SMAP)",
+            SegvReason::KernelExec => "kernel fetch from user memory",
+            SegvReason::UserException => "exception in user mode",
         }
     }
 }
 
-/// A segmentation fault inside [`run`]: the access, where, why, and the
-/// instruction that made it.
+/// A segmentation fault inside [`run`] or [`call_user`]: the access,
+/// where, why, the instruction that made it, and the exception (vector
+/// 14 and the page-fault error code for page faults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segfault {
     pub addr: u64,
     pub access: Access,
     pub reason: SegvReason,
     pub rip: u64,
+    pub vector: u8,
+    pub error: u64,
 }
 
 impl fmt::Display for Segfault {
@@ -85,12 +112,20 @@ impl fmt::Display for Segfault {
             Access::Write => "write",
             Access::Exec => "exec",
         };
+        if self.reason == SegvReason::UserException {
+            return write!(
+                f,
+                "exception {} (error code {:#x}) in user mode at rip {:#x}",
+                self.vector, self.error, self.rip
+            );
+        }
         write!(
             f,
-            "segmentation fault: {access} at {:#x} ({}), rip {:#x}",
+            "segmentation fault: {access} at {:#x} ({}), rip {:#x}, error code {:#x}",
             self.addr,
             self.reason.as_str(),
-            self.rip
+            self.rip,
+            self.error
         )
     }
 }
@@ -229,6 +264,62 @@ pub fn run<F: FnOnce() -> R, R>(mm: &Arc<ProcessMm>, f: F) -> Result<R, Segfault
     Ok(ctx.r.take().expect("closure neither returned nor faulted"))
 }
 
+/// Runs user code at `rip` with `regs` under `mm`'s page tables until the
+/// agent's return (`crate::user::entry::enter`). Nests inside [`run`] (the
+/// tables stay loaded, and so do their TLB entries); restores CR3.
+pub fn call_user(
+    mm: &Arc<ProcessMm>,
+    rip: u64,
+    regs: crate::user::entry::Regs,
+) -> Result<crate::user::entry::Regs, Segfault> {
+    let prev_active = ACTIVE.swap(Arc::as_ptr(mm) as *mut ProcessMm, Ordering::SeqCst);
+    let prev_cr3 = Cr3::read().0.start_address().as_u64();
+    let pml4 = mm.pml4_phys();
+    if prev_cr3 != pml4 {
+        write_cr3(pml4);
+    }
+    let r = crate::user::entry::enter(rip, regs);
+    if prev_cr3 != pml4 {
+        write_cr3(prev_cr3);
+    }
+    ACTIVE.store(prev_active, Ordering::SeqCst);
+    r
+}
+
+/// A page fault in user mode (error code U), from `crate::user::entry`:
+/// `Ok` when the running process's fault handler resolved it, the
+/// `Segfault` that ends the user call otherwise.
+pub fn user_page_fault(cr2: u64, error: u64, rip: u64) -> Result<(), Segfault> {
+    let access = access_of(error);
+    let segv = |reason| Segfault {
+        addr: cr2,
+        access,
+        reason,
+        rip,
+        vector: 14,
+        error,
+    };
+    if !(USER_BASE..USER_END).contains(&cr2) {
+        return Err(segv(SegvReason::NotUser));
+    }
+    let active = ACTIVE.load(Ordering::SeqCst);
+    assert!(!active.is_null(), "user mode without a process");
+    // SAFETY: `call_user` holds an `Arc` of the process for as long as
+    // ACTIVE points at it.
+    let mm = unsafe { &*active };
+    mm.cpu_fault(cr2, access).map_err(segv)
+}
+
+fn access_of(error: u64) -> Access {
+    if error & PF_FETCH != 0 {
+        Access::Exec
+    } else if error & PF_WRITE != 0 {
+        Access::Write
+    } else {
+        Access::Read
+    }
+}
+
 const PF_WRITE: u64 = 1 << 1;
 const PF_RSVD: u64 = 1 << 3;
 const PF_FETCH: u64 = 1 << 4;
@@ -247,14 +338,17 @@ pub fn page_fault(frame: &mut TrapFrame, cr2: u64) -> bool {
     // SAFETY: `run` holds an `Arc` of the active process for as long as
     // ACTIVE points at it.
     let mm = unsafe { &*active };
-    let access = if frame.error_code & PF_FETCH != 0 {
-        Access::Exec
-    } else if frame.error_code & PF_WRITE != 0 {
-        Access::Write
+    let access = access_of(frame.error_code);
+    let refused = if access == Access::Exec {
+        // SMEP or not, the kernel never runs user code.
+        Err(SegvReason::KernelExec)
+    } else if crate::user::smap_enabled() && frame.rflags & crate::user::RFLAGS_AC == 0 {
+        // Outside `user`'s stac window: a kernel bug (or the SMAP test).
+        Err(SegvReason::Smap)
     } else {
-        Access::Read
+        mm.cpu_fault(cr2, access)
     };
-    let reason = match mm.cpu_fault(cr2, access) {
+    let reason = match refused {
         Ok(()) => return true,
         Err(r) => r,
     };
@@ -263,6 +357,8 @@ pub fn page_fault(frame: &mut TrapFrame, cr2: u64) -> bool {
         access,
         reason,
         rip: frame.rip,
+        vector: 14,
+        error: frame.error_code,
     };
     let landing = LANDING.load(Ordering::SeqCst);
     if landing.is_null() {
@@ -287,8 +383,9 @@ pub fn page_fault(frame: &mut TrapFrame, cr2: u64) -> bool {
     frame.r15 = b.r15;
     frame.rsp = b.rsp;
     frame.rip = core::ptr::addr_of!(process_try_abort) as u64;
-    // The ABI wants DF clear at a function return.
-    frame.rflags &= !(1 << 10);
+    // The ABI wants DF clear at a function return; the stac window of the
+    // abandoned access ends here too.
+    frame.rflags &= !((1 << 10) | crate::user::RFLAGS_AC);
     true
 }
 
@@ -307,30 +404,26 @@ fn user_ptr(addr: u64, len: u64) -> *mut u8 {
     addr as *mut u8
 }
 
-/// Process memory accessors for code inside [`run`]. They only accept
-/// addresses in the user half, so they cannot scribble over the kernel; a
+/// Process memory accessors for kernel code inside [`run`] (Linux's
+/// `get_user`/`copy_to_user`; tests use the agent instead). They only
+/// accept addresses in the user half, so they cannot scribble over the
+/// kernel, and open SMAP's window (`stac`) for exactly their access; a
 /// fault they cannot have resolved ends the closure with a [`Segfault`].
 pub mod user {
     use super::user_ptr;
+    use crate::user::with_user_access as uaccess;
 
     pub fn read_u64(addr: u64) -> u64 {
         let p = user_ptr(addr, 8) as *const u64;
         // SAFETY: a user-half address inside `run`: no Rust object lives
         // there; the #PF hook backs it or abandons the closure.
-        unsafe { p.read_volatile() }
+        uaccess(|| unsafe { p.read_volatile() })
     }
 
     pub fn write_u64(addr: u64, v: u64) {
         let p = user_ptr(addr, 8) as *mut u64;
         // SAFETY: as in `read_u64`.
-        unsafe { p.write_volatile(v) }
-    }
-
-    /// `memset` of process memory (one `rep stos`: cheap even under PVM).
-    pub fn fill(addr: u64, byte: u8, len: u64) {
-        let p = user_ptr(addr, len);
-        // SAFETY: as in `read_u64`.
-        unsafe { core::ptr::write_bytes(p, byte, len as usize) }
+        uaccess(|| unsafe { p.write_volatile(v) })
     }
 
     /// `lock xadd` on the naturally aligned u64 at `addr`; the old value.
@@ -340,20 +433,20 @@ pub mod user {
         // SAFETY: as in `read_u64`; aligned (checked), and every other
         // access to it (the GPU's included) is atomic or plain memory.
         let a = unsafe { core::sync::atomic::AtomicU64::from_ptr(p) };
-        a.fetch_add(v, core::sync::atomic::Ordering::SeqCst)
+        uaccess(|| a.fetch_add(v, core::sync::atomic::Ordering::SeqCst))
     }
 
     /// Copies process memory into `buf`.
     pub fn read_bytes(addr: u64, buf: &mut [u8]) {
         let p = user_ptr(addr, buf.len() as u64);
         // SAFETY: as in `read_u64`; `buf` is kernel memory, no overlap.
-        unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
+        uaccess(|| unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) })
     }
 
     /// Copies `buf` into process memory.
     pub fn write_bytes(addr: u64, buf: &[u8]) {
         let p = user_ptr(addr, buf.len() as u64);
         // SAFETY: as in `read_bytes`.
-        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) }
+        uaccess(|| unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) })
     }
 }
