@@ -15,8 +15,10 @@ use crate::isa::LaunchJob;
 use crate::mmu::{Mmu, Translation, XlateError};
 
 /// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
-/// command cannot starve control-ring processing (invalidations).
-const XFER_SLICE: u64 = 8 << 20;
+/// command can neither starve control-ring processing (invalidations) nor
+/// hold the device lock long (`Device::process`: at most `STEP_SLICES`
+/// slices a step): 128 KiB is some tens of µs of memcpy.
+pub const XFER_SLICE: u64 = 128 << 10;
 
 /// The most distinct pages one command can be stalled on at once: a LAUNCH
 /// with every resident warp stalled, each on a page per lane (its code
@@ -224,7 +226,8 @@ fn fill<M: GuestMemoryBackend>(
         let Some(t) = env.xlate(va, Access::Write, engine::FILL, 0)? else {
             return Ok(None);
         };
-        let n = (len - *done).min(t.avail);
+        // Never past the slice, however large the leaf.
+        let n = (stop - *done).min(t.avail);
         let mut off = 0;
         while off < n {
             let phase = ((*done + off) % 8) as usize;
@@ -289,7 +292,7 @@ fn copy<M: GuestMemoryBackend>(
                 (s, d)
             }
         };
-        let mut n = (len - *done).min(s.avail).min(d.avail);
+        let mut n = (stop - *done).min(s.avail).min(d.avail);
         // Still one translation per page (or leaf), but physically
         // contiguous pages on both sides coalesce into one bulk copy. A peek
         // that fails (fault or error) just ends the run; the next iteration

@@ -10,8 +10,11 @@ use crate::engine::{atomic_gpa, Env, Outcome};
 
 /// Warps resident at once; more start as these finish.
 pub const MAX_RESIDENT_WARPS: usize = 64;
-/// Warp-instructions per scheduling slice.
-const SLICE_STEPS: u64 = 1 << 14;
+/// Warp-instructions per scheduling slice (some tens of µs; the device
+/// lock is held for at most `STEP_SLICES` slices, `Device::process`).
+/// Checked after each round of the resident warps, so that every warp gets
+/// its turn: a slice runs at most SLICE_STEPS + 64 × WARP_QUANTUM.
+pub const SLICE_STEPS: u64 = 1 << 11;
 /// Instructions a warp runs before the scheduler moves to the next warp.
 const WARP_QUANTUM: u32 = 64;
 

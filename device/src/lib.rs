@@ -36,6 +36,10 @@ mod worker;
 
 pub use config::{Config, ConfigError};
 pub use counters::Counters;
-pub use device::{doorbell_offsets, Device, Doorbells, FirstError, InterruptSink, MAX_BACKLOG};
+pub use device::{
+    doorbell_offsets, Device, Doorbells, FirstError, InterruptSink, MAX_BACKLOG,
+    STEP_CONTROL_ENTRIES, STEP_SLICES,
+};
 pub use pci::MsiState;
+pub use sync::DeviceMutex;
 pub use worker::{Waker, Worker};

@@ -8,15 +8,15 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, Doorbells};
-use crate::sync::lock;
+use crate::device::Doorbells;
+use crate::sync::{lock, DeviceMutex};
 
 /// Epoll tokens of the two eventfds that are not doorbells (doorbell fds
 /// use their position in the list).
@@ -57,7 +57,7 @@ impl Worker {
     /// writes (none where every BAR0 write arrives through `mmio_write`).
     /// The worker installs itself as the device's waker.
     pub fn spawn<M>(
-        device: Arc<Mutex<Device<M>>>,
+        device: Arc<DeviceMutex<M>>,
         doorbell_fds: Vec<(u32, EventFd)>,
     ) -> io::Result<Worker>
     where
@@ -132,7 +132,7 @@ fn run<M: GuestMemoryBackend>(
     epoll: &Epoll,
     doorbell_fds: &[(u32, EventFd)],
     waker: &Waker,
-    device: &Mutex<Device<M>>,
+    device: &DeviceMutex<M>,
 ) {
     let mut events = vec![EpollEvent::default(); doorbell_fds.len() + 2];
     let mut busy = false;
@@ -164,11 +164,14 @@ fn run<M: GuestMemoryBackend>(
                 }
             }
         }
-        // The lock is taken per slice so vCPU BAR0 accesses interleave.
+        // One bounded step per lock hold (`Device::process`), and a thread
+        // waiting for the register file goes first (`DeviceMutex`).
         let first_errors = {
-            let mut d = lock(device);
+            let mut d = device.lock_for_step();
             busy = d.process();
-            d.take_first_errors()
+            let e = d.take_first_errors();
+            DeviceMutex::unlock_after_step(d);
+            e
         };
         // Logged with the lock released: a stderr that blocks stalls this
         // thread only, never a vCPU's register access. Info, not warn: the

@@ -1,6 +1,6 @@
 //! Registers, config space, fault buffer, replay/cancel, engines, channels.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultline_abi::{
@@ -898,14 +898,14 @@ fn channel_driven_through_virtio_queue_mock() {
 /// Runs `cmd` on channel 0 through a worker built by `spawn`, rung by
 /// `ring`; returns the completion status once the data shows up.
 fn through_worker(
-    spawn: impl FnOnce(Arc<Mutex<faultline_device::Device<vm_memory::GuestMemoryMmap>>>) -> Worker,
+    spawn: impl FnOnce(Arc<faultline_device::DeviceMutex<vm_memory::GuestMemoryMmap>>) -> Worker,
     ring: impl FnOnce(&Worker),
 ) {
     let mut r = rig();
     r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
     let t = r.submit(0, cmd::semaphore(0x1000, true, 77));
     let mem = r.mem().clone();
-    let dev = Arc::new(Mutex::new(r.dev));
+    let dev = Arc::new(faultline_device::DeviceMutex::new(r.dev));
     let worker = spawn(dev.clone());
     ring(&worker);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use faultline_abi::{regs, DeviceError};
 use faultline_device::testing::Rig;
-use faultline_device::{Device, Worker};
+use faultline_device::{Device, DeviceMutex, Worker};
 use vm_memory::GuestMemoryMmap;
 
-type Shared = Arc<Mutex<Device<GuestMemoryMmap>>>;
+type Shared = Arc<DeviceMutex<GuestMemoryMmap>>;
 
 /// Every record: level, text, and whether the device lock was free while
 /// it was written.
@@ -27,7 +27,7 @@ impl log::Log for Capture {
     }
     fn log(&self, r: &log::Record) {
         let unlocked = match &*self.device.lock().unwrap() {
-            Some(d) => d.try_lock().is_ok(),
+            Some(d) => d.try_lock().is_some(),
             None => true,
         };
         let text = r.args().to_string();
@@ -73,11 +73,11 @@ fn error_flood_is_counted_logged_once_outside_the_lock_and_below_warn() {
     let c = capture();
     let mut r = Rig::new(16 << 20, 64);
     r.w32(regs::RESET, regs::RESET_VALUE);
-    let dev: Shared = Arc::new(Mutex::new(r.dev));
+    let dev: Shared = Arc::new(DeviceMutex::new(r.dev));
     *c.device.lock().unwrap() = Some(dev.clone());
     let worker = Worker::spawn(dev.clone(), Vec::new()).unwrap();
     {
-        let mut d = dev.lock().unwrap();
+        let mut d = dev.lock();
         for _ in 0..100_000 {
             d.mmio_write(regs::ENABLE, &1u32.to_le_bytes());
         }
@@ -98,9 +98,7 @@ fn error_flood_is_counted_logged_once_outside_the_lock_and_below_warn() {
     }
     // More errors of the same kind: counted, never logged again.
     for _ in 0..1000 {
-        dev.lock()
-            .unwrap()
-            .mmio_write(regs::ENABLE, &1u32.to_le_bytes());
+        dev.lock().mmio_write(regs::ENABLE, &1u32.to_le_bytes());
     }
     worker.shutdown();
     let recs = device_records(c);
@@ -109,7 +107,7 @@ fn error_flood_is_counted_logged_once_outside_the_lock_and_below_warn() {
     assert!(*level > log::Level::Warn, "logged at {level}");
     assert!(text.contains("BadSetup"), "{text}");
     assert!(*unlocked, "logged while the device lock was held");
-    assert_eq!(error_count(&dev.lock().unwrap(), "BadSetup"), Some(101_000));
+    assert_eq!(error_count(&dev.lock(), "BadSetup"), Some(101_000));
 }
 
 /// Hosts without the worker collect the same notes themselves: one per kind

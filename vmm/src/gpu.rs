@@ -25,7 +25,8 @@ use crate::memory::{self, MMIO_HOLE_START};
 use crate::msi::{KvmIrqRoutingOps, MsiRouter, SignalMsi};
 use crate::pci::{Devfn, PciBus, PciFunction};
 
-pub type Gpu = Device<GuestMemoryMmap>;
+/// The device's lock (fair hand-over from its worker, `faultline_device::sync`).
+pub type GpuLock = faultline_device::DeviceMutex<GuestMemoryMmap>;
 
 /// 00:04.0, the slot QEMU's `-device` would commonly give a first add-on card.
 pub const GPU_DEVICE: u8 = 4;
@@ -122,7 +123,7 @@ impl DoorbellEvents for NoDoorbells {
 
 /// BAR0 as seen on the MMIO bus: offsets into the 64 KiB register window.
 pub struct Bar0 {
-    pub device: Arc<Mutex<Gpu>>,
+    pub device: Arc<GpuLock>,
 }
 
 impl BusDevice for Bar0 {
@@ -249,12 +250,12 @@ impl Bar0Mapping {
 /// The GPU's PCI function: config space from the device, BAR0 changes
 /// applied to the buses.
 pub struct GpuPci {
-    device: Arc<Mutex<Gpu>>,
+    device: Arc<GpuLock>,
     bar: Bar0Mapping,
 }
 
 impl GpuPci {
-    pub fn new(device: Arc<Mutex<Gpu>>, bar: Bar0Mapping) -> Self {
+    pub fn new(device: Arc<GpuLock>, bar: Bar0Mapping) -> Self {
         Self { device, bar }
     }
 
@@ -299,7 +300,7 @@ impl PciFunction for GpuPci {
 
 /// The GPU as wired into a VM: what the rest of the VMM still needs.
 pub struct GpuHost {
-    device: Arc<Mutex<Gpu>>,
+    device: Arc<GpuLock>,
     worker: Worker,
 }
 
@@ -330,7 +331,7 @@ pub fn attach(
         Arc::new(SignalMsi::new(vm.clone()))
     };
     let device = Device::with_config(mem.clone(), irq, sizing)?;
-    let device = Arc::new(Mutex::new(device));
+    let device = Arc::new(GpuLock::new(device));
     let (doorbells, doorbell_fds): (Box<dyn DoorbellEvents>, _) = if fastpath {
         let d = KvmDoorbells::new(vm.clone())
             .map_err(Error::io("creating the GPU doorbell eventfds"))?;
@@ -428,9 +429,9 @@ pub(crate) mod tests {
 
     pub const RAM: u64 = 64 << 20;
 
-    pub fn gpu() -> Arc<Mutex<Gpu>> {
+    pub fn gpu() -> Arc<GpuLock> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        Arc::new(Mutex::new(Device::new(mem, Arc::new(NoIrq))))
+        Arc::new(GpuLock::new(Device::new(mem, Arc::new(NoIrq))))
     }
 
     struct Rig {

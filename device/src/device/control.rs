@@ -22,28 +22,31 @@ pub(super) struct ControlRing {
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
-    /// DB_CONTROL: run every entry the driver submitted.
-    pub(super) fn process_control(&mut self) {
+    /// DB_CONTROL: run the entries the driver submitted, at most `limit`
+    /// of them (a bounded step). Returns `false` if some remain.
+    pub(super) fn process_control(&mut self, limit: u32) -> bool {
         if self.control.broken {
-            return;
+            return true;
         }
         let Some(prod) = self.sb_load(status_block::CTL_PROD) else {
-            return;
+            return true;
         };
         let entries = self.active.ctl_entries;
         if prod.wrapping_sub(self.control.cons) > entries {
             self.control.broken = true;
             self.device_error(DeviceError::BadControlRing, prod);
-            return;
+            return true;
         }
         let mut notify = false;
-        while self.control.cons != prod {
+        let mut done = 0;
+        while self.control.cons != prod && done < limit {
+            done += 1;
             let slot = u64::from(self.control.cons % entries);
             let addr = self.active.ctl_ring + slot * CtlEntry::SIZE as u64;
             let mut b = [0u8; CtlEntry::SIZE];
             if self.mem.read_slice(&mut b, GuestAddress(addr)).is_err() {
                 self.device_error(DeviceError::MemoryError, 0);
-                return;
+                return true;
             }
             let e = CtlEntry::from_le_bytes(&b);
             let status = match CtlOp::from_u32(e.op) {
@@ -61,7 +64,7 @@ impl<M: GuestMemoryBackend> Device<M> {
                 .is_err()
             {
                 self.device_error(DeviceError::MemoryError, 0);
-                return;
+                return true;
             }
             notify |= CtlFlags::from_bits_truncate(e.flags).contains(CtlFlags::NOTIFY);
             self.control.cons = self.control.cons.wrapping_add(1);
@@ -71,6 +74,7 @@ impl<M: GuestMemoryBackend> Device<M> {
         if notify {
             self.raise(IntCause::CONTROL);
         }
+        self.control.cons == prod
     }
 
     fn control_op(&mut self, op: CtlOp, ctx: u32, start: u64, len: u64) -> CtlStatus {

@@ -87,6 +87,12 @@ impl Doorbells {
     }
 }
 
+/// Channel slices one `process()` step runs at most (see there).
+pub const STEP_SLICES: usize = 8;
+/// Control-ring entries one `process()` step runs at most: an
+/// INVALIDATE_RANGE costs a pass over the context's TLB.
+pub const STEP_CONTROL_ENTRIES: u32 = 16;
+
 /// BAR0 offsets of every doorbell, as (doorbell index, offset). Each wants
 /// one 4-byte ioeventfd without datamatch.
 pub fn doorbell_offsets() -> Vec<(u32, u64)> {
@@ -124,6 +130,11 @@ pub struct Device<M: GuestMemoryBackend> {
     /// The first device error of each kind, waiting for the host to log it
     /// (at most one entry per `DeviceError` kind over the device's life).
     first_errors: Vec<FirstError>,
+    /// The channel the next step starts with (round-robin).
+    next_channel: usize,
+    /// Steps run (`process()` calls on an enabled device), readable
+    /// without the device lock (`step_counter`).
+    steps: Arc<AtomicU64>,
     /// Faults the engines hit during this step, recorded at its end.
     queued_faults: Vec<FaultRec>,
     launch_step_limit: u64,
@@ -168,6 +179,8 @@ impl<M: GuestMemoryBackend> Device<M> {
             epoch: Instant::now(),
             ts_hi_latch: 0,
             first_errors: Vec::new(),
+            next_channel: 0,
+            steps: Arc::new(AtomicU64::new(0)),
             queued_faults: Vec::new(),
             launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
         }
@@ -199,6 +212,13 @@ impl<M: GuestMemoryBackend> Device<M> {
     /// worker does so after each step.
     pub fn take_first_errors(&mut self) -> Vec<FirstError> {
         std::mem::take(&mut self.first_errors)
+    }
+
+    /// Steps the device has run (`process()` calls while enabled), shared
+    /// so a thread can read it without the device lock (diagnostics, and
+    /// tests of the worker's lock hand-over).
+    pub fn step_counter(&self) -> Arc<AtomicU64> {
+        self.steps.clone()
     }
 
     pub fn doorbells(&self) -> Arc<Doorbells> {
@@ -386,16 +406,33 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     // --------------------------------------------------------------- process
 
-    /// Run pending work: doorbells, then a bounded slice of every channel.
-    /// Returns `true` if more work is ready (call again), `false` when idle
-    /// or waiting for the driver. Deterministic: no threads involved.
+    /// Run one bounded step of pending work: doorbells, then channel
+    /// slices. Returns `true` if more work is ready (call again), `false`
+    /// when idle or waiting for the driver. Deterministic: no threads
+    /// involved.
+    ///
+    /// The step is what a host holds the device lock for, so it is bounded
+    /// whatever the guest asks: at most `STEP_CONTROL_ENTRIES` control
+    /// entries, one FAULT_GET update (at most `MAX_BACKLOG` entries), one
+    /// REPLAY and `STEP_SLICES` channel slices (each at most
+    /// `engine::XFER_SLICE` bytes of FILL/COPY or about
+    /// `isa::SLICE_STEPS` warp-instructions), channels taken round-robin
+    /// across steps.
     pub fn process(&mut self) -> bool {
-        let bells = self.doorbells.take();
+        let mut bells = self.doorbells.take();
         if !self.enabled {
             return false;
         }
-        if bells & (1 << doorbell::CONTROL) != 0 {
-            self.process_control();
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        if bells & (1 << doorbell::CONTROL) != 0 && !self.process_control(STEP_CONTROL_ENTRIES) {
+            // The rest next step. A REPLAY rung after those entries waits
+            // for them: retried accesses must not use translations an
+            // invalidation still queued would remove.
+            self.doorbells.ring(doorbell::CONTROL);
+            if bells & (1 << doorbell::REPLAY) != 0 {
+                self.doorbells.ring(doorbell::REPLAY);
+                bells &= !(1 << doorbell::REPLAY);
+            }
         }
         if bells & (1 << doorbell::FAULT_GET) != 0 {
             self.fault_get_update();
@@ -404,12 +441,25 @@ impl<M: GuestMemoryBackend> Device<M> {
             self.replay();
         }
         let mut busy = false;
-        for ch in 0..self.channels.len() {
-            // A few slices per channel per call keeps channels fair and
-            // bounds how long a host holds the device lock.
+        let n = self.channels.len();
+        let first = self.next_channel;
+        self.next_channel = (first + 1) % n;
+        let mut slices = 0;
+        'channels: for k in 0..n {
+            let ch = (first + k) % n;
+            // A few slices per turn, so small commands go quickly.
             for _ in 0..4 {
+                if slices == STEP_SLICES {
+                    // Out of budget: this channel resumes the next step.
+                    self.next_channel = ch;
+                    busy = true;
+                    break 'channels;
+                }
                 match self.run_channel(ch) {
-                    Progress::Busy => busy = true,
+                    Progress::Busy => {
+                        busy = true;
+                        slices += 1;
+                    }
                     Progress::Idle => break,
                 }
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use faultline_abi::PAGE_SIZE as PAGE;
 use faultline_device::sync::lock;
-use faultline_device::{Device, InterruptSink, Worker};
+use faultline_device::{Device, DeviceMutex, InterruptSink, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -91,7 +91,7 @@ impl FrameAllocator {
 }
 
 pub struct Loopback {
-    pub dev: Arc<Mutex<Device<GuestMemoryMmap>>>,
+    pub dev: Arc<DeviceMutex<GuestMemoryMmap>>,
     pub mem: GuestMemoryMmap,
     pub irq: Arc<Irq>,
     pub frames: Mutex<FrameAllocator>,
@@ -114,7 +114,7 @@ impl Loopback {
         // MSI: address, then enable with MME = 2 (four vectors).
         dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
         dev.config_write(0x42, &(1u16 | (2 << 4)).to_le_bytes());
-        let dev = Arc::new(Mutex::new(dev));
+        let dev = Arc::new(DeviceMutex::new(dev));
         let worker =
             Worker::spawn(dev.clone(), Vec::new()).unwrap_or_else(|e| panic!("worker: {e}"));
         Arc::new(Loopback {
@@ -127,7 +127,7 @@ impl Loopback {
         })
     }
 
-    fn device(&self) -> std::sync::MutexGuard<'_, Device<GuestMemoryMmap>> {
+    fn device(&self) -> parking_lot::MutexGuard<'_, Device<GuestMemoryMmap>> {
         lock(&self.dev)
     }
 

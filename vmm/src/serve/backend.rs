@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use faultline_abi::pci::{BAR0_SIZE, CONFIG_SPACE_SIZE, MSI_VECTORS};
 use faultline_device::sync::lock;
-use faultline_device::{Device, InterruptSink};
+use faultline_device::InterruptSink;
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_MASK,
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
@@ -27,7 +27,8 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-pub type ServedGpu = Device<GuestMemoryMmap>;
+/// The device's lock (fair hand-over from its worker, `faultline_device::sync`).
+pub type ServedGpuLock = faultline_device::DeviceMutex<GuestMemoryMmap>;
 
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
@@ -162,7 +163,7 @@ fn pieces(
 }
 
 pub struct Backend {
-    device: Arc<Mutex<ServedGpu>>,
+    device: Arc<ServedGpuLock>,
     irq: Arc<MsiEventfds>,
     /// What the client has mapped; the device holds a copy (region list
     /// shared through `Arc`s).
@@ -170,7 +171,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(device: Arc<Mutex<ServedGpu>>, irq: Arc<MsiEventfds>) -> Self {
+    pub fn new(device: Arc<ServedGpuLock>, irq: Arc<MsiEventfds>) -> Self {
         Self {
             device,
             irq,

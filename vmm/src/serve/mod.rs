@@ -76,7 +76,7 @@ fn private_listener() -> Result<(UnixListener, SocketAddr)> {
 pub fn serve(cfg: ServeConfig) -> Result<ServeReport> {
     let irq = Arc::new(MsiEventfds::default());
     let device = Device::with_config(GuestMemoryMmap::new(), irq.clone(), cfg.sizing)?;
-    let device = Arc::new(Mutex::new(device));
+    let device = Arc::new(faultline_device::DeviceMutex::new(device));
 
     let path = &cfg.socket;
     if std::fs::symlink_metadata(path).is_ok() {
