@@ -58,7 +58,7 @@ impl std::fmt::Display for FirstError {
         write!(
             f,
             "GPU device error {:?} (info {}), caused by the guest; later ones of this kind \
-             are counted (errors.{:?} in --stats), not logged",
+             are counted (counter errors.{:?}), not logged",
             self.code, self.info, self.code
         )
     }
