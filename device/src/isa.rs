@@ -10,13 +10,14 @@ use crate::engine::{atomic_gpa, Env, Outcome};
 
 /// Warps resident at once; more start as these finish.
 pub const MAX_RESIDENT_WARPS: usize = 64;
-/// Warp-instructions per scheduling slice (some tens of µs; the device
-/// lock is held for at most `STEP_SLICES` slices, `Device::process`).
-/// Checked after each round of the resident warps, so that every warp gets
-/// its turn: a slice runs at most SLICE_STEPS + 64 × WARP_QUANTUM.
-pub const SLICE_STEPS: u64 = 1 << 11;
+/// Warp-instructions per scheduling slice: some tens of µs even when every
+/// lane's access misses the TLB (the device lock is held for at most
+/// `STEP_SLICES` slices, `Device::process`). Checked after each warp's
+/// turn, so a slice runs at most SLICE_STEPS + WARP_QUANTUM - 1; the next
+/// slice resumes with the next warp, so every warp gets its turns.
+pub const SLICE_STEPS: u64 = 64;
 /// Instructions a warp runs before the scheduler moves to the next warp.
-const WARP_QUANTUM: u32 = 64;
+pub const WARP_QUANTUM: u32 = 16;
 
 const W: usize = WARP_SIZE as usize;
 
@@ -91,6 +92,9 @@ pub struct LaunchJob {
     prog: Vec<Insn>,
     warps: Vec<Warp>,
     next_warp: u64,
+    /// Index in `warps` of the warp whose turn is next (round-robin across
+    /// slices).
+    cursor: usize,
     warps_per_block: u64,
     total_warps: u64,
     steps: u64,
@@ -112,6 +116,7 @@ impl LaunchJob {
             prog: Vec::new(),
             warps: Vec::new(),
             next_warp: 0,
+            cursor: 0,
             warps_per_block,
             total_warps: warps_per_block * u64::from(grid),
             steps: 0,
@@ -194,46 +199,48 @@ impl LaunchJob {
             }
         }
         let mut slice = 0u64;
+        // Stalled warps passed over in a row: all of them means nothing can
+        // run until REPLAY (or CANCEL).
+        let mut skipped = 0;
         loop {
             self.spawn();
             if self.warps.is_empty() {
                 return Outcome::Done(Status::Ok, 0);
             }
-            let mut ran = false;
-            let mut i = 0;
-            while i < self.warps.len() {
-                if !self.warps[i].stalled.is_empty() {
-                    i += 1;
-                    continue;
+            if skipped >= self.warps.len() {
+                // spawn() filled every free slot, so nothing can run.
+                return Outcome::Stalled;
+            }
+            let i = self.cursor % self.warps.len();
+            if !self.warps[i].stalled.is_empty() {
+                skipped += 1;
+                self.cursor = i + 1;
+                continue;
+            }
+            skipped = 0;
+            let mut exited = false;
+            for _ in 0..WARP_QUANTUM {
+                self.steps += 1;
+                slice += 1;
+                if self.steps > env.launch_step_limit {
+                    return Outcome::Done(Status::Timeout, 0);
                 }
-                ran = true;
-                let mut exited = false;
-                for _ in 0..WARP_QUANTUM {
-                    self.steps += 1;
-                    slice += 1;
-                    if self.steps > env.launch_step_limit {
-                        return Outcome::Done(Status::Timeout, 0);
+                match self.step(i, env) {
+                    Ok(WarpStep::Continue) => {}
+                    Ok(WarpStep::Exited) => {
+                        exited = true;
+                        break;
                     }
-                    match self.step(i, env) {
-                        Ok(WarpStep::Continue) => {}
-                        Ok(WarpStep::Exited) => {
-                            exited = true;
-                            break;
-                        }
-                        Ok(WarpStep::Stalled) => break,
-                        Err(s) => return Outcome::Done(s, 0),
-                    }
-                }
-                if exited {
-                    self.warps.swap_remove(i);
-                } else {
-                    i += 1;
+                    Ok(WarpStep::Stalled) => break,
+                    Err(s) => return Outcome::Done(s, 0),
                 }
             }
-            if !ran {
-                // spawn() filled every free slot, so nothing can run until
-                // REPLAY (or CANCEL).
-                return Outcome::Stalled;
+            if exited {
+                // The last warp moves into slot i and has its turn next.
+                self.warps.swap_remove(i);
+                self.cursor = i;
+            } else {
+                self.cursor = i + 1;
             }
             if slice >= SLICE_STEPS {
                 return Outcome::Yield;

@@ -63,6 +63,71 @@ fn a_step_moves_a_bounded_amount_and_channels_take_turns() {
     assert_eq!(r.dev.counters().get(Counter::BytesCopied), 8 * (64 << 20));
 }
 
+/// LAUNCH too: a step runs a bounded number of warp-instructions however
+/// long the kernels loop (counted in translations: every lane of the
+/// kernel's load loop asks for one per instruction it loads with).
+#[test]
+fn a_step_runs_a_bounded_number_of_warp_instructions() {
+    use faultline_abi::isa::{encode, sreg, ADD, ADDI, ANDI, JMP, LD64, MULI, S2R, WARP_SIZE};
+    use faultline_device::isa::{SLICE_STEPS, WARP_QUANTUM};
+    let mut r = Rig::new(16 << 20, 64);
+    // Every thread loads from a page of its own, forever.
+    let code = [
+        encode(S2R, 5, 0, 0, sreg::GTID),
+        encode(MULI, 6, 5, 0, 4096 * 7),
+        encode(ANDI, 6, 6, 0, (1 << 20) - 1),
+        encode(ADD, 6, 6, 1, 0),
+        encode(LD64, 7, 6, 0, 0),
+        encode(ADDI, 5, 5, 0, 8),
+        encode(JMP, 0, 0, 0, -5),
+    ];
+    r.write_code(DATA, &code);
+    r.map_range(
+        0,
+        0x1000,
+        DATA,
+        0x1000,
+        faultline_abi::LEAF_4K,
+        Pte::empty(),
+    );
+    let data = DATA + (1 << 20);
+    r.map_range(
+        0,
+        0x100_0000,
+        data,
+        1 << 20,
+        faultline_abi::LEAF_4K,
+        Pte::empty(),
+    );
+    let mut tickets = Vec::new();
+    for ch in 0..8 {
+        assert!(r.enable_channel(ch, 0));
+        let launch = cmd::launch(0x1000, code.len() as u32, 64, 64, [0x100_0000, 0, 0, 0]);
+        tickets.push(r.submit(ch, launch));
+        r.dev.doorbell(doorbell::channel(ch as u32));
+    }
+    // Per slice at most SLICE_STEPS + WARP_QUANTUM - 1 warp-instructions
+    // of WARP_SIZE lanes; code fetches (one page) come on top.
+    let per_slice = (SLICE_STEPS + u64::from(WARP_QUANTUM) - 1) * u64::from(WARP_SIZE);
+    let bound = STEP_SLICES as u64 * (per_slice + 1);
+    assert!(bound <= 8192, "a step of {bound} lane operations");
+    let mut last = 0;
+    for step in 0..200 {
+        assert!(r.dev.process());
+        let n = r.dev.counters().get(Counter::Accesses);
+        assert!(n > last, "step {step} ran nothing");
+        assert!(
+            n - last <= bound,
+            "step {step}: {} translations > {bound}",
+            n - last
+        );
+        last = n;
+    }
+    for t in &tickets {
+        assert_eq!(r.completion(*t), None, "the kernels loop forever");
+    }
+}
+
 /// A long control ring is worked off over several steps, and a REPLAY rung
 /// with it waits until every entry before it ran.
 #[test]

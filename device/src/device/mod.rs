@@ -415,9 +415,9 @@ impl<M: GuestMemoryBackend> Device<M> {
     /// whatever the guest asks: at most `STEP_CONTROL_ENTRIES` control
     /// entries, one FAULT_GET update (at most `MAX_BACKLOG` entries), one
     /// REPLAY and `STEP_SLICES` channel slices (each at most
-    /// `engine::XFER_SLICE` bytes of FILL/COPY or about
-    /// `isa::SLICE_STEPS` warp-instructions), channels taken round-robin
-    /// across steps.
+    /// `engine::XFER_SLICE` bytes of FILL/COPY or
+    /// `isa::SLICE_STEPS + isa::WARP_QUANTUM - 1` warp-instructions),
+    /// channels taken round-robin across steps.
     pub fn process(&mut self) -> bool {
         let mut bells = self.doorbells.take();
         if !self.enabled {
