@@ -25,6 +25,7 @@ use cmdline::Options;
 /// Called by the PVH entry code in long mode, on the boot stack.
 #[no_mangle]
 extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
+    boot::mark(boot::Phase::Entry);
     serial::init();
     arch::gdt::init();
     arch::idt::init();
@@ -60,6 +61,16 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
         Err(e) => log::warn!("apic: {e}"),
     }
     let (hz, src) = arch::time::init();
+    boot::mark(boot::Phase::Time);
+    boot::log_phases();
+    log::debug!(
+        "console: {}",
+        if serial::uses_debugcon() {
+            "debug port 0xe9"
+        } else {
+            "COM1"
+        }
+    );
 
     let fs = mm::frames::stats();
     log::info!(

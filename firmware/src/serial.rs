@@ -1,15 +1,39 @@
-//! COM1 16550 UART console and the `log` backend on top of it.
+//! The console: the debug console on port 0xe9 where the hypervisor has one
+//! (faultline's VMM; QEMU with `-device isa-debugcon,iobase=0xe9`), COM1
+//! (16550) otherwise, and the `log` backend on top of it.
+//!
+//! Every port access is a VM exit (~27,000 cycles here), so output is
+//! formatted into a line buffer first and leaves in one piece per `print`
+//! call (or per full buffer): one `rep outsb` on the debug console, which
+//! KVM hands to the VMM as a single exit; on COM1 one byte per `out` but the
+//! transmitter is polled once per 16 bytes (its FIFO depth) instead of once
+//! per byte.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::arch::port::{inb, outb};
 use crate::sync::Mutex;
 
 const COM1: u16 = 0x3f8;
 const LSR_THR_EMPTY: u8 = 1 << 5;
+/// With the FIFO on (FCR bit 0), "THR empty" means the 16-byte transmit
+/// FIFO is empty.
+const TX_FIFO_DEPTH: usize = 16;
 /// A missing or wedged UART must not hang boot: give up on a byte after this
 /// many polls (far longer than one byte takes at 115200 baud).
 const THR_POLL_LIMIT: u32 = 1_000_000;
+
+/// Bochs/QEMU debug console: bytes written appear as is; a read returns
+/// 0xe9 when it is there (an absent port reads as 0xff).
+const DEBUGCON: u16 = 0xe9;
+const DEBUGCON_READBACK: u8 = 0xe9;
+
+/// Bytes formatted before they go out; longer output leaves in pieces.
+const LINE: usize = 256;
+
+/// Set by `init` when the debug console answers.
+static USE_DEBUGCON: AtomicBool = AtomicBool::new(false);
 
 pub struct Serial {
     base: u16,
@@ -35,28 +59,112 @@ impl Serial {
         }
     }
 
-    fn put(&mut self, byte: u8) {
+    fn wait_tx_empty(&self) {
         for _ in 0..THR_POLL_LIMIT {
             // SAFETY: LSR read has no side effects on a 16550.
             if unsafe { inb(self.base + 5) } & LSR_THR_EMPTY != 0 {
-                break;
+                return;
             }
             core::hint::spin_loop();
         }
-        // SAFETY: THR write sends one byte on the UART we own.
-        unsafe { outb(self.base, byte) };
+    }
+
+    /// Sends `bytes` as they are (the line buffer already turned "\n" into
+    /// "\r\n" for COM1).
+    fn send(&mut self, bytes: &[u8]) {
+        if USE_DEBUGCON.load(Ordering::Relaxed) {
+            // SAFETY: a string write to the debug console, which has no
+            // side effects on guest memory; RSI/RCX cover `bytes` exactly
+            // and DF is clear (ABI).
+            unsafe {
+                core::arch::asm!(
+                    "rep outsb",
+                    in("dx") DEBUGCON,
+                    inout("rsi") bytes.as_ptr() => _,
+                    inout("rcx") bytes.len() => _,
+                    options(nostack, preserves_flags, readonly)
+                );
+            }
+            return;
+        }
+        for chunk in bytes.chunks(TX_FIFO_DEPTH) {
+            self.wait_tx_empty();
+            for &b in chunk {
+                // SAFETY: THR write sends one byte on the UART we own.
+                unsafe { outb(self.base, b) };
+            }
+        }
     }
 }
 
-impl Write for Serial {
+/// Formats into a fixed buffer and hands it to the console when full and
+/// when dropped, so one `print` is one burst of port writes.
+struct LineBuf<'a> {
+    out: &'a mut Serial,
+    buf: [u8; LINE],
+    len: usize,
+    crlf: bool,
+}
+
+impl<'a> LineBuf<'a> {
+    fn new(out: &'a mut Serial) -> Self {
+        LineBuf {
+            out,
+            buf: [0; LINE],
+            len: 0,
+            // The debug console is a byte stream to a file; a UART drives a
+            // terminal, which wants "\r\n".
+            crlf: !USE_DEBUGCON.load(Ordering::Relaxed),
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len > 0 {
+            self.out.send(&self.buf[..self.len]);
+            self.len = 0;
+        }
+    }
+
+    fn push(&mut self, b: u8) {
+        if self.len == LINE {
+            self.flush();
+        }
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+}
+
+impl Write for LineBuf<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                self.put(b'\r');
+        for line in s.split_inclusive('\n') {
+            let (text, nl) = match line.strip_suffix('\n') {
+                Some(t) => (t.as_bytes(), true),
+                None => (line.as_bytes(), false),
+            };
+            let mut rest = text;
+            while !rest.is_empty() {
+                if self.len == LINE {
+                    self.flush();
+                }
+                let n = rest.len().min(LINE - self.len);
+                self.buf[self.len..self.len + n].copy_from_slice(&rest[..n]);
+                self.len += n;
+                rest = &rest[n..];
             }
-            self.put(b);
+            if nl {
+                if self.crlf {
+                    self.push(b'\r');
+                }
+                self.push(b'\n');
+            }
         }
         Ok(())
+    }
+}
+
+impl Drop for LineBuf<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -66,19 +174,29 @@ static CONSOLE: Mutex<Serial> = Mutex::new(
 );
 
 pub fn init() {
+    // SAFETY: reading 0xe9 has no side effects: the debug console answers
+    // with its readback byte, an unclaimed port with all-ones.
+    let debugcon = unsafe { inb(DEBUGCON) } == DEBUGCON_READBACK;
+    USE_DEBUGCON.store(debugcon, Ordering::Relaxed);
     let mut c = CONSOLE.lock();
     c.init();
     // Firmware before us (SeaBIOS) may leave the cursor mid-line; start clean
     // so our first line is a whole line for anyone parsing the log.
-    let _ = c.write_str("\n");
+    let _ = LineBuf::new(&mut c).write_str("\n");
     drop(c);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
 }
 
+/// Whether output goes to the debug console (port 0xe9) rather than COM1.
+pub fn uses_debugcon() -> bool {
+    USE_DEBUGCON.load(Ordering::Relaxed)
+}
+
 pub fn print(args: fmt::Arguments<'_>) {
-    let _ = CONSOLE.lock().write_fmt(args);
+    let mut c = CONSOLE.lock();
+    let _ = LineBuf::new(&mut c).write_fmt(args);
 }
 
 /// Printing from panic/exception context: the console lock may be held by the
@@ -87,7 +205,7 @@ pub fn print_emergency(args: fmt::Arguments<'_>) {
     // SAFETY: only used on the way to exit(); the UART tolerates a concurrent
     // writer (worst case, mixed bytes).
     let mut s = unsafe { Serial::new(COM1) };
-    let _ = s.write_fmt(args);
+    let _ = LineBuf::new(&mut s).write_fmt(args);
 }
 
 #[macro_export]

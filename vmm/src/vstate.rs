@@ -5,13 +5,14 @@
 //! last. Each vCPU runs on its own thread and reports the first reason to
 //! stop through `VmExit`, which wakes the main event loop.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use faultline_device::sync::lock;
-use kvm_bindings::{kvm_fpu, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -19,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot;
 use crate::bus::Bus;
+use crate::devices::debugcon::DEBUGCON_PORT;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub enum ExitReason {
 /// tells the event loop.
 pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
+    /// Set with `reason`, read without the lock on every vCPU exit: the
+    /// vCPU that ended the VM must not go back into the guest.
+    requested: AtomicBool,
     pub evt: EventFd,
 }
 
@@ -44,6 +49,7 @@ impl VmExit {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            requested: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -51,7 +57,9 @@ impl VmExit {
     pub fn request(&self, reason: ExitReason) {
         let mut r = lock(&self.reason);
         if r.is_none() {
+            log::debug!("timing: stop requested at {} us ({reason:?})", epoch_us());
             *r = Some(reason);
+            self.requested.store(true, Ordering::SeqCst);
             if let Err(e) = self.evt.write(1) {
                 log::error!("cannot signal VM exit: {e}");
             }
@@ -61,6 +69,18 @@ impl VmExit {
     pub fn reason(&self) -> Option<ExitReason> {
         lock(&self.reason).clone()
     }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Wall-clock microseconds since the Unix epoch, for the `timing:` debug
+/// lines `scripts/bench.sh boot` matches against its own clock.
+pub fn epoch_us() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
 }
 
 /// CPUID for one vCPU: KVM's supported set with this vCPU's APIC IDs, the
@@ -163,13 +183,58 @@ pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u32, entry: GuestAddress) -> Re
     Ok(vcpus)
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's vCPU `kvm_run` page, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick: sets `immediate_exit` in the interrupted thread's `kvm_run`, so
+/// KVM_RUN returns EINTR whether the signal lands inside it or just before
+/// the thread enters it. One kick therefore always stops a thread that saw
+/// the stop flag clear; no retry loop, no sleep.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = KVM_RUN.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is this thread's own mapped kvm_run page,
+            // set by `run_vcpu` and valid while its VcpuFd lives (the thread
+            // clears it before dropping the fd); a byte store is
+            // async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Counts vCPU threads that have left their run loop; `stop` waits on it.
+#[derive(Default)]
+struct Finished {
+    count: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// Marks its thread finished when dropped, so a panic counts too.
+struct FinishGuard(Arc<Finished>);
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.count) += 1;
+        self.0.cv.notify_all();
+    }
+}
 
 /// Threads running vCPUs, and the way to stop them.
 pub struct VcpuThreads {
     handles: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    finished: Arc<Finished>,
 }
+
+/// How long `stop` waits for the vCPU threads before leaving them to
+/// process exit, and how often it re-sends the kick meanwhile (a thread busy
+/// in a device handler sees the flag when it returns; the re-kick is only
+/// there should a signal ever be lost).
+const STOP_DEADLINE: Duration = Duration::from_secs(2);
+const REKICK: Duration = Duration::from_millis(100);
 
 impl VcpuThreads {
     pub fn start(vcpus: Vec<VcpuFd>, pio: Bus, mmio: Bus, exit: Arc<VmExit>) -> Result<Self> {
@@ -177,30 +242,53 @@ impl VcpuThreads {
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| Error::io("installing the vCPU kick handler")(e.into()))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(Finished::default());
         let mut handles = Vec::new();
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let (pio, mmio, exit, stop) = (pio.clone(), mmio.clone(), exit.clone(), stop.clone());
+            let guard = FinishGuard(finished.clone());
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id as u32, vcpu, &pio, &mmio, &exit, &stop))
+                .spawn(move || {
+                    let _guard = guard;
+                    run_vcpu(id as u32, vcpu, &pio, &mmio, &exit, &stop)
+                })
                 .map_err(Error::io("spawning a vCPU thread"))?;
             handles.push(h);
         }
-        Ok(Self { handles, stop })
+        Ok(Self {
+            handles,
+            stop,
+            finished,
+        })
     }
 
-    /// Stops every vCPU: set the flag, then kick until each thread has left
-    /// KVM_RUN. The repeat covers a kick that lands just before a thread
-    /// re-enters the guest.
+    /// Stops every vCPU: set the flag, kick each thread still running, and
+    /// wait to be woken by the last one leaving its loop.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for h in self.handles {
-            while !h.is_finished() && Instant::now() < deadline {
+        let total = self.handles.len();
+        let deadline = Instant::now() + STOP_DEADLINE;
+        let mut count = lock(&self.finished.count);
+        while *count < total {
+            for h in self.handles.iter().filter(|h| !h.is_finished()) {
                 let _ = h.kill(SIGRTMIN());
-                std::thread::sleep(Duration::from_millis(2));
             }
-            if h.is_finished() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            count = self
+                .finished
+                .cv
+                .wait_timeout(count, REKICK.min(deadline - now))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        drop(count);
+        for h in self.handles {
+            // A thread counts itself finished just before it returns.
+            if h.is_finished() || lock(&self.finished.count).eq(&total) {
                 let _ = h.join();
             } else {
                 log::warn!("a vCPU thread did not stop; leaving it to process exit");
@@ -210,11 +298,35 @@ impl VcpuThreads {
 }
 
 fn run_vcpu(cpu: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
+    KVM_RUN.with(|p| p.set(vcpu.get_kvm_run()));
+    if cpu == 0 {
+        log::debug!("timing: entering the guest at {} us", epoch_us());
+    }
+    run_loop(cpu, &mut vcpu, pio, mmio, exit, stop);
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+}
+
+/// Whether the vCPU may go back into the guest after an exit it handled:
+/// not once anyone asked the VM to stop (the vCPU that wrote the exit port
+/// leaves at once, without waiting for a kick).
+fn may_continue(exit: &VmExit, stop: &AtomicBool) -> bool {
+    !exit.requested() && !stop.load(Ordering::SeqCst)
+}
+
+fn run_loop(cpu: u32, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
+    while may_continue(exit, stop) {
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(u64::from(port), data) {
                     log::trace!("cpu{cpu}: unclaimed in {port:#x}");
+                }
+                continue;
+            }
+            Ok(VcpuExit::IoOut(DEBUGCON_PORT, data)) => {
+                // `rep outsb` to the debug console arrives as one exit with
+                // every byte: each is a one-byte write to the port.
+                for b in data.chunks(1) {
+                    pio.write(u64::from(DEBUGCON_PORT), b);
                 }
                 continue;
             }
@@ -303,6 +415,22 @@ mod tests {
         assert_eq!(get(0xb).edx, 3);
         assert_eq!(get(0x4000_0000).eax, 0x4000_0010);
         assert_eq!(get(0x4000_0010).eax, 2_500_000);
+    }
+
+    #[test]
+    fn a_stop_request_keeps_vcpus_out_of_the_guest() {
+        let exit = VmExit::new().unwrap();
+        let stop = AtomicBool::new(false);
+        assert!(may_continue(&exit, &stop));
+        exit.request(ExitReason::DebugExit(0));
+        assert!(exit.requested());
+        assert!(
+            !may_continue(&exit, &stop),
+            "the requesting vCPU re-entered"
+        );
+        let exit = VmExit::new().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        assert!(!may_continue(&exit, &stop), "a stopped vCPU re-entered");
     }
 
     #[test]

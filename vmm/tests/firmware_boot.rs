@@ -65,6 +65,23 @@ fn failing_guest_test_makes_faultline_fail() {
     assert!(stderr(&o).contains("guest reported failure"));
 }
 
+/// The firmware finds the VMM's debug console (port 0xe9) and prints
+/// through it: "\n" line ends (COM1 output has "\r\n"), and it says so at
+/// debug level. The full output must still arrive, summary last.
+#[test]
+fn console_goes_through_the_debug_port() {
+    let (true, Some(fw)) = (kvm_or_skip("console_debug_port"), firmware()) else {
+        return;
+    };
+    let o = boot(&fw, &["--cmdline", "test=heap loglevel=debug"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("[DEBUG] console: debug port 0xe9"), "{out}");
+    assert!(!out.contains('\r'), "COM1 line ends in: {out:?}");
+    assert!(out.contains("test heap ... ok"), "{out}");
+    assert_eq!(summary(&out), Some((1, 0)), "{out}");
+}
+
 #[test]
 fn test_filter_and_unknown_keys() {
     let (true, Some(fw)) = (kvm_or_skip("test_filter"), firmware()) else {

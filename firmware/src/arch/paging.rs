@@ -7,8 +7,8 @@
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::mapper::{MapToError, UnmapError};
 use x86_64::structures::paging::{
-    Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F, PhysFrame, Size2MiB,
-    Size4KiB, Translate,
+    Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F, PhysFrame, Size4KiB,
+    Translate,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -141,26 +141,6 @@ pub unsafe fn map_4k(virt: VirtAddr, phys: PhysAddr, flags: F) -> Result<(), Map
         unsafe {
             k.mapper
                 .map_to_with_table_flags(page, frame, flags, parents, &mut alloc)
-        }?
-        .flush();
-        Ok(())
-    })
-}
-
-/// Maps one 2 MiB page.
-///
-/// # Safety
-/// As for [`map_4k`].
-pub unsafe fn map_2m(virt: VirtAddr, phys: PhysAddr, flags: F) -> Result<(), MapError> {
-    with(|k| {
-        let mut alloc = PageTableFrames { limit: k.pt_limit };
-        let page = Page::<Size2MiB>::from_start_address(virt).expect("map_2m: unaligned virt");
-        let frame = PhysFrame::from_start_address(phys).expect("map_2m: unaligned phys");
-        let parents = F::PRESENT | F::WRITABLE;
-        // SAFETY: forwarded to the caller's contract.
-        unsafe {
-            k.mapper
-                .map_to_with_table_flags(page, frame, flags | F::HUGE_PAGE, parents, &mut alloc)
         }?
         .flush();
         Ok(())

@@ -1,29 +1,238 @@
-//! The direct map: all RAM at `DIRECT_MAP_BASE + phys`, 2 MiB pages where
-//! alignment allows, 4 KiB pages at the ragged edges.
+//! The direct map: all RAM at `DIRECT_MAP_BASE + phys`, in 1 GiB pages
+//! where the CPU has them and RAM covers a whole aligned GiB, 2 MiB pages
+//! where alignment allows, 4 KiB pages at the ragged edges.
+//!
+//! Built by writing the entries straight into fresh tables rather than
+//! through the page-table mapper: under an instruction-emulating hypervisor
+//! each emulated instruction costs ~2,000 cycles, and a mapper call (walk,
+//! checks, invlpg) per 2 MiB page made this the most expensive step of boot.
+//! Nothing is mapped in the window before, so no entry is replaced and no
+//! TLB flush is needed.
 
+use x86_64::structures::paging::PageTableFlags as F;
 use x86_64::{PhysAddr, VirtAddr};
 
-use super::{DIRECT_MAP_BASE, DIRECT_MAP_LIMIT};
+use super::{frames, DIRECT_MAP_BASE, DIRECT_MAP_LIMIT};
 use crate::arch::paging::{self, MapError};
 use crate::boot::pvh::{BootInfo, E820_RAM};
 
 const SMALL: u64 = 4096;
 const LARGE: u64 = 2 << 20;
+const HUGE: u64 = 1 << 30;
+/// Tables are written through the boot identity map.
+const IDENTITY_LIMIT: u64 = 4 << 30;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DirectMapStats {
+    pub huge_pages: u64,
     pub large_pages: u64,
     pub small_pages: u64,
+    pub tables: u64,
+}
+
+/// Whether the CPU maps 1 GiB pages (CPUID 0x8000_0001 EDX bit 26).
+fn has_1g_pages() -> bool {
+    let ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    ext >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0
+}
+
+/// Writes page-table entries straight into the kernel tables. `offset` is
+/// where physical memory is mapped (0: the boot identity map, which reaches
+/// `limit`).
+struct Builder {
+    offset: u64,
+    limit: u64,
+    stats: DirectMapStats,
+}
+
+impl Builder {
+    fn table_ptr(&self, pa: u64) -> *mut u64 {
+        (self.offset + pa) as *mut u64
+    }
+
+    /// A fresh, zeroed table frame, not linked anywhere yet.
+    fn new_table(&mut self) -> Result<u64, MapError> {
+        let frame = frames::alloc().ok_or(MapError::OutOfFrames)?.as_u64();
+        if frame + SMALL > self.limit {
+            frames::free(PhysAddr::new(frame));
+            return Err(MapError::OutOfFrames);
+        }
+        // SAFETY: a fresh frame, reachable through `offset` and ours; 512
+        // qwords is exactly the frame.
+        unsafe { zero_table(self.table_ptr(frame)) };
+        self.stats.tables += 1;
+        Ok(frame)
+    }
+
+    /// The table `entry` points at, creating and linking an empty one if
+    /// `entry` is clear.
+    ///
+    /// # Safety
+    /// `entry` must be a live page-table entry of a kernel window nobody
+    /// else writes meanwhile, reachable through `offset`.
+    unsafe fn next(&mut self, entry: *mut u64) -> Result<*mut u64, MapError> {
+        // SAFETY: per the contract, `entry` is a valid entry.
+        let e = unsafe { entry.read() };
+        if e & F::PRESENT.bits() != 0 {
+            // Callers never map over a large page.
+            if e & F::HUGE_PAGE.bits() != 0 {
+                return Err(MapError::HugePageInTheWay);
+            }
+            return Ok(self.table_ptr(e & ADDR_MASK));
+        }
+        let frame = self.new_table()?;
+        // SAFETY: as for the read above.
+        unsafe { entry.write(frame | TABLE) };
+        Ok(self.table_ptr(frame))
+    }
+
+    /// Maps `count` pages of 4 KiB << (9 × `level`) (level 0: 4 KiB, 1:
+    /// 2 MiB, 2: 1 GiB) from `va` to `frame(i)` for page `i`, stopping at
+    /// the first `None`; returns how many pages it mapped.
+    ///
+    /// A leaf table that does not exist yet is filled before it is linked
+    /// into the tree: under shadow paging (PVM) a store into a table the
+    /// hypervisor already shadows is a write-protection exit, a store into
+    /// an unlinked frame is an ordinary store.
+    ///
+    /// # Safety
+    /// `[va, va + count pages)` must be unmapped kernel address space in a
+    /// window nobody else changes meanwhile (so no TLB entry exists for it);
+    /// each `frame(i)` must be memory the caller may alias there.
+    unsafe fn map(
+        &mut self,
+        va: u64,
+        count: u64,
+        level: u32,
+        leaf_flags: u64,
+        mut frame: impl FnMut(u64) -> Option<PhysAddr>,
+    ) -> Result<u64, MapError> {
+        let size = SMALL << (9 * level);
+        let leaf_flags = leaf_flags | if level > 0 { F::HUGE_PAGE.bits() } else { 0 };
+        let mut i = 0;
+        while i < count {
+            let v = va + i * size;
+            // The entry that points at the leaf table: walk from the PML4.
+            let mut parent = self.table_ptr(paging::kernel_pml4_phys().as_u64());
+            // SAFETY: the PML4 slot of `v`, in the live kernel PML4.
+            let mut entry = unsafe { parent.add(index(v, 3)) };
+            for l in (level + 1..3).rev() {
+                // SAFETY: a live entry of the kernel tables (contract).
+                parent = unsafe { self.next(entry)? };
+                // SAFETY: an index below 512 into that table.
+                entry = unsafe { parent.add(index(v, l)) };
+            }
+            let first = index(v, level);
+            let run = (512 - first as u64).min(count - i);
+            // SAFETY: `entry` is live (see above).
+            let e = unsafe { entry.read() };
+            let (table, link) = if e & F::PRESENT.bits() == 0 {
+                let t = self.new_table()?;
+                (self.table_ptr(t), Some(t))
+            } else if e & F::HUGE_PAGE.bits() != 0 {
+                return Err(MapError::HugePageInTheWay);
+            } else {
+                (self.table_ptr(e & ADDR_MASK), None)
+            };
+            let mut done = 0;
+            while done < run {
+                let Some(pa) = frame(i + done) else { break };
+                // SAFETY: slot `first + done` < 512 of a leaf table we own
+                // (fresh) or that maps this unmapped window (contract).
+                let slot = unsafe { table.add(first + done as usize) };
+                // SAFETY: as above.
+                if unsafe { slot.read() } & F::PRESENT.bits() != 0 {
+                    return Err(MapError::AlreadyMapped);
+                }
+                // SAFETY: as above.
+                unsafe { slot.write(pa.as_u64() | leaf_flags) };
+                done += 1;
+            }
+            if let Some(t) = link {
+                // SAFETY: `entry` is live and was clear; the table is full.
+                unsafe { entry.write(t | TABLE) };
+            }
+            match level {
+                0 => self.stats.small_pages += done,
+                1 => self.stats.large_pages += done,
+                _ => self.stats.huge_pages += done,
+            }
+            i += done;
+            if done < run {
+                break;
+            }
+        }
+        Ok(i)
+    }
+}
+
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Flags of an entry that points at a table: present, writable (the leaf
+/// decides).
+const TABLE: u64 = F::PRESENT.bits() | F::WRITABLE.bits();
+
+/// Maps `count` 4 KiB pages (2 MiB when `large`) from `va` to `frame(i)`,
+/// writing the entries directly (see [`Builder::map`]): a few instructions
+/// per page where the mapper (walk, checks, invlpg) costs hundreds. Stops at
+/// the first `None` and returns how many pages it mapped.
+///
+/// # Safety
+/// Boot only, after [`init`]: nothing else may change the kernel tables
+/// meanwhile; `[va, va + count pages)` must be kernel address space nothing
+/// has mapped yet (so no TLB entry exists for it), aligned to the page
+/// size; each `frame(i)` memory the caller may alias there.
+pub unsafe fn map_boot(
+    va: VirtAddr,
+    count: u64,
+    large: bool,
+    flags: F,
+    frame: impl FnMut(u64) -> Option<PhysAddr>,
+) -> Result<u64, MapError> {
+    let mut b = Builder {
+        offset: DIRECT_MAP_BASE,
+        limit: u64::MAX,
+        stats: DirectMapStats::default(),
+    };
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { b.map(va.as_u64(), count, u32::from(large), flags.bits(), frame) }
+}
+
+/// Clears one 4 KiB table with one `rep stosq`.
+///
+/// # Safety
+/// `table` must point at 4096 writable bytes nobody else uses.
+unsafe fn zero_table(table: *mut u64) {
+    // SAFETY: per the contract; DF is clear (ABI).
+    unsafe {
+        core::arch::asm!(
+            "rep stosq",
+            inout("rcx") 512u64 => _,
+            inout("rdi") table => _,
+            in("rax") 0u64,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * level)) & 0x1ff) as usize
 }
 
 /// Builds the direct map for every RAM entry and switches the kernel page
 /// table code over to it.
 ///
 /// # Safety
-/// Call once, after `paging::init_identity` and `frames::init`.
+/// Call once, after `paging::init_identity` and `frames::init`, with the
+/// boot identity map active.
 pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
-    let flags = paging::kernel_data_flags();
-    let mut stats = DirectMapStats::default();
+    let leaf = paging::kernel_data_flags().bits();
+    let gb_pages = has_1g_pages();
+    assert!(paging::kernel_pml4_phys().as_u64() + SMALL <= IDENTITY_LIMIT);
+    let mut b = Builder {
+        offset: 0,
+        limit: IDENTITY_LIMIT,
+        stats: DirectMapStats::default(),
+    };
     // The map is sorted; merging overlapping/adjacent RAM entries keeps a
     // range from being mapped twice.
     let mut ranges = boot
@@ -46,25 +255,35 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
             DIRECT_MAP_BASE + end <= DIRECT_MAP_LIMIT,
             "RAM beyond the direct map window"
         );
+        // Each step maps the largest pages that fit from `pa`: up to the
+        // next boundary of the next larger size, or to the end.
         let mut pa = start;
         while pa < end {
-            let va = VirtAddr::new(DIRECT_MAP_BASE + pa);
-            if pa % LARGE == 0 && end - pa >= LARGE {
-                // SAFETY: the direct-map window is reserved for exactly this.
-                unsafe { paging::map_2m(va, PhysAddr::new(pa), flags)? };
-                stats.large_pages += 1;
-                pa += LARGE;
+            let level = if gb_pages && pa % HUGE == 0 && end - pa >= HUGE {
+                2
+            } else if pa % LARGE == 0 && end - pa >= LARGE {
+                1
             } else {
-                // SAFETY: as above.
-                unsafe { paging::map_4k(va, PhysAddr::new(pa), flags)? };
-                stats.small_pages += 1;
-                pa += SMALL;
-            }
+                0
+            };
+            let size = SMALL << (9 * level);
+            let next_up = (pa / (size << 9) + 1) * (size << 9);
+            let stop = if level == 2 { end } else { next_up.min(end) };
+            let count = (stop - pa) / size;
+            let base = pa;
+            // SAFETY: the direct-map window is unmapped and only this code
+            // writes it; the frames are RAM, aliased there by design.
+            let mapped = unsafe {
+                b.map(DIRECT_MAP_BASE + pa, count, level, leaf, |i| {
+                    Some(PhysAddr::new(base + i * size))
+                })?
+            };
+            pa += mapped * size;
         }
     }
     // SAFETY: the loop above mapped all RAM, which holds every page table.
     unsafe { paging::switch_to_direct_map(DIRECT_MAP_BASE) };
-    Ok(stats)
+    Ok(b.stats)
 }
 
 /// Virtual address of physical `pa` in the direct map (RAM only).

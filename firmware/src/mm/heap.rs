@@ -5,7 +5,7 @@ use talc::source::Manual;
 use talc::TalcLock;
 use x86_64::VirtAddr;
 
-use super::{frames, HEAP_BASE};
+use super::{direct_map, frames, HEAP_BASE};
 use crate::arch::paging::{self, MapError};
 use crate::sync::RawSpinlock;
 
@@ -17,27 +17,30 @@ static HEAP: TalcLock<RawSpinlock, Manual> = TalcLock::new(Manual);
 /// Maps `size` bytes at `HEAP_BASE` and hands them to the allocator.
 ///
 /// # Safety
-/// Call once, after the direct map is up.
+/// Call once, during boot, after the direct map is up.
 pub unsafe fn init(size: u64) -> Result<(), MapError> {
     const LARGE: u64 = 2 << 20;
     let flags = paging::kernel_data_flags();
-    let mut off = 0;
-    while off < size {
-        let va = VirtAddr::new(HEAP_BASE + off);
-        // 2 MiB pages where RAM allows: 16 mappings instead of 8192 for a
-        // 32 MiB heap, which matters when the hypervisor emulates us.
-        if size - off >= LARGE {
-            if let Some(run) = frames::alloc_2m() {
-                // SAFETY: the heap window is ours and nothing is mapped there yet.
-                unsafe { paging::map_2m(va, run, flags)? };
-                off += LARGE;
-                continue;
-            }
-        }
-        let frame = frames::alloc().ok_or(MapError::OutOfFrames)?;
-        // SAFETY: as above.
-        unsafe { paging::map_4k(va, frame, flags)? };
-        off += frames::FRAME_SIZE;
+    // 2 MiB pages where RAM has free 2 MiB runs: 16 mappings instead of
+    // 8192 for a 32 MiB heap, which matters when the hypervisor emulates
+    // us. The rest in 4 KiB pages.
+    // SAFETY: boot, after the direct map; the heap window is ours and
+    // nothing is mapped there yet.
+    let large = unsafe {
+        direct_map::map_boot(VirtAddr::new(HEAP_BASE), size / LARGE, true, flags, |_| {
+            frames::alloc_2m()
+        })?
+    };
+    let off = large * LARGE;
+    let small = (size - off) / frames::FRAME_SIZE;
+    // SAFETY: as above, the part of the window not mapped yet.
+    let mapped = unsafe {
+        direct_map::map_boot(VirtAddr::new(HEAP_BASE + off), small, false, flags, |_| {
+            frames::alloc()
+        })?
+    };
+    if mapped < small {
+        return Err(MapError::OutOfFrames);
     }
     // SAFETY: [HEAP_BASE, HEAP_BASE+size) is now mapped RAM owned by nobody else.
     let claimed = unsafe { HEAP.lock().claim(HEAP_BASE as *mut u8, size as usize) };

@@ -1,4 +1,5 @@
 //! Legacy platform devices on the PIO bus.
 
 pub mod debug_exit;
+pub mod debugcon;
 pub mod serial;
