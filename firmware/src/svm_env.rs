@@ -1,8 +1,9 @@
 //! The SVM suite's environment in the guest (`faultline_driver::gpu::suite::SvmEnv`):
-//! real processes (`mm::process`), CPU accesses made by this CPU through
-//! the process's own page tables (CR3 switched by `Process::run`, a fault
-//! that cannot be resolved comes back as `Segv`), frame accounting from the
-//! frame allocator, and the GPU through the driver on the PCI device.
+//! real processes (`mm::process`), CPU accesses made in user mode by each
+//! process's agent (`crate::user::agent`: a fault the address space cannot
+//! resolve comes back as `Segv`; fills and checks cover a whole range per
+//! call), frame accounting from the frame allocator, and the GPU through
+//! the driver on the PCI device.
 
 use alloc::format;
 use alloc::string::String;
@@ -11,13 +12,14 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use faultline_driver::errno::Errno;
-use faultline_driver::gpu::suite::{self, Segv, SvmEnv};
+use faultline_driver::gpu::suite::{self, ChaseList, Mismatch, Pattern, Segv, SvmEnv};
 use faultline_driver::gpu::Gpu;
 use faultline_driver::mm::{PageState, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 
 use crate::gpu::FwPlatform;
-use crate::mm::process::{self, freed, user, MapFlags, Process, ProcessMm};
+use crate::mm::process::{self, freed, MapFlags, Process, ProcessMm, Segfault};
 use crate::mm::{direct_map, frames};
+use crate::user::agent;
 
 /// One probed driver and everything else from the running firmware.
 pub struct FwEnv {
@@ -49,14 +51,26 @@ fn prot(p: suite::Prot) -> process::Prot {
     out
 }
 
-/// Runs `f` inside `p`; a segmentation fault becomes `Segv` (logged at
-/// debug level: several tests expect one).
-fn inside<R>(p: &Process, f: impl FnOnce() -> R) -> Result<R, Segv> {
-    p.run(f).map_err(|e| {
+/// A segmentation fault becomes `Segv` (logged at debug level: several
+/// tests expect one).
+fn segv<R>(r: Result<R, Segfault>) -> Result<R, Segv> {
+    r.map_err(|e| {
         log::debug!("svm env: {e}");
         Segv
     })
 }
+
+fn pattern(p: Pattern) -> agent::Pattern {
+    agent::Pattern {
+        base: p.base,
+        per_word: p.per_word,
+        per_page: p.per_page,
+    }
+}
+
+/// Polls per user-mode spin before the kernel runs the driver's bottom
+/// half again (the GPU may be waiting for a fault to be serviced).
+const SPIN_POLLS: u64 = 20_000;
 
 impl SvmEnv for FwEnv {
     type P = FwPlatform;
@@ -114,15 +128,64 @@ impl SvmEnv for FwEnv {
     }
 
     fn read(&self, p: &Process, addr: u64, out: &mut [u8]) -> Result<(), Segv> {
-        inside(p, || user::read_bytes(addr, out))
+        segv(p.agent().read_bytes(addr, out))
     }
 
     fn write(&self, p: &Process, addr: u64, data: &[u8]) -> Result<(), Segv> {
-        inside(p, || user::write_bytes(addr, data))
+        segv(p.agent().write_bytes(addr, data))
     }
 
     fn atomic_add_u64(&self, p: &Process, addr: u64, v: u64) -> Result<u64, Segv> {
-        inside(p, || user::atomic_add_u64(addr, v))
+        segv(p.agent().atomic_add_u64(addr, v))
+    }
+
+    fn atomic_add_repeat(&self, p: &Process, addr: u64, v: u64, times: u64) -> Result<(), Segv> {
+        if times == 0 {
+            return Ok(());
+        }
+        segv(p.agent().atomic_add_repeat(addr, v, times)).map(|_| ())
+    }
+
+    fn fill_pattern(&self, p: &Process, addr: u64, len: u64, pat: Pattern) -> Result<(), Segv> {
+        segv(p.agent().fill(addr, len, pattern(pat)))
+    }
+
+    fn check_pattern(
+        &self,
+        p: &Process,
+        addr: u64,
+        len: u64,
+        pat: Pattern,
+    ) -> Result<Option<Mismatch>, Segv> {
+        let m = segv(p.agent().check(addr, len, pattern(pat)))?;
+        Ok(m.map(|m| Mismatch {
+            addr: m.addr,
+            found: m.found,
+            expected: m.expected,
+        }))
+    }
+
+    fn build_list(&self, p: &Process, list: ChaseList) -> Result<(), Segv> {
+        segv(p.agent().build_list(agent::ChaseList {
+            heap: list.heap,
+            slots: list.slots,
+            step: list.step,
+            nodes: list.nodes,
+            value_offset: list.value_offset,
+        }))
+    }
+
+    fn wait_u64(&self, p: &Process, addr: u64, value: u64) -> Result<bool, Segv> {
+        let deadline = crate::arch::time::now_ns() + self.gpu.config().timeout_ns;
+        loop {
+            if segv(p.agent().spin_until(addr, value, SPIN_POLLS))?.is_none() {
+                return Ok(true);
+            }
+            if crate::arch::time::now_ns() > deadline {
+                return Ok(false);
+            }
+            self.gpu.poll(true);
+        }
     }
 
     fn cpu_phys(&self, p: &Process, addr: u64) -> Option<u64> {

@@ -1479,7 +1479,20 @@ fn agent_ops() -> Result<(), String> {
     let ag = p.agent();
     let e = |what: &'static str| move |s: Segfault| format!("{what}: {s}");
     let a = map(&p, None, 4 * PG, RW, MapFlags::empty())?;
-    ag.nop().map_err(e("nop"))?;
+    let t0 = crate::arch::time::now_ns();
+    for _ in 0..100 {
+        ag.nop().map_err(e("nop"))?;
+    }
+    let t1 = crate::arch::time::now_ns();
+    for _ in 0..100 {
+        p.run(|| ())
+            .map_err(|s| format!("kernel round trip: {s}"))?;
+    }
+    log::debug!(
+        "agent round trip {} us, kernel-mode process::run {} us",
+        (t1 - t0) / 100_000,
+        (crate::arch::time::now_ns() - t1) / 100_000
+    );
     ag.write_u64(a, 40).map_err(e("write"))?;
     let old = ag.atomic_add_u64(a, 2).map_err(e("atomic add"))?;
     ensure!(
@@ -1487,6 +1500,13 @@ fn agent_ops() -> Result<(), String> {
         "atomic add: old {old}, now {:?}",
         read(&p, a)
     );
+    let old = ag.atomic_add_repeat(a, 3, 1000).map_err(e("atomic adds"))?;
+    ensure!(
+        old == 42 + 3 * 999 && read(&p, a) == Ok(42 + 3000),
+        "1000 atomic adds: last old {old}, now {:?}",
+        read(&p, a)
+    );
+    ag.write_u64(a, 42).map_err(e("write"))?;
     ensure!(
         ag.spin_until(a, 42, 10) == Ok(None),
         "spin on a value that is there"

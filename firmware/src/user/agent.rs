@@ -14,7 +14,7 @@
 //! | 0 | nothing (a round trip) | | |
 //! | 1 | load u64 | RDI addr | RDX value |
 //! | 2 | store u64 | RDI addr, RSI value | |
-//! | 3 | `lock xadd` u64 | RDI addr, RSI addend | RDX old value |
+//! | 3 | `lock xadd` u64, RCX times | RDI addr, RSI addend, RCX times (≥ 1) | RDX the last old value |
 //! | 4 | store a [`Pattern`] | RDI addr, RSI len, RDX base, RCX per word, R8 per page | |
 //! | 5 | check a [`Pattern`] | as 4 | RAX 1 on a mismatch: RDI addr, RSI found, RDX expected |
 //! | 6 | load ≤ 64 bytes | RDI addr, RSI len | R8..R15 (little-endian) |
@@ -78,8 +78,10 @@ agent_done:
     jmp .Lagent_ok
 
 .Lagent_xadd:
-    lock xadd [rdi], rsi
     mov rdx, rsi
+    lock xadd [rdi], rdx
+    sub rcx, 1
+    ja .Lagent_xadd
     jmp .Lagent_ok
 
     /* r9 = offset; rdx = the word expected at it. */
@@ -358,12 +360,20 @@ impl<'a> Agent<'a> {
 
     /// `lock xadd` on the u64 at `addr` (8-byte aligned); the old value.
     pub fn atomic_add_u64(&self, addr: u64, v: u64) -> Result<u64, Segfault> {
+        self.atomic_add_repeat(addr, v, 1)
+    }
+
+    /// `times` (≥ 1) `lock xadd`s of `v` in one user-mode loop; the old
+    /// value the last one saw.
+    pub fn atomic_add_repeat(&self, addr: u64, v: u64, times: u64) -> Result<u64, Segfault> {
         assert!(addr.is_multiple_of(8), "{addr:#x} is not 8-byte aligned");
+        assert!(times >= 1, "no atomic to make");
         let r = self.call(
             OP_XADD,
             Regs {
                 rdi: addr,
                 rsi: v,
+                rcx: times,
                 ..Regs::default()
             },
         )?;

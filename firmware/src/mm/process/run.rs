@@ -425,28 +425,4 @@ pub mod user {
         // SAFETY: as in `read_u64`.
         uaccess(|| unsafe { p.write_volatile(v) })
     }
-
-    /// `lock xadd` on the naturally aligned u64 at `addr`; the old value.
-    pub fn atomic_add_u64(addr: u64, v: u64) -> u64 {
-        assert!(addr.is_multiple_of(8), "{addr:#x} is not 8-byte aligned");
-        let p = user_ptr(addr, 8) as *mut u64;
-        // SAFETY: as in `read_u64`; aligned (checked), and every other
-        // access to it (the GPU's included) is atomic or plain memory.
-        let a = unsafe { core::sync::atomic::AtomicU64::from_ptr(p) };
-        uaccess(|| a.fetch_add(v, core::sync::atomic::Ordering::SeqCst))
-    }
-
-    /// Copies process memory into `buf`.
-    pub fn read_bytes(addr: u64, buf: &mut [u8]) {
-        let p = user_ptr(addr, buf.len() as u64);
-        // SAFETY: as in `read_u64`; `buf` is kernel memory, no overlap.
-        uaccess(|| unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) })
-    }
-
-    /// Copies `buf` into process memory.
-    pub fn write_bytes(addr: u64, buf: &[u8]) {
-        let p = user_ptr(addr, buf.len() as u64);
-        // SAFETY: as in `read_bytes`.
-        uaccess(|| unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) })
-    }
 }

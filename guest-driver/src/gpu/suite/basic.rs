@@ -8,7 +8,7 @@ use alloc::string::String;
 use faultline_abi::{isa, LEAF_2M, PAGE_SIZE};
 
 use super::helpers::*;
-use super::{Needs, Prot, SvmEnv, TestResult};
+use super::{ChaseList, Needs, Pattern, Prot, SvmEnv, TestResult};
 use crate::errno::Errno;
 use crate::gpu::{PageSize, SnapEntry};
 
@@ -24,9 +24,7 @@ pub(super) mod open_close {
         let (p, va) = spawn_mapped(env, len)?;
         // Populate the process side first: what is counted below is the
         // driver's own memory (page tables, rings).
-        for (_, a) in sampled(va, len, FIRST) {
-            write_u64(env, &p, a, 1)?;
-        }
+        cpu_fill(env, &p, va, len, Pattern::constant(1))?;
         let base = env.free_frames();
         for round in 0..20u64 {
             let (svm, chan) = bind(env, &p)?;
@@ -44,7 +42,7 @@ pub(super) mod open_close {
                 base as i64 - now as i64
             );
         }
-        check_words(env, &p, sampled(va, len, ENDS), |_| 19)?;
+        cpu_check(env, &p, va, len, Pattern::constant(19))?;
         env.exit(p);
         Ok(())
     }
@@ -62,20 +60,14 @@ pub(super) mod anon_read {
         let (p, src) = spawn_mapped(env, len)?;
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
         // CPU writes the first half; the second half stays untouched.
-        for (i, a) in sampled(src, len / 2, ENDS) {
-            write_u64(env, &p, a, 0x1000 + i)?;
-        }
+        let pat = Pattern::page_index(0x1000);
+        cpu_fill(env, &p, src, len / 2, pat)?;
         bound(env, p, |p, _, chan| {
             let before = counters(env);
             ok(copy(chan, dst, src, len), "copy")?;
             let after = counters(env);
-            check_words(env, p, sampled(dst, len, ENDS), |i| {
-                if i < 32 {
-                    0x1000 + i
-                } else {
-                    0
-                }
-            })?;
+            cpu_check(env, p, dst, len / 2, pat)?;
+            cpu_check(env, p, dst + len / 2, len / 2, Pattern::constant(0))?;
             ensure!(after.faults_read > before.faults_read, "no faults counted");
             ensure!(
                 after.pages_mapped - before.pages_mapped >= 2 * len / PAGE_SIZE,
@@ -99,7 +91,7 @@ pub(super) mod anon_write {
         let (p, va) = spawn_mapped(env, len)?;
         bound(env, p, |p, _, chan| {
             ok(fill(chan, va, len, PAT), "fill")?;
-            check_words(env, p, sampled(va, len, ENDS), |_| PAT)
+            cpu_check(env, p, va, len, Pattern::constant(PAT))
         })
     }
 }
@@ -129,10 +121,7 @@ pub(super) mod anon_write_huge {
                     "device {leaf:?} vs CPU {cpu:?}"
                 );
             }
-            for off in (0..len).step_by((LEAF_2M / 4) as usize) {
-                ensure!(read_u64(env, p, va + off + 8)? == PAT, "data at +{off:#x}");
-            }
-            Ok(())
+            cpu_check(env, p, va, len, Pattern::constant(PAT))
         })
     }
 }
@@ -150,11 +139,10 @@ pub(super) mod anon_read_multiple {
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
         bound(env, p, |p, _, chan| {
             for round in 0..4u64 {
-                for (i, a) in sampled(src, len, ENDS) {
-                    write_u64(env, p, a, round << 32 | i)?;
-                }
+                let pat = Pattern::page_index(round << 32);
+                cpu_fill(env, p, src, len, pat)?;
                 ok(copy(chan, dst, src, len), "copy")?;
-                check_words(env, p, sampled(dst, len, ENDS), |i| round << 32 | i)?;
+                cpu_check(env, p, dst, len, pat)?;
                 ok(env.munmap(p, src, len), "munmap")?;
                 let again = ok(env.mmap(p, src, len, Prot::RW, false), "remap")?;
                 ensure!(again == src, "remap moved");
@@ -177,10 +165,10 @@ pub(super) mod anon_write_multiple {
         bound(env, p, |p, _, chan| {
             for round in 0..4u64 {
                 ok(fill(chan, va, len, PAT ^ round), "fill")?;
-                check_words(env, p, sampled(va, len, ENDS), |_| PAT ^ round)?;
+                cpu_check(env, p, va, len, Pattern::constant(PAT ^ round))?;
                 ok(env.munmap(p, va, len), "munmap")?;
                 ok(env.mmap(p, va, len, Prot::RW, false), "remap")?;
-                check_words(env, p, sampled(va, len, ENDS), |_| 0)?;
+                cpu_check(env, p, va, len, Pattern::constant(0))?;
             }
             Ok(())
         })
@@ -271,18 +259,18 @@ pub(super) mod two_processes {
         let d1 = mmap_rw(env, &p1, len, "dst 1")?;
         let d2 = ok(env.mmap(&p2, d1, len, Prot::RW, false), "dst 2")?;
         ensure!(d1 == d2, "fixed mapping moved");
-        for (i, a) in sampled(va, len, FIRST) {
-            write_u64(env, &p1, a, 0x1111_0000 + i)?;
-        }
-        for (i, a) in sampled(va, len, FIRST) {
-            write_u64(env, &p2, a, 0x2222_0000 + i)?;
-        }
+        let (pat1, pat2) = (
+            Pattern::page_index(0x1111_0000),
+            Pattern::page_index(0x2222_0000),
+        );
+        cpu_fill(env, &p1, va, len, pat1)?;
+        cpu_fill(env, &p2, va, len, pat2)?;
         let (_s1, c1) = bind(env, &p1)?;
         let (_s2, c2) = bind(env, &p2)?;
         ok(copy(&c1, d1, va, len), "copy 1")?;
         ok(copy(&c2, d2, va, len), "copy 2")?;
-        check_words(env, &p1, sampled(d1, len, FIRST), |i| 0x1111_0000 + i)?;
-        check_words(env, &p2, sampled(d2, len, FIRST), |i| 0x2222_0000 + i)?;
+        cpu_check(env, &p1, d1, len, pat1)?;
+        cpu_check(env, &p2, d2, len, pat2)?;
         drop((c1, c2));
         env.exit(p1);
         env.exit(p2);
@@ -304,17 +292,16 @@ pub(super) mod pointer_chase {
         let code = mmap_rw(env, &p, PAGE_SIZE, "mmap code")?;
         // 300 nodes {next, value} scattered over the heap pages in a scrambled
         // order (a multiplicative walk), as a heap after churn would place them.
-        let n = 300u64;
-        let slots = pages * PAGE_SIZE / 16;
-        let node = |i: u64| heap + ((i * 7919) % slots) * 16;
-        let mut sum = 0u64;
-        for i in 0..n {
-            let next = if i + 1 < n { node(i + 1) } else { 0 };
-            let value = i * i + 3;
-            sum = sum.wrapping_add(value);
-            write_u64(env, &p, node(i), next)?;
-            write_u64(env, &p, node(i) + 8, value)?;
-        }
+        let list = ChaseList {
+            heap,
+            slots: pages * PAGE_SIZE / 16,
+            step: 7919,
+            nodes: 300,
+            value_offset: 3,
+        };
+        let sum = (0..list.nodes).fold(0u64, |s, i| s.wrapping_add(list.value(i)));
+        env.build_list(&p, list)
+            .map_err(|_| String::from("building the list faulted"))?;
         let k = [
             // r1 = head, r4 = out, r2 = sum
             isa::encode(isa::BEQ, 0, 1, 0, 5),
@@ -328,7 +315,7 @@ pub(super) mod pointer_chase {
         write_code(env, &p, code, &k)?;
         bound(env, p, |p, _, chan| {
             ok(
-                chan.run(&launch(code, &k, 1, 1, [node(0), 0, 0, out])),
+                chan.run(&launch(code, &k, 1, 1, [list.node(0), 0, 0, out])),
                 "launch",
             )?;
             let got = read_u64(env, p, out)?;

@@ -1,13 +1,13 @@
-//! What the tests share: binding a context, running commands, reading and
-//! checking process memory word by word.
+//! What the tests share: binding a context, running commands, writing and
+//! checking process memory (every word of a range, one host call each).
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use faultline_abi::{Status, PAGE_SIZE};
+use faultline_abi::Status;
 
-use super::{Prot, SvmEnv, TestResult};
+use super::{Pattern, Prot, SvmEnv, TestResult};
 use crate::gpu::{Channel, Command, CounterSnapshot, GpuError, Platform, SvmConfig, SvmContext};
 
 /// `return Err(format!(...))` unless `cond` holds.
@@ -71,37 +71,37 @@ pub(super) fn write_u64<E: SvmEnv>(env: &E, p: &E::Process, va: u64, v: u64) -> 
         .map_err(|_| format!("CPU write of {va:#x} faulted"))
 }
 
-/// Which words of a page [`sampled`] picks: the first only, or the first
-/// and the last (which also catches a short or shifted copy).
-pub(super) const FIRST: &[u64] = &[0];
-pub(super) const ENDS: &[u64] = &[0, PAGE_SIZE - 8];
-
-/// `(page_index, address)` of the `words` of every page of `[va, va + len)`.
-pub(super) fn sampled(
-    va: u64,
-    len: u64,
-    words: &'static [u64],
-) -> impl Iterator<Item = (u64, u64)> {
-    (0..len / PAGE_SIZE)
-        .flat_map(move |i| words.iter().map(move |off| (i, va + i * PAGE_SIZE + off)))
-}
-
-/// Checks that the word at each address of `at` equals `expect(page_index)`.
-pub(super) fn check_words<E: SvmEnv>(
+/// CPU stores of `pat` over all of `[va, va + len)`.
+pub(super) fn cpu_fill<E: SvmEnv>(
     env: &E,
     p: &E::Process,
-    at: impl Iterator<Item = (u64, u64)>,
-    expect: impl Fn(u64) -> u64,
+    va: u64,
+    len: u64,
+    pat: Pattern,
 ) -> TestResult {
-    for (i, a) in at {
-        let got = read_u64(env, p, a)?;
-        ensure!(
-            got == expect(i),
-            "page {i}: {a:#x} holds {got:#x}, expected {:#x}",
-            expect(i)
-        );
+    env.fill_pattern(p, va, len, pat)
+        .map_err(|_| format!("CPU fill of {va:#x}+{len:#x} faulted"))
+}
+
+/// Checks every word of `[va, va + len)` against `pat` with CPU loads.
+pub(super) fn cpu_check<E: SvmEnv>(
+    env: &E,
+    p: &E::Process,
+    va: u64,
+    len: u64,
+    pat: Pattern,
+) -> TestResult {
+    match env.check_pattern(p, va, len, pat) {
+        Ok(None) => Ok(()),
+        Ok(Some(m)) => Err(format!(
+            "{:#x} (+{:#x} in {va:#x}+{len:#x}) holds {:#x}, expected {:#x}",
+            m.addr,
+            m.addr - va,
+            m.found,
+            m.expected
+        )),
+        Err(_) => Err(format!("CPU check of {va:#x}+{len:#x} faulted")),
     }
-    Ok(())
 }
 
 pub(super) fn counters<E: SvmEnv>(env: &E) -> CounterSnapshot {

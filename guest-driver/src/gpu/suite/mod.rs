@@ -18,6 +18,8 @@ use alloc::vec::Vec;
 
 use bitflags::bitflags;
 
+use faultline_abi::PAGE_SIZE;
+
 use super::{Gpu, GpuConfig, Platform};
 use crate::errno::Errno;
 use crate::mm::Mm;
@@ -58,6 +60,86 @@ impl Prot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segv;
 
+/// u64 words over a range, for whole-range CPU fills and checks: the word
+/// at byte offset `off` from the range's start holds
+/// `base + (off / 8) * per_word + (off / PAGE_SIZE) * per_page` (wrapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pattern {
+    /// The first word.
+    pub base: u64,
+    /// Added per word.
+    pub per_word: u64,
+    /// Added per page.
+    pub per_page: u64,
+}
+
+impl Pattern {
+    /// Every word `v`.
+    pub const fn constant(v: u64) -> Pattern {
+        Pattern {
+            base: v,
+            per_word: 0,
+            per_page: 0,
+        }
+    }
+
+    /// Every word of page `i` (counted from the range's start) `base + i`.
+    pub const fn page_index(base: u64) -> Pattern {
+        Pattern {
+            base,
+            per_word: 0,
+            per_page: 1,
+        }
+    }
+
+    /// The word at byte offset `off`.
+    pub fn at(&self, off: u64) -> u64 {
+        self.base
+            .wrapping_add((off / 8).wrapping_mul(self.per_word))
+            .wrapping_add((off / PAGE_SIZE).wrapping_mul(self.per_page))
+    }
+}
+
+/// The first word of a range that did not hold its [`Pattern`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Its address.
+    pub addr: u64,
+    /// What the CPU read.
+    pub found: u64,
+    /// What the pattern says.
+    pub expected: u64,
+}
+
+/// The pointer-chase list: `nodes` nodes of 16 bytes `{next, value}`, node
+/// `i` at [`ChaseList::node`], `next` the address of node `i + 1` (0 for
+/// the last), `value` = [`ChaseList::value`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChaseList {
+    /// Where the slots start.
+    pub heap: u64,
+    /// 16-byte slots in the heap.
+    pub slots: u64,
+    /// Node `i` goes to slot `(i * step) % slots`.
+    pub step: u64,
+    /// How many nodes.
+    pub nodes: u64,
+    /// Added to `i * i` for node `i`'s value.
+    pub value_offset: u64,
+}
+
+impl ChaseList {
+    /// The address of node `i`.
+    pub fn node(&self, i: u64) -> u64 {
+        self.heap + (i.wrapping_mul(self.step) % self.slots) * 16
+    }
+
+    /// The value of node `i`.
+    pub fn value(&self, i: u64) -> u64 {
+        i.wrapping_mul(i).wrapping_add(self.value_offset)
+    }
+}
+
 /// What the suite needs from its host.
 pub trait SvmEnv {
     /// The machine interface of the GPU.
@@ -95,6 +177,103 @@ pub trait SvmEnv {
     fn write(&self, p: &Self::Process, addr: u64, data: &[u8]) -> Result<(), Segv>;
     /// A CPU atomic add on the u64 at `addr` (naturally aligned); old value.
     fn atomic_add_u64(&self, p: &Self::Process, addr: u64, v: u64) -> Result<u64, Segv>;
+    /// `times` CPU atomic adds of `v` on the u64 at `addr`, back to back
+    /// (one loop in the process, where the host can).
+    fn atomic_add_repeat(
+        &self,
+        p: &Self::Process,
+        addr: u64,
+        v: u64,
+        times: u64,
+    ) -> Result<(), Segv> {
+        for _ in 0..times {
+            self.atomic_add_u64(p, addr, v)?;
+        }
+        Ok(())
+    }
+    /// CPU stores of `pat` over `[addr, addr + len)` (8-byte aligned, whole
+    /// words). A host whose CPU accesses are costly one by one (a guest's
+    /// user-mode agent) does the range in one go.
+    fn fill_pattern(
+        &self,
+        p: &Self::Process,
+        addr: u64,
+        len: u64,
+        pat: Pattern,
+    ) -> Result<(), Segv> {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(PAGE_SIZE);
+            let words: Vec<u8> = (0..n / 8)
+                .flat_map(|w| pat.at(off + w * 8).to_le_bytes())
+                .collect();
+            self.write(p, addr + off, &words)?;
+            off += n;
+        }
+        Ok(())
+    }
+    /// CPU loads of every word of `[addr, addr + len)`, compared with
+    /// `pat`: the first that differs.
+    fn check_pattern(
+        &self,
+        p: &Self::Process,
+        addr: u64,
+        len: u64,
+        pat: Pattern,
+    ) -> Result<Option<Mismatch>, Segv> {
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(PAGE_SIZE);
+            self.read(p, addr + off, &mut buf[..n as usize])?;
+            for (w, b) in buf[..n as usize].chunks_exact(8).enumerate() {
+                let o = off + w as u64 * 8;
+                let found = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                if found != pat.at(o) {
+                    return Ok(Some(Mismatch {
+                        addr: addr + o,
+                        found,
+                        expected: pat.at(o),
+                    }));
+                }
+            }
+            off += n;
+        }
+        Ok(None)
+    }
+    /// CPU stores that build `list`.
+    fn build_list(&self, p: &Self::Process, list: ChaseList) -> Result<(), Segv> {
+        for i in 0..list.nodes {
+            let next = if i + 1 < list.nodes {
+                list.node(i + 1)
+            } else {
+                0
+            };
+            let mut node = [0u8; 16];
+            node[..8].copy_from_slice(&next.to_le_bytes());
+            node[8..].copy_from_slice(&list.value(i).to_le_bytes());
+            self.write(p, list.node(i), &node)?;
+        }
+        Ok(())
+    }
+    /// The CPU spins on the u64 at `addr` until it holds `value` (which the
+    /// GPU writes), running the driver's bottom half between polls, for up
+    /// to the driver's timeout: whether it saw the value.
+    fn wait_u64(&self, p: &Self::Process, addr: u64, value: u64) -> Result<bool, Segv> {
+        let gpu = self.gpu();
+        let deadline = gpu.platform().now_ns() + gpu.config().timeout_ns;
+        loop {
+            let mut b = [0u8; 8];
+            self.read(p, addr, &mut b)?;
+            if u64::from_le_bytes(b) == value {
+                return Ok(true);
+            }
+            if gpu.platform().now_ns() > deadline {
+                return Ok(false);
+            }
+            gpu.poll(true);
+        }
+    }
     /// Physical address of the frame the CPU maps at `addr` right now.
     fn cpu_phys(&self, p: &Self::Process, addr: u64) -> Option<u64>;
     /// Free physical frames (for leak checks).

@@ -1,10 +1,10 @@
 //! Protection: the device never gets more access than the CPU mapping
 //! allows, before or after an mprotect.
 
-use faultline_abi::Pte;
+use faultline_abi::{Pte, PAGE_SIZE};
 
 use super::helpers::*;
-use super::{Needs, Prot, Segv, SvmEnv, TestResult};
+use super::{Needs, Pattern, Prot, Segv, SvmEnv, TestResult};
 
 /// A PROT_NONE source: the command fails, the destination is untouched.
 pub(super) mod anon_read_prot {
@@ -17,17 +17,13 @@ pub(super) mod anon_read_prot {
         let len = 64 << 10;
         let (p, src) = spawn_mapped(env, len)?;
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
-        for (_, a) in sampled(src, len, FIRST) {
-            write_u64(env, &p, a, 7)?;
-        }
-        for (_, a) in sampled(dst, len, ENDS) {
-            write_u64(env, &p, a, 0xdead)?;
-        }
+        cpu_fill(env, &p, src, len, Pattern::constant(7))?;
+        cpu_fill(env, &p, dst, len, Pattern::constant(0xdead))?;
         ok(env.mprotect(&p, src, len, Prot::NONE), "mprotect")?;
         bound(env, p, |p, _, chan| {
             let r = copy(chan, dst, src, len);
             ensure!(cancelled(r), "copy from PROT_NONE: {r:?}");
-            check_words(env, p, sampled(dst, len, ENDS), |_| 0xdead)?;
+            cpu_check(env, p, dst, len, Pattern::constant(0xdead))?;
             ensure!(
                 env.read(p, src, &mut [0; 8]) == Err(Segv),
                 "CPU read of PROT_NONE"
@@ -48,14 +44,13 @@ pub(super) mod anon_write_prot {
     pub fn run<E: SvmEnv>(env: &E) -> TestResult {
         let len = 64 << 10;
         let (p, va) = spawn_mapped(env, len)?;
-        for (i, a) in sampled(va, len, ENDS) {
-            write_u64(env, &p, a, i)?;
-        }
+        let pat = Pattern::page_index(0);
+        cpu_fill(env, &p, va, len, pat)?;
         ok(env.mprotect(&p, va, len, Prot::READ), "mprotect RO")?;
         bound(env, p, |p, svm, chan| {
             let r = fill(chan, va, len, PAT);
             ensure!(cancelled(r), "fill of read-only memory: {r:?}");
-            check_words(env, p, sampled(va, len, ENDS), |i| i)?;
+            cpu_check(env, p, va, len, pat)?;
             ensure!(
                 svm.device_lookup(va)
                     .is_none_or(|l| !l.perms.contains(Pte::WRITE)),
@@ -63,7 +58,7 @@ pub(super) mod anon_write_prot {
             );
             ok(env.mprotect(p, va, len, Prot::RW), "mprotect RW")?;
             ok(fill(chan, va, len, PAT), "fill after mprotect RW")?;
-            check_words(env, p, sampled(va, len, ENDS), |_| PAT)
+            cpu_check(env, p, va, len, Pattern::constant(PAT))
         })
     }
 }
@@ -90,7 +85,8 @@ pub(super) mod mprotect_downgrade {
                 "device should map writable"
             );
             ok(env.mprotect(p, va, len, Prot::READ), "mprotect")?;
-            for (i, a) in sampled(va, len, FIRST) {
+            for i in 0..len / PAGE_SIZE {
+                let a = va + i * PAGE_SIZE;
                 let leaf = svm.device_lookup(a);
                 let cpu = env.cpu_phys(p, a);
                 ensure!(
@@ -101,9 +97,9 @@ pub(super) mod mprotect_downgrade {
             }
             // Through a stale writable TLB entry this write would succeed.
             ensure!(cancelled(fill(chan, va, len, 1)), "write after downgrade");
-            check_words(env, p, sampled(va, len, ENDS), |_| PAT)?;
+            cpu_check(env, p, va, len, Pattern::constant(PAT))?;
             ok(copy(chan, dst, va, len), "read after downgrade")?;
-            check_words(env, p, sampled(dst, len, ENDS), |_| PAT)
+            cpu_check(env, p, dst, len, Pattern::constant(PAT))
         })
     }
 }
@@ -127,17 +123,14 @@ pub(super) mod mixed_access_ro_window {
         let p = env.spawn()?;
         let map = mmap_rw(env, &p, len + window, "mmap")?;
         let ro = (map + window - 1) & !(window - 1);
-        for (i, a) in sampled(ro, len, FIRST) {
-            write_u64(env, &p, a, 0x7000 + i)?;
-        }
+        let pat = Pattern::page_index(0x7000);
+        cpu_fill(env, &p, ro, len, pat)?;
         ok(
             env.mprotect(&p, map, len + window, Prot::READ),
             "mprotect RO",
         )?;
         let dst = mmap_rw(env, &p, 2 * PAGE_SIZE, "mmap dst")?;
-        for (_, a) in sampled(dst, 2 * PAGE_SIZE, FIRST) {
-            write_u64(env, &p, a, 0xdead)?;
-        }
+        cpu_fill(env, &p, dst, 2 * PAGE_SIZE, Pattern::constant(0xdead))?;
         bound(env, p, |p, svm, reader| {
             let writer = ok(Channel::open(svm.context()), "second channel")?;
             // (page read, page written) inside round r's window.
@@ -182,8 +175,20 @@ pub(super) mod mixed_access_ro_window {
                     cancelled(rw),
                     "round {r}: write to read-only page {wp}: {rw:?}"
                 );
-                check_words(env, p, sampled(out, PAGE_SIZE, FIRST), |_| 0x7000 + rp)?;
-                check_words(env, p, sampled(wva, PAGE_SIZE, FIRST), |_| 0x7000 + wp)?;
+                cpu_check(
+                    env,
+                    p,
+                    out,
+                    PAGE_SIZE,
+                    Pattern::constant(pat.at(rp * PAGE_SIZE)),
+                )?;
+                cpu_check(
+                    env,
+                    p,
+                    wva,
+                    PAGE_SIZE,
+                    Pattern::constant(pat.at(wp * PAGE_SIZE)),
+                )?;
                 let leaf = svm.device_lookup(src);
                 ensure!(
                     leaf.is_some_and(|l| !l.perms.intersects(Pte::WRITE | Pte::ATOMIC)),

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use faultline_abi::{atomic_op, isa, Status, PAGE_SIZE};
 
 use super::helpers::*;
-use super::{Needs, Prot, Segv, SvmEnv, TestResult};
+use super::{Needs, Pattern, Prot, Segv, SvmEnv, TestResult};
 use crate::gpu::{Command, GpuError};
 use crate::mm::{
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, MmuNotifierRange,
@@ -81,12 +81,20 @@ pub(super) mod anon_teardown {
                     svm.device_lookup(half).is_none(),
                     "device still maps the unmapped half"
                 );
-                // The valid half holds the first or the second pattern, never junk.
-                let first = read_u64(env, p, va)?;
-                ensure!(
-                    first == PAT || first == round,
-                    "valid half holds {first:#x}"
-                );
+                // The valid half holds the second pattern up to where the
+                // FILL stopped (all of it if it completed) and the first
+                // after that, never junk.
+                let stop = match env.check_pattern(p, va, len / 2, Pattern::constant(PAT)) {
+                    Ok(None) => half,
+                    Ok(Some(m)) => m.addr,
+                    Err(_) => {
+                        return Err(format!(
+                            "round {round}: CPU check of the valid half faulted"
+                        ))
+                    }
+                };
+                cpu_check(env, p, stop, half - stop, Pattern::constant(round))
+                    .map_err(|e| format!("round {round}: valid half after the FILL's end: {e}"))?;
                 ok(env.mmap(p, half, len / 2, Prot::RW, false), "remap")?;
             }
             // Both outcomes are legal; which one happened depends on timing.
@@ -111,9 +119,8 @@ pub(super) mod invalidate_during_fault {
     pub fn run<E: SvmEnv>(env: &E) -> TestResult {
         let len = 64 << 10;
         let (p, va) = spawn_mapped(env, len)?;
-        for (i, a) in sampled(va, len, FIRST) {
-            write_u64(env, &p, a, 0x4000 + i)?;
-        }
+        let pat = Pattern::page_index(0x4000);
+        cpu_fill(env, &p, va, len, pat)?;
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
         bound(env, p, |p, svm, chan| {
             let mm = env.mm(p);
@@ -140,7 +147,7 @@ pub(super) mod invalidate_during_fault {
             let after = counters(env);
             ensure!(shots.load(Ordering::Acquire) >= 1, "hook never ran");
             ensure!(after.retries > before.retries, "no retry counted");
-            check_words(env, p, sampled(dst, len, FIRST), |i| 0x4000 + i)?;
+            cpu_check(env, p, dst, len, pat)?;
             for i in 0..len / PAGE_SIZE {
                 let a = va + i * PAGE_SIZE;
                 let dev = svm.device_lookup(a).map(|l| l.phys);
@@ -163,8 +170,8 @@ pub(super) mod atomic_counter {
     pub const NEEDS: Needs = Needs::DEFAULT;
 
     pub fn run<E: SvmEnv>(env: &E) -> TestResult {
-        let (p, buf) = spawn_mapped(env, 2 * PAGE_SIZE)?;
-        let (counter, code) = (buf, buf + PAGE_SIZE);
+        let (p, buf) = spawn_mapped(env, 3 * PAGE_SIZE)?;
+        let (counter, code, flag) = (buf, buf + PAGE_SIZE, buf + 2 * PAGE_SIZE);
         let iters = 200i32;
         let k = [
             // r1 = counter, r2 = 1, r3 = loop count
@@ -194,12 +201,26 @@ pub(super) mod atomic_counter {
                 chan.submit(&launch(code, &k, 2, 32, [counter, 0, 0, 0])),
                 "launch",
             )?;
+            // Released after the kernel (a channel runs its commands in
+            // order): the CPU waits for it spinning on the flag, as a user
+            // program waits for a GPU fence.
+            let sem = ok(
+                chan.submit(&Command::SemaphoreRelease {
+                    va: flag,
+                    wide: true,
+                    value: 1,
+                }),
+                "semaphore",
+            )?;
             let cpu_adds = 1000u64;
-            for _ in 0..cpu_adds {
-                env.atomic_add_u64(p, counter, 1)
-                    .map_err(|_| String::from("CPU atomic faulted"))?;
-            }
+            env.atomic_add_repeat(p, counter, 1, cpu_adds)
+                .map_err(|_| String::from("CPU atomic faulted"))?;
+            let seen = env
+                .wait_u64(p, flag, 1)
+                .map_err(|_| String::from("CPU spin on the semaphore faulted"))?;
+            ensure!(seen, "the semaphore was never released");
             ok(chan.wait(t), "kernel")?;
+            ok(chan.wait(sem), "semaphore")?;
             let total = read_u64(env, p, counter)?;
             let expect = 5 + threads * iters as u64 + cpu_adds;
             ensure!(total == expect, "counter {total}, expected {expect}");

@@ -1,10 +1,12 @@
 //! Scale: more faults in flight than the fault buffer holds, and a large
 //! first touch.
 
+use alloc::format;
+
 use faultline_abi::{isa, Counter, PAGE_SIZE};
 
 use super::helpers::*;
-use super::{Needs, SvmEnv, TestResult};
+use super::{Needs, Pattern, SvmEnv, TestResult};
 use crate::gpu::{Platform, SvmConfig};
 
 /// A kernel touching many more pages at once than the fault buffer holds:
@@ -52,9 +54,13 @@ pub(super) mod fault_buffer_overflow {
                 overflowed > 0,
                 "the fault buffer ({entries} entries) never overflowed"
             );
+            // Thread t's word, and nothing else in its page.
             for t in 0..pages {
-                let v = read_u64(env, p, data + t * PAGE_SIZE)?;
-                ensure!(v == t + 1, "thread {t} wrote {v}");
+                let page = data + t * PAGE_SIZE;
+                cpu_check(env, p, page, 8, Pattern::constant(t + 1))
+                    .map_err(|e| format!("thread {t}'s word: {e}"))?;
+                cpu_check(env, p, page + 8, PAGE_SIZE - 8, Pattern::constant(0))
+                    .map_err(|e| format!("thread {t}'s page: {e}"))?;
             }
             Ok(())
         })
@@ -95,9 +101,7 @@ pub(super) mod large_first_touch {
                 "device leaves {}",
                 svm.device_leaves()
             );
-            for off in (0..len).step_by(1 << 20) {
-                ensure!(read_u64(env, p, va + off + 8)? == PAT, "data at +{off:#x}");
-            }
+            cpu_check(env, p, va, len, Pattern::constant(PAT))?;
             log::info!(
                 "large_first_touch: {} MiB in {} ms, {} windows",
                 len >> 20,

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use faultline_abi::PAGE_SIZE;
 
 use super::helpers::*;
-use super::{Needs, SvmEnv, TestResult};
+use super::{Needs, Pattern, SvmEnv, TestResult};
 use crate::errno::Errno;
 use crate::gpu::{GpuError, SvmConfig, SvmContext};
 use crate::hmm::{range_register, range_unregister, HmmRange};
@@ -28,7 +28,7 @@ pub(super) mod double_map {
         let (svm2, ch2) = bind(env, &p)?;
         ok(fill(&ch1, a, len, PAT), "fill via context 1")?;
         ok(copy(&ch2, b, a, len), "copy via context 2")?;
-        check_words(env, &p, sampled(b, len, ENDS), |_| PAT)?;
+        cpu_check(env, &p, b, len, Pattern::constant(PAT))?;
         ensure!(
             svm1.device_lookup(a).is_some() && svm2.device_lookup(a).is_some(),
             "both contexts should map the buffer"
@@ -79,9 +79,7 @@ pub(super) mod munmap_reuse {
                 new >= old + len || new + 4 * len <= old,
                 "the new mapping {new:#x} reuses the unmapped addresses {old:#x}"
             );
-            for (_, a) in sampled(new, 4 * len, FIRST) {
-                write_u64(env, p, a, 0x7777)?;
-            }
+            cpu_fill(env, p, new, 4 * len, Pattern::constant(0x7777))?;
             let reused = (0..4 * len / PAGE_SIZE)
                 .filter(|i| {
                     env.cpu_phys(p, new + i * PAGE_SIZE)
@@ -97,7 +95,7 @@ pub(super) mod munmap_reuse {
                 cancelled(fill(chan, old, len, 1)),
                 "fill through the old mapping"
             );
-            check_words(env, p, sampled(new, 4 * len, FIRST), |_| 0x7777)
+            cpu_check(env, p, new, 4 * len, Pattern::constant(0x7777))
         })
     }
 }
