@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything: lints, host tests (unit, integration, property, loopback),
-# firmware build, boot tests in faultline and in QEMU, a short fuzz run.
+# firmware build, boot tests in faultline and in QEMU, a short hostile-guest
+# soak, a short fuzz run.
 #
 # FAULTLINE_REQUIRE_KVM=1 turns a missing /dev/kvm, QEMU or fuzzer into a
 # failure instead of a SKIP (CI sets it).
@@ -93,6 +94,23 @@ qemu_vfio_user() {
   scripts/qemu-run.sh
 }
 
+# The seeded hostile-guest soak, short: gpu_hostile on two seeds and the
+# fault flood, under `run` and under `serve` + QEMU (scripts/soak.sh checks
+# exit status, recovery, panics, hangs, peak RSS and log lines of each run).
+hostile_soak() {
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: the hostile-guest soak needs KVM"
+    return
+  fi
+  local hosts="run serve"
+  if ! scripts/qemu-setup.sh >/dev/null; then
+    skip_or_fail "no QEMU with vfio-user-pci: the soak runs under faultline run only"
+    hosts=run
+  fi
+  scripts/soak.sh -s "101 202" -n "${FAULTLINE_HOSTILE_ITERATIONS:-3000}" \
+    -f "${FAULTLINE_FLOOD_CYCLES:-5000}" -H "$hosts"
+}
+
 # cargo-fuzz needs nightly for its sanitizer flags; the same harness also
 # runs on stable inside the device's tests (fuzz_smoke).
 fuzz_short() {
@@ -120,6 +138,7 @@ step host-tests cargo test -q --workspace
 step guest-suite guest_suite
 step qemu-boot qemu_boot
 step qemu-vfio-user qemu_vfio_user
+step hostile-soak hostile_soak
 step fuzz fuzz_short
 
 echo

@@ -20,6 +20,12 @@ pub struct Options<'a> {
     pub gpu_optional: bool,
     /// `bench=<name>`: run that in-guest benchmark instead of the tests.
     pub bench: Option<Bench>,
+    /// `seed=N`: the seed of the randomised tests (`gpu_hostile`).
+    pub seed: Option<u64>,
+    /// `iterations=N`: how long `gpu_hostile` runs.
+    pub iterations: Option<u64>,
+    /// `cycles=N`: how long `gpu_fault_flood` runs.
+    pub cycles: Option<u64>,
 }
 
 /// In-guest benchmarks (machine-readable output, see `bench/`; bench build only).
@@ -68,6 +74,9 @@ impl Default for Options<'_> {
             crash: None,
             gpu_optional: false,
             bench: None,
+            seed: None,
+            iterations: None,
+            cycles: None,
         }
     }
 }
@@ -108,6 +117,13 @@ fn parse_bool(v: &str) -> Option<bool> {
         "1" | "true" | "yes" | "on" => Some(true),
         "0" | "false" | "no" | "off" => Some(false),
         _ => None,
+    }
+}
+
+fn parse_u64(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
     }
 }
 
@@ -177,6 +193,16 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     key,
                     value,
                     expected: "exits|faults",
+                }),
+            },
+            "seed" | "iterations" | "cycles" => match parse_u64(value) {
+                Some(n) if key == "seed" => o.seed = Some(n),
+                Some(n) if key == "iterations" => o.iterations = Some(n),
+                Some(n) => o.cycles = Some(n),
+                None => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "a decimal or 0x-hex number",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -81,6 +81,19 @@ fn teardown(p: &gpu::FwPlatform, s: Setup) {
 fn gpu_fill_copy() -> Result<(), String> {
     let g = device()?;
     let frames_before = crate::mm::frames::stats().free;
+    probe_fill_copy(g)?;
+    let frames_after = crate::mm::frames::stats().free;
+    if frames_after != frames_before {
+        return Err(format!(
+            "DMA frames leaked: {frames_before} free before, {frames_after} after"
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh driver probe, then [`gpu_fill_copy`]'s FILL + COPY with its data
+/// checked; the driver is dropped (RESET) at the end.
+pub(super) fn probe_fill_copy(g: &Gpu) -> Result<(), String> {
     let (p, d) = driver(g)?;
     let s = identity_setup(&p, &d, 4)?;
     let (src, half) = (s.buf.phys(), 8192u64);
@@ -124,12 +137,6 @@ fn gpu_fill_copy() -> Result<(), String> {
     }
     teardown(&p, s);
     drop(d);
-    let frames_after = crate::mm::frames::stats().free;
-    if frames_after != frames_before {
-        return Err(format!(
-            "DMA frames leaked: {frames_before} free before, {frames_after} after"
-        ));
-    }
     Ok(())
 }
 

@@ -13,7 +13,9 @@ use crate::cmdline::Options;
 use crate::println;
 
 pub mod crash;
+pub mod flood;
 pub mod gpu;
+pub mod hostile;
 pub mod process;
 pub mod selftest;
 pub mod svm;
@@ -33,7 +35,36 @@ impl Test {
 
 /// Every suite, in run order. Later modules (process address spaces, PCI,
 /// the GPU driver) append their `TESTS` slice here.
-const SUITES: &[&[Test]] = &[selftest::TESTS, process::TESTS, gpu::TESTS, svm::TESTS];
+const SUITES: &[&[Test]] = &[
+    selftest::TESTS,
+    process::TESTS,
+    gpu::TESTS,
+    hostile::TESTS,
+    svm::TESTS,
+];
+
+/// Tests that run only when `test=` names them exactly (long runs for
+/// `scripts/soak.sh`); `list=1` shows them only then too.
+const OPT_IN: &[Test] = flood::TESTS;
+
+/// Numeric parameters of the parameterised tests (`seed=`, `iterations=`,
+/// `cycles=`), set once before the tests run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Params {
+    pub seed: Option<u64>,
+    pub iterations: Option<u64>,
+    pub cycles: Option<u64>,
+}
+
+static PARAMS: crate::sync::Mutex<Params> = crate::sync::Mutex::new(Params {
+    seed: None,
+    iterations: None,
+    cycles: None,
+});
+
+pub fn params() -> Params {
+    *PARAMS.lock()
+}
 
 /// Marks a test's `Err` as a skip (hardware the test needs is absent and
 /// the command line allows that): reported as SKIPPED, counted apart, and
@@ -80,6 +111,11 @@ fn all_tests<'a>(opts: &'a Options<'a>) -> impl Iterator<Item = &'static Test> +
         .flat_map(|s| s.iter())
         .chain(extra.iter())
         .filter(move |t| opts.test_filter.is_none_or(|f| t.name.contains(f)))
+        .chain(
+            OPT_IN
+                .iter()
+                .filter(move |t| opts.test_filter == Some(t.name)),
+        )
 }
 
 const fn same(a: &str, b: &str) -> bool {
@@ -139,11 +175,18 @@ const fn first_duplicate(suites: &[&[Test]], extra: &'static [Test]) -> Option<&
 // instruction-emulating hypervisor, the pairwise comparison cost ~20 ms of
 // every boot.
 const _: () = assert!(
-    first_duplicate(SUITES, FAIL_SUITE).is_none(),
+    first_duplicate(SUITES, FAIL_SUITE).is_none()
+        && first_duplicate(SUITES, OPT_IN).is_none()
+        && first_duplicate(&[FAIL_SUITE], OPT_IN).is_none(),
     "duplicate test name"
 );
 
 pub fn run(opts: &Options<'_>) -> ! {
+    *PARAMS.lock() = Params {
+        seed: opts.seed,
+        iterations: opts.iterations,
+        cycles: opts.cycles,
+    };
     if opts.list {
         for t in all_tests(opts) {
             println!("{}", t.name);
