@@ -26,6 +26,10 @@ pub struct Options<'a> {
     pub iterations: Option<u64>,
     /// `cycles=N`: how long `gpu_fault_flood` runs.
     pub cycles: Option<u64>,
+    /// `ram=zero`: the hypervisor handed RAM over zeroed, so a frame nobody
+    /// has used since boot needs no zeroing. Off by default: a warm reset
+    /// (QEMU `system_reset`) leaves RAM as the last boot left it.
+    pub ram_zero: bool,
 }
 
 /// In-guest benchmarks (machine-readable output, see `bench/`; bench build only).
@@ -77,6 +81,7 @@ impl Default for Options<'_> {
             seed: None,
             iterations: None,
             cycles: None,
+            ram_zero: false,
         }
     }
 }
@@ -176,6 +181,15 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     key,
                     value,
                     expected: "panic|ud|pagefault|doublefault|stackoverflow",
+                }),
+            },
+            "ram" => match value {
+                "zero" => o.ram_zero = true,
+                "unknown" => o.ram_zero = false,
+                _ => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "zero|unknown",
                 }),
             },
             "gpu" => match value {

@@ -40,7 +40,7 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     // Printed, not logged: loglevel=error must not hide a typo.
     cmdline::parse(boot.cmdline, |c| println!("{c}"));
 
-    boot::init_memory(&boot);
+    boot::init_memory(&boot, opts.ram_zero);
     let stack_top = boot::init_kernel_stack();
     let banner = boot::Banner::new(&boot);
     // SAFETY: the new stack is mapped, owned by nothing else, and `opts` and

@@ -15,6 +15,10 @@
 //!   turns, one sample each.
 //! * `first_touch`: one FILL over 64 MiB the CPU never touched, per
 //!   fault-around size, with 4 KiB CPU pages (and once with 2 MiB pages).
+//! * `cpu_first_touch`: the yardstick for `first_touch`: the guest CPU
+//!   writing the same 64 MiB of fresh pages from user mode (the process
+//!   agent's fill, ring 3), one user page fault per 4 KiB page serviced by
+//!   the same mm fault handler the GPU path reaches through HMM.
 //! * `munmap`: munmap of a 64 KiB mapping the device has mapped, from the
 //!   start of munmap to the moment the driver saw the device acknowledge the
 //!   TLB invalidation, and to munmap's return; the same munmap without a
@@ -83,6 +87,7 @@ pub fn run() -> Result<(), String> {
         first_touch(&gpu, fa, false)?;
     }
     first_touch(&gpu, 64 << 10, true)?;
+    cpu_first_touch()?;
     munmap(&gpu, true)?;
     munmap(&gpu, false)?;
     invalidate(&gpu)?;
@@ -354,6 +359,44 @@ fn first_touch(gpu: &Arc<Gpu<P>>, fault_around: u64, huge: bool) -> Result<(), S
         c.windows - c0.windows,
         c.batches - c0.batches,
         c.faults_read - c0.faults_read,
+    );
+    Ok(())
+}
+
+fn cpu_first_touch() -> Result<(), String> {
+    use crate::user::agent::Pattern;
+    let pr = Process::new().map_err(ed("process"))?;
+    let a = pr
+        .mmap(
+            None,
+            FIRST_TOUCH_BYTES,
+            Prot::READ | Prot::WRITE,
+            MapFlags::empty(),
+        )
+        .map_err(ed("mmap"))?;
+    let faults0 = pr.stats().faults;
+    let agent = pr.agent();
+    let t0 = time::rdtsc();
+    agent
+        .fill(a, FIRST_TOUCH_BYTES, Pattern::constant(PATTERN))
+        .map_err(ed("user-mode fill"))?;
+    let ns = time::ticks_to_ns(time::rdtsc() - t0);
+    let faults = pr.stats().faults - faults0;
+    let pages = FIRST_TOUCH_BYTES / PAGE_SIZE;
+    if faults != pages {
+        return Err(format!(
+            "cpu first touch: {faults} faults for {pages} fresh pages"
+        ));
+    }
+    let probes = [a, a + FIRST_TOUCH_BYTES / 2 + 8, a + FIRST_TOUCH_BYTES - 8];
+    for p in probes {
+        let v = agent.read_u64(p).map_err(ed("user-mode read"))?;
+        if v != PATTERN {
+            return Err(format!("cpu first touch: {p:#x} reads {v:#x}"));
+        }
+    }
+    println!(
+        "bench cpu_first_touch mode=user bytes={FIRST_TOUCH_BYTES} pages={pages} ns={ns} faults={faults}"
     );
     Ok(())
 }

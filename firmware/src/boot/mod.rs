@@ -89,8 +89,9 @@ pub fn log_phases() {
 }
 
 /// Frames, direct map, kernel-half PML4 entries and heap, in that order
-/// (each needs the previous one). Any failure here is fatal.
-pub fn init_memory(boot: &pvh::BootInfo) {
+/// (each needs the previous one). Any failure here is fatal. `ram_zero`:
+/// the command line says RAM came zeroed (`ram=zero`).
+pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
     log::debug!(
         "pvh: start_info at {:#x}, rsdp at {:#x}",
         boot.start_info_paddr,
@@ -127,7 +128,7 @@ pub fn init_memory(boot: &pvh::BootInfo) {
     log::debug!("image: {:#x}..{:#x}", image.0, image.1);
     // SAFETY: once, with the identity map active and `boot` describing this VM.
     unsafe {
-        mm::frames::init(boot, image);
+        mm::frames::init(boot, image, ram_zero);
         paging::init_identity();
     }
     mark(Phase::Frames);

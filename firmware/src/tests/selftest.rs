@@ -16,6 +16,7 @@ use crate::mm::{self, direct_map, frames, heap};
 pub const TESTS: &[Test] = &[
     Test::new("cmdline_parse", cmdline_parse),
     Test::new("frame_alloc", frame_alloc),
+    Test::new("frame_alloc_zeroed", frame_alloc_zeroed),
     Test::new("heap", heap_test),
     Test::new("direct_map", direct_map_test),
     Test::new("page_map", page_map),
@@ -138,6 +139,35 @@ fn frame_alloc() -> Result<(), String> {
     ensure!(
         recount == after,
         "counter says {after} free, bitmap says {recount}"
+    );
+    Ok(())
+}
+
+/// `alloc_zeroed` may skip zeroing only frames never used since boot
+/// (`ram=zero`): a frame dirtied and freed comes back zeroed (the allocator
+/// returns the lowest free frame, so the one just freed).
+fn frame_alloc_zeroed() -> Result<(), String> {
+    let words = (frames::FRAME_SIZE / 8) as usize;
+    let read = |f: PhysAddr| {
+        let p = direct_map::phys_to_virt(f).as_ptr::<u64>();
+        // SAFETY: a frame we own, mapped in the direct map; in bounds.
+        (0..words).find(|&i| unsafe { p.add(i).read_volatile() } != 0)
+    };
+    let dirty = frames::alloc().ok_or("no frame")?;
+    let p = direct_map::phys_to_virt(dirty).as_mut_ptr::<u64>();
+    for i in 0..words {
+        // SAFETY: as above.
+        unsafe { p.add(i).write_volatile(0xdead_0000 + i as u64) };
+    }
+    frames::free(dirty);
+    let again = frames::alloc_zeroed().ok_or("no frame")?;
+    let reused = again == dirty;
+    let nonzero = read(again);
+    frames::free(again);
+    ensure!(reused, "the frame just freed was not handed out again");
+    ensure!(
+        nonzero.is_none(),
+        "a dirtied, freed frame came back with word {nonzero:?} nonzero"
     );
     Ok(())
 }

@@ -224,18 +224,12 @@ pub struct Oom;
 
 /// A 4 KiB frame, zeroed.
 pub fn alloc_zeroed() -> Result<u64, Oom> {
-    let pa = frames::alloc().ok_or(Oom)?.as_u64();
-    // SAFETY: a fresh frame nobody else references, inside the direct map.
-    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PAGE_SIZE as usize) };
-    Ok(pa)
+    Ok(frames::alloc_zeroed().ok_or(Oom)?.as_u64())
 }
 
 /// A 2 MiB-aligned run of 512 frames, zeroed.
 pub fn alloc_zeroed_2m() -> Result<u64, Oom> {
-    let pa = frames::alloc_2m().ok_or(Oom)?.as_u64();
-    // SAFETY: as in `alloc_zeroed`, for the whole run.
-    unsafe { core::ptr::write_bytes((DIRECT_MAP_BASE + pa) as *mut u8, 0, PMD_SIZE as usize) };
-    Ok(pa)
+    Ok(frames::alloc_zeroed_2m().ok_or(Oom)?.as_u64())
 }
 
 /// The page tables of one process: its PML4 (kernel half shared) and the
