@@ -7,7 +7,9 @@
 #
 # Exit status: 0 every guest test passed (QEMU status 1 and the guest's last
 # line "N passed, 0 failed"), 1 a guest test failed (QEMU status 3), 2 any
-# other outcome: guest crash (QEMU status 5), timeout, QEMU or server error.
+# other outcome: guest crash (QEMU status 5), timeout, QEMU or server error;
+# 130/143 stopped by SIGINT/SIGTERM (QEMU and the server are stopped, the
+# mounts and the work directory removed, and a line says so).
 #
 # Environment: QEMU_TIMEOUT (seconds, default 480), QEMU_MEM (default 512M),
 # FAULTLINE_SERVE_ARGS (extra `faultline serve` options, e.g. --gpu-channels 4),
@@ -28,14 +30,20 @@ work=$(mktemp -d /tmp/faultline-qemu.XXXXXX)
 sock="$work/gpu.sock"
 log="${QEMU_RUN_LOG:-$work/serial.log}"
 server_pid=""
+qemu_pid=""
+tail_pid=""
 mounted=()
 
 cleanup() {
   local rc=$?
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  # QEMU first (`timeout` passes the TERM on to it), then its server.
+  local pid
+  for pid in "$qemu_pid" "$server_pid" "$tail_pid"; do
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   # Innermost first.
   local i
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
@@ -45,7 +53,14 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 2' INT TERM
+# Bash runs a trap only between commands, so QEMU runs in the background
+# and the script waits for it with `wait`, which a signal interrupts.
+on_signal() {
+  say "qemu-run: stopped by SIG$1: stopping QEMU and the server, removing mounts"
+  exit "$2"
+}
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
 
 bind() {
   mkdir -p "$2"
@@ -83,8 +98,16 @@ timeout "${QEMU_TIMEOUT:-480}" chroot "$root" qemu-system-x86_64 \
   -kernel "$work/firmware" -append "$cmdline" \
   -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$sock\",\"type\":\"unix\"}}" \
   -serial stdio -display none -monitor none \
-  -device isa-debug-exit,iobase=0xf4,iosize=4 </dev/null | tee "$log"
-status=${PIPESTATUS[0]}
+  -device isa-debug-exit,iobase=0xf4,iosize=4 </dev/null >"$log" &
+qemu_pid=$!
+# The console as it comes; tail ends once QEMU has and the log is read.
+tail -n +1 -f --pid="$qemu_pid" "$log" &
+tail_pid=$!
+wait "$qemu_pid"
+status=$?
+qemu_pid=""
+wait "$tail_pid"
+tail_pid=""
 set -e
 
 # QEMU is gone, so the server sees its client disconnect and exits.

@@ -36,8 +36,6 @@ pub enum Error {
         need_mib: u64,
         have_mib: u64,
     },
-    #[error("invalid --memory '{value}': {reason}")]
-    Memory { value: String, reason: String },
     #[error("invalid --vcpus {value}: {reason}")]
     Vcpus { value: u32, reason: String },
     #[error("guest memory: {0}")]
@@ -72,6 +70,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// A value the user gave is not acceptable (status 2, like a usage
+    /// error clap reports); the rest are VMM or setup errors (status 3).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Vcpus { .. })
+    }
+
     pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { what, source }
     }

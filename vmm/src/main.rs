@@ -7,12 +7,14 @@ mod error;
 mod gpu;
 mod memory;
 mod msi;
+mod output;
 mod pci;
 mod serve;
+mod signals;
+mod stats;
 mod vmm;
 mod vstate;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -32,9 +34,12 @@ fn default_firmware() -> PathBuf {
     repo.join("firmware/target/x86_64-unknown-none/release/faultline-firmware")
 }
 
-/// Process exit statuses; documented in the README.
+/// Process exit statuses; documented in the README's table (which
+/// `vmm/tests/exit_status.rs` walks). A signal ends a run with 128 + its
+/// number (`signals::exit_status`).
 mod status {
     pub const GUEST_FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
     pub const VMM_ERROR: u8 = 3;
     pub const GUEST_CRASHED: u8 = 4;
     pub const TIMEOUT: u8 = 5;
@@ -59,22 +64,25 @@ enum Command {
     /// Boot a PVH guest image under KVM and exit with its verdict.
     ///
     /// Exit status: 0 the guest passed (debug-exit value 0), 1 the guest
-    /// reported failure (value 1), 3 VMM or setup error, 4 the guest crashed
-    /// (triple fault, panic value >= 2, vCPU error), 5 --timeout expired.
+    /// reported failure (value 1), 2 bad usage, 3 VMM or setup error, 4 the
+    /// guest crashed (triple fault, panic value >= 2, vCPU error), 5
+    /// --timeout expired, 130/143 stopped by SIGINT/SIGTERM.
     Run(RunArgs),
     /// Serve the Faultline GPU to another VMM (QEMU's vfio-user-pci) over
     /// vfio-user on a UNIX socket, for one client.
     ///
-    /// Exit status: 0 the client disconnected (between messages), 3 setup
-    /// error, protocol violation, or the client vanished mid-message.
+    /// Exit status: 0 the client disconnected (between messages), 2 bad
+    /// usage, 3 setup error, protocol violation, or the client vanished
+    /// mid-message, 130/143 stopped by SIGINT/SIGTERM (the socket file is
+    /// removed).
     Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// UNIX socket to listen on; must not exist. Removed once a client
-    /// connected (one client per server).
-    #[arg(long, value_name = "PATH")]
+    /// connected (one client per server). At most 107 bytes.
+    #[arg(long, value_name = "PATH", value_parser = socket_path)]
     socket: PathBuf,
     #[command(flatten)]
     stats: StatsArgs,
@@ -87,22 +95,28 @@ struct RunArgs {
     /// Guest image (PVH ELF). Defaults to the image scripts/build-firmware.sh builds.
     #[arg(long, env = "FAULTLINE_FIRMWARE")]
     firmware: Option<PathBuf>,
-    /// Guest RAM: a number of MiB, or with a K/M/G/T suffix.
-    #[arg(long, default_value = "512M")]
-    memory: String,
-    /// Number of vCPUs (the firmware runs on the first; the others wait for SIPI).
-    #[arg(long, default_value_t = 1)]
+    /// Guest RAM: a number of MiB, or with a K/M/G/T suffix; 16M up to
+    /// the host's RAM, a multiple of 4 KiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = memory_size,
+          allow_hyphen_values = true)]
+    memory: u64,
+    /// Number of vCPUs, 1..=255 (the firmware runs on the first; the others
+    /// wait for SIPI).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = vcpu_count,
+          allow_negative_numbers = true)]
     vcpus: u32,
     /// Guest command line, e.g. "test=heap loglevel=debug".
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Stop the guest after this many seconds (0: never).
-    #[arg(long, default_value_t = 300)]
+    /// Stop the guest after this many seconds, 0..=4294967295 (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = timeout_secs,
+          allow_negative_numbers = true)]
     timeout: u64,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm", env = "FAULTLINE_KVM_DEVICE")]
     kvm_device: PathBuf,
-    /// Do not attach the Faultline GPU (PCI 00:04.0, BAR0 at 0xc0000000).
+    /// Do not attach the Faultline GPU (PCI 00:04.0, BAR0 at 0xc0000000);
+    /// --stats-json then says "gpu": null.
     #[arg(long)]
     no_gpu: bool,
     /// Benchmark/debug aid: no doorbell ioeventfds (doorbells exit to the
@@ -115,15 +129,16 @@ struct RunArgs {
     gpu: GpuArgs,
 }
 
-/// The GPU's counters at exit (the VM stopped, or the client disconnected);
-/// shared by `run` and `serve`.
+/// The GPU's and the process's counters at exit, on every exit path (the
+/// guest stopped, a timeout, a signal, an error); shared by `run` and
+/// `serve`.
 #[derive(clap::Args)]
-struct StatsArgs {
-    /// Print the GPU's counters to stderr at exit.
+pub struct StatsArgs {
+    /// Print the GPU's and the process's counters to stderr at exit.
     #[arg(long)]
     stats: bool,
-    /// Write the GPU's counters as JSON to PATH at exit
-    /// ({"gpu": {"name": value, ...}}, "gpu": null with --no-gpu).
+    /// Write the counters as JSON to PATH at exit:
+    /// {"gpu": {"name": value, ...}, "process": {"peak_rss_kib": N, ...}}.
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
 }
@@ -134,15 +149,15 @@ struct StatsArgs {
 struct GpuArgs {
     /// Largest fault buffer (entries) the GPU accepts: a power of two, 2..=65536.
     #[arg(long, value_name = "N", default_value_t = faultline_abi::MAX_FAULT_ENTRIES,
-          value_parser = gpu_fault_entries)]
+          value_parser = gpu_fault_entries, allow_negative_numbers = true)]
     gpu_fault_entries: u32,
     /// Leaf translations each GPU context's TLB holds: 1..=1048576.
     #[arg(long, value_name = "N", default_value_t = faultline_device::mmu::TLB_CAPACITY as u32,
-          value_parser = gpu_tlb_entries)]
+          value_parser = gpu_tlb_entries, allow_negative_numbers = true)]
     gpu_tlb_entries: u32,
     /// GPU channels: 1..=8.
     #[arg(long, value_name = "N", default_value_t = faultline_abi::NUM_CHANNELS,
-          value_parser = gpu_channels)]
+          value_parser = gpu_channels, allow_negative_numbers = true)]
     gpu_channels: u32,
 }
 
@@ -159,10 +174,19 @@ impl GpuArgs {
 /// Parses one sizing field and checks it with the device's own rules, so
 /// the bounds live in one place.
 fn gpu_field(s: &str, set: fn(&mut faultline_device::Config, u32)) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    let mut c = faultline_device::Config::default();
-    set(&mut c, v);
-    c.validate().map(|()| v).map_err(|e| e.to_string())
+    let check = |v| {
+        let mut c = faultline_device::Config::default();
+        set(&mut c, v);
+        c.validate().map(|()| v).map_err(|e| e.to_string())
+    };
+    match s.parse() {
+        Ok(v) => check(v),
+        // The device's message for a value it refuses states the range.
+        Err(_) => Err(format!(
+            "'{s}' is not a number ({})",
+            check(0).err().unwrap_or_default().replacen(" 0 ", " ", 1)
+        )),
+    }
 }
 fn gpu_fault_entries(s: &str) -> Result<u32, String> {
     gpu_field(s, |c, v| c.max_fault_entries = v)
@@ -174,24 +198,69 @@ fn gpu_channels(s: &str) -> Result<u32, String> {
     gpu_field(s, |c, v| c.channels = v)
 }
 
-/// What to do with the counters once the VM stopped.
-struct StatsOut {
-    print: bool,
-    /// Created (truncated) before the VM starts, so a bad path fails fast.
-    json: Option<(PathBuf, std::fs::File)>,
+/// `--memory`: parsed and checked against the bench's and this host's
+/// limits here, so a bad value is a usage error like any other.
+fn memory_size(s: &str) -> Result<u64, String> {
+    let host = memory::host_ram_bytes();
+    let range = format!(
+        "accepted: {}M..={}M in multiples of 4 KiB; a bare number is MiB",
+        memory::MIN_MEMORY / memory::MIB,
+        memory::max_size(host) / memory::MIB
+    );
+    memory::parse_size(s)
+        .and_then(|b| memory::validate_size(b, host))
+        .map_err(|reason| format!("{reason} ({range})"))
+}
+
+/// An integer option in `lo..=hi`.
+fn int_in(s: &str, lo: u64, hi: u64, what: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is out of range (accepted: {lo}..={hi})")),
+        Err(_) => Err(format!("'{s}' is not {what} (accepted: {lo}..={hi})")),
+    }
+}
+/// KVM's own limit, which can be lower, is checked once /dev/kvm is open.
+fn vcpu_count(s: &str) -> Result<u32, String> {
+    int_in(s, 1, vmm::MAX_VCPUS as u64, "a number of vCPUs").map(|v| v as u32)
+}
+/// The timeout timer takes any u32 number of seconds (136 years).
+fn timeout_secs(s: &str) -> Result<u64, String> {
+    int_in(s, 0, u64::from(u32::MAX), "a number of seconds")
+}
+/// A UNIX socket address holds a path of at most 107 bytes (108 with its
+/// terminating NUL).
+fn socket_path(s: &str) -> Result<PathBuf, String> {
+    const MAX: usize = 107;
+    match s.len() {
+        0 => Err("an empty path".into()),
+        n if n > MAX => Err(format!(
+            "the path is {n} bytes; a UNIX socket path holds at most {MAX}"
+        )),
+        _ => Ok(PathBuf::from(s)),
+    }
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: every thread inherits the signal mask.
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("faultline: cannot set up SIGINT/SIGTERM handling: {e}");
+            return ExitCode::from(status::VMM_ERROR);
+        }
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    output::init();
     init_logging(cli.log_level);
     let code = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Serve(args) => serve(args),
+        Command::Run(args) => run(args, shutdown),
+        Command::Serve(args) => serve(args, shutdown),
     };
-    let _ = std::io::stdout().flush();
+    output::finish_stderr();
     ExitCode::from(code)
 }
 
@@ -213,113 +282,86 @@ fn usage_error(e: clap::Error) -> ExitCode {
         "faultline: {}",
         line.strip_prefix("error: ").unwrap_or(line)
     );
-    ExitCode::from(2)
+    ExitCode::from(status::USAGE)
 }
 
-fn run(args: RunArgs) -> u8 {
-    let (config, stats) = match config(args) {
-        Ok(c) => c,
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
-    };
-    let report = match vmm::run(config) {
-        Ok(r) => r,
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
-    };
-    let code = verdict(report.outcome);
-    match write_stats(stats, report.gpu_counters.as_deref()) {
-        // The guest's verdict wins over a stats failure only if it already
-        // failed; a passing run whose stats were lost is a VMM error.
-        Err(e) if code == 0 => fail(status::VMM_ERROR, &e.to_string()),
-        Err(e) => {
-            eprintln!("faultline: {e}");
-            code
-        }
-        Ok(()) => code,
+/// The exit status for a VMM error: the user's input, or the VMM's.
+fn error_status(e: &error::Error) -> u8 {
+    if e.is_usage() {
+        status::USAGE
+    } else {
+        status::VMM_ERROR
     }
 }
 
-fn serve(args: ServeArgs) -> u8 {
-    let stats = match stats_out(args.stats) {
+fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
+    let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
+        Ok(s) => s,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    let result = config(args, shutdown).and_then(vmm::run);
+    // The guest is stopped: its console output goes out before our lines.
+    output::finish_console();
+    let (code, counters) = match result {
+        Ok(report) => (verdict(report.outcome), report.gpu_counters),
+        Err(e) => (fail(error_status(&e), &e.to_string()), None),
+    };
+    finish(code, stats, counters.as_deref())
+}
+
+fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
+    let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
         Ok(s) => s,
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
     let cfg = serve::ServeConfig {
         socket: args.socket,
         sizing: args.gpu.config(),
+        shutdown,
     };
-    let report = match serve::serve(cfg) {
-        Ok(r) => r,
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    let served = serve::serve(cfg);
+    let code = match served.result {
+        Ok(serve::Ending::Disconnected) => 0,
+        Ok(serve::Ending::Signal(sig)) => stopped_by(sig),
+        Err(e) => fail(error_status(&e), &e.to_string()),
     };
-    match write_stats(stats, Some(&report.gpu_counters)) {
-        Ok(()) => 0,
-        Err(e) => fail(status::VMM_ERROR, &e.to_string()),
-    }
+    finish(code, stats, served.gpu_counters.as_deref())
 }
 
-/// Creates (truncates) the JSON file before anything starts, so a bad path
-/// fails fast.
-fn stats_out(
-    StatsArgs {
-        stats: print,
-        stats_json: json,
-    }: StatsArgs,
-) -> error::Result<StatsOut> {
-    let json = match json {
-        Some(path) => match std::fs::File::create(&path) {
-            Ok(f) => Some((path, f)),
-            Err(source) => return Err(error::Error::StatsWrite { path, source }),
-        },
-        None => None,
-    };
-    Ok(StatsOut { print, json })
-}
-
-fn write_stats(out: StatsOut, counters: Option<&[(String, u64)]>) -> error::Result<()> {
-    if out.print {
-        match counters {
-            None => eprintln!("faultline: no GPU attached, no counters"),
-            Some(c) => {
-                eprintln!("faultline: GPU counters:");
-                for (name, v) in c {
-                    eprintln!("  {name:<24} {v}");
-                }
-            }
+/// Writes the stats (every exit path goes through here). A passing run
+/// whose stats were lost is a VMM error; otherwise the first status wins.
+fn finish(code: u8, stats: stats::Out, counters: Option<&[(String, u64)]>) -> u8 {
+    match stats.write(counters) {
+        Err(e) if code == 0 => fail(status::VMM_ERROR, &e.to_string()),
+        Err(e) => {
+            output::line(&e.to_string());
+            code
         }
+        Ok(()) => code,
     }
-    if let Some((path, mut file)) = out.json {
-        let gpu = counters.map(|c| {
-            c.iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
-                .collect::<serde_json::Map<_, _>>()
-        });
-        let doc = serde_json::json!({ "gpu": gpu });
-        let text = serde_json::to_string_pretty(&doc).expect("a JSON value always serialises");
-        writeln!(file, "{text}").map_err(|source| error::Error::StatsWrite { path, source })?;
-    }
-    Ok(())
 }
 
-fn config(args: RunArgs) -> error::Result<(Config, StatsOut)> {
-    let bytes = memory::parse_size(&args.memory).map_err(|reason| error::Error::Memory {
-        value: args.memory.clone(),
-        reason,
-    })?;
-    let memory = memory::validate_size(&args.memory, bytes, memory::host_ram_bytes())?;
-    // KVM's own limit is checked again once /dev/kvm is open.
-    vmm::validate_vcpus(args.vcpus, 255)?;
-    let stats = stats_out(args.stats)?;
-    let config = Config {
+fn stopped_by(sig: i32) -> u8 {
+    fail(
+        signals::exit_status(sig),
+        &format!("stopped by {}", signals::name(sig)),
+    )
+}
+
+fn config(args: RunArgs, shutdown: &'static signals::Shutdown) -> error::Result<Config> {
+    let firmware = args.firmware.unwrap_or_else(default_firmware);
+    let firmware = boot::open_firmware(&firmware, args.memory)?;
+    Ok(Config {
         kvm_path: args.kvm_device,
-        firmware: args.firmware.unwrap_or_else(default_firmware),
-        memory,
+        firmware,
+        memory: args.memory,
         vcpus: args.vcpus,
         cmdline: args.cmdline,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         gpu: (!args.no_gpu).then(|| args.gpu.config()),
         gpu_fastpath: !args.gpu_no_fastpath,
-    };
-    Ok((config, stats))
+        shutdown,
+    })
 }
 
 fn verdict(outcome: Outcome) -> u8 {
@@ -351,12 +393,12 @@ fn verdict(outcome: Outcome) -> u8 {
             status::TIMEOUT,
             "guest did not exit before --timeout; stopped it",
         ),
+        Outcome::Signal(sig) => stopped_by(sig),
     }
 }
 
 fn fail(code: u8, msg: &str) -> u8 {
-    let _ = std::io::stdout().flush();
-    eprintln!("faultline: {msg}");
+    output::line(msg);
     code
 }
 
@@ -366,13 +408,15 @@ impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
         m.level() <= log::max_level()
     }
+    /// Queued for the stderr writer, never written here: records come from
+    /// vCPU and device threads, some holding locks (`output`).
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!(
-                "faultline: {}: {}",
+            output::log_line(&format!(
+                "{}: {}",
                 r.level().as_str().to_lowercase(),
                 r.args()
-            );
+            ));
         }
     }
     fn flush(&self) {}

@@ -31,6 +31,9 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 /// suffixes (optionally followed by "iB" or "B") are binary units.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
+    if t.len() > 1 && t[..2].eq_ignore_ascii_case("0x") {
+        return Err("hexadecimal sizes are not accepted; use a number with K, M, G or T".into());
+    }
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
@@ -42,36 +45,32 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "K" | "KB" | "KIB" => 1 << 10,
         "G" | "GB" | "GIB" => GIB,
         "T" | "TB" | "TIB" => 1 << 40,
-        other => return Err(format!("unknown size suffix '{other}' (use K, M, G or T)")),
+        _ => return Err(format!("unknown size suffix '{suffix}' (use K, M, G or T)")),
     };
     n.checked_mul(unit)
         .ok_or_else(|| "size overflows".to_string())
 }
 
-/// Checks a requested RAM size against the bench's and the host's limits.
-pub fn validate_size(value: &str, bytes: u64, host_ram: Option<u64>) -> Result<u64> {
-    let err = |reason: String| Error::Memory {
-        value: value.to_string(),
-        reason,
-    };
+/// The largest RAM size accepted on a host with `host_ram` bytes.
+pub fn max_size(host_ram: Option<u64>) -> u64 {
+    host_ram.map_or(MAX_MEMORY, |h| h.min(MAX_MEMORY))
+}
+
+/// Checks a requested RAM size against the bench's and the host's limits;
+/// the error is the reason.
+pub fn validate_size(bytes: u64, host_ram: Option<u64>) -> std::result::Result<u64, String> {
     if bytes < MIN_MEMORY {
-        return Err(err(format!("at least {} MiB is needed", MIN_MEMORY / MIB)));
+        return Err(format!("at least {} MiB is needed", MIN_MEMORY / MIB));
     }
     if !bytes.is_multiple_of(4 << 10) {
-        return Err(err("must be a multiple of 4 KiB".into()));
+        return Err("must be a multiple of 4 KiB".into());
     }
     if bytes > MAX_MEMORY {
-        return Err(err(format!(
-            "at most {} GiB is supported",
-            MAX_MEMORY / GIB
-        )));
+        return Err(format!("at most {} GiB is supported", MAX_MEMORY / GIB));
     }
     if let Some(host) = host_ram {
         if bytes > host {
-            return Err(err(format!(
-                "larger than this host's {} MiB of RAM",
-                host / MIB
-            )));
+            return Err(format!("larger than this host's {} MiB of RAM", host / MIB));
         }
     }
     Ok(bytes)
@@ -157,6 +156,14 @@ mod tests {
         assert_eq!(parse_size("65536k"), Ok(64 * MIB));
         assert!(parse_size("abc").is_err());
         assert!(parse_size("12X").is_err());
+        // The user's own text, not an upper-cased copy.
+        assert_eq!(
+            parse_size("12xyz").unwrap_err(),
+            "unknown size suffix 'xyz' (use K, M, G or T)"
+        );
+        assert!(parse_size("0x40000000")
+            .unwrap_err()
+            .contains("hexadecimal"));
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
         assert!(parse_size("18446744073709551615T").is_err());
@@ -164,13 +171,10 @@ mod tests {
 
     #[test]
     fn size_limits() {
-        assert!(validate_size("1M", MIB, None).is_err());
-        assert!(validate_size("x", 16 * MIB + 1, None).is_err());
-        assert!(validate_size("64G", 64 * GIB, Some(24 * GIB)).is_err());
-        assert_eq!(
-            validate_size("512M", 512 * MIB, Some(GIB)).unwrap(),
-            512 * MIB
-        );
+        assert!(validate_size(MIB, None).is_err());
+        assert!(validate_size(16 * MIB + 1, None).is_err());
+        assert!(validate_size(64 * GIB, Some(24 * GIB)).is_err());
+        assert_eq!(validate_size(512 * MIB, Some(GIB)).unwrap(), 512 * MIB);
     }
 
     #[test]

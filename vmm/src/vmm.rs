@@ -25,12 +25,15 @@ use crate::devices::serial::{IrqTrigger, SerialPort, COM1_GSI, COM1_LEN, COM1_PO
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::memory;
+use crate::output::Console;
 use crate::pci::{PciBus, PciConfigIo, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use crate::signals::Shutdown;
 use crate::vstate::{self, ExitReason, VcpuThreads, VmExit};
 
 pub struct Config {
     pub kvm_path: PathBuf,
-    pub firmware: PathBuf,
+    /// Opened and checked before any VM setup (`boot::open_firmware`).
+    pub firmware: boot::Firmware,
     pub memory: u64,
     pub vcpus: u32,
     pub cmdline: String,
@@ -41,6 +44,8 @@ pub struct Config {
     /// Doorbell ioeventfds and MSI irqfds (false: plain exits and
     /// KVM_SIGNAL_MSI, `--gpu-no-fastpath`).
     pub gpu_fastpath: bool,
+    /// SIGINT/SIGTERM: stops the VM like a timeout does.
+    pub shutdown: &'static Shutdown,
 }
 
 /// What `run` hands back when the VM stopped without a VMM error.
@@ -54,6 +59,8 @@ pub struct Report {
 pub enum Outcome {
     Guest(ExitReason),
     TimedOut,
+    /// SIGINT or SIGTERM (the number).
+    Signal(i32),
 }
 
 /// Where KVM keeps its TSS and identity-map pages on Intel: just below the
@@ -95,8 +102,11 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// Checks that do not need KVM, so bad input is reported before the VM
-/// exists (and even where /dev/kvm is missing).
+/// The most vCPUs `--vcpus` accepts (KVM may allow fewer).
+pub const MAX_VCPUS: usize = 255;
+
+/// Checks `--vcpus` against the limit of this host's KVM (the command
+/// line already held it to `1..=MAX_VCPUS`).
 pub fn validate_vcpus(value: u32, max: usize) -> Result<u32> {
     if value == 0 || value as usize > max {
         return Err(Error::Vcpus {
@@ -109,7 +119,7 @@ pub fn validate_vcpus(value: u32, max: usize) -> Result<u32> {
 
 pub fn run(cfg: Config) -> Result<Report> {
     let kvm = open_kvm(&cfg.kvm_path)?;
-    let max_vcpus = kvm.get_max_vcpus().min(255);
+    let max_vcpus = kvm.get_max_vcpus().min(MAX_VCPUS);
     validate_vcpus(cfg.vcpus, max_vcpus)?;
 
     // Shared with the GPU's BAR and MSI plumbing, which (re)registers
@@ -142,7 +152,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         .map_err(Error::kvm("registering the serial irqfd"))?;
     let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
         IrqTrigger(serial_irq),
-        Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>,
+        Box::new(Console) as Box<dyn std::io::Write + Send>,
     ))));
 
     let pio = Bus::new();
@@ -155,7 +165,7 @@ pub fn run(cfg: Config) -> Result<Report> {
     )
     .expect("fixed legacy ports do not overlap");
     pio.insert(
-        Arc::new(Mutex::new(DebugCon::new(Box::new(std::io::stdout())))),
+        Arc::new(Mutex::new(DebugCon::new(Box::new(Console)))),
         u64::from(DEBUGCON_PORT),
         DEBUGCON_LEN,
     )
@@ -186,7 +196,11 @@ pub fn run(cfg: Config) -> Result<Report> {
 
     let mut em =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().map_err(Error::EventLoop)?;
-    let control = Arc::new(Mutex::new(Control::new(exit.clone(), cfg.timeout)?));
+    let control = Arc::new(Mutex::new(Control::new(
+        exit.clone(),
+        cfg.timeout,
+        cfg.shutdown,
+    )?));
     em.add_subscriber(control.clone());
     em.add_subscriber(Arc::new(Mutex::new(StdinToSerial { serial })));
 
@@ -195,6 +209,9 @@ pub fn run(cfg: Config) -> Result<Report> {
         let c = lock(&control);
         if c.timed_out {
             break Outcome::TimedOut;
+        }
+        if let Some(sig) = c.shutdown.signal() {
+            break Outcome::Signal(sig);
         }
         if let Some(reason) = exit.reason() {
             break Outcome::Guest(reason);
@@ -246,10 +263,15 @@ struct Control {
     exit: Arc<VmExit>,
     timer: Option<TimerFd>,
     timed_out: bool,
+    shutdown: &'static Shutdown,
 }
 
 impl Control {
-    fn new(exit: Arc<VmExit>, timeout: Option<Duration>) -> Result<Self> {
+    fn new(
+        exit: Arc<VmExit>,
+        timeout: Option<Duration>,
+        shutdown: &'static Shutdown,
+    ) -> Result<Self> {
         let timer = match timeout {
             Some(d) => {
                 let mut t = TimerFd::new()
@@ -264,6 +286,7 @@ impl Control {
             exit,
             timer,
             timed_out: false,
+            shutdown,
         })
     }
 }
@@ -272,6 +295,8 @@ impl MutEventSubscriber for Control {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.exit.evt.as_raw_fd() {
             let _ = self.exit.evt.read();
+        } else if events.fd() == self.shutdown.evt.as_raw_fd() {
+            // Level-triggered and never read: the loop stops for good.
         } else if let Some(t) = self.timer.as_mut() {
             if events.fd() == t.as_raw_fd() {
                 let _ = t.wait();
@@ -283,6 +308,9 @@ impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.exit.evt, EventSet::IN)) {
             log::error!("cannot watch the exit eventfd: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.shutdown.evt, EventSet::IN)) {
+            log::error!("cannot watch for SIGINT/SIGTERM: {e:?}");
         }
         if let Some(t) = &self.timer {
             if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {

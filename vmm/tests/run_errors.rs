@@ -18,26 +18,33 @@ fn assert_clean_failure(o: &std::process::Output, status: i32, needle: &str) {
     );
 }
 
+/// A guest image that passes every check made before KVM is opened.
+fn good_elf() -> std::path::PathBuf {
+    write_temp("good.elf", &pvh_elf(&exit_code(0), true, 0))
+}
+
 #[test]
 fn kvm_device_missing() {
+    let fw = good_elf();
     let o = faultline(&[
         "run",
         "--kvm-device",
         "/nonexistent/kvm",
         "--firmware",
-        "/bin/true",
+        path_str(&fw),
     ]);
     assert_clean_failure(&o, 3, "cannot open /nonexistent/kvm");
 }
 
 #[test]
 fn kvm_device_not_kvm() {
+    let fw = good_elf();
     let o = faultline(&[
         "run",
         "--kvm-device",
         "/dev/null",
         "--firmware",
-        "/bin/true",
+        path_str(&fw),
     ]);
     assert_clean_failure(&o, 3, "/dev/null");
 }
@@ -87,30 +94,113 @@ fn firmware_too_big_for_memory() {
     );
 }
 
+/// Every bad value is a usage error (status 2) whose line names the option
+/// and the accepted range, and quotes the user's text as given.
 #[test]
-fn memory_unparseable() {
-    let o = faultline(&["run", "--memory", "lots", "--firmware", "/bin/true"]);
-    assert_clean_failure(&o, 3, "invalid --memory 'lots'");
+fn bad_values_are_usage_errors_with_the_accepted_range() {
+    for (opt, value, needle) in [
+        ("--memory", "lots", "'lots' for '--memory"),
+        ("--memory", "1M", "at least 16 MiB"),
+        ("--memory", "900T", "'900T' for '--memory"),
+        ("--memory", "0x40000000", "hexadecimal"),
+        ("--memory", "12xyz", "unknown size suffix 'xyz'"),
+        ("--vcpus", "0", "accepted: 1..=255"),
+        ("--vcpus", "-1", "accepted: 1..=255"),
+        ("--vcpus", "4096", "accepted: 1..=255"),
+        (
+            "--timeout",
+            "18446744073709551615",
+            "accepted: 0..=4294967295",
+        ),
+        ("--timeout", "soon", "accepted: 0..=4294967295"),
+    ] {
+        let o = faultline(&["run", opt, value, "--firmware", "/bin/true"]);
+        assert_clean_failure(&o, 2, needle);
+        assert!(stderr(&o).contains(opt), "option named: {}", stderr(&o));
+        if opt == "--memory" {
+            assert!(stderr(&o).contains("accepted: 16M..="), "{}", stderr(&o));
+        }
+    }
 }
 
 #[test]
-fn memory_too_small() {
-    let o = faultline(&["run", "--memory", "1M", "--firmware", "/bin/true"]);
-    assert_clean_failure(&o, 3, "at least 16 MiB");
+fn firmware_fifo_is_refused_before_any_vm_setup() {
+    let p = fifo("fw.fifo");
+    // A KVM device that cannot open proves the check comes first.
+    let mut child = spawn_faultline(
+        &[
+            "run",
+            "--timeout",
+            "2",
+            "--kvm-device",
+            "/nonexistent/kvm",
+            "--firmware",
+            path_str(&p),
+        ],
+        std::process::Stdio::null(),
+        std::process::Stdio::piped(),
+    );
+    let status = wait_or_kill(&mut child, 30);
+    let o = child.wait_with_output().unwrap();
+    assert!(status.is_some(), "hung opening a FIFO: {}", stderr(&o));
+    assert_clean_failure(&o, 3, "not a regular file (a FIFO)");
+}
+
+/// The image is judged from its headers: a 2 GiB sparse file costs no
+/// memory (it used to be read whole before its magic was checked).
+#[test]
+fn huge_firmware_is_judged_from_its_headers() {
+    let p = write_temp("huge.bin", b"");
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let child = spawn_faultline(
+        &["run", "--firmware", path_str(&p)],
+        std::process::Stdio::null(),
+        std::process::Stdio::piped(),
+    );
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on a child we spawned and have not reaped.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    // Reaped by wait4 above; this only tells `Child` (it reports ECHILD).
+    let mut child = child;
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&p);
+    assert_eq!(libc::WEXITSTATUS(status), 3);
+    assert!(
+        ru.ru_maxrss < 64 << 10,
+        "peak RSS {} KiB judging a sparse file",
+        ru.ru_maxrss
+    );
 }
 
 #[test]
-fn memory_too_large_for_host() {
-    let o = faultline(&["run", "--memory", "900T", "--firmware", "/bin/true"]);
-    assert_clean_failure(&o, 3, "invalid --memory '900T'");
+fn pvh_entry_outside_ram_is_a_load_error() {
+    let p = write_temp(
+        "far-entry.elf",
+        &pvh_elf_with_entry(&exit_code(0), 0xe000_0000),
+    );
+    let o = faultline(&["run", "--memory", "64M", "--firmware", path_str(&p)]);
+    assert_clean_failure(&o, 3, "PVH entry point 0xe0000000 is outside guest RAM");
 }
 
 #[test]
-fn vcpus_zero_and_too_many() {
-    let o = faultline(&["run", "--vcpus", "0", "--firmware", "/bin/true"]);
-    assert_clean_failure(&o, 3, "invalid --vcpus 0");
-    let o = faultline(&["run", "--vcpus", "4096", "--firmware", "/bin/true"]);
-    assert_clean_failure(&o, 3, "invalid --vcpus 4096");
+fn segment_past_the_end_of_the_file_is_named() {
+    let mut elf = pvh_elf(&exit_code(0), true, 0);
+    // p_filesz of the PT_LOAD (program header 0, offset 64 + 32).
+    elf[96..104].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[104..112].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    let p = write_temp("short.elf", &elf);
+    let o = faultline(&["run", "--firmware", path_str(&p)]);
+    assert_clean_failure(&o, 3, "PT_LOAD segment 0 (guest 0x100000..0x200000");
+    assert!(stderr(&o).contains("extends past the end of the file"));
+    assert!(!stderr(&o).contains("Kernel Loader"), "{}", stderr(&o));
 }
 
 #[test]

@@ -473,3 +473,266 @@ fn existing_socket_path_is_refused() {
     assert_clean_error(&o, "already exists");
     assert!(Path::new(&p).exists(), "not ours to remove");
 }
+
+// ------------------------------------------- hostile clients, signals, usage
+
+const SET_IRQS: u16 = 8;
+const DATA_EVENTFD: u32 = 0x4;
+const DATA_NONE: u32 = 0x1;
+const ACTION_TRIGGER: u32 = 0x20;
+
+/// One request carrying descriptors; returns the reply's flags.
+fn request_with_fds(s: &mut UnixStream, id: u16, cmd: u16, body: &[u8], fds: &[i32]) -> u32 {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut m = header(id, cmd, 16 + body.len(), 0);
+    m.extend_from_slice(body);
+    s.send_with_fds(&[&m[..]], fds).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; size - 16];
+    s.read_exact(&mut rest).unwrap();
+    assert_eq!(u16::from_le_bytes([h[0], h[1]]), id, "reply to our request");
+    u32::from_le_bytes(h[8..12].try_into().unwrap())
+}
+
+fn set_irqs_body(flags: u32, start: u32, count: u32) -> Vec<u8> {
+    [20u32, flags, MSI, start, count]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn an_msi_fd_that_is_not_an_eventfd_is_refused() {
+    let srv = Server::start("irqfds", &[]);
+    let mut s = srv.connect();
+    handshake(&mut s);
+    // A pipe nobody drains would block the device's worker: refused.
+    let mut p = [0i32; 2];
+    // SAFETY: pipe fills the array; checked.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    let flags = request_with_fds(
+        &mut s,
+        2,
+        SET_IRQS,
+        &set_irqs_body(DATA_EVENTFD | ACTION_TRIGGER, 0, 1),
+        &[p[1]],
+    );
+    assert_ne!(flags & 0x20, 0, "a pipe as an MSI eventfd is refused");
+    assert_eq!(
+        region_io(&mut s, 3, None, CONFIG, 0),
+        0x0001_fa17,
+        "still serving"
+    );
+    drop(s);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not an eventfd"), "{}", stderr(&o));
+    // SAFETY: closing the pipe we made.
+    unsafe {
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+}
+
+#[test]
+fn a_saturated_msi_eventfd_never_blocks_the_server() {
+    let srv = Server::start("irqfull", &[]);
+    let mut s = srv.connect();
+    handshake(&mut s);
+    // An eventfd whose counter is saturated: signalling it must not block.
+    let ev = EventFd::new(0).unwrap();
+    ev.write(u64::MAX - 1).unwrap();
+    let flags = request_with_fds(
+        &mut s,
+        3,
+        SET_IRQS,
+        &set_irqs_body(DATA_EVENTFD | ACTION_TRIGGER, 0, 1),
+        &[ev.as_raw_fd()],
+    );
+    assert_eq!(flags & 0x20, 0, "an eventfd is accepted");
+    // DATA_NONE + TRIGGER fires the vector on the server's side.
+    let flags = request_with_fds(
+        &mut s,
+        4,
+        SET_IRQS,
+        &set_irqs_body(DATA_NONE | ACTION_TRIGGER, 0, 1),
+        &[],
+    );
+    assert_eq!(flags & 0x20, 0);
+    assert_eq!(
+        region_io(&mut s, 5, None, CONFIG, 0),
+        0x0001_fa17,
+        "still serving"
+    );
+    drop(s);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// A client that shrinks its memfd while the server maps it: whatever the
+/// interleaving, a map the server accepts is sealed at a size that covers
+/// it (checking the size before sealing let a truncation slip in between,
+/// and device DMA then raised SIGBUS in the server).
+#[test]
+fn dma_map_is_checked_after_sealing_against_a_racing_truncate() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let srv = Server::start("sealrace", &[]);
+    let mut s = srv.connect();
+    handshake(&mut s);
+    let mut map = 32u32.to_le_bytes().to_vec();
+    map.extend_from_slice(&3u32.to_le_bytes()); // READ | WRITE
+    map.extend_from_slice(&0u64.to_le_bytes()); // file offset
+    map.extend_from_slice(&0u64.to_le_bytes()); // iova
+    map.extend_from_slice(&RAM.to_le_bytes());
+    let mut unmap = 24u32.to_le_bytes().to_vec();
+    unmap.extend_from_slice(&0u32.to_le_bytes());
+    unmap.extend_from_slice(&0u64.to_le_bytes());
+    unmap.extend_from_slice(&RAM.to_le_bytes());
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..2000u16 {
+        let ram = Arc::new(memfd(libc::MFD_ALLOW_SEALING));
+        let stop = Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (ram, stop) = (ram.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let fd = ram.as_raw_fd();
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: ftruncate/fcntl on the memfd we own.
+                    unsafe {
+                        libc::ftruncate(fd, RAM as i64);
+                        if libc::ftruncate(fd, 0) != 0 {
+                            break; // sealed at full size
+                        }
+                        if libc::fcntl(fd, libc::F_GET_SEALS) & libc::F_SEAL_SHRINK != 0 {
+                            break; // sealed, now empty for good
+                        }
+                    }
+                }
+            })
+        };
+        let flags = request_with_fds(&mut s, 2 * i + 100, 2, &map, &[ram.as_raw_fd()]);
+        stop.store(true, Ordering::Relaxed);
+        racer.join().unwrap();
+        if flags & 0x20 != 0 {
+            refused += 1;
+            continue;
+        }
+        accepted += 1;
+        let len = ram.metadata().unwrap().len();
+        assert!(
+            len >= RAM,
+            "map {i} accepted over a {len}-byte file (needs {RAM}): device DMA would fault"
+        );
+        let (flags, _, _) = request(&mut s, 2 * i + 101, 3, &unmap);
+        assert_eq!(flags & 0x20, 0, "unmap");
+    }
+    drop(s);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    eprintln!("seal race: {accepted} maps accepted, {refused} refused");
+}
+
+#[test]
+fn requests_before_a_successful_version_end_the_session() {
+    // No VERSION at all.
+    let srv = Server::start("nohandshake", &[]);
+    let mut s = srv.connect();
+    s.write_all(&[header(1, 4, 32, 0), vec![0; 16]].concat())
+        .unwrap();
+    assert_clean_error(
+        &srv.finish(),
+        "DEVICE_GET_INFO before the VERSION handshake",
+    );
+
+    // A VERSION the crate refuses (its capabilities are not JSON).
+    let srv = Server::start("badhandshake", &[]);
+    let mut s = srv.connect();
+    let (flags, _, _) = request(&mut s, 1, 1, b"\0\0\0\0not json\0");
+    assert_ne!(flags & 0x20, 0, "VERSION refused");
+    s.write_all(&[header(2, 4, 32, 0), vec![0; 16]].concat())
+        .unwrap();
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("DEVICE_GET_INFO after a failed VERSION handshake"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn protocol_error_exit_still_writes_stats() {
+    let json =
+        std::env::temp_dir().join(format!("faultline-serve-{}-perr.json", std::process::id()));
+    let srv = Server::start("perr", &["--stats", "--stats-json", json.to_str().unwrap()]);
+    let mut s = srv.connect();
+    s.write_all(&header(1, 99, 16, 0)).unwrap();
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("unknown command 99"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("GPU counters:"), "{}", stderr(&o));
+    let doc = stats_doc(&json);
+    let _ = std::fs::remove_file(&json);
+    assert!(doc["gpu"].is_object(), "{doc}");
+    assert!(
+        doc["process"]["peak_rss_kib"].as_u64().unwrap() > 0,
+        "{doc}"
+    );
+}
+
+#[test]
+fn signals_stop_the_server_remove_its_socket_and_write_stats() {
+    // Before a client connects: SIGTERM.
+    let json =
+        std::env::temp_dir().join(format!("faultline-serve-{}-sig.json", std::process::id()));
+    let mut srv = Server::start("sigterm", &["--stats-json", json.to_str().unwrap()]);
+    signal(srv.child.as_ref().unwrap(), libc::SIGTERM);
+    let socket = srv.socket.clone();
+    let child = srv.child.as_mut().unwrap();
+    assert!(wait_or_kill(child, 30).is_some(), "SIGTERM ignored");
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end(), "faultline: stopped by SIGTERM");
+    assert!(!socket.exists(), "socket file left behind");
+    let doc = stats_doc(&json);
+    let _ = std::fs::remove_file(&json);
+    assert!(
+        doc["gpu"].is_object() && doc["process"]["peak_rss_kib"].is_u64(),
+        "{doc}"
+    );
+
+    // In a session: SIGINT.
+    let mut srv = Server::start("sigint", &[]);
+    let mut s = srv.connect();
+    handshake(&mut s);
+    signal(srv.child.as_ref().unwrap(), libc::SIGINT);
+    assert!(
+        wait_or_kill(srv.child.as_mut().unwrap(), 30).is_some(),
+        "SIGINT ignored"
+    );
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end(), "faultline: stopped by SIGINT");
+}
+
+#[test]
+fn socket_path_mistakes_get_their_own_message() {
+    let dir = std::env::temp_dir().join(format!("faultline-serve-{}-dir", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = faultline(&["serve", "--socket", dir.to_str().unwrap()]);
+    assert_clean_error(
+        &o,
+        "is a directory: --socket names the socket file to create",
+    );
+    assert!(!stderr(&o).contains("remove it"), "{}", stderr(&o));
+    let long = format!("/tmp/{}", "s".repeat(120));
+    let o = faultline(&["serve", "--socket", &long]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("at most 107"), "{}", stderr(&o));
+    let help = faultline(&["serve", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(!stdout(&help).contains("--no-gpu"), "{}", stdout(&help));
+}

@@ -118,13 +118,21 @@ impl MsiEventfds {
 }
 
 impl InterruptSink for MsiEventfds {
+    /// Called by the device's worker under the device lock: the write never
+    /// blocks (`eventfd_for_msi` made the descriptor non-blocking).
     fn trigger(&self, vector: u32) {
         let v = lock(&self.fds);
         match v.get(vector as usize) {
             Some(Some(f)) => {
                 let mut f: &File = f;
-                if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
-                    log::warn!("MSI vector {vector}: writing its eventfd: {e}");
+                match f.write(&1u64.to_ne_bytes()) {
+                    Ok(_) => {}
+                    // The counter is saturated: the client has not read it,
+                    // so an interrupt is pending anyway.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        log::debug!("MSI vector {vector}: its eventfd is full");
+                    }
+                    Err(e) => log::debug!("MSI vector {vector}: writing its eventfd: {e}"),
                 }
             }
             // The client has not wired the vector (MSI off on its side):
@@ -268,14 +276,22 @@ impl ServerBackend for Backend {
         let Some(len) = len else {
             return Err(invalid(format!("{what}: empty or wrapping range")));
         };
-        let meta = file.metadata()?;
-        if !meta.file_type().is_file() || offset.checked_add(size).is_none_or(|e| e > meta.len()) {
+        // Seal first, then check the size: once sealed the file can only
+        // grow, so the size checked is a lower bound for the mapping's life.
+        if !file.metadata()?.file_type().is_file() {
             return Err(invalid(format!(
-                "{what}: the file is not a memory file of at least {:#x} bytes",
-                offset.saturating_add(size)
+                "{what}: the descriptor is not a memory file"
             )));
         }
         seal_against_shrinking(&file).map_err(|e| invalid(format!("{what}: {e}")))?;
+        let meta = file.metadata()?;
+        if offset.checked_add(size).is_none_or(|e| e > meta.len()) {
+            return Err(invalid(format!(
+                "{what}: the file is {:#x} bytes, the map needs {:#x}",
+                meta.len(),
+                offset.saturating_add(size)
+            )));
+        }
         let mapping = MmapRegionBuilder::new(len)
             .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -377,6 +393,10 @@ impl ServerBackend for Backend {
             (VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD)
                 if in_range && fds.len() == count as usize =>
             {
+                for (i, f) in fds.iter().enumerate() {
+                    eventfd_for_msi(f)
+                        .map_err(|why| invalid(format!("MSI vector {}: {why}", start + i as u32)))?;
+                }
                 self.irq.set(start, fds);
                 Ok(())
             }
@@ -393,6 +413,33 @@ impl ServerBackend for Backend {
             ))),
         }
     }
+}
+
+/// Checks that a client's MSI descriptor is an eventfd (a pipe or socket
+/// nobody drains would block the device's worker) and makes it
+/// non-blocking, so a saturated counter cannot block it either. The flag
+/// is shared with the client's copy; QEMU's eventfds are non-blocking
+/// already.
+fn eventfd_for_msi(f: &File) -> Result<(), String> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| format!("cannot tell what its descriptor is: {e}"))?;
+    if target.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(format!(
+            "its descriptor is {}, not an eventfd",
+            target.display()
+        ));
+    }
+    // SAFETY: fcntl on a descriptor we own; F_GETFL takes no argument.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above; F_SETFL takes the new status flags as an int.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(format!(
+            "cannot make its eventfd non-blocking: {}",
+            Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Device DMA goes through a shared mapping of the client's file: if the

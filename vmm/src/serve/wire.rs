@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use faultline_abi::le;
 use faultline_device::sync::lock;
@@ -258,6 +259,81 @@ pub fn check(m: &Message) -> Result<Verdict, WireError> {
     Ok(Verdict::Forward)
 }
 
+/// The VERSION handshake, which must succeed before any other request is
+/// served (the spec's rule; the crate would answer anything). The guard
+/// admits requests, the reply pump reports the crate's VERSION replies.
+#[derive(Default)]
+pub struct Handshake {
+    state: Mutex<HandshakeState>,
+    replied: Condvar,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum HandshakeState {
+    #[default]
+    None,
+    /// VERSION forwarded, its reply not seen yet.
+    Pending,
+    Done,
+    Failed,
+}
+
+/// How long a request that follows VERSION waits for the VERSION reply.
+const VERSION_REPLY_WAIT: Duration = Duration::from_secs(10);
+
+impl Handshake {
+    /// Lets `m` through, or says why it breaks the protocol: anything but
+    /// VERSION before a successful VERSION (a failed one may be retried).
+    pub fn admit(&self, m: &Message) -> Result<(), WireError> {
+        let mut s = lock(&self.state);
+        if m.command == cmd::VERSION {
+            if *s != HandshakeState::Done {
+                *s = HandshakeState::Pending;
+            }
+            return Ok(());
+        }
+        // A client may send its next request before reading the reply.
+        let t0 = Instant::now();
+        while *s == HandshakeState::Pending && t0.elapsed() < VERSION_REPLY_WAIT {
+            s = self
+                .replied
+                .wait_timeout(s, VERSION_REPLY_WAIT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let name = command_name(m.command);
+        match *s {
+            HandshakeState::Done => Ok(()),
+            HandshakeState::Failed => Err(WireError::Violation(format!(
+                "{name} after a failed VERSION handshake"
+            ))),
+            HandshakeState::Pending => Err(WireError::Violation(format!(
+                "{name}: no reply to VERSION within {} s",
+                VERSION_REPLY_WAIT.as_secs()
+            ))),
+            HandshakeState::None => Err(WireError::Violation(format!(
+                "{name} before the VERSION handshake"
+            ))),
+        }
+    }
+
+    /// The crate replied to `command`, with the error flag or not.
+    fn reply(&self, command: u16, error: bool) {
+        if command != cmd::VERSION {
+            return;
+        }
+        let mut s = lock(&self.state);
+        if *s == HandshakeState::Pending {
+            *s = if error {
+                HandshakeState::Failed
+            } else {
+                HandshakeState::Done
+            };
+            self.replied.notify_all();
+        }
+    }
+}
+
 /// An error reply to `m`, as the client expects it.
 pub fn error_reply(id: u16, command: u16, errno: i32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -283,7 +359,7 @@ pub fn forward(inner: &mut UnixStream, m: &Message) -> std::io::Result<()> {
 /// Copies the crate's replies to the client, one whole message at a time
 /// so the guard's own error replies never interleave with them. Returns
 /// when either side closes.
-pub fn pump_replies(mut inner: UnixStream, client: &Mutex<UnixStream>) {
+pub fn pump_replies(mut inner: UnixStream, client: &Mutex<UnixStream>, handshake: &Handshake) {
     loop {
         let mut header = [0u8; HEADER];
         if inner.read_exact(&mut header).is_err() {
@@ -301,6 +377,8 @@ pub fn pump_replies(mut inner: UnixStream, client: &Mutex<UnixStream>) {
         if u32_at(&msg, 8) & FLAG_ERROR != 0 && u32_at(&msg, 12) == 0 {
             msg[12..16].copy_from_slice(&(libc::EINVAL as u32).to_le_bytes());
         }
+        // Before the client sees the reply, so its next request is admitted.
+        handshake.reply(u16_at(&msg, 2), u32_at(&msg, 8) & FLAG_ERROR != 0);
         if let Err(e) = lock(client).write_all(&msg) {
             log::debug!("reply to the client lost: {e}");
             return;
@@ -347,12 +425,30 @@ mod tests {
         };
         crate_side.write_all(&ok_reply).unwrap();
         drop(crate_side);
-        pump_replies(inner, &Mutex::new(client_near));
+        pump_replies(inner, &Mutex::new(client_near), &Handshake::default());
         let mut got = [0u8; 2 * HEADER];
         (&client_far).read_exact(&mut got).unwrap();
         bare[12..16].copy_from_slice(&(libc::EINVAL as u32).to_le_bytes());
         assert_eq!(&got[..HEADER], &bare, "errno filled in");
         assert_eq!(&got[HEADER..], &ok_reply, "success untouched");
+    }
+
+    #[test]
+    fn requests_wait_for_a_successful_version() {
+        let hs = Handshake::default();
+        let info = msg(cmd::DEVICE_GET_INFO, 0, &[0; 16], 0);
+        let version = msg(cmd::VERSION, 0, &[], 0);
+        assert!(
+            matches!(hs.admit(&info), Err(WireError::Violation(s)) if s.contains("before the VERSION"))
+        );
+        hs.admit(&version).unwrap();
+        hs.reply(cmd::VERSION, true);
+        assert!(
+            matches!(hs.admit(&info), Err(WireError::Violation(s)) if s.contains("failed VERSION"))
+        );
+        hs.admit(&version).unwrap();
+        hs.reply(cmd::VERSION, false);
+        hs.admit(&info).unwrap();
     }
 
     #[test]

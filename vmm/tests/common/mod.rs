@@ -153,3 +153,112 @@ pub fn firmware() -> Option<PathBuf> {
     ));
     None
 }
+
+/// `pvh_elf` with the PVH note's entry point replaced by `entry`.
+pub fn pvh_elf_with_entry(code: &[u8], entry: u32) -> Vec<u8> {
+    let mut f = pvh_elf(code, true, 0);
+    // The note follows the ELF header and two program headers; its
+    // descriptor is the last 4 of its 20 bytes.
+    let desc = 64 + 2 * 56 + 16;
+    f[desc..desc + 4].copy_from_slice(&entry.to_le_bytes());
+    f
+}
+
+/// `mov dx, 0x510; loop: out dx, al; jmp loop` — an exit to the VMM per
+/// iteration on a port nobody claims (a trace-level log record each).
+pub fn unclaimed_port_loop() -> Vec<u8> {
+    vec![0x66, 0xba, 0x10, 0x05, 0xee, 0xeb, 0xfd]
+}
+
+/// Writes 'x' to COM1 forever.
+pub fn console_forever() -> Vec<u8> {
+    vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xeb, 0xfd]
+}
+
+/// Writes `n` bytes of 'x' to COM1, then debug-exit 0.
+pub fn console_then_exit(n: u32) -> Vec<u8> {
+    let mut c = vec![0xb9];
+    c.extend_from_slice(&n.to_le_bytes()); // mov ecx, n
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'x']); // mov dx, 0x3f8; mov al, 'x'
+    c.extend_from_slice(&[0xee, 0x49, 0x75, 0xfc]); // out dx, al; dec ecx; jnz
+    c.extend_from_slice(&exit_code(0));
+    c
+}
+
+/// A `faultline` child with the given stdio, environment cleaned as in
+/// [`faultline`].
+pub fn spawn_faultline(
+    args: &[&str],
+    stdout: std::process::Stdio,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .env_remove("FAULTLINE_FIRMWARE")
+        .env_remove("FAULTLINE_KVM_DEVICE")
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn faultline")
+}
+
+/// Waits up to `secs` for `child`; kills it and returns None after that
+/// (a hang detector, generous for a loaded host).
+pub fn wait_or_kill(
+    child: &mut std::process::Child,
+    secs: u64,
+) -> Option<std::process::ExitStatus> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to `child`.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// A FIFO at `name` in the test's temp directory.
+pub fn fifo(name: &str) -> PathBuf {
+    let p = write_temp(name, b"");
+    std::fs::remove_file(&p).unwrap();
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; the result is checked.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    p
+}
+
+/// The `--stats-json` document at `p`.
+pub fn stats_doc(p: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: '{text}'"))
+}
+
+/// A pipe whose buffer holds one page, as (read end, write end): a writer
+/// nobody reads blocks after 4 KiB.
+pub fn small_pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array; the result is checked.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: F_SETPIPE_SZ on the pipe we just made.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    // SAFETY: both descriptors were just created and are owned here only.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}

@@ -1,0 +1,99 @@
+//! `--stats` and `--stats-json`: the GPU's counters (whatever (name, value)
+//! pairs the device's `counters().named()` returns) and the process's own,
+//! written at exit on every exit path of `run` and `serve`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::output;
+
+/// Where the counters go at exit.
+pub struct Out {
+    print: bool,
+    /// Created (truncated) before anything runs, so a bad path fails fast.
+    json: Option<(PathBuf, std::fs::File)>,
+}
+
+impl Out {
+    pub fn open(print: bool, json: Option<PathBuf>) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let json = match json {
+            // O_NONBLOCK: a FIFO nobody reads is an error now, not a hang.
+            Some(path) => match std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+            {
+                Ok(f) => Some((path, f)),
+                Err(source) => return Err(Error::StatsWrite { path, source }),
+            },
+            None => None,
+        };
+        Ok(Self { print, json })
+    }
+
+    /// `counters`: None without a GPU (`run --no-gpu`, or a run that
+    /// failed before its GPU reported).
+    pub fn write(self, counters: Option<&[(String, u64)]>) -> Result<()> {
+        let process = process();
+        if self.print {
+            match counters {
+                None => output::line(
+                    "no GPU counters (no GPU attached, or the VMM stopped before it reported)",
+                ),
+                Some(c) => {
+                    output::line("GPU counters:");
+                    for (name, v) in c {
+                        output::text(&format!("  {name:<24} {v}"));
+                    }
+                }
+            }
+            output::line("process:");
+            for (name, v) in &process {
+                output::text(&format!("  {name:<24} {v}"));
+            }
+        }
+        if let Some((path, mut file)) = self.json {
+            let pairs = |c: &[(String, u64)]| {
+                c.iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            let process: Vec<(String, u64)> = process
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            let doc = serde_json::json!({
+                "gpu": counters.map(pairs),
+                "process": pairs(&process),
+            });
+            let text = serde_json::to_string_pretty(&doc).expect("a JSON value always serialises");
+            writeln!(file, "{text}").map_err(|source| Error::StatsWrite { path, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// The process's own counters: peak resident memory (the kernel's
+/// high-water mark, `ru_maxrss`), CPU time, and what the output streams
+/// dropped (`output`).
+pub fn process() -> Vec<(&'static str, u64)> {
+    // SAFETY: getrusage fills the struct we pass; zeroed is a valid value.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    let (console, log) = output::dropped();
+    vec![
+        ("peak_rss_kib", ru.ru_maxrss.max(0) as u64),
+        ("user_cpu_ms", ms(ru.ru_utime)),
+        ("system_cpu_ms", ms(ru.ru_stime)),
+        ("log_records_dropped", log.items),
+        ("console_bytes_dropped", console.bytes),
+    ]
+}

@@ -1,0 +1,206 @@
+//! `faultline run` against its own stdout and stderr and against signals:
+//! a stalled or broken stream must neither freeze the guest nor keep
+//! `--timeout` from firing; SIGINT/SIGTERM stop the run cleanly; the
+//! stats are written on every way out.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+
+/// Runs `code` as the guest with stdout and stderr as given and returns
+/// (exit status, stderr if piped-and-read) or fails after 60 s.
+fn run_guest(
+    name: &str,
+    code: &[u8],
+    extra: &[&str],
+    out: Stdio,
+    err: Stdio,
+) -> (Option<i32>, String) {
+    let p = write_temp(name, &pvh_elf(code, true, 0));
+    let mut args = vec!["run", "--memory", "32M", "--firmware", path_str(&p)];
+    args.extend(extra);
+    let mut child = spawn_faultline(&args, out, err);
+    let status = wait_or_kill(&mut child, 60);
+    let o = child.wait_with_output().unwrap();
+    let status = status.unwrap_or_else(|| panic!("{name}: still running after 60 s"));
+    (status.code(), stderr(&o))
+}
+
+#[test]
+fn timeout_holds_while_nobody_reads_stderr() {
+    if !kvm_or_skip("timeout_holds_while_nobody_reads_stderr") {
+        return;
+    }
+    // A trace record per guest exit fills the pipe within milliseconds;
+    // the test reads it only once the VMM has exited.
+    let (_reader, writer) = small_pipe();
+    let (code, _) = run_guest(
+        "stderr-stall.elf",
+        &unclaimed_port_loop(),
+        &["--timeout", "1", "--log-level", "trace"],
+        Stdio::null(),
+        Stdio::from(writer),
+    );
+    assert_eq!(code, Some(5));
+}
+
+#[test]
+fn timeout_holds_while_nobody_reads_stdout() {
+    if !kvm_or_skip("timeout_holds_while_nobody_reads_stdout") {
+        return;
+    }
+    // Held open, never read.
+    let (_reader, writer) = small_pipe();
+    let (code, err) = run_guest(
+        "stdout-stall.elf",
+        &console_forever(),
+        &["--timeout", "1"],
+        Stdio::from(writer),
+        Stdio::piped(),
+    );
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("did not exit before --timeout"), "{err}");
+    assert!(
+        err.contains("console output"),
+        "says output was lost: {err}"
+    );
+}
+
+fn assert_one_stdout_line(err: &str) {
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("stdout")).collect();
+    assert_eq!(lines.len(), 1, "one line about stdout: {err}");
+    assert!(lines[0].contains("dropped from here on"), "{err}");
+    assert_eq!(err.lines().count(), 1, "nothing else: {err}");
+}
+
+#[test]
+fn stdout_full_is_one_line_and_the_run_goes_on() {
+    if !kvm_or_skip("stdout_full_is_one_line_and_the_run_goes_on") {
+        return;
+    }
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (code, err) = run_guest(
+        "devfull.elf",
+        &console_then_exit(20_000),
+        &[],
+        Stdio::from(full),
+        Stdio::piped(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_one_stdout_line(&err);
+    assert!(err.contains("No space left on device"), "{err}");
+}
+
+#[test]
+fn stdout_closed_is_one_line_and_the_run_goes_on() {
+    if !kvm_or_skip("stdout_closed_is_one_line_and_the_run_goes_on") {
+        return;
+    }
+    let p = write_temp("closed.elf", &pvh_elf(&console_then_exit(20_000), true, 0));
+    let mut child = spawn_faultline(
+        &["run", "--memory", "32M", "--firmware", path_str(&p)],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    drop(child.stdout.take()); // the reader goes away at once
+    let status = wait_or_kill(&mut child, 60);
+    let o = child.wait_with_output().unwrap();
+    assert!(status.is_some(), "hung: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_one_stdout_line(&stderr(&o));
+}
+
+/// SIGINT and SIGTERM stop a running guest: one line, 128 + the signal,
+/// and the stats written on the way out.
+#[test]
+fn signals_stop_the_run_and_write_stats() {
+    if !kvm_or_skip("signals_stop_the_run_and_write_stats") {
+        return;
+    }
+    let p = write_temp("spin-sig.elf", &pvh_elf(&[0xeb, 0xfe], true, 0));
+    for (sig, name, want) in [
+        (libc::SIGTERM, "SIGTERM", 143),
+        (libc::SIGINT, "SIGINT", 130),
+    ] {
+        let json = write_temp(&format!("sig-{name}.json"), b"");
+        let mut child = spawn_faultline(
+            &[
+                "run",
+                "--memory",
+                "32M",
+                "--firmware",
+                path_str(&p),
+                "--stats-json",
+                path_str(&json),
+            ],
+            Stdio::null(),
+            Stdio::piped(),
+        );
+        // The JSON file is created before the VM starts; give the guest a
+        // moment to be running.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        signal(&child, sig);
+        let status = wait_or_kill(&mut child, 60);
+        let o = child.wait_with_output().unwrap();
+        assert!(status.is_some(), "{name} ignored: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(want), "{name}: {}", stderr(&o));
+        assert_eq!(
+            stderr(&o).trim_end(),
+            format!("faultline: stopped by {name}")
+        );
+        let doc = stats_doc(&json);
+        assert!(doc["gpu"].is_object(), "{doc}");
+        assert!(
+            doc["process"]["peak_rss_kib"].as_u64().unwrap() > 0,
+            "{doc}"
+        );
+    }
+}
+
+/// Stats are written on every exit path: here a timeout and a setup error.
+#[test]
+fn stats_are_written_on_timeout_and_on_errors() {
+    if !kvm_or_skip("stats_are_written_on_timeout_and_on_errors") {
+        return;
+    }
+    let json = write_temp("timeout-stats.json", b"");
+    let (code, err) = run_guest(
+        "spin-stats.elf",
+        &[0xeb, 0xfe],
+        &["--timeout", "1", "--stats", "--stats-json", path_str(&json)],
+        Stdio::null(),
+        Stdio::piped(),
+    );
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("GPU counters:") && err.contains("peak_rss_kib"),
+        "{err}"
+    );
+    let doc = stats_doc(&json);
+    assert!(
+        doc["gpu"].is_object() && doc["process"]["peak_rss_kib"].is_u64(),
+        "{doc}"
+    );
+
+    let json = write_temp("error-stats.json", b"");
+    let o = faultline(&[
+        "run",
+        "--kvm-device",
+        "/nonexistent/kvm",
+        "--firmware",
+        path_str(&write_temp("ok.elf", &pvh_elf(&exit_code(0), true, 0))),
+        "--stats-json",
+        path_str(&json),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let doc = stats_doc(&json);
+    assert!(
+        doc["gpu"].is_null() && doc["process"]["peak_rss_kib"].is_u64(),
+        "{doc}"
+    );
+}
