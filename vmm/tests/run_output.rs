@@ -46,6 +46,49 @@ fn timeout_holds_while_nobody_reads_stderr() {
     assert_eq!(code, Some(5));
 }
 
+/// The guest is not frozen either: 20,000 logged exits with stderr
+/// stalled, and it still reaches its own exit (status 0, not the timeout).
+#[test]
+fn guest_runs_on_while_nobody_reads_stderr() {
+    if !kvm_or_skip("guest_runs_on_while_nobody_reads_stderr") {
+        return;
+    }
+    let mut code = vec![0xb9];
+    code.extend_from_slice(&20_000u32.to_le_bytes()); // mov ecx, 20000
+    code.extend_from_slice(&[0x66, 0xba, 0x10, 0x05]); // mov dx, 0x510
+    code.extend_from_slice(&[0xee, 0x49, 0x75, 0xfc]); // out dx, al; dec ecx; jnz
+    code.extend_from_slice(&exit_code(0));
+    let (_reader, writer) = small_pipe();
+    let (status, _) = run_guest(
+        "stderr-stall-exit.elf",
+        &code,
+        &["--timeout", "50", "--log-level", "trace"],
+        Stdio::null(),
+        Stdio::from(writer),
+    );
+    assert_eq!(status, Some(0));
+}
+
+/// Likewise with stdout stalled: the guest's 100,000 console bytes are
+/// queued (and the rest dropped), it reaches its own exit, and stderr says
+/// what was not written.
+#[test]
+fn guest_runs_on_while_nobody_reads_stdout() {
+    if !kvm_or_skip("guest_runs_on_while_nobody_reads_stdout") {
+        return;
+    }
+    let (_reader, writer) = small_pipe();
+    let (status, err) = run_guest(
+        "stdout-stall-exit.elf",
+        &console_then_exit(100_000),
+        &["--timeout", "50"],
+        Stdio::from(writer),
+        Stdio::piped(),
+    );
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("console output not written"), "{err}");
+}
+
 #[test]
 fn timeout_holds_while_nobody_reads_stdout() {
     if !kvm_or_skip("timeout_holds_while_nobody_reads_stdout") {
