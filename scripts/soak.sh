@@ -60,6 +60,11 @@ kvm_usable || { say "soak: /dev/kvm is not usable"; exit 2; }
 [ -x /usr/bin/time ] || apt_install time || { say "soak: /usr/bin/time is missing"; exit 2; }
 scripts/build-firmware.sh >/dev/null || exit 2
 build_vmm || exit 2
+# A serve run needs QEMU 11 with vfio-user-pci: a missing one is a missing
+# prerequisite, not a failed run.
+if [[ " $hosts " == *" serve "* ]]; then
+  scripts/qemu-setup.sh >/dev/null || { say "soak: no QEMU with vfio-user-pci (scripts/qemu-setup.sh failed)"; exit 2; }
+fi
 
 work=$(mktemp -d /tmp/faultline-soak.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -162,7 +162,7 @@ fn control_entries_per_step_are_bounded_and_replay_waits_for_them() {
 /// While eight channels stream, a thread that wants the device lock gets it
 /// after the step in progress: the worker hands it over instead of taking
 /// it back. Counted in worker steps started while the thread waited
-/// (preemption can stretch a few waits, so the median is checked).
+/// (preemption can stretch a few waits, so the 90th percentile is checked).
 #[test]
 fn the_worker_hands_the_lock_to_a_waiting_thread() {
     let (r, tickets) = streaming_rig(1 << 30, 16);

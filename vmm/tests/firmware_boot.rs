@@ -50,6 +50,13 @@ fn default_suite_passes() {
             "{t} missing:\n{out}"
         );
     }
+    // A run that passed must look like it: the device errors the bad-input
+    // tests provoke on purpose are counted, not printed as warnings.
+    let err = stderr(&o);
+    assert!(
+        !err.lines().any(|l| l.contains("warn")),
+        "a passing default suite printed warnings:\n{err}"
+    );
 }
 
 #[test]
