@@ -23,11 +23,11 @@
 # then a summary; exit 0 when every check of every run passed, 1 otherwise,
 # 2 on bad usage or a missing prerequisite.
 #
-# Peak RSS: `process.peak_rss_kib` from --stats-json when the VMM reports
-# it; otherwise, for `run`, /usr/bin/time's maximum RSS, and for `serve`
-# the server's VmHWM from /proc, sampled every 0.2 s while it runs.
-# Log lines: the VMM's (or server's) stderr lines, without the --stats
-# block and the scripts' own "==>" lines.
+# Peak RSS: `process.peak_rss_kib` from --stats-json (the VMM's or the
+# server's getrusage maximum); if a file lacks it, for `run` /usr/bin/time's
+# maximum RSS, and for `serve` the server's VmHWM from /proc, sampled every
+# 0.2 s while it runs. Log lines: the VMM's (or server's) stderr lines,
+# without the --stats block and the scripts' own "==>" lines.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$FAULTLINE_ROOT"
@@ -78,7 +78,7 @@ json_rss() {
 }
 
 log_lines() {
-  grep -v -e '^==>' -e '^build-firmware: ' -e '^  ' -e '^faultline: GPU counters' -e '^[[:space:]]*$' "$1" | wc -l
+  grep -v -e '^==>' -e '^build-firmware: ' -e '^  ' -e '^faultline: GPU counters' -e '^faultline: process:$' -e '^[[:space:]]*$' "$1" | wc -l
 }
 
 # check HOST STATUS SERIAL STDERR RSS_KIB (uses $test, $what)
