@@ -220,6 +220,32 @@ pub trait Mm: Send + Sync + Sized + 'static {
         flags: FaultFlags,
     ) -> Result<(), FaultError>;
 
+    /// Resolve faults for the 4 KiB pages of `[start, end)`, all inside one
+    /// non-huge VMA and all wanting `flags`: what HMM asks for a run of
+    /// entries of one fault-around window. Pages that already satisfy
+    /// `flags` (present, and writable if `flags` has WRITE) are left alone.
+    /// Returns how many pages from `start` it handled before the first
+    /// error (at least the first page on success); handled pages stay
+    /// handled, and HMM walks again from `start` afterwards.
+    ///
+    /// The default handles `start` alone with [`Mm::handle_mm_fault`] (HMM
+    /// then comes back for the next page), exactly the per-page protocol.
+    /// An implementation may do the whole run in one page-table pass with
+    /// its frames allocated in one batch.
+    fn handle_mm_fault_range(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        start: u64,
+        end: u64,
+        flags: FaultFlags,
+    ) -> (u64, Result<(), FaultError>) {
+        let _ = end;
+        match self.handle_mm_fault(mmap, start, flags) {
+            Ok(()) => (1, Ok(())),
+            Err(e) => (0, Err(e)),
+        }
+    }
+
     /// Tear the address space down: free page tables and frames. Called by the
     /// last [`mmput`] *after* the release notifiers ran. Must not take the
     /// mmap lock (a caller of `mmput` may hold it), as Linux's `exit_mmap`.

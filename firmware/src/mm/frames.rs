@@ -492,6 +492,36 @@ pub fn alloc_zeroed() -> Option<PhysAddr> {
     zeroed(1, |fa| fa.alloc_low())
 }
 
+/// Fills `out` with frames, preferring low addresses, under one lock,
+/// then zeroes each (see [`zeroed`]); returns how many it got (fewer than
+/// `out.len()` only when RAM ran out).
+pub fn alloc_zeroed_batch(out: &mut [u64]) -> usize {
+    let got = with(|fa| {
+        for (k, slot) in out.iter_mut().enumerate() {
+            let Some(pa) = fa.alloc_low() else {
+                return k;
+            };
+            // Frames are page aligned: bit 0 carries "still pristine".
+            *slot = pa.as_u64() | u64::from(fa.last_pristine);
+        }
+        out.len()
+    });
+    for slot in &mut out[..got] {
+        let pristine = *slot & 1 != 0;
+        *slot &= !1;
+        if !pristine {
+            // SAFETY: a fresh frame nobody else references, in the direct map.
+            unsafe {
+                zero_words(
+                    super::direct_map::phys_to_virt(PhysAddr::new(*slot)).as_mut_ptr(),
+                    FRAME_SIZE / 8,
+                )
+            };
+        }
+    }
+    got
+}
+
 /// [`alloc_2m`], zeroed (see [`zeroed`]).
 pub fn alloc_zeroed_2m() -> Option<PhysAddr> {
     zeroed(512, |fa| fa.alloc_2m())

@@ -164,6 +164,38 @@ fn frame_alloc_zeroed() -> Result<(), String> {
     let reused = again == dirty;
     let nonzero = read(again);
     frames::free(again);
+    // The same through the batch the fault path uses: four dirtied frames
+    // freed, four taken back in one batch (the lowest free ones again).
+    let mut dirty4 = [PhysAddr::new(0); 4];
+    for d in &mut dirty4 {
+        *d = frames::alloc().ok_or("no frame")?;
+        let p = direct_map::phys_to_virt(*d).as_mut_ptr::<u64>();
+        for i in 0..words {
+            // SAFETY: as above.
+            unsafe { p.add(i).write_volatile(!(i as u64)) };
+        }
+    }
+    for &d in &dirty4 {
+        frames::free(d);
+    }
+    let mut batch = [0u64; 4];
+    let got = frames::alloc_zeroed_batch(&mut batch);
+    let batch_reused = batch.iter().all(|&b| dirty4.contains(&PhysAddr::new(b)));
+    let batch_nonzero = batch[..got]
+        .iter()
+        .find_map(|&b| read(PhysAddr::new(b)).map(|w| (b, w)));
+    for &b in &batch[..got] {
+        frames::free(PhysAddr::new(b));
+    }
+    ensure!(got == 4, "batch of 4 gave {got}");
+    ensure!(
+        batch_reused,
+        "the batch did not reuse the freed frames: {batch:x?}"
+    );
+    ensure!(
+        batch_nonzero.is_none(),
+        "a dirtied frame came back from the batch nonzero: {batch_nonzero:x?}"
+    );
     ensure!(reused, "the frame just freed was not handed out again");
     ensure!(
         nonzero.is_none(),

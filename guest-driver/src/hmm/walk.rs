@@ -127,6 +127,9 @@ fn walk_entries<M: Mm>(
         // that reports success without mapping anything.
         let mut faulted_at = usize::MAX;
         let mut tries = 0;
+        // An error `handle_mm_fault_range` hit past the start of its run:
+        // (entry, error), reported when the walk reaches that entry.
+        let mut pending: Option<(usize, FaultError)> = None;
         'vma: while i < vma_end {
             let addr = start + ((i as u64) << shift);
             let w = mm.walk(mmap, addr);
@@ -189,7 +192,37 @@ fn walk_entries<M: Mm>(
                         if !block {
                             ff |= FaultFlags::ALLOW_RETRY;
                         }
-                        match mm.handle_mm_fault(mmap, fault_addr, ff) {
+                        // 4 KiB entries: fault the whole run of entries from
+                        // here that ask for the same access, in one call (the
+                        // `Mm` may do it in one page-table pass; entries
+                        // already satisfied are left alone).
+                        let result = if shift == PAGE_SHIFT {
+                            let wants_same = |e: u64| {
+                                let r = (e & mask) | default_flags;
+                                r & req_valid != 0 && (r & req_write != 0) == want_write
+                            };
+                            let run_end = (j + 1..vma_end)
+                                .find(|&x| !wants_same(pfns[x]))
+                                .unwrap_or(vma_end);
+                            let end = start + ((run_end as u64) << shift);
+                            match pending.take() {
+                                // The error a run hit at this entry, after
+                                // the walk filled in the entries before it.
+                                Some((at, e)) if at == j => Err(e),
+                                _ => match mm.handle_mm_fault_range(mmap, fault_addr, end, ff) {
+                                    // Pages done before the error: walk them
+                                    // again, then report the error here.
+                                    (done, Err(e)) if done > 0 => {
+                                        pending = Some((j + done as usize, e));
+                                        Ok(())
+                                    }
+                                    (_, r) => r,
+                                },
+                            }
+                        } else {
+                            mm.handle_mm_fault(mmap, fault_addr, ff)
+                        };
+                        match result {
                             Ok(()) => {}
                             Err(FaultError::Retry) => {
                                 return Err(fail(j, HmmPfnValue::None, Errno::EBUSY))

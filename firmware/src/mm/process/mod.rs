@@ -87,7 +87,7 @@ use faultline_driver::errno::Errno;
 use faultline_driver::mm::{
     mmap_read_lock, mmap_write_lock, mmput, mmu_notifier_invalidate_range_end,
     mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard,
-    MmuNotifierRange, MmuNotifyEvent, VmFlags, Vma, Walk, PAGE_SIZE, PMD_SIZE,
+    MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SIZE, PMD_SIZE,
 };
 
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
@@ -492,6 +492,38 @@ impl ProcessMm {
         self.cow_zero(addr & !(PAGE_SIZE - 1), f)
     }
 
+    /// [`Mm::handle_mm_fault_range`] one page at a time: a walk, and a
+    /// fault where the page does not already satisfy `flags`.
+    fn fault_range_by_page(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        start: u64,
+        end: u64,
+        flags: FaultFlags,
+    ) -> (u64, Result<(), FaultError>) {
+        let write = flags.contains(FaultFlags::WRITE);
+        let mut done = 0;
+        let mut addr = start;
+        while addr < end {
+            let satisfied = match self.translate(addr).state {
+                PageState::Present { writable, .. } | PageState::Huge { writable, .. } => {
+                    !write || writable
+                }
+                PageState::Zero { .. } => !write,
+                PageState::None => false,
+                PageState::Special => break,
+            };
+            if !satisfied {
+                if let Err(e) = self.handle_mm_fault(mmap, addr, flags) {
+                    return (done, Err(e));
+                }
+            }
+            done += 1;
+            addr += PAGE_SIZE;
+        }
+        (done, Ok(()))
+    }
+
     /// Replaces the zero page at `page` by a private zeroed frame, bracketed
     /// by the notifiers (a device may hold the zero page's translation).
     fn cow_zero(&self, page: u64, f: VmFlags) -> Result<(), SegvReason> {
@@ -626,6 +658,98 @@ impl Mm for ProcessMm {
             SegvReason::OutOfMemory => FaultError::Oom,
             _ => FaultError::Sigsegv,
         })
+    }
+
+    /// One page-table pass per 2 MiB of the run: not-present pages get the
+    /// zero page (read) or a frame from one batch allocation (write);
+    /// present read-only pages a write needs go through [`ProcessMm::fault`]
+    /// afterwards (permission upgrade, zero-page copy-on-write with its
+    /// notifiers). Huge VMAs, a run leaving its VMA and refused accesses
+    /// take the per-page path, which reports the error.
+    fn handle_mm_fault_range(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        start: u64,
+        end: u64,
+        flags: FaultFlags,
+    ) -> (u64, Result<(), FaultError>) {
+        let write = flags.contains(FaultFlags::WRITE);
+        let vma = mmap.lookup(start).filter(|v| {
+            !self.is_dead()
+                && v.end >= end
+                && !v.flags.contains(VmFlags::HUGE)
+                && v.flags.contains(VmFlags::READ)
+                && (!write || v.flags.contains(VmFlags::WRITE))
+        });
+        let Some(vma) = vma else {
+            return self.fault_range_by_page(mmap, start, end, flags);
+        };
+        let f = vma.flags;
+        let zero = zero_pa();
+        let mut done = 0;
+        let mut addr = start;
+        let mut frames_buf = [0u64; 512];
+        while addr < end {
+            let seg_end = end.min((addr | (PMD_SIZE - 1)) + 1);
+            let n = ((seg_end - addr) / PAGE_SIZE) as usize;
+            let mut upgrades = 0usize;
+            {
+                let mut pt = self.pt.lock();
+                let Ok(Some((t, i0))) = pt.pte(addr, true) else {
+                    return (done, Err(FaultError::Oom));
+                };
+                let need = if write {
+                    (0..n).filter(|&k| t.get(i0 + k) & P == 0).count()
+                } else {
+                    0
+                };
+                let got = crate::mm::frames::alloc_zeroed_batch(&mut frames_buf[..need]);
+                let mut used = 0;
+                for k in 0..n {
+                    let e = t.get(i0 + k);
+                    if e & P == 0 {
+                        if write {
+                            if used == got {
+                                break;
+                            }
+                            t.set(i0 + k, pt::leaf(frames_buf[used], f, true, false));
+                            used += 1;
+                            pt.data += 1;
+                        } else {
+                            t.set(i0 + k, pt::leaf(zero, f, false, false));
+                        }
+                        self.faults.fetch_add(1, Ordering::Relaxed);
+                    } else if write && e & W == 0 {
+                        upgrades += 1;
+                    }
+                }
+                if used < need {
+                    // Out of frames: what got mapped stays mapped.
+                    let mapped = (0..n).take_while(|&k| t.get(i0 + k) & P != 0).count();
+                    return (done + mapped as u64, Err(FaultError::Oom));
+                }
+            }
+            if upgrades > 0 {
+                for k in 0..n as u64 {
+                    let a = addr + k * PAGE_SIZE;
+                    if matches!(
+                        self.translate(a).state,
+                        PageState::Zero { .. }
+                            | PageState::Present {
+                                writable: false,
+                                ..
+                            }
+                    ) {
+                        if let Err(e) = self.handle_mm_fault(mmap, a, flags) {
+                            return (done + k, Err(e));
+                        }
+                    }
+                }
+            }
+            done += n as u64;
+            addr = seg_end;
+        }
+        (done, Ok(()))
     }
 
     fn exit_mmap(&self) {
