@@ -16,9 +16,12 @@ pub(super) mod fault_buffer_overflow {
 
     /// A fault buffer far smaller than the pages the kernel touches at once
     /// (the kernel is sized to 4× the buffer, 512..4096 pages): it must
-    /// overflow, and lose nothing.
+    /// overflow, and lose nothing. One LAUNCH services up to 4,096
+    /// single-page faults through a 16-entry buffer, which took over the
+    /// default 10 s on a loaded two-core host; the wait is a hang detector.
     pub const NEEDS: Needs = Needs {
         fault_entries: Some(16),
+        timeout_ns: Some(60_000_000_000),
         ..Needs::DEFAULT
     };
 
