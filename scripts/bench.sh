@@ -128,7 +128,8 @@ Measured $stamp; $runs runs of each row, interleaved; 512 MiB, 1 vCPU;
 medians in ms. "default" is the firmware image with \`list=1\` (boot,
 print the 48 test names, exit); "minimal" is \`scripts/pvh-min\`, a PVH
 image whose only work is writing the exit port. Both hosts get the debug
-console on port 0xe9 (the firmware then prints a line per VM exit). For
+console on port 0xe9 (the firmware then prints each line with one
+\`rep outsb\`; one exit per byte under this host's KVM). For
 faultline, "start → entry" is process start to the vCPU's first KVM_RUN
 and "guest" from there to the exit-port write (the VMM's \`timing:\` debug
 lines); QEMU cannot show where our image starts, so its "start → exit port"

@@ -4,10 +4,11 @@
 //!
 //! Every port access is a VM exit (~27,000 cycles here), so output is
 //! formatted into a line buffer first and leaves in one piece per `print`
-//! call (or per full buffer): one `rep outsb` on the debug console, which
-//! KVM hands to the VMM as a single exit; on COM1 one byte per `out` but the
-//! transmitter is polled once per 16 bytes (its FIFO depth) instead of once
-//! per byte.
+//! call (or per full buffer): one `rep outsb` on the debug console (this
+//! host's KVM exits once per byte of it, half of COM1's status poll plus
+//! data write; KVM may also pass the whole string in one exit); on COM1 one
+//! byte per `out` but the transmitter is polled once per 16 bytes (its FIFO
+//! depth) instead of once per byte.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};

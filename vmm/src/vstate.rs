@@ -323,8 +323,8 @@ fn run_loop(cpu: u32, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, s
                 continue;
             }
             Ok(VcpuExit::IoOut(DEBUGCON_PORT, data)) => {
-                // `rep outsb` to the debug console arrives as one exit with
-                // every byte: each is a one-byte write to the port.
+                // `rep outsb` to the debug console may arrive as one exit
+                // with every byte (count > 1): each is a one-byte write.
                 for b in data.chunks(1) {
                     pio.write(u64::from(DEBUGCON_PORT), b);
                 }

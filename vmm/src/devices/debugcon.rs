@@ -1,7 +1,8 @@
 //! The debug console on port 0xe9 (Bochs/QEMU `isa-debugcon`): every byte
 //! written goes to stdout as is; a read returns 0xe9, which is how a guest
 //! tells the port is there. The firmware prints a whole line with one
-//! `rep outsb`, one VM exit per line where COM1 costs two per byte.
+//! `rep outsb`: one VM exit per byte on this host (COM1 costs two), one per
+//! string where KVM passes the string in one exit.
 
 use std::io::Write;
 
