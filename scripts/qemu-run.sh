@@ -88,6 +88,9 @@ if [ ! -S "$sock" ]; then
 fi
 
 say "qemu-run: QEMU $(chroot "$root" qemu-system-x86_64 --version | head -n 1 | awk '{print $4}') q35 + vfio-user-pci, cmdline \"$cmdline\""
+# Created before QEMU starts: the background job opens it for QEMU's
+# stdout only once it runs, and tail must find it there.
+: >"$log"
 set +e
 # The default suite takes ~95 s here under PVM (the SVM suite's
 # large_first_touch alone ~70 s): leave room for a loaded host.
