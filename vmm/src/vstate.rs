@@ -197,12 +197,40 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
         let p = p.get();
         if !p.is_null() {
             // SAFETY: the pointer is this thread's own mapped kvm_run page,
-            // set by `run_vcpu` and valid while its VcpuFd lives (the thread
-            // clears it before dropping the fd); a byte store is
+            // set by `KickTarget::arm` and valid while its VcpuFd lives (the
+            // `KickTarget` clears it before the fd is dropped); a byte store is
             // async-signal-safe.
             unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
         }
     });
+}
+
+/// Installs `kick_handler` for the kick signal (process-wide, idempotent).
+fn install_kick_handler() -> Result<()> {
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| Error::io("installing the vCPU kick handler")(e.into()))
+}
+
+/// Sends the kick to a vCPU thread (one that armed a `KickTarget`).
+fn kick<T>(thread: &JoinHandle<T>) {
+    let _ = thread.kill(SIGRTMIN());
+}
+
+/// Makes the calling thread's vCPU the target of kicks sent to it, until
+/// dropped; it must be dropped before the vCPU's fd.
+struct KickTarget;
+
+impl KickTarget {
+    fn arm(vcpu: &mut VcpuFd) -> Self {
+        KVM_RUN.with(|p| p.set(vcpu.get_kvm_run()));
+        Self
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
 }
 
 /// Counts vCPU threads that have left their run loop; `stop` waits on it.
@@ -238,9 +266,7 @@ const REKICK: Duration = Duration::from_millis(100);
 
 impl VcpuThreads {
     pub fn start(vcpus: Vec<VcpuFd>, pio: Bus, mmio: Bus, exit: Arc<VmExit>) -> Result<Self> {
-        // A signal makes KVM_RUN return EINTR; the handler itself does nothing.
-        register_signal_handler(SIGRTMIN(), kick_handler)
-            .map_err(|e| Error::io("installing the vCPU kick handler")(e.into()))?;
+        install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(Finished::default());
         let mut handles = Vec::new();
@@ -272,7 +298,7 @@ impl VcpuThreads {
         let mut count = lock(&self.finished.count);
         while *count < total {
             for h in self.handles.iter().filter(|h| !h.is_finished()) {
-                let _ = h.kill(SIGRTMIN());
+                kick(h);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -298,12 +324,12 @@ impl VcpuThreads {
 }
 
 fn run_vcpu(cpu: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
-    KVM_RUN.with(|p| p.set(vcpu.get_kvm_run()));
+    // Dropped before `vcpu` (locals before parameters).
+    let _kick = KickTarget::arm(&mut vcpu);
     if cpu == 0 {
         log::debug!("timing: entering the guest at {} us", epoch_us());
     }
     run_loop(cpu, &mut vcpu, pio, mmio, exit, stop);
-    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
 }
 
 /// Whether the vCPU may go back into the guest after an exit it handled:
@@ -431,6 +457,93 @@ mod tests {
         let exit = VmExit::new().unwrap();
         stop.store(true, Ordering::SeqCst);
         assert!(!may_continue(&exit, &stop), "a stopped vCPU re-entered");
+    }
+
+    /// True when KVM is usable; otherwise says SKIP on the process's stderr
+    /// (libtest would swallow a passing test's `eprintln!`), or fails when
+    /// FAULTLINE_REQUIRE_KVM=1, as vmm/tests/common's `kvm_or_skip` does.
+    fn kvm_or_skip(test: &str) -> Option<Kvm> {
+        use std::io::Write;
+        match Kvm::new() {
+            Ok(kvm) => Some(kvm),
+            Err(e) if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") => {
+                panic!("{test}: /dev/kvm is not usable ({e}) and FAULTLINE_REQUIRE_KVM=1")
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "*** SKIP {test}: /dev/kvm is not usable ({e}; FAULTLINE_REQUIRE_KVM=1 makes this a failure) ***"
+                );
+                None
+            }
+        }
+    }
+
+    /// Whether a kick is pending (sent, not yet handled) on this thread.
+    fn kick_pending() -> bool {
+        // SAFETY: `set` is a plain sigset_t that sigpending fills in; both
+        // calls only read or write it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            assert_eq!(libc::sigpending(&mut set), 0);
+            libc::sigismember(&set, SIGRTMIN()) == 1
+        }
+    }
+
+    /// Issue 13 item 19: a kick that lands after the vCPU thread armed itself
+    /// but before it enters KVM_RUN must still make that KVM_RUN return, or
+    /// a vCPU spinning in the guest never sees the stop flag. The guest is
+    /// `jmp $`, which never exits on its own; the vCPU, the kick handler,
+    /// the arming and the kick are the ones `VcpuThreads` uses.
+    #[test]
+    fn a_kick_before_kvm_run_still_stops_the_vcpu() {
+        const TEST: &str = "a_kick_before_kvm_run_still_stops_the_vcpu";
+        // Only detects a hang (a lost kick never returns); no timing is
+        // asserted.
+        const HANG: Duration = Duration::from_secs(20);
+        const CODE: GuestAddress = GuestAddress(0x1000);
+        let Some(kvm) = kvm_or_skip(TEST) else {
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(0xfffb_d000).unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        crate::memory::register_with_kvm(&vm, &mem).unwrap();
+        vm_memory::Bytes::write_slice(&mem, &[0xeb, 0xfe], CODE).unwrap(); // jmp $
+        let mut vcpu = create_vcpus(&kvm, &vm, 1, CODE).unwrap().pop().unwrap();
+        install_kick_handler().unwrap();
+
+        let armed = Arc::new(std::sync::Barrier::new(2));
+        let kicked = Arc::new(std::sync::Barrier::new(2));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a, k) = (armed.clone(), kicked.clone());
+        let thread = std::thread::spawn(move || {
+            let kick_target = KickTarget::arm(&mut vcpu);
+            a.wait();
+            k.wait();
+            // The kick has been handled before KVM_RUN, not merely sent: a
+            // signal still pending at KVM_RUN would make it return EINTR
+            // whatever the handler does. Every syscall return delivers it.
+            while kick_pending() {}
+            let r = vcpu.run().map(|e| format!("{e:?}")).map_err(|e| e.errno());
+            drop(kick_target);
+            let _ = tx.send(r);
+            // The VM and its memory outlive the vCPU, even on a hang.
+            drop(vcpu);
+            drop((vm, mem));
+        });
+        armed.wait();
+        kick(&thread);
+        kicked.wait();
+        match rx.recv_timeout(HANG) {
+            Ok(r) => assert_eq!(r, Err(libc::EINTR), "KVM_RUN after the kick"),
+            Err(_) => panic!(
+                "the vCPU stayed in the guest for {HANG:?} after a kick that landed \
+                 before KVM_RUN: the kick was lost"
+            ),
+        }
+        thread.join().unwrap();
     }
 
     #[test]
