@@ -234,27 +234,54 @@ pub fn run(cfg: Config) -> Result<Report> {
 /// this host (the PIC/IOAPIC teardown waits for SRCU grace periods; a VM
 /// without an irqchip closes in 0.2 ms), longer than everything else the
 /// VMM does after the exit port. Called once the vCPUs and the device have
-/// stopped, so the verdict and the counters are final: the child only
-/// closes its copies of the descriptors (stdio first, so a reader waiting
-/// for EOF on our output is not held up) and exits; it runs no Rust code
-/// and touches no state. If `fork` fails, this process closes the VM itself.
+/// stopped, so the verdict and the counters are final. Whichever process
+/// drops its reference last pays for the teardown, so the child must
+/// outlive this one: it closes its stdio (a reader waiting for EOF on our
+/// output is not held up), then blocks on a pipe whose write end only this
+/// process holds, and exits once that read sees EOF, i.e. once this
+/// process is gone. It runs no Rust code and touches no state. If `pipe2`
+/// or `fork` fails, this process closes the VM itself.
 fn detach_vm_teardown() {
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        log::debug!(
+            "pipe for the VM teardown failed ({}); tearing down in place",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let [read_end, write_end] = ends;
     // SAFETY: fork in a process whose other threads are all joined or idle;
-    // the child calls only async-signal-safe functions (close_range, _exit).
+    // the child calls only async-signal-safe functions (close, close_range,
+    // read, _exit).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: in the child of fork, closing its own descriptor table
-        // and exiting without running destructors or atexit handlers.
+        // SAFETY: in the child of fork: closing its own descriptors, a
+        // one-byte read into a local, and exiting without running
+        // destructors or atexit handlers.
         unsafe {
-            libc::close_range(0, u32::MAX, 0);
+            libc::close_range(0, 2, 0);
+            libc::close(write_end);
+            let mut byte = 0u8;
+            // Nothing is ever written: the read returns 0 when the parent's
+            // write end closes at its exit (or -1 on a signal; either way
+            // the parent is gone or going, and the child's exit then drops
+            // the last reference to the VM).
+            libc::read(read_end, (&raw mut byte).cast(), 1);
             libc::_exit(0);
         }
     }
+    // SAFETY: closing this process's copy of the read end, which nothing
+    // else uses; the write end stays open until this process exits.
+    unsafe { libc::close(read_end) };
     if pid < 0 {
         log::debug!(
             "fork for the VM teardown failed ({}); tearing down in place",
             std::io::Error::last_os_error()
         );
+        // SAFETY: no child holds the other end; nothing else uses it.
+        unsafe { libc::close(write_end) };
     }
 }
 
