@@ -19,7 +19,6 @@ use faultline_driver::mm::{PageState, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 use crate::gpu::FwPlatform;
 use crate::mm::process::{self, freed, MapFlags, Process, ProcessMm, Segfault};
 use crate::mm::{direct_map, frames};
-use crate::user::agent;
 
 /// One probed driver and everything else from the running firmware.
 pub struct FwEnv {
@@ -58,14 +57,6 @@ fn segv<R>(r: Result<R, Segfault>) -> Result<R, Segv> {
         log::debug!("svm env: {e}");
         Segv
     })
-}
-
-fn pattern(p: Pattern) -> agent::Pattern {
-    agent::Pattern {
-        base: p.base,
-        per_word: p.per_word,
-        per_page: p.per_page,
-    }
 }
 
 /// Polls per user-mode spin before the kernel runs the driver's bottom
@@ -147,7 +138,7 @@ impl SvmEnv for FwEnv {
     }
 
     fn fill_pattern(&self, p: &Process, addr: u64, len: u64, pat: Pattern) -> Result<(), Segv> {
-        segv(p.agent().fill(addr, len, pattern(pat)))
+        segv(p.agent().fill(addr, len, pat))
     }
 
     fn check_pattern(
@@ -157,22 +148,11 @@ impl SvmEnv for FwEnv {
         len: u64,
         pat: Pattern,
     ) -> Result<Option<Mismatch>, Segv> {
-        let m = segv(p.agent().check(addr, len, pattern(pat)))?;
-        Ok(m.map(|m| Mismatch {
-            addr: m.addr,
-            found: m.found,
-            expected: m.expected,
-        }))
+        segv(p.agent().check(addr, len, pat))
     }
 
     fn build_list(&self, p: &Process, list: ChaseList) -> Result<(), Segv> {
-        segv(p.agent().build_list(agent::ChaseList {
-            heap: list.heap,
-            slots: list.slots,
-            step: list.step,
-            nodes: list.nodes,
-            value_offset: list.value_offset,
-        }))
+        segv(p.agent().build_list(list))
     }
 
     fn wait_u64(&self, p: &Process, addr: u64, value: u64) -> Result<bool, Segv> {

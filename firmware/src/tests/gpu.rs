@@ -82,10 +82,16 @@ fn gpu_fill_copy() -> Result<(), String> {
     let g = device()?;
     let frames_before = crate::mm::frames::stats().free;
     probe_fill_copy(g)?;
+    no_frames_leaked(frames_before)
+}
+
+/// Every frame free at `frames_before` (read before a test allocated
+/// anything) is free again.
+pub(super) fn no_frames_leaked(frames_before: u64) -> Result<(), String> {
     let frames_after = crate::mm::frames::stats().free;
     if frames_after != frames_before {
         return Err(format!(
-            "DMA frames leaked: {frames_before} free before, {frames_after} after"
+            "frames leaked: {frames_before} free before, {frames_after} after"
         ));
     }
     Ok(())

@@ -880,11 +880,5 @@ fn gpu_hostile() -> Result<(), String> {
     }
     reset_ok?;
     super::gpu::probe_fill_copy(g)?;
-    let frames_after = crate::mm::frames::stats().free;
-    if frames_after != frames_before {
-        return Err(format!(
-            "frames leaked: {frames_before} free before, {frames_after} after"
-        ));
-    }
-    Ok(())
+    super::gpu::no_frames_leaked(frames_before)
 }

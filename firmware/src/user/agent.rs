@@ -258,53 +258,10 @@ const OP_JUMP: u64 = 10;
 /// Bytes one byte-copy operation moves (R8..R15).
 const CHUNK: usize = 64;
 
-/// u64 words over a range: the word at byte offset `off` (from the start of
-/// the range, 8-byte aligned) holds
-/// `base + (off / 8) * per_word + (off / 4096) * per_page` (wrapping).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pattern {
-    pub base: u64,
-    pub per_word: u64,
-    pub per_page: u64,
-}
-
-impl Pattern {
-    /// Every word `v`.
-    pub const fn constant(v: u64) -> Pattern {
-        Pattern {
-            base: v,
-            per_word: 0,
-            per_page: 0,
-        }
-    }
-
-    /// The word at byte offset `off`.
-    pub fn at(&self, off: u64) -> u64 {
-        self.base
-            .wrapping_add((off / 8).wrapping_mul(self.per_word))
-            .wrapping_add((off / 4096).wrapping_mul(self.per_page))
-    }
-}
-
-/// The first word of a range that did not match its pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mismatch {
-    pub addr: u64,
-    pub found: u64,
-    pub expected: u64,
-}
-
-/// The pointer-chase list: `nodes` nodes of 16 bytes, `{next, value}`,
-/// node `i` at `heap + ((i * step) % slots) * 16`, `next` the address of
-/// node `i + 1` (0 for the last), `value = i * i + value_offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChaseList {
-    pub heap: u64,
-    pub slots: u64,
-    pub step: u64,
-    pub nodes: u64,
-    pub value_offset: u64,
-}
+// The agent's operations take and give the suite's own descriptions of
+// what the CPU does (the pattern a range holds, a mismatch, the
+// pointer-chase list); the assembly only needs their fields.
+pub use faultline_driver::gpu::suite::{ChaseList, Mismatch, Pattern};
 
 /// The agent of one process: each method is one (or, for byte copies, one
 /// per 64 bytes) round trip into user mode under the process's page tables.
