@@ -77,7 +77,14 @@ guest_suite() {
     skip_or_fail "/dev/kvm is not usable: the in-guest suite needs KVM"
     return
   fi
-  scripts/run.sh
+  local results="${TMPDIR:-/tmp}/faultline-results-$$.xml"
+  scripts/run.sh --results "$results" &&
+    python3 -c 'import sys, xml.etree.ElementTree as E
+r = E.parse(sys.argv[1]).getroot()
+cases = r.findall(".//testcase")
+bad = [c.get("name") for c in cases if c.find("failure") is not None]
+print(f"results: {len(cases)} test cases in JUnit XML, {len(bad)} failed")
+sys.exit(1 if bad or not cases else 0)' "$results"
 }
 
 # The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU

@@ -9,6 +9,7 @@ mod memory;
 mod msi;
 mod output;
 mod pci;
+mod results;
 mod serve;
 mod signals;
 mod stats;
@@ -123,6 +124,11 @@ struct RunArgs {
     /// VMM like any BAR0 write) and MSIs by KVM_SIGNAL_MSI instead of irqfds.
     #[arg(long)]
     gpu_no_fastpath: bool,
+    /// Write the guest's test results (its `test <name> ... ok|SKIPPED|FAILED`
+    /// lines) to PATH at exit as JUnit XML; a run that ends badly without a
+    /// failed test adds a failed case `faultline.run` with the reason.
+    #[arg(long, value_name = "PATH")]
+    results: Option<PathBuf>,
     #[command(flatten)]
     stats: StatsArgs,
     #[command(flatten)]
@@ -299,12 +305,29 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(s) => s,
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
+    let results = match args.results.as_deref().map(results::Out::open).transpose() {
+        Ok(r) => r,
+        Err(e) => return fail(status::VMM_ERROR, &e),
+    };
     let result = config(args, shutdown).and_then(vmm::run);
     // The guest is stopped: its console output goes out before our lines.
     output::finish_console();
-    let (code, counters) = match result {
+    let (ending, counters) = match result {
         Ok(report) => (verdict(report.outcome), report.gpu_counters),
-        Err(e) => (fail(error_status(&e), &e.to_string()), None),
+        Err(e) => (Err((error_status(&e), e.to_string())), None),
+    };
+    let code = match &ending {
+        Ok(()) => 0,
+        Err((code, why)) => fail(*code, why),
+    };
+    let code = match results.map(|r| r.write(ending.as_ref().err().map(|(c, w)| (*c, w.as_str()))))
+    {
+        Some(Err(e)) if code == 0 => fail(status::VMM_ERROR, &e),
+        Some(Err(e)) => {
+            output::line(&e);
+            code
+        }
+        _ => code,
     };
     finish(code, stats, counters.as_deref())
 }
@@ -364,37 +387,43 @@ fn config(args: RunArgs, shutdown: &'static signals::Shutdown) -> error::Result<
     })
 }
 
-fn verdict(outcome: Outcome) -> u8 {
-    match outcome {
-        Outcome::Guest(ExitReason::DebugExit(0)) => 0,
-        Outcome::Guest(ExitReason::DebugExit(1)) => fail(
+/// How the run ended: `Ok` for a guest that passed, else the exit status
+/// and the one line that says why.
+fn verdict(outcome: Outcome) -> Result<(), (u8, String)> {
+    let (code, why) = match outcome {
+        Outcome::Guest(ExitReason::DebugExit(0)) => return Ok(()),
+        Outcome::Guest(ExitReason::DebugExit(1)) => (
             status::GUEST_FAILED,
-            "guest reported failure (debug-exit value 1, QEMU status 3)",
+            "guest reported failure (debug-exit value 1, QEMU status 3)".to_string(),
         ),
-        Outcome::Guest(ExitReason::DebugExit(v)) => fail(
+        Outcome::Guest(ExitReason::DebugExit(v)) => (
             status::GUEST_CRASHED,
-            &format!(
+            format!(
                 "guest aborted (debug-exit value {v}, QEMU status {})",
                 qemu_status(v)
             ),
         ),
-        Outcome::Guest(ExitReason::TripleFault { cpu, rip }) => fail(
+        Outcome::Guest(ExitReason::TripleFault { cpu, rip }) => (
             status::GUEST_CRASHED,
-            &format!("guest triple fault on vCPU {cpu} at RIP {rip:#x}"),
+            format!("guest triple fault on vCPU {cpu} at RIP {rip:#x}"),
         ),
         Outcome::Guest(ExitReason::VcpuError { cpu, what }) => {
-            fail(status::GUEST_CRASHED, &format!("vCPU {cpu}: {what}"))
+            (status::GUEST_CRASHED, format!("vCPU {cpu}: {what}"))
         }
-        Outcome::Guest(ExitReason::SystemEvent { cpu, kind }) => fail(
+        Outcome::Guest(ExitReason::SystemEvent { cpu, kind }) => (
             status::GUEST_CRASHED,
-            &format!("guest requested reset/power-off (system event {kind}) on vCPU {cpu}"),
+            format!("guest requested reset/power-off (system event {kind}) on vCPU {cpu}"),
         ),
-        Outcome::TimedOut => fail(
+        Outcome::TimedOut => (
             status::TIMEOUT,
-            "guest did not exit before --timeout; stopped it",
+            "guest did not exit before --timeout; stopped it".to_string(),
         ),
-        Outcome::Signal(sig) => stopped_by(sig),
-    }
+        Outcome::Signal(sig) => (
+            signals::exit_status(sig),
+            format!("stopped by {}", signals::name(sig)),
+        ),
+    };
+    Err((code, why))
 }
 
 fn fail(code: u8, msg: &str) -> u8 {

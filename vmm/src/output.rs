@@ -236,6 +236,7 @@ pub struct Console;
 
 impl Write for Console {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        crate::results::feed(data);
         outputs().stdout.push(data, true);
         Ok(data.len())
     }

@@ -173,3 +173,48 @@ fn too_small_a_guest_says_what_each_test_needs() {
         "{out}"
     );
 }
+
+/// `--results` writes one JUnit test case per guest test line, with the
+/// guest's failure message, and keeps the guest's exit status.
+#[test]
+fn results_are_junit_with_one_case_per_guest_test() {
+    let (true, Some(fw)) = (kvm_or_skip("results_junit"), firmware()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("faultline-results-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pass = dir.join("pass.xml");
+    let o = boot(
+        &fw,
+        &["--cmdline", "test=heap", "--results", path_str(&pass)],
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
+    let xml = std::fs::read_to_string(&pass).unwrap();
+    assert!(xml.starts_with("<?xml"), "{xml}");
+    assert!(xml.contains("tests=\"1\" failures=\"0\""), "{xml}");
+    assert!(
+        xml.contains("<testcase classname=\"faultline.guest\" name=\"heap\""),
+        "{xml}"
+    );
+
+    let fail = dir.join("fail.xml");
+    let o = boot(
+        &fw,
+        &[
+            "--cmdline",
+            "fail=1 test=deliberate",
+            "--results",
+            path_str(&fail),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "stderr:\n{}", stderr(&o));
+    let xml = std::fs::read_to_string(&fail).unwrap();
+    assert!(xml.contains("tests=\"1\" failures=\"1\""), "{xml}");
+    assert!(
+        xml.contains("name=\"deliberate_failure\"")
+            && xml.contains("<failure message=\"deliberate failure requested by fail=1\"/>"),
+        "{xml}"
+    );
+    assert!(!xml.contains("faultline.run"), "the guest said why: {xml}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
