@@ -85,6 +85,9 @@ cases = r.findall(".//testcase")
 bad = [c.get("name") for c in cases if c.find("failure") is not None]
 print(f"results: {len(cases)} test cases in JUnit XML, {len(bad)} failed")
 sys.exit(1 if bad or not cases else 0)' "$results"
+  local rc=$?
+  rm -f "$results"
+  return $rc
 }
 
 # The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU

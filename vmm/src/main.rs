@@ -320,14 +320,9 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(()) => 0,
         Err((code, why)) => fail(*code, why),
     };
-    let code = match results.map(|r| r.write(ending.as_ref().err().map(|(c, w)| (*c, w.as_str()))))
-    {
-        Some(Err(e)) if code == 0 => fail(status::VMM_ERROR, &e),
-        Some(Err(e)) => {
-            output::line(&e);
-            code
-        }
-        _ => code,
+    let code = match results {
+        Some(r) => keep_first(code, r.write(ending.as_ref().err())),
+        None => code,
     };
     finish(code, stats, counters.as_deref())
 }
@@ -354,10 +349,16 @@ fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
 /// Writes the stats (every exit path goes through here). A passing run
 /// whose stats were lost is a VMM error; otherwise the first status wins.
 fn finish(code: u8, stats: stats::Out, counters: Option<&[(String, u64)]>) -> u8 {
-    match stats.write(counters) {
-        Err(e) if code == 0 => fail(status::VMM_ERROR, &e.to_string()),
+    keep_first(code, stats.write(counters).map_err(|e| e.to_string()))
+}
+
+/// An output lost at exit (the stats, the results): a VMM error for a run
+/// that passed, otherwise one line and the run's own status.
+fn keep_first(code: u8, written: Result<(), String>) -> u8 {
+    match written {
+        Err(e) if code == 0 => fail(status::VMM_ERROR, &e),
         Err(e) => {
-            output::line(&e.to_string());
+            output::line(&e);
             code
         }
         Ok(()) => code,
@@ -365,9 +366,14 @@ fn finish(code: u8, stats: stats::Out, counters: Option<&[(String, u64)]>) -> u8
 }
 
 fn stopped_by(sig: i32) -> u8 {
-    fail(
+    let (code, why) = stop_reason(sig);
+    fail(code, &why)
+}
+
+fn stop_reason(sig: i32) -> (u8, String) {
+    (
         signals::exit_status(sig),
-        &format!("stopped by {}", signals::name(sig)),
+        format!("stopped by {}", signals::name(sig)),
     )
 }
 
@@ -418,10 +424,7 @@ fn verdict(outcome: Outcome) -> Result<(), (u8, String)> {
             status::TIMEOUT,
             "guest did not exit before --timeout; stopped it".to_string(),
         ),
-        Outcome::Signal(sig) => (
-            signals::exit_status(sig),
-            format!("stopped by {}", signals::name(sig)),
-        ),
+        Outcome::Signal(sig) => stop_reason(sig),
     };
     Err((code, why))
 }

@@ -5,8 +5,9 @@
 //! (`test <name> ... ok`, `... SKIPPED: <why>`, `... FAILED: <why>`;
 //! firmware/src/tests/mod.rs). The console tap sees every byte the guest
 //! writes, so it is hostile input: a line longer than `MAX_LINE` is cut
-//! there, at most `MAX_CASES` test cases are kept (the rest counted) and
-//! every name and message is escaped before it reaches the XML.
+//! there, at most `MAX_CASES` test cases and `MAX_TEXT` bytes of names and
+//! messages are kept (the rest counted) and every name and message is
+//! escaped before it reaches the XML.
 //!
 //! A test's time is the host time since the previous result line (or since
 //! the guest started): the runner prints nothing between tests, so that is
@@ -28,6 +29,9 @@ use faultline_device::sync::lock;
 pub const MAX_LINE: usize = 4096;
 /// Test cases kept; later ones are counted in the suite's `dropped` property.
 pub const MAX_CASES: usize = 10_000;
+/// Bytes of names and messages kept over all cases (the console's own
+/// backlog bound): a guest cannot make the results grow past it.
+pub const MAX_TEXT: usize = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -43,13 +47,22 @@ pub struct Case {
     pub secs: f64,
 }
 
+impl Verdict {
+    fn text(&self) -> &str {
+        match self {
+            Verdict::Passed => "",
+            Verdict::Skipped(why) | Verdict::Failed(why) => why,
+        }
+    }
+}
+
 /// Parses console bytes into test cases.
 pub struct Collector {
     line: Vec<u8>,
-    /// The current line went over `MAX_LINE`.
-    cut: bool,
     since: Instant,
     cases: Vec<Case>,
+    /// Bytes of names and messages in `cases`.
+    text: usize,
     dropped: u64,
 }
 
@@ -63,9 +76,9 @@ impl Collector {
     pub fn new() -> Self {
         Self {
             line: Vec::new(),
-            cut: false,
             since: Instant::now(),
             cases: Vec::new(),
+            text: 0,
             dropped: 0,
         }
     }
@@ -76,8 +89,6 @@ impl Collector {
                 self.end_line();
             } else if self.line.len() < MAX_LINE {
                 self.line.push(b);
-            } else {
-                self.cut = true;
             }
         }
     }
@@ -85,17 +96,18 @@ impl Collector {
     fn end_line(&mut self) {
         let line = String::from_utf8_lossy(&self.line).into_owned();
         self.line.clear();
-        self.cut = false;
         let Some(case) = parse(line.trim_end_matches('\r')) else {
             return;
         };
         let now = Instant::now();
         let secs = now.duration_since(self.since).as_secs_f64();
         self.since = now;
-        if self.cases.len() >= MAX_CASES {
+        let text = case.name.len() + case.verdict.text().len();
+        if self.cases.len() >= MAX_CASES || self.text + text > MAX_TEXT {
             self.dropped += 1;
             return;
         }
+        self.text += text;
         self.cases.push(Case { secs, ..case });
     }
 
@@ -106,18 +118,19 @@ impl Collector {
 
     /// The JUnit XML document. `run_failure` is the exit status and reason
     /// of a run that ended badly, if it did.
-    pub fn to_xml(&self, run_failure: Option<(u8, &str)>) -> String {
-        let mut cases = self.cases.clone();
-        let guest_failed = cases
+    pub fn to_xml(&self, run_failure: Option<&(u8, String)>) -> String {
+        let guest_failed = self
+            .cases
             .iter()
             .any(|c| matches!(c.verdict, Verdict::Failed(_)));
-        if let Some((code, why)) = run_failure.filter(|_| !guest_failed) {
-            cases.push(Case {
+        let run_case = run_failure
+            .filter(|_| !guest_failed)
+            .map(|(code, why)| Case {
                 name: "faultline.run".into(),
                 verdict: Verdict::Failed(format!("exit status {code}: {why}")),
                 secs: 0.0,
             });
-        }
+        let cases: Vec<&Case> = self.cases.iter().chain(&run_case).collect();
         let failures = cases
             .iter()
             .filter(|c| matches!(c.verdict, Verdict::Failed(_)))
@@ -145,7 +158,7 @@ impl Collector {
                 self.dropped
             );
         }
-        for c in &cases {
+        for c in cases {
             let _ = write!(
                 x,
                 "    <testcase classname=\"faultline.guest\" name=\"{}\" time=\"{:.3}\"",
@@ -241,7 +254,7 @@ impl Out {
         Ok(Self { path: path.into() })
     }
 
-    pub fn write(&self, run_failure: Option<(u8, &str)>) -> Result<(), String> {
+    pub fn write(&self, run_failure: Option<&(u8, String)>) -> Result<(), String> {
         let xml = match TAP.get() {
             Some(t) => lock(t).to_xml(run_failure),
             None => Collector::new().to_xml(run_failure),
@@ -308,16 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn text_beyond_the_budget_is_counted_not_kept() {
+        let mut c = Collector::new();
+        let why = "x".repeat(MAX_LINE - 64);
+        let fits = MAX_TEXT / (why.len() + 8);
+        for i in 0..fits + 3 {
+            c.feed(format!("test t{i:05} ... FAILED: {why}\n").as_bytes());
+        }
+        assert!(c.text <= MAX_TEXT);
+        assert_eq!(c.cases().len(), fits, "{} cases kept", c.cases().len());
+        assert_eq!(c.dropped, 3);
+    }
+
+    #[test]
     fn a_bad_end_without_a_failed_test_is_a_failed_case() {
         let c = collect(b"test heap ... ok\n");
-        let xml = c.to_xml(Some((5, "guest did not exit before --timeout")));
+        let xml = c.to_xml(Some(&(5, "guest did not exit before --timeout".into())));
         assert!(xml.contains("failures=\"1\""), "{xml}");
         assert!(xml.contains(
             "name=\"faultline.run\" time=\"0.000\"><failure message=\"exit status 5: guest did not exit before --timeout\"/>"
         ));
         // A guest that reported its failure already says why the run failed.
         let c = collect(b"test heap ... FAILED: x\n");
-        let xml = c.to_xml(Some((1, "guest reported failure")));
+        let xml = c.to_xml(Some(&(1, "guest reported failure".into())));
         assert!(!xml.contains("faultline.run"), "{xml}");
     }
 }
