@@ -212,7 +212,7 @@ impl Rig {
         let e = ContextEntry {
             root,
             flags: ContextFlags::VALID.bits(),
-            _reserved: 0,
+            cpu_root: 0,
         };
         self.write_bytes(context_entry(ctx), &e.to_le_bytes());
     }

@@ -19,6 +19,8 @@ pub enum Counter {
     Cancels = 9,
     Invalidations = 10,
     BytesCopied = 11,
+    /// Translations the coherence checker found the CPU does not allow.
+    CoherenceViolations = 12,
     /// `CMD_BASE + opcode`: commands completed per opcode.
     CmdBase = 16,
     /// `STATUS_BASE + status`: commands completed per status.
@@ -47,7 +49,7 @@ const _: () = {
 
 /// Number of counter slots.
 pub const NUM_COUNTERS: u32 = Counter::StatusBase as u32 + Status::COUNT as u32;
-pub const COUNTER_NAMES: [&str; 12] = [
+pub const COUNTER_NAMES: [&str; 13] = [
     "accesses",
     "tlb_hits",
     "tlb_misses",
@@ -60,6 +62,7 @@ pub const COUNTER_NAMES: [&str; 12] = [
     "cancels",
     "invalidations",
     "bytes_copied",
+    "coherence_violations",
 ];
 
 #[cfg(test)]
@@ -75,7 +78,8 @@ mod tests {
         assert_eq!(Counter::command_slot(Opcode::Launch), 21);
         assert_eq!(Counter::status_slot(Status::Ok), 24);
         assert_eq!(Counter::status_slot(Status::Timeout), 34);
-        assert_eq!(NUM_COUNTERS, 35);
+        assert_eq!(Counter::status_slot(Status::CoherenceViolation), 35);
+        assert_eq!(NUM_COUNTERS, 36);
         assert!(regs::counter(NUM_COUNTERS) <= 0x4000);
     }
 }

@@ -87,17 +87,72 @@ pub struct ContextEntry {
     pub root: u64,
     /// `ContextFlags`.
     pub flags: u32,
-    pub _reserved: u32,
+    /// Test facility, not hardware: the mirrored process's CPU page table
+    /// ([`CpuRoot`]), read only by the coherence checker.
+    pub cpu_root: u32,
 }
 const _: () = assert!(core::mem::size_of::<ContextEntry>() == 16);
 le_struct!(ContextEntry {
     root: u64,
-    flags: u32
+    flags: u32,
+    cpu_root: u32
 });
 
 impl ContextEntry {
     pub const ROOT_OFFSET: usize = core::mem::offset_of!(ContextEntry, root);
     pub const FLAGS_OFFSET: usize = core::mem::offset_of!(ContextEntry, flags);
+    pub const CPU_ROOT_OFFSET: usize = core::mem::offset_of!(ContextEntry, cpu_root);
+}
+
+/// Paging modes a [`CpuRoot`] can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CpuPagingMode {
+    /// No CPU page table given: the checker does not check this context.
+    None = 0,
+    /// x86-64 4-level paging (CR4.PAE, EFER.LMA, no LA57): 4 KiB, 2 MiB
+    /// and 1 GiB leaves, P/RW/US bits.
+    X86_64Level4 = 1,
+}
+
+/// `ContextEntry::cpu_root`: bits 0..27 the CPU page-table root's frame
+/// number (CR3 >> 12, so roots below 1 TiB), bits 28..31 the
+/// [`CpuPagingMode`]. A debug interface for the coherence checker; the
+/// device ignores it otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuRoot(pub u32);
+
+impl CpuRoot {
+    const FRAME_BITS: u32 = 28;
+    const FRAME_MASK: u32 = (1 << Self::FRAME_BITS) - 1;
+    pub const NONE: CpuRoot = CpuRoot(0);
+
+    /// The word for a CR3 value (PCID and flag bits below 12 dropped), or
+    /// `None` when the root lies at or above 1 TiB.
+    pub const fn x86_64(cr3: u64) -> Option<CpuRoot> {
+        let frame = cr3 >> 12;
+        if frame > Self::FRAME_MASK as u64 {
+            return None;
+        }
+        Some(CpuRoot(
+            frame as u32 | (CpuPagingMode::X86_64Level4 as u32) << Self::FRAME_BITS,
+        ))
+    }
+
+    /// The mode, `None` for an unknown mode value (the checker reports
+    /// such a context instead of guessing).
+    pub const fn mode(self) -> Option<CpuPagingMode> {
+        match self.0 >> Self::FRAME_BITS {
+            0 => Some(CpuPagingMode::None),
+            1 => Some(CpuPagingMode::X86_64Level4),
+            _ => None,
+        }
+    }
+
+    /// The root table's physical address.
+    pub const fn root(self) -> u64 {
+        ((self.0 & Self::FRAME_MASK) as u64) << 12
+    }
 }
 
 #[cfg(test)]
@@ -125,17 +180,32 @@ mod tests {
         let e = ContextEntry {
             root: 0x0123_4567_89ab_c000,
             flags: ContextFlags::VALID.bits(),
-            _reserved: 0,
+            cpu_root: CpuRoot::x86_64(0x1234_5000).unwrap().0,
         };
         let mut want = [0u8; 16];
         want[0..8].copy_from_slice(&e.root.to_le_bytes());
         want[8..12].copy_from_slice(&e.flags.to_le_bytes());
+        want[12..16].copy_from_slice(&0x1001_2345u32.to_le_bytes());
         assert_eq!(ContextEntry::SIZE, 16);
         assert_eq!(
-            (ContextEntry::ROOT_OFFSET, ContextEntry::FLAGS_OFFSET),
-            (0, 8)
+            (
+                ContextEntry::ROOT_OFFSET,
+                ContextEntry::FLAGS_OFFSET,
+                ContextEntry::CPU_ROOT_OFFSET
+            ),
+            (0, 8, 12)
         );
         assert_eq!(e.to_le_bytes(), want);
         assert_eq!(ContextEntry::from_le_bytes(&want), e);
+    }
+
+    #[test]
+    fn cpu_root_encodes_frame_and_mode() {
+        let r = CpuRoot::x86_64(0x0000_00ff_ffff_f000 | 0x18).unwrap();
+        assert_eq!(r.root(), 0x0000_00ff_ffff_f000);
+        assert_eq!(r.mode(), Some(CpuPagingMode::X86_64Level4));
+        assert_eq!(CpuRoot::x86_64(1 << 40), None);
+        assert_eq!(CpuRoot::NONE.mode(), Some(CpuPagingMode::None));
+        assert_eq!(CpuRoot(0x7000_0000).mode(), None);
     }
 }

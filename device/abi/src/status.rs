@@ -26,6 +26,9 @@ code_enum! {
         InvalidInstruction = 9,
         /// LAUNCH exceeded MAX_LAUNCH_STEPS.
         Timeout = 10,
+        /// The coherence checker (`--gpu-check=fatal`, a test facility)
+        /// found a translation the CPU page table does not allow.
+        CoherenceViolation = 11,
     }
 }
 
@@ -72,8 +75,9 @@ mod tests {
             assert_eq!(*s as u32, i as u32);
             assert_eq!(Status::from_u32(i as u32), Some(*s));
         }
-        assert_eq!(Status::COUNT, 11);
-        assert_eq!(Status::from_u32(11), None);
+        assert_eq!(Status::COUNT, 12);
+        assert_eq!(Status::from_u32(12), None);
+        assert_eq!(Status::CoherenceViolation as u32, 11);
         assert_eq!(Status::Timeout as u32, 10);
         for (i, e) in DeviceError::ALL.iter().enumerate() {
             assert_eq!(DeviceError::from_u32(i as u32), Some(*e));

@@ -240,7 +240,7 @@ fn gpu_fault_flood() -> Result<(), String> {
     let ctx = ContextEntry {
         root: m.phys() + (L4 * PAGE) as u64,
         flags: 1,
-        _reserved: 0,
+        cpu_root: 0,
     };
     m.write_array(CTX * PAGE, &ctx.to_le_bytes());
     for level in 0..4 {
