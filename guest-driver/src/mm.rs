@@ -254,6 +254,15 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// Monotonic time in nanoseconds (for `range_wait_until_valid`'s timeout).
     fn now_ns(&self) -> u64;
 
+    /// The CPU page table a device may read to check itself (Linux's
+    /// `mm->pgd`), as the [`faultline_abi::CpuRoot`] word its contexts
+    /// carry: the coherence checker compares every translation the device
+    /// uses against it. The default, [`faultline_abi::CpuRoot::NONE`], leaves
+    /// the mirror's context unchecked.
+    fn cpu_root(&self) -> faultline_abi::CpuRoot {
+        faultline_abi::CpuRoot::NONE
+    }
+
     /// What to do while polling (`cpu_relax`, or yield to a scheduler).
     fn cpu_relax(&self) {
         core::hint::spin_loop();

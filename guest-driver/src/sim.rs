@@ -24,11 +24,12 @@
 //! VMA tree; `frames.rs`: frame sources.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use std::vec::Vec;
 
+use faultline_abi::CpuRoot;
 use lock_api::RwLock;
 use parking_lot::Mutex;
 
@@ -67,7 +68,12 @@ pub struct SimMm {
     broken_faults: AtomicBool,
     faults: AtomicU64,
     epoch: Instant,
+    /// Names this mm in its contexts' `cpu_root` word.
+    id: u32,
 }
+
+/// Source of [`SimMm`] ids (0 would read as "no CPU table").
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 impl Mm for SimMm {
     type RawMutex = parking_lot::RawMutex;
@@ -87,36 +93,13 @@ impl Mm for SimMm {
     }
 
     fn walk(&self, _mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk {
-        let pt = self.pt.lock();
-        let state = match pt.get(&(addr >> PMD_SHIFT)) {
-            None => {
-                return Walk {
-                    state: PageState::None,
-                    shift: PMD_SHIFT,
-                }
-            }
-            Some(Pmd::Huge { pfn, writable }) => {
-                return Walk {
-                    state: PageState::Huge {
-                        pfn: *pfn,
-                        writable: *writable,
-                    },
-                    shift: PMD_SHIFT,
-                }
-            }
-            Some(Pmd::Table(t)) => match t[pte_index(addr)] {
-                SimPte::None => PageState::None,
-                SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
-                SimPte::Zero => PageState::Zero {
-                    pfn: self.source.zero_pfn(),
-                },
-                SimPte::Special => PageState::Special,
-            },
-        };
-        Walk {
-            state,
-            shift: PAGE_SHIFT,
-        }
+        self.pt_walk(addr)
+    }
+
+    fn cpu_root(&self) -> CpuRoot {
+        // Not an x86 table: the loopback's checker resolves the id through
+        // `SimMm::cpu_translation` (ids stay far below the word's 2^28).
+        CpuRoot::x86_64(u64::from(self.id) << PAGE_SHIFT).unwrap_or(CpuRoot::NONE)
     }
 
     fn handle_mm_fault(
@@ -223,6 +206,42 @@ impl Mm for SimMm {
 }
 
 impl SimMm {
+    /// One address's translation under the page-table lock alone (no mmap
+    /// lock: a device checking itself calls this while a munmap holding the
+    /// mmap lock waits for that device).
+    fn pt_walk(&self, addr: u64) -> Walk {
+        let pt = self.pt.lock();
+        let state = match pt.get(&(addr >> PMD_SHIFT)) {
+            None => {
+                return Walk {
+                    state: PageState::None,
+                    shift: PMD_SHIFT,
+                }
+            }
+            Some(Pmd::Huge { pfn, writable }) => {
+                return Walk {
+                    state: PageState::Huge {
+                        pfn: *pfn,
+                        writable: *writable,
+                    },
+                    shift: PMD_SHIFT,
+                }
+            }
+            Some(Pmd::Table(t)) => match t[pte_index(addr)] {
+                SimPte::None => PageState::None,
+                SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
+                SimPte::Zero => PageState::Zero {
+                    pfn: self.source.zero_pfn(),
+                },
+                SimPte::Special => PageState::Special,
+            },
+        };
+        Walk {
+            state,
+            shift: PAGE_SHIFT,
+        }
+    }
+
     /// A fresh, empty address space with one user (its process).
     pub fn new() -> Arc<SimMm> {
         Self::with_frames(Arc::new(HostFrames::default()))
@@ -246,6 +265,7 @@ impl SimMm {
             broken_faults: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             epoch: Instant::now(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 

@@ -2,6 +2,8 @@
 
 use alloc::sync::Arc;
 
+use faultline_abi::CpuRoot;
+
 use super::device::FaultHandler;
 use super::pagetable::PageTable;
 use super::{Gpu, GpuError, Platform};
@@ -22,8 +24,20 @@ pub struct Context<P: Platform> {
 
 impl<P: Platform> Context<P> {
     /// Binds `pt` to a free context slot (and invalidates the slot's TLB).
+    /// No CPU page table is named, so the coherence checker skips it.
     pub fn new(gpu: &Arc<Gpu<P>>, pt: PageTable<P>) -> Result<Self, GpuError> {
-        let index = gpu.alloc_context(pt.root())?;
+        Self::mirroring(gpu, pt, CpuRoot::NONE)
+    }
+
+    /// Like [`Context::new`] for a context that mirrors the process whose
+    /// CPU page table is `cpu_root`: the device's coherence checker holds
+    /// every translation it uses to that table.
+    pub fn mirroring(
+        gpu: &Arc<Gpu<P>>,
+        pt: PageTable<P>,
+        cpu_root: CpuRoot,
+    ) -> Result<Self, GpuError> {
+        let index = gpu.alloc_context(pt.root(), cpu_root)?;
         Ok(Context {
             gpu: gpu.clone(),
             index,

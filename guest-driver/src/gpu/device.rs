@@ -6,10 +6,10 @@ use core::mem::ManuallyDrop;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
-    doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CtlEntry, CtlFlags,
-    CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, IntCause, StatusBlock,
-    ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES, NUM_CHANNELS, NUM_CONTEXTS,
-    PAGE_SIZE,
+    doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CpuRoot, CtlEntry,
+    CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, IntCause,
+    StatusBlock, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES, NUM_CHANNELS,
+    NUM_CONTEXTS, PAGE_SIZE,
 };
 
 use super::counters::DriverCounters;
@@ -499,7 +499,7 @@ impl<P: Platform> Gpu<P> {
 
     // ------------------------------------------------------ context slots
 
-    pub(crate) fn alloc_context(&self, root: u64) -> Result<u32, GpuError> {
+    pub(crate) fn alloc_context(&self, root: u64, cpu_root: CpuRoot) -> Result<u32, GpuError> {
         let mut used = self.ctx_used.load(Ordering::Acquire);
         let idx = loop {
             let free = !used;
@@ -517,11 +517,13 @@ impl<P: Platform> Gpu<P> {
                 Err(u) => used = u,
             }
         };
-        // The device loads root and flags as two words (`ContextEntry`):
-        // the root is visible before VALID.
+        // The device loads root, cpu_root and flags as separate words
+        // (`ContextEntry`): both roots are visible before VALID.
         let entry = idx as usize * ContextEntry::SIZE;
         self.ctx_table
             .write_u64(entry + ContextEntry::ROOT_OFFSET, root);
+        self.ctx_table
+            .write_u32(entry + ContextEntry::CPU_ROOT_OFFSET, cpu_root.0);
         fence(Ordering::Release);
         self.ctx_table.write_u32(
             entry + ContextEntry::FLAGS_OFFSET,
@@ -543,6 +545,8 @@ impl<P: Platform> Gpu<P> {
             .write_u32(entry + ContextEntry::FLAGS_OFFSET, 0);
         self.ctx_table
             .write_u64(entry + ContextEntry::ROOT_OFFSET, 0);
+        self.ctx_table
+            .write_u32(entry + ContextEntry::CPU_ROOT_OFFSET, 0);
         for op in [CtlOp::CancelContext, CtlOp::InvalidateContext] {
             if let Err(e) = self.control(op, idx, 0, 0) {
                 log::warn!("gpu: teardown of context {idx}: {e}");

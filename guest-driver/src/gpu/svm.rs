@@ -143,7 +143,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             ));
         }
         let pt = PageTable::new(gpu.platform().clone())?;
-        let ctx = Context::new(gpu, pt)?;
+        let ctx = Context::mirroring(gpu, pt, mm.cpu_root())?;
         let state = Arc::new(SvmState {
             ctx,
             mm: mm.clone(),

@@ -185,7 +185,23 @@ impl SimMm {
 
     /// The frame backing `addr` (resolving huge leaves), if mapped.
     pub fn cpu_pfn(&self, addr: u64) -> Option<(u64, bool)> {
-        match self.cpu_state(addr) {
+        Self::pfn_of(addr, self.cpu_state(addr))
+    }
+
+    /// [`SimMm::cpu_pfn`] under the page-table lock alone, for a device
+    /// that checks its translations: it runs while a munmap holding the
+    /// mmap lock waits for the device.
+    pub fn cpu_translation(&self, addr: u64) -> Option<(u64, bool)> {
+        Self::pfn_of(addr, self.pt_walk(addr).state)
+    }
+
+    /// The mm's [`Mm::cpu_root`] id, for a host's table of address spaces.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn pfn_of(addr: u64, state: PageState) -> Option<(u64, bool)> {
+        match state {
             PageState::Present { pfn, writable } => Some((pfn, writable)),
             PageState::Huge { pfn, writable } => {
                 Some((pfn + ((addr % PMD_SIZE) >> PAGE_SHIFT), writable))

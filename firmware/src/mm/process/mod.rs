@@ -759,4 +759,9 @@ impl Mm for ProcessMm {
     fn now_ns(&self) -> u64 {
         crate::arch::time::now_ns()
     }
+
+    fn cpu_root(&self) -> faultline_abi::CpuRoot {
+        // Guest RAM ends far below the 1 TiB the word can name.
+        faultline_abi::CpuRoot::x86_64(self.pml4).unwrap_or(faultline_abi::CpuRoot::NONE)
+    }
 }
