@@ -6,6 +6,10 @@
 #   scripts/build-firmware.sh --bench   the bench image (cargo feature `bench`:
 #                                       `bench=` and its TSC stamps), in its own
 #                                       target dir so the default image stays
+#   scripts/build-firmware.sh --mutants the mutants image (cargo feature
+#                                       `mutants`: the driver's test-only bugs,
+#                                       `mutant=` on the command line), in
+#                                       firmware/target/mutants/
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
@@ -20,7 +24,12 @@ case "${1:-}" in
     target_dir=firmware/target/bench
     image=$FIRMWARE_BENCH_IMAGE
     ;;
-  *) die "usage: scripts/build-firmware.sh [--bench]" ;;
+  --mutants)
+    features=(--features mutants)
+    target_dir=firmware/target/mutants
+    image=$FIRMWARE_MUTANTS_IMAGE
+    ;;
+  *) die "usage: scripts/build-firmware.sh [--bench | --mutants]" ;;
 esac
 
 echo "build-firmware: ensuring rustup target x86_64-unknown-none" >&2

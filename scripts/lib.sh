@@ -4,6 +4,8 @@ FAULTLINE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FIRMWARE_IMAGE="$FAULTLINE_ROOT/firmware/target/x86_64-unknown-none/release/faultline-firmware"
 # The same with the in-guest benchmarks (`scripts/build-firmware.sh --bench`).
 FIRMWARE_BENCH_IMAGE="$FAULTLINE_ROOT/firmware/target/bench/x86_64-unknown-none/release/faultline-firmware"
+# The same with the driver's test-only mutants (`scripts/build-firmware.sh --mutants`).
+FIRMWARE_MUTANTS_IMAGE="$FAULTLINE_ROOT/firmware/target/mutants/x86_64-unknown-none/release/faultline-firmware"
 FAULTLINE_BIN="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -44,14 +44,29 @@ no_test_rigs_in_vmm() {
   fi
 }
 
+# The driver's test-only mutants (cargo feature `mutants`) exist in no
+# default build: neither the host workspace nor the default firmware
+# enables the feature (scripts/mutants.sh builds them on purpose).
+no_mutants_by_default() {
+  if cargo tree -q -e features -i faultline-driver | grep -q 'feature "mutants"' ||
+    (cd firmware && cargo tree -q -e features -i faultline-driver) | grep -q 'feature "mutants"'; then
+    say "a default build enables faultline-driver's mutants"
+    return 1
+  fi
+}
+
 lint() {
   no_test_rigs_in_vmm &&
+    no_mutants_by_default &&
     cargo fmt --all -- --check &&
     (cd firmware && cargo fmt -- --check) &&
     cargo clippy -q --workspace --all-targets -- -D warnings &&
     (cd firmware && cargo clippy -q --release -- -D warnings) &&
     # The benchmarks compile only in the bench build; lint them there.
-    (cd firmware && cargo clippy -q --release --features bench -- -D warnings)
+    (cd firmware && cargo clippy -q --release --features bench -- -D warnings) &&
+    # Likewise the mutants and the tests that run them.
+    (cd firmware && cargo clippy -q --release --features mutants -- -D warnings) &&
+    cargo clippy -q -p faultline-driver --features mutants --all-targets -- -D warnings
 }
 
 qemu_boot() {

@@ -30,6 +30,10 @@ pub struct Options<'a> {
     /// has used since boot needs no zeroing. Off by default: a warm reset
     /// (QEMU `system_reset`) leaves RAM as the last boot left it.
     pub ram_zero: bool,
+    /// `mutant=<letter or name>`: the driver mutant to run the tests with
+    /// (`faultline_driver::gpu::mutant`; the `mutants` build only).
+    #[cfg(feature = "mutants")]
+    pub mutant: Option<faultline_driver::gpu::mutant::Mutant>,
 }
 
 /// In-guest benchmarks (machine-readable output, see `bench/`; bench build only).
@@ -82,6 +86,8 @@ impl Default for Options<'_> {
             iterations: None,
             cycles: None,
             ram_zero: false,
+            #[cfg(feature = "mutants")]
+            mutant: None,
         }
     }
 }
@@ -217,6 +223,15 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     key,
                     value,
                     expected: "a decimal or 0x-hex number",
+                }),
+            },
+            #[cfg(feature = "mutants")]
+            "mutant" => match faultline_driver::gpu::mutant::Mutant::parse(value) {
+                Some(m) => o.mutant = Some(m),
+                None => complain(Complaint::BadValue {
+                    key,
+                    value,
+                    expected: "a..e or no_ack_wait|no_seq_check|strongest_access|mprotect_no_flush|unmap_after_free",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),

@@ -95,6 +95,11 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     } else {
         gpu::Policy::Required
     });
+    #[cfg(feature = "mutants")]
+    if let Some(m) = opts.mutant {
+        faultline_driver::gpu::mutant::set(Some(m));
+        println!("mutant: {} ({}) active", m.name(), m.letter());
+    }
     if let Some(b) = opts.bench {
         bench::run(b);
     }

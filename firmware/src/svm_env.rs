@@ -118,6 +118,14 @@ impl SvmEnv for FwEnv {
         p.mprotect(addr, len, prot(pr))
     }
 
+    fn mm_munmap(mm: &ProcessMm, addr: u64, len: u64) -> Result<(), Errno> {
+        mm.munmap(addr, len)
+    }
+
+    fn mm_mprotect(mm: &ProcessMm, addr: u64, len: u64, pr: suite::Prot) -> Result<(), Errno> {
+        mm.mprotect(addr, len, prot(pr))
+    }
+
     fn read(&self, p: &Process, addr: u64, out: &mut [u8]) -> Result<(), Segv> {
         segv(p.agent().read_bytes(addr, out))
     }

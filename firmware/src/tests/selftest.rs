@@ -63,6 +63,32 @@ fn cmdline_parse() -> Result<(), String> {
         empty == crate::cmdline::Options::default() && seen.len() == 3,
         "empty cmdline not default"
     );
+    // `mutant=` exists only in the mutants build; elsewhere it is a typo.
+    let mut seen = Vec::new();
+    let _m = parse("mutant=c mutant=zz", |c| seen.push(c));
+    #[cfg(feature = "mutants")]
+    ensure!(
+        _m.mutant == Some(faultline_driver::gpu::mutant::Mutant::StrongestAccess)
+            && seen.len() == 1
+            && matches!(
+                seen[0],
+                Complaint::BadValue {
+                    key: "mutant",
+                    value: "zz",
+                    ..
+                }
+            ),
+        "mutant=: {:?}, complaints {seen:?}",
+        _m.mutant
+    );
+    #[cfg(not(feature = "mutants"))]
+    ensure!(
+        seen == [
+            Complaint::UnknownKey("mutant"),
+            Complaint::UnknownKey("mutant")
+        ],
+        "mutant= in the default build: {seen:?}"
+    );
     Ok(())
 }
 

@@ -478,7 +478,14 @@ impl<P: Platform> Gpu<P> {
         if len == 0 {
             return Ok(());
         }
-        self.control(CtlOp::InvalidateRange, context, start, len)?;
+        let seq = self.ctl_submit(CtlOp::InvalidateRange, context, start, len)?;
+        // Mutant (a): returning here lets the caller change the CPU PTEs and
+        // free the frames while the device may still hit the old entries.
+        #[cfg(feature = "mutants")]
+        if super::mutant::active(super::mutant::Mutant::NoAckWait) {
+            return Ok(());
+        }
+        self.ctl_wait(seq)?;
         self.note_tlb_ack();
         Ok(())
     }

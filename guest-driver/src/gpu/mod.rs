@@ -92,6 +92,8 @@ mod context;
 mod counters;
 mod device;
 mod error;
+#[cfg(feature = "mutants")]
+pub mod mutant;
 mod pagetable;
 pub mod platform;
 pub mod suite;

@@ -35,6 +35,8 @@ use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
 
 use super::counters::DriverCounters;
 use super::device::{Fault, FaultHandler};
+#[cfg(feature = "mutants")]
+use super::mutant::{self, Mutant};
 use super::pagetable::{Leaf, PageSize};
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
@@ -301,6 +303,14 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
     fn sync_cpu_device_pagetables(&self, update: &HmmUpdate) -> Result<(), Errno> {
         let s = &self.0;
         DriverCounters::add(&s.counters().invalidations, 1);
+        // Mutant (e): the range's leaves stay until the next fault service,
+        // after the mm cleared its PTEs and freed the frames.
+        #[cfg(feature = "mutants")]
+        if update.event != MmuNotifyEvent::ProtectionPage && mutant::active(Mutant::UnmapAfterFree)
+        {
+            mutant::defer(s.ctx.index(), update.start, update.end);
+            return Ok(());
+        }
         let mut pt = if update.blockable {
             s.ctx.page_table()
         } else {
@@ -318,6 +328,13 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
         } else {
             pt.unmap_range(update.start, update.end)
         };
+        // Mutant (d): downgraded leaves without a TLB invalidate leave the
+        // device's cached writable translations of the range in use.
+        #[cfg(feature = "mutants")]
+        if update.event == MmuNotifyEvent::ProtectionPage && mutant::active(Mutant::MprotectNoFlush)
+        {
+            return Ok(());
+        }
         if cleared.leaves > 0 {
             // Keep the update lock until the acknowledgement: an overlapping
             // invalidation that finds nothing left to change must not return
@@ -363,6 +380,9 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
             cancel.extend(faults.iter().map(|f| f.va));
             return;
         }
+        // Mutant (e): what the invalidations put off is cleared only now.
+        #[cfg(feature = "mutants")]
+        mutant::clear_deferred(&s.ctx);
         let around = s.fault_around.load(Ordering::Relaxed);
         // Plan the windows under one short mmap read lock. Permissions are
         // per fault: one the VMA can never satisfy (a write to a read-only
@@ -478,7 +498,12 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 h(w.start, w.end);
             }
             let mut pt = s.ctx.page_table();
-            if !range_check_seq(&range) {
+            let valid = range_check_seq(&range);
+            // Mutant (b): pfns an invalidation made stale after `range_fault`
+            // are mapped anyway.
+            #[cfg(feature = "mutants")]
+            let valid = valid || mutant::active(Mutant::NoSeqCheck);
+            if !valid {
                 continue;
             }
             let size = if w.shift == PMD_SHIFT {
@@ -497,6 +522,14 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                     Pte::WRITE | Pte::ATOMIC
                 } else {
                     Pte::empty()
+                };
+                // Mutant (c): a write anywhere in the window makes every page
+                // of it writable, read-only pfns too.
+                #[cfg(feature = "mutants")]
+                let perms = if w.write && mutant::active(Mutant::StrongestAccess) {
+                    Pte::WRITE | Pte::ATOMIC
+                } else {
+                    perms
                 };
                 let va = w.start + ((i as u64) << w.shift);
                 if let Err(err) = pt.map(va, pfn << PAGE_SHIFT, size, perms) {

@@ -175,6 +175,14 @@ impl SvmEnv for LoopEnv {
         p.mprotect(addr, len, vm_flags(prot, false))
     }
 
+    fn mm_munmap(mm: &SimMm, addr: u64, len: u64) -> Result<(), Errno> {
+        mm.munmap(addr, len)
+    }
+
+    fn mm_mprotect(mm: &SimMm, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
+        mm.mprotect(addr, len, vm_flags(prot, false))
+    }
+
     fn read(&self, p: &Arc<SimMm>, addr: u64, out: &mut [u8]) -> Result<(), Segv> {
         p.read(addr, out).map_err(|_| Segv)
     }

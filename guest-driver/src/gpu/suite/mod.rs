@@ -4,7 +4,7 @@
 //! process memory, frame accounting).
 //!
 //! A test is a module in one of the theme files (`basic`, `protection`,
-//! `teardown`, `races`, `scale`) holding its body, `run`, and what it needs
+//! `teardown`, `races`, `mutants`, `scale`) holding its body, `run`, and what it needs
 //! from its host, `NEEDS` (a [`Needs`]); [`svm_suite!`](crate::svm_suite)
 //! lists every test by name, in run order. Hosts take the list from
 //! [`tests`] and run one with [`run`], which builds the environment for the
@@ -27,12 +27,14 @@ use crate::mm::Mm;
 mod helpers;
 
 mod basic;
+mod mutants;
 mod protection;
 mod races;
 mod scale;
 mod teardown;
 
 use basic::*;
+use mutants::*;
 use protection::*;
 use races::*;
 use scale::*;
@@ -171,6 +173,12 @@ pub trait SvmEnv {
     fn munmap(&self, p: &Self::Process, addr: u64, len: u64) -> Result<(), Errno>;
     /// mprotect.
     fn mprotect(&self, p: &Self::Process, addr: u64, len: u64, prot: Prot) -> Result<(), Errno>;
+    /// munmap on the address space alone: for code that holds only the mm,
+    /// such as a driver check hook (`'static`, so it cannot borrow the
+    /// environment or the process).
+    fn mm_munmap(mm: &Self::M, addr: u64, len: u64) -> Result<(), Errno>;
+    /// mprotect on the address space alone (see [`SvmEnv::mm_munmap`]).
+    fn mm_mprotect(mm: &Self::M, addr: u64, len: u64, prot: Prot) -> Result<(), Errno>;
     /// A CPU read of process memory.
     fn read(&self, p: &Self::Process, addr: u64, out: &mut [u8]) -> Result<(), Segv>;
     /// A CPU write of process memory.
@@ -374,6 +382,11 @@ macro_rules! svm_suite {
             release_waits_for_range,
             register_dead_mm,
             invalidate_during_fault,
+            munmap_during_stream,
+            mprotect_during_stream,
+            munmap_frees_after_clear,
+            munmap_between_fault_and_map,
+            window_access_per_page,
             fault_buffer_overflow,
             pointer_chase,
             atomic_counter,

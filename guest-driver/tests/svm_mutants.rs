@@ -1,0 +1,91 @@
+//! Each driver mutant (`faultline_driver::gpu::mutant`, cargo feature
+//! `mutants`) against the suite test that should catch it, in the host
+//! loopback: the test passes on the real driver and fails with the mutant
+//! active. `scripts/mutants.sh` runs these and the same pairs in the guest.
+//!
+//! The mutant is one global switch, so the cases take turns (`SERIAL`).
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::env::LoopEnv;
+use faultline_abi::Counter;
+use faultline_driver::gpu::mutant::{self, Mutant};
+use faultline_driver::gpu::suite::{self, SvmEnv};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs suite test `name` on a fresh loopback with `m` active; its result
+/// and the device's coherence-violation count.
+fn run_with(name: &str, m: Option<Mutant>) -> (Result<(), String>, u64) {
+    mutant::set(m);
+    let (env, r) = suite::run(name, |needs| {
+        Ok(LoopEnv::new(needs.memory_mib, needs.gpu_config()))
+    });
+    let violations = env.as_ref().map_or(0, |e| {
+        e.gpu().device_counter(Counter::CoherenceViolations as u32)
+    });
+    mutant::set(None);
+    (r, violations)
+}
+
+fn check(m: Mutant) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let name = m.test();
+    let (real, v0) = run_with(name, None);
+    assert!(
+        real.is_ok(),
+        "{name} fails on the real driver: {}",
+        real.unwrap_err()
+    );
+    let (mutated, v) = run_with(name, Some(m));
+    // One line per mutant for scripts/mutants.sh.
+    eprintln!(
+        "mutant {} {}: {name}: real ok ({v0} violations), mutant {} ({v} violations)",
+        m.letter(),
+        m.name(),
+        match &mutated {
+            Ok(()) => "NOT caught".to_string(),
+            Err(e) => format!("caught: {e}"),
+        }
+    );
+    assert!(
+        mutated.is_err(),
+        "{name} does not catch mutant {}",
+        m.name()
+    );
+}
+
+#[test]
+fn no_seq_check() {
+    check(Mutant::NoSeqCheck);
+}
+
+#[test]
+fn strongest_access() {
+    check(Mutant::StrongestAccess);
+}
+
+#[test]
+fn mprotect_no_flush() {
+    check(Mutant::MprotectNoFlush);
+}
+
+#[test]
+fn unmap_after_free() {
+    check(Mutant::UnmapAfterFree);
+}
+
+#[test]
+fn names_and_letters_parse() {
+    for (i, m) in Mutant::ALL.into_iter().enumerate() {
+        assert_eq!(m.letter(), (b'a' + i as u8) as char);
+        assert_eq!(Mutant::parse(m.name()), Some(m));
+        assert_eq!(Mutant::parse(&m.letter().to_string()), Some(m));
+        assert!(suite::tests::<LoopEnv>().iter().any(|t| t.name == m.test()));
+    }
+    assert_eq!(Mutant::parse("f"), None);
+    assert_eq!(Mutant::parse(""), None);
+    assert_eq!(Mutant::parse("no_ack"), None);
+}
