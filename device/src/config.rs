@@ -5,6 +5,7 @@
 
 use faultline_abi::{MAX_FAULT_ENTRIES, NUM_CHANNELS};
 
+use crate::check::CheckMode;
 use crate::mmu::TLB_CAPACITY;
 
 /// Largest per-context TLB a host may ask for: far beyond any guest's
@@ -21,6 +22,9 @@ pub struct Config {
     pub tlb_entries: u32,
     /// Channels the device implements: 1..=`NUM_CHANNELS`.
     pub channels: u32,
+    /// The coherence checker (`--gpu-check`), walking x86-64 CPU tables in
+    /// the device's memory; `Device::set_checker` can give other tables.
+    pub check: CheckMode,
 }
 
 impl Default for Config {
@@ -29,6 +33,7 @@ impl Default for Config {
             max_fault_entries: MAX_FAULT_ENTRIES,
             tlb_entries: TLB_CAPACITY as u32,
             channels: NUM_CHANNELS,
+            check: CheckMode::Off,
         }
     }
 }
@@ -70,6 +75,7 @@ mod tests {
             max_fault_entries: f,
             tlb_entries: t,
             channels: ch,
+            check: CheckMode::Off,
         };
         assert_eq!(c(2, 1, 1).validate(), Ok(()));
         assert_eq!(c(1 << 16, MAX_TLB_ENTRIES, 8).validate(), Ok(()));

@@ -3,6 +3,8 @@
 
 use faultline_abi::{Counter, DeviceError, Opcode, Status, COUNTER_NAMES, NUM_COUNTERS};
 
+use crate::check::CheckFigures;
+
 const N: usize = NUM_COUNTERS as usize;
 const ERRORS: usize = DeviceError::COUNT;
 
@@ -19,6 +21,9 @@ pub struct Counters {
     /// Most faults ever held back at once for want of fault-buffer space
     /// (bounded by one per stalled access, `faults::MAX_BACKLOG`).
     backlog_peak: u64,
+    /// The coherence checker's host-only figures (lifetime; its violation
+    /// count is `Counter::CoherenceViolations` in `slots`).
+    pub check: CheckFigures,
 }
 
 impl Default for Counters {
@@ -28,6 +33,7 @@ impl Default for Counters {
             retired: [0; N],
             errors: [0; ERRORS],
             backlog_peak: 0,
+            check: CheckFigures::default(),
         }
     }
 }
@@ -124,8 +130,12 @@ impl Counters {
     /// over the device's lifetime as `lifetime.<name>`. A run usually ends
     /// with the guest's RESET, which zeroes the first group. Per-status
     /// counts appear only when non-zero. Last, `errors.<Kind>`: device
-    /// errors raised per kind over the lifetime (every kind listed), and
-    /// `fault_backlog_peak`, the most faults ever held back at once.
+    /// errors raised per kind over the lifetime (every kind listed),
+    /// `fault_backlog_peak`, the most faults ever held back at once, and
+    /// the coherence checker's `check.mode` (0 off, 1 warn, 2 fatal),
+    /// `check.checked`, `check.unchecked` (contexts without a CPU table)
+    /// and `check.unreported` (violations counted but not reported again),
+    /// all lifetime.
     pub fn named(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (prefix, get) in [
@@ -152,6 +162,11 @@ impl Counters {
             }
         }
         out.push(("fault_backlog_peak".into(), self.backlog_peak));
+        let c = &self.check;
+        out.push(("check.mode".into(), c.mode.code()));
+        out.push(("check.checked".into(), c.checked));
+        out.push(("check.unchecked".into(), c.unchecked));
+        out.push(("check.unreported".into(), c.unreported));
         out
     }
 }

@@ -10,6 +10,7 @@ use faultline_abi::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
+use crate::check::Origin;
 use crate::counters::Counters;
 use crate::isa::LaunchJob;
 use crate::mmu::{Mmu, Translation, XlateError};
@@ -61,9 +62,14 @@ impl<M: GuestMemoryBackend> Env<'_, M> {
         engine: u8,
         info: u32,
     ) -> Result<Option<Translation>, Status> {
+        let origin = Origin {
+            engine,
+            channel: self.channel,
+            info,
+        };
         match self
             .mmu
-            .translate(self.mem, self.counters, self.ctx, va, access)
+            .translate_for(self.mem, self.counters, self.ctx, va, access, origin)
         {
             Ok(t) => Ok(Some(t)),
             Err(XlateError::Fail(s)) => Err(s),
@@ -299,8 +305,13 @@ fn copy<M: GuestMemoryBackend>(
         // translates that page properly and reports it.
         while n < stop - *done {
             let peek = |env: &mut Env<'_, M>, va, access| {
+                let origin = Origin {
+                    engine: engine::COPY,
+                    channel: env.channel,
+                    info: 0,
+                };
                 env.mmu
-                    .translate(env.mem, env.counters, env.ctx, va, access)
+                    .translate_for(env.mem, env.counters, env.ctx, va, access, origin)
                     .ok()
             };
             let (Some(s2), Some(d2)) = (

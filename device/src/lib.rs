@@ -20,6 +20,7 @@
 //! guest memory) and `harness` (the fuzz body) are built too; production
 //! builds leave them out.
 
+pub mod check;
 pub mod config;
 pub mod counters;
 mod device;
@@ -34,6 +35,7 @@ pub mod sync;
 pub mod testing;
 mod worker;
 
+pub use check::{CheckMode, CpuLookup, CpuTables};
 pub use config::{Config, ConfigError};
 pub use counters::Counters;
 pub use device::{

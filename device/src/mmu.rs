@@ -3,6 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use faultline_abi::{
     level_shift, Access, ContextEntry, ContextFlags, Counter, FaultReason, Pte, Status,
@@ -11,6 +12,7 @@ use faultline_abi::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::check::{CheckMode, Checker, CpuTables, Origin, Violation};
 use crate::counters::Counters;
 
 /// Default TLB entries per context in the hash map (the bound the spec
@@ -280,6 +282,9 @@ impl Tlb {
 pub struct Mmu {
     ctx_table: u64,
     tlbs: Vec<Tlb>,
+    /// The coherence checker, `None` when off (the one branch a
+    /// translation pays for it).
+    checker: Option<Box<Checker>>,
 }
 
 impl Default for Mmu {
@@ -301,7 +306,23 @@ impl Mmu {
             tlbs: (0..NUM_CONTEXTS)
                 .map(|_| Tlb::with_capacity(entries))
                 .collect(),
+            checker: None,
         }
+    }
+
+    /// Turn the coherence checker on or off (`crate::check`); `tables`
+    /// `None` walks x86-64 tables in the memory translations use. Starts
+    /// afresh: pages reported before are reported again.
+    pub fn set_checker(&mut self, mode: CheckMode, tables: Option<Arc<dyn CpuTables>>) {
+        self.checker = Checker::new(mode, tables);
+    }
+
+    /// Violation reports not yet handed to the host (each (context, page)
+    /// once).
+    pub fn take_coherence_reports(&mut self) -> Vec<Violation> {
+        self.checker
+            .as_deref_mut()
+            .map_or_else(Vec::new, Checker::take_reports)
     }
 
     pub fn set_context_table(&mut self, gpa: u64) {
@@ -331,8 +352,57 @@ impl Mmu {
         self.tlbs.get(ctx as usize).map_or(0, |t| t.map.len())
     }
 
-    /// Translate `va` in context `ctx` for `access`.
+    /// Translate `va` in context `ctx` for `access`, on the host's behalf
+    /// (`translate_for` with `Origin::HOST`).
     pub fn translate<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        counters: &mut Counters,
+        ctx: u32,
+        va: u64,
+        access: Access,
+    ) -> Result<Translation, XlateError> {
+        self.translate_for(mem, counters, ctx, va, access, Origin::HOST)
+    }
+
+    /// Translate `va` in context `ctx` for `access` by `origin` (named in
+    /// coherence reports). With the checker on, every translation returned,
+    /// TLB hits included, was checked against the CPU's table and ends at
+    /// its 4 KiB page, so a caller running across a leaf checks each page.
+    pub fn translate_for<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        counters: &mut Counters,
+        ctx: u32,
+        va: u64,
+        access: Access,
+        origin: Origin,
+    ) -> Result<Translation, XlateError> {
+        let t = self.lookup(mem, counters, ctx, va, access)?;
+        match self.checker.as_deref_mut() {
+            None => Ok(t),
+            Some(c) => {
+                c.check(
+                    mem,
+                    counters,
+                    self.ctx_table,
+                    ctx,
+                    va,
+                    access,
+                    t.gpa,
+                    origin,
+                )
+                .map_err(|()| XlateError::Fail(Status::CoherenceViolation))?;
+                Ok(Translation {
+                    gpa: t.gpa,
+                    avail: t.avail.min(PAGE_SIZE - (va & IN_PAGE)),
+                })
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn lookup<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         counters: &mut Counters,

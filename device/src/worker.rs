@@ -166,12 +166,13 @@ fn run<M: GuestMemoryBackend>(
         }
         // One bounded step per lock hold (`Device::process`), and a thread
         // waiting for the register file goes first (`DeviceMutex`).
-        let first_errors = {
+        let (first_errors, violations) = {
             let mut d = device.lock_for_step();
             busy = d.process();
             let e = d.take_first_errors();
+            let v = d.take_coherence_reports();
             DeviceMutex::unlock_after_step(d);
-            e
+            (e, v)
         };
         // Logged with the lock released: a stderr that blocks stalls this
         // thread only, never a vCPU's register access. Info, not warn: the
@@ -179,6 +180,11 @@ fn run<M: GuestMemoryBackend>(
         // the counters have the totals.
         for e in first_errors {
             log::info!("{e}");
+        }
+        // A driver bug the host asked to hear about (`--gpu-check`): warn,
+        // once per (context, page) and at most `check::REPORT_PAGES` ever.
+        for v in violations {
+            log::warn!("{v}");
         }
     }
 }

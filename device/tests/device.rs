@@ -55,6 +55,7 @@ fn host_sizing_is_reported_and_enforced() {
         max_fault_entries: 32,
         tlb_entries: 16,
         channels: 2,
+        ..Config::default()
     };
     let mut r = Rig::with_config(mem(), 32, cfg);
     assert_eq!(r.r32(regs::STATUS), 1, "32 fault entries fit the limit");

@@ -173,6 +173,7 @@ impl GpuArgs {
             max_fault_entries: self.gpu_fault_entries,
             tlb_entries: self.gpu_tlb_entries,
             channels: self.gpu_channels,
+            ..Default::default()
         }
     }
 }

@@ -24,6 +24,7 @@ use faultline_abi::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::check::{CheckMode, CpuTables, Violation};
 use crate::config::{Config, ConfigError};
 use crate::counters::Counters;
 use crate::engine::FaultRec;
@@ -157,7 +158,7 @@ impl<M: GuestMemoryBackend> Device<M> {
     }
 
     fn build(mem: M, irq: Arc<dyn InterruptSink>, sizing: Config) -> Self {
-        Self {
+        let mut d = Self {
             mem,
             irq,
             sizing,
@@ -183,7 +184,33 @@ impl<M: GuestMemoryBackend> Device<M> {
             steps: Arc::new(AtomicU64::new(0)),
             queued_faults: Vec::new(),
             launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
-        }
+        };
+        d.set_checker(sizing.check, None);
+        d
+    }
+
+    /// Turn the coherence checker on or off (docs/gpu-abi.md "Coherence
+    /// checker"). `tables`: where CPU page tables are looked up; `None`
+    /// walks x86-64 tables (`cpu_root`) in the device's own memory.
+    /// Violations already counted stay counted; reporting starts afresh.
+    pub fn set_checker(&mut self, mode: CheckMode, tables: Option<Arc<dyn CpuTables>>) {
+        self.sizing.check = mode;
+        self.counters.check.mode = mode;
+        self.mmu.set_checker(mode, tables);
+    }
+
+    /// Coherence violations over the device's life (RESETs included).
+    pub fn coherence_violations(&self) -> u64 {
+        self.counters
+            .lifetime(faultline_abi::Counter::CoherenceViolations)
+    }
+
+    /// Violation reports since the last call, one per (context, 4 KiB
+    /// page), at most `check::REPORT_PAGES` in the checker's life. For the
+    /// host to log with the device lock released, as `take_first_errors`
+    /// (the worker does both after each step).
+    pub fn take_coherence_reports(&mut self) -> Vec<Violation> {
+        self.mmu.take_coherence_reports()
     }
 
     pub fn memory(&self) -> &M {

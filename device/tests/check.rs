@@ -1,0 +1,513 @@
+//! The coherence checker (`faultline_device::check`): real x86-64 CPU page
+//! tables in the rig's guest memory next to the device's own, and commands
+//! whose translations the checker compares against them.
+
+use std::sync::Arc;
+
+use faultline_abi::{atomic_op, Access, ContextEntry, Counter, CpuRoot, CtlOp, Pte, Status};
+use faultline_abi::{LEAF_1G, LEAF_2M, LEAF_4K};
+use faultline_device::check::{
+    x86_64_lookup, CheckMode, CpuLookup, CpuTables, Violation, ViolationKind, REPORT_PAGES,
+};
+use faultline_device::testing::{cmd, context_entry, Rig, DATA};
+use vm_memory::{Bytes, GuestAddress};
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const US: u64 = 4;
+const PS: u64 = 0x80;
+const USER_RW: u64 = P | RW | US;
+const USER_RO: u64 = P | US;
+
+/// CPU page tables live here, apart from the rig's device tables and data.
+const CPU_PT: u64 = 0x80_0000;
+const CPU_PT_END: u64 = 0xC0_0000;
+/// Data frames for the tests (the rig's DATA region).
+const F: u64 = DATA;
+/// The VA the tests use.
+const VA: u64 = 0x7000_0000;
+
+/// A CPU page table in guest memory, built like an OS would.
+struct CpuPt {
+    next: u64,
+    root: u64,
+}
+
+impl CpuPt {
+    fn new(rig: &Rig) -> CpuPt {
+        let mut pt = CpuPt {
+            next: CPU_PT,
+            root: 0,
+        };
+        pt.root = pt.alloc(rig);
+        pt
+    }
+
+    fn alloc(&mut self, rig: &Rig) -> u64 {
+        let t = self.next;
+        assert!(t < CPU_PT_END, "CPU page-table pool exhausted");
+        self.next += 4096;
+        rig.write_bytes(t, &[0u8; 4096]);
+        t
+    }
+
+    /// The slot of `va`'s entry at `level`, creating user-writable tables
+    /// on the way.
+    fn slot(&mut self, rig: &Rig, va: u64, level: u32) -> u64 {
+        let mut table = self.root;
+        for l in (level + 1..=4).rev() {
+            let slot = table + ((va >> (12 + 9 * (l - 1))) & 511) * 8;
+            let e = rig.read_u64(slot);
+            table = if e & P == 0 {
+                let t = self.alloc(rig);
+                rig.write_u64(slot, t | USER_RW);
+                t
+            } else {
+                e & 0x000f_ffff_ffff_f000
+            };
+        }
+        table + ((va >> (12 + 9 * (level - 1))) & 511) * 8
+    }
+
+    fn map(&mut self, rig: &Rig, va: u64, pa: u64, size: u64, flags: u64) {
+        let (level, ps) = match size {
+            LEAF_4K => (1, 0),
+            LEAF_2M => (2, PS),
+            LEAF_1G => (3, PS),
+            _ => panic!("bad size {size:#x}"),
+        };
+        let slot = self.slot(rig, va, level);
+        rig.write_u64(slot, pa | flags | ps);
+    }
+
+    /// Install this table as context `ctx`'s CPU root.
+    fn attach(&self, rig: &Rig, ctx: u32) {
+        set_cpu_root(rig, ctx, CpuRoot::x86_64(self.root).unwrap().0);
+    }
+}
+
+fn set_cpu_root(rig: &Rig, ctx: u32, word: u32) {
+    rig.write_u32(
+        context_entry(ctx) + ContextEntry::CPU_ROOT_OFFSET as u64,
+        word,
+    );
+}
+
+/// A rig with the checker in `mode`, channel 0 on context 0, and a CPU
+/// table attached to context 0.
+fn setup(mode: CheckMode, mem: u64) -> (Rig, CpuPt) {
+    let mut rig = Rig::new(mem, 16);
+    rig.dev.set_checker(mode, None);
+    assert!(rig.enable_channel(0, 0));
+    let pt = CpuPt::new(&rig);
+    pt.attach(&rig, 0);
+    (rig, pt)
+}
+
+/// Map `pages` 4 KiB pages at VA on both sides, consistently.
+fn map_both(rig: &mut Rig, pt: &mut CpuPt, pages: u64, dev: Pte, cpu: u64) {
+    for i in 0..pages {
+        rig.map(0, VA + i * LEAF_4K, F + i * LEAF_4K, LEAF_4K, dev);
+        pt.map(rig, VA + i * LEAF_4K, F + i * LEAF_4K, LEAF_4K, cpu);
+    }
+}
+
+const DEV_RW: Pte = Pte::WRITE.union(Pte::ATOMIC);
+
+fn violations(rig: &Rig) -> u64 {
+    rig.dev.counters().get(Counter::CoherenceViolations)
+}
+
+fn reports(rig: &mut Rig) -> Vec<Violation> {
+    rig.dev.take_coherence_reports()
+}
+
+fn named(rig: &Rig, name: &str) -> u64 {
+    let n = rig.dev.counters().named();
+    n.iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+        .1
+}
+
+#[test]
+fn consistent_mappings_pass_and_every_page_is_checked() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 4, DEV_RW, USER_RW);
+    let t = rig.exec(0, cmd::fill(VA, 4 * LEAF_4K, 0x1122_3344_5566_7788));
+    assert_eq!(rig.status(t), Status::Ok);
+    let t = rig.exec(0, cmd::copy(VA + 2 * LEAF_4K, VA, 2 * LEAF_4K));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    assert!(reports(&mut rig).is_empty());
+    // FILL: 4 pages; COPY: 2 pages each side.
+    assert_eq!(named(&rig, "check.checked"), 8);
+    assert_eq!(named(&rig, "check.mode"), 2);
+    assert_eq!(named(&rig, "check.unchecked"), 0);
+}
+
+#[test]
+fn off_checks_nothing() {
+    let (mut rig, mut pt) = setup(CheckMode::Off, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, 0);
+    let t = rig.exec(0, cmd::fill(VA, LEAF_4K, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    assert_eq!(named(&rig, "check.checked"), 0);
+    assert_eq!(named(&rig, "check.mode"), 0);
+}
+
+/// The classic bug: the CPU unmapped a page, the device TLB still holds
+/// it because nobody invalidated.
+fn stale_tlb(mode: CheckMode) -> Rig {
+    let (mut rig, mut pt) = setup(mode, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RW);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    // CPU PTE cleared, device PTE too, but no INVALIDATE: the device still
+    // has the translation cached.
+    pt.map(&rig, VA, 0, LEAF_4K, 0);
+    rig.unmap(0, VA, LEAF_4K);
+    let hits = rig.dev.counters().get(Counter::TlbHits);
+    let t = rig.exec(0, cmd::fill(VA, 8, 0xAB));
+    assert!(rig.dev.counters().get(Counter::TlbHits) > hits, "a TLB hit");
+    assert_eq!(violations(&rig), 1);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].ctx, 0);
+    assert_eq!(r[0].va, VA);
+    assert_eq!(r[0].access, Access::Write);
+    assert_eq!(r[0].device_frame, F);
+    assert_eq!(r[0].kind, ViolationKind::NotMapped);
+    assert_eq!(r[0].cpu_pte, 0);
+    assert_eq!(r[0].origin.engine, faultline_abi::engine::FILL);
+    assert_eq!(r[0].origin.channel, 0);
+    let line = r[0].to_string();
+    assert!(
+        line.contains("context 0 VA 0x70000000 Write") && line.contains("FILL"),
+        "{line}"
+    );
+    let expect = if mode == CheckMode::Fatal {
+        Status::CoherenceViolation
+    } else {
+        Status::Ok
+    };
+    assert_eq!(rig.status(t), expect);
+    rig
+}
+
+#[test]
+fn stale_tlb_hit_fails_the_command_under_fatal() {
+    let rig = stale_tlb(CheckMode::Fatal);
+    assert_eq!(rig.read_u64(F), 1, "the access did not happen");
+    assert_eq!(
+        rig.dev.counters().with_status(Status::CoherenceViolation),
+        1
+    );
+    assert_eq!(rig.dev.coherence_violations(), 1);
+}
+
+#[test]
+fn stale_tlb_hit_proceeds_under_warn() {
+    let mut rig = stale_tlb(CheckMode::Warn);
+    assert_eq!(rig.read_u64(F), 0xAB, "the access was performed");
+    // After the invalidation the device walks, finds nothing, and faults:
+    // no translation used, so no violation.
+    assert!(rig.ctl_ok(CtlOp::InvalidateContext, 0, 0, 0));
+    let t = rig.submit(0, cmd::fill(VA, 8, 2));
+    rig.dev.doorbell(faultline_abi::doorbell::channel(0));
+    rig.dev.run_until_idle();
+    assert!(rig.completion(t).is_none(), "stalled on a fault");
+    assert_eq!(violations(&rig), 1);
+}
+
+#[test]
+fn device_write_where_the_cpu_is_read_only() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RO);
+    rig.map(0, VA + LEAF_4K, F + LEAF_4K, LEAF_4K, DEV_RW);
+    pt.map(&rig, VA + LEAF_4K, F + LEAF_4K, LEAF_4K, USER_RW);
+    // Reading the read-only page is fine.
+    let t = rig.exec(0, cmd::copy(VA + LEAF_4K, VA, 64));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let t = rig.exec(0, cmd::atomic(VA, atomic_op::ADD, true, 1, 0));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    assert_eq!(violations(&rig), 2);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1, "one report per page: {r:?}");
+    assert_eq!(r[0].kind, ViolationKind::ReadOnly);
+    assert_eq!(r[0].cpu_pte, F | USER_RO);
+    assert_eq!(named(&rig, "check.unreported"), 1);
+}
+
+#[test]
+fn frame_mismatch() {
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    rig.map(0, VA, F, LEAF_4K, DEV_RW);
+    pt.map(&rig, VA, F + LEAF_4K, LEAF_4K, USER_RW);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].kind,
+        ViolationKind::FrameMismatch {
+            cpu_frame: F + LEAF_4K
+        }
+    );
+    assert_eq!(r[0].device_frame, F);
+}
+
+#[test]
+fn a_large_device_leaf_is_checked_page_by_page() {
+    // Device: one 2 MiB leaf. CPU: 4 KiB pages, page 300 wrong.
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    let base = 0x100_0000;
+    rig.map(0, VA, base, LEAF_2M, DEV_RW);
+    for i in 0..512 {
+        let frame = if i == 300 { F } else { base + i * LEAF_4K };
+        pt.map(&rig, VA + i * LEAF_4K, frame, LEAF_4K, USER_RW);
+    }
+    let t = rig.exec(0, cmd::fill(VA, LEAF_2M, 7));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 1);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].va, VA + 300 * LEAF_4K);
+    assert_eq!(named(&rig, "check.checked"), 512);
+}
+
+#[test]
+fn large_cpu_leaves() {
+    // 2 GiB of RAM so a 1 GiB CPU leaf at GPA 1 GiB exists.
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 2 << 30);
+    let va2m = VA;
+    let va1g = 0x80_0000_0000;
+    pt.map(&rig, va2m, 0x100_0000, LEAF_2M, USER_RW);
+    pt.map(&rig, va1g, LEAF_1G, LEAF_1G, USER_RW);
+    // Device pages inside both leaves, at the matching offsets.
+    rig.map(
+        0,
+        va2m + 5 * LEAF_4K,
+        0x100_0000 + 5 * LEAF_4K,
+        LEAF_4K,
+        DEV_RW,
+    );
+    rig.map(
+        0,
+        va1g + LEAF_2M + LEAF_4K,
+        LEAF_1G + LEAF_2M + LEAF_4K,
+        LEAF_4K,
+        DEV_RW,
+    );
+    for va in [va2m + 5 * LEAF_4K, va1g + LEAF_2M + LEAF_4K] {
+        let t = rig.exec(0, cmd::fill(va + 8, 8, 1));
+        assert_eq!(rig.status(t), Status::Ok, "{va:#x}");
+    }
+    assert_eq!(violations(&rig), 0);
+    // Off by one page inside each leaf.
+    rig.map(
+        0,
+        va2m + 6 * LEAF_4K,
+        0x100_0000 + 7 * LEAF_4K,
+        LEAF_4K,
+        DEV_RW,
+    );
+    rig.map(
+        0,
+        va1g + 2 * LEAF_4K,
+        LEAF_1G + 3 * LEAF_4K,
+        LEAF_4K,
+        DEV_RW,
+    );
+    for va in [va2m + 6 * LEAF_4K, va1g + 2 * LEAF_4K] {
+        let t = rig.exec(0, cmd::fill(va, 8, 1));
+        assert_eq!(rig.status(t), Status::CoherenceViolation, "{va:#x}");
+    }
+    let r = reports(&mut rig);
+    let kinds: Vec<_> = r.iter().map(|v| v.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ViolationKind::FrameMismatch {
+                cpu_frame: 0x100_0000 + 6 * LEAF_4K
+            },
+            ViolationKind::FrameMismatch {
+                cpu_frame: LEAF_1G + 2 * LEAF_4K
+            },
+        ]
+    );
+    assert_eq!(r[0].cpu_pte, 0x100_0000 | USER_RW | PS);
+}
+
+#[test]
+fn supervisor_pages_are_violations() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RW);
+    // US clear in the level-3 entry, not in the leaf: the AND counts.
+    let l4 = pt.root + ((VA >> 39) & 511) * 8;
+    let l3 = (rig.read_u64(l4) & !0xfff) + ((VA >> 30) & 511) * 8;
+    rig.write_u64(l3, rig.read_u64(l3) & !US);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    assert_eq!(reports(&mut rig)[0].kind, ViolationKind::Supervisor);
+}
+
+#[test]
+fn contexts_without_a_cpu_table_are_counted_unchecked() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 2, DEV_RW, 0);
+    set_cpu_root(&rig, 0, CpuRoot::NONE.0);
+    let t = rig.exec(0, cmd::fill(VA, 2 * LEAF_4K, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    assert_eq!(named(&rig, "check.unchecked"), 2);
+    assert_eq!(named(&rig, "check.checked"), 0);
+}
+
+#[test]
+fn an_unknown_paging_mode_is_reported_not_guessed() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RW);
+    set_cpu_root(&rig, 0, (2 << 28) | (pt.root >> 12) as u32);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    assert!(matches!(
+        reports(&mut rig)[0].kind,
+        ViolationKind::BadCpuRoot { .. }
+    ));
+}
+
+#[test]
+fn hostile_cpu_tables_end_the_walk() {
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RW);
+    let root = CpuRoot::x86_64(pt.root).unwrap();
+    let mem = rig.mem();
+    // A PML4 entry pointing back at the PML4, at every level.
+    let l4 = pt.root + ((VA >> 39) & 511) * 8;
+    rig.write_u64(l4, pt.root | USER_RW);
+    // Level 3 then reads the PML4's slot for VA's level-3 index, empty.
+    assert_eq!(
+        x86_64_lookup(mem, root, VA),
+        CpuLookup::NotMapped { pte: 0 }
+    );
+    // A table outside RAM: not mapped, with the entry that led there.
+    let out = (1u64 << 40) | USER_RW;
+    rig.write_u64(l4, out);
+    assert_eq!(
+        x86_64_lookup(mem, root, VA),
+        CpuLookup::NotMapped { pte: out }
+    );
+    // A root outside RAM.
+    let far = CpuRoot::x86_64(0xFF_F000_0000).unwrap();
+    assert_eq!(x86_64_lookup(mem, far, VA), CpuLookup::NotMapped { pte: 0 });
+    // PS in a PML4 entry is reserved.
+    rig.write_u64(l4, LEAF_1G | USER_RW | PS);
+    assert_eq!(
+        x86_64_lookup(mem, root, VA),
+        CpuLookup::NotMapped {
+            pte: LEAF_1G | USER_RW | PS
+        }
+    );
+    // A 2 MiB leaf with reserved low address bits.
+    pt.map(&rig, 0x100_0000_0000, 0x100_0000 | 0x2000, LEAF_2M, USER_RW);
+    let bad = CpuRoot::x86_64(pt.root).unwrap();
+    assert_eq!(
+        x86_64_lookup(rig.mem(), bad, 0x100_0000_0000),
+        CpuLookup::NotMapped {
+            pte: 0x100_2000 | USER_RW | PS
+        }
+    );
+    // Through the device: the loop and a garbage root, no panic, each
+    // reported.
+    rig.write_u64(l4, pt.root | USER_RW);
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    set_cpu_root(&rig, 0, (1 << 28) | (u32::MAX >> 4));
+    rig.map(0, VA + LEAF_4K, F + LEAF_4K, LEAF_4K, DEV_RW);
+    let t = rig.exec(0, cmd::fill(VA + LEAF_4K, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 2);
+    assert_eq!(reports(&mut rig).len(), 2);
+}
+
+#[test]
+fn reported_once_per_page_and_bounded() {
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    map_both(&mut rig, &mut pt, 1, DEV_RW, USER_RO);
+    for _ in 0..2 {
+        let t = rig.exec(0, cmd::fill(VA, 8, 1));
+        assert_eq!(rig.status(t), Status::Ok);
+    }
+    assert_eq!(violations(&rig), 2);
+    assert_eq!(reports(&mut rig).len(), 1);
+    assert_eq!(named(&rig, "check.unreported"), 1);
+    // The report set is bounded: the checker keeps at most REPORT_PAGES
+    // pages, then counts only. A large leaf with no CPU mapping at all
+    // gives a new page per 4 KiB.
+    let many = REPORT_PAGES as u64 + 16;
+    let base = 0x40_0000_0000;
+    rig.map_range(0, base, 0x100_0000, 9 * LEAF_2M, LEAF_2M, DEV_RW);
+    let t = rig.exec(0, cmd::fill(base, many * LEAF_4K, 0));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(reports(&mut rig).len(), REPORT_PAGES - 1);
+    assert_eq!(violations(&rig), 2 + many);
+    assert_eq!(
+        named(&rig, "check.unreported"),
+        1 + many - (REPORT_PAGES as u64 - 1)
+    );
+}
+
+/// A host-supplied table (the loopback's simulated mm): everything mapped
+/// identity, user, read-only.
+struct ReadOnlyIdentity;
+impl CpuTables for ReadOnlyIdentity {
+    fn lookup(&self, _root: CpuRoot, va: u64) -> CpuLookup {
+        CpuLookup::Mapped {
+            frame: va & !0xfff,
+            writable: false,
+            user: true,
+            pte: 0x42,
+        }
+    }
+}
+
+#[test]
+fn host_supplied_tables_are_used() {
+    let (mut rig, _pt) = setup(CheckMode::Fatal, 64 << 20);
+    rig.dev
+        .set_checker(CheckMode::Fatal, Some(Arc::new(ReadOnlyIdentity)));
+    rig.map(0, F, F, LEAF_4K, DEV_RW);
+    rig.map(0, F + LEAF_4K, F + LEAF_4K, LEAF_4K, DEV_RW);
+    let t = rig.exec(0, cmd::atomic(F, atomic_op::ADD, true, 1, 0));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!((r[0].kind, r[0].cpu_pte), (ViolationKind::ReadOnly, 0x42));
+    // Reads agree with it.
+    let t = rig.exec(0, cmd::copy(F + LEAF_4K, F, 8));
+    assert_eq!(rig.status(t), Status::CoherenceViolation, "the COPY writes");
+    assert_eq!(rig.mem().read_obj::<u64>(GuestAddress(F)).unwrap(), 0);
+}
+
+#[test]
+fn config_turns_the_checker_on() {
+    use faultline_device::Config;
+    use vm_memory::GuestMemoryMmap;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+    let cfg = Config {
+        check: CheckMode::Warn,
+        ..Config::default()
+    };
+    let rig = Rig::with_config(mem, 16, cfg);
+    assert_eq!(named(&rig, "check.mode"), 1);
+    assert_eq!(rig.dev.config().check, CheckMode::Warn);
+    assert_eq!("fatal".parse(), Ok(CheckMode::Fatal));
+    assert_eq!("warn".parse(), Ok(CheckMode::Warn));
+    assert_eq!("off".parse(), Ok(CheckMode::Off));
+    assert!("Warn".parse::<CheckMode>().is_err());
+}
