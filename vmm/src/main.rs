@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use faultline_device::CheckMode;
 
 use crate::devices::debug_exit::qemu_status;
 use crate::vmm::{Config, Outcome};
@@ -44,6 +45,8 @@ mod status {
     pub const VMM_ERROR: u8 = 3;
     pub const GUEST_CRASHED: u8 = 4;
     pub const TIMEOUT: u8 = 5;
+    /// `--gpu-check=fatal` saw a coherence violation.
+    pub const COHERENCE: u8 = 6;
 }
 
 #[derive(Parser)]
@@ -67,14 +70,16 @@ enum Command {
     /// Exit status: 0 the guest passed (debug-exit value 0), 1 the guest
     /// reported failure (value 1), 2 bad usage, 3 VMM or setup error, 4 the
     /// guest crashed (triple fault, panic value >= 2, vCPU error), 5
-    /// --timeout expired, 130/143 stopped by SIGINT/SIGTERM.
+    /// --timeout expired, 6 --gpu-check=fatal saw a coherence violation
+    /// (instead of 0 or 1), 130/143 stopped by SIGINT/SIGTERM.
     Run(RunArgs),
     /// Serve the Faultline GPU to another VMM (QEMU's vfio-user-pci) over
     /// vfio-user on a UNIX socket, for one client.
     ///
     /// Exit status: 0 the client disconnected (between messages), 2 bad
     /// usage, 3 setup error, protocol violation, or the client vanished
-    /// mid-message, 130/143 stopped by SIGINT/SIGTERM (the socket file is
+    /// mid-message, 6 --gpu-check=fatal saw a coherence violation (instead
+    /// of 0), 130/143 stopped by SIGINT/SIGTERM (the socket file is
     /// removed).
     Serve(ServeArgs),
 }
@@ -165,6 +170,13 @@ struct GpuArgs {
     #[arg(long, value_name = "N", default_value_t = faultline_abi::NUM_CHANNELS,
           value_parser = gpu_channels, allow_negative_numbers = true)]
     gpu_channels: u32,
+    /// Test facility: check every GPU translation against the CPU page
+    /// table the context entry names (docs/gpu-abi.md "Coherence
+    /// checker"). warn (the bare option): report violations; fatal: they
+    /// also fail the command and the run ends with status 6; off.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
+          default_value = "off", default_missing_value = "warn", value_parser = gpu_check)]
+    gpu_check: CheckMode,
 }
 
 impl GpuArgs {
@@ -173,9 +185,37 @@ impl GpuArgs {
             max_fault_entries: self.gpu_fault_entries,
             tlb_entries: self.gpu_tlb_entries,
             channels: self.gpu_channels,
-            ..Default::default()
+            check: self.gpu_check,
         }
     }
+}
+
+fn gpu_check(s: &str) -> Result<CheckMode, String> {
+    s.parse()
+        .map_err(|e: faultline_device::check::BadCheckMode| e.to_string())
+}
+
+/// With `--gpu-check=fatal`, a run that saw a violation ends with status 6
+/// unless it already ended worse than a guest verdict (a crash, a timeout,
+/// a signal or a VMM error keep theirs).
+fn coherence_status(code: u8, mode: CheckMode, counters: Option<&[(String, u64)]>) -> u8 {
+    let violations = counters
+        .and_then(|c| {
+            c.iter()
+                .find(|(k, _)| k == "lifetime.coherence_violations")
+                .map(|(_, v)| *v)
+        })
+        .unwrap_or(0);
+    if mode != CheckMode::Fatal || violations == 0 || code > status::GUEST_FAILED {
+        return code;
+    }
+    fail(
+        status::COHERENCE,
+        &format!(
+            "{violations} GPU coherence violation(s) with --gpu-check=fatal (the first of each page \
+             logged above)"
+        ),
+    )
 }
 
 /// Parses one sizing field and checks it with the device's own rules, so
@@ -310,6 +350,7 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(r) => r,
         Err(e) => return fail(status::VMM_ERROR, &e),
     };
+    let check = args.gpu.gpu_check;
     let result = config(args, shutdown).and_then(vmm::run);
     // The guest is stopped: its console output goes out before our lines.
     output::finish_console();
@@ -321,6 +362,7 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(()) => 0,
         Err((code, why)) => fail(*code, why),
     };
+    let code = coherence_status(code, check, counters.as_deref());
     let code = match results {
         Some(r) => keep_first(code, r.write(ending.as_ref().err())),
         None => code,
@@ -338,12 +380,14 @@ fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
         sizing: args.gpu.config(),
         shutdown,
     };
+    let check = args.gpu.gpu_check;
     let served = serve::serve(cfg);
     let code = match served.result {
         Ok(serve::Ending::Disconnected) => 0,
         Ok(serve::Ending::Signal(sig)) => stopped_by(sig),
         Err(e) => fail(error_status(&e), &e.to_string()),
     };
+    let code = coherence_status(code, check, served.gpu_counters.as_deref());
     finish(code, stats, served.gpu_counters.as_deref())
 }
 

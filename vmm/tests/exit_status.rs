@@ -50,6 +50,8 @@ enum How {
     RunSignal(i32),
     /// `faultline serve`, a client does something (or a signal arrives).
     Serve(fn(&PathBuf, &Child)),
+    /// The same with extra `serve` options.
+    ServeWith(&'static [&'static str], fn(&PathBuf, &Child)),
 }
 
 struct Case {
@@ -113,6 +115,7 @@ fn cases() -> Vec<Case> {
         c(2, "`--vcpus`", run_with(&["--vcpus", "0"]), false),
         c(2, "`--timeout`", run_with(&["--timeout", "-1"]), false),
         c(2, "`--gpu-*`", run_with(&["--gpu-channels", "9"]), false),
+        c(2, "`--gpu-*`", run_with(&["--gpu-check=bogus"]), false),
         c(
             2,
             "longer than 107 bytes",
@@ -194,6 +197,15 @@ fn cases() -> Vec<Case> {
             How::Guest(vec![0xeb, 0xfe], vec!["--timeout".into(), "1".into()]),
             true,
         ),
+        c(
+            6,
+            "`--gpu-check=fatal`",
+            How::ServeWith(&["--gpu-check=fatal"], |sock, _| {
+                let status = common::gpu_client::coherence_violation_session(sock);
+                assert_eq!(status, 11, "the FILL completes with CoherenceViolation");
+            }),
+            false,
+        ),
         c(130, "SIGINT", How::RunSignal(libc::SIGINT), true),
         c(
             143,
@@ -244,13 +256,16 @@ fn run_case(i: usize, how: &How) -> (Option<i32>, String) {
             signal(&child, *sig);
             finish(child)
         }
-        How::Serve(client) => {
+        How::Serve(client) => run_case(i, &How::ServeWith(&[], *client)),
+        How::ServeWith(extra, client) => {
             let dir =
                 std::env::temp_dir().join(format!("faultline-table-{}-{i}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let sock = dir.join("gpu.sock");
-            let child = spawn(&["serve", "--socket", path_str(&sock)]);
+            let mut a = vec!["serve", "--socket", path_str(&sock)];
+            a.extend(extra.iter());
+            let child = spawn(&a);
             let t0 = Instant::now();
             while !sock.exists() {
                 assert!(t0.elapsed() < Duration::from_secs(10), "never listened");
