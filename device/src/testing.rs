@@ -490,3 +490,93 @@ impl Rig {
         self.write_bytes(gpa, &b);
     }
 }
+
+/// An x86-64 4-level CPU page table in the rig's guest memory, built as an
+/// OS would (intermediate entries present, writable, user), for the
+/// coherence checker: `attach` names it in a context entry's `cpu_root`.
+/// Tables come from `[pool, pool_end)`, which must lie in RAM outside what
+/// the test uses otherwise.
+pub struct CpuPageTable {
+    next: u64,
+    end: u64,
+    pub root: u64,
+}
+
+impl CpuPageTable {
+    pub const P: u64 = 1;
+    pub const RW: u64 = 1 << 1;
+    pub const US: u64 = 1 << 2;
+    pub const PS: u64 = 1 << 7;
+    pub const USER_RW: u64 = Self::P | Self::RW | Self::US;
+    pub const USER_RO: u64 = Self::P | Self::US;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+    pub fn new(rig: &Rig, pool: u64, pool_end: u64) -> CpuPageTable {
+        let mut pt = CpuPageTable {
+            next: pool,
+            end: pool_end,
+            root: 0,
+        };
+        pt.root = pt.alloc(rig);
+        pt
+    }
+
+    fn alloc(&mut self, rig: &Rig) -> u64 {
+        let t = self.next;
+        assert!(t < self.end, "CPU page-table pool exhausted");
+        self.next += LEAF_4K;
+        rig.write_bytes(t, &[0u8; 4096]);
+        t
+    }
+
+    /// The slot of `va`'s entry at `level` (1 = PTE .. 4 = PML4E),
+    /// creating user-writable tables on the way.
+    pub fn slot(&mut self, rig: &Rig, va: u64, level: u32) -> u64 {
+        let mut table = self.root;
+        for l in (level + 1..=4).rev() {
+            let slot = table + ((va >> (12 + 9 * (l - 1))) & 511) * 8;
+            let e = rig.read_u64(slot);
+            table = if e & Self::P == 0 {
+                let t = self.alloc(rig);
+                rig.write_u64(slot, t | Self::USER_RW);
+                t
+            } else {
+                e & Self::ADDR
+            };
+        }
+        table + ((va >> (12 + 9 * (level - 1))) & 511) * 8
+    }
+
+    /// Map `va` → `pa` with a leaf of `size` (4 KiB, 2 MiB, 1 GiB) and the
+    /// raw entry bits `flags` (PS is added for large leaves; 0 unmaps).
+    pub fn map(&mut self, rig: &Rig, va: u64, pa: u64, size: u64, flags: u64) {
+        let (level, ps) = match size {
+            LEAF_4K => (1, 0),
+            LEAF_2M => (2, Self::PS),
+            LEAF_1G => (3, Self::PS),
+            _ => panic!("bad leaf size {size:#x}"),
+        };
+        let slot = self.slot(rig, va, level);
+        let ps = if flags == 0 { 0 } else { ps };
+        rig.write_u64(slot, pa | flags | ps);
+    }
+
+    /// Map `[va, va+len)` → `[pa, ...)` with leaves of `size`.
+    pub fn map_range(&mut self, rig: &Rig, va: u64, pa: u64, len: u64, size: u64, flags: u64) {
+        let mut off = 0;
+        while off < len {
+            self.map(rig, va + off, pa + off, size, flags);
+            off += size;
+        }
+    }
+
+    /// Name this table in context `ctx`'s `cpu_root`.
+    pub fn attach(&self, rig: &Rig, ctx: u32) {
+        let word = faultline_abi::CpuRoot::x86_64(self.root)
+            .unwrap_or_else(|| panic!("CPU root {:#x} above 1 TiB", self.root));
+        rig.write_u32(
+            context_entry(ctx) + ContextEntry::CPU_ROOT_OFFSET as u64,
+            word.0,
+        );
+    }
+}

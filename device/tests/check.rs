@@ -9,15 +9,13 @@ use faultline_abi::{LEAF_1G, LEAF_2M, LEAF_4K};
 use faultline_device::check::{
     x86_64_lookup, CheckMode, CpuLookup, CpuTables, Violation, ViolationKind, REPORT_PAGES,
 };
-use faultline_device::testing::{cmd, context_entry, Rig, DATA};
+use faultline_device::testing::{cmd, context_entry, CpuPageTable as CpuPt, Rig, DATA};
 use vm_memory::{Bytes, GuestAddress};
 
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const PS: u64 = 0x80;
-const USER_RW: u64 = P | RW | US;
-const USER_RO: u64 = P | US;
+const US: u64 = CpuPt::US;
+const PS: u64 = CpuPt::PS;
+const USER_RW: u64 = CpuPt::USER_RW;
+const USER_RO: u64 = CpuPt::USER_RO;
 
 /// CPU page tables live here, apart from the rig's device tables and data.
 const CPU_PT: u64 = 0x80_0000;
@@ -26,65 +24,6 @@ const CPU_PT_END: u64 = 0xC0_0000;
 const F: u64 = DATA;
 /// The VA the tests use.
 const VA: u64 = 0x7000_0000;
-
-/// A CPU page table in guest memory, built like an OS would.
-struct CpuPt {
-    next: u64,
-    root: u64,
-}
-
-impl CpuPt {
-    fn new(rig: &Rig) -> CpuPt {
-        let mut pt = CpuPt {
-            next: CPU_PT,
-            root: 0,
-        };
-        pt.root = pt.alloc(rig);
-        pt
-    }
-
-    fn alloc(&mut self, rig: &Rig) -> u64 {
-        let t = self.next;
-        assert!(t < CPU_PT_END, "CPU page-table pool exhausted");
-        self.next += 4096;
-        rig.write_bytes(t, &[0u8; 4096]);
-        t
-    }
-
-    /// The slot of `va`'s entry at `level`, creating user-writable tables
-    /// on the way.
-    fn slot(&mut self, rig: &Rig, va: u64, level: u32) -> u64 {
-        let mut table = self.root;
-        for l in (level + 1..=4).rev() {
-            let slot = table + ((va >> (12 + 9 * (l - 1))) & 511) * 8;
-            let e = rig.read_u64(slot);
-            table = if e & P == 0 {
-                let t = self.alloc(rig);
-                rig.write_u64(slot, t | USER_RW);
-                t
-            } else {
-                e & 0x000f_ffff_ffff_f000
-            };
-        }
-        table + ((va >> (12 + 9 * (level - 1))) & 511) * 8
-    }
-
-    fn map(&mut self, rig: &Rig, va: u64, pa: u64, size: u64, flags: u64) {
-        let (level, ps) = match size {
-            LEAF_4K => (1, 0),
-            LEAF_2M => (2, PS),
-            LEAF_1G => (3, PS),
-            _ => panic!("bad size {size:#x}"),
-        };
-        let slot = self.slot(rig, va, level);
-        rig.write_u64(slot, pa | flags | ps);
-    }
-
-    /// Install this table as context `ctx`'s CPU root.
-    fn attach(&self, rig: &Rig, ctx: u32) {
-        set_cpu_root(rig, ctx, CpuRoot::x86_64(self.root).unwrap().0);
-    }
-}
 
 fn set_cpu_root(rig: &Rig, ctx: u32, word: u32) {
     rig.write_u32(
@@ -99,7 +38,7 @@ fn setup(mode: CheckMode, mem: u64) -> (Rig, CpuPt) {
     let mut rig = Rig::new(mem, 16);
     rig.dev.set_checker(mode, None);
     assert!(rig.enable_channel(0, 0));
-    let pt = CpuPt::new(&rig);
+    let pt = CpuPt::new(&rig, CPU_PT, CPU_PT_END);
     pt.attach(&rig, 0);
     (rig, pt)
 }
