@@ -302,17 +302,22 @@ fn copy<M: GuestMemoryBackend>(
         // Still one translation per page (or leaf), but physically
         // contiguous pages on both sides coalesce into one bulk copy. A peek
         // that fails (fault or error) just ends the run; the next iteration
-        // translates that page properly and reports it.
+        // translates that page properly and reports it; except a coherence
+        // violation, already counted and reported: the command fails after
+        // this run.
+        let mut violation = false;
         while n < stop - *done {
-            let peek = |env: &mut Env<'_, M>, va, access| {
+            let mut peek = |env: &mut Env<'_, M>, va, access| {
                 let origin = Origin {
                     engine: engine::COPY,
                     channel: env.channel,
                     info: 0,
                 };
-                env.mmu
-                    .translate_for(env.mem, env.counters, env.ctx, va, access, origin)
-                    .ok()
+                let t = env
+                    .mmu
+                    .translate_for(env.mem, env.counters, env.ctx, va, access, origin);
+                violation |= t == Err(XlateError::Fail(Status::CoherenceViolation));
+                t.ok()
             };
             let (Some(s2), Some(d2)) = (
                 peek(env, src + *done + n, Access::Read),
@@ -329,6 +334,9 @@ fn copy<M: GuestMemoryBackend>(
         copy_gpa(env.mem, d.gpa, s.gpa, n)?;
         env.counters.add(Counter::BytesCopied, n);
         *done += n;
+        if violation {
+            return Err(Status::CoherenceViolation);
+        }
     }
     Ok((*done == len).then_some(0))
 }

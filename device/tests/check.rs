@@ -450,3 +450,17 @@ fn config_turns_the_checker_on() {
     assert_eq!("off".parse(), Ok(CheckMode::Off));
     assert!("Warn".parse::<CheckMode>().is_err());
 }
+
+#[test]
+fn a_copy_counts_one_violation_per_use() {
+    // COPY peeks at the next page to coalesce; a peek that hits a
+    // violation must not count it twice (once peeking, once translating).
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    map_both(&mut rig, &mut pt, 4, DEV_RW, USER_RW);
+    // Page 1 of the source: the CPU maps another frame.
+    pt.map(&rig, VA + LEAF_4K, F + 3 * LEAF_4K, LEAF_4K, USER_RW);
+    let t = rig.exec(0, cmd::copy(VA + 2 * LEAF_4K, VA, 2 * LEAF_4K));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    assert_eq!(violations(&rig), 1);
+    assert_eq!(reports(&mut rig).len(), 1);
+}

@@ -199,23 +199,26 @@ fn gpu_check(s: &str) -> Result<CheckMode, String> {
 /// unless it already ended worse than a guest verdict (a crash, a timeout,
 /// a signal or a VMM error keep theirs).
 fn coherence_status(code: u8, mode: CheckMode, counters: Option<&[(String, u64)]>) -> u8 {
-    let violations = counters
-        .and_then(|c| {
-            c.iter()
-                .find(|(k, _)| k == "lifetime.coherence_violations")
-                .map(|(_, v)| *v)
-        })
-        .unwrap_or(0);
-    if mode != CheckMode::Fatal || violations == 0 || code > status::GUEST_FAILED {
-        return code;
-    }
-    fail(
-        status::COHERENCE,
-        &format!(
-            "{violations} GPU coherence violation(s) with --gpu-check=fatal (the first of each page \
-             logged above)"
+    match fatal_violations(code, mode, counters) {
+        Some(n) => fail(
+            status::COHERENCE,
+            &format!(
+                "{n} GPU coherence violation(s) with --gpu-check=fatal (the first of each page \
+                 logged above)"
+            ),
         ),
-    )
+        None => code,
+    }
+}
+
+/// The violations that turn status `code` into 6, if they do.
+fn fatal_violations(code: u8, mode: CheckMode, counters: Option<&[(String, u64)]>) -> Option<u64> {
+    let violations = counters?
+        .iter()
+        .find(|(k, _)| k == "lifetime.coherence_violations")
+        .map(|(_, v)| *v)?;
+    (mode == CheckMode::Fatal && violations > 0 && code <= status::GUEST_FAILED)
+        .then_some(violations)
 }
 
 /// Parses one sizing field and checks it with the device's own rules, so
@@ -503,5 +506,34 @@ fn init_logging(level: log::LevelFilter) {
     static LOGGER: StderrLogger = StderrLogger;
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_violations_replace_only_guest_verdicts() {
+        let seen = [("lifetime.coherence_violations".to_string(), 3)];
+        let none = [("lifetime.coherence_violations".to_string(), 0)];
+        let f = CheckMode::Fatal;
+        assert_eq!(fatal_violations(0, f, Some(&seen)), Some(3));
+        assert_eq!(
+            fatal_violations(status::GUEST_FAILED, f, Some(&seen)),
+            Some(3)
+        );
+        for code in [
+            status::USAGE,
+            status::VMM_ERROR,
+            status::GUEST_CRASHED,
+            status::TIMEOUT,
+            130,
+        ] {
+            assert_eq!(fatal_violations(code, f, Some(&seen)), None, "{code}");
+        }
+        assert_eq!(fatal_violations(0, CheckMode::Warn, Some(&seen)), None);
+        assert_eq!(fatal_violations(0, f, Some(&none)), None);
+        assert_eq!(fatal_violations(0, f, None), None);
     }
 }

@@ -736,3 +736,33 @@ fn socket_path_mistakes_get_their_own_message() {
     assert_eq!(help.status.code(), Some(0));
     assert!(!stdout(&help).contains("--no-gpu"), "{}", stdout(&help));
 }
+
+#[test]
+fn gpu_check_warn_reports_a_violation_once_and_counts_it() {
+    let json = std::env::temp_dir().join(format!("faultline-check-{}.json", std::process::id()));
+    let srv = Server::start(
+        "check-warn",
+        &["--gpu-check", "--stats-json", json.to_str().unwrap()],
+    );
+    let status = common::gpu_client::coherence_violation_session(&srv.socket);
+    assert_eq!(status, 0, "warn: the FILL completes Ok");
+    let o = srv.finish();
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "warn never changes the status: {err}"
+    );
+    assert_eq!(
+        err.matches("GPU coherence violation: context 0 VA 0x0 Write")
+            .count(),
+        1,
+        "{err}"
+    );
+    let doc = std::fs::read_to_string(&json).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(v["gpu"]["lifetime.coherence_violations"], 1, "{doc}");
+    assert_eq!(v["gpu"]["check.mode"], 1, "{doc}");
+    assert_eq!(v["gpu"]["check.checked"], 1, "{doc}");
+}
