@@ -387,10 +387,6 @@ pub(super) mod window_access_per_page {
             ensure!(fired.load(Ordering::Acquire), "the hook never ran");
             ok(r, "write to the writable page")?;
             let leaf = svm.device_lookup(ro);
-            ensure!(
-                leaf.is_none_or(|l| !l.perms.intersects(Pte::WRITE | Pte::ATOMIC)),
-                "device leaf {leaf:?} of a read-only page is writable"
-            );
             let r = fill(chan, ro, PAGE_SIZE, PAT);
             if r == Err(GpuError::Command(Status::CoherenceViolation)) {
                 return Err(String::from(
@@ -399,6 +395,10 @@ pub(super) mod window_access_per_page {
             }
             ensure!(cancelled(r), "write to the read-only page: {r:?}");
             no_new_violations(env, before, "fills")?;
+            ensure!(
+                leaf.is_none_or(|l| !l.perms.intersects(Pte::WRITE | Pte::ATOMIC)),
+                "device leaf {leaf:?} of a read-only page is writable"
+            );
             cpu_check(env, p, w, PAGE_SIZE, Pattern::constant(PAT))?;
             cpu_check(
                 env,
