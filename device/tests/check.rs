@@ -464,3 +464,41 @@ fn a_copy_counts_one_violation_per_use() {
     assert_eq!(violations(&rig), 1);
     assert_eq!(reports(&mut rig).len(), 1);
 }
+
+#[test]
+fn a_launch_names_its_warp() {
+    use faultline_abi::isa::{encode, sreg, ADD, EXIT, S2R, SHLI, ST64};
+    // Each thread stores to out[GTID * 512] (one page per thread); the CPU
+    // maps thread 9's page (warp 1, lane 1) read-only.
+    let code = [
+        encode(S2R, 5, 0, 0, sreg::GTID),
+        encode(SHLI, 5, 5, 0, 12),
+        encode(ADD, 5, 5, 1, 0),
+        encode(ST64, 0, 5, 5, 0),
+        encode(EXIT, 0, 0, 0, 0),
+    ];
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    let code_va = 0x1000;
+    let code_gpa = F + 0x20_0000;
+    rig.write_code(code_gpa, &code);
+    rig.map(0, code_va, code_gpa, LEAF_4K, Pte::empty());
+    pt.map(&rig, code_va, code_gpa, LEAF_4K, USER_RO);
+    map_both(&mut rig, &mut pt, 16, DEV_RW, USER_RW);
+    pt.map(&rig, VA + 9 * LEAF_4K, F + 9 * LEAF_4K, LEAF_4K, USER_RO);
+    let t = rig.exec(
+        0,
+        cmd::launch(code_va, code.len() as u32, 1, 16, [VA, 0, 0, 0]),
+    );
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].va, VA + 9 * LEAF_4K);
+    assert_eq!(r[0].kind, ViolationKind::ReadOnly);
+    assert_eq!(r[0].origin.engine, faultline_abi::engine::COMPUTE);
+    assert_eq!(r[0].origin.info, 1, "warp 1");
+    assert!(
+        r[0].to_string().contains("LAUNCH on channel 0 warp 1"),
+        "{}",
+        r[0]
+    );
+}
