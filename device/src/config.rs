@@ -6,6 +6,7 @@
 use faultline_abi::{MAX_FAULT_ENTRIES, NUM_CHANNELS};
 
 use crate::check::CheckMode;
+use crate::inject::InjectSpec;
 use crate::mmu::TLB_CAPACITY;
 
 /// Largest per-context TLB a host may ask for: far beyond any guest's
@@ -25,6 +26,8 @@ pub struct Config {
     /// The coherence checker (`--gpu-check`), walking x86-64 CPU tables in
     /// the device's memory; `Device::set_checker` can give other tables.
     pub check: CheckMode,
+    /// Fault injection (`--gpu-inject`, `crate::inject`); `None`: off.
+    pub inject: Option<InjectSpec>,
 }
 
 impl Default for Config {
@@ -34,6 +37,7 @@ impl Default for Config {
             tlb_entries: TLB_CAPACITY as u32,
             channels: NUM_CHANNELS,
             check: CheckMode::Off,
+            inject: None,
         }
     }
 }
@@ -76,6 +80,7 @@ mod tests {
             tlb_entries: t,
             channels: ch,
             check: CheckMode::Off,
+            inject: None,
         };
         assert_eq!(c(2, 1, 1).validate(), Ok(()));
         assert_eq!(c(1 << 16, MAX_TLB_ENTRIES, 8).validate(), Ok(()));

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 use crate::check::Origin;
 use crate::counters::Counters;
+use crate::inject::{Injector, Knob, MAX_SPURIOUS_PER_STEP};
 use crate::isa::LaunchJob;
 use crate::mmu::{Mmu, Translation, XlateError};
 
@@ -50,6 +51,10 @@ pub struct Env<'a, M> {
     pub channel: u8,
     /// Warp-instructions a LAUNCH may execute before `Timeout`.
     pub launch_step_limit: u64,
+    /// Fault injection, if the host configured it.
+    pub inject: Option<&'a mut Injector>,
+    /// Device time (ns) of this slice; only read with `inject`.
+    pub now: u64,
 }
 
 impl<M: GuestMemoryBackend> Env<'_, M> {
@@ -71,7 +76,26 @@ impl<M: GuestMemoryBackend> Env<'_, M> {
             .mmu
             .translate_for(self.mem, self.counters, self.ctx, va, access, origin)
         {
-            Ok(t) => Ok(Some(t)),
+            Ok(t) => {
+                if let Some(inj) = self.inject.as_deref_mut() {
+                    if inj.spurious.len() < MAX_SPURIOUS_PER_STEP
+                        && inj.rng.chance(inj.spec.spurious_ppm)
+                    {
+                        // Reported beside the real faults of the step; the
+                        // access itself goes ahead.
+                        inj.spurious.push(FaultRec {
+                            ctx: self.ctx,
+                            page: va & !(PAGE_SIZE - 1),
+                            access,
+                            reason: FaultReason::NotPresent,
+                            engine,
+                            channel: self.channel,
+                            info,
+                        });
+                    }
+                }
+                Ok(Some(t))
+            }
             Err(XlateError::Fail(s)) => Err(s),
             Err(XlateError::Fault { va, reason }) => {
                 let rec = FaultRec {
@@ -93,12 +117,76 @@ impl<M: GuestMemoryBackend> Env<'_, M> {
     }
 }
 
+impl<M> Env<'_, M> {
+    /// Fault injection's `engine_stall_us`: whether the access just
+    /// translated pauses, and until when (device ns).
+    fn pause(&mut self) -> Option<u64> {
+        let inj = self.inject.as_deref_mut()?;
+        let us = inj.spec.engine_stall_us;
+        if us == 0 || !inj.rng.chance(inj.spec.engine_stall_ppm) {
+            return None;
+        }
+        inj.fire(Knob::EngineStall);
+        Some(self.now + us * 1000)
+    }
+}
+
+/// An access paused between its translation and its data access (fault
+/// injection, `engine_stall_us`), with the translation it holds. An
+/// invalidate overlapping it is not acknowledged before it ran.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// Device time (ns) the access runs at.
+    pub until: u64,
+    access: HeldAccess,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum HeldAccess {
+    Fill {
+        va: u64,
+        t: Translation,
+        n: u64,
+    },
+    Copy {
+        src: u64,
+        dst: u64,
+        s: Translation,
+        d: Translation,
+        n: u64,
+    },
+    Atomic {
+        va: u64,
+        t: Translation,
+        size: u64,
+    },
+}
+
+impl Held {
+    /// Whether the pages the access touches meet `[start, end)`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        let pages = |va: u64, n: u64| {
+            let first = va & !(PAGE_SIZE - 1);
+            let last = va.saturating_add(n.max(1)).next_multiple_of(PAGE_SIZE);
+            first < end && start < last
+        };
+        match self.access {
+            HeldAccess::Fill { va, n, .. } => pages(va, n),
+            HeldAccess::Copy { src, dst, n, .. } => pages(src, n) || pages(dst, n),
+            HeldAccess::Atomic { va, size, .. } => pages(va, size),
+        }
+    }
+}
+
 /// Result of running one slice of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done(Status, u64),
     /// Waiting for REPLAY (or CANCEL).
     Stalled,
+    /// An access paused holding its translation until `Job::held_until`
+    /// (fault injection).
+    Paused,
     /// Budget used up; run again.
     Yield,
 }
@@ -113,6 +201,8 @@ pub struct Job {
     done: u64,
     /// Pages the (non-LAUNCH) job is stalled on.
     stalled: Vec<u64>,
+    /// The access paused with its translation (fault injection).
+    held: Option<Held>,
 }
 
 impl Job {
@@ -140,7 +230,19 @@ impl Job {
             launch,
             done: 0,
             stalled: Vec::new(),
+            held: None,
         }
+    }
+
+    /// When the paused access runs (device ns), if one is paused.
+    pub fn held_until(&self) -> Option<u64> {
+        self.held.map(|h| h.until)
+    }
+
+    /// Whether a paused access holds a translation of a page in
+    /// `[start, end)`.
+    pub fn held_overlaps(&self, start: u64, end: u64) -> bool {
+        self.held.is_some_and(|h| h.overlaps(start, end))
     }
 
     pub fn opcode(&self) -> Option<Opcode> {
@@ -186,22 +288,26 @@ impl Job {
             return Outcome::Stalled;
         }
         let mark = env.faults.len();
+        let held = &mut self.held;
         let r = match self.command {
-            Command::Fill { dst, len, pattern } => fill(env, dst, len, pattern, &mut self.done),
-            Command::Copy { dst, src, len } => copy(env, dst, src, len, &mut self.done),
+            Command::Fill { dst, len, pattern } => {
+                fill(env, dst, len, pattern, &mut self.done, held)
+            }
+            Command::Copy { dst, src, len } => copy(env, dst, src, len, &mut self.done, held),
             Command::Atomic {
                 va,
                 op,
                 wide,
                 operand,
                 compare,
-            } => atomic(env, va, op, wide, operand, compare),
+            } => atomic(env, va, op, wide, operand, compare, held),
             Command::SemaphoreRelease { va, wide, value } => semaphore(env, va, wide, value),
             // LAUNCH ran above; decoding never yields `Raw`.
             Command::Launch { .. } | Command::Raw(_) => Err(Status::InvalidOpcode),
         };
         match r {
             Ok(Some(result)) => Outcome::Done(Status::Ok, result),
+            Ok(None) if self.held.is_some() => Outcome::Paused,
             Ok(None) if env.faults.len() > mark => self.stall_from(env, mark),
             Ok(None) => Outcome::Yield,
             Err(s) => Outcome::Done(s, 0),
@@ -219,12 +325,33 @@ fn fill<M: GuestMemoryBackend>(
     len: u64,
     pattern: u64,
     done: &mut u64,
+    held: &mut Option<Held>,
 ) -> Step {
     // Pattern repeated over one page plus one period, so any phase can be
     // sliced out of it.
     let mut buf = [0u8; PAGE_SIZE as usize + 8];
     for (i, b) in buf.iter_mut().enumerate() {
         *b = pattern.to_le_bytes()[i % 8];
+    }
+    let write = |env: &Env<'_, M>, t: Translation, n: u64, done: u64| {
+        let mut off = 0;
+        while off < n {
+            let phase = ((done + off) % 8) as usize;
+            let m = (n - off).min(PAGE_SIZE);
+            env.mem
+                .write_slice(&buf[phase..phase + m as usize], GuestAddress(t.gpa + off))
+                .map_err(|_| Status::MemoryError)?;
+            off += m;
+        }
+        Ok::<(), Status>(())
+    };
+    if let Some(Held {
+        access: HeldAccess::Fill { t, n, .. },
+        ..
+    }) = held.take()
+    {
+        write(env, t, n, *done)?;
+        *done += n;
     }
     let stop = len.min(done.saturating_add(XFER_SLICE));
     while *done < stop {
@@ -234,15 +361,14 @@ fn fill<M: GuestMemoryBackend>(
         };
         // Never past the slice, however large the leaf.
         let n = (stop - *done).min(t.avail);
-        let mut off = 0;
-        while off < n {
-            let phase = ((*done + off) % 8) as usize;
-            let m = (n - off).min(PAGE_SIZE);
-            env.mem
-                .write_slice(&buf[phase..phase + m as usize], GuestAddress(t.gpa + off))
-                .map_err(|_| Status::MemoryError)?;
-            off += m;
+        if let Some(until) = env.pause() {
+            *held = Some(Held {
+                until,
+                access: HeldAccess::Fill { va, t, n },
+            });
+            return Ok(None);
         }
+        write(env, t, n, *done)?;
         *done += n;
     }
     Ok((*done == len).then_some(0))
@@ -279,7 +405,17 @@ fn copy<M: GuestMemoryBackend>(
     src: u64,
     len: u64,
     done: &mut u64,
+    held: &mut Option<Held>,
 ) -> Step {
+    if let Some(Held {
+        access: HeldAccess::Copy { s, d, n, .. },
+        ..
+    }) = held.take()
+    {
+        copy_gpa(env.mem, d.gpa, s.gpa, n)?;
+        env.counters.add(Counter::BytesCopied, n);
+        *done += n;
+    }
     let stop = len.min(done.saturating_add(XFER_SLICE));
     // Translations peeked at the end of one run start the next; they never
     // outlive this slice, so no control step (invalidation) can intervene.
@@ -299,6 +435,21 @@ fn copy<M: GuestMemoryBackend>(
             }
         };
         let mut n = (stop - *done).min(s.avail).min(d.avail);
+        if let Some(until) = env.pause() {
+            // Without coalescing: the pause holds exactly these two
+            // translations.
+            *held = Some(Held {
+                until,
+                access: HeldAccess::Copy {
+                    src: src + *done,
+                    dst: dst + *done,
+                    s,
+                    d,
+                    n,
+                },
+            });
+            return Ok(None);
+        }
         // Still one translation per page (or leaf), but physically
         // contiguous pages on both sides coalesce into one bulk copy. A peek
         // that fails (fault or error) just ends the run; the next iteration
@@ -387,9 +538,27 @@ fn atomic<M: GuestMemoryBackend>(
     wide: bool,
     operand: u64,
     compare: u64,
+    held: &mut Option<Held>,
 ) -> Step {
-    let Some(t) = env.xlate(va, Access::Atomic, engine::ATOMIC, 0)? else {
-        return Ok(None);
+    let t = match held.take() {
+        Some(Held {
+            access: HeldAccess::Atomic { t, .. },
+            ..
+        }) => t,
+        _ => {
+            let Some(t) = env.xlate(va, Access::Atomic, engine::ATOMIC, 0)? else {
+                return Ok(None);
+            };
+            if let Some(until) = env.pause() {
+                let size = if wide { 8 } else { 4 };
+                *held = Some(Held {
+                    until,
+                    access: HeldAccess::Atomic { va, t, size },
+                });
+                return Ok(None);
+            }
+            t
+        }
     };
     atomic_gpa(env.mem, t.gpa, op, wide, operand, compare).map(Some)
 }

@@ -27,6 +27,7 @@ mod device;
 pub mod engine;
 #[cfg(feature = "test-utils")]
 pub mod harness;
+pub mod inject;
 pub mod isa;
 pub mod mmu;
 pub mod pci;
@@ -42,6 +43,7 @@ pub use device::{
     doorbell_offsets, Device, Doorbells, FirstError, InterruptSink, MAX_BACKLOG,
     STEP_CONTROL_ENTRIES, STEP_SLICES,
 };
+pub use inject::{InjectError, InjectSpec};
 pub use pci::MsiState;
 pub use sync::DeviceMutex;
 pub use worker::{Waker, Worker};

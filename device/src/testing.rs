@@ -181,6 +181,60 @@ impl Rig {
         rig
     }
 
+    /// `Rig::new` for a device with fault injection `spec`.
+    pub fn with_inject(mem_size: u64, fault_entries: u32, spec: crate::InjectSpec) -> Rig {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .unwrap_or_else(|e| panic!("guest memory: {e}"));
+        let cfg = crate::Config {
+            inject: Some(spec),
+            ..crate::Config::default()
+        };
+        Self::with_config(mem, fault_entries, cfg)
+    }
+
+    /// Run until idle and nothing deferred is left (fault injection's
+    /// delays), sleeping until each deadline as a worker would. Bounded:
+    /// panics after 10 s of deferrals.
+    pub fn settle(&mut self) {
+        let start = std::time::Instant::now();
+        loop {
+            self.dev.run_until_idle();
+            let Some(d) = self.dev.next_deadline() else {
+                return;
+            };
+            assert!(start.elapsed().as_secs() < 10, "deferred work never ends");
+            std::thread::sleep(d);
+            self.dev.process();
+        }
+    }
+
+    /// Post a control entry and ring DB_CONTROL without running the
+    /// device; returns the entry's GPA (its status is at
+    /// `CtlEntry::STATUS_OFFSET`).
+    pub fn post_ctl(&mut self, op: impl Into<u32>, ctx: u32, start: u64, len: u64) -> u64 {
+        let idx = self.ctl_prod;
+        let a = CTL_RING + u64::from(idx % CTL_ENTRIES) * CtlEntry::SIZE as u64;
+        let e = CtlEntry {
+            op: op.into(),
+            context: ctx,
+            start,
+            len,
+            ..CtlEntry::default()
+        };
+        self.write_bytes(a, &e.to_le_bytes());
+        self.ctl_prod = idx.wrapping_add(1);
+        self.mem()
+            .write_obj(self.ctl_prod, GuestAddress(SB + status_block::CTL_PROD))
+            .unwrap_or(());
+        self.dev.doorbell(faultline_abi::doorbell::CONTROL);
+        a
+    }
+
+    /// Whether `ctl_cons` acknowledged every entry posted so far.
+    pub fn ctl_acked(&self) -> bool {
+        self.sb(status_block::CTL_CONS).wrapping_sub(self.ctl_prod) as i32 >= 0
+    }
+
     pub fn mem(&self) -> &GuestMemoryMmap {
         self.dev.memory()
     }

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::Doorbells;
 use crate::sync::{lock, DeviceMutex};
@@ -22,6 +23,9 @@ use crate::sync::{lock, DeviceMutex};
 /// use their position in the list).
 const WAKE: u64 = u64::MAX;
 const SHUTDOWN: u64 = u64::MAX - 1;
+/// The deadline timer: work the device deferred (fault injection's late
+/// acks, MSIs and paused accesses, `Device::next_deadline`).
+const TIMER: u64 = u64::MAX - 2;
 
 /// Rings doorbells and wakes the worker; cheap to clone, usable from any
 /// thread without touching the device lock.
@@ -78,6 +82,12 @@ impl Worker {
         }
         watch(&wake, WAKE)?;
         watch(&shutdown, SHUTDOWN)?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         let doorbells = {
             let mut d = lock(&device);
             let w = wake.clone();
@@ -91,7 +101,7 @@ impl Worker {
             let waker = waker.clone();
             std::thread::Builder::new()
                 .name("faultline-gpu".into())
-                .spawn(move || run(&epoll, &doorbell_fds, &waker, &device))?
+                .spawn(move || run(&epoll, &doorbell_fds, &waker, timer, &device))?
         };
         Ok(Worker {
             waker,
@@ -132,10 +142,12 @@ fn run<M: GuestMemoryBackend>(
     epoll: &Epoll,
     doorbell_fds: &[(u32, EventFd)],
     waker: &Waker,
+    mut timer: TimerFd,
     device: &DeviceMutex<M>,
 ) {
-    let mut events = vec![EpollEvent::default(); doorbell_fds.len() + 2];
+    let mut events = vec![EpollEvent::default(); doorbell_fds.len() + 3];
     let mut busy = false;
+    let mut timer_failed = false;
     loop {
         // While the device has more work, only poll (timeout 0) so new
         // doorbells are picked up between slices; idle, block.
@@ -154,6 +166,11 @@ fn run<M: GuestMemoryBackend>(
                 WAKE => {
                     let _ = waker.wake.read();
                 }
+                // Readable, so the read does not block; an expiry that is
+                // stale by now costs one spare step.
+                TIMER => {
+                    let _ = timer.wait();
+                }
                 i => {
                     if let Some((index, fd)) = doorbell_fds.get(i as usize) {
                         // The count is irrelevant: a doorbell means "look
@@ -166,14 +183,31 @@ fn run<M: GuestMemoryBackend>(
         }
         // One bounded step per lock hold (`Device::process`), and a thread
         // waiting for the register file goes first (`DeviceMutex`).
-        let (first_errors, violations) = {
+        let (first_errors, violations, deadline) = {
             let mut d = device.lock_for_step();
             busy = d.process();
             let e = d.take_first_errors();
             let v = d.take_coherence_reports();
+            let deadline = if busy { None } else { d.next_deadline() };
             DeviceMutex::unlock_after_step(d);
-            (e, v)
+            (e, v, deadline)
         };
+        // Deferred work: sleep in epoll until it is due, never with the
+        // lock held and never spinning for µs delays. A zero duration
+        // would disarm the timer: it is due now, so step again.
+        match deadline {
+            Some(d) if d.is_zero() => busy = true,
+            Some(d) => {
+                if let Err(e) = timer.reset(d, None) {
+                    // Then poll instead (once logged).
+                    if !std::mem::replace(&mut timer_failed, true) {
+                        log::error!("GPU worker: timerfd: {e}");
+                    }
+                    busy = true;
+                }
+            }
+            None => {}
+        }
         // Logged with the lock released: a stderr that blocks stalls this
         // thread only, never a vCPU's register access. Info, not warn: the
         // guest caused them (often on purpose, in bad-input tests), and

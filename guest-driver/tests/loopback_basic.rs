@@ -64,6 +64,28 @@ fn identity_fill_copy() {
 }
 
 #[test]
+fn inject_active_reads_the_hosts_knobs() {
+    use faultline_abi::InjectKnobs;
+    let plain = Loopback::new(16);
+    let gpu = Gpu::probe(plain.clone(), GpuConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gpu.inject_active(), InjectKnobs::empty());
+    let cfg = faultline_device::Config {
+        inject: Some(
+            "seed=3,fault_dup=0.5,tlb_ack_delay_steps=4"
+                .parse()
+                .unwrap(),
+        ),
+        ..faultline_device::Config::default()
+    };
+    let lb = Loopback::with_config(16, cfg);
+    let gpu = Gpu::probe(lb.clone(), GpuConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        gpu.inject_active(),
+        InjectKnobs::FAULT_DUP | InjectKnobs::TLB_ACK_DELAY_STEPS
+    );
+}
+
+#[test]
 fn probe_checks_identity_and_enables() {
     let lb = Loopback::new(16);
     assert_eq!(lb.read32(regs::MAGIC), DEVICE_MAGIC);

@@ -309,7 +309,7 @@ impl GpuHost {
     /// device counters as (name, value).
     pub fn stop(self) -> Vec<(String, u64)> {
         self.worker.shutdown();
-        lock(&self.device).counters().named()
+        lock(&self.device).named_counters()
     }
 }
 

@@ -177,6 +177,11 @@ struct GpuArgs {
     #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
           default_value = "off", default_missing_value = "warn", value_parser = gpu_check)]
     gpu_check: CheckMode,
+    /// Deterministic fault injection, e.g.
+    /// "seed=7,tlb_ack_delay_steps=64,fault_reorder=1,spurious=0.01"
+    /// (knobs: docs/testing.md "Fault injection").
+    #[arg(long, value_name = "SPEC")]
+    gpu_inject: Option<faultline_device::InjectSpec>,
 }
 
 impl GpuArgs {
@@ -186,6 +191,7 @@ impl GpuArgs {
             tlb_entries: self.gpu_tlb_entries,
             channels: self.gpu_channels,
             check: self.gpu_check,
+            inject: self.gpu_inject,
         }
     }
 }

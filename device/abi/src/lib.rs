@@ -35,7 +35,7 @@ pub use paging::{
     LEAF_2M, LEAF_4K, PAGE_SHIFT, PAGE_SIZE, PTE_ADDR_MASK, PTE_RESERVED_MASK, PT_ENTRIES,
     PT_LEVELS, VA_BITS, VA_LIMIT,
 };
-pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, IntCause};
+pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, InjectKnobs, IntCause};
 pub use status::{DeviceError, Status};
 pub use status_block::StatusBlock;
 

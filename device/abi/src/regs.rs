@@ -51,6 +51,10 @@ pub const TIMESTAMP_HI: u64 = 0x074;
 pub const FAULT_BUF_MAX: u64 = 0x078;
 /// (ABI 1.1) Leaf entries each context's TLB holds before evicting.
 pub const TLB_ENTRIES: u64 = 0x07C;
+/// Host fault-injection knobs in effect (`InjectKnobs`), read-only; 0 on a
+/// device without injection (and on any device predating it, since
+/// undefined offsets read 0).
+pub const INJECT_ACTIVE: u64 = 0x080;
 
 // --- Channels: one 64-byte block per channel ---
 pub const CHANNEL_BASE: u64 = 0x1000;
@@ -120,6 +124,29 @@ bitflags! {
     pub struct ChannelFlags: u32 {
         /// VIRTIO_F_EVENT_IDX semantics for notification suppression.
         const EVENT_IDX = 1 << 0;
+    }
+
+    /// `regs::INJECT_ACTIVE`: the fault-injection knobs the host turned on
+    /// (`faultline run/serve --gpu-inject`, docs/testing.md), a bit per
+    /// knob, so a guest test can state what it expects to see.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct InjectKnobs: u32 {
+        /// The control ring is served late, counted in device steps.
+        const TLB_ACK_DELAY_STEPS = 1 << 0;
+        /// The control ring is served late, counted in microseconds.
+        const TLB_ACK_DELAY_US = 1 << 1;
+        /// The FAULT MSI comes late after the entries it announces.
+        const FAULT_MSI_DELAY = 1 << 2;
+        /// Entries of one batch are written in a seeded permutation.
+        const FAULT_REORDER = 1 << 3;
+        /// Fault entries are sometimes written twice.
+        const FAULT_DUP = 1 << 4;
+        /// Translations that hit a valid mapping sometimes report a fault.
+        const SPURIOUS = 1 << 5;
+        /// The fault buffer counts as full below its real size.
+        const FAULT_OVERFLOW_AT = 1 << 6;
+        /// FILL/COPY/ATOMIC sometimes pause between translation and access.
+        const ENGINE_STALL = 1 << 7;
     }
 
     /// Read value of `regs::CH_ENABLE`.

@@ -91,6 +91,20 @@ impl Channel {
         self.context
     }
 
+    /// When the paused access of the command in flight runs (fault
+    /// injection), if one is paused.
+    pub(super) fn held_until(&self) -> Option<u64> {
+        self.in_flight.as_ref().and_then(|f| f.job.held_until())
+    }
+
+    /// Whether the command in flight holds a translation of a page in
+    /// `[start, end)` for a paused access.
+    pub(super) fn held_overlaps(&self, start: u64, end: u64) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|f| f.job.held_overlaps(start, end))
+    }
+
     /// The command in flight, if any.
     pub(super) fn job(&self) -> Option<&Job> {
         self.in_flight.as_ref().map(|f| &f.job)
@@ -170,6 +184,8 @@ impl<M: GuestMemoryBackend> Device<M> {
             queued_faults,
             channels,
             launch_step_limit,
+            inject,
+            epoch,
             ..
         } = self;
         let c = &mut channels[ch];
@@ -180,6 +196,14 @@ impl<M: GuestMemoryBackend> Device<M> {
             if f.stalled {
                 return Progress::Idle;
             }
+            // Only fault injection pauses accesses, or needs the time.
+            let now = match inject {
+                Some(_) => epoch.elapsed().as_nanos() as u64,
+                None => 0,
+            };
+            if f.job.held_until().is_some_and(|t| t > now) {
+                return Progress::Idle;
+            }
             let mut env = Env {
                 mem: &*mem,
                 mmu,
@@ -188,6 +212,8 @@ impl<M: GuestMemoryBackend> Device<M> {
                 ctx: c.context,
                 channel: ch as u8,
                 launch_step_limit: *launch_step_limit,
+                inject: inject.as_deref_mut(),
+                now,
             };
             match f.job.run(&mut env) {
                 Outcome::Done(status, result) => {
@@ -198,6 +224,8 @@ impl<M: GuestMemoryBackend> Device<M> {
                     self.complete(ch, f.head, f.completion, op, status, result);
                 }
                 Outcome::Stalled => f.stalled = true,
+                // Resumed by the deadline (`Device::next_deadline`).
+                Outcome::Paused => return Progress::Idle,
                 Outcome::Yield => {}
             }
             return Progress::Busy;

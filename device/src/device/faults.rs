@@ -14,12 +14,13 @@
 use std::collections::{HashMap, VecDeque};
 
 use faultline_abi::{
-    status_block, Access, Counter, DeviceError, FaultEntry, FaultFlags, IntCause, NUM_CHANNELS,
+    status_block, Access, Counter, DeviceError, FaultEntry, FaultFlags, NUM_CHANNELS,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::Device;
-use crate::engine::MAX_STALLED_PAGES;
+use crate::engine::{FaultRec, MAX_STALLED_PAGES};
+use crate::inject::Knob;
 
 /// Channels waiting on one fault, a bit per channel.
 type Waiters = u32;
@@ -51,6 +52,22 @@ pub(super) struct FaultUnit {
     overflow: bool,
     /// REPLAY doorbells processed, mirrored in the status block.
     replay_seq: u32,
+    /// The last `fault_space` was cut by `fault_overflow_at` (injection).
+    capped: bool,
+}
+
+fn entry_of(r: &FaultRec, now: u64) -> FaultEntry {
+    FaultEntry {
+        va: r.page,
+        timestamp: now,
+        context: r.ctx,
+        access: r.access as u8,
+        reason: r.reason as u8,
+        engine: r.engine,
+        channel: r.channel,
+        info: r.info,
+        _reserved: 0,
+    }
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
@@ -61,7 +78,18 @@ impl<M: GuestMemoryBackend> Device<M> {
         let used = self.faults.put.wrapping_sub(get);
         // A GET ahead of PUT is a driver bug: treat the buffer as full
         // rather than overwrite unread entries.
-        self.active.fault_entries.saturating_sub(used)
+        let space = self.active.fault_entries.saturating_sub(used);
+        let Some(at) = self
+            .inject
+            .as_deref()
+            .map(|i| i.spec.fault_overflow_at)
+            .filter(|a| *a != 0)
+        else {
+            return space;
+        };
+        let capped = at.saturating_sub(used);
+        self.faults.capped = capped < space;
+        capped.min(space)
     }
 
     fn write_fault(&mut self, e: &FaultEntry) -> bool {
@@ -83,10 +111,21 @@ impl<M: GuestMemoryBackend> Device<M> {
     /// Report the faults queued during this step: one FAULT interrupt for
     /// all of them.
     pub(super) fn record_faults(&mut self) {
-        if self.queued_faults.is_empty() {
+        if self.queued_faults.is_empty()
+            && self.inject.as_deref().is_none_or(|i| i.spurious.is_empty())
+        {
             return;
         }
-        let recs = std::mem::take(&mut self.queued_faults);
+        let mut recs = std::mem::take(&mut self.queued_faults);
+        if let Some(inj) = self.inject.as_deref_mut() {
+            if inj.spec.fault_reorder && recs.len() > 1 {
+                // Fisher-Yates, from the one PRNG.
+                for i in (1..recs.len()).rev() {
+                    recs.swap(i, inj.rng.below(i + 1));
+                }
+                inj.fire(Knob::FaultReorder);
+            }
+        }
         let now = self.now();
         let mut space = None;
         let (mut wrote, mut overflowed) = (false, false);
@@ -103,25 +142,25 @@ impl<M: GuestMemoryBackend> Device<M> {
                     v.insert(bit);
                 }
             }
-            let e = FaultEntry {
-                va: r.page,
-                timestamp: now,
-                context: r.ctx,
-                access: r.access as u8,
-                reason: r.reason as u8,
-                engine: r.engine,
-                channel: r.channel,
-                info: r.info,
-                _reserved: 0,
-            };
+            let e = entry_of(r, now);
             let space = space.get_or_insert_with(|| self.fault_space());
             if *space > 0 && self.faults.unreported.is_empty() {
                 if self.write_fault(&e) {
                     *space -= 1;
                     wrote = true;
+                    // A duplicate only where there is room: it is never
+                    // held back, so the backlog bound stays.
+                    if *space > 0 && self.inject_dup() && self.write_fault(&e) {
+                        *space -= 1;
+                    }
                 }
             } else {
                 self.counters.inc(Counter::FaultOverflows);
+                if self.faults.capped {
+                    if let Some(inj) = self.inject.as_deref_mut() {
+                        inj.fire(Knob::FaultOverflowAt);
+                    }
+                }
                 // Cannot exceed the bound (one entry per stalled access);
                 // should it ever, OVERFLOW alone says so and the stalled
                 // access reports again on REPLAY.
@@ -139,6 +178,14 @@ impl<M: GuestMemoryBackend> Device<M> {
         // The buffer's capacity is kept for the next step.
         self.queued_faults = recs;
         self.queued_faults.clear();
+        if let Some(inj) = self.inject.as_deref_mut() {
+            let spurious = std::mem::take(&mut inj.spurious);
+            wrote |= self.report_spurious(&spurious, now, &mut space);
+            if let Some(inj) = self.inject.as_deref_mut() {
+                inj.spurious = spurious;
+                inj.spurious.clear();
+            }
+        }
         if wrote {
             self.sb_store(status_block::FAULT_PUT, self.faults.put);
         }
@@ -146,7 +193,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             self.sb_store(status_block::FAULT_FLAGS, FaultFlags::OVERFLOW.bits());
         }
         if wrote || overflowed {
-            self.raise(IntCause::FAULT);
+            self.raise_fault();
         }
     }
 
@@ -172,8 +219,44 @@ impl<M: GuestMemoryBackend> Device<M> {
             self.sb_store(status_block::FAULT_FLAGS, 0);
         }
         if wrote {
-            self.raise(IntCause::FAULT);
+            self.raise_fault();
         }
+    }
+
+    /// Fault injection's `fault_dup`: whether to write the entry just
+    /// written again.
+    fn inject_dup(&mut self) -> bool {
+        let Some(inj) = self.inject.as_deref_mut() else {
+            return false;
+        };
+        let dup = inj.rng.chance(inj.spec.fault_dup_ppm);
+        if dup {
+            inj.fire(Knob::FaultDup);
+        }
+        dup
+    }
+
+    /// Fault injection's `spurious`: report faults for accesses that
+    /// translated fine. They are no pending faults (nothing waits on them,
+    /// so they neither deduplicate a real fault nor are held back): without
+    /// room in the buffer they are not reported.
+    fn report_spurious(&mut self, recs: &[FaultRec], now: u64, space: &mut Option<u32>) -> bool {
+        let mut wrote = false;
+        for r in recs {
+            let space = space.get_or_insert_with(|| self.fault_space());
+            if *space == 0 || !self.faults.unreported.is_empty() {
+                break;
+            }
+            if !self.write_fault(&entry_of(r, now)) {
+                break;
+            }
+            *space -= 1;
+            wrote = true;
+            if let Some(inj) = self.inject.as_deref_mut() {
+                inj.fire(Knob::Spurious);
+            }
+        }
+        wrote
     }
 
     /// DB_REPLAY.

@@ -16,7 +16,7 @@ mod regs;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use faultline_abi::{
     doorbell, status_block, vector, ContextEntry, CtlEntry, DeviceError, FaultEntry, IntCause,
@@ -28,10 +28,11 @@ use crate::check::{CheckMode, CpuTables, Violation};
 use crate::config::{Config, ConfigError};
 use crate::counters::Counters;
 use crate::engine::FaultRec;
+use crate::inject::{Injector, Knob};
 use crate::mmu::Mmu;
 use crate::pci::{ConfigSpace, MsiState};
 use channels::{Channel, Progress};
-use control::ControlRing;
+use control::{ControlRing, CtlProgress};
 use faults::FaultUnit;
 pub use faults::MAX_BACKLOG;
 use regs::Setup;
@@ -139,6 +140,9 @@ pub struct Device<M: GuestMemoryBackend> {
     /// Faults the engines hit during this step, recorded at its end.
     queued_faults: Vec<FaultRec>,
     launch_step_limit: u64,
+    /// Fault injection (`crate::inject`): `None` unless the host asked,
+    /// and then every hook is one branch on it.
+    inject: Option<Box<Injector>>,
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
@@ -184,6 +188,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             steps: Arc::new(AtomicU64::new(0)),
             queued_faults: Vec::new(),
             launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
+            inject: sizing.inject.map(|spec| Box::new(Injector::new(spec))),
         };
         d.set_checker(sizing.check, None);
         d
@@ -231,6 +236,41 @@ impl<M: GuestMemoryBackend> Device<M> {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// What the host prints at exit (`--stats`): `counters().named()`,
+    /// then with fault injection its spec (`inject.spec.<knob>`) and how
+    /// often each knob fired (`inject.fired.<knob>`).
+    pub fn named_counters(&self) -> Vec<(String, u64)> {
+        let mut out = self.counters.named();
+        if let Some(i) = &self.inject {
+            out.extend(i.named());
+        }
+        out
+    }
+
+    /// The fault-injection state, if the host configured injection.
+    pub fn injector(&self) -> Option<&Injector> {
+        self.inject.as_deref()
+    }
+
+    /// How long until deferred work (a late control ring, FAULT MSI or
+    /// paused engine access) is due, for a host that would otherwise
+    /// block: call `process()` again then. `None`: nothing deferred.
+    /// Only fault injection defers work.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let inj = self.inject.as_deref()?;
+        if !self.enabled {
+            return None;
+        }
+        let held = self.channels.iter().filter_map(|c| c.held_until());
+        let due = inj
+            .msi_due
+            .into_iter()
+            .chain(inj.ctl_due.map(|(_, t)| t))
+            .chain(held)
+            .min()?;
+        Some(Duration::from_nanos(due.saturating_sub(self.now())))
     }
 
     /// The first device error of each kind raised since the last call (each
@@ -312,6 +352,29 @@ impl<M: GuestMemoryBackend> Device<M> {
         if let Some(v) = self.config.raise(vec) {
             self.irq.trigger(v);
         }
+    }
+
+    /// Fault entries were published (or the buffer overflowed): the FAULT
+    /// interrupt, now or, with `fault_msi_delay_us`, once that has passed
+    /// (one pending MSI covers every batch published meanwhile).
+    fn raise_fault(&mut self) {
+        if let Some(delay) = self
+            .inject
+            .as_deref()
+            .map(|i| i.spec.fault_msi_delay_us)
+            .filter(|d| *d != 0)
+        {
+            let due = self.now() + delay * 1000;
+            let Some(inj) = self.inject.as_deref_mut() else {
+                return;
+            };
+            if inj.msi_due.is_none() {
+                inj.msi_due = Some(due);
+                inj.fire(Knob::FaultMsiDelay);
+            }
+            return;
+        }
+        self.raise(IntCause::FAULT);
     }
 
     fn device_error(&mut self, code: DeviceError, info: u32) {
@@ -411,6 +474,9 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.mmu.set_context_table(r.ctx_table);
         self.faults = FaultUnit::default();
         self.control = ControlRing::default();
+        if let Some(i) = &mut self.inject {
+            i.drop_deferred();
+        }
         for field in [
             status_block::FAULT_PUT,
             status_block::FAULT_FLAGS,
@@ -429,6 +495,9 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
         self.mmu.invalidate_all();
         self.faults = FaultUnit::default();
+        if let Some(i) = &mut self.inject {
+            i.drop_deferred();
+        }
     }
 
     // --------------------------------------------------------------- process
@@ -450,15 +519,37 @@ impl<M: GuestMemoryBackend> Device<M> {
         if !self.enabled {
             return false;
         }
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        if bells & (1 << doorbell::CONTROL) != 0 && !self.process_control(STEP_CONTROL_ENTRIES) {
-            // The rest next step. A REPLAY rung after those entries waits
-            // for them: retried accesses must not use translations an
-            // invalidation still queued would remove.
-            self.doorbells.ring(doorbell::CONTROL);
-            if bells & (1 << doorbell::REPLAY) != 0 {
-                self.doorbells.ring(doorbell::REPLAY);
-                bells &= !(1 << doorbell::REPLAY);
+        let step = self.steps.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut busy = false;
+        if self.inject.is_some() {
+            bells = self.inject_gate(bells, step);
+        }
+        if bells & (1 << doorbell::CONTROL) != 0 {
+            let progress = self.process_control(STEP_CONTROL_ENTRIES);
+            let replay = bells & (1 << doorbell::REPLAY);
+            // A REPLAY rung after the entries left waits for them:
+            // retried accesses must not use translations an invalidation
+            // still queued would remove.
+            match (progress, self.inject.as_deref_mut()) {
+                (CtlProgress::Done, _) => {}
+                (CtlProgress::More, None) => {
+                    // The rest next step.
+                    self.doorbells.ring(doorbell::CONTROL);
+                    if replay != 0 {
+                        self.doorbells.ring(doorbell::REPLAY);
+                    }
+                    bells &= !replay;
+                }
+                (progress, Some(inj)) => {
+                    // Retried next step without a new delay (it is no new
+                    // doorbell); a blocked ring waits for a paused engine,
+                    // whose deadline or completion wakes the next step.
+                    inj.withheld |= (1 << doorbell::CONTROL) | replay;
+                    inj.ctl_blocked = true;
+                    busy = matches!(progress, CtlProgress::More);
+                    bells &= !replay;
+                }
+                (CtlProgress::Blocked, None) => {}
             }
         }
         if bells & (1 << doorbell::FAULT_GET) != 0 {
@@ -467,7 +558,6 @@ impl<M: GuestMemoryBackend> Device<M> {
         if bells & (1 << doorbell::REPLAY) != 0 {
             self.replay();
         }
-        let mut busy = false;
         let n = self.channels.len();
         let first = self.next_channel;
         self.next_channel = (first + 1) % n;
@@ -494,7 +584,57 @@ impl<M: GuestMemoryBackend> Device<M> {
         // One batch, so one FAULT interrupt per step however many channels
         // faulted.
         self.record_faults();
-        busy || self.doorbells.any()
+        busy || self.doorbells.any() || self.inject.as_deref().is_some_and(|i| i.busy(step))
+    }
+
+    /// Fault injection's doorbell gate, at the start of a step: send a FAULT
+    /// MSI that is due, and hold CONTROL (and any REPLAY behind it) back
+    /// until the control ring's delay has passed.
+    fn inject_gate(&mut self, mut bells: u64, step: u64) -> u64 {
+        let now = self.now();
+        let Some(inj) = self.inject.as_deref_mut() else {
+            return bells;
+        };
+        let msi = inj.msi_due.is_some_and(|t| t <= now);
+        if msi {
+            inj.msi_due = None;
+        }
+        const CONTROL: u64 = 1 << doorbell::CONTROL;
+        const GATED: u64 = CONTROL | (1 << doorbell::REPLAY);
+        let retry = std::mem::take(&mut inj.ctl_blocked);
+        let (steps, us) = (inj.spec.tlb_ack_delay_steps, inj.spec.tlb_ack_delay_us);
+        // Only a doorbell of the driver's starts a delay, and only when no
+        // control work is deferred already (that one is served first).
+        if (steps | us) != 0
+            && bells & CONTROL != 0
+            && inj.ctl_due.is_none()
+            && !retry
+            && inj.withheld & CONTROL == 0
+        {
+            inj.ctl_due = Some((step + steps, now + us * 1000));
+            if steps != 0 {
+                inj.fire(Knob::TlbAckDelaySteps);
+            }
+            if us != 0 {
+                inj.fire(Knob::TlbAckDelayUs);
+            }
+        }
+        match inj.ctl_due {
+            Some((s, t)) if step < s || now < t => {
+                inj.withheld |= bells & GATED;
+                bells &= !GATED;
+            }
+            Some(_) => {
+                inj.ctl_due = None;
+                bells |= std::mem::take(&mut inj.withheld);
+            }
+            None if retry => bells |= std::mem::take(&mut inj.withheld),
+            None => {}
+        }
+        if msi {
+            self.raise(IntCause::FAULT);
+        }
+        bells
     }
 
     /// Process until idle (tests and simple hosts).

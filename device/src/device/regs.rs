@@ -58,6 +58,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             regs::NUM_CHANNELS => self.sizing.channels,
             regs::FAULT_BUF_MAX => self.sizing.max_fault_entries,
             regs::TLB_ENTRIES => self.sizing.tlb_entries,
+            regs::INJECT_ACTIVE => self.inject.as_ref().map_or(0, |i| i.spec.active().bits()),
             regs::STATUS => {
                 let mut s = DeviceStatus::empty();
                 s.set(DeviceStatus::ENABLED, self.enabled);

@@ -7,9 +7,9 @@ use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
     doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CpuRoot, CtlEntry,
-    CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, IntCause,
-    StatusBlock, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES, NUM_CHANNELS,
-    NUM_CONTEXTS, PAGE_SIZE,
+    CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, InjectKnobs,
+    IntCause, StatusBlock, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
+    NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
 };
 
 use super::counters::DriverCounters;
@@ -218,6 +218,12 @@ impl<P: Platform> Gpu<P> {
     /// Channels the device implements.
     pub fn channels(&self) -> u32 {
         self.channels
+    }
+
+    /// The host's fault-injection knobs in effect (INJECT_ACTIVE), so a
+    /// test can state what it expects; empty on a device without them.
+    pub fn inject_active(&self) -> InjectKnobs {
+        InjectKnobs::from_bits_truncate(self.platform.read32(regs::INJECT_ACTIVE))
     }
 
     /// Driver counters.

@@ -106,11 +106,17 @@ impl Loopback {
     /// A device over `mem_mib` MiB of guest memory, MSI enabled with four
     /// vectors, the worker thread running.
     pub fn new(mem_mib: u64) -> Arc<Self> {
+        Self::with_config(mem_mib, faultline_device::Config::default())
+    }
+
+    /// `new` for a device sized (and fault-injected) by `cfg`.
+    pub fn with_config(mem_mib: u64, cfg: faultline_device::Config) -> Arc<Self> {
         let size = mem_mib << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
             .unwrap_or_else(|e| panic!("guest memory: {e}"));
         let irq = Arc::new(Irq::default());
-        let mut dev = Device::new(mem.clone(), irq.clone());
+        let mut dev = Device::with_config(mem.clone(), irq.clone(), cfg)
+            .unwrap_or_else(|e| panic!("device config: {e}"));
         // MSI: address, then enable with MME = 2 (four vectors).
         dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
         dev.config_write(0x42, &(1u16 | (2 << 4)).to_le_bytes());

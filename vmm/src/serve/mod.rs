@@ -104,7 +104,7 @@ pub fn serve(cfg: ServeConfig) -> Served {
         }
     };
     let result = session(&cfg, device.clone(), irq);
-    let gpu_counters = Some(lock(&device).counters().named());
+    let gpu_counters = Some(lock(&device).named_counters());
     Served {
         result,
         gpu_counters,
