@@ -3,8 +3,12 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+
+use faultline_abi::CpuRoot;
+use faultline_device::check::{CheckMode, CpuLookup, CpuTables};
 
 use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
@@ -88,10 +92,55 @@ impl FrameSource for LoopFrames {
     }
 }
 
+/// The coherence checker's view of the simulated processes: a context's
+/// `cpu_root` names a [`SimMm`] by id (`SimMm::id`), looked up under its
+/// page-table lock alone (`SimMm::cpu_translation`), since the device checks
+/// while a munmap holding the mmap lock waits for it.
+#[derive(Default)]
+pub struct SimTables {
+    mms: Mutex<HashMap<u32, Weak<SimMm>>>,
+}
+
+impl SimTables {
+    fn add(&self, mm: &Arc<SimMm>) {
+        let mut mms = lock(&self.mms);
+        mms.retain(|_, m| m.strong_count() > 0);
+        mms.insert(mm.id(), Arc::downgrade(mm));
+    }
+}
+
+impl CpuTables for SimTables {
+    fn lookup(&self, root: CpuRoot, va: u64) -> CpuLookup {
+        let id = (root.root() / PAGE) as u32;
+        let mm = lock(&self.mms).get(&id).and_then(Weak::upgrade);
+        match mm.and_then(|mm| mm.cpu_translation(va)) {
+            Some((pfn, writable)) => CpuLookup::Mapped {
+                frame: pfn * PAGE,
+                writable,
+                user: true,
+                pte: (pfn * PAGE) | (u64::from(writable) << 1) | 1,
+            },
+            None => CpuLookup::NotMapped { pte: 0 },
+        }
+    }
+}
+
+/// The loopback's checker mode: `FAULTLINE_LOOPBACK_CHECK` (off, warn,
+/// fatal), fatal by default so every loopback test is also judged.
+fn check_mode() -> CheckMode {
+    match std::env::var("FAULTLINE_LOOPBACK_CHECK") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("FAULTLINE_LOOPBACK_CHECK: {e}")),
+        Err(_) => CheckMode::Fatal,
+    }
+}
+
 pub struct LoopEnv {
     pub lb: Arc<Loopback>,
     pub gpu: Arc<Gpu<Loopback>>,
     pub frames: Arc<LoopFrames>,
+    tables: Arc<SimTables>,
     next_va: AtomicU64,
     capacity: u64,
     pub large: u64,
@@ -100,12 +149,15 @@ pub struct LoopEnv {
 impl LoopEnv {
     pub fn new(mem_mib: u64, cfg: GpuConfig) -> Self {
         let lb = Loopback::new(mem_mib);
+        let tables = Arc::new(SimTables::default());
+        lb.set_checker(check_mode(), tables.clone());
         let gpu = Gpu::probe(lb.clone(), cfg).unwrap_or_else(|e| panic!("probe: {e}"));
         let frames = Arc::new(LoopFrames::new(lb.clone()));
         LoopEnv {
             lb,
             gpu,
             frames,
+            tables,
             next_va: AtomicU64::new(0x10_0000_0000),
             capacity: mem_mib << 8,
             large: 256 << 20,
@@ -137,7 +189,9 @@ impl SvmEnv for LoopEnv {
     }
 
     fn spawn(&self) -> Result<Arc<SimMm>, String> {
-        Ok(SimMm::with_frames(self.frames.clone()))
+        let mm = SimMm::with_frames(self.frames.clone());
+        self.tables.add(&mm);
+        Ok(mm)
     }
 
     fn mm(&self, p: &Arc<SimMm>) -> Arc<SimMm> {

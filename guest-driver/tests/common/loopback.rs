@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use faultline_abi::PAGE_SIZE as PAGE;
+use faultline_device::check::{CheckMode, CpuTables};
 use faultline_device::sync::lock;
 use faultline_device::{Device, DeviceMutex, InterruptSink, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
@@ -158,6 +159,16 @@ impl Loopback {
 
     pub fn frames_in_use(&self) -> u64 {
         lock(&self.frames).in_use()
+    }
+
+    /// Sets the device's coherence checker, CPU tables from `tables`.
+    pub fn set_checker(&self, mode: CheckMode, tables: Arc<dyn CpuTables>) {
+        self.device().set_checker(mode, Some(tables));
+    }
+
+    /// Coherence violations the device counted over its life.
+    pub fn coherence_violations(&self) -> u64 {
+        self.device().coherence_violations()
     }
 
     /// Stops the worker (the device stays; no more processing).
