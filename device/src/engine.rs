@@ -117,6 +117,31 @@ impl<M: GuestMemoryBackend> Env<'_, M> {
     }
 }
 
+impl<M: GuestMemoryBackend> Env<'_, M> {
+    /// A paused access runs now with the translation it held: the
+    /// coherence checker looks at it again (the CPU's table may have
+    /// changed meanwhile). `Err` under the checker's `Fatal`.
+    fn recheck(
+        &mut self,
+        va: u64,
+        access: Access,
+        engine: u8,
+        t: Translation,
+    ) -> Result<(), Status> {
+        let origin = Origin {
+            engine,
+            channel: self.channel,
+            info: 0,
+        };
+        self.mmu
+            .recheck(self.mem, self.counters, self.ctx, va, access, t.gpa, origin)
+            .map_err(|e| match e {
+                XlateError::Fail(s) => s,
+                XlateError::Fault { .. } => Status::CoherenceViolation,
+            })
+    }
+}
+
 impl<M> Env<'_, M> {
     /// Fault injection's `engine_stall_us`: whether the access just
     /// translated pauses, and until when (device ns).
@@ -346,10 +371,11 @@ fn fill<M: GuestMemoryBackend>(
         Ok::<(), Status>(())
     };
     if let Some(Held {
-        access: HeldAccess::Fill { t, n, .. },
+        access: HeldAccess::Fill { va, t, n },
         ..
     }) = held.take()
     {
+        env.recheck(va, Access::Write, engine::FILL, t)?;
         write(env, t, n, *done)?;
         *done += n;
     }
@@ -408,10 +434,12 @@ fn copy<M: GuestMemoryBackend>(
     held: &mut Option<Held>,
 ) -> Step {
     if let Some(Held {
-        access: HeldAccess::Copy { s, d, n, .. },
+        access: HeldAccess::Copy { src, dst, s, d, n },
         ..
     }) = held.take()
     {
+        env.recheck(src, Access::Read, engine::COPY, s)?;
+        env.recheck(dst, Access::Write, engine::COPY, d)?;
         copy_gpa(env.mem, d.gpa, s.gpa, n)?;
         env.counters.add(Counter::BytesCopied, n);
         *done += n;
@@ -542,9 +570,12 @@ fn atomic<M: GuestMemoryBackend>(
 ) -> Step {
     let t = match held.take() {
         Some(Held {
-            access: HeldAccess::Atomic { t, .. },
+            access: HeldAccess::Atomic { va, t, .. },
             ..
-        }) => t,
+        }) => {
+            env.recheck(va, Access::Atomic, engine::ATOMIC, t)?;
+            t
+        }
         _ => {
             let Some(t) = env.xlate(va, Access::Atomic, engine::ATOMIC, 0)? else {
                 return Ok(None);

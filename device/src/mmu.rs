@@ -401,6 +401,28 @@ impl Mmu {
         }
     }
 
+    /// Check `gpa`, which `translate_for` gave for `va` earlier, against
+    /// the CPU's table as it is now: for an access that held its
+    /// translation since (fault injection's `engine_stall_us`) and uses it
+    /// only now. `Err` under `Fatal`: the access must not happen.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recheck<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        counters: &mut Counters,
+        ctx: u32,
+        va: u64,
+        access: Access,
+        gpa: u64,
+        origin: Origin,
+    ) -> Result<(), XlateError> {
+        let Some(c) = self.checker.as_deref_mut() else {
+            return Ok(());
+        };
+        c.check(mem, counters, self.ctx_table, ctx, va, access, gpa, origin)
+            .map_err(|()| XlateError::Fail(Status::CoherenceViolation))
+    }
+
     #[inline(always)]
     fn lookup<M: GuestMemoryBackend>(
         &mut self,

@@ -445,3 +445,44 @@ fn stopping_a_stalled_channel_releases_the_invalidate() {
     assert_eq!(r.completion(t), None);
     assert_eq!(r.read_u64(DATA), 0);
 }
+
+// ------------------------------------------- engine stall + the checker
+
+/// A paused FILL under the fatal coherence checker, with the CPU's table
+/// mapping the page; `cpu_flags_at_resume` is what the CPU's PTE says when
+/// the access finally runs. Returns the FILL's status and the violations.
+fn paused_fill_under_checker(cpu_flags_at_resume: u64) -> (Status, u64) {
+    use faultline_abi::Counter;
+    use faultline_device::check::CheckMode;
+    use faultline_device::testing::CpuPageTable;
+    const VA: u64 = 0x7000_0000;
+    let mut r = rig("engine_stall_us=2000", 64);
+    r.dev.set_checker(CheckMode::Fatal, None);
+    let mut cpu = CpuPageTable::new(&r, 0x80_0000, 0xC0_0000);
+    cpu.attach(&r, 0);
+    r.map(0, VA, DATA, LEAF_4K, Pte::WRITE);
+    cpu.map(&r, VA, DATA, LEAF_4K, CpuPageTable::USER_RW);
+    let t = r.exec(0, cmd::fill(VA, 8, 0x42));
+    assert_eq!(r.completion(t), None, "paused");
+    assert_eq!(r.dev.counters().get(Counter::CoherenceViolations), 0);
+    cpu.map(&r, VA, DATA, LEAF_4K, cpu_flags_at_resume);
+    r.settle();
+    let violations = r.dev.counters().get(Counter::CoherenceViolations);
+    (r.status(t), violations)
+}
+
+#[test]
+fn a_paused_access_is_checked_again_when_it_runs() {
+    use faultline_device::testing::CpuPageTable;
+    assert_eq!(
+        paused_fill_under_checker(CpuPageTable::USER_RW),
+        (Status::Ok, 0),
+        "still mapped: fine"
+    );
+    // The CPU dropped the page while the access held its translation
+    // (a driver that does not wait for the ack): caught at the access.
+    assert_eq!(
+        paused_fill_under_checker(0),
+        (Status::CoherenceViolation, 1)
+    );
+}
