@@ -136,6 +136,16 @@ fn check_mode() -> CheckMode {
     }
 }
 
+/// The loopback device's fault injection: `FAULTLINE_LOOPBACK_INJECT`, a
+/// `--gpu-inject` spec (docs/testing.md "Fault injection"); none by default.
+fn inject_spec() -> Option<faultline_device::InjectSpec> {
+    let v = std::env::var("FAULTLINE_LOOPBACK_INJECT").ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|e| panic!("FAULTLINE_LOOPBACK_INJECT: {e}")),
+    )
+}
+
 pub struct LoopEnv {
     pub lb: Arc<Loopback>,
     pub gpu: Arc<Gpu<Loopback>>,
@@ -148,7 +158,21 @@ pub struct LoopEnv {
 
 impl LoopEnv {
     pub fn new(mem_mib: u64, cfg: GpuConfig) -> Self {
-        let lb = Loopback::new(mem_mib);
+        Self::with_inject(mem_mib, cfg, inject_spec())
+    }
+
+    /// `new` with the device's fault injection given (not taken from the
+    /// environment).
+    pub fn with_inject(
+        mem_mib: u64,
+        cfg: GpuConfig,
+        inject: Option<faultline_device::InjectSpec>,
+    ) -> Self {
+        let cfg_dev = faultline_device::Config {
+            inject,
+            ..faultline_device::Config::default()
+        };
+        let lb = Loopback::with_config(mem_mib, cfg_dev);
         let tables = Arc::new(SimTables::default());
         lb.set_checker(check_mode(), tables.clone());
         let gpu = Gpu::probe(lb.clone(), cfg).unwrap_or_else(|e| panic!("probe: {e}"));
