@@ -6,6 +6,10 @@ FIRMWARE_IMAGE="$FAULTLINE_ROOT/firmware/target/x86_64-unknown-none/release/faul
 FIRMWARE_BENCH_IMAGE="$FAULTLINE_ROOT/firmware/target/bench/x86_64-unknown-none/release/faultline-firmware"
 # The same with the driver's test-only mutants (`scripts/build-firmware.sh --mutants`).
 FIRMWARE_MUTANTS_IMAGE="$FAULTLINE_ROOT/firmware/target/mutants/x86_64-unknown-none/release/faultline-firmware"
+# The fault-injection mix CI judges the suite under (docs/testing.md): late
+# acks and MSIs, reordered, duplicated and spurious faults, early overflow,
+# paused engines; with `--gpu-check=fatal` a correct driver passes it.
+FAULTLINE_INJECT_MIX="${FAULTLINE_INJECT_MIX:-seed=7,tlb_ack_delay_steps=16,fault_msi_delay_us=50,fault_reorder=1,fault_dup=0.05,spurious=0.001,fault_overflow_at=16,engine_stall_us=20,engine_stall=0.01}"
 FAULTLINE_BIN="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 
 say() { printf '==> %s\n' "$*" >&2; }

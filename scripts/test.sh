@@ -85,7 +85,9 @@ qemu_boot() {
 }
 
 # The default in-guest suite (self-tests, process mm, GPU, SVM) under
-# faultline, with its per-test lines in the log; vmm/tests also boots it but
+# faultline, judged by the device's coherence checker (fatal: a violation
+# fails its command and makes faultline exit 6) under the injection mix,
+# with its per-test lines in the log; vmm/tests also boots it plainly but
 # only shows a failure's output.
 guest_suite() {
   if ! kvm_usable; then
@@ -93,7 +95,7 @@ guest_suite() {
     return
   fi
   local results="${TMPDIR:-/tmp}/faultline-results-$$.xml"
-  scripts/run.sh --results "$results" &&
+  scripts/run.sh --results "$results" --gpu-check=fatal --gpu-inject "$FAULTLINE_INJECT_MIX" &&
     python3 -c 'import sys, xml.etree.ElementTree as E
 r = E.parse(sys.argv[1]).getroot()
 cases = r.findall(".//testcase")
@@ -106,7 +108,8 @@ sys.exit(1 if bad or not cases else 0)' "$results"
 }
 
 # The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU
-# comes from a cached trixie root (scripts/qemu-setup.sh).
+# comes from a cached trixie root (scripts/qemu-setup.sh). A coherence
+# violation makes the server exit 6, which qemu-run.sh reports as an error.
 qemu_vfio_user() {
   if ! kvm_usable; then
     skip_or_fail "/dev/kvm is not usable: the vfio-user QEMU run needs KVM"
@@ -116,7 +119,9 @@ qemu_vfio_user() {
     skip_or_fail "no QEMU with vfio-user-pci (scripts/qemu-setup.sh failed)"
     return
   fi
-  scripts/qemu-run.sh
+  # The same judge and injection mix as the guest suite under faultline.
+  FAULTLINE_SERVE_ARGS="--gpu-check=fatal --gpu-inject $FAULTLINE_INJECT_MIX ${FAULTLINE_SERVE_ARGS:-}" \
+    scripts/qemu-run.sh
 }
 
 # The seeded hostile-guest soak, short: gpu_hostile on two seeds and the
