@@ -277,3 +277,27 @@ fn bad_gpu_sizing_is_a_usage_error() {
         }
     }
 }
+
+#[test]
+fn bad_gpu_inject_spec_is_a_usage_error_naming_the_key() {
+    for (value, needle) in [
+        ("bogus=1", "unknown fault-injection knob 'bogus'"),
+        ("spurious=2", "spurious=2: not a probability"),
+        (
+            "fault_overflow_at=0",
+            "fault_overflow_at=0: must be at least 1",
+        ),
+        ("seed", "'seed' is not key=value"),
+        ("engine_stall=0.5", "engine_stall=0.5 needs engine_stall_us"),
+    ] {
+        for cmd in ["run", "serve"] {
+            let mut args = vec![cmd, "--gpu-inject", value];
+            if cmd == "serve" {
+                args.extend(["--socket", "/nonexistent/dir/sock"]);
+            }
+            let o = faultline(&args);
+            assert_clean_failure(&o, 2, needle);
+            assert!(stderr(&o).contains("--gpu-inject"), "{}", stderr(&o));
+        }
+    }
+}
