@@ -65,7 +65,17 @@ impl Input<'_> {
 /// Run one fuzz input. Panics if the device model does, or if a reset
 /// afterwards does not bring it back.
 pub fn run(data: &[u8]) {
-    let mut rig = Rig::new(MEM, 16);
+    run_with(data, None);
+}
+
+/// `run` on a device with fault injection `inject` (`crate::inject`):
+/// the same hostile program meets late acks, paused engines and the rest.
+/// Returns the counters as the host reads them at exit.
+pub fn run_with(data: &[u8], inject: Option<crate::InjectSpec>) -> Vec<(String, u64)> {
+    let mut rig = match inject {
+        Some(spec) => Rig::with_inject(MEM, 16, spec),
+        None => Rig::new(MEM, 16),
+    };
     rig.dev.set_launch_step_limit(20_000);
     rig.enable_channel(0, 0);
     rig.enable_channel(1, 0);
@@ -200,7 +210,9 @@ pub fn run(data: &[u8]) {
         }
     }
     // Counters are read as the host does at exit.
-    let _ = rig.dev.counters().named();
+    let named = rig.dev.named_counters();
+    // Deferred work stays bounded whatever the program did.
+    assert!(rig.dev.fault_backlog() <= crate::MAX_BACKLOG);
     // Whatever the input did, a reset brings the device back to power-on.
     rig.w32(regs::RESET, regs::RESET_VALUE);
     assert_eq!(rig.r32(regs::MAGIC), DEVICE_MAGIC, "identity after reset");
@@ -209,4 +221,5 @@ pub fn run(data: &[u8]) {
         DeviceStatus::empty(),
         "a reset device is disabled and error-free"
     );
+    named
 }
