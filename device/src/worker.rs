@@ -4,7 +4,10 @@
 //! the guest's doorbell write never exits to userspace) and a wake eventfd
 //! (BAR0 writes through `Device::mmio_write`, `Waker`), running
 //! `Device::process` while it reports more work. Waiting on the eventfds
-//! themselves keeps a doorbell to one wake-up of this thread.
+//! themselves keeps a doorbell to one wake-up of this thread. Work the
+//! device deferred to a time (fault injection, `Device::next_deadline`)
+//! wakes it through a timerfd in the same epoll set: no spinning, and no
+//! sleeping with the device lock held.
 
 use std::io;
 use std::os::fd::AsRawFd;
