@@ -305,6 +305,35 @@ fn session_config_bar0_dma_msi_and_counters() {
 }
 
 #[test]
+fn gpu_inject_reaches_the_served_device_and_its_stats() {
+    let json =
+        std::env::temp_dir().join(format!("faultline-serve-{}-inj.json", std::process::id()));
+    let srv = Server::start(
+        "inject",
+        &[
+            "--gpu-inject",
+            "seed=5,fault_dup=0.5,tlb_ack_delay_steps=3",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+    );
+    let mut c = srv.client();
+    let mut b = [0u8; 4];
+    c.region_read(BAR0, 0x080, &mut b).unwrap();
+    // INJECT_ACTIVE: TLB_ACK_DELAY_STEPS (bit 0) | FAULT_DUP (bit 4).
+    assert_eq!(u32::from_le_bytes(b), 0x11);
+    drop(c);
+    let o = srv.finish();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let doc = stats_doc(&json);
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(doc["gpu"]["inject.spec.seed"], 5, "{doc}");
+    assert_eq!(doc["gpu"]["inject.spec.fault_dup_ppm"], 500_000, "{doc}");
+    assert_eq!(doc["gpu"]["inject.spec.tlb_ack_delay_steps"], 3, "{doc}");
+    assert!(doc["gpu"]["inject.fired.fault_dup"].is_u64(), "{doc}");
+}
+
+#[test]
 fn garbage_on_the_socket_is_a_clear_error() {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut noise = vec![0u8; 64];
