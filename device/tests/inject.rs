@@ -486,3 +486,44 @@ fn a_paused_access_is_checked_again_when_it_runs() {
         (Status::CoherenceViolation, 1)
     );
 }
+
+#[test]
+fn knob_indices_match_the_inject_active_bits() {
+    // Each knob alone sets exactly its bit, which is its index in
+    // KNOB_NAMES and `Knob` (the names of the fired counters).
+    use faultline_device::inject::KNOB_NAMES;
+    for (k, s) in [
+        (Knob::TlbAckDelaySteps, "tlb_ack_delay_steps=1"),
+        (Knob::TlbAckDelayUs, "tlb_ack_delay_us=1"),
+        (Knob::FaultMsiDelay, "fault_msi_delay_us=1"),
+        (Knob::FaultReorder, "fault_reorder=1"),
+        (Knob::FaultDup, "fault_dup=0.5"),
+        (Knob::Spurious, "spurious=0.5"),
+        (Knob::FaultOverflowAt, "fault_overflow_at=1"),
+        (Knob::EngineStall, "engine_stall_us=1"),
+    ] {
+        assert_eq!(spec(s).active().bits(), 1 << k as u32, "{s}");
+        assert!(s.starts_with(KNOB_NAMES[k as usize]), "{s}");
+    }
+}
+
+#[test]
+fn a_replay_behind_an_invalidate_blocked_by_a_paused_engine_waits() {
+    let mut r = rig("engine_stall_us=20000", 64);
+    r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
+    let paused = r.exec(0, cmd::fill(0x1000, 8, 1));
+    let stalled = r.exec(1, cmd::fill(0x5000, 8, 2));
+    assert_eq!(r.drain_faults().len(), 1);
+    r.map(0, 0x5000, DATA + 0x4000, LEAF_4K, Pte::WRITE);
+    r.post_ctl(CtlOp::InvalidateRange, 0, 0x1000, 0x1000);
+    r.dev.doorbell(doorbell::REPLAY);
+    r.dev.run_until_idle();
+    assert!(!r.ctl_acked());
+    assert_eq!(r.sb(status_block::REPLAY_SEQ), 0, "replayed before the ack");
+    assert_eq!(r.completion(stalled), None);
+    r.settle();
+    assert!(r.ctl_acked());
+    assert_eq!(r.sb(status_block::REPLAY_SEQ), 1);
+    assert_eq!(r.status(paused), Status::Ok);
+    assert_eq!(r.status(stalled), Status::Ok);
+}
