@@ -64,17 +64,18 @@ for entry in "${MUTANTS[@]}"; do
   say "mutant $letter ($name): $test, inject ${spec}"
 
   # Loopback: the case passes the test on the real driver, then requires
-  # the mutant to fail it.
-  lb=no lb_viol="?"
-  FAULTLINE_LOOPBACK_INJECT=$([ "$spec" = - ] || echo "$spec") \
-    cargo test -q -p faultline-driver --features mutants --test svm_mutants -- \
+  # the mutant to fail it, both under the loopback's checker (fatal by
+  # default) and this mutant's injection.
+  lb=no lb_viol="?" lb_env=(env -u FAULTLINE_LOOPBACK_INJECT)
+  [ "$spec" = - ] || lb_env=(env "FAULTLINE_LOOPBACK_INJECT=$spec")
+  "${lb_env[@]}" cargo test -q -p faultline-driver --features mutants --test svm_mutants -- \
     --exact "$name" --nocapture >"$work/lb" 2>&1 && lb=yes
-  lb_line=$(grep -m1 "^mutant $letter $name: " "$work/lb" || true)
+  lb_line=$(grep -m1 -o "mutant $letter $name: .*" "$work/lb" || true)
   if [ -z "$lb_line" ]; then
     lb=no
     sed 's/^/  loopback: /' "$work/lb" | tail -20 >&2
-  elif [[ $lb_line != "mutant $letter $name: $test: "* ]]; then
-    say "the loopback pairs $name with another test: $lb_line"
+  elif [[ $lb_line != "mutant $letter $name: $test: inject $spec: "* ]]; then
+    say "the loopback pairs $name with another test or injection: $lb_line"
     lb=no
   else
     lb_viol=$(sed -n 's/.*(\([0-9]*\) violations)$/\1/p' <<<"$lb_line")

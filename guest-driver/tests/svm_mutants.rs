@@ -16,12 +16,30 @@ use faultline_driver::gpu::suite::{self, SvmEnv};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs suite test `name` on a fresh loopback with `m` active; its result
-/// and the device's coherence-violation count.
-fn run_with(name: &str, m: Option<Mutant>) -> (Result<(), String>, u64) {
+/// The `--gpu-inject` spec that opens each mutant's window (none: the
+/// test opens it itself). `scripts/mutants.sh` uses the same in the guest
+/// and checks it against the line `check` prints.
+fn window(m: Mutant) -> Option<&'static str> {
+    match m {
+        Mutant::NoAckWait => Some("seed=7,tlb_ack_delay_us=20000"),
+        Mutant::NoSeqCheck | Mutant::StrongestAccess => None,
+        Mutant::MprotectNoFlush | Mutant::UnmapAfterFree => Some("seed=7,tlb_ack_delay_steps=64"),
+    }
+}
+
+/// Runs suite test `name` on a fresh loopback (its coherence checker
+/// fatal unless `FAULTLINE_LOOPBACK_CHECK` says otherwise) injecting
+/// `spec`, with `m` active; its result and the device's
+/// coherence-violation count.
+fn run_with(name: &str, spec: Option<&str>, m: Option<Mutant>) -> (Result<(), String>, u64) {
+    let spec = spec.map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}")));
     mutant::set(m);
     let (env, r) = suite::run(name, |needs| {
-        Ok(LoopEnv::new(needs.memory_mib, needs.gpu_config()))
+        Ok(LoopEnv::with_inject(
+            needs.memory_mib,
+            needs.gpu_config(),
+            spec,
+        ))
     });
     let violations = env.as_ref().map_or(0, |e| {
         e.gpu().device_counter(Counter::CoherenceViolations as u32)
@@ -33,18 +51,20 @@ fn run_with(name: &str, m: Option<Mutant>) -> (Result<(), String>, u64) {
 fn check(m: Mutant) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let name = m.test();
-    let (real, v0) = run_with(name, None);
+    let spec = window(m);
+    let (real, v0) = run_with(name, spec, None);
     assert!(
         real.is_ok(),
         "{name} fails on the real driver: {}",
         real.unwrap_err()
     );
-    let (mutated, v) = run_with(name, Some(m));
+    let (mutated, v) = run_with(name, spec, Some(m));
     // One line per mutant for scripts/mutants.sh.
     eprintln!(
-        "mutant {} {}: {name}: real ok ({v0} violations), mutant {} ({v} violations)",
+        "mutant {} {}: {name}: inject {}: real ok ({v0} violations), mutant {} ({v} violations)",
         m.letter(),
         m.name(),
+        spec.unwrap_or("-"),
         match &mutated {
             Ok(()) => "NOT caught".to_string(),
             Err(e) => format!("caught: {e}"),
@@ -55,6 +75,11 @@ fn check(m: Mutant) {
         "{name} does not catch mutant {}",
         m.name()
     );
+}
+
+#[test]
+fn no_ack_wait() {
+    check(Mutant::NoAckWait);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use faultline_abi::{isa, Counter, Pte, Status, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, Segv, SvmEnv, TestResult};
-use crate::gpu::{GpuError, SvmConfig};
+use crate::gpu::{GpuError, Platform, SvmConfig};
 
 /// What a freed frame is filled with while a test watches frees.
 const CANARY: u64 = 0x0bad_f00d_feed_c0de;
@@ -68,25 +68,39 @@ const STREAM_PAGES: u64 = 4;
 /// a few).
 const STREAM_ROUNDS: i32 = 1 << 20;
 
-/// One thread that stores its countdown to the first word of every page
-/// of `[r1, r1 + r4)`, sets the started word (`r2 + 8`) after each full
-/// round, and ends when the stop word (`r2`) is non-zero or `r3` rounds
-/// are done. Its translations of the target stay in the device TLB while
+/// One thread that stores its countdown (`r3`, one less each round) to the
+/// first word of every page of `[r1, r1 + r4)`, then to the progress word
+/// (`r2 + 8`), and ends when the stop word (`r2`) is non-zero or the count
+/// reaches 0. Its translations of the target stay in the device TLB while
 /// the CPU changes the range.
-const STREAM_KERNEL: [u64; 12] = [
-    isa::encode(isa::MOVI, 5, 0, 0, 1),
+const STREAM_KERNEL: [u64; 11] = [
     isa::encode(isa::MOVI, 6, 0, 0, 0),
     isa::encode(isa::ADD, 7, 1, 6, 0),
     isa::encode(isa::ST64, 0, 7, 3, 0),
     isa::encode(isa::ADDI, 6, 6, 0, PAGE_SIZE as i32),
     isa::encode(isa::BNE, 0, 6, 4, -3),
-    isa::encode(isa::ST64, 0, 2, 5, 8),
+    isa::encode(isa::ST64, 0, 2, 3, 8),
     isa::encode(isa::LD64, 8, 2, 0, 0),
     isa::encode(isa::BNE, 0, 8, 0, 3),
     isa::encode(isa::ADDI, 3, 3, 0, -1),
     isa::encode(isa::BNE, 0, 3, 0, -9),
     isa::encode(isa::EXIT, 0, 0, 0, 0),
 ];
+
+/// How long the CPU lets the kernel run on after the change (it goes on
+/// only where the driver left it a translation), by the driver's clock.
+const RUN_ON_NS: u64 = 50_000_000;
+
+/// Spins (running the bottom half) until the u64 at `addr` differs from
+/// `old` or `ns` passed.
+fn wait_change<E: SvmEnv>(env: &E, p: &E::Process, addr: u64, old: u64, ns: u64) -> TestResult {
+    let clock = env.gpu().platform().clone();
+    let deadline = clock.now_ns().saturating_add(ns);
+    while read_u64(env, p, addr)? == old && clock.now_ns() < deadline {
+        env.gpu().poll(true);
+    }
+    Ok(())
+}
 
 /// What the CPU does to the target while the kernel streams over it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,7 +112,8 @@ enum Change {
 }
 
 /// Starts the streaming kernel over a fresh target, waits until it stored
-/// to every page once, applies `change`, then stops the kernel. Checks: the
+/// to every page once, applies `change`, lets the kernel run on for a
+/// while (until its next round or [`RUN_ON_NS`]), then stops it. Checks: the
 /// kernel completed or was cancelled, no coherence violation, the device
 /// keeps no leaf (munmap) or no writable leaf (mprotect) of the target, no
 /// freed frame was written, and a read-only target did not change after
@@ -123,10 +138,11 @@ fn stream_and_change<E: SvmEnv>(env: &E, change: Change) -> TestResult {
         )?;
         // The bottom half runs while the CPU spins, so the kernel's first
         // faults are serviced here.
-        let started = env
-            .wait_u64(p, flags + 8, 1)
-            .map_err(|_| String::from("CPU spin on the started word faulted"))?;
-        ensure!(started, "the kernel never finished a round");
+        wait_change(env, p, flags + 8, 0, env.gpu().config().timeout_ns)?;
+        ensure!(
+            read_u64(env, p, flags + 8)? != 0,
+            "the kernel never finished a round"
+        );
         if change == Change::Munmap {
             env.track_freed(Some(CANARY));
         }
@@ -140,6 +156,10 @@ fn stream_and_change<E: SvmEnv>(env: &E, change: Change) -> TestResult {
             Change::Munmap => None,
             Change::ReadOnly => Some(read_u64(env, p, target)?),
         };
+        // Let the kernel run on (if the driver left it a way) before it is
+        // told to stop.
+        let progress = read_u64(env, p, flags + 8)?;
+        wait_change(env, p, flags + 8, progress, RUN_ON_NS)?;
         let freed = env.take_freed();
         write_u64(env, p, flags, 1)?;
         let done = chan.wait(t);
