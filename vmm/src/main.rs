@@ -351,8 +351,9 @@ fn error_status(e: &error::Error) -> u8 {
 }
 
 fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
+    let inject = args.gpu.gpu_inject.filter(|_| !args.no_gpu);
     let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
-        Ok(s) => s,
+        Ok(s) => s.gpu_inject(inject.map(|s| s.to_string())),
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
     let results = match args.results.as_deref().map(results::Out::open).transpose() {
@@ -381,7 +382,7 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
 
 fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
     let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
-        Ok(s) => s,
+        Ok(s) => s.gpu_inject(args.gpu.gpu_inject.map(|s| s.to_string())),
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
     let cfg = serve::ServeConfig {

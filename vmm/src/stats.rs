@@ -13,6 +13,8 @@ pub struct Out {
     print: bool,
     /// Created (truncated) before anything runs, so a bad path fails fast.
     json: Option<(PathBuf, std::fs::File)>,
+    /// The GPU's fault-injection spec (`--gpu-inject`), canonical form.
+    gpu_inject: Option<String>,
 }
 
 impl Out {
@@ -32,7 +34,18 @@ impl Out {
             },
             None => None,
         };
-        Ok(Self { print, json })
+        Ok(Self {
+            print,
+            json,
+            gpu_inject: None,
+        })
+    }
+
+    /// Report the GPU's fault-injection spec with the counters (a line in
+    /// `--stats`, `"gpu_inject"` in `--stats-json`, null without one).
+    pub fn gpu_inject(mut self, spec: Option<String>) -> Self {
+        self.gpu_inject = spec;
+        self
     }
 
     /// `counters`: None without a GPU (`run --no-gpu`, or a run that
@@ -45,6 +58,9 @@ impl Out {
                     "no GPU counters (no GPU attached, or the VMM stopped before it reported)",
                 ),
                 Some(c) => {
+                    if let Some(spec) = &self.gpu_inject {
+                        output::line(&format!("GPU fault injection: {spec}"));
+                    }
                     output::line("GPU counters:");
                     for (name, v) in c {
                         output::text(&format!("  {name:<24} {v}"));
@@ -68,6 +84,7 @@ impl Out {
                 .collect();
             let doc = serde_json::json!({
                 "gpu": counters.map(pairs),
+                "gpu_inject": self.gpu_inject,
                 "process": pairs(&process),
             });
             let text = serde_json::to_string_pretty(&doc).expect("a JSON value always serialises");

@@ -327,6 +327,10 @@ fn gpu_inject_reaches_the_served_device_and_its_stats() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let doc = stats_doc(&json);
     let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        doc["gpu_inject"], "seed=5,tlb_ack_delay_steps=3,fault_dup=0.5",
+        "the canonical spec: {doc}"
+    );
     assert_eq!(doc["gpu"]["inject.spec.seed"], 5, "{doc}");
     assert_eq!(doc["gpu"]["inject.spec.fault_dup_ppm"], 500_000, "{doc}");
     assert_eq!(doc["gpu"]["inject.spec.tlb_ack_delay_steps"], 3, "{doc}");
@@ -706,6 +710,7 @@ fn protocol_error_exit_still_writes_stats() {
     let doc = stats_doc(&json);
     let _ = std::fs::remove_file(&json);
     assert!(doc["gpu"].is_object(), "{doc}");
+    assert!(doc["gpu_inject"].is_null(), "no --gpu-inject: {doc}");
     assert!(
         doc["process"]["peak_rss_kib"].as_u64().unwrap() > 0,
         "{doc}"
