@@ -62,8 +62,11 @@ impl Out {
                         output::line(&format!("GPU fault injection: {spec}"));
                     }
                     output::line("GPU counters:");
+                    // One column for the values however long the names
+                    // (inject.spec.* run past 24).
+                    let w = c.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(24);
                     for (name, v) in c {
-                        output::text(&format!("  {name:<24} {v}"));
+                        output::text(&format!("  {name:<w$} {v}"));
                     }
                 }
             }
