@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything: lints, host tests (unit, integration, property, loopback),
-# firmware build, boot tests in faultline and in QEMU, a short hostile-guest
-# soak, a short fuzz run.
+# firmware build, the in-guest suite judged by the coherence checker under
+# fault injection, the driver mutants, boot tests in faultline and in QEMU,
+# a short hostile-guest soak, a short fuzz run.
 #
 # FAULTLINE_REQUIRE_KVM=1 turns a missing /dev/kvm, QEMU or fuzzer into a
 # failure instead of a SKIP (CI sets it).
@@ -107,6 +108,17 @@ sys.exit(1 if bad or not cases else 0)' "$results"
   return $rc
 }
 
+# The judge judged: each of the driver's five test-only mutants must be
+# caught by its suite test, in the loopback and in the guest, and each test
+# must pass on the real driver (docs/testing.md "Mutants").
+mutants() {
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: the mutants' guest runs need KVM"
+    return
+  fi
+  scripts/mutants.sh
+}
+
 # The GPU served to QEMU 11 (vfio-user-pci) by `faultline serve`; the QEMU
 # comes from a cached trixie root (scripts/qemu-setup.sh). A coherence
 # violation makes the server exit 6, which qemu-run.sh reports as an error.
@@ -166,6 +178,7 @@ step lint lint
 # firmware built above.
 step host-tests cargo test -q --workspace
 step guest-suite guest_suite
+step mutants mutants
 step qemu-boot qemu_boot
 step qemu-vfio-user qemu_vfio_user
 step hostile-soak hostile_soak
