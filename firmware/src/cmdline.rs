@@ -231,7 +231,7 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                 None => complain(Complaint::BadValue {
                     key,
                     value,
-                    expected: "a..e or no_ack_wait|no_seq_check|strongest_access|mprotect_no_flush|unmap_after_free",
+                    expected: "a letter a..e or a mutant name (docs/testing.md)",
                 }),
             },
             _ => complain(Complaint::UnknownKey(key)),
