@@ -113,6 +113,121 @@ impl CachedPage {
     }
 }
 
+/// Sets of the paging-structure cache, two ways each: 256 tables per
+/// context, enough for the level-1 tables of 512 MiB of 4 KiB leaves.
+const WALK_CACHE_SETS: usize = 128;
+
+/// One cached table: the GPA of the table holding level-`level` entries
+/// for the VAs `[base, base + span(level))`, where `span(level)` is the
+/// reach of one level-`level + 1` entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct CachedTable {
+    /// `base | level` when valid (level 1..=3), 0 when empty.
+    tag: u64,
+    table: u64,
+}
+
+/// Reach of the table holding level-`level` entries (the span of the
+/// entry one level up that points to it).
+fn table_span(level: u32) -> u64 {
+    1u64 << level_shift(level + 1)
+}
+
+fn table_tag(va: u64, level: u32) -> u64 {
+    (va & !(table_span(level) - 1)) | u64::from(level)
+}
+
+/// The paging-structure cache of one context: tables reached through valid
+/// non-leaf entries (docs/gpu-abi.md, "TLB and invalidation"), and the
+/// context entry's root. Cleared and range-invalidated exactly when the
+/// context's TLB is.
+#[derive(Default)]
+struct WalkCache {
+    /// Root from a VALID context entry.
+    root: Option<u64>,
+    /// `WALK_CACHE_SETS` sets of two ways, most recent in way 0; allocated
+    /// on first insert.
+    sets: Vec<[CachedTable; 2]>,
+}
+
+fn table_set(tag: u64) -> usize {
+    // The tag's low bits are the level and its middle bits are the same
+    // for every block of one table: hash the whole tag.
+    (tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % WALK_CACHE_SETS
+}
+
+impl WalkCache {
+    /// The deepest cached table on `va`'s walk: (table GPA, level of its
+    /// entries); level 4 is the cached root.
+    fn lookup(&self, va: u64) -> Option<(u64, u32)> {
+        if !self.sets.is_empty() {
+            for level in 1..PT_LEVELS {
+                let tag = table_tag(va, level);
+                for w in &self.sets[table_set(tag)] {
+                    if w.tag == tag {
+                        return Some((w.table, level));
+                    }
+                }
+            }
+        }
+        self.root.map(|r| (r, PT_LEVELS))
+    }
+
+    fn insert(&mut self, va: u64, level: u32, table: u64) {
+        if self.sets.is_empty() {
+            self.sets = vec![[CachedTable::default(); 2]; WALK_CACHE_SETS];
+        }
+        let tag = table_tag(va, level);
+        let set = &mut self.sets[table_set(tag)];
+        let new = CachedTable { tag, table };
+        if set[0].tag != tag {
+            set[1] = set[0];
+        }
+        set[0] = new;
+    }
+
+    /// Forget the entry that gave `(table, level)` for `va`.
+    fn remove(&mut self, va: u64, level: u32) {
+        if level == PT_LEVELS {
+            self.root = None;
+            return;
+        }
+        let tag = table_tag(va, level);
+        if let Some(set) = self.sets.get_mut(table_set(tag)) {
+            for w in set.iter_mut() {
+                if w.tag == tag {
+                    *w = CachedTable::default();
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.root = None;
+        self.sets.fill([CachedTable::default(); 2]);
+    }
+
+    /// Drop every table whose reach overlaps `[start, end)`; the root
+    /// reaches everything.
+    fn invalidate_range(&mut self, start: u64, end: u64) {
+        self.root = None;
+        for w in self.sets.iter_mut().flatten() {
+            if w.tag == 0 {
+                continue;
+            }
+            let level = (w.tag & IN_PAGE) as u32;
+            let base = w.tag & !IN_PAGE;
+            if base < end && start < base.saturating_add(table_span(level)) {
+                *w = CachedTable::default();
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.root.is_some()) + self.sets.iter().flatten().filter(|w| w.tag != 0).count()
+    }
+}
+
 struct Tlb {
     /// Large leaves used last (4 KiB ones go to `pages`).
     recent: [Option<Entry>; RECENT],
@@ -124,6 +239,8 @@ struct Tlb {
     /// which eviction skips.
     order: VecDeque<u64>,
     capacity: usize,
+    /// Upper-level tables, so a miss reads one entry instead of six.
+    walk: WalkCache,
 }
 
 impl Default for Tlb {
@@ -142,6 +259,7 @@ impl Tlb {
             map: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            walk: WalkCache::default(),
         }
     }
 }
@@ -270,11 +388,13 @@ impl Tlb {
         self.pages.fill([CachedPage::default(); 2]);
         self.map.clear();
         self.order.clear();
+        self.walk.clear();
     }
 
     fn invalidate_range(&mut self, start: u64, end: u64) {
         self.forget(start, end);
         self.map.retain(|_, e| !e.overlaps(start, end));
+        self.walk.invalidate_range(start, end);
     }
 }
 
@@ -350,6 +470,12 @@ impl Mmu {
     /// Number of cached entries of `ctx` (for tests and diagnostics).
     pub fn tlb_len(&self, ctx: u32) -> usize {
         self.tlbs.get(ctx as usize).map_or(0, |t| t.map.len())
+    }
+
+    /// Number of tables (the root included) in the paging-structure cache
+    /// of `ctx` (for tests and diagnostics).
+    pub fn walk_cache_len(&self, ctx: u32) -> usize {
+        self.tlbs.get(ctx as usize).map_or(0, |t| t.walk.len())
     }
 
     /// Translate `va` in context `ctx` for `access`, on the host's behalf
@@ -452,7 +578,7 @@ impl Mmu {
         }
         counters.inc(Counter::TlbMisses);
         counters.inc(Counter::Walks);
-        let (e, level) = walk(mem, self.ctx_table, ctx, va)?;
+        let (e, level) = walk(mem, self.ctx_table, ctx, va, &mut tlb.walk)?;
         // Cache the leaf even when it lacks permission: a later access that
         // it does allow can use it.
         if tlb.insert(e, level) {
@@ -489,15 +615,32 @@ fn read_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Result<u64, XlateError>
         .map_err(|_| XlateError::Fail(Status::MemoryError))
 }
 
-/// Walk the page table of `ctx` for `va` (< 2^48). Returns the leaf and its
-/// level. The loop runs at most `PT_LEVELS` times whatever the table
-/// contents, so self-referencing tables cannot make it spin.
+/// Walk the page table of `ctx` for `va` (< 2^48), starting from the
+/// deepest table `cache` holds for it. Returns the leaf and its level.
+/// A walk from a cached table that does not end in a leaf is redone from
+/// the context entry: a table the guest has unlinked since it was cached
+/// may still give a stale leaf until invalidated (docs/gpu-abi.md), but
+/// never a fault or an error the tables as they are now would not give.
 fn walk<M: GuestMemoryBackend>(
     mem: &M,
     ctx_table: u64,
     ctx: u32,
     va: u64,
+    cache: &mut WalkCache,
 ) -> Result<(Entry, u32), XlateError> {
+    if let Some((table, level)) = cache.lookup(va) {
+        if let Ok(leaf) = walk_from(mem, table, level, va, cache) {
+            return Ok(leaf);
+        }
+        cache.remove(va, level);
+    }
+    let root = read_root(mem, ctx_table, ctx)?;
+    cache.root = Some(root);
+    walk_from(mem, root, PT_LEVELS, va, cache)
+}
+
+/// The root of a VALID context entry `ctx`.
+fn read_root<M: GuestMemoryBackend>(mem: &M, ctx_table: u64, ctx: u32) -> Result<u64, XlateError> {
     let fail = XlateError::Fail;
     let ent = ctx_table
         .checked_add(u64::from(ctx) * ContextEntry::SIZE as u64)
@@ -522,8 +665,22 @@ fn walk<M: GuestMemoryBackend>(
     if root & !PTE_ADDR_MASK != 0 {
         return Err(fail(Status::BadPte));
     }
-    let mut table = root;
-    for level in (1..=PT_LEVELS).rev() {
+    Ok(root)
+}
+
+/// Walk from `table`, which holds level-`top` entries for `va`, caching
+/// every table the walk reaches. The loop runs at most `PT_LEVELS` times
+/// whatever the table contents, so self-referencing tables cannot make it
+/// spin.
+fn walk_from<M: GuestMemoryBackend>(
+    mem: &M,
+    mut table: u64,
+    top: u32,
+    va: u64,
+    cache: &mut WalkCache,
+) -> Result<(Entry, u32), XlateError> {
+    let fail = XlateError::Fail;
+    for level in (1..=top.min(PT_LEVELS)).rev() {
         let shift = level_shift(level);
         let idx = (va >> shift) & (PT_ENTRIES - 1);
         let pte = Pte::from_bits_retain(read_u64(mem, table + idx * 8)?);
@@ -558,6 +715,7 @@ fn walk<M: GuestMemoryBackend>(
             ));
         }
         table = addr;
+        cache.insert(va, level - 1, table);
     }
     // Unreachable by construction (level 1 is always a leaf), but a
     // hostile-input path must not panic.

@@ -345,3 +345,172 @@ fn contexts_are_isolated() {
         .translate(rig.mem(), &mut c, 0, 0x7000, Access::Read)
         .is_err());
 }
+
+/// How a test drops what the MMU caches about context 0.
+#[derive(Debug, Clone, Copy)]
+enum Drop0 {
+    /// INVALIDATE_RANGE of one page inside the changed entry's 2 MiB.
+    RangeInside,
+    /// INVALIDATE_RANGE of the next 2 MiB block: does not cover it.
+    RangeOutside,
+    Context,
+    All,
+    ContextTable,
+}
+
+/// Base of the 2 MiB block whose level-2 entry the walk-cache tests swap.
+const BLOCK: u64 = 0x40_4000_0000;
+
+/// A level-1 table at `t` mapping pages 0, 1, 2 of `BLOCK` to `frames`.
+fn l1_table(rig: &Rig, t: u64, frames: [u64; 3]) {
+    rig.write_bytes(t, &[0u8; 4096]);
+    for (i, f) in frames.into_iter().enumerate() {
+        rig.write_u64(t + i as u64 * 8, Pte::leaf(f, 1, Pte::WRITE).bits());
+    }
+}
+
+fn gpa_of(rig: &Rig, m: &mut Mmu, c: &mut Counters, va: u64) -> u64 {
+    xl(rig, m, c, va, Access::Read)
+        .unwrap_or_else(|e| panic!("{va:#x}: {e}"))
+        .gpa
+}
+
+/// docs/gpu-abi.md "TLB and invalidation": the device caches the tables
+/// upper-level entries point to, so after the guest points a level-2 entry
+/// at another table the device may go on using the old one (for pages not
+/// in the TLB too), until an invalidation covering part of the entry's
+/// 2 MiB, of the context or of everything; then it walks the new table.
+#[test]
+fn upper_level_change_is_seen_after_the_documented_invalidation() {
+    let (t1, t2) = (DATA + 0x10_0000, DATA + 0x20_0000);
+    let old = [DATA, DATA + 0x1000, DATA + 0x2000];
+    let new = [DATA, DATA + 0x5000, DATA + 0x6000];
+    for how in [
+        Drop0::RangeInside,
+        Drop0::RangeOutside,
+        Drop0::Context,
+        Drop0::All,
+        Drop0::ContextTable,
+    ] {
+        let mut rig = Rig::new(64 << 20, 16);
+        l1_table(&rig, t1, old);
+        rig.write_pte(0, BLOCK, 2, Pte::table(t1).bits());
+        let (mut m, mut c) = mmu();
+        assert_eq!(gpa_of(&rig, &mut m, &mut c, BLOCK), old[0]);
+        assert!(m.walk_cache_len(0) >= 1, "{how:?}: tables cached");
+        // The guest relinks the block to t2 (t1 stays intact, as the
+        // driver keeps unlinked tables until the page table is dropped).
+        l1_table(&rig, t2, new);
+        rig.write_pte(0, BLOCK, 2, Pte::table(t2).bits());
+        let walks = c.get(Counter::Walks);
+        assert_eq!(
+            gpa_of(&rig, &mut m, &mut c, BLOCK + 0x1000),
+            old[1],
+            "{how:?}: a TLB miss walks the cached old table"
+        );
+        assert_eq!(c.get(Counter::Walks), walks + 1, "{how:?}: it was a miss");
+        match how {
+            Drop0::RangeInside => m.invalidate_range(0, BLOCK + 0x1F_F000, BLOCK + LEAF_2M),
+            Drop0::RangeOutside => m.invalidate_range(0, BLOCK + LEAF_2M, BLOCK + LEAF_2M + 1),
+            Drop0::Context => m.invalidate_context(0),
+            Drop0::All => m.invalidate_all(),
+            Drop0::ContextTable => m.set_context_table(CTX_TABLE),
+        }
+        let want = match how {
+            Drop0::RangeOutside => old[2],
+            _ => new[2],
+        };
+        assert_eq!(
+            gpa_of(&rig, &mut m, &mut c, BLOCK + 0x2000),
+            want,
+            "{how:?}: page 2 after the invalidation"
+        );
+    }
+}
+
+/// The same through the control ring: once `ctl_cons` passed an
+/// INVALIDATE_RANGE of one page of the block, a COPY reads through the new
+/// table.
+#[test]
+fn walk_cache_never_outlives_an_acknowledged_range_invalidate() {
+    let mut rig = Rig::new(64 << 20, 16);
+    assert!(rig.enable_channel(0, 0));
+    let (t1, t2) = (DATA + 0x10_0000, DATA + 0x20_0000);
+    let old = [DATA, DATA + 0x1000, DATA + 0x2000];
+    let new = [DATA, DATA + 0x3000, DATA + 0x4000];
+    l1_table(&rig, t1, old);
+    l1_table(&rig, t2, new);
+    for (i, (o, n)) in old.iter().zip(new).enumerate().skip(1) {
+        rig.write_u64(*o, 0x100 + i as u64);
+        rig.write_u64(n, 0x200 + i as u64);
+    }
+    rig.write_pte(0, BLOCK, 2, Pte::table(t1).bits());
+    let out = DATA + 0x8000;
+    rig.map(0, 0x9000, out, LEAF_4K, Pte::WRITE);
+    let copy = |rig: &mut Rig, page: u64| {
+        let t = rig.exec(0, cmd::copy(0x9000, BLOCK + page * 0x1000, 8));
+        assert_eq!(rig.status(t), Status::Ok);
+        rig.read_u64(out)
+    };
+    // Page 0 only: the block's table is cached, pages 1 and 2 are not in
+    // the TLB.
+    copy(&mut rig, 0);
+    rig.write_pte(0, BLOCK, 2, Pte::table(t2).bits());
+    assert_eq!(copy(&mut rig, 1), 0x101, "read through the cached table");
+    assert!(rig.ctl_ok(CtlOp::InvalidateRange, 0, BLOCK, 0x1000));
+    assert_eq!(copy(&mut rig, 2), 0x202, "read through the new table");
+}
+
+/// A cached table that no longer leads to a leaf never makes a fault: the
+/// walk is redone from the context entry (here the guest replaced the
+/// table by a 2 MiB leaf without invalidating, as a driver may when the
+/// table held no valid leaf for the page).
+#[test]
+fn stale_cached_table_never_faults_what_the_tables_map() {
+    let mut rig = Rig::new(64 << 20, 16);
+    let t1 = DATA + 0x10_0000;
+    l1_table(&rig, t1, [DATA, DATA + 0x1000, DATA + 0x2000]);
+    rig.write_pte(0, BLOCK, 2, Pte::table(t1).bits());
+    let (mut m, mut c) = mmu();
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, BLOCK), DATA);
+    rig.write_pte(0, BLOCK, 2, Pte::leaf(LEAF_2M * 8, 2, Pte::WRITE).bits());
+    // Page 3 is not in t1.
+    assert_eq!(
+        gpa_of(&rig, &mut m, &mut c, BLOCK + 0x3008),
+        LEAF_2M * 8 + 0x3008
+    );
+    // And a fault that the tables as they are now give is still a fault.
+    rig.write_pte(0, BLOCK + LEAF_2M, 2, Pte::table(t1).bits());
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, BLOCK + LEAF_2M), DATA);
+    rig.write_pte(0, BLOCK + LEAF_2M, 2, 0);
+    assert!(matches!(
+        xl(&rig, &mut m, &mut c, BLOCK + LEAF_2M + 0x3000, Access::Read),
+        Err(XlateError::Fault {
+            reason: FaultReason::NotPresent,
+            ..
+        })
+    ));
+}
+
+/// The walk cache holds at most 256 tables and the root per context,
+/// however many blocks are walked, and stays correct when it evicts.
+#[test]
+fn walk_cache_is_bounded() {
+    let mut rig = Rig::new(64 << 20, 16);
+    let t1 = DATA + 0x10_0000;
+    l1_table(&rig, t1, [DATA, DATA + 0x1000, DATA + 0x2000]);
+    let blocks = 2000u64;
+    for i in 0..blocks {
+        rig.write_pte(0, i * LEAF_2M, 2, Pte::table(t1).bits());
+    }
+    let (mut m, mut c) = mmu();
+    for round in 0..2 {
+        for i in 0..blocks {
+            let va = i * LEAF_2M + 0x1000 * (i % 3);
+            let want = DATA + 0x1000 * (i % 3);
+            assert_eq!(gpa_of(&rig, &mut m, &mut c, va), want, "{round} {i}");
+            assert!(m.walk_cache_len(0) <= 257);
+        }
+    }
+    assert!(m.walk_cache_len(0) > 100, "the cache was used");
+}

@@ -4,8 +4,9 @@
 //! downgrades or removes a leaf the device may have cached must invalidate
 //! the device TLB afterwards (see `Context::invalidate`). Tables emptied or
 //! replaced are not freed until the page table is dropped (the device may be
-//! walking them right now), which bounds the memory to what the VA range
-//! ever needed.
+//! walking them right now, or hold them in its paging-structure cache until
+//! an invalidation covers them: docs/gpu-abi.md, "TLB and invalidation"),
+//! which bounds the memory to what the VA range ever needed.
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
