@@ -4,6 +4,8 @@
 //! value each produce one `cmdline:` line, so a typo in a test invocation is
 //! visible in the log instead of quietly running the wrong thing.
 
+use faultline_driver::gpu::policy::{FaultPolicy, PolicyError};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options<'a> {
     /// Run only tests whose name contains this.
@@ -30,6 +32,10 @@ pub struct Options<'a> {
     /// has used since boot needs no zeroing. Off by default: a warm reset
     /// (QEMU `system_reset`) leaves RAM as the last boot left it.
     pub ram_zero: bool,
+    /// `svm=POLICY`: the fault-pipeline policy every SVM test's driver is
+    /// probed with (`faultline_driver::gpu::policy`); `Err` holds a bad
+    /// value, which fails the run.
+    pub svm: Result<Option<FaultPolicy>, ()>,
     /// `mutant=<letter or name>`: the driver mutant to run the tests with
     /// (`faultline_driver::gpu::mutant`; the `mutants` build only).
     #[cfg(feature = "mutants")]
@@ -86,6 +92,7 @@ impl Default for Options<'_> {
             iterations: None,
             cycles: None,
             ram_zero: false,
+            svm: Ok(None),
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -102,6 +109,8 @@ pub enum Complaint<'a> {
         value: &'a str,
         expected: &'static str,
     },
+    /// A bad `svm=` policy: not ignored, the run fails.
+    BadSvm(PolicyError<'a>),
 }
 
 impl core::fmt::Display for Complaint<'_> {
@@ -109,6 +118,7 @@ impl core::fmt::Display for Complaint<'_> {
         match self {
             Complaint::UnknownKey(k) => write!(f, "cmdline: unknown key '{k}' ignored"),
             Complaint::NotKeyValue(w) => write!(f, "cmdline: '{w}' is not key=value, ignored"),
+            Complaint::BadSvm(e) => write!(f, "cmdline: svm: {e}; the run fails"),
             Complaint::BadValue {
                 key,
                 value,
@@ -188,6 +198,13 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     value,
                     expected: "panic|ud|pagefault|doublefault|stackoverflow",
                 }),
+            },
+            "svm" => match FaultPolicy::parse(value) {
+                Ok(p) => o.svm = Ok(Some(p)),
+                Err(e) => {
+                    o.svm = Err(());
+                    complain(Complaint::BadSvm(e));
+                }
             },
             "ram" => match value {
                 "zero" => o.ram_zero = true,

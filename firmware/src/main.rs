@@ -39,6 +39,11 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     log::set_max_level(opts.log_level);
     // Printed, not logged: loglevel=error must not hide a typo.
     cmdline::parse(boot.cmdline, |c| println!("{c}"));
+    if opts.svm.is_err() {
+        // Running the tests under another policy than asked would pass for
+        // a run of that policy.
+        exit(ExitCode::TestsFailed);
+    }
 
     boot::init_memory(&boot, opts.ram_zero);
     let stack_top = boot::init_kernel_stack();

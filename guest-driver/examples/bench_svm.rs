@@ -87,6 +87,7 @@ fn svm_round_trip() -> f64 {
         &p,
         SvmConfig {
             fault_around: PAGE_SIZE,
+            ..SvmConfig::default()
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -116,6 +117,7 @@ fn first_touch(around: u64) -> f64 {
         &p,
         SvmConfig {
             fault_around: around,
+            ..SvmConfig::default()
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));

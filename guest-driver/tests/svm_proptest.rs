@@ -66,6 +66,7 @@ fn run_case(ops: &[Op], around: u64, canaries: bool) -> Result<(), TestCaseError
         &p,
         SvmConfig {
             fault_around: around,
+            ..SvmConfig::default()
         },
     )
     .map_err(|e| TestCaseError::fail(format!("{e}")))?;

@@ -20,6 +20,13 @@ code_enum! {
         CancelRange = 4,
         /// Fail all stalled work of `context`.
         CancelContext = 5,
+        /// Fault-buffer flush (`context`, `start`, `len` ignored): the
+        /// device drops the fault entries it holds back for want of space
+        /// and clears OVERFLOW, then acknowledges; from the acknowledgement
+        /// on the driver may discard every entry in GET..PUT. All of them
+        /// are made redundant by the REPLAY that must follow: it retries
+        /// every stalled access, and those still unmapped fault again.
+        FlushFaults = 6,
     }
 }
 
@@ -82,7 +89,7 @@ mod tests {
     use super::*;
 
     /// docs/gpu-abi.md: `CtlEntry { op: u32, status: u32, context: u32,
-    /// flags: u32, start: u64, len: u64 }`, ops 1..=5, statuses 0..=4.
+    /// flags: u32, start: u64, len: u64 }`, ops 1..=6, statuses 0..=4.
     #[test]
     fn ctl_entry_round_trip_matches_the_documented_layout() {
         let e = CtlEntry {
@@ -114,6 +121,7 @@ mod tests {
             (CtlOp::InvalidateRange, 3),
             (CtlOp::CancelRange, 4),
             (CtlOp::CancelContext, 5),
+            (CtlOp::FlushFaults, 6),
         ];
         assert_eq!(CtlOp::COUNT, names.len());
         for (op, v) in names {
@@ -121,7 +129,7 @@ mod tests {
             assert_eq!(CtlOp::from_u32(v), Some(op));
         }
         assert_eq!(CtlOp::from_u32(0), None);
-        assert_eq!(CtlOp::from_u32(6), None);
+        assert_eq!(CtlOp::from_u32(7), None);
         for (i, s) in CtlStatus::ALL.iter().enumerate() {
             assert_eq!(CtlStatus::from_u32(i as u32), Some(*s));
         }

@@ -138,6 +138,7 @@ impl<M: GuestMemoryBackend> Device<M> {
                 self.counters.inc(Counter::Invalidations);
                 self.mmu.invalidate_all();
             }
+            CtlOp::FlushFaults => self.flush_faults(),
             _ if !ctx_ok => return CtlStatus::BadContext,
             CtlOp::InvalidateContext => {
                 self.counters.inc(Counter::Invalidations);

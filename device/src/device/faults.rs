@@ -276,6 +276,17 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.sb_store(status_block::REPLAY_SEQ, self.faults.replay_seq);
     }
 
+    /// CTL FLUSH_FAULTS: forget the held-back entries and OVERFLOW. Their
+    /// keys stay in `pending` until the REPLAY the driver rings next (which
+    /// clears it), so a stalled access does not report twice before it.
+    pub(super) fn flush_faults(&mut self) {
+        self.faults.unreported.clear();
+        if self.faults.overflow {
+            self.faults.overflow = false;
+            self.sb_store(status_block::FAULT_FLAGS, 0);
+        }
+    }
+
     /// Fail stalled work of `ctx` waiting on `[start, end)` (all of it when
     /// `range` is None).
     /// Their faults go with them (`release_faults`).

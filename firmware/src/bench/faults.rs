@@ -262,6 +262,7 @@ fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>) -> Result<(), String> {
             pr.mm(),
             SvmConfig {
                 fault_around: PAGE_SIZE,
+                ..SvmConfig::default()
             },
         )
         .map_err(e("svm context"))?;
@@ -323,7 +324,15 @@ fn first_touch(gpu: &Arc<Gpu<P>>, fault_around: u64, huge: bool) -> Result<(), S
     let a = pr
         .mmap(None, FIRST_TOUCH_BYTES, Prot::READ | Prot::WRITE, flags)
         .map_err(ed("mmap"))?;
-    let svm = SvmContext::new(gpu, pr.mm(), SvmConfig { fault_around }).map_err(e("svm"))?;
+    let svm = SvmContext::new(
+        gpu,
+        pr.mm(),
+        SvmConfig {
+            fault_around,
+            ..SvmConfig::default()
+        },
+    )
+    .map_err(e("svm"))?;
     let chan = Channel::open(svm.context()).map_err(e("channel"))?;
     let c0 = gpu.counters().snapshot();
     let t0 = time::rdtsc();

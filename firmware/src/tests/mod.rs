@@ -47,19 +47,22 @@ const SUITES: &[&[Test]] = &[
 /// `scripts/soak.sh`); `list=1` shows them only then too.
 const OPT_IN: &[Test] = flood::TESTS;
 
-/// Numeric parameters of the parameterised tests (`seed=`, `iterations=`,
-/// `cycles=`), set once before the tests run.
+/// Parameters of the parameterised tests (`seed=`, `iterations=`,
+/// `cycles=`) and the SVM tests' fault-pipeline policy (`svm=`), set once
+/// before the tests run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Params {
     pub seed: Option<u64>,
     pub iterations: Option<u64>,
     pub cycles: Option<u64>,
+    pub svm: Option<faultline_driver::gpu::FaultPolicy>,
 }
 
 static PARAMS: crate::sync::Mutex<Params> = crate::sync::Mutex::new(Params {
     seed: None,
     iterations: None,
     cycles: None,
+    svm: None,
 });
 
 pub fn params() -> Params {
@@ -186,6 +189,7 @@ pub fn run(opts: &Options<'_>) -> ! {
         seed: opts.seed,
         iterations: opts.iterations,
         cycles: opts.cycles,
+        svm: opts.svm.ok().flatten(),
     };
     if opts.list {
         for t in all_tests(opts) {

@@ -66,8 +66,12 @@ fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
         ));
     }
     let platform = Arc::new(g.platform.clone());
-    let driver = Gpu::<gpu::FwPlatform>::probe(platform, needs.gpu_config())
-        .map_err(|e| format!("driver probe: {e}"))?;
+    let mut cfg = needs.gpu_config();
+    if let Some(policy) = super::params().svm {
+        cfg.policy = policy;
+    }
+    let driver =
+        Gpu::<gpu::FwPlatform>::probe(platform, cfg).map_err(|e| format!("driver probe: {e}"))?;
     Ok(FwEnv::new(driver))
 }
 
@@ -76,7 +80,11 @@ fn run_named(name: &str) -> Result<(), String> {
     let g = super::gpu::device()?;
     let (env, r) = suite::run(name, |needs| env_for(g, needs));
     if let Some(env) = env {
-        println!("svm {name}: {}", env.gpu().counters().snapshot());
+        println!(
+            "svm {name}: policy {} {}",
+            env.gpu().config().policy,
+            env.gpu().counters().snapshot()
+        );
     }
     r
 }

@@ -228,7 +228,7 @@ impl<P: Platform> Channel<P> {
                 }
             }
             self.gpu.poll(true);
-            self.gpu.wait_slice(deadline, "a free channel slot")?;
+            self.gpu.wait_servicing(deadline, "a free channel slot")?;
         }
     }
 
@@ -263,7 +263,7 @@ impl<P: Platform> Channel<P> {
                     return Err(GpuError::Device { code, info });
                 }
             }
-            self.gpu.wait_slice(deadline, "a command completion")?;
+            self.gpu.wait_servicing(deadline, "a command completion")?;
         }
     }
 

@@ -23,8 +23,13 @@ pub struct DriverCounters {
     pub invalidations: AtomicU64,
     /// TLB invalidations the driver submitted and saw acknowledged.
     pub tlb_invalidates: AtomicU64,
-    /// Fault batches (bottom-half runs that found entries).
+    /// Fault batches (drains of up to the policy's batch size that found
+    /// entries).
     pub batches: AtomicU64,
+    /// Faults handed to fault handlers (after deduplication within a batch).
+    pub faults_serviced: AtomicU64,
+    /// Entries discarded by a fault-buffer flush (`batch_flush`).
+    pub faults_flushed: AtomicU64,
 }
 
 /// A plain copy of [`DriverCounters`].
@@ -50,6 +55,10 @@ pub struct CounterSnapshot {
     pub tlb_invalidates: u64,
     /// See [`DriverCounters`].
     pub batches: u64,
+    /// See [`DriverCounters`].
+    pub faults_serviced: u64,
+    /// See [`DriverCounters`].
+    pub faults_flushed: u64,
 }
 
 impl DriverCounters {
@@ -72,6 +81,8 @@ impl DriverCounters {
             invalidations: r(&self.invalidations),
             tlb_invalidates: r(&self.tlb_invalidates),
             batches: r(&self.batches),
+            faults_serviced: r(&self.faults_serviced),
+            faults_flushed: r(&self.faults_flushed),
         }
     }
 }
@@ -80,10 +91,13 @@ impl core::fmt::Display for CounterSnapshot {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "faults read {} dedup {} batches {} windows {} pages mapped {} retries {} \
-             replays {} cancels {} invalidations {} tlb invalidates {}",
+            "faults read {} dedup {} serviced {} flushed {} batches {} windows {} \
+             pages mapped {} retries {} replays {} cancels {} invalidations {} \
+             tlb invalidates {}",
             self.faults_read,
             self.faults_deduplicated,
+            self.faults_serviced,
+            self.faults_flushed,
             self.batches,
             self.windows,
             self.pages_mapped,
@@ -113,11 +127,14 @@ mod tests {
             invalidations: 8,
             tlb_invalidates: 9,
             batches: 10,
+            faults_serviced: 11,
+            faults_flushed: 12,
         };
         assert_eq!(
             alloc::format!("{s}"),
-            "faults read 1 dedup 2 batches 10 windows 3 pages mapped 4 retries 5 \
-             replays 6 cancels 7 invalidations 8 tlb invalidates 9"
+            "faults read 1 dedup 2 serviced 11 flushed 12 batches 10 windows 3 \
+             pages mapped 4 retries 5 replays 6 cancels 7 invalidations 8 \
+             tlb invalidates 9"
         );
     }
 }

@@ -3,7 +3,7 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::mem::ManuallyDrop;
-use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
     doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CpuRoot, CtlEntry,
@@ -13,6 +13,7 @@ use faultline_abi::{
 };
 
 use super::counters::DriverCounters;
+use super::policy::{FaultPolicy, Replay};
 use super::{DmaRegion, GpuError, Platform};
 use crate::sync::SpinMutex;
 
@@ -32,6 +33,8 @@ pub struct GpuConfig {
     /// wait at once and only one of them takes a given interrupt, so the
     /// others re-check memory at least this often.
     pub poll_slice_ns: u64,
+    /// The fault pipeline's policies (batching, replay, prefetch).
+    pub policy: FaultPolicy,
 }
 
 impl Default for GpuConfig {
@@ -42,6 +45,7 @@ impl Default for GpuConfig {
             queue_size: 64,
             timeout_ns: 10_000_000_000,
             poll_slice_ns: 1_000_000,
+            policy: FaultPolicy::default(),
         }
     }
 }
@@ -63,7 +67,7 @@ pub struct Fault {
 pub trait FaultHandler: Send + Sync {
     /// Service `faults` (one context, sorted by address, one per page).
     /// Push the address of every fault that cannot be satisfied to `cancel`;
-    /// the bottom half cancels them, then replays once for the batch.
+    /// the bottom half cancels them, then replays as its policy says.
     fn service(&self, faults: &[Fault], cancel: &mut Vec<u64>);
 }
 
@@ -76,6 +80,8 @@ struct FaultState {
     get: u32,
     raw: Vec<Fault>,
     cancel: Vec<u64>,
+    /// `Replay::Once`: batches were serviced since the last REPLAY.
+    owed: bool,
 }
 
 /// Per-context registration: who services its faults.
@@ -101,6 +107,8 @@ pub struct Gpu<P: Platform> {
     /// `Platform::now_ns` when the driver last saw a TLB invalidation
     /// acknowledged (benchmarks time munmap → ack with it).
     tlb_ack_ns: AtomicU64,
+    /// [`Gpu::fault_work_left`].
+    work_left: AtomicBool,
 }
 
 fn pages(bytes: u64) -> usize {
@@ -185,6 +193,7 @@ impl<P: Platform> Gpu<P> {
                 get: 0,
                 raw: Vec::new(),
                 cancel: Vec::new(),
+                owed: false,
             }),
             contexts: SpinMutex::new([const { None }; NUM_CONTEXTS as usize]),
             ctx_used: AtomicU64::new(0),
@@ -194,6 +203,7 @@ impl<P: Platform> Gpu<P> {
             error_count: AtomicU32::new(0),
             counters: DriverCounters::default(),
             tlb_ack_ns: AtomicU64::new(0),
+            work_left: AtomicBool::new(false),
         };
         if !status.contains(DeviceStatus::ENABLED) {
             // Drop resets the device and frees the memory.
@@ -308,14 +318,61 @@ impl<P: Platform> Gpu<P> {
         irq
     }
 
-    /// Drains the fault buffer once (GET..PUT), dispatches the faults to
-    /// their contexts, cancels what cannot be satisfied and rings REPLAY
-    /// once. Returns whether it found any entry. If another thread is
-    /// already servicing, returns false at once.
+    /// Services the fault buffer under the GPU's [`FaultPolicy`]: up to
+    /// `batches` batches of up to `batch` entries each; per batch the
+    /// faults are sorted, deduplicated, dispatched to their contexts, what
+    /// cannot be satisfied is cancelled, and REPLAY is rung as the replay
+    /// policy says. Returns whether it found any entry (or rang a replay
+    /// it owed). If another thread is already servicing, returns false at
+    /// once.
     pub fn service_faults(&self) -> bool {
         let Some(mut st) = self.faults.try_lock() else {
             return false;
         };
+        let st = &mut *st;
+        let pol = self.cfg.policy;
+        let batch = pol.batch_for(self.cfg.fault_entries);
+        let mut found = false;
+        for _ in 0..pol.batches.max(1) {
+            if !self.drain(st, batch) {
+                break;
+            }
+            found = true;
+            let FaultState { raw, cancel, .. } = st;
+            DriverCounters::add(&self.counters.faults_serviced, raw.len() as u64);
+            if pol.replay == Replay::Block {
+                for k in 0..raw.len() {
+                    self.dispatch(&raw[k..k + 1], cancel);
+                    self.replay();
+                }
+                continue;
+            }
+            self.dispatch(raw, cancel);
+            match pol.replay {
+                Replay::Block | Replay::Batch => self.replay(),
+                Replay::BatchFlush => {
+                    self.flush(st);
+                    self.replay();
+                }
+                Replay::Once => st.owed = true,
+            }
+        }
+        let left = self.sb_load(status_block::FAULT_PUT) != st.get
+            || FaultFlags::from_bits_truncate(self.sb_load(status_block::FAULT_FLAGS))
+                .contains(FaultFlags::OVERFLOW);
+        if st.owed && !left {
+            st.owed = false;
+            self.replay();
+            found = true;
+        }
+        self.work_left.store(left, Ordering::Release);
+        found
+    }
+
+    /// Reads up to `batch` entries (GET onwards) into `st.raw`, advances
+    /// GET, then sorts them by (context, page, strongest access first) and
+    /// keeps one per page. False if the buffer held nothing.
+    fn drain(&self, st: &mut FaultState, batch: u32) -> bool {
         let put = self.sb_load(status_block::FAULT_PUT);
         let overflow = FaultFlags::from_bits_truncate(self.sb_load(status_block::FAULT_FLAGS))
             .contains(FaultFlags::OVERFLOW);
@@ -323,8 +380,10 @@ impl<P: Platform> Gpu<P> {
             return false;
         }
         // Never trust PUT beyond one buffer's worth.
-        let n = put.wrapping_sub(st.get).min(self.cfg.fault_entries);
-        let st = &mut *st;
+        let n = put
+            .wrapping_sub(st.get)
+            .min(self.cfg.fault_entries)
+            .min(batch);
         st.raw.clear();
         for i in 0..n {
             let slot = (st.get.wrapping_add(i) % self.cfg.fault_entries) as usize;
@@ -346,7 +405,6 @@ impl<P: Platform> Gpu<P> {
         DriverCounters::add(&self.counters.faults_read, u64::from(n));
         DriverCounters::add(&self.counters.batches, 1);
 
-        // Sort by (context, page, strongest access first), keep one per page.
         st.raw
             .sort_unstable_by(|a, b| (a.context, a.va, b.access).cmp(&(b.context, b.va, a.access)));
         let before = st.raw.len();
@@ -356,44 +414,88 @@ impl<P: Platform> Gpu<P> {
             &self.counters.faults_deduplicated,
             (before - st.raw.len()) as u64,
         );
+        true
+    }
 
-        st.cancel.clear();
+    /// Hands `faults` (sorted by context) to their contexts' handlers and
+    /// cancels what they could not satisfy; returns once the device
+    /// acknowledged the cancels, so a replay after it retries only the rest.
+    fn dispatch(&self, faults: &[Fault], cancel: &mut Vec<u64>) {
+        cancel.clear();
         let mut cancels: Vec<(u32, u64)> = Vec::new();
         let mut i = 0;
-        while i < st.raw.len() {
-            let ctx = st.raw[i].context;
-            let j = i + st.raw[i..].iter().take_while(|f| f.context == ctx).count();
+        while i < faults.len() {
+            let ctx = faults[i].context;
+            let j = i + faults[i..].iter().take_while(|f| f.context == ctx).count();
             let handler = self
                 .contexts
                 .lock()
                 .get(ctx as usize)
                 .and_then(|h| h.clone());
             match handler {
-                Some(h) => h.service(&st.raw[i..j], &mut st.cancel),
-                None => st.cancel.extend(st.raw[i..j].iter().map(|f| f.va)),
+                Some(h) => h.service(&faults[i..j], cancel),
+                None => cancel.extend(faults[i..j].iter().map(|f| f.va)),
             }
-            cancels.extend(st.cancel.drain(..).map(|va| (ctx, va)));
+            cancels.extend(cancel.drain(..).map(|va| (ctx, va)));
             i = j;
         }
-        if !cancels.is_empty() {
-            DriverCounters::add(&self.counters.cancels, cancels.len() as u64);
-            let mut last = None;
-            for (ctx, va) in cancels {
-                match self.ctl_submit(CtlOp::CancelRange, ctx, va, 0) {
-                    Ok(seq) => last = Some(seq),
-                    Err(e) => log::warn!("gpu: cancel of {va:#x} not submitted: {e}"),
-                }
-            }
-            if let Some(seq) = last {
-                // Cancels must land before the replay retries the rest.
-                if let Err(e) = self.ctl_wait(seq) {
-                    log::warn!("gpu: cancel not acknowledged: {e}");
-                }
+        if cancels.is_empty() {
+            return;
+        }
+        DriverCounters::add(&self.counters.cancels, cancels.len() as u64);
+        let mut last = None;
+        for (ctx, va) in cancels {
+            match self.ctl_submit(CtlOp::CancelRange, ctx, va, 0) {
+                Ok(seq) => last = Some(seq),
+                Err(e) => log::warn!("gpu: cancel of {va:#x} not submitted: {e}"),
             }
         }
+        if let Some(seq) = last {
+            // Cancels must land before the replay retries the rest.
+            if let Err(e) = self.ctl_wait(seq) {
+                log::warn!("gpu: cancel not acknowledged: {e}");
+            }
+        }
+    }
+
+    /// FLUSH_FAULTS, then GET = PUT: drops the entries the next replay
+    /// makes redundant (docs/gpu-abi.md "FLUSH_FAULTS"). On a device
+    /// without the op nothing is dropped.
+    fn flush(&self, st: &mut FaultState) {
+        if let Err(e) = self.control(CtlOp::FlushFaults, 0, 0, 0) {
+            log::debug!("gpu: fault-buffer flush: {e}");
+            return;
+        }
+        let put = self.sb_load(status_block::FAULT_PUT);
+        let n = put.wrapping_sub(st.get).min(self.cfg.fault_entries);
+        st.get = st.get.wrapping_add(n);
+        self.sb_store(status_block::FAULT_GET, st.get);
+        DriverCounters::add(&self.counters.faults_flushed, u64::from(n));
+    }
+
+    fn replay(&self) {
         self.platform.write32(doorbell::offset(doorbell::REPLAY), 1);
         DriverCounters::add(&self.counters.replays, 1);
-        true
+    }
+
+    /// Whether the last service call left entries in the fault buffer (its
+    /// batch limit ran out): a waiter that services faults should call
+    /// again at once rather than sleep for an interrupt that was taken.
+    pub fn fault_work_left(&self) -> bool {
+        self.work_left.load(Ordering::Acquire)
+    }
+
+    /// A waiter's sleep between two `poll(true)` calls: none while fault
+    /// entries are left over, else [`Gpu::wait_slice`].
+    pub(crate) fn wait_servicing(&self, deadline: u64, what: &'static str) -> Result<(), GpuError> {
+        if self.fault_work_left() {
+            return if self.platform.now_ns() >= deadline {
+                Err(GpuError::Timeout(what))
+            } else {
+                Ok(())
+            };
+        }
+        self.wait_slice(deadline, what)
     }
 
     // ---------------------------------------------------------- control ring

@@ -90,12 +90,14 @@
 mod channel;
 mod context;
 mod counters;
+mod density;
 mod device;
 mod error;
 #[cfg(feature = "mutants")]
 pub mod mutant;
 mod pagetable;
 pub mod platform;
+pub mod policy;
 pub mod suite;
 mod svm;
 
@@ -107,4 +109,5 @@ pub use error::GpuError;
 pub use faultline_abi::Command;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
+pub use policy::{FaultPolicy, Prefetch, Replay};
 pub use svm::{CheckHook, SnapEntry, SvmConfig, SvmContext};

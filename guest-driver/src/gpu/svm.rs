@@ -34,10 +34,12 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
 
 use super::counters::DriverCounters;
+use super::density::Density;
 use super::device::{Fault, FaultHandler};
 #[cfg(feature = "mutants")]
 use super::mutant::{self, Mutant};
 use super::pagetable::{Leaf, PageSize};
+use super::policy::Prefetch;
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
 use crate::hmm::{
@@ -67,12 +69,17 @@ pub struct SvmConfig {
     /// Fault-around window (power of two, ≥ 4 KiB): a fault maps the whole
     /// aligned window around it, clipped to its VMA.
     pub fault_around: u64,
+    /// The prefetch policy of this context; `None`: the GPU's
+    /// ([`FaultPolicy::prefetch`](super::FaultPolicy)). Tests of the
+    /// fault-around window itself pin `Prefetch::FaultAround`.
+    pub prefetch: Option<Prefetch>,
 }
 
 impl Default for SvmConfig {
     fn default() -> Self {
         SvmConfig {
             fault_around: 64 << 10,
+            prefetch: None,
         }
     }
 }
@@ -109,6 +116,10 @@ struct SvmState<P: Platform, M: Mm> {
     mm: Arc<M>,
     released: AtomicBool,
     fault_around: AtomicU64,
+    /// The GPU's prefetch policy, fixed at bind time.
+    prefetch: Prefetch,
+    /// `Prefetch::Density`: faulted-or-resident pages per 2 MiB region.
+    density: SpinMutex<Density>,
     hook: SpinMutex<Option<CheckHook>>,
 }
 
@@ -151,6 +162,8 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             mm: mm.clone(),
             released: AtomicBool::new(false),
             fault_around: AtomicU64::new(cfg.fault_around),
+            prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
+            density: SpinMutex::new(Density::default()),
             hook: SpinMutex::new(None),
         });
         let mirror = {
@@ -282,6 +295,7 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
     /// Clears every device leaf and fails stalled work (process exit).
     fn tear_down(&self) {
         self.released.store(true, Ordering::Release);
+        self.density.lock().clear(0, faultline_abi::VA_LIMIT);
         let idx = self.ctx.index();
         {
             let mut pt = self.ctx.page_table();
@@ -326,6 +340,9 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
         let cleared = if update.event == MmuNotifyEvent::ProtectionPage {
             pt.protect_range(update.start, update.end)
         } else {
+            if matches!(s.prefetch, Prefetch::Density(_)) {
+                s.density.lock().clear(update.start, update.end);
+            }
             pt.unmap_range(update.start, update.end)
         };
         // Mutant (d): downgraded leaves without a TLB invalidate leave the
@@ -417,9 +434,18 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
                     continue;
                 }
                 let huge = vma.flags.contains(VmFlags::HUGE);
-                let size = if huge { around.max(LEAF_2M) } else { around };
+                let size = match s.prefetch {
+                    Prefetch::FaultAround if huge => around.max(LEAF_2M),
+                    _ if huge => LEAF_2M,
+                    Prefetch::FaultAround => around,
+                    Prefetch::None => PAGE_SIZE,
+                    Prefetch::Density(pct) => s.density.lock().window(f.va, pct),
+                };
                 let start = (f.va & !(size - 1)).max(vma.start);
                 let end = (f.va & !(size - 1)).saturating_add(size).min(vma.end);
+                if let (false, Prefetch::Density(_)) = (huge, s.prefetch) {
+                    s.density.lock().mark(start, end);
+                }
                 let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
                 windows.push((
                     Window {

@@ -13,7 +13,7 @@ use faultline_device::check::{CheckMode, CpuLookup, CpuTables};
 use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
-use faultline_driver::gpu::{Gpu, GpuConfig};
+use faultline_driver::gpu::{FaultPolicy, Gpu, GpuConfig};
 use faultline_driver::mm::{VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
 use faultline_driver::sim::{FrameSource, SimMm};
 
@@ -146,6 +146,16 @@ fn inject_spec() -> Option<faultline_device::InjectSpec> {
     )
 }
 
+/// `FAULTLINE_LOOPBACK_SVM=POLICY` (the guest's `svm=` syntax,
+/// `faultline_driver::gpu::policy`): the fault-pipeline policy of every
+/// `LoopEnv::new`; unset, the default one.
+pub fn svm_policy() -> FaultPolicy {
+    match std::env::var("FAULTLINE_LOOPBACK_SVM") {
+        Ok(v) => FaultPolicy::parse(&v).unwrap_or_else(|e| panic!("FAULTLINE_LOOPBACK_SVM: {e}")),
+        Err(_) => FaultPolicy::default(),
+    }
+}
+
 pub struct LoopEnv {
     pub lb: Arc<Loopback>,
     pub gpu: Arc<Gpu<Loopback>>,
@@ -157,7 +167,14 @@ pub struct LoopEnv {
 }
 
 impl LoopEnv {
+    /// A device and driver with fault injection and the fault-pipeline
+    /// policy from the environment (`FAULTLINE_LOOPBACK_INJECT`,
+    /// `FAULTLINE_LOOPBACK_SVM`; `cfg.policy` is replaced).
     pub fn new(mem_mib: u64, cfg: GpuConfig) -> Self {
+        let cfg = GpuConfig {
+            policy: svm_policy(),
+            ..cfg
+        };
         Self::with_inject(mem_mib, cfg, inject_spec())
     }
 

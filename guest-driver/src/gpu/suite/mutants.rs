@@ -18,7 +18,7 @@ use faultline_abi::{isa, Counter, Pte, Status, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, Segv, SvmEnv, TestResult};
-use crate::gpu::{GpuError, Platform, SvmConfig};
+use crate::gpu::{GpuError, Platform, Prefetch, SvmConfig};
 
 /// What a freed frame is filled with while a test watches frees.
 const CANARY: u64 = 0x0bad_f00d_feed_c0de;
@@ -390,7 +390,13 @@ pub(super) mod window_access_per_page {
         let pat = Pattern::page_index(0xa000);
         cpu_fill(env, &p, w, window, pat)?;
         let ro = w + PAGE_SIZE;
-        bound(env, p, |p, svm, chan| {
+        // The test is about a fault-around window: pinned, whatever the
+        // GPU's prefetch policy.
+        let cfg = SvmConfig {
+            prefetch: Some(Prefetch::FaultAround),
+            ..SvmConfig::default()
+        };
+        bound_with(env, p, cfg, |p, svm, chan| {
             let before = violations(env);
             let mm = env.mm(p);
             let fired = Arc::new(AtomicBool::new(false));

@@ -110,7 +110,7 @@ pub(super) mod mprotect_downgrade {
 /// the two pages in the window.
 pub(super) mod mixed_access_ro_window {
     use super::*;
-    use crate::gpu::{Channel, Command, Platform, SvmConfig};
+    use crate::gpu::{Channel, Command, Platform, Prefetch, SvmConfig};
     use faultline_abi::{Counter, PAGE_SIZE};
 
     /// Nothing beyond the defaults.
@@ -131,7 +131,13 @@ pub(super) mod mixed_access_ro_window {
         )?;
         let dst = mmap_rw(env, &p, 2 * PAGE_SIZE, "mmap dst")?;
         cpu_fill(env, &p, dst, 2 * PAGE_SIZE, Pattern::constant(0xdead))?;
-        bound(env, p, |p, svm, reader| {
+        // The test is about a fault-around window: pinned, whatever the
+        // GPU's prefetch policy.
+        let cfg = SvmConfig {
+            prefetch: Some(Prefetch::FaultAround),
+            ..SvmConfig::default()
+        };
+        bound_with(env, p, cfg, |p, svm, reader| {
             let writer = ok(Channel::open(svm.context()), "second channel")?;
             // (page read, page written) inside round r's window.
             let rounds = [(0u64, 1u64), (window / PAGE_SIZE + 1, window / PAGE_SIZE)];

@@ -44,6 +44,7 @@ pub(super) mod fault_buffer_overflow {
         // Fault-around 4 KiB so every page is its own fault.
         let cfg = SvmConfig {
             fault_around: PAGE_SIZE,
+            ..SvmConfig::default()
         };
         bound_with(env, p, cfg, |p, _, chan| {
             let overflows = env.gpu().device_counter(Counter::FaultOverflows as u32);
