@@ -388,6 +388,7 @@ macro_rules! svm_suite {
             munmap_between_fault_and_map,
             window_access_per_page,
             fault_buffer_overflow,
+            mapped_page_faults,
             pointer_chase,
             atomic_counter,
             large_first_touch,

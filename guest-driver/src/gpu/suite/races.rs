@@ -228,3 +228,54 @@ pub(super) mod atomic_counter {
         })
     }
 }
+
+/// Faults on pages the device already maps, as a busy GPU reports them
+/// (the host's `--gpu-inject spurious=P`): the driver finds nothing to do,
+/// replays, and the commands complete with the right data. The test reads
+/// INJECT_ACTIVE to know what to expect: with spurious faults injected
+/// some must have been raised and none cancelled; without, a fully mapped
+/// range must raise no fault at all.
+pub(super) mod mapped_page_faults {
+    use super::*;
+    use faultline_abi::{Counter, InjectKnobs};
+
+    /// Nothing beyond the defaults.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    /// FILL rounds over the mapped range: 64 × 256 translations, so even
+    /// `spurious=0.001` raises some (expected 16; none with odds e^-16).
+    const ROUNDS: u64 = 64;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let len = 1 << 20;
+        let (p, va) = spawn_mapped(env, len)?;
+        let knobs = env.gpu().inject_active();
+        let raised = || env.gpu().device_counter(Counter::FaultsRaised as u32);
+        bound(env, p, |p, _, chan| {
+            ok(fill(chan, va, len, PAT), "first fill")?;
+            let (f0, c0) = (raised(), counters(env));
+            for round in 0..ROUNDS {
+                ok(fill(chan, va, len, PAT + round), "fill of the mapped range")?;
+            }
+            let (faults, c) = (raised().wrapping_sub(f0), counters(env));
+            cpu_check(env, p, va, len, Pattern::constant(PAT + ROUNDS - 1))?;
+            ensure!(
+                c.cancels == c0.cancels,
+                "{} faults on mapped pages cancelled",
+                c.cancels - c0.cancels
+            );
+            if knobs.contains(InjectKnobs::SPURIOUS) {
+                ensure!(
+                    faults > 0,
+                    "INJECT_ACTIVE says spurious faults, but none was raised in {ROUNDS} rounds"
+                );
+            } else {
+                ensure!(
+                    faults == 0,
+                    "{faults} faults raised on a range the device fully maps (no spurious injection)"
+                );
+            }
+            Ok(())
+        })
+    }
+}
