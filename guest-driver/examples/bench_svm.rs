@@ -9,14 +9,22 @@
 //! * sequential first touch of 64 MiB the CPU never touched, fault-around
 //!   4 KiB / 64 KiB / 2 MiB (pages/s);
 //! * munmap of one device-mapped page until the device acknowledged the
-//!   TLB invalidation (the whole munmap call).
+//!   TLB invalidation (the whole munmap call);
+//! * the host's wake-up floor: two threads handing a token back and forth
+//!   through a `Mutex` + `Condvar` (futex-based, the primitives the
+//!   loopback's MSI delivery uses), per round trip. A single fault costs at
+//!   least two such round trips: doorbell → worker → FAULT MSI → driver,
+//!   REPLAY doorbell → worker → completion MSI → driver.
+//!
+//! The round trips and the floor take turns, one run each per repetition,
+//! so host load hits them alike.
 //!
 //! Run: `cargo run --release -p faultline-driver --example bench_svm`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use common::env::LoopEnv;
@@ -107,6 +115,50 @@ fn svm_round_trip() -> f64 {
     ns
 }
 
+/// Two threads pass a counter back and forth ROUND_TRIPS times: ns per
+/// round trip (two wake-ups).
+fn wake_floor() -> f64 {
+    let ball = Arc::new((Mutex::new(0u64), Condvar::new()));
+    let other = {
+        let ball = ball.clone();
+        std::thread::spawn(move || {
+            let (m, cv) = &*ball;
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                // Odd: our turn; u64::MAX: stop.
+                while *g % 2 == 0 {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                if *g == u64::MAX {
+                    return;
+                }
+                *g += 1;
+                // Notified with the lock held, the other thread would wake
+                // only to sleep on the lock: release it first.
+                drop(g);
+                cv.notify_one();
+                g = m.lock().unwrap_or_else(|e| e.into_inner());
+            }
+        })
+    };
+    let (m, cv) = &*ball;
+    let t = Instant::now();
+    for _ in 0..ROUND_TRIPS {
+        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        cv.notify_one();
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        while *g % 2 == 1 {
+            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = u64::MAX;
+    cv.notify_one();
+    other.join().expect("ping-pong thread");
+    assert_eq!(ROUND_TRIPS % 2, 0);
+    ns
+}
+
 fn first_touch(around: u64) -> f64 {
     let env = LoopEnv::new(160, GpuConfig::default());
     let p = env.spawn().unwrap_or_else(|e| panic!("{e}"));
@@ -165,29 +217,64 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let null = median((0..reps).map(|_| null_round_trip()).collect());
-    let svm = median((0..reps).map(|_| svm_round_trip()).collect());
-    println!("| host loopback (device model on a worker thread) | value |");
-    println!("|---|---|");
+    let (mut nulls, mut svms, mut floors) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        nulls.push(null_round_trip());
+        svms.push(svm_round_trip());
+        floors.push(wake_floor());
+    }
+    let each = |v: &[f64]| {
+        v.iter()
+            .map(|ns| format!("{:.1}", ns / 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (null, svm, floor) = (
+        median(nulls.clone()),
+        median(svms.clone()),
+        median(floors.clone()),
+    );
+    println!("| host loopback (device model on a worker thread) | median | per run |");
+    println!("|---|---|---|");
     println!(
-        "| single-fault round trip, SVM (HMM, 4 KiB window) | {:.1} µs |",
-        svm / 1e3
+        "| single-fault round trip, SVM (HMM, 4 KiB window) | {:.1} µs | {} |",
+        svm / 1e3,
+        each(&svms)
     );
     println!(
-        "| single-fault round trip, null handler | {:.1} µs |",
-        null / 1e3
+        "| single-fault round trip, null handler | {:.1} µs | {} |",
+        null / 1e3,
+        each(&nulls)
     );
-    println!("| ratio SVM / null | {:.2} |", svm / null);
+    println!(
+        "| wake-up floor: two-thread Mutex + Condvar ping-pong, per round trip | {:.1} µs | {} |",
+        floor / 1e3,
+        each(&floors)
+    );
+    println!("| ratio SVM / null | {:.2} | |", svm / null);
+    println!(
+        "| **ratio SVM single fault / wake-up floor** (target ≤ 3) | **{:.2}** | {} |",
+        svm / floor,
+        svms.iter()
+            .zip(&floors)
+            .map(|(s, f)| format!("{:.2}", s / f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| ratio null single fault / wake-up floor | {:.2} | |",
+        null / floor
+    );
     for (name, around) in [("4 KiB", 4096u64), ("64 KiB", 64 << 10), ("2 MiB", 2 << 20)] {
         let pps = median((0..reps).map(|_| first_touch(around)).collect());
         println!(
-            "| first touch 64 MiB, fault-around {name} | {:.0} pages/s |",
+            "| first touch 64 MiB, fault-around {name} | {:.0} pages/s | |",
             pps
         );
     }
     let ack = median((0..reps).map(|_| munmap_to_ack()).collect());
     println!(
-        "| munmap of a device-mapped page → TLB ack | {:.1} µs |",
+        "| munmap of a device-mapped page → TLB ack | {:.1} µs | |",
         ack / 1e3
     );
 }

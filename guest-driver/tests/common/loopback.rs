@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use faultline_abi::PAGE_SIZE as PAGE;
+use faultline_abi::{doorbell, regs, PAGE_SIZE as PAGE};
 use faultline_device::check::{CheckMode, CpuTables};
 use faultline_device::sync::lock;
-use faultline_device::{Device, DeviceMutex, InterruptSink, Worker};
+use faultline_device::{Device, DeviceMutex, InterruptSink, Waker, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -29,9 +29,15 @@ pub struct Irq {
 
 impl InterruptSink for Irq {
     fn trigger(&self, vector: u32) {
-        let _g = lock(&self.lock);
-        self.pending.fetch_or(1 << vector, Ordering::AcqRel);
-        self.raised.fetch_add(1, Ordering::Relaxed);
+        {
+            // Set under the lock, so a waiter either sees the bit before
+            // it sleeps or is asleep when the notify comes.
+            let _g = lock(&self.lock);
+            self.pending.fetch_or(1 << vector, Ordering::AcqRel);
+            self.raised.fetch_add(1, Ordering::Relaxed);
+        }
+        // Notified with the lock released: a waiter woken while it is held
+        // would only go back to sleep on the lock, one more wake-up per MSI.
         self.cv.notify_all();
     }
 }
@@ -97,6 +103,10 @@ pub struct Loopback {
     pub irq: Arc<Irq>,
     pub frames: Mutex<FrameAllocator>,
     worker: Mutex<Option<Worker>>,
+    /// Doorbell writes go here, not through the device lock: the loopback's
+    /// KVM ioeventfd (the guest's doorbell write never waits for a worker
+    /// step in progress).
+    waker: Waker,
     epoch: Instant,
 }
 
@@ -129,6 +139,7 @@ impl Loopback {
             mem,
             irq,
             frames: Mutex::new(FrameAllocator::new(RAM_BASE, size)),
+            waker: worker.waker(),
             worker: Mutex::new(Some(worker)),
             epoch: Instant::now(),
         })
@@ -193,6 +204,15 @@ impl Platform for Loopback {
     }
 
     fn write32(&self, offset: u64, value: u32) {
+        if (regs::DOORBELL_BASE..doorbell::offset(doorbell::COUNT)).contains(&offset)
+            && offset.is_multiple_of(regs::DOORBELL_STRIDE)
+        {
+            // What `mmio_write` does for a doorbell (the value is ignored),
+            // without waiting for the device lock.
+            self.waker
+                .ring(((offset - regs::DOORBELL_BASE) / regs::DOORBELL_STRIDE) as u32);
+            return;
+        }
         self.device().mmio_write(offset, &value.to_le_bytes());
     }
 
