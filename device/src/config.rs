@@ -19,7 +19,8 @@ pub struct Config {
     /// Largest FAULT_BUF_ENTRIES the device accepts: a power of two in
     /// 2..=`MAX_FAULT_ENTRIES`.
     pub max_fault_entries: u32,
-    /// Leaf translations each context's TLB holds: 1..=`MAX_TLB_ENTRIES`.
+    /// Leaf translations of each kind (4 KiB; larger) each context's TLB
+    /// holds: 1..=`MAX_TLB_ENTRIES`.
     pub tlb_entries: u32,
     /// Channels the device implements: 1..=`NUM_CHANNELS`.
     pub channels: u32,

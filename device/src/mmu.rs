@@ -15,11 +15,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::check::{CheckMode, Checker, CpuTables, Origin, Violation};
 use crate::counters::Counters;
 
-/// Default TLB entries per context in the hash map (the bound the spec
-/// promises unless the host configured another, see `Config::tlb_entries`).
+/// Default TLB entries per context, of each kind (4 KiB; larger), the
+/// bound the spec promises unless the host configured another, see
+/// `Config::tlb_entries`.
 pub const TLB_CAPACITY: usize = 4096;
-/// Most-recently-used entries checked before the map: COPY alternates
-/// between a source and a destination page, so one entry is not enough.
+/// Most-recently-used large leaves checked before the map: COPY alternates
+/// between a source and a destination leaf, so one entry is not enough.
 const RECENT: usize = 4;
 
 /// A successful translation.
@@ -83,17 +84,10 @@ fn key(va: u64, level: u32) -> u64 {
     (va & !((1u64 << level_shift(level)) - 1)) | u64::from(level)
 }
 
-/// Sets of the page cache: the front cache for 4 KiB entries (always a
-/// subset of the map), 2-way set associative with 16-byte entries indexed
-/// by page number, so a COPY's source and destination streams (same index,
-/// different tags) coexist and sequential pages touch sequential cache
-/// lines.
-const PAGE_CACHE_SETS: usize = 2048;
-
-/// Low bits of a page address: the page cache keeps flags there.
+/// Low bits of a page address: the 4 KiB entries keep flags there.
 const IN_PAGE: u64 = PAGE_SIZE - 1;
 
-/// One way of a page-cache set: a 4 KiB translation in two words.
+/// One way of a 4 KiB set: a translation in two words.
 #[derive(Debug, Clone, Copy, Default)]
 struct CachedPage {
     /// Page VA | 1 when valid.
@@ -229,14 +223,21 @@ impl WalkCache {
 }
 
 struct Tlb {
-    /// Large leaves used last (4 KiB ones go to `pages`).
+    /// Large leaves used last (a subset of `map`).
     recent: [Option<Entry>; RECENT],
-    /// The page cache, `PAGE_CACHE_SETS` sets of two ways.
+    /// The 4 KiB entries: `page_sets` sets of two ways, most recent in way
+    /// 0, indexed by page number so a COPY's source and destination
+    /// streams (same index, different tags) coexist and sequential pages
+    /// touch sequential cache lines. Allocated on first insert: most
+    /// contexts are never used.
     pages: Vec<[CachedPage; 2]>,
+    /// A power of two, at most half the capacity (at least 1).
+    page_sets: usize,
     next_recent: usize,
+    /// The 2 MiB and 1 GiB leaves.
     map: HashMap<u64, Entry, BuildHasherDefault<PageHasher>>,
-    /// Insertion order for eviction; may hold keys already invalidated,
-    /// which eviction skips.
+    /// Insertion order of `map` for eviction; may hold keys already
+    /// invalidated, which eviction skips.
     order: VecDeque<u64>,
     capacity: usize,
     /// Upper-level tables, so a miss reads one entry instead of six.
@@ -251,69 +252,79 @@ impl Default for Tlb {
 
 impl Tlb {
     fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
             recent: [None; RECENT],
-            // Allocated on first insert: most contexts are never used.
             pages: Vec::new(),
+            // Two ways per set, so at most `capacity` 4 KiB entries (one
+            // way used when the capacity is 1).
+            page_sets: if capacity < 2 {
+                1
+            } else {
+                1 << (capacity / 2).ilog2()
+            },
             next_recent: 0,
             map: HashMap::default(),
             order: VecDeque::new(),
-            capacity: capacity.max(1),
+            capacity,
             walk: WalkCache::default(),
         }
     }
-}
 
-fn page_set(va: u64) -> usize {
-    (va >> PAGE_SHIFT) as usize % PAGE_CACHE_SETS
-}
+    fn page_set(&self, va: u64) -> usize {
+        (va >> PAGE_SHIFT) as usize & (self.page_sets - 1)
+    }
 
-impl Tlb {
     fn lookup(&mut self, va: u64) -> Option<Entry> {
-        if let Some(set) = self.pages.get(page_set(va)) {
+        if let Some(set) = self.pages.get(self.page_set(va)) {
             let tag = (va & !IN_PAGE) | 1;
             for w in set {
                 if w.tag == tag {
-                    let e = w.entry();
-                    return Some(e);
+                    return Some(w.entry());
                 }
             }
+        }
+        if self.map.is_empty() {
+            return None;
         }
         for e in self.recent.iter().flatten() {
             if e.covers(va) {
                 return Some(*e);
             }
         }
-        for level in 1..=3 {
+        for level in 2..=3 {
             if let Some(e) = self.map.get(&key(va, level)) {
                 let e = *e;
-                if level == 1 {
-                    self.cache_page(e);
-                } else {
-                    self.remember(e);
-                }
+                self.remember(e);
                 return Some(e);
             }
         }
         None
     }
 
-    fn cache_page(&mut self, e: Entry) {
+    /// Insert a 4 KiB entry; true if it evicted one.
+    fn insert_page(&mut self, e: Entry) -> bool {
         if self.pages.is_empty() {
-            self.pages = vec![[CachedPage::default(); 2]; PAGE_CACHE_SETS];
+            self.pages = vec![[CachedPage::default(); 2]; self.page_sets];
         }
-        let set = &mut self.pages[page_set(e.va)];
+        let one_way = self.capacity < 2;
+        let i = self.page_set(e.va);
+        let set = &mut self.pages[i];
         let new = CachedPage {
             tag: e.va | 1,
             frame: e.gpa | e.perms.bits(),
         };
-        if set[0].tag == new.tag {
+        if set[0].tag == new.tag || one_way {
+            let evicted = set[0].tag & 1 != 0 && set[0].tag != new.tag;
             set[0] = new;
-        } else {
-            // Most-recent in way 0; way 0's previous entry moves to way 1.
-            set[1] = set[0];
-            set[0] = new;
+            return evicted;
         }
+        // A re-walk may have found different permissions: the old copy
+        // goes, the new one is most recent.
+        let evicted = set[1].tag & 1 != 0 && set[1].tag != new.tag;
+        set[1] = set[0];
+        set[0] = new;
+        evicted
     }
 
     fn remember(&mut self, e: Entry) {
@@ -322,6 +333,12 @@ impl Tlb {
     }
 
     fn insert(&mut self, e: Entry, level: u32) -> bool {
+        if level == 1 {
+            // A large leaf this page was part of before must not shadow it
+            // (lookups try pages first, but `recent` before `map`).
+            self.forget_recent(e.va, e.va + e.size);
+            return self.insert_page(e);
+        }
         let k = key(e.va, level);
         let mut evicted = false;
         if self.map.insert(k, e).is_none() {
@@ -332,7 +349,7 @@ impl Tlb {
                 };
                 if let Some(victim) = self.map.remove(&old) {
                     evicted = true;
-                    self.forget(victim.va, victim.va + victim.size);
+                    self.forget_recent(victim.va, victim.va + victim.size);
                 }
             }
             // Stale keys pile up in `order` under invalidation churn: rebuild.
@@ -341,33 +358,35 @@ impl Tlb {
                 self.order.retain(|k| map.contains_key(k));
             }
         }
-        // A re-walk may have found different permissions: drop the old copy
-        // so lookups see the new one.
+        // A re-walk may have found different permissions, or this leaf
+        // replaced smaller ones: drop the old copies so lookups see it.
         self.forget(e.va, e.va + e.size);
-        if level == 1 {
-            self.cache_page(e);
-        } else {
-            self.remember(e);
-        }
+        self.remember(e);
         evicted
     }
 
-    /// Drop front-cache copies overlapping `[start, end)`.
-    fn forget(&mut self, start: u64, end: u64) {
+    fn forget_recent(&mut self, start: u64, end: u64) {
         for slot in self.recent.iter_mut() {
             if slot.is_some_and(|e| e.overlaps(start, end)) {
                 *slot = None;
             }
         }
+    }
+
+    /// Drop cached leaves overlapping `[start, end)` outside `map`: the
+    /// 4 KiB entries and the copies in `recent`.
+    fn forget(&mut self, start: u64, end: u64) {
+        self.forget_recent(start, end);
         if self.pages.is_empty() {
             return;
         }
         let hit = |w: &CachedPage| w.tag & 1 != 0 && w.entry().overlaps(start, end);
         let pages = (end.saturating_sub(start) >> PAGE_SHIFT).saturating_add(1);
-        if pages < PAGE_CACHE_SETS as u64 {
+        if pages < self.page_sets as u64 {
             let mut va = start & !IN_PAGE;
             while va < end {
-                for w in self.pages[page_set(va)].iter_mut() {
+                let i = self.page_set(va);
+                for w in self.pages[i].iter_mut() {
                     if hit(w) {
                         *w = CachedPage::default();
                     }
@@ -381,6 +400,17 @@ impl Tlb {
                 }
             }
         }
+    }
+
+    /// Leaves held: 4 KiB entries and large ones.
+    fn len(&self) -> usize {
+        self.map.len()
+            + self
+                .pages
+                .iter()
+                .flatten()
+                .filter(|w| w.tag & 1 != 0)
+                .count()
     }
 
     fn clear(&mut self) {
@@ -469,7 +499,7 @@ impl Mmu {
 
     /// Number of cached entries of `ctx` (for tests and diagnostics).
     pub fn tlb_len(&self, ctx: u32) -> usize {
-        self.tlbs.get(ctx as usize).map_or(0, |t| t.map.len())
+        self.tlbs.get(ctx as usize).map_or(0, Tlb::len)
     }
 
     /// Number of tables (the root included) in the paging-structure cache

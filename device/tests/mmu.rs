@@ -514,3 +514,57 @@ fn walk_cache_is_bounded() {
     }
     assert!(m.walk_cache_len(0) > 100, "the cache was used");
 }
+
+/// Each kind of leaf is bounded by the capacity: 4 KiB ones in 2-way sets
+/// (a power of two of them, at most capacity / 2), large ones FIFO; every
+/// translation stays right across evictions.
+#[test]
+fn both_kinds_of_leaf_are_bounded_by_the_capacity() {
+    for cap in [1usize, 2, 5, 16] {
+        let mut rig = Rig::new(64 << 20, 16);
+        let n = 40u64;
+        rig.map_range(0, 0, DATA, n * LEAF_4K, LEAF_4K, Pte::WRITE);
+        for i in 0..n {
+            rig.map(0, LEAF_1G + i * LEAF_2M, 0, LEAF_2M, Pte::WRITE);
+        }
+        let mut m = Mmu::with_tlb_capacity(cap);
+        m.set_context_table(CTX_TABLE);
+        let mut c = Counters::default();
+        for round in 0..2 {
+            for i in 0..n {
+                let va = i * LEAF_4K + 8;
+                assert_eq!(gpa_of(&rig, &mut m, &mut c, va), DATA + va, "{cap} {round}");
+                assert_eq!(gpa_of(&rig, &mut m, &mut c, LEAF_1G + i * LEAF_2M + 8), 8);
+                assert!(m.tlb_len(0) <= 2 * cap, "cap {cap}: {}", m.tlb_len(0));
+            }
+        }
+        // 4 KiB entries: sets * 2 ways (one way when the capacity is 1).
+        let pages = if cap == 1 { 1 } else { 2 << (cap / 2).ilog2() };
+        assert_eq!(m.tlb_len(0), pages + cap, "cap {cap}: full of both kinds");
+        // Both rounds miss on every access (cyclic over more than fits):
+        // every insert but the ones that filled the TLB evicts.
+        assert_eq!(
+            c.get(Counter::TlbEvictions),
+            4 * n - (pages + cap) as u64,
+            "cap {cap}"
+        );
+    }
+}
+
+/// A range invalidation drops a large leaf from the most-recently-used
+/// copies too, while other large leaves stay cached.
+#[test]
+fn range_invalidation_drops_recent_large_leaves() {
+    let mut rig = Rig::new(64 << 20, 16);
+    rig.map(0, 0, LEAF_2M, LEAF_2M, Pte::WRITE);
+    rig.map(0, LEAF_2M, 2 * LEAF_2M, LEAF_2M, Pte::WRITE);
+    let (mut m, mut c) = mmu();
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, 0x10), LEAF_2M + 0x10);
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, LEAF_2M), 2 * LEAF_2M);
+    rig.map(0, 0, 3 * LEAF_2M, LEAF_2M, Pte::WRITE);
+    m.invalidate_range(0, 0x1000, 0x2000);
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, 0x10), 3 * LEAF_2M + 0x10);
+    let walks = c.get(Counter::Walks);
+    assert_eq!(gpa_of(&rig, &mut m, &mut c, LEAF_2M + 8), 2 * LEAF_2M + 8);
+    assert_eq!(c.get(Counter::Walks), walks, "the other leaf stayed cached");
+}
