@@ -34,6 +34,7 @@ pub mod pci;
 pub mod sync;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+pub mod trace;
 mod worker;
 
 pub use check::{CheckMode, CpuLookup, CpuTables};

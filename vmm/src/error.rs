@@ -65,6 +65,8 @@ pub enum Error {
     GpuIrq(#[from] crate::msi::RouterError),
     #[error("cannot write --stats-json {path}: {source}")]
     StatsWrite { path: PathBuf, source: io::Error },
+    #[error("cannot write --gpu-trace {path}: {source}")]
+    TraceWrite { path: PathBuf, source: io::Error },
     #[error("event loop: {0:?}")]
     EventLoop(#[source] event_manager::Error),
 }

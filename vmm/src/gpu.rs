@@ -305,11 +305,17 @@ pub struct GpuHost {
 }
 
 impl GpuHost {
+    /// Record the GPU's fault timeline (`--gpu-trace`) from now on.
+    pub fn start_trace(&self) {
+        lock(&self.device).start_trace(faultline_device::trace::DEFAULT_CAPACITY);
+    }
+
     /// Stops the worker (vCPUs must be stopped already) and returns the
-    /// device counters as (name, value).
-    pub fn stop(self) -> Vec<(String, u64)> {
+    /// device counters as (name, value), and the device.
+    pub fn stop(self) -> (Vec<(String, u64)>, Arc<GpuLock>) {
         self.worker.shutdown();
-        lock(&self.device).named_counters()
+        let counters = lock(&self.device).named_counters();
+        (counters, self.device)
     }
 }
 

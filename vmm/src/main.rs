@@ -13,6 +13,7 @@ mod results;
 mod serve;
 mod signals;
 mod stats;
+mod trace;
 mod vmm;
 mod vstate;
 
@@ -152,6 +153,11 @@ pub struct StatsArgs {
     /// {"gpu": {"name": value, ...}, "process": {"peak_rss_kib": N, ...}}.
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
+    /// Write the GPU's fault timeline (device events, and the guest
+    /// driver's from its trace ring) to PATH at exit as Chrome trace-event
+    /// JSON, for Perfetto's UI or chrome://tracing (README "Fault timeline").
+    #[arg(long, value_name = "PATH")]
+    gpu_trace: Option<PathBuf>,
 }
 
 /// GPU sizing, shared by `run` and `serve`; the guest reads it back from
@@ -360,13 +366,23 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(r) => r,
         Err(e) => return fail(status::VMM_ERROR, &e),
     };
+    let gpu_trace = match args
+        .stats
+        .gpu_trace
+        .clone()
+        .map(trace::Out::open)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
     let check = args.gpu.gpu_check;
     let result = config(args, shutdown).and_then(vmm::run);
     // The guest is stopped: its console output goes out before our lines.
     output::finish_console();
-    let (ending, counters) = match result {
-        Ok(report) => (verdict(report.outcome), report.gpu_counters),
-        Err(e) => (Err((error_status(&e), e.to_string())), None),
+    let (ending, counters, gpu) = match result {
+        Ok(report) => (verdict(report.outcome), report.gpu_counters, report.gpu),
+        Err(e) => (Err((error_status(&e), e.to_string())), None, None),
     };
     let code = match &ending {
         Ok(()) => 0,
@@ -377,6 +393,7 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Some(r) => keep_first(code, r.write(ending.as_ref().err())),
         None => code,
     };
+    let code = write_trace(code, gpu_trace, gpu.as_deref());
     finish(code, stats, counters.as_deref())
 }
 
@@ -385,9 +402,20 @@ fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(s) => s.gpu_inject(args.gpu.gpu_inject.map(|s| s.to_string())),
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
+    let gpu_trace = match args
+        .stats
+        .gpu_trace
+        .clone()
+        .map(trace::Out::open)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
     let cfg = serve::ServeConfig {
         socket: args.socket,
         sizing: args.gpu.config(),
+        gpu_trace: gpu_trace.is_some(),
         shutdown,
     };
     let check = args.gpu.gpu_check;
@@ -398,7 +426,16 @@ fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Err(e) => fail(error_status(&e), &e.to_string()),
     };
     let code = coherence_status(code, check, served.gpu_counters.as_deref());
+    let code = write_trace(code, gpu_trace, served.gpu.as_deref());
     finish(code, stats, served.gpu_counters.as_deref())
+}
+
+/// Writes `--gpu-trace` if asked (every exit path goes through here).
+fn write_trace(code: u8, out: Option<trace::Out>, gpu: Option<&gpu::GpuLock>) -> u8 {
+    match out {
+        Some(t) => keep_first(code, t.write(gpu).map_err(|e| e.to_string())),
+        None => code,
+    }
 }
 
 /// Writes the stats (every exit path goes through here). A passing run
@@ -444,6 +481,7 @@ fn config(args: RunArgs, shutdown: &'static signals::Shutdown) -> error::Result<
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         gpu: (!args.no_gpu).then(|| args.gpu.config()),
         gpu_fastpath: !args.gpu_no_fastpath,
+        gpu_trace: args.stats.gpu_trace.is_some(),
         shutdown,
     })
 }

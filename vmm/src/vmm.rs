@@ -44,6 +44,8 @@ pub struct Config {
     /// Doorbell ioeventfds and MSI irqfds (false: plain exits and
     /// KVM_SIGNAL_MSI, `--gpu-no-fastpath`).
     pub gpu_fastpath: bool,
+    /// Record the GPU's fault timeline (`--gpu-trace`).
+    pub gpu_trace: bool,
     /// SIGINT/SIGTERM: stops the VM like a timeout does.
     pub shutdown: &'static Shutdown,
 }
@@ -53,6 +55,8 @@ pub struct Report {
     pub outcome: Outcome,
     /// The GPU's counters at exit as (name, value); None with `--no-gpu`.
     pub gpu_counters: Option<Vec<(String, u64)>>,
+    /// The GPU, stopped, for what is read after the counters (the trace).
+    pub gpu: Option<Arc<gpu::GpuLock>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -184,6 +188,9 @@ pub fn run(cfg: Config) -> Result<Report> {
         )?),
         None => None,
     };
+    if let Some(g) = gpu.as_ref().filter(|_| cfg.gpu_trace) {
+        g.start_trace();
+    }
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(pci))),
         u64::from(CONFIG_ADDRESS_PORT),
@@ -219,11 +226,12 @@ pub fn run(cfg: Config) -> Result<Report> {
     };
     threads.stop();
     // After the vCPUs: no doorbell or BAR access can arrive any more.
-    let gpu_counters = gpu.map(gpu::GpuHost::stop);
+    let (gpu_counters, gpu) = gpu.map(gpu::GpuHost::stop).unzip();
     detach_vm_teardown();
     Ok(Report {
         outcome,
         gpu_counters,
+        gpu,
     })
 }
 

@@ -20,6 +20,7 @@ mod paging;
 pub mod regs;
 mod status;
 pub mod status_block;
+pub mod trace;
 pub mod virtq;
 
 pub use command::{
@@ -38,6 +39,7 @@ pub use paging::{
 pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, InjectKnobs, IntCause};
 pub use status::{DeviceError, Status};
 pub use status_block::StatusBlock;
+pub use trace::{TraceEntry, TraceHeader, TraceKind, MAX_TRACE_ENTRIES};
 
 /// ABI version reported by `regs::VERSION`: major in bits 31:16, minor in 15:0.
 pub const ABI_VERSION: u32 = 0x0001_0001;

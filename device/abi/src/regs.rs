@@ -55,6 +55,24 @@ pub const TLB_ENTRIES: u64 = 0x07C;
 /// device without injection (and on any device predating it, since
 /// undefined offsets read 0).
 pub const INJECT_ACTIVE: u64 = 0x080;
+/// The driver's trace ring (`crate::trace`), a host test facility like
+/// INJECT_ACTIVE: the largest TRACE_RING_ENTRIES accepted while the host
+/// records a trace, 0 otherwise (and on devices predating it).
+pub const TRACE_CAP: u64 = 0x084;
+/// GPA of the trace ring (4 KiB aligned); writable at any time.
+pub const TRACE_RING_LO: u64 = 0x088;
+pub const TRACE_RING_HI: u64 = 0x08C;
+/// Entries of the trace ring, a power of two in 2..=TRACE_CAP: writing it
+/// registers the ring at TRACE_RING (0 unregisters; a bad value or ring
+/// outside RAM is ignored and reads back 0).
+pub const TRACE_RING_ENTRIES: u64 = 0x090;
+/// Clock alignment, write-only: a write to TRACE_SYNC makes the device
+/// sample its clock; the driver then writes the TSC it read halfway
+/// around that write (the mean of `rdtsc` just before and just after) to
+/// TRACE_TSC_LO and TRACE_TSC_HI, and the HI write pairs the two.
+pub const TRACE_SYNC: u64 = 0x094;
+pub const TRACE_TSC_LO: u64 = 0x098;
+pub const TRACE_TSC_HI: u64 = 0x09C;
 
 // --- Channels: one 64-byte block per channel ---
 pub const CHANNEL_BASE: u64 = 0x1000;

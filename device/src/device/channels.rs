@@ -288,6 +288,12 @@ impl<M: GuestMemoryBackend> Device<M> {
             self.device_error(DeviceError::BadChain, ch as u32);
             return Progress::Busy;
         };
+        let opcode = Opcode::of(&cmd).map_or(0, |o| o as u8);
+        self.trace_event(crate::trace::Event::CmdStart {
+            channel: ch as u8,
+            opcode,
+        });
+        let c = &mut self.channels[ch];
         match Job::decode(&cmd) {
             Ok(job) => {
                 c.in_flight = Some(InFlight {
@@ -316,6 +322,11 @@ impl<M: GuestMemoryBackend> Device<M> {
     ) {
         self.release_faults(ch);
         self.counters.command_done(op, status);
+        self.trace_event(crate::trace::Event::CmdComplete {
+            channel: ch as u8,
+            opcode: op.map_or(0, |o| o as u8),
+            status: status as u8,
+        });
         let rec = Completion {
             status: status as u32,
             result,

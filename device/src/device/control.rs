@@ -64,6 +64,9 @@ impl<M: GuestMemoryBackend> Device<M> {
                 return CtlProgress::Done;
             }
             let e = CtlEntry::from_le_bytes(&b);
+            if self.trace.is_some() {
+                self.trace_ctl(self.control.cons, &e);
+            }
             if self.inject.is_some() && self.held_blocks(&e) {
                 blocked = true;
                 break;
@@ -90,6 +93,10 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
         // The acknowledgement: TLB entries are already gone at this point.
         self.sb_store(status_block::CTL_CONS, self.control.cons);
+        if done > 0 {
+            let cons = self.control.cons;
+            self.trace_event(crate::trace::Event::CtlAck { cons });
+        }
         if notify {
             self.raise(IntCause::CONTROL);
         }

@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::Device;
 use crate::engine::{FaultRec, MAX_STALLED_PAGES};
 use crate::inject::Knob;
+use crate::trace::Event;
 
 /// Channels waiting on one fault, a bit per channel.
 type Waiters = u32;
@@ -105,6 +106,12 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
         self.faults.put = self.faults.put.wrapping_add(1);
         self.counters.inc(Counter::FaultsRaised);
+        self.trace_event(Event::FaultRaised {
+            context: e.context,
+            va: e.va,
+            access: e.access,
+            channel: e.channel,
+        });
         true
     }
 
@@ -274,6 +281,8 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.unstall_channels();
         self.faults.replay_seq = self.faults.replay_seq.wrapping_add(1);
         self.sb_store(status_block::REPLAY_SEQ, self.faults.replay_seq);
+        let seq = self.faults.replay_seq;
+        self.trace_event(Event::Replay { seq });
     }
 
     /// CTL FLUSH_FAULTS: forget the held-back entries and OVERFLOW. Their

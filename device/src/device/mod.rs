@@ -13,6 +13,7 @@ mod channels;
 mod control;
 mod faults;
 mod regs;
+mod trace;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use control::{ControlRing, CtlProgress};
 use faults::FaultUnit;
 pub use faults::MAX_BACKLOG;
 use regs::Setup;
+use trace::Tracing;
 
 /// Implemented by the host: deliver an MSI vector (irqfd, eventfd, ...).
 pub trait InterruptSink: Send + Sync {
@@ -143,6 +145,9 @@ pub struct Device<M: GuestMemoryBackend> {
     /// Fault injection (`crate::inject`): `None` unless the host asked,
     /// and then every hook is one branch on it.
     inject: Option<Box<Injector>>,
+    /// The fault timeline (`crate::trace`): `None` unless the host asked,
+    /// and then every hook is one branch on it.
+    trace: Option<Box<Tracing>>,
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
@@ -189,6 +194,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             queued_faults: Vec::new(),
             launch_step_limit: faultline_abi::MAX_LAUNCH_STEPS,
             inject: sizing.inject.map(|spec| Box::new(Injector::new(spec))),
+            trace: None,
         };
         d.set_checker(sizing.check, None);
         d
@@ -351,6 +357,7 @@ impl<M: GuestMemoryBackend> Device<M> {
         };
         if let Some(v) = self.config.raise(vec) {
             self.irq.trigger(v);
+            self.trace_event(crate::trace::Event::Msi { vector: vec });
         }
     }
 
@@ -428,6 +435,9 @@ impl<M: GuestMemoryBackend> Device<M> {
     /// host's view of the function) and the interrupt sink.
     pub fn reset(&mut self) {
         self.disable();
+        if self.trace.is_some() {
+            self.reset_trace_ring();
+        }
         self.staged = Setup::default();
         self.active = Setup::default();
         self.error_code = 0;
@@ -521,6 +531,9 @@ impl<M: GuestMemoryBackend> Device<M> {
         }
         let step = self.steps.fetch_add(1, Ordering::Relaxed) + 1;
         let mut busy = false;
+        if self.trace.is_some() {
+            self.drain_driver_trace(trace::STEP_TRACE_ENTRIES);
+        }
         if self.inject.is_some() {
             bells = self.inject_gate(bells, step);
         }

@@ -86,6 +86,7 @@ impl<M: GuestMemoryBackend> Device<M> {
                 t as u32
             }
             regs::TIMESTAMP_HI => self.ts_hi_latch,
+            regs::TRACE_CAP..=regs::TRACE_TSC_HI => self.trace_reg_read(offset),
             o if self.channel_window().contains(&o) => {
                 let (ch, reg) = channel_reg(o);
                 self.channels[ch].read_reg(reg)
@@ -155,6 +156,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             regs::CTL_RING_LO if setup_ok => set_lo(&mut r.ctl_ring, v),
             regs::CTL_RING_HI if setup_ok => set_hi(&mut r.ctl_ring, v),
             regs::CTL_RING_ENTRIES if setup_ok => r.ctl_entries = v,
+            regs::TRACE_CAP..=regs::TRACE_TSC_HI => self.trace_reg_write(offset, v),
             o if self.channel_window().contains(&o) => {
                 let (ch, reg) = channel_reg(o);
                 if reg == regs::CH_ENABLE {

@@ -34,6 +34,8 @@ use wire::{Verdict, WireError};
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub sizing: faultline_device::Config,
+    /// Record the GPU's fault timeline (`--gpu-trace`).
+    pub gpu_trace: bool,
     /// SIGINT/SIGTERM end the session (or the wait for a client).
     pub shutdown: &'static Shutdown,
 }
@@ -52,6 +54,8 @@ pub enum Ending {
 pub struct Served {
     pub result: Result<Ending>,
     pub gpu_counters: Option<Vec<(String, u64)>>,
+    /// The device, for what is read after the counters (the trace).
+    pub gpu: Option<Arc<crate::gpu::GpuLock>>,
 }
 
 /// Why `faultline serve` stopped; each renders as one line after "serve: ".
@@ -95,11 +99,17 @@ fn private_listener() -> Result<(UnixListener, SocketAddr)> {
 pub fn serve(cfg: ServeConfig) -> Served {
     let irq = Arc::new(MsiEventfds::default());
     let device = match Device::with_config(GuestMemoryMmap::new(), irq.clone(), cfg.sizing) {
-        Ok(d) => Arc::new(faultline_device::DeviceMutex::new(d)),
+        Ok(mut d) => {
+            if cfg.gpu_trace {
+                d.start_trace(faultline_device::trace::DEFAULT_CAPACITY);
+            }
+            Arc::new(faultline_device::DeviceMutex::new(d))
+        }
         Err(e) => {
             return Served {
                 result: Err(e.into()),
                 gpu_counters: None,
+                gpu: None,
             }
         }
     };
@@ -108,6 +118,7 @@ pub fn serve(cfg: ServeConfig) -> Served {
     Served {
         result,
         gpu_counters,
+        gpu: Some(device),
     }
 }
 
