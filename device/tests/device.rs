@@ -967,3 +967,26 @@ fn event_idx_suppresses_and_requests_interrupts() {
     let ae: u16 = r.mem().read_obj(GuestAddress(avail_event)).unwrap();
     assert_eq!(ae, 2);
 }
+
+/// A FILL that faults half way resumes with the pattern's phase where it
+/// stopped (the pattern is built per run only as far as that run writes).
+#[test]
+fn fill_resumed_after_a_fault_keeps_its_phase() {
+    let mut r = rig();
+    r.map(0, 0x10000, DATA, LEAF_4K, Pte::WRITE);
+    r.write_bytes(DATA, &[0xEE; 0x2000]);
+    let t = r.submit(0, cmd::fill(0x10FFB, 0x0D, 0x8877_6655_4433_2211));
+    r.dev.doorbell(doorbell::channel(0));
+    r.dev.run_until_idle();
+    assert_eq!(r.completion(t), None, "stalled on the second page");
+    assert_eq!(r.drain_faults().len(), 1);
+    r.map(0, 0x11000, DATA + 0x1000, LEAF_4K, Pte::WRITE);
+    r.replay();
+    assert_eq!(r.status(t), Status::Ok);
+    let got = r.read_bytes(DATA + 0xFFA, 0x0F);
+    assert_eq!(got[0], 0xEE);
+    for (i, b) in got[1..0x0E].iter().enumerate() {
+        assert_eq!(*b, 0x11 * (i as u8 % 8 + 1), "byte {i}");
+    }
+    assert_eq!(got[0x0E], 0xEE);
+}
