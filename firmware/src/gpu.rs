@@ -255,4 +255,8 @@ impl Platform for FwPlatform {
     fn now_ns(&self) -> u64 {
         time::now_ns()
     }
+
+    fn trace_tsc(&self) -> Option<u64> {
+        Some(time::rdtsc())
+    }
 }

@@ -54,4 +54,8 @@ impl Platform for Stamped {
     fn now_ns(&self) -> u64 {
         self.0.now_ns()
     }
+
+    fn trace_tsc(&self) -> Option<u64> {
+        self.0.trace_tsc()
+    }
 }

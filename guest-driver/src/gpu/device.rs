@@ -8,12 +8,13 @@ use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use faultline_abi::{
     doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CpuRoot, CtlEntry,
     CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, InjectKnobs,
-    IntCause, StatusBlock, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES, MAX_FAULT_ENTRIES,
-    NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
+    IntCause, StatusBlock, TraceKind, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES,
+    MAX_FAULT_ENTRIES, NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
 };
 
 use super::counters::DriverCounters;
 use super::policy::{FaultPolicy, Replay};
+use super::trace::DriverTrace;
 use super::{DmaRegion, GpuError, Platform};
 use crate::sync::SpinMutex;
 
@@ -109,6 +110,8 @@ pub struct Gpu<P: Platform> {
     tlb_ack_ns: AtomicU64,
     /// [`Gpu::fault_work_left`].
     work_left: AtomicBool,
+    /// The driver's trace ring, while the host records a fault timeline.
+    trace: Option<DriverTrace>,
 }
 
 fn pages(bytes: u64) -> usize {
@@ -179,6 +182,7 @@ impl<P: Platform> Gpu<P> {
         platform.write32(regs::INT_ENABLE, IntCause::all().bits());
         platform.write32(regs::ENABLE, 1);
         let status = DeviceStatus::from_bits_truncate(platform.read32(regs::STATUS));
+        let trace = DriverTrace::setup(&*platform);
         let gpu = Gpu {
             platform,
             cfg,
@@ -204,6 +208,7 @@ impl<P: Platform> Gpu<P> {
             counters: DriverCounters::default(),
             tlb_ack_ns: AtomicU64::new(0),
             work_left: AtomicBool::new(false),
+            trace,
         };
         if !status.contains(DeviceStatus::ENABLED) {
             // Drop resets the device and frees the memory.
@@ -414,6 +419,12 @@ impl<P: Platform> Gpu<P> {
             &self.counters.faults_deduplicated,
             (before - st.raw.len()) as u64,
         );
+        self.trace(
+            TraceKind::BatchDrained,
+            0,
+            u64::from(n),
+            st.raw.len() as u64,
+        );
         true
     }
 
@@ -445,6 +456,7 @@ impl<P: Platform> Gpu<P> {
         DriverCounters::add(&self.counters.cancels, cancels.len() as u64);
         let mut last = None;
         for (ctx, va) in cancels {
+            self.trace(TraceKind::Cancel, ctx, va, 0);
             match self.ctl_submit(CtlOp::CancelRange, ctx, va, 0) {
                 Ok(seq) => last = Some(seq),
                 Err(e) => log::warn!("gpu: cancel of {va:#x} not submitted: {e}"),
@@ -473,7 +485,15 @@ impl<P: Platform> Gpu<P> {
         DriverCounters::add(&self.counters.faults_flushed, u64::from(n));
     }
 
+    /// Adds an event to the host's fault timeline, if it records one.
+    pub(crate) fn trace(&self, kind: TraceKind, context: u32, a: u64, b: u64) {
+        if let Some(t) = &self.trace {
+            t.push(self.platform.trace_tsc().unwrap_or(0), kind, context, a, b);
+        }
+    }
+
     fn replay(&self) {
+        self.trace(TraceKind::Replay, 0, 0, 0);
         self.platform.write32(doorbell::offset(doorbell::REPLAY), 1);
         DriverCounters::add(&self.counters.replays, 1);
     }
@@ -716,6 +736,9 @@ impl<P: Platform> Drop for Gpu<P> {
         };
         for r in regions {
             self.platform.dma_free(r);
+        }
+        if let Some(t) = self.trace.take() {
+            self.platform.dma_free(t.into_region());
         }
     }
 }

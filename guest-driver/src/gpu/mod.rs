@@ -100,6 +100,7 @@ pub mod platform;
 pub mod policy;
 pub mod suite;
 mod svm;
+mod trace;
 
 pub use channel::{Channel, Ticket};
 pub use context::Context;

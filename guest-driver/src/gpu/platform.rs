@@ -38,6 +38,14 @@ pub trait Platform: Send + Sync + 'static {
 
     /// A monotonic clock in nanoseconds.
     fn now_ns(&self) -> u64;
+
+    /// The CPU's time-stamp counter (`rdtsc`), for the events the driver
+    /// adds to the host's fault timeline (docs/gpu-abi.md "Trace ring"):
+    /// read once per event, and only while the host traces. `None` (the
+    /// default): the driver writes no trace.
+    fn trace_tsc(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Physically contiguous memory shared with the device.

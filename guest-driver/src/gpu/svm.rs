@@ -31,7 +31,7 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use faultline_abi::{Access, Pte, LEAF_2M, PAGE_SIZE};
+use faultline_abi::{Access, Pte, TraceKind, LEAF_2M, PAGE_SIZE};
 
 use super::counters::DriverCounters;
 use super::density::Density;
@@ -317,6 +317,9 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
     fn sync_cpu_device_pagetables(&self, update: &HmmUpdate) -> Result<(), Errno> {
         let s = &self.0;
         DriverCounters::add(&s.counters().invalidations, 1);
+        let len = update.end - update.start;
+        s.gpu()
+            .trace(TraceKind::Invalidate, s.ctx.index(), update.start, len);
         // Mutant (e): the range's leaves stay until the next fault service,
         // after the mm cleared its PTEs and freed the frames.
         #[cfg(feature = "mutants")]
@@ -488,6 +491,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 DriverCounters::add(&c.retries, 1);
+                let len = w.end - w.start;
+                s.gpu().trace(TraceKind::Retry, s.ctx.index(), w.start, len);
             }
             let r = {
                 let mmap = mmap_read_lock(&*s.mm);
@@ -570,6 +575,9 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             break;
         }
         range_unregister(&mut range);
+        let len = w.end - w.start;
+        s.gpu()
+            .trace(TraceKind::WindowServiced, s.ctx.index(), w.start, len);
         match result {
             Err(e) => {
                 log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);

@@ -256,4 +256,8 @@ impl Platform for Loopback {
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
+
+    fn trace_tsc(&self) -> Option<u64> {
+        Some(faultline_device::trace::host_tsc())
+    }
 }
