@@ -16,8 +16,8 @@
 //!   least two such round trips: doorbell → worker → FAULT MSI → driver,
 //!   REPLAY doorbell → worker → completion MSI → driver.
 //!
-//! The round trips and the floor take turns, one run each per repetition,
-//! so host load hits them alike.
+//! The round trips and the floor take turns in chunks of 100, so host load
+//! hits them alike; medians over all chunks, and the fastest chunk.
 //!
 //! Run: `cargo run --release -p faultline-driver --example bench_svm`
 
@@ -54,9 +54,34 @@ impl FaultHandler for Direct {
     }
 }
 
-const ROUND_TRIPS: u64 = 2000;
+/// Round trips per chunk, chunks per repetition: the subjects take turns
+/// chunk by chunk, so a burst of host load hits them alike and shows as a
+/// few slow chunks rather than one slow subject.
+const CHUNK: u64 = 100;
+const CHUNKS: u64 = 20;
+const ROUND_TRIPS: u64 = CHUNK * CHUNKS;
 
-fn null_round_trip() -> f64 {
+/// Something timed in chunks: `run(i)` does round trips `i * CHUNK ..
+/// (i + 1) * CHUNK` and returns ns per round trip; `done` tears it down
+/// once `run` is dropped.
+struct Subject {
+    run: Box<dyn FnMut(u64) -> f64>,
+    done: Box<dyn FnOnce()>,
+}
+
+impl Subject {
+    fn finish(self) {
+        drop(self.run);
+        (self.done)();
+    }
+}
+
+fn per_round_trip(t: Instant) -> f64 {
+    t.elapsed().as_nanos() as f64 / CHUNK as f64
+}
+
+/// Single faults whose handler maps the page directly (no HMM).
+fn null_round_trip() -> Subject {
     let lb = Loopback::new(64);
     let gpu = faultline_driver::gpu::Gpu::probe(lb.clone(), GpuConfig::default())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -65,24 +90,30 @@ fn null_round_trip() -> f64 {
     let ctx = Arc::new(Context::new(&gpu, pt).unwrap_or_else(|e| panic!("{e}")));
     ctx.set_fault_handler(Some(Arc::new(Direct(ctx.clone()))));
     let chan = Channel::open(&ctx).unwrap_or_else(|e| panic!("{e}"));
-    let t = Instant::now();
-    for i in 0..ROUND_TRIPS {
-        let dst = buf.phys() + i * PAGE_SIZE;
-        chan.run(&Command::Fill {
-            dst,
-            len: 8,
-            pattern: i,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let base = buf.phys();
+    Subject {
+        run: Box::new(move |i| {
+            let t = Instant::now();
+            for k in i * CHUNK..(i + 1) * CHUNK {
+                chan.run(&Command::Fill {
+                    dst: base + k * PAGE_SIZE,
+                    len: 8,
+                    pattern: k,
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            per_round_trip(t)
+        }),
+        done: Box::new(move || {
+            ctx.set_fault_handler(None);
+            lb.dma_free(buf);
+            drop(gpu);
+        }),
     }
-    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
-    ctx.set_fault_handler(None);
-    drop(chan);
-    lb.dma_free(buf);
-    ns
 }
 
-fn svm_round_trip() -> f64 {
+/// Single faults through the whole HMM path on CPU-populated pages.
+fn svm_round_trip() -> Subject {
     let env = LoopEnv::new(64, GpuConfig::default());
     let p = env.spawn().unwrap_or_else(|e| panic!("{e}"));
     let len = ROUND_TRIPS * PAGE_SIZE;
@@ -100,24 +131,30 @@ fn svm_round_trip() -> f64 {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let chan = Channel::open(svm.context()).unwrap_or_else(|e| panic!("{e}"));
-    let t = Instant::now();
-    for i in 0..ROUND_TRIPS {
-        chan.run(&Command::Fill {
-            dst: va + i * PAGE_SIZE,
-            len: 8,
-            pattern: i,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+    Subject {
+        run: Box::new(move |i| {
+            let t = Instant::now();
+            for k in i * CHUNK..(i + 1) * CHUNK {
+                chan.run(&Command::Fill {
+                    dst: va + k * PAGE_SIZE,
+                    len: 8,
+                    pattern: k,
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            per_round_trip(t)
+        }),
+        done: Box::new(move || {
+            env.exit(p);
+            drop(svm);
+        }),
     }
-    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
-    drop(chan);
-    env.exit(p);
-    ns
 }
 
-/// Two threads pass a counter back and forth ROUND_TRIPS times: ns per
-/// round trip (two wake-ups).
-fn wake_floor() -> f64 {
+/// The wake-up floor: two threads pass a counter back and forth, each
+/// sleeping on the condvar until it is its turn (two wake-ups per round
+/// trip).
+fn wake_floor() -> Subject {
     let ball = Arc::new((Mutex::new(0u64), Condvar::new()));
     let other = {
         let ball = ball.clone();
@@ -141,22 +178,28 @@ fn wake_floor() -> f64 {
             }
         })
     };
-    let (m, cv) = &*ball;
-    let t = Instant::now();
-    for _ in 0..ROUND_TRIPS {
-        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        cv.notify_one();
-        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-        while *g % 2 == 1 {
-            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
+    let ours = ball.clone();
+    Subject {
+        run: Box::new(move |_| {
+            let (m, cv) = &*ours;
+            let t = Instant::now();
+            for _ in 0..CHUNK {
+                *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                cv.notify_one();
+                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                while *g % 2 == 1 {
+                    g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            per_round_trip(t)
+        }),
+        done: Box::new(move || {
+            let (m, cv) = &*ball;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = u64::MAX;
+            cv.notify_one();
+            other.join().expect("ping-pong thread");
+        }),
     }
-    let ns = t.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64;
-    *m.lock().unwrap_or_else(|e| e.into_inner()) = u64::MAX;
-    cv.notify_one();
-    other.join().expect("ping-pong thread");
-    assert_eq!(ROUND_TRIPS % 2, 0);
-    ns
 }
 
 fn first_touch(around: u64) -> f64 {
@@ -217,64 +260,83 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let (mut nulls, mut svms, mut floors) = (Vec::new(), Vec::new(), Vec::new());
+    // Per chunk, per subject: [null, svm, floor]; and each repetition's
+    // medians.
+    let mut chunks: [Vec<f64>; 3] = Default::default();
+    let mut runs: [Vec<f64>; 3] = Default::default();
     for _ in 0..reps {
-        nulls.push(null_round_trip());
-        svms.push(svm_round_trip());
-        floors.push(wake_floor());
+        let mut subjects = [null_round_trip(), svm_round_trip(), wake_floor()];
+        let mut this: [Vec<f64>; 3] = Default::default();
+        for i in 0..CHUNKS {
+            for (s, out) in subjects.iter_mut().zip(this.iter_mut()) {
+                out.push((s.run)(i));
+            }
+        }
+        for s in subjects {
+            s.finish();
+        }
+        for k in 0..3 {
+            runs[k].push(median(this[k].clone()));
+            chunks[k].extend_from_slice(&this[k]);
+        }
     }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let each = |v: &[f64]| {
         v.iter()
             .map(|ns| format!("{:.1}", ns / 1e3))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let (null, svm, floor) = (
-        median(nulls.clone()),
-        median(svms.clone()),
-        median(floors.clone()),
-    );
-    println!("| host loopback (device model on a worker thread) | median | per run |");
-    println!("|---|---|---|");
+    let [null, svm, floor] = chunks.clone().map(median);
+    let [null_min, svm_min, floor_min] = [&chunks[0], &chunks[1], &chunks[2]].map(|v| min(v));
+    println!("| host loopback (device model on a worker thread) | median | fastest chunk | per-run medians |");
+    println!("|---|---|---|---|");
+    for (name, k) in [
+        ("single-fault round trip, SVM (HMM, 4 KiB window)", 1),
+        ("single-fault round trip, null handler", 0),
+        (
+            "wake-up floor: two-thread Mutex + Condvar ping-pong, per round trip",
+            2,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.1} µs | {:.1} µs | {} |",
+            median(chunks[k].clone()) / 1e3,
+            min(&chunks[k]) / 1e3,
+            each(&runs[k])
+        );
+    }
     println!(
-        "| single-fault round trip, SVM (HMM, 4 KiB window) | {:.1} µs | {} |",
-        svm / 1e3,
-        each(&svms)
+        "| ratio SVM / null | {:.2} | {:.2} | |",
+        svm / null,
+        svm_min / null_min
     );
     println!(
-        "| single-fault round trip, null handler | {:.1} µs | {} |",
-        null / 1e3,
-        each(&nulls)
-    );
-    println!(
-        "| wake-up floor: two-thread Mutex + Condvar ping-pong, per round trip | {:.1} µs | {} |",
-        floor / 1e3,
-        each(&floors)
-    );
-    println!("| ratio SVM / null | {:.2} | |", svm / null);
-    println!(
-        "| **ratio SVM single fault / wake-up floor** (target ≤ 3) | **{:.2}** | {} |",
+        "| **ratio SVM single fault / wake-up floor** (target ≤ 3) | **{:.2}** | {:.2} | {} |",
         svm / floor,
-        svms.iter()
-            .zip(&floors)
+        svm_min / floor_min,
+        runs[1]
+            .iter()
+            .zip(&runs[2])
             .map(|(s, f)| format!("{:.2}", s / f))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
-        "| ratio null single fault / wake-up floor | {:.2} | |",
-        null / floor
+        "| ratio null single fault / wake-up floor | {:.2} | {:.2} | |",
+        null / floor,
+        null_min / floor_min
     );
     for (name, around) in [("4 KiB", 4096u64), ("64 KiB", 64 << 10), ("2 MiB", 2 << 20)] {
         let pps = median((0..reps).map(|_| first_touch(around)).collect());
         println!(
-            "| first touch 64 MiB, fault-around {name} | {:.0} pages/s | |",
+            "| first touch 64 MiB, fault-around {name} | {:.0} pages/s | | |",
             pps
         );
     }
     let ack = median((0..reps).map(|_| munmap_to_ack()).collect());
     println!(
-        "| munmap of a device-mapped page → TLB ack | {:.1} µs | |",
+        "| munmap of a device-mapped page → TLB ack | {:.1} µs | | |",
         ack / 1e3
     );
 }
