@@ -110,6 +110,9 @@ pub struct Loopback {
     epoch: Instant,
 }
 
+/// How long `wait_interrupt` polls before it sleeps.
+const SPIN_NS: u64 = 20_000;
+
 /// Guest memory below this stays unused (as real firmware keeps low memory).
 const RAM_BASE: u64 = 1 << 20;
 
@@ -243,6 +246,19 @@ impl Platform for Loopback {
     }
 
     fn wait_interrupt(&self, timeout_ns: u64) {
+        // Poll the pending mask a little before sleeping: the device
+        // answers a doorbell within a few µs, and a sleep costs a wake-up
+        // on top ("Loopback faults" in docs/performance.md). Yielding, not
+        // spinning: on a loaded host the worker may need this CPU to
+        // answer. Bounded, so a long wait polls for SPIN_NS per slice.
+        let spin = Duration::from_nanos(timeout_ns.min(SPIN_NS));
+        let t0 = Instant::now();
+        while t0.elapsed() < spin {
+            if self.irq.pending.load(Ordering::Acquire) != 0 {
+                return;
+            }
+            std::thread::yield_now();
+        }
         let g = lock(&self.irq.lock);
         if self.irq.pending.load(Ordering::Acquire) != 0 {
             return;
