@@ -59,6 +59,7 @@ fn anon_read_trace_shows_one_fault_from_raise_to_completion() {
         "test=anon_read",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
+    let summary = trace_summary(&path);
     let doc = read_trace(&path);
     assert_eq!(doc["otherData"]["dropped"], 0);
     let clock = doc["otherData"]["clock"].as_str().unwrap();
@@ -140,6 +141,34 @@ fn anon_read_trace_shows_one_fault_from_raise_to_completion() {
     // replay the device received.
     assert!(ts(&batch) + PAIRING_SLACK_US >= ts(&msi));
     assert!(ts(&rung) <= ts(&replay) + PAIRING_SLACK_US);
+
+    // scripts/trace-summary.py puts this fault under its window's size.
+    let row = format!("| {} KiB | ", window["args"]["size_kib"]);
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with(&row))
+        .unwrap_or_else(|| panic!("no {row} row in:\n{summary}"));
+    let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+    let faults: u64 = cols[2].parse().unwrap();
+    let p50: f64 = cols[3].parse().unwrap();
+    assert!(faults >= 1, "{line}");
+    assert!(
+        p50 > 0.0 && p50 <= cols[6].parse::<f64>().unwrap(),
+        "{line}"
+    );
+}
+
+/// `scripts/trace-summary.py PATH`'s output (it must succeed).
+fn trace_summary(path: &std::path::Path) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/trace-summary.py");
+    let o = std::process::Command::new("python3")
+        .arg(script)
+        .arg(path)
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]

@@ -722,7 +722,19 @@ fn signals_stop_the_server_remove_its_socket_and_write_stats() {
     // Before a client connects: SIGTERM.
     let json =
         std::env::temp_dir().join(format!("faultline-serve-{}-sig.json", std::process::id()));
-    let mut srv = Server::start("sigterm", &["--stats-json", json.to_str().unwrap()]);
+    let trace = std::env::temp_dir().join(format!(
+        "faultline-serve-{}-sig-trace.json",
+        std::process::id()
+    ));
+    let mut srv = Server::start(
+        "sigterm",
+        &[
+            "--stats-json",
+            json.to_str().unwrap(),
+            "--gpu-trace",
+            trace.to_str().unwrap(),
+        ],
+    );
     signal(srv.child.as_ref().unwrap(), libc::SIGTERM);
     let socket = srv.socket.clone();
     let child = srv.child.as_mut().unwrap();
@@ -737,6 +749,11 @@ fn signals_stop_the_server_remove_its_socket_and_write_stats() {
         doc["gpu"].is_object() && doc["process"]["peak_rss_kib"].is_u64(),
         "{doc}"
     );
+    // --gpu-trace is written on this path too: the device's (empty) trace.
+    let doc = stats_doc(&trace);
+    let _ = std::fs::remove_file(&trace);
+    assert!(doc["traceEvents"].is_array(), "{doc}");
+    assert_eq!(doc["otherData"]["dropped"], 0, "{doc}");
 
     // In a session: SIGINT.
     let mut srv = Server::start("sigint", &[]);
