@@ -28,6 +28,8 @@ pub struct Options<'a> {
     pub iterations: Option<u64>,
     /// `cycles=N`: how long `gpu_fault_flood` runs.
     pub cycles: Option<u64>,
+    /// `mib=N`: the size of each `bench=policies` workload.
+    pub mib: Option<u64>,
     /// `ram=zero`: the hypervisor handed RAM over zeroed, so a frame nobody
     /// has used since boot needs no zeroing. Off by default: a warm reset
     /// (QEMU `system_reset`) leaves RAM as the last boot left it.
@@ -49,16 +51,20 @@ pub enum Bench {
     Exits,
     /// SVM fault and invalidation costs (`scripts/bench.sh faults`).
     Faults,
+    /// The fault pipeline's workloads under the `svm=` policy
+    /// (`scripts/bench.sh policies`).
+    Policies,
 }
 
 impl Bench {
-    const ALL: [Bench; 2] = [Bench::Exits, Bench::Faults];
+    const ALL: [Bench; 3] = [Bench::Exits, Bench::Faults, Bench::Policies];
 
     /// The `bench=` value that selects it.
     pub fn name(self) -> &'static str {
         match self {
             Bench::Exits => "exits",
             Bench::Faults => "faults",
+            Bench::Policies => "policies",
         }
     }
 }
@@ -91,6 +97,7 @@ impl Default for Options<'_> {
             seed: None,
             iterations: None,
             cycles: None,
+            mib: None,
             ram_zero: false,
             svm: Ok(None),
             #[cfg(feature = "mutants")]
@@ -229,11 +236,12 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                 None => complain(Complaint::BadValue {
                     key,
                     value,
-                    expected: "exits|faults",
+                    expected: "exits|faults|policies",
                 }),
             },
-            "seed" | "iterations" | "cycles" => match parse_u64(value) {
+            "seed" | "iterations" | "cycles" | "mib" => match parse_u64(value) {
                 Some(n) if key == "seed" => o.seed = Some(n),
+                Some(n) if key == "mib" => o.mib = Some(n),
                 Some(n) if key == "iterations" => o.iterations = Some(n),
                 Some(n) => o.cycles = Some(n),
                 None => complain(Complaint::BadValue {

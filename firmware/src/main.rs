@@ -105,6 +105,7 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
         faultline_driver::gpu::mutant::set(Some(m));
         println!("mutant: {} ({}) active", m.name(), m.letter());
     }
+    tests::set_params(opts);
     if let Some(b) = opts.bench {
         bench::run(b);
     }

@@ -210,6 +210,8 @@ fn density_maps_a_subtree_only_above_its_threshold() {
         density_leaves("prefetch=density:51", 512, &[0, 1, 2, 4]),
         [1, 2, 4, 8]
     );
+    // 50 %: one page of two is not more than it.
+    assert_eq!(density_leaves("prefetch=density:50", 512, &[0]), [1]);
     // 49 %: one page of two is.
     assert_eq!(density_leaves("prefetch=density:49", 512, &[0]), [2]);
     // 0 %: the whole 2 MiB region, clipped to the VMA.

@@ -19,6 +19,8 @@ mod exits;
 #[cfg(feature = "bench")]
 mod faults;
 #[cfg(feature = "bench")]
+mod policies;
+#[cfg(feature = "bench")]
 mod stamped;
 
 #[cfg(feature = "bench")]
@@ -29,6 +31,7 @@ pub fn run(b: Bench) -> ! {
     let result = match b {
         Bench::Exits => exits::run(),
         Bench::Faults => faults::run(),
+        Bench::Policies => policies::run(),
     };
     match result {
         Ok(()) => exit(ExitCode::Success),

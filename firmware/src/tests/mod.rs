@@ -55,6 +55,9 @@ pub struct Params {
     pub seed: Option<u64>,
     pub iterations: Option<u64>,
     pub cycles: Option<u64>,
+    /// Read by `bench=policies` only, which the default build lacks.
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+    pub mib: Option<u64>,
     pub svm: Option<faultline_driver::gpu::FaultPolicy>,
 }
 
@@ -62,6 +65,7 @@ static PARAMS: crate::sync::Mutex<Params> = crate::sync::Mutex::new(Params {
     seed: None,
     iterations: None,
     cycles: None,
+    mib: None,
     svm: None,
 });
 
@@ -107,13 +111,23 @@ fn set_current(name: Option<&'static str>) {
     CURRENT_PTR.store(p, Ordering::SeqCst);
 }
 
+/// `test=A,B`: the tests whose name contains any of the non-empty parts
+/// (an empty filter matches every test).
+fn matches(filter: &str, name: &str) -> bool {
+    filter.is_empty()
+        || filter
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .any(|p| name.contains(p))
+}
+
 fn all_tests<'a>(opts: &'a Options<'a>) -> impl Iterator<Item = &'static Test> + 'a {
     let extra: &'static [Test] = if opts.fail { FAIL_SUITE } else { &[] };
     SUITES
         .iter()
         .flat_map(|s| s.iter())
         .chain(extra.iter())
-        .filter(move |t| opts.test_filter.is_none_or(|f| t.name.contains(f)))
+        .filter(move |t| opts.test_filter.is_none_or(|f| matches(f, t.name)))
         .chain(
             OPT_IN
                 .iter()
@@ -184,13 +198,19 @@ const _: () = assert!(
     "duplicate test name"
 );
 
-pub fn run(opts: &Options<'_>) -> ! {
+/// Takes the parameters from the command line (benchmarks use them too).
+pub fn set_params(opts: &Options<'_>) {
     *PARAMS.lock() = Params {
         seed: opts.seed,
         iterations: opts.iterations,
         cycles: opts.cycles,
+        mib: opts.mib,
         svm: opts.svm.ok().flatten(),
     };
+}
+
+pub fn run(opts: &Options<'_>) -> ! {
+    set_params(opts);
     if opts.list {
         for t in all_tests(opts) {
             println!("{}", t.name);

@@ -63,6 +63,35 @@ fn cmdline_parse() -> Result<(), String> {
         empty == crate::cmdline::Options::default() && seen.len() == 3,
         "empty cmdline not default"
     );
+    // svm=: a good policy is kept; a bad one is complained about by item
+    // and marks the options as failing the run.
+    let mut seen = Vec::new();
+    let good = parse("svm=batch:8,replay=once", |c| seen.push(c));
+    ensure!(
+        good.svm
+            == Ok(Some(faultline_driver::gpu::FaultPolicy {
+                batch: 8,
+                replay: faultline_driver::gpu::Replay::Once,
+                ..Default::default()
+            }))
+            && seen.is_empty(),
+        "svm= policy {:?}, complaints {seen:?}",
+        good.svm
+    );
+    let bad = parse("svm=batch:8,prefetch=most", |c| seen.push(c));
+    ensure!(
+        bad.svm.is_err() && matches!(seen[..], [Complaint::BadSvm(e)] if e.item == "prefetch=most"),
+        "bad svm=: {:?}, complaints {seen:?}",
+        bad.svm
+    );
+    // test=A,B selects by any of its parts.
+    ensure!(
+        super::matches("anon_,snap", "snapshot")
+            && super::matches("anon_,snap", "anon_read")
+            && !super::matches("anon_,snap", "heap")
+            && super::matches("", "heap"),
+        "test= alternatives"
+    );
     // `mutant=` exists only in the mutants build; elsewhere it is a typo.
     let mut seen = Vec::new();
     let _m = parse("mutant=c mutant=zz", |c| seen.push(c));

@@ -56,8 +56,9 @@ fn check_registered() -> Result<(), String> {
 }
 
 /// The environment for a test: its memory checked against the free frames
-/// (this VM's RAM is fixed at boot), the driver probed as it asks.
-fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
+/// (this VM's RAM is fixed at boot), the driver probed as it asks, under
+/// the `svm=` policy if one was given.
+pub(crate) fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
     let free_mib = (frames::stats().free * frames::FRAME_SIZE) >> 20;
     if free_mib < needs.memory_mib {
         return Err(format!(

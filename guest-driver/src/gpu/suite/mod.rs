@@ -32,6 +32,7 @@ mod protection;
 mod races;
 mod scale;
 mod teardown;
+pub mod workloads;
 
 use basic::*;
 use mutants::*;
