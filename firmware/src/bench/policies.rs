@@ -20,6 +20,9 @@ pub fn run() -> Result<(), String> {
     let needs = Needs {
         // The workload, its page tables, the chase list's code and output.
         memory_mib: mib + mib / 8 + 8,
+        // One command waits for all of a workload's faults (a 64 MiB FILL
+        // at one page per fault is minutes here); still a hang detector.
+        timeout_ns: Some(1800 * 1_000_000_000),
         ..Needs::DEFAULT
     };
     for w in Workload::ALL {
