@@ -44,12 +44,15 @@ for p in "${policies[@]}"; do
 done
 
 commit=$(git rev-parse --short HEAD)
-MIB=$mib COMMIT=$commit python3 - "${policies[@]}" <<<"$lines" <<'PY'
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+printf '%s\n' "$lines" >"$results"
+MIB=$mib COMMIT=$commit RESULTS=$results python3 - "${policies[@]}" <<'PY'
 import os, sys
 from datetime import datetime, timezone
 policies = sys.argv[1:]
 rows = {}
-for line in sys.stdin:
+for line in open(os.environ["RESULTS"]):
     f = dict(kv.split("=", 1) for kv in line.split()[2:] if "=" in kv)
     if not f:
         continue
