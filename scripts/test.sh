@@ -113,7 +113,7 @@ sys.exit(1 if bad or not cases else 0)' "$results"
 # fatal coherence checker. The names come from `svm_suite!`, less
 # large_first_touch (256 MiB, minutes under a slow policy; the guest-suite
 # step runs it under the default one).
-POLICY_MIX=("batch:32,replay=batch_flush,prefetch=density:51" "batch:8,batches:4,replay=block,prefetch=none")
+POLICY_MIX=("batch:32,replay=batch_flush,prefetch=density:51" "batch:8,batches:4,replay=block")
 guest_policies() {
   if ! kvm_usable; then
     skip_or_fail "/dev/kvm is not usable: the in-guest suite needs KVM"
