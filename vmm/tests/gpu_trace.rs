@@ -59,7 +59,20 @@ fn anon_read_trace_shows_one_fault_from_raise_to_completion() {
         "test=anon_read",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
-    let summary = trace_summary(&path);
+    let summary = script("trace-summary.py", &[&path]);
+    let page = std::env::temp_dir().join(format!("faultline-trace-{}.html", std::process::id()));
+    script("trace-html.py", &[&path, &page]);
+    let html = std::fs::read_to_string(&page).unwrap();
+    let _ = std::fs::remove_file(&page);
+    for what in [
+        "fault raised",
+        "MSI FAULT",
+        "window serviced",
+        "replay rung",
+        "fault 0x",
+    ] {
+        assert!(html.contains(what), "trace-html.py draws no {what}");
+    }
     let doc = read_trace(&path);
     assert_eq!(doc["otherData"]["dropped"], 0);
     let clock = doc["otherData"]["clock"].as_str().unwrap();
@@ -158,16 +171,21 @@ fn anon_read_trace_shows_one_fault_from_raise_to_completion() {
     );
 }
 
-/// `scripts/trace-summary.py PATH`'s output (it must succeed).
-fn trace_summary(path: &std::path::Path) -> String {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/trace-summary.py");
+/// The output of `scripts/<name> ARGS...` (it must succeed).
+fn script(name: &str, args: &[&std::path::Path]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
     let o = std::process::Command::new("python3")
         .arg(script)
-        .arg(path)
+        .args(args)
         .output()
         .expect("python3 runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
