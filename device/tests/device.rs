@@ -390,6 +390,53 @@ fn overflow_keeps_accesses_stalled_and_recovers() {
     }
 }
 
+/// FLUSH_FAULTS drops the held-back faults and OVERFLOW, writes nothing;
+/// the REPLAY after it reports every access still unmapped again, so the
+/// driver loses nothing by discarding GET..PUT.
+#[test]
+fn flush_faults_drops_the_backlog_and_replay_reports_again() {
+    let mut r = Rig::new(64 << 20, 8);
+    assert!(r.enable_channel(0, 0));
+    let code = DATA;
+    r.write_code(code, &scatter_kernel());
+    r.map(0, 0x1000, code, LEAF_4K, Pte::empty());
+    let base = 0x100_0000u64;
+    let t = r.exec(0, cmd::launch(0x1000, 5, 8, 8, [base, 0, 0, 0]));
+    assert_eq!(r.sb(status_block::FAULT_FLAGS), FaultFlags::OVERFLOW.bits());
+    assert!(r.dev.fault_backlog() > 0);
+    let put = r.sb(status_block::FAULT_PUT);
+    assert!(r.ctl_ok(CtlOp::FlushFaults, 0, 0, 0));
+    assert_eq!(r.dev.fault_backlog(), 0, "held-back faults kept");
+    assert_eq!(r.sb(status_block::FAULT_FLAGS), 0, "OVERFLOW kept");
+    assert_eq!(
+        r.sb(status_block::FAULT_PUT),
+        put,
+        "the flush wrote entries"
+    );
+    // The driver discards GET..PUT; a GET update finds nothing held back.
+    assert_eq!(r.drain_faults().len(), 8);
+    r.ring(doorbell::FAULT_GET);
+    assert_eq!(r.sb(status_block::FAULT_PUT), put);
+    // The replay makes every stalled access fault again: all 64 pages
+    // arrive (8 at a time), none lost.
+    r.replay();
+    let mut pages = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let f = r.drain_faults();
+        if f.is_empty() {
+            break;
+        }
+        pages.extend(f.iter().map(|e| e.va));
+        r.ring(doorbell::FAULT_GET);
+    }
+    assert_eq!(pages.len(), 64);
+    for p in &pages {
+        r.map(0, *p, DATA + 0x10_0000 + (p - base), LEAF_4K, Pte::WRITE);
+    }
+    r.replay();
+    assert_eq!(r.status(t), Status::Ok);
+}
+
 // ------------------------------------------- bounded fault bookkeeping
 
 /// The flood: a 2-entry fault buffer the driver never drains, and
