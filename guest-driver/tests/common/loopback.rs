@@ -152,6 +152,20 @@ impl Loopback {
         lock(&self.dev)
     }
 
+    /// Record the device's fault timeline (`--gpu-trace`) from now on; a
+    /// driver probed after this writes its side too.
+    pub fn start_trace(&self) {
+        self.device().start_trace(1 << 16);
+    }
+
+    /// The fault timeline as `--gpu-trace` writes it (after `start_trace`).
+    pub fn trace_json(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let wrote = self.device().write_trace(&mut out).expect("into memory");
+        assert!(wrote, "start_trace first");
+        out
+    }
+
     /// Host pointer of guest-physical `pa`.
     pub fn host_ptr(&self, pa: u64) -> *mut u8 {
         self.mem
