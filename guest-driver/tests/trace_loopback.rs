@@ -67,12 +67,12 @@ fn a_cancelled_fault_reads_in_order_on_one_clock() {
     let order = [raised, batch, cancel, ctl, rung, replay];
     for w in order.windows(2) {
         assert!(
-            ts(&w[0]) <= ts(&w[1]),
+            ts(w[0]) <= ts(w[1]),
             "{} at {} before {} at {}",
             w[0]["name"],
-            ts(&w[0]),
+            ts(w[0]),
             w[1]["name"],
-            ts(&w[1])
+            ts(w[1])
         );
     }
     assert!(ts(fill) + fill["dur"].as_f64().unwrap() >= ts(ctl));
