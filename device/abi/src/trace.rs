@@ -59,7 +59,7 @@ code_enum! {
         Cancel = 4,
         /// The mirror's invalidate callback: `a` = start VA, `b` = length.
         Invalidate = 5,
-        /// The driver rang REPLAY: `a` = the batch's distinct faults.
+        /// The driver rang REPLAY (`a`, `b` 0).
         Replay = 6,
     }
 }
