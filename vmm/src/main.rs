@@ -9,6 +9,7 @@ mod memory;
 mod msi;
 mod output;
 mod pci;
+mod profile;
 mod results;
 mod serve;
 mod signals;
@@ -19,6 +20,7 @@ mod vstate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -135,6 +137,16 @@ struct RunArgs {
     /// failed test adds a failed case `faultline.run` with the reason.
     #[arg(long, value_name = "PATH")]
     results: Option<PathBuf>,
+    /// Sample every vCPU's RIP and CPL while the guest runs and write the
+    /// histogram to PATH at exit (scripts/profile-guest.py names the
+    /// functions). Guest kernel code is emulated on nested KVM here, so
+    /// samples follow instruction counts.
+    #[arg(long, value_name = "PATH")]
+    profile_guest: Option<PathBuf>,
+    /// Samples per second per vCPU for --profile-guest, 1..=10000.
+    #[arg(long, value_name = "HZ", default_value_t = profile::DEFAULT_HZ,
+          value_parser = clap::value_parser!(u32).range(profile::MIN_HZ as i64..=profile::MAX_HZ as i64))]
+    profile_hz: u32,
     #[command(flatten)]
     stats: StatsArgs,
     #[command(flatten)]
@@ -376,8 +388,20 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(t) => t,
         Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
+    let profile = match args.profile_guest.as_deref() {
+        Some(p) => match profile::Profile::create(p, args.profile_hz) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                return fail(
+                    status::VMM_ERROR,
+                    &format!("--profile-guest {}: {e}", p.display()),
+                )
+            }
+        },
+        None => None,
+    };
     let check = args.gpu.gpu_check;
-    let result = config(args, shutdown).and_then(vmm::run);
+    let result = config(args, shutdown, profile.clone()).and_then(vmm::run);
     // The guest is stopped: its console output goes out before our lines.
     output::finish_console();
     let (ending, counters, gpu) = match result {
@@ -394,6 +418,10 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         None => code,
     };
     let code = write_trace(code, gpu_trace, gpu.as_deref());
+    let code = match profile.map(|p| p.write()) {
+        Some(Err(e)) => keep_first(code, Err(e)),
+        _ => code,
+    };
     finish(code, stats, counters.as_deref())
 }
 
@@ -469,7 +497,11 @@ fn stop_reason(sig: i32) -> (u8, String) {
     )
 }
 
-fn config(args: RunArgs, shutdown: &'static signals::Shutdown) -> error::Result<Config> {
+fn config(
+    args: RunArgs,
+    shutdown: &'static signals::Shutdown,
+    profile: Option<Arc<profile::Profile>>,
+) -> error::Result<Config> {
     let firmware = args.firmware.unwrap_or_else(default_firmware);
     let firmware = boot::open_firmware(&firmware, args.memory)?;
     Ok(Config {
@@ -482,6 +514,7 @@ fn config(args: RunArgs, shutdown: &'static signals::Shutdown) -> error::Result<
         gpu: (!args.no_gpu).then(|| args.gpu.config()),
         gpu_fastpath: !args.gpu_no_fastpath,
         gpu_trace: args.stats.gpu_trace.is_some(),
+        profile,
         shutdown,
     })
 }

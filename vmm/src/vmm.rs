@@ -46,6 +46,8 @@ pub struct Config {
     pub gpu_fastpath: bool,
     /// Record the GPU's fault timeline (`--gpu-trace`).
     pub gpu_trace: bool,
+    /// Sample the vCPUs (`--profile-guest`).
+    pub profile: Option<Arc<crate::profile::Profile>>,
     /// SIGINT/SIGTERM: stops the VM like a timeout does.
     pub shutdown: &'static Shutdown,
 }
@@ -199,7 +201,7 @@ pub fn run(cfg: Config) -> Result<Report> {
     .expect("fixed legacy ports do not overlap");
 
     let vcpus = vstate::create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
-    let threads = VcpuThreads::start(vcpus, pio, mmio, exit.clone())?;
+    let threads = VcpuThreads::start(vcpus, pio, mmio, exit.clone(), cfg.profile.clone())?;
 
     let mut em =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().map_err(Error::EventLoop)?;

@@ -6,6 +6,7 @@
 //! stop through `VmExit`, which wakes the main event loop.
 
 use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -22,6 +23,7 @@ use crate::boot;
 use crate::bus::Bus;
 use crate::devices::debugcon::DEBUGCON_PORT;
 use crate::error::{Error, Result};
+use crate::profile::{Profile, Samples};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -255,6 +257,8 @@ pub struct VcpuThreads {
     handles: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     finished: Arc<Finished>,
+    /// `--profile-guest`: the thread that kicks the vCPUs for samples.
+    sampler: Option<JoinHandle<()>>,
 }
 
 /// How long `stop` waits for the vCPU threads before leaving them to
@@ -265,7 +269,13 @@ const STOP_DEADLINE: Duration = Duration::from_secs(2);
 const REKICK: Duration = Duration::from_millis(100);
 
 impl VcpuThreads {
-    pub fn start(vcpus: Vec<VcpuFd>, pio: Bus, mmio: Bus, exit: Arc<VmExit>) -> Result<Self> {
+    pub fn start(
+        vcpus: Vec<VcpuFd>,
+        pio: Bus,
+        mmio: Bus,
+        exit: Arc<VmExit>,
+        profile: Option<Arc<Profile>>,
+    ) -> Result<Self> {
         install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(Finished::default());
@@ -273,26 +283,47 @@ impl VcpuThreads {
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let (pio, mmio, exit, stop) = (pio.clone(), mmio.clone(), exit.clone(), stop.clone());
             let guard = FinishGuard(finished.clone());
+            let profile = profile.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let _guard = guard;
-                    run_vcpu(id as u32, vcpu, &pio, &mmio, &exit, &stop)
+                    let samples = run_vcpu(
+                        id as u32,
+                        vcpu,
+                        &pio,
+                        &mmio,
+                        &exit,
+                        &stop,
+                        profile.is_some(),
+                    );
+                    if let Some(p) = profile {
+                        p.merge(samples);
+                    }
                 })
                 .map_err(Error::io("spawning a vCPU thread"))?;
             handles.push(h);
         }
+        let sampler = match profile {
+            Some(p) => Some(spawn_sampler(&handles, stop.clone(), p.hz)?),
+            None => None,
+        };
         Ok(Self {
             handles,
             stop,
             finished,
+            sampler,
         })
     }
 
     /// Stops every vCPU: set the flag, kick each thread still running, and
     /// wait to be woken by the last one leaving its loop.
-    pub fn stop(self) {
+    pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Before any vCPU thread is joined: the sampler signals them by id.
+        if let Some(s) = self.sampler.take() {
+            let _ = s.join();
+        }
         let total = self.handles.len();
         let deadline = Instant::now() + STOP_DEADLINE;
         let mut count = lock(&self.finished.count);
@@ -323,13 +354,57 @@ impl VcpuThreads {
     }
 }
 
-fn run_vcpu(cpu: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
+/// The `--profile-guest` sampler: kicks every vCPU thread `hz` times a
+/// second until `stop`. The threads' ids stay valid while it runs because
+/// `VcpuThreads::stop` joins it before joining them.
+fn spawn_sampler(
+    handles: &[JoinHandle<()>],
+    stop: Arc<AtomicBool>,
+    hz: u32,
+) -> Result<JoinHandle<()>> {
+    let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
+    let period = Duration::from_secs(1) / hz.max(1);
+    std::thread::Builder::new()
+        .name("profile".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(period);
+                for &t in &threads {
+                    // SAFETY: `t` names a vCPU thread that has not been joined
+                    // (see above), so the id is live even if the thread ended;
+                    // the signal's handler is installed before any vCPU runs.
+                    unsafe { libc::pthread_kill(t, SIGRTMIN()) };
+                }
+            }
+        })
+        .map_err(Error::io("spawning the guest profiler"))
+}
+
+fn run_vcpu(
+    cpu: u32,
+    mut vcpu: VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    exit: &VmExit,
+    stop: &AtomicBool,
+    profile: bool,
+) -> Samples {
     // Dropped before `vcpu` (locals before parameters).
     let _kick = KickTarget::arm(&mut vcpu);
     if cpu == 0 {
         log::debug!("timing: entering the guest at {} us", epoch_us());
     }
-    run_loop(cpu, &mut vcpu, pio, mmio, exit, stop);
+    let mut samples = Samples::default();
+    run_loop(
+        cpu,
+        &mut vcpu,
+        pio,
+        mmio,
+        exit,
+        stop,
+        profile.then_some(&mut samples),
+    );
+    samples
 }
 
 /// Whether the vCPU may go back into the guest after an exit it handled:
@@ -339,7 +414,15 @@ fn may_continue(exit: &VmExit, stop: &AtomicBool) -> bool {
     !exit.requested() && !stop.load(Ordering::SeqCst)
 }
 
-fn run_loop(cpu: u32, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, stop: &AtomicBool) {
+fn run_loop(
+    cpu: u32,
+    vcpu: &mut VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    exit: &VmExit,
+    stop: &AtomicBool,
+    mut samples: Option<&mut Samples>,
+) {
     while may_continue(exit, stop) {
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -395,6 +478,18 @@ fn run_loop(cpu: u32, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, exit: &VmExit, s
                 cpu,
                 what: format!("unexpected exit {other:?}"),
             },
+            Err(e) if e.errno() == libc::EINTR && !stop.load(Ordering::SeqCst) => {
+                // Without a stop the only kick is the profiler's. Clearing
+                // immediate_exit cannot lose a stop kick: `stop` is set before
+                // that kick is sent, and `may_continue` reads it after this.
+                if let Some(s) = samples.as_deref_mut() {
+                    vcpu.set_kvm_immediate_exit(0);
+                    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+                        s.record(r.rip, (sr.cs.selector & 3) as u8);
+                    }
+                }
+                continue;
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => ExitReason::VcpuError {
                 cpu,

@@ -247,3 +247,80 @@ fn stats_are_written_on_timeout_and_on_errors() {
         "{doc}"
     );
 }
+
+/// `--profile-guest`: a guest spinning in a two-instruction loop at CPL0
+/// is sampled there: the profile's header counts the samples and every
+/// sampled RIP is one of the loop's two instructions.
+#[test]
+fn profile_guest_samples_where_the_guest_runs() {
+    if !kvm_or_skip("profile_guest_samples_where_the_guest_runs") {
+        return;
+    }
+    let mut code = vec![0xb9];
+    code.extend_from_slice(&300_000u32.to_le_bytes()); // mov ecx, 300000
+    let spin = LOAD_ADDR + CODE_OFFSET + code.len() as u64;
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // spin: dec ecx; jnz spin
+    code.extend_from_slice(&exit_code(0));
+    let out = std::env::temp_dir().join(format!("faultline-profile-{}.txt", std::process::id()));
+    let out_s = out.to_str().unwrap().to_string();
+    let (status, err) = run_guest(
+        "profile-spin.elf",
+        &code,
+        &["--profile-guest", &out_s, "--profile-hz", "10000"],
+        Stdio::null(),
+        Stdio::piped(),
+    );
+    assert_eq!(status, Some(0), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let header = text.lines().next().unwrap();
+    let total: u64 = header
+        .strip_prefix("# faultline guest profile: ")
+        .and_then(|h| h.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("header: {header}"));
+    let sites: Vec<(u64, u64, u8)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let rip = u64::from_str_radix(f[1].trim_start_matches("0x"), 16).unwrap();
+            (f[0].parse().unwrap(), rip, f[2].parse().unwrap())
+        })
+        .collect();
+    assert!(
+        total >= 10,
+        "{total} samples of a spin of ~0.3 s at 10 kHz:\n{text}"
+    );
+    assert_eq!(sites.iter().map(|s| s.0).sum::<u64>(), total, "{text}");
+    // The sample lands on an instruction boundary: `dec ecx` or `jnz`,
+    // or the exit's instructions if the last kick came late.
+    let exit_at = spin + 3;
+    for (n, rip, cpl) in &sites {
+        assert_eq!(*cpl, 0, "{text}");
+        assert!(
+            (spin..=spin + 1).contains(rip) || (exit_at..exit_at + 6).contains(rip),
+            "{n} samples at {rip:#x}, outside the spin at {spin:#x}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn profile_guest_to_an_unwritable_path_is_a_vmm_error() {
+    if !kvm_or_skip("profile_guest_to_an_unwritable_path_is_a_vmm_error") {
+        return;
+    }
+    let (status, err) = run_guest(
+        "profile-bad.elf",
+        &exit_code(0),
+        &["--profile-guest", "/nonexistent/dir/p.txt"],
+        Stdio::null(),
+        Stdio::piped(),
+    );
+    assert_eq!(status, Some(3), "{err}");
+    assert!(
+        err.contains("--profile-guest /nonexistent/dir/p.txt"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

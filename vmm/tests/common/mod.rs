@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const LOAD_ADDR: u64 = 0x10_0000;
-const CODE_OFFSET: u64 = 0x100;
+pub const CODE_OFFSET: u64 = 0x100;
 
 /// A minimal ELF64 x86-64 executable: one PT_LOAD at 1 MiB holding `code` at
 /// offset 0x100, and a PT_NOTE with XEN_ELFNOTE_PHYS32_ENTRY pointing at it
