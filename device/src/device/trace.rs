@@ -135,6 +135,12 @@ impl<M: GuestMemoryBackend> Device<M> {
             self.unregister_driver_trace();
             return;
         };
+        if prod == cons {
+            if let Some(t) = self.trace.as_deref_mut() {
+                t.rec.guest_dropped = dropped;
+            }
+            return;
+        }
         let mut cons = cons;
         let mut skipped = 0;
         if prod.wrapping_sub(cons) > entries {
