@@ -10,6 +10,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
+use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
@@ -84,16 +85,20 @@ pub struct Cleared {
 pub struct PageTable<P: Platform> {
     platform: Arc<P>,
     root: u64,
-    /// Every table, the root included, by guest-physical address.
-    tables: BTreeMap<u64, DmaRegion>,
+    /// Every linked table, the root included, in slots that never move
+    /// (a retired table leaves its slot empty).
+    arena: Vec<Option<DmaRegion>>,
+    /// Slot of each linked table, by guest-physical address.
+    slots: BTreeMap<u64, usize>,
     /// Tables no entry points to any more; freed on drop.
     retired: Vec<DmaRegion>,
     leaves: u64,
-    /// The level-1 table of the latest 4 KiB `map`: (va >> 21, table).
+    /// The level-1 table of the latest 4 KiB `map`: (va >> 21, its slot).
     /// Faults map runs of neighbouring pages, and where the driver runs
-    /// emulated (PVM) the walk from the root is most of a map's cost.
-    /// Cleared whenever a table is unlinked or replaced by a larger leaf.
-    last_l1: Option<(u64, u64)>,
+    /// emulated (PVM) the walk from the root and the address lookups are
+    /// most of a map's cost. Cleared whenever a table is unlinked or
+    /// replaced by a larger leaf.
+    last_l1: Option<(u64, usize)>,
 }
 
 impl<P: Platform> PageTable<P> {
@@ -101,12 +106,11 @@ impl<P: Platform> PageTable<P> {
     pub fn new(platform: Arc<P>) -> Result<Self, GpuError> {
         let root = platform.dma_alloc(1).ok_or(GpuError::NoMemory)?;
         let phys = root.phys();
-        let mut tables = BTreeMap::new();
-        tables.insert(phys, root);
         Ok(PageTable {
             platform,
             root: phys,
-            tables,
+            arena: vec![Some(root)],
+            slots: BTreeMap::from([(phys, 0)]),
             retired: Vec::new(),
             leaves: 0,
             last_l1: None,
@@ -125,28 +129,40 @@ impl<P: Platform> PageTable<P> {
 
     /// Tables (including the root) this page table holds in DMA memory.
     pub fn table_count(&self) -> usize {
-        self.tables.len() + self.retired.len()
+        self.slots.len() + self.retired.len()
+    }
+
+    fn slot(&self, phys: u64) -> usize {
+        // Only this type writes table entries, and every table address it
+        // writes is a key of `slots`.
+        *self
+            .slots
+            .get(&phys)
+            .unwrap_or_else(|| panic!("page table {phys:#x} is not ours"))
+    }
+
+    fn at(&self, slot: usize) -> &DmaRegion {
+        self.arena[slot]
+            .as_ref()
+            .unwrap_or_else(|| panic!("page-table slot {slot} was retired"))
     }
 
     fn table(&self, phys: u64) -> &DmaRegion {
-        // Only this type writes table entries, and every table address it
-        // writes is a key of `tables`.
-        self.tables
-            .get(&phys)
-            .unwrap_or_else(|| panic!("page table {phys:#x} is not ours"))
+        self.at(self.slot(phys))
     }
 
     fn alloc_table(&mut self) -> Result<u64, GpuError> {
         let t = self.platform.dma_alloc(1).ok_or(GpuError::NoMemory)?;
         let phys = t.phys();
-        self.tables.insert(phys, t);
+        self.slots.insert(phys, self.arena.len());
+        self.arena.push(Some(t));
         Ok(phys)
     }
 
     /// Unlinks the level-`level` table at `phys` and everything below it.
     fn retire(&mut self, phys: u64, level: u32) {
         self.last_l1 = None;
-        if let Some(t) = self.tables.remove(&phys) {
+        if let Some(t) = self.slots.remove(&phys).and_then(|s| self.arena[s].take()) {
             for i in 0..512 {
                 let e = Pte::from_bits_retain(t.read_u64(i * 8));
                 if e.contains(Pte::VALID) {
@@ -187,7 +203,7 @@ impl<P: Platform> PageTable<P> {
             // This leaf may replace the cached table.
             self.last_l1 = None;
         }
-        let mut table = cached.unwrap_or(self.root);
+        let mut table = self.root;
         let walk = if cached.is_some() { 1..1 } else { level + 1..5 };
         for l in walk.rev() {
             let slot = pt_index(va, l) * 8;
@@ -204,11 +220,15 @@ impl<P: Platform> PageTable<P> {
                 t
             };
         }
+        let t = match cached {
+            Some(s) => s,
+            None => self.slot(table),
+        };
         if level == 1 {
-            self.last_l1 = Some((va >> level_shift(2), table));
+            self.last_l1 = Some((va >> level_shift(2), t));
         }
         let slot = pt_index(va, level) * 8;
-        let t = self.table(table);
+        let t = self.at(t);
         let old = Pte::from_bits_retain(t.read_u64(slot));
         let perms = perms & (Pte::WRITE | Pte::ATOMIC);
         t.write_u64(slot, Pte::leaf(phys, level, perms).bits());
@@ -345,8 +365,8 @@ impl<P: Platform> PageTable<P> {
         let span = 1u64 << level_shift(level);
         let first = ((range.start.max(base) - base) / span) as usize;
         let last = ((range.end - 1).min(base + 512 * span - 1) - base) / span;
+        let t = self.table(table);
         for i in first..=last as usize {
-            let t = self.table(table);
             let e = Pte::from_bits_retain(t.read_u64(i * 8));
             if !e.contains(Pte::VALID) {
                 continue;
@@ -368,8 +388,7 @@ impl<P: Platform> PageTable<P> {
 
 impl<P: Platform> Drop for PageTable<P> {
     fn drop(&mut self) {
-        let tables = core::mem::take(&mut self.tables);
-        for (_, t) in tables {
+        for t in self.arena.drain(..).flatten() {
             self.platform.dma_free(t);
         }
         for t in self.retired.drain(..) {
