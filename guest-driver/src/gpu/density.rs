@@ -47,12 +47,16 @@ impl Density {
         self.regions.entry(key).or_default()
     }
 
-    /// Records a fault on the page of `va` and returns the bytes of the
-    /// largest aligned subtree around it whose faulted-or-resident pages
-    /// are more than `pct` % of it (at least the page).
-    pub(super) fn window(&mut self, va: u64, pct: u8) -> u64 {
+    /// Records a fault on the page of `va` and returns the window to map:
+    /// the largest aligned subtree around it whose faulted-or-resident
+    /// pages are more than `pct` % of it (at least the page), less the runs
+    /// of resident pages at either end (mapped already; mapping them again
+    /// would double a sequential stream's work).
+    pub(super) fn window(&mut self, va: u64, pct: u8) -> (u64, u64) {
         let idx = (va % LEAF_2M) / PAGE_SIZE;
+        let region = va - va % LEAF_2M;
         let bits = self.region(va);
+        let set = |bits: &Bits, p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
         bits[(idx / 64) as usize] |= 1 << (idx % 64);
         let mut best = 1;
         let mut len = 2;
@@ -63,7 +67,24 @@ impl Density {
             }
             len *= 2;
         }
-        best * PAGE_SIZE
+        let (mut lo, mut hi) = (idx & !(best - 1), (idx & !(best - 1)) + best);
+        // Whole words of resident pages at a time: guest kernel loops stay
+        // short.
+        while lo < idx && set(bits, lo) {
+            lo += if lo % 64 == 0 && lo + 64 <= idx && bits[(lo / 64) as usize] == !0 {
+                64
+            } else {
+                1
+            };
+        }
+        while hi - 1 > idx && set(bits, hi - 1) {
+            hi -= if hi % 64 == 0 && hi - 64 > idx && bits[((hi - 64) / 64) as usize] == !0 {
+                64
+            } else {
+                1
+            };
+        }
+        (region + lo * PAGE_SIZE, region + hi * PAGE_SIZE)
     }
 
     /// `[start, end)` was mapped (within one 2 MiB region).
@@ -113,30 +134,56 @@ mod tests {
     const R: u64 = 0x40_0000_0000;
     const P: u64 = PAGE_SIZE;
 
+    /// The window's size, and that it holds the faulting page.
+    fn size(d: &mut Density, va: u64, pct: u8) -> u64 {
+        let (s, e) = d.window(va, pct);
+        assert!(s <= va && va < e, "{va:#x} outside {s:#x}..{e:#x}");
+        e - s
+    }
+
     #[test]
     fn a_subtree_is_taken_only_above_the_threshold() {
         let mut d = Density::default();
         // One page of two is 50 %: not more than 51 % or 50 %, more than 49 %.
-        assert_eq!(d.window(R, 51), P);
-        assert_eq!(d.window(R, 50), P);
-        assert_eq!(d.window(R, 49), 2 * P);
-        // Pages 0, 1, 2 of the first four: 75 % > 51 %.
-        assert_eq!(d.window(R + P, 51), 2 * P);
-        assert_eq!(d.window(R + 2 * P, 51), 4 * P);
-        // 0 %: any subtree, so the whole region.
-        assert_eq!(d.window(R + 100 * P, 0), LEAF_2M);
+        assert_eq!(size(&mut d, R, 51), P);
+        assert_eq!(size(&mut d, R + 8 * P, 50), P);
+        assert_eq!(d.window(R + 16 * P, 49), (R + 16 * P, R + 18 * P));
+        // Pages 20, 21, 22 of 20..24: 75 % > 51 %; 20 and 21 are resident,
+        // so the window is 22..24.
+        d.mark(R + 20 * P, R + 22 * P);
+        assert_eq!(d.window(R + 22 * P, 51), (R + 22 * P, R + 24 * P));
+        // 0 %: any subtree, so the whole region less its resident ends.
+        let mut d = Density::default();
+        assert_eq!(d.window(R + 100 * P, 0), (R, R + LEAF_2M));
         // 100 %: never beyond the page.
-        assert_eq!(d.window(R + 3 * P, 100), P);
+        assert_eq!(size(&mut d, R + 3 * P * 1000, 100), P);
+    }
+
+    #[test]
+    fn a_sequential_stream_maps_each_page_once() {
+        let mut d = Density::default();
+        let mut next = 0;
+        let mut windows = 0;
+        while next < PAGES {
+            let (s, e) = d.window(R + next * P, 51);
+            assert_eq!(s, R + next * P, "page {next} remapped");
+            d.mark(s, e);
+            next = (e - R) / P;
+            windows += 1;
+        }
+        // Wider windows as the region fills: fewer than a 64 KiB window's 32.
+        assert!(windows < 32, "{windows} windows");
     }
 
     #[test]
     fn mapped_pages_count_and_invalidated_ones_stop_counting() {
         let mut d = Density::default();
         d.mark(R + 64 * P, R + 128 * P);
-        // 64 of the 128 pages in 0..128, plus this one: 65/128 > 50 %.
-        assert_eq!(d.window(R + 3 * P, 50), 128 * P);
+        // 64 of the 128 pages in 0..128, plus this one: 65/128 > 50 %; the
+        // resident half is not mapped again.
+        assert_eq!(d.window(R + 3 * P, 50), (R, R + 64 * P));
         d.clear(R + 64 * P, R + 128 * P);
-        assert_eq!(d.window(R + 5 * P, 50), P);
+        assert_eq!(size(&mut d, R + 5 * P, 50), P);
         d.clear(R, R + LEAF_2M);
         assert_eq!(d.len(), 0);
     }

@@ -437,15 +437,18 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
                     continue;
                 }
                 let huge = vma.flags.contains(VmFlags::HUGE);
-                let size = match s.prefetch {
-                    Prefetch::FaultAround if huge => around.max(LEAF_2M),
-                    _ if huge => LEAF_2M,
-                    Prefetch::FaultAround => around,
-                    Prefetch::None => PAGE_SIZE,
+                let aligned = |size: u64| {
+                    let base = f.va & !(size - 1);
+                    (base, base.saturating_add(size))
+                };
+                let (start, end) = match s.prefetch {
+                    Prefetch::FaultAround if huge => aligned(around.max(LEAF_2M)),
+                    _ if huge => aligned(LEAF_2M),
+                    Prefetch::FaultAround => aligned(around),
+                    Prefetch::None => aligned(PAGE_SIZE),
                     Prefetch::Density(pct) => s.density.lock().window(f.va, pct),
                 };
-                let start = (f.va & !(size - 1)).max(vma.start);
-                let end = (f.va & !(size - 1)).saturating_add(size).min(vma.end);
+                let (start, end) = (start.max(vma.start), end.min(vma.end));
                 if let (false, Prefetch::Density(_)) = (huge, s.prefetch) {
                     s.density.lock().mark(start, end);
                 }
