@@ -209,6 +209,20 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// `invalidate_range_start/end`.
     fn walk(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk;
 
+    /// [`Mm::walk`] for a run of 4 KiB pages: the states of the pages from
+    /// `addr` on (all in `addr`'s 2 MiB block; `out` is not empty) into
+    /// `out`, returning how many it filled, from 0 (nothing known: HMM
+    /// walks page by page) to `out.len()`. HMM asks after `walk` gave a
+    /// PTE-level answer for the page before `addr`, so an implementation
+    /// can take its page-table lock and find the last-level table once for
+    /// the whole run. The same staleness rules as `walk` apply.
+    ///
+    /// The default walks one page.
+    fn walk_ptes(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64, out: &mut [PageState]) -> usize {
+        out[0] = self.walk(mmap, addr).state;
+        1
+    }
+
     /// Resolve a fault at `addr` (Linux `handle_mm_fault`). Runs with the mmap
     /// lock held for read and must leave it held. Any PTE it replaces (COW of
     /// the zero page, for instance) must be bracketed by

@@ -96,6 +96,24 @@ impl Mm for SimMm {
         self.pt_walk(addr)
     }
 
+    fn walk_ptes(
+        &self,
+        _mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        out: &mut [PageState],
+    ) -> usize {
+        let pt = self.pt.lock();
+        let Some(Pmd::Table(t)) = pt.get(&(addr >> PMD_SHIFT)) else {
+            return 0;
+        };
+        let first = pte_index(addr);
+        let n = out.len().min(PTRS - first);
+        for (slot, pte) in out[..n].iter_mut().zip(&t[first..]) {
+            *slot = self.pte_state(*pte);
+        }
+        n
+    }
+
     fn cpu_root(&self) -> CpuRoot {
         // Not an x86 table: the loopback's checker resolves the id through
         // `SimMm::cpu_translation` (ids stay far below the word's 2^28).
@@ -206,6 +224,17 @@ impl Mm for SimMm {
 }
 
 impl SimMm {
+    fn pte_state(&self, pte: SimPte) -> PageState {
+        match pte {
+            SimPte::None => PageState::None,
+            SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
+            SimPte::Zero => PageState::Zero {
+                pfn: self.source.zero_pfn(),
+            },
+            SimPte::Special => PageState::Special,
+        }
+    }
+
     /// One address's translation under the page-table lock alone (no mmap
     /// lock: a device checking itself calls this while a munmap holding the
     /// mmap lock waits for that device).
@@ -227,14 +256,7 @@ impl SimMm {
                     shift: PMD_SHIFT,
                 }
             }
-            Some(Pmd::Table(t)) => match t[pte_index(addr)] {
-                SimPte::None => PageState::None,
-                SimPte::Page { pfn, writable } => PageState::Present { pfn, writable },
-                SimPte::Zero => PageState::Zero {
-                    pfn: self.source.zero_pfn(),
-                },
-                SimPte::Special => PageState::Special,
-            },
+            Some(Pmd::Table(t)) => self.pte_state(t[pte_index(addr)]),
         };
         Walk {
             state,

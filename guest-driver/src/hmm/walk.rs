@@ -10,7 +10,8 @@ use super::range::{encode, HmmRange};
 use super::{HmmPfnFlag, HmmPfnValue};
 use crate::errno::Errno;
 use crate::mm::{
-    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PMD_SHIFT,
+    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE,
+    PMD_SHIFT, PMD_SIZE,
 };
 
 /// `hmm_range_snapshot`: fill `pfns` from the CPU page tables without
@@ -42,6 +43,34 @@ pub fn range_fault<M: Mm>(
     block: bool,
 ) -> Result<usize, Errno> {
     range_walk(range, mmap, Some(block))
+}
+
+/// Pages after a PTE-level answer asked for in one `Mm::walk_ptes` call
+/// (on the stack; a window rarely spans more).
+const PTE_RUN: usize = 64;
+
+/// What the CPU says about the entry at `addr` (entries of `1 << shift`
+/// bytes): (valid, writable, its first frame), or the entry's error.
+fn decode_state(
+    state: PageState,
+    addr: u64,
+    shift: u32,
+) -> Result<(bool, bool, u64), (HmmPfnValue, Errno)> {
+    Ok(match state {
+        PageState::None => (false, false, 0),
+        PageState::Present { pfn, writable } if shift == PAGE_SHIFT => (true, writable, pfn),
+        PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
+        PageState::Huge { pfn, writable } => {
+            let leaf_base = addr & !(PMD_SIZE - 1);
+            (true, writable, pfn + ((addr - leaf_base) >> PAGE_SHIFT))
+        }
+        PageState::Special => return Err((HmmPfnValue::Special, Errno::EFAULT)),
+        // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm` broke the
+        // HUGE-VMA contract.
+        PageState::Present { .. } | PageState::Zero { .. } => {
+            return Err((HmmPfnValue::Error, Errno::EFAULT))
+        }
+    })
 }
 
 /// An error at entry `at`: that entry gets `value`, the rest `values[None]`.
@@ -133,37 +162,35 @@ fn walk_entries<M: Mm>(
         'vma: while i < vma_end {
             let addr = start + ((i as u64) << shift);
             let w = mm.walk(mmap, addr);
-            // How many entries this answer covers.
-            let n = if w.shift > shift {
+            // How many entries this answer covers: a block answer all of
+            // the block's; a PTE-level one its page and, asked for in one
+            // `walk_ptes` call, the pages after it in its 2 MiB block.
+            let mut run = [PageState::None; PTE_RUN];
+            let (n, ptes) = if w.shift > shift {
                 let block_end = (addr | ((1u64 << w.shift) - 1)) + 1;
-                (((block_end - addr) >> shift) as usize).min(vma_end - i)
+                ((((block_end - addr) >> shift) as usize).min(vma_end - i), 0)
+            } else if shift == PAGE_SHIFT {
+                let in_block = ((PMD_SIZE - (addr & (PMD_SIZE - 1))) >> PAGE_SHIFT) as usize;
+                let want = in_block.min(vma_end - i).min(PTE_RUN);
+                run[0] = w.state;
+                let more = if want > 1 {
+                    mm.walk_ptes(mmap, addr + PAGE_SIZE, &mut run[1..want])
+                        .min(want - 1)
+                } else {
+                    0
+                };
+                (1 + more, 1 + more)
             } else {
-                1
+                (1, 0)
             };
-            let (cpu_valid, cpu_write, pfn0) = match w.state {
-                PageState::None => (false, false, 0),
-                PageState::Present { pfn, writable } if shift == PAGE_SHIFT => {
-                    (true, writable, pfn)
-                }
-                PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
-                PageState::Huge { pfn, writable } => {
-                    let leaf_base = addr & !((1u64 << PMD_SHIFT) - 1);
-                    (true, writable, pfn + ((addr - leaf_base) >> PAGE_SHIFT))
-                }
-                PageState::Special => return Err(fail(i, HmmPfnValue::Special, Errno::EFAULT)),
-                // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm`
-                // broke the HUGE-VMA contract.
-                PageState::Present { .. } | PageState::Zero { .. } => {
-                    return Err(fail(i, HmmPfnValue::Error, Errno::EFAULT));
-                }
-            };
-            let pfn_step = if cpu_valid && matches!(w.state, PageState::Huge { .. }) {
-                1u64 << (shift - PAGE_SHIFT)
-            } else {
-                0
-            };
+            // `k` also numbers the entry (`j`), which a fault re-walks from.
+            #[allow(clippy::needless_range_loop)]
             for k in 0..n {
+                let state = if ptes > 0 { run[k] } else { w.state };
                 let j = i + k;
+                let (cpu_valid, cpu_write, pfn) =
+                    decode_state(state, start + ((j as u64) << shift), shift)
+                        .map_err(|(value, err)| fail(j, value, err))?;
                 if let Some(block) = fault {
                     let req = (pfns[j] & mask) | default_flags;
                     let want = req & req_valid != 0;
@@ -245,7 +272,7 @@ fn walk_entries<M: Mm>(
                     }
                 }
                 pfns[j] = if cpu_valid {
-                    encode(&flags, pfn_shift, pfn0 + k as u64 * pfn_step, cpu_write)
+                    encode(&flags, pfn_shift, pfn, cpu_write)
                 } else {
                     none
                 };

@@ -640,6 +640,15 @@ impl Mm for ProcessMm {
         self.translate(addr)
     }
 
+    fn walk_ptes(
+        &self,
+        _mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        out: &mut [PageState],
+    ) -> usize {
+        self.pt.lock().walk_ptes(addr, zero_pa(), out)
+    }
+
     fn handle_mm_fault(
         &self,
         mmap: &MmapReadGuard<'_, Self>,

@@ -82,6 +82,22 @@ pub fn holds_frame(e: u64) -> bool {
     e & (P | PROTNONE) != 0
 }
 
+/// What a last-level entry says to the mirror layer.
+fn pte_state(pte: u64, zero_pa: u64) -> PageState {
+    if !holds_frame(pte) {
+        PageState::None
+    } else if pte & ADDR == zero_pa {
+        PageState::Zero {
+            pfn: zero_pa >> PAGE_SHIFT,
+        }
+    } else {
+        PageState::Present {
+            pfn: (pte & ADDR) >> PAGE_SHIFT,
+            writable: pte & (P | W) == (P | W),
+        }
+    }
+}
+
 /// A leaf mapping `pa` with the permissions of `vm`.
 pub fn leaf(pa: u64, vm: VmFlags, writable: bool, huge: bool) -> u64 {
     let mut e = pa | P | U | A;
@@ -320,6 +336,34 @@ impl PageTables {
         Ok(Some((pt, index(addr, PAGE_SHIFT))))
     }
 
+    /// [`PageTables::walk`] for the 4 KiB pages from `addr` on, within its
+    /// 2 MiB block, into `out`: one walk to the last-level table, then one
+    /// load per page. 0 where `addr`'s block has no last-level table.
+    pub fn walk_ptes(&self, addr: u64, zero_pa: u64, out: &mut [PageState]) -> usize {
+        if !(USER_BASE..USER_END).contains(&addr) {
+            return 0;
+        }
+        let Some(pd) = self
+            .pml4
+            .child(index(addr, 39))
+            .and_then(|t| t.child(index(addr, 30)))
+        else {
+            return 0;
+        };
+        let pde = pd.get(index(addr, PMD_SHIFT));
+        if pde & PS != 0 || pde & P == 0 {
+            return 0;
+        }
+        // SAFETY: a present non-leaf PDE of our tables.
+        let table = unsafe { Table::at(pde & ADDR) };
+        let first = index(addr, PAGE_SHIFT);
+        let n = out.len().min(512 - first);
+        for (k, slot) in out[..n].iter_mut().enumerate() {
+            *slot = pte_state(table.get(first + k), zero_pa);
+        }
+        n
+    }
+
     /// The software walk the mirror layer uses.
     pub fn walk(&self, addr: u64, zero_pa: u64) -> Walk {
         let hole = Walk {
@@ -351,20 +395,8 @@ impl PageTables {
         }
         // SAFETY: a present non-leaf PDE of our tables.
         let pte = unsafe { Table::at(pde & ADDR) }.get(index(addr, PAGE_SHIFT));
-        let state = if !holds_frame(pte) {
-            PageState::None
-        } else if pte & ADDR == zero_pa {
-            PageState::Zero {
-                pfn: zero_pa >> PAGE_SHIFT,
-            }
-        } else {
-            PageState::Present {
-                pfn: (pte & ADDR) >> PAGE_SHIFT,
-                writable: pte & (P | W) == (P | W),
-            }
-        };
         Walk {
-            state,
+            state: pte_state(pte, zero_pa),
             shift: PAGE_SHIFT,
         }
     }
