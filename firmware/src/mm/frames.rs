@@ -221,6 +221,41 @@ impl FrameAllocator {
         None
     }
 
+    /// [`FrameAllocator::alloc_low`] for `out.len()` frames: a word of the
+    /// bitmap at a time (its free bits taken in order, the used-since-boot
+    /// word read and written once), each slot the frame's address with
+    /// bit 0 set while it still held the hypervisor's zeros. Returns how
+    /// many it got.
+    fn alloc_low_batch(&mut self, out: &mut [u64]) -> usize {
+        let mut k = 0;
+        let mut w = self.hint;
+        while k < out.len() && w < self.bitmap.len() {
+            let mut word = self.bitmap[w];
+            if word == 0 {
+                w += 1;
+                continue;
+            }
+            let used = self.used_since_boot.as_deref().map(|u| u[w]);
+            let mut taken = 0u64;
+            while word != 0 && k < out.len() {
+                let bit = word.trailing_zeros();
+                let m = 1u64 << bit;
+                word &= !m;
+                taken |= m;
+                let pristine = used.is_some_and(|u| u & m == 0);
+                out[k] = ((w as u64 * 64 + u64::from(bit)) * FRAME_SIZE) | u64::from(pristine);
+                k += 1;
+            }
+            self.bitmap[w] = word;
+            if let Some(u) = self.used_since_boot.as_deref_mut() {
+                u[w] |= taken;
+            }
+            self.free -= u64::from(taken.count_ones());
+            self.hint = w;
+        }
+        k
+    }
+
     fn alloc_high(&mut self) -> Option<PhysAddr> {
         for w in (self.hint..self.bitmap.len()).rev() {
             let word = self.bitmap[w];
@@ -496,16 +531,8 @@ pub fn alloc_zeroed() -> Option<PhysAddr> {
 /// then zeroes each (see [`zeroed`]); returns how many it got (fewer than
 /// `out.len()` only when RAM ran out).
 pub fn alloc_zeroed_batch(out: &mut [u64]) -> usize {
-    let got = with(|fa| {
-        for (k, slot) in out.iter_mut().enumerate() {
-            let Some(pa) = fa.alloc_low() else {
-                return k;
-            };
-            // Frames are page aligned: bit 0 carries "still pristine".
-            *slot = pa.as_u64() | u64::from(fa.last_pristine);
-        }
-        out.len()
-    });
+    // Frames are page aligned: bit 0 carries "still pristine".
+    let got = with(|fa| fa.alloc_low_batch(out));
     for slot in &mut out[..got] {
         let pristine = *slot & 1 != 0;
         *slot &= !1;
