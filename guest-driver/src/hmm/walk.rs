@@ -131,6 +131,9 @@ fn walk_entries<M: Mm>(
     let pfns = &mut range.pfns[..];
     let fail = |at: usize, value: HmmPfnValue, err: Errno| WalkError { at, value, err };
 
+    // Filled before it is read, entry by entry; set up once per walk (a
+    // memset per iteration costs where the kernel is emulated).
+    let mut run = [PageState::None; PTE_RUN];
     let mut i = 0;
     while i < npages {
         let addr = start + ((i as u64) << shift);
@@ -165,7 +168,6 @@ fn walk_entries<M: Mm>(
             // How many entries this answer covers: a block answer all of
             // the block's; a PTE-level one its page and, asked for in one
             // `walk_ptes` call, the pages after it in its 2 MiB block.
-            let mut run = [PageState::None; PTE_RUN];
             let (n, ptes) = if w.shift > shift {
                 let block_end = (addr | ((1u64 << w.shift) - 1)) + 1;
                 ((((block_end - addr) >> shift) as usize).min(vma_end - i), 0)
