@@ -172,6 +172,23 @@ pub struct StatsArgs {
     gpu_trace: Option<PathBuf>,
 }
 
+impl StatsArgs {
+    /// Opens the stats and trace outputs before anything runs, so an
+    /// unwritable path fails at once; `inject` is the spec the stats name.
+    fn open(&self, inject: Option<String>) -> Result<(stats::Out, Option<trace::Out>), String> {
+        let stats = stats::Out::open(self.stats, self.stats_json.clone())
+            .map_err(|e| e.to_string())?
+            .gpu_inject(inject);
+        let trace = self
+            .gpu_trace
+            .clone()
+            .map(trace::Out::open)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        Ok((stats, trace))
+    }
+}
+
 /// GPU sizing, shared by `run` and `serve`; the guest reads it back from
 /// NUM_CHANNELS, FAULT_BUF_MAX and TLB_ENTRIES.
 #[derive(clap::Args)]
@@ -370,23 +387,13 @@ fn error_status(e: &error::Error) -> u8 {
 
 fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
     let inject = args.gpu.gpu_inject.filter(|_| !args.no_gpu);
-    let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
-        Ok(s) => s.gpu_inject(inject.map(|s| s.to_string())),
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    let (stats, gpu_trace) = match args.stats.open(inject.map(|s| s.to_string())) {
+        Ok(o) => o,
+        Err(e) => return fail(status::VMM_ERROR, &e),
     };
     let results = match args.results.as_deref().map(results::Out::open).transpose() {
         Ok(r) => r,
         Err(e) => return fail(status::VMM_ERROR, &e),
-    };
-    let gpu_trace = match args
-        .stats
-        .gpu_trace
-        .clone()
-        .map(trace::Out::open)
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
     };
     let profile = match args.profile_guest.as_deref() {
         Some(p) => match profile::Profile::create(p, args.profile_hz) {
@@ -426,19 +433,9 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
 }
 
 fn serve(args: ServeArgs, shutdown: &'static signals::Shutdown) -> u8 {
-    let stats = match stats::Out::open(args.stats.stats, args.stats.stats_json.clone()) {
-        Ok(s) => s.gpu_inject(args.gpu.gpu_inject.map(|s| s.to_string())),
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
-    };
-    let gpu_trace = match args
-        .stats
-        .gpu_trace
-        .clone()
-        .map(trace::Out::open)
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    let (stats, gpu_trace) = match args.stats.open(args.gpu.gpu_inject.map(|s| s.to_string())) {
+        Ok(o) => o,
+        Err(e) => return fail(status::VMM_ERROR, &e),
     };
     let cfg = serve::ServeConfig {
         socket: args.socket,
