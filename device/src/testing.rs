@@ -491,21 +491,8 @@ impl Rig {
     /// and whether `ctl_cons` acknowledged it.
     /// `op` may be any value (a `CtlOp` or a raw one, to test BadOp).
     pub fn ctl(&mut self, op: impl Into<u32>, ctx: u32, start: u64, len: u64) -> (u32, bool) {
-        let idx = self.ctl_prod;
-        let a = CTL_RING + u64::from(idx % CTL_ENTRIES) * CtlEntry::SIZE as u64;
-        let e = CtlEntry {
-            op: op.into(),
-            context: ctx,
-            start,
-            len,
-            ..CtlEntry::default()
-        };
-        self.write_bytes(a, &e.to_le_bytes());
-        self.ctl_prod = idx.wrapping_add(1);
-        self.mem()
-            .write_obj(self.ctl_prod, GuestAddress(SB + status_block::CTL_PROD))
-            .unwrap_or(());
-        self.ring(faultline_abi::doorbell::CONTROL);
+        let a = self.post_ctl(op, ctx, start, len);
+        self.dev.run_until_idle();
         let st = self.read_u32(a + CtlEntry::STATUS_OFFSET as u64);
         let acked = self.sb(status_block::CTL_CONS).wrapping_sub(self.ctl_prod) as i32 >= 0;
         (st, acked)
