@@ -184,19 +184,25 @@ fn single_fault(reps: usize) -> (f64, f64) {
             (CheckMode::Warn, &mut on)
         };
         rig.dev.set_checker(mode, None);
-        let va = FAULT_VA + i * LEAF_4K;
-        let t0 = Instant::now();
-        let t = rig.submit(0, cmd::fill(va, 8, i));
-        rig.dev.doorbell(doorbell::channel(0));
-        rig.dev.run_until_idle();
-        assert_eq!(rig.drain_faults().len(), 1, "one fault");
-        rig.map(0, va, FAULT_GPA + i * LEAF_4K, LEAF_4K, Pte::WRITE);
-        rig.replay();
-        assert_eq!(rig.status(t), Status::Ok);
-        out.push(t0.elapsed().as_secs_f64() * 1e6);
+        out.push(single_fault_us(&mut rig, i));
     }
     assert_eq!(rig.dev.coherence_violations(), 0);
     (median(off), median(on))
+}
+
+/// One FILL of the unmapped page `i` of the fault area: fault, map,
+/// REPLAY, completion; µs.
+fn single_fault_us(rig: &mut Rig, i: u64) -> f64 {
+    let va = FAULT_VA + i * LEAF_4K;
+    let t0 = Instant::now();
+    let t = rig.submit(0, cmd::fill(va, 8, i));
+    rig.dev.doorbell(doorbell::channel(0));
+    rig.dev.run_until_idle();
+    assert_eq!(rig.drain_faults().len(), 1, "one fault");
+    rig.map(0, va, FAULT_GPA + i * LEAF_4K, LEAF_4K, Pte::WRITE);
+    rig.replay();
+    assert_eq!(rig.status(t), Status::Ok);
+    t0.elapsed().as_secs_f64() * 1e6
 }
 
 /// A rig with both buffers mapped in 4 KiB pages, tracing or not.
@@ -239,16 +245,7 @@ fn bench_traced(size: u64, reps: usize) -> [(f64, f64); 2] {
     let n = (reps as u64 * 100).min(FAULT_PAGES);
     for i in 0..n {
         for (rig, out) in rigs.iter_mut().zip(&mut faults) {
-            let va = FAULT_VA + i * LEAF_4K;
-            let t0 = Instant::now();
-            let t = rig.submit(0, cmd::fill(va, 8, i));
-            rig.dev.doorbell(doorbell::channel(0));
-            rig.dev.run_until_idle();
-            assert_eq!(rig.drain_faults().len(), 1, "one fault");
-            rig.map(0, va, FAULT_GPA + i * LEAF_4K, LEAF_4K, Pte::WRITE);
-            rig.replay();
-            assert_eq!(rig.status(t), Status::Ok);
-            out.push(t0.elapsed().as_secs_f64() * 1e6);
+            out.push(single_fault_us(rig, i));
         }
     }
     let traced = rigs[1].dev.trace().map_or(0, |t| t.len());

@@ -554,30 +554,19 @@ impl Mmu {
         origin: Origin,
     ) -> Result<Translation, XlateError> {
         let t = self.lookup(mem, counters, ctx, va, access)?;
-        match self.checker.as_deref_mut() {
-            None => Ok(t),
-            Some(c) => {
-                c.check(
-                    mem,
-                    counters,
-                    self.ctx_table,
-                    ctx,
-                    va,
-                    access,
-                    t.gpa,
-                    origin,
-                )
-                .map_err(|()| XlateError::Fail(Status::CoherenceViolation))?;
-                Ok(Translation {
-                    gpa: t.gpa,
-                    avail: t.avail.min(PAGE_SIZE - (va & IN_PAGE)),
-                })
-            }
+        if self.checker.is_none() {
+            return Ok(t);
         }
+        self.recheck(mem, counters, ctx, va, access, t.gpa, origin)?;
+        Ok(Translation {
+            gpa: t.gpa,
+            avail: t.avail.min(PAGE_SIZE - (va & IN_PAGE)),
+        })
     }
 
-    /// Check `gpa`, which `translate_for` gave for `va` earlier, against
-    /// the CPU's table as it is now: for an access that held its
+    /// Check `gpa`, the translation of `va`, against the CPU's table as it
+    /// is now: `translate_for` does for each translation it returns, and an
+    /// engine again for an access that held its
     /// translation since (fault injection's `engine_stall_us`) and uses it
     /// only now. `Err` under `Fatal`: the access must not happen.
     #[allow(clippy::too_many_arguments)]

@@ -363,16 +363,8 @@ fn overflow_keeps_accesses_stalled_and_recovers() {
     let t = r.exec(0, cmd::launch(0x1000, 5, 8, 8, [base, 0, 0, 0]));
     assert_eq!(r.completion(t), None);
     assert_eq!(r.sb(status_block::FAULT_FLAGS), FaultFlags::OVERFLOW.bits());
-    let mut pages = std::collections::BTreeSet::new();
     // Drain, ring FAULT_GET, repeat: every fault arrives, none lost.
-    for _ in 0..20 {
-        let f = r.drain_faults();
-        if f.is_empty() {
-            break;
-        }
-        pages.extend(f.iter().map(|e| e.va));
-        r.ring(doorbell::FAULT_GET);
-    }
+    let pages = drain_fault_pages(&mut r);
     assert_eq!(pages.len(), 64);
     assert_eq!(
         r.sb(status_block::FAULT_FLAGS),
@@ -388,6 +380,21 @@ fn overflow_keeps_accesses_stalled_and_recovers() {
     for i in 0..64u64 {
         assert_eq!(r.read_u64(DATA + 0x10_0000 + i * 0x1000), i);
     }
+}
+
+/// Drains the fault buffer and rings FAULT_GET until nothing more comes
+/// (at most 20 rounds); the faulting pages.
+fn drain_fault_pages(r: &mut Rig) -> std::collections::BTreeSet<u64> {
+    let mut pages = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let f = r.drain_faults();
+        if f.is_empty() {
+            break;
+        }
+        pages.extend(f.iter().map(|e| e.va));
+        r.ring(doorbell::FAULT_GET);
+    }
+    pages
 }
 
 /// FLUSH_FAULTS drops the held-back faults and OVERFLOW, writes nothing;
@@ -420,15 +427,7 @@ fn flush_faults_drops_the_backlog_and_replay_reports_again() {
     // The replay makes every stalled access fault again: all 64 pages
     // arrive (8 at a time), none lost.
     r.replay();
-    let mut pages = std::collections::BTreeSet::new();
-    for _ in 0..20 {
-        let f = r.drain_faults();
-        if f.is_empty() {
-            break;
-        }
-        pages.extend(f.iter().map(|e| e.va));
-        r.ring(doorbell::FAULT_GET);
-    }
+    let pages = drain_fault_pages(&mut r);
     assert_eq!(pages.len(), 64);
     for p in &pages {
         r.map(0, *p, DATA + 0x10_0000 + (p - base), LEAF_4K, Pte::WRITE);

@@ -5,7 +5,7 @@
 
 use alloc::string::String;
 
-use faultline_abi::{isa, LEAF_2M, PAGE_SIZE};
+use faultline_abi::{LEAF_2M, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{ChaseList, Needs, Pattern, Prot, SvmEnv, TestResult};
@@ -302,16 +302,7 @@ pub(super) mod pointer_chase {
         let sum = (0..list.nodes).fold(0u64, |s, i| s.wrapping_add(list.value(i)));
         env.build_list(&p, list)
             .map_err(|_| String::from("building the list faulted"))?;
-        let k = [
-            // r1 = head, r4 = out, r2 = sum
-            isa::encode(isa::BEQ, 0, 1, 0, 5),
-            isa::encode(isa::LD64, 3, 1, 0, 8),
-            isa::encode(isa::ADD, 2, 2, 3, 0),
-            isa::encode(isa::LD64, 1, 1, 0, 0),
-            isa::encode(isa::JMP, 0, 0, 0, -4),
-            isa::encode(isa::ST64, 0, 4, 2, 0),
-            isa::encode(isa::EXIT, 0, 0, 0, 0),
-        ];
+        let k = CHASE_KERNEL;
         write_code(env, &p, code, &k)?;
         bound(env, p, |p, _, chan| {
             ok(

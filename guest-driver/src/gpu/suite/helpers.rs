@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use faultline_abi::Status;
+use faultline_abi::{isa, Status};
 
 use super::{Pattern, Prot, SvmEnv, TestResult};
 use crate::gpu::{Channel, Command, CounterSnapshot, GpuError, Platform, SvmConfig, SvmContext};
@@ -176,3 +176,15 @@ pub(super) fn write_code<E: SvmEnv>(env: &E, p: &E::Process, va: u64, code: &[u6
     env.write(p, va, &bytes)
         .map_err(|_| "writing the kernel faulted".into())
 }
+
+/// A kernel that walks a `ChaseList` from `r1`, summing each node's value
+/// (at +8) into `r2`, and stores the sum at `r4` when the chain ends.
+pub(super) const CHASE_KERNEL: [u64; 7] = [
+    isa::encode(isa::BEQ, 0, 1, 0, 5),
+    isa::encode(isa::LD64, 3, 1, 0, 8),
+    isa::encode(isa::ADD, 2, 2, 3, 0),
+    isa::encode(isa::LD64, 1, 1, 0, 0),
+    isa::encode(isa::JMP, 0, 0, 0, -4),
+    isa::encode(isa::ST64, 0, 4, 2, 0),
+    isa::encode(isa::EXIT, 0, 0, 0, 0),
+];

@@ -10,7 +10,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 
-use faultline_abi::{isa, Counter, PAGE_SIZE};
+use faultline_abi::{Counter, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{ChaseList, Pattern, SvmEnv};
@@ -85,16 +85,7 @@ pub fn run<E: SvmEnv>(env: &E, w: Workload, bytes: u64) -> Result<Outcome, Strin
         nodes: pages,
         value_offset: 11,
     };
-    let k = [
-        // r1 = head, r4 = out, r2 = sum (as the suite's pointer_chase)
-        isa::encode(isa::BEQ, 0, 1, 0, 5),
-        isa::encode(isa::LD64, 3, 1, 0, 8),
-        isa::encode(isa::ADD, 2, 2, 3, 0),
-        isa::encode(isa::LD64, 1, 1, 0, 0),
-        isa::encode(isa::JMP, 0, 0, 0, -4),
-        isa::encode(isa::ST64, 0, 4, 2, 0),
-        isa::encode(isa::EXIT, 0, 0, 0, 0),
-    ];
+    let k = CHASE_KERNEL;
     let mut touched = pages;
     if w == Workload::Chase {
         env.build_list(&p, chase)
