@@ -64,7 +64,7 @@ impl Profile {
     pub fn create(path: &Path, hz: u32) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_path_buf(),
-            file: File::create(path)?,
+            file: crate::stats::open_output(path)?,
             hz,
             merged: Mutex::new(Samples::default()),
         })

@@ -17,18 +17,22 @@ pub struct Out {
     gpu_inject: Option<String>,
 }
 
+/// Creates (or truncates) an output file the VMM writes at exit. With
+/// O_NONBLOCK, a FIFO nobody reads is an error now, not a hang.
+pub fn open_output(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 impl Out {
     pub fn open(print: bool, json: Option<PathBuf>) -> Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
         let json = match json {
-            // O_NONBLOCK: a FIFO nobody reads is an error now, not a hang.
-            Some(path) => match std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path)
-            {
+            Some(path) => match open_output(&path) {
                 Ok(f) => Some((path, f)),
                 Err(source) => return Err(Error::StatsWrite { path, source }),
             },

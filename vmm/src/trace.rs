@@ -17,15 +17,7 @@ pub struct Out {
 
 impl Out {
     pub fn open(path: PathBuf) -> Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        // O_NONBLOCK: a FIFO nobody reads is an error now, not a hang.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-        {
+        match crate::stats::open_output(&path) {
             Ok(file) => Ok(Self { path, file }),
             Err(source) => Err(Error::TraceWrite { path, source }),
         }

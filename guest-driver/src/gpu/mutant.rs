@@ -95,12 +95,6 @@ pub fn set(m: Option<Mutant>) {
     *DEFERRED.lock() = [None; NUM_CONTEXTS as usize];
 }
 
-/// The active mutant.
-pub fn current() -> Option<Mutant> {
-    let v = ACTIVE.load(Ordering::Acquire);
-    Mutant::ALL.into_iter().find(|m| *m as u8 == v)
-}
-
 /// Whether `m` is the active mutant.
 pub fn active(m: Mutant) -> bool {
     ACTIVE.load(Ordering::Acquire) == m as u8

@@ -30,13 +30,21 @@ impl DriverTrace {
         if entries < 2 || !entries.is_power_of_two() {
             return None;
         }
-        p.trace_tsc()?;
+        // The host asked for a trace: say why there will be no driver side.
+        if p.trace_tsc().is_none() {
+            log::warn!("gpu: no driver trace ring: this platform has no trace clock");
+            return None;
+        }
         let bytes = ring::ring_bytes(entries);
-        let region = p.dma_alloc(bytes.div_ceil(PAGE_SIZE) as usize)?;
+        let Some(region) = p.dma_alloc(bytes.div_ceil(PAGE_SIZE) as usize) else {
+            log::warn!("gpu: no driver trace ring: {bytes} bytes of DMA memory not available");
+            return None;
+        };
         p.write32(regs::TRACE_RING_LO, region.phys() as u32);
         p.write32(regs::TRACE_RING_HI, (region.phys() >> 32) as u32);
         p.write32(regs::TRACE_RING_ENTRIES, entries);
         if p.read32(regs::TRACE_RING_ENTRIES) != entries {
+            log::warn!("gpu: no driver trace ring: the device refused {entries} entries");
             p.dma_free(region);
             return None;
         }
