@@ -3,7 +3,9 @@
 //! the test's `Needs` (the device is reset per test, so one test's
 //! leftovers cannot help or hurt the next), with real processes and this
 //! CPU's accesses through their page tables (`crate::svm_env`). After each
-//! test the driver's counters are printed on one line.
+//! test the driver's counters and latencies are printed on one
+//! machine-readable line, `stats <test> policy=<policy> <name>=<value> ...`
+//! (`faultline_driver::gpu::StatsSnapshot`), which the VMM reads back.
 //!
 //! No GPU: the `gpu=` rule of the other GPU tests (fail by default, SKIPPED
 //! with `gpu=optional`).
@@ -81,10 +83,12 @@ fn run_named(name: &str) -> Result<(), String> {
     let g = super::gpu::device()?;
     let (env, r) = suite::run(name, |needs| env_for(g, needs));
     if let Some(env) = env {
+        // Read back by the VMM (vmm/src/results.rs) into --stats-json and
+        // --results: only non-zero items, every console byte is a VM exit.
         println!(
-            "svm {name}: policy {} {}",
+            "stats {name} policy={} {}",
             env.gpu().config().policy,
-            env.gpu().counters().snapshot()
+            env.gpu().counters().stats()
         );
     }
     r

@@ -2,6 +2,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::stats::{LatencyStats, StatsSnapshot};
+
 /// Driver-side counters (`Gpu::counters`).
 #[derive(Debug, Default)]
 pub struct DriverCounters {
@@ -30,6 +32,8 @@ pub struct DriverCounters {
     pub faults_serviced: AtomicU64,
     /// Entries discarded by a fault-buffer flush (`batch_flush`).
     pub faults_flushed: AtomicU64,
+    /// Per-size latencies (`gpu::stats`).
+    pub latency: LatencyStats,
 }
 
 /// A plain copy of [`DriverCounters`].
@@ -84,6 +88,35 @@ impl DriverCounters {
             faults_serviced: r(&self.faults_serviced),
             faults_flushed: r(&self.faults_flushed),
         }
+    }
+
+    /// Reads the counters and the latencies.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            counters: self.snapshot(),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+impl CounterSnapshot {
+    /// Every counter with its name (the field's).
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("faults_read", self.faults_read),
+            ("faults_deduplicated", self.faults_deduplicated),
+            ("faults_serviced", self.faults_serviced),
+            ("faults_flushed", self.faults_flushed),
+            ("batches", self.batches),
+            ("windows", self.windows),
+            ("pages_mapped", self.pages_mapped),
+            ("retries", self.retries),
+            ("replays", self.replays),
+            ("cancels", self.cancels),
+            ("invalidations", self.invalidations),
+            ("tlb_invalidates", self.tlb_invalidates),
+        ]
+        .into_iter()
     }
 }
 

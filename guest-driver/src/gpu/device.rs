@@ -14,6 +14,7 @@ use faultline_abi::{
 
 use super::counters::DriverCounters;
 use super::policy::{FaultPolicy, Replay};
+use super::stats::Op;
 use super::trace::DriverTrace;
 use super::{DmaRegion, GpuError, Platform};
 use crate::sync::SpinMutex;
@@ -81,8 +82,10 @@ struct FaultState {
     get: u32,
     raw: Vec<Fault>,
     cancel: Vec<u64>,
-    /// `Replay::Once`: batches were serviced since the last REPLAY.
+    /// `Replay::Once`: batches were serviced since the last REPLAY, the
+    /// first of them drained at `owed_since` (`Platform::now_ns`).
     owed: bool,
+    owed_since: u64,
 }
 
 /// Per-context registration: who services its faults.
@@ -198,6 +201,7 @@ impl<P: Platform> Gpu<P> {
                 raw: Vec::new(),
                 cancel: Vec::new(),
                 owed: false,
+                owed_since: 0,
             }),
             contexts: SpinMutex::new([const { None }; NUM_CONTEXTS as usize]),
             ctx_used: AtomicU64::new(0),
@@ -343,23 +347,25 @@ impl<P: Platform> Gpu<P> {
                 break;
             }
             found = true;
+            let drained = self.platform.now_ns();
             let FaultState { raw, cancel, .. } = st;
             DriverCounters::add(&self.counters.faults_serviced, raw.len() as u64);
             if pol.replay == Replay::Block {
                 for k in 0..raw.len() {
                     self.dispatch(&raw[k..k + 1], cancel);
-                    self.replay();
+                    self.replay(drained);
                 }
                 continue;
             }
             self.dispatch(raw, cancel);
             match pol.replay {
-                Replay::Block | Replay::Batch => self.replay(),
+                Replay::Block | Replay::Batch => self.replay(drained),
                 Replay::BatchFlush => {
                     self.flush(st);
-                    self.replay();
+                    self.replay(drained);
                 }
-                Replay::Once => st.owed = true,
+                Replay::Once if !st.owed => (st.owed, st.owed_since) = (true, drained),
+                Replay::Once => {}
             }
         }
         let left = self.sb_load(status_block::FAULT_PUT) != st.get
@@ -367,7 +373,7 @@ impl<P: Platform> Gpu<P> {
                 .contains(FaultFlags::OVERFLOW);
         if st.owed && !left {
             st.owed = false;
-            self.replay();
+            self.replay(st.owed_since);
             found = true;
         }
         self.work_left.store(left, Ordering::Release);
@@ -492,10 +498,14 @@ impl<P: Platform> Gpu<P> {
         }
     }
 
-    fn replay(&self) {
+    /// Rings REPLAY for what was drained at `since` (`Platform::now_ns`).
+    fn replay(&self, since: u64) {
         self.trace(TraceKind::Replay, 0, 0, 0);
         self.platform.write32(doorbell::offset(doorbell::REPLAY), 1);
         DriverCounters::add(&self.counters.replays, 1);
+        self.counters
+            .latency
+            .record_replay(since, self.platform.now_ns());
     }
 
     /// Whether the last service call left entries in the fault buffer (its
@@ -606,6 +616,7 @@ impl<P: Platform> Gpu<P> {
         if len == 0 {
             return Ok(());
         }
+        let submitted = self.platform.now_ns();
         let seq = self.ctl_submit(CtlOp::InvalidateRange, context, start, len)?;
         // Mutant (a): returning here lets the caller change the CPU PTEs and
         // free the frames while the device may still hit the old entries.
@@ -614,22 +625,28 @@ impl<P: Platform> Gpu<P> {
             return Ok(());
         }
         self.ctl_wait(seq)?;
-        self.note_tlb_ack();
+        self.note_tlb_ack(submitted, len);
         Ok(())
     }
 
     /// Drops every TLB entry of `context` (needed after changing its
     /// context-table entry) and waits for the acknowledgement.
     pub fn invalidate_context(&self, context: u32) -> Result<(), GpuError> {
+        let submitted = self.platform.now_ns();
         self.control(CtlOp::InvalidateContext, context, 0, 0)?;
-        self.note_tlb_ack();
+        // The whole address space: counted with the largest ranges.
+        self.note_tlb_ack(submitted, u64::MAX);
         Ok(())
     }
 
-    fn note_tlb_ack(&self) {
-        self.tlb_ack_ns
-            .store(self.platform.now_ns(), Ordering::Release);
+    /// An invalidation of `len` bytes submitted at `submitted` was acked.
+    fn note_tlb_ack(&self, submitted: u64, len: u64) {
+        let now = self.platform.now_ns();
+        self.tlb_ack_ns.store(now, Ordering::Release);
         DriverCounters::add(&self.counters.tlb_invalidates, 1);
+        self.counters
+            .latency
+            .record(Op::TlbInvalidate, len, submitted, now);
     }
 
     // ------------------------------------------------------ context slots

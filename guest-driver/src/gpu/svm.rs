@@ -40,6 +40,7 @@ use super::device::{Fault, FaultHandler};
 use super::mutant::{self, Mutant};
 use super::pagetable::{Leaf, PageSize};
 use super::policy::Prefetch;
+use super::stats::Op;
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
 use crate::hmm::{
@@ -491,12 +492,18 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         let mut result = Ok(());
         // The pages the device was given writable (bit per entry).
         let mut writable: Vec<bool> = Vec::new();
+        // Latencies (`gpu::stats`): one clock read at each end of a step.
+        let now = || s.gpu().platform().now_ns();
+        let bytes = w.end - w.start;
+        let mut first_fault = None;
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 DriverCounters::add(&c.retries, 1);
                 let len = w.end - w.start;
                 s.gpu().trace(TraceKind::Retry, s.ctx.index(), w.start, len);
             }
+            let t_fault = now();
+            let start = *first_fault.get_or_insert(t_fault);
             let r = {
                 let mmap = mmap_read_lock(&*s.mm);
                 // Request flags per page (`(pfns[i] & pfn_flags_mask) |
@@ -516,6 +523,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 }
                 range_fault(&mut range, &mmap, true)
             };
+            let t_faulted = now();
+            c.latency.record(Op::RangeFault, bytes, t_fault, t_faulted);
             match r {
                 Ok(_) => {}
                 Err(Errno::EAGAIN) => {
@@ -528,9 +537,13 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 }
             }
             let hook = s.hook.lock().clone();
-            if let Some(h) = hook {
-                h(w.start, w.end);
-            }
+            let t_lock = match hook {
+                Some(h) => {
+                    h(w.start, w.end);
+                    now()
+                }
+                None => t_faulted,
+            };
             let mut pt = s.ctx.page_table();
             let valid = range_check_seq(&range);
             // Mutant (b): pfns an invalidation made stale after `range_fault`
@@ -575,6 +588,11 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             }
             drop(pt);
             DriverCounters::add(&c.pages_mapped, mapped);
+            if result.is_ok() {
+                let t_mapped = now();
+                c.latency.record(Op::PteWrite, bytes, t_lock, t_mapped);
+                c.latency.record(Op::Window, bytes, start, t_mapped);
+            }
             break;
         }
         range_unregister(&mut range);
