@@ -279,7 +279,8 @@ pub struct CheckFigures {
     pub mode: CheckMode,
     /// Translations compared against a CPU table.
     pub checked: u64,
-    /// Translations of contexts without a CPU table (`cpu_root` mode 0).
+    /// Translations of contexts without a CPU table (`cpu_root` mode 0),
+    /// and of VRAM pages (no CPU counterpart to compare with).
     pub unchecked: u64,
     /// Violations on pages already reported, or beyond `REPORT_PAGES`.
     pub unreported: u64,

@@ -1,13 +1,14 @@
 //! Host-chosen sizing of the device (`faultline run/serve --gpu-*`). The
 //! guest discovers it through read-only registers (NUM_CHANNELS,
-//! FAULT_BUF_MAX, TLB_ENTRIES), so a driver adapts instead of assuming the
-//! defaults.
+//! FAULT_BUF_MAX, TLB_ENTRIES, VRAM_SIZE), so a driver adapts instead of
+//! assuming the defaults.
 
 use faultline_abi::{MAX_FAULT_ENTRIES, NUM_CHANNELS};
 
 use crate::check::CheckMode;
 use crate::inject::InjectSpec;
 use crate::mmu::TLB_CAPACITY;
+use crate::vram::{DEFAULT_VRAM, MAX_VRAM, VRAM_CHUNK};
 
 /// Largest per-context TLB a host may ask for: far beyond any guest's
 /// working set in this bench, and small enough that 64 contexts of it fit
@@ -24,6 +25,9 @@ pub struct Config {
     pub tlb_entries: u32,
     /// Channels the device implements: 1..=`NUM_CHANNELS`.
     pub channels: u32,
+    /// Bytes of device memory (`--gpu-vram`): a multiple of 2 MiB up to
+    /// `MAX_VRAM`, 0 for none.
+    pub vram: u64,
     /// The coherence checker (`--gpu-check`), walking x86-64 CPU tables in
     /// the device's memory; `Device::set_checker` can give other tables.
     pub check: CheckMode,
@@ -37,6 +41,7 @@ impl Default for Config {
             max_fault_entries: MAX_FAULT_ENTRIES,
             tlb_entries: TLB_CAPACITY as u32,
             channels: NUM_CHANNELS,
+            vram: DEFAULT_VRAM,
             check: CheckMode::Off,
             inject: None,
         }
@@ -51,6 +56,10 @@ pub enum ConfigError {
     TlbEntries(u32),
     #[error("channels {0} must be between 1 and {NUM_CHANNELS}")]
     Channels(u32),
+    #[error("GPU memory of {0} bytes must be a multiple of 2 MiB, at most {max} GiB", max = MAX_VRAM >> 30)]
+    Vram(u64),
+    #[error("cannot map {size} bytes of GPU memory: {reason}")]
+    VramMap { size: u64, reason: String },
 }
 
 impl Config {
@@ -64,6 +73,9 @@ impl Config {
         }
         if !(1..=NUM_CHANNELS).contains(&self.channels) {
             return Err(ConfigError::Channels(self.channels));
+        }
+        if !self.vram.is_multiple_of(VRAM_CHUNK) || self.vram > MAX_VRAM {
+            return Err(ConfigError::Vram(self.vram));
         }
         Ok(())
     }
@@ -80,6 +92,7 @@ mod tests {
             max_fault_entries: f,
             tlb_entries: t,
             channels: ch,
+            vram: 0,
             check: CheckMode::Off,
             inject: None,
         };
@@ -93,6 +106,14 @@ mod tests {
         }
         for ch in [0, 9] {
             assert_eq!(c(2, 1, ch).validate(), Err(ConfigError::Channels(ch)));
+        }
+        let vram = |v| Config {
+            vram: v,
+            ..c(2, 1, 1)
+        };
+        assert_eq!(vram(MAX_VRAM).validate(), Ok(()));
+        for v in [1, VRAM_CHUNK + 4096, MAX_VRAM + VRAM_CHUNK] {
+            assert_eq!(vram(v).validate(), Err(ConfigError::Vram(v)));
         }
     }
 }

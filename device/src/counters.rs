@@ -133,7 +133,8 @@ impl Counters {
     /// errors raised per kind over the lifetime (every kind listed),
     /// `fault_backlog_peak`, the most faults ever held back at once, and
     /// the coherence checker's `check.mode` (0 off, 1 warn, 2 fatal),
-    /// `check.checked`, `check.unchecked` (contexts without a CPU table)
+    /// `check.checked`, `check.unchecked` (contexts without a CPU table,
+    /// and VRAM pages)
     /// and `check.unreported` (violations counted but not reported again),
     /// all lifetime.
     pub fn named(&self) -> Vec<(String, u64)> {

@@ -1,20 +1,20 @@
 //! Jobs (a decoded command in progress) and the FILL / COPY / ATOMIC /
-//! SEMAPHORE engines. LAUNCH lives in `isa`.
-
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+//! SEMAPHORE / MIGRATE engines. LAUNCH lives in `isa`. Every data access
+//! goes through `vram::PhysMem`, so each engine handles both apertures.
 
 use faultline_abi::isa::WARP_SIZE;
 use faultline_abi::{
-    atomic_op, engine, Access, Command, Counter, FaultReason, Opcode, Status, COMMAND_SIZE,
-    PAGE_SIZE,
+    engine, Access, Command, Counter, FaultReason, MigrateEntry, Opcode, Status, COMMAND_SIZE,
+    LEAF_2M, PAGE_SIZE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::check::Origin;
 use crate::counters::Counters;
 use crate::inject::{Injector, Knob, MAX_SPURIOUS_PER_STEP};
 use crate::isa::LaunchJob;
 use crate::mmu::{Mmu, Translation, XlateError};
+use crate::vram::{Phys, PhysMem, Vram};
 
 /// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
 /// command can neither starve control-ring processing (invalidations) nor
@@ -44,6 +44,7 @@ pub struct FaultRec {
 /// What an engine needs from the device while it runs one slice.
 pub struct Env<'a, M> {
     pub mem: &'a M,
+    pub vram: &'a Vram,
     pub mmu: &'a mut Mmu,
     pub counters: &'a mut Counters,
     pub faults: &'a mut Vec<FaultRec>,
@@ -55,6 +56,16 @@ pub struct Env<'a, M> {
     pub inject: Option<&'a mut Injector>,
     /// Device time (ns) of this slice; only read with `inject`.
     pub now: u64,
+}
+
+impl<M> Env<'_, M> {
+    /// Guest memory and VRAM, for the data accesses.
+    pub fn phys(&self) -> PhysMem<'_, M> {
+        PhysMem {
+            mem: self.mem,
+            vram: self.vram,
+        }
+    }
 }
 
 impl<M: GuestMemoryBackend> Env<'_, M> {
@@ -134,7 +145,15 @@ impl<M: GuestMemoryBackend> Env<'_, M> {
             info: 0,
         };
         self.mmu
-            .recheck(self.mem, self.counters, self.ctx, va, access, t.gpa, origin)
+            .recheck(
+                self.mem,
+                self.counters,
+                self.ctx,
+                va,
+                access,
+                t.phys(),
+                origin,
+            )
             .map_err(|e| match e {
                 XlateError::Fail(s) => s,
                 XlateError::Fault { .. } => Status::CoherenceViolation,
@@ -228,6 +247,8 @@ pub struct Job {
     stalled: Vec<u64>,
     /// The access paused with its translation (fault injection).
     held: Option<Held>,
+    /// MIGRATE: the validated list, read on the first run.
+    pages: Vec<(Phys, Phys)>,
 }
 
 impl Job {
@@ -256,6 +277,7 @@ impl Job {
             done: 0,
             stalled: Vec::new(),
             held: None,
+            pages: Vec::new(),
         }
     }
 
@@ -327,6 +349,10 @@ impl Job {
                 compare,
             } => atomic(env, va, op, wide, operand, compare, held),
             Command::SemaphoreRelease { va, wide, value } => semaphore(env, va, wide, value),
+            Command::Migrate { list, count, large } => {
+                let page = if large { LEAF_2M } else { PAGE_SIZE };
+                migrate(env, list, count, page, &mut self.pages, &mut self.done)
+            }
             // LAUNCH ran above; decoding never yields `Raw`.
             Command::Launch { .. } | Command::Raw(_) => Err(Status::InvalidOpcode),
         };
@@ -366,9 +392,8 @@ fn fill<M: GuestMemoryBackend>(
         while off < n {
             let phase = ((done + off) % 8) as usize;
             let m = (n - off).min(PAGE_SIZE);
-            env.mem
-                .write_slice(&buf[phase..phase + m as usize], GuestAddress(t.gpa + off))
-                .map_err(|_| Status::MemoryError)?;
+            env.phys()
+                .write(t.phys().add(off), &buf[phase..phase + m as usize])?;
             off += m;
         }
         Ok::<(), Status>(())
@@ -403,31 +428,6 @@ fn fill<M: GuestMemoryBackend>(
     Ok((*done == len).then_some(0))
 }
 
-/// Bulk copy between guest-physical ranges: host-to-host memmove when both
-/// sides are single host slices, else through a bounce buffer.
-fn copy_gpa<M: GuestMemoryBackend>(mem: &M, dst: u64, src: u64, n: u64) -> Result<(), Status> {
-    let len = usize::try_from(n).map_err(|_| Status::MemoryError)?;
-    if let (Ok(s), Ok(d)) = (
-        mem.get_slice(GuestAddress(src), len),
-        mem.get_slice(GuestAddress(dst), len),
-    ) {
-        s.copy_to_volatile_slice(d);
-        return Ok(());
-    }
-    // The range crosses a memory-region boundary or leaves RAM.
-    let mut bounce = [0u8; 4096];
-    let mut off = 0u64;
-    while off < n {
-        let m = (n - off).min(bounce.len() as u64) as usize;
-        mem.read_slice(&mut bounce[..m], GuestAddress(src + off))
-            .map_err(|_| Status::MemoryError)?;
-        mem.write_slice(&bounce[..m], GuestAddress(dst + off))
-            .map_err(|_| Status::MemoryError)?;
-        off += m as u64;
-    }
-    Ok(())
-}
-
 fn copy<M: GuestMemoryBackend>(
     env: &mut Env<'_, M>,
     dst: u64,
@@ -443,7 +443,7 @@ fn copy<M: GuestMemoryBackend>(
     {
         env.recheck(src, Access::Read, engine::COPY, s)?;
         env.recheck(dst, Access::Write, engine::COPY, d)?;
-        copy_gpa(env.mem, d.gpa, s.gpa, n)?;
+        env.phys().copy(d.phys(), s.phys(), n)?;
         env.counters.add(Counter::BytesCopied, n);
         *done += n;
     }
@@ -507,13 +507,13 @@ fn copy<M: GuestMemoryBackend>(
             ) else {
                 break;
             };
-            if s2.gpa != s.gpa + n || d2.gpa != d.gpa + n {
+            if s2.phys() != s.phys().add(n) || d2.phys() != d.phys().add(n) {
                 carry = Some((s2, d2));
                 break;
             }
             n = (n + s2.avail.min(d2.avail)).min(stop - *done);
         }
-        copy_gpa(env.mem, d.gpa, s.gpa, n)?;
+        env.phys().copy(d.phys(), s.phys(), n)?;
         env.counters.add(Counter::BytesCopied, n);
         *done += n;
         if violation {
@@ -521,45 +521,6 @@ fn copy<M: GuestMemoryBackend>(
         }
     }
     Ok((*done == len).then_some(0))
-}
-
-/// Perform an atomic on guest-physical memory; returns the old value.
-pub fn atomic_gpa<M: GuestMemoryBackend>(
-    mem: &M,
-    gpa: u64,
-    op: u32,
-    wide: bool,
-    operand: u64,
-    compare: u64,
-) -> Result<u64, Status> {
-    let size = if wide { 8 } else { 4 };
-    let slice = mem
-        .get_slice(GuestAddress(gpa), size)
-        .map_err(|_| Status::MemoryError)?;
-    if wide {
-        let a = slice
-            .get_atomic_ref::<AtomicU64>(0)
-            .map_err(|_| Status::Misaligned)?;
-        Ok(match op {
-            atomic_op::ADD => a.fetch_add(operand, Ordering::SeqCst),
-            atomic_op::EXCHANGE => a.swap(operand, Ordering::SeqCst),
-            _ => match a.compare_exchange(compare, operand, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(v) | Err(v) => v,
-            },
-        })
-    } else {
-        let a = slice
-            .get_atomic_ref::<AtomicU32>(0)
-            .map_err(|_| Status::Misaligned)?;
-        let (operand, compare) = (operand as u32, compare as u32);
-        Ok(u64::from(match op {
-            atomic_op::ADD => a.fetch_add(operand, Ordering::SeqCst),
-            atomic_op::EXCHANGE => a.swap(operand, Ordering::SeqCst),
-            _ => match a.compare_exchange(compare, operand, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(v) | Err(v) => v,
-            },
-        }))
-    }
 }
 
 fn atomic<M: GuestMemoryBackend>(
@@ -594,21 +555,78 @@ fn atomic<M: GuestMemoryBackend>(
             t
         }
     };
-    atomic_gpa(env.mem, t.gpa, op, wide, operand, compare).map(Some)
+    env.phys()
+        .atomic(t.phys(), op, wide, operand, compare)
+        .map(Some)
 }
 
 fn semaphore<M: GuestMemoryBackend>(env: &mut Env<'_, M>, va: u64, wide: bool, value: u64) -> Step {
     let Some(t) = env.xlate(va, Access::Write, engine::SEMAPHORE, 0)? else {
         return Ok(None);
     };
-    let addr = GuestAddress(t.gpa);
     // Release: every earlier write of the channel is visible before the fence.
-    let r = if wide {
-        env.mem.store(value.to_le(), addr, Ordering::Release)
-    } else {
-        env.mem
-            .store((value as u32).to_le(), addr, Ordering::Release)
-    };
-    r.map_err(|_| Status::MemoryError)?;
+    env.phys().store_release(t.phys(), value, wide)?;
     Ok(Some(0))
+}
+
+/// Read and validate a MIGRATE list of `count` pages of `page` bytes at
+/// GPA `list`: every entry well formed and every page inside guest RAM or
+/// VRAM, before the first byte moves.
+fn migrate_list<M: GuestMemoryBackend>(
+    env: &Env<'_, M>,
+    list: u64,
+    count: u32,
+    page: u64,
+) -> Result<Vec<(Phys, Phys)>, Status> {
+    let mut raw = vec![0u8; count as usize * MigrateEntry::SIZE];
+    env.mem
+        .read_slice(&mut raw, GuestAddress(list))
+        .map_err(|_| Status::BadList)?;
+    let inside = |p: Phys| match p.vram {
+        true => env
+            .vram
+            .contains(p.addr, page)
+            .then_some(p)
+            .ok_or(Status::BadVram),
+        false => usize::try_from(page)
+            .ok()
+            .filter(|&n| env.mem.check_range(GuestAddress(p.addr), n))
+            .map(|_| p)
+            .ok_or(Status::MemoryError),
+    };
+    raw.chunks_exact(MigrateEntry::SIZE)
+        .map(|b| {
+            let e = MigrateEntry::from_le_bytes(b.try_into().map_err(|_| Status::BadList)?);
+            let (src, dst) = e.decode(page)?;
+            Ok((inside(src.into())?, inside(dst.into())?))
+        })
+        .collect()
+}
+
+/// MIGRATE: physical page copies, no translation (so no fault and no
+/// coherence check), at most `XFER_SLICE` bytes a run.
+fn migrate<M: GuestMemoryBackend>(
+    env: &mut Env<'_, M>,
+    list: u64,
+    count: u32,
+    page: u64,
+    pages: &mut Vec<(Phys, Phys)>,
+    done: &mut u64,
+) -> Step {
+    if pages.is_empty() {
+        *pages = migrate_list(env, list, count, page)?;
+    }
+    let len = page * pages.len() as u64;
+    let stop = len.min(done.saturating_add(XFER_SLICE));
+    while *done < stop {
+        let Some(&(src, dst)) = pages.get((*done / page) as usize) else {
+            break;
+        };
+        let off = *done % page;
+        let n = (page - off).min(stop - *done);
+        env.phys().copy(dst.add(off), src.add(off), n)?;
+        env.counters.add(Counter::BytesMigrated, n);
+        *done += n;
+    }
+    Ok((*done >= len).then_some(pages.len() as u64))
 }

@@ -7,12 +7,20 @@
 //! entries, doorbells, processing steps and a driver-like fault service.
 //! The device must never panic and never hang.
 
-use faultline_abi::{doorbell, isa, regs, CtlOp, DeviceStatus, Pte, DEVICE_MAGIC, LEAF_4K};
+use faultline_abi::{
+    doorbell, isa, regs, CtlOp, DeviceStatus, MigrateEntry, Opcode, Pte, DEVICE_MAGIC, LEAF_4K,
+};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::testing::{cmd, Rig, CMDS, CTL_RING, CTX_TABLE, DATA, FAULT_BUF, PT_POOL, QUEUES, SB};
 
 const MEM: u64 = 8 << 20;
 const CODE_VA: u64 = 0x8000;
+/// Small, so VRAM leaves and MIGRATE pages land on both sides of its end.
+const VRAM: u64 = 4 << 20;
+/// The second 64 KiB of the VA window: VRAM leaves, half of them past
+/// the end of VRAM.
+const VRAM_VA: u64 = 0x1_0000;
 
 /// Byte reader that yields zeros once the input is exhausted.
 struct Input<'a> {
@@ -49,6 +57,15 @@ impl Input<'_> {
             _ => u64::from(self.u16()) * 8 % 0x2_0000,
         }
     }
+    /// A MIGRATE page word: either aperture, inside or past RAM and VRAM,
+    /// sometimes with reserved or misaligned bits.
+    fn page_word(&mut self) -> u64 {
+        let low = match self.u8() % 8 {
+            0 => u64::from(self.u16()) & 0xFFF,
+            n => u64::from(n & 1),
+        };
+        ((u64::from(self.u16()) << 12) % (2 * MEM)) | low
+    }
     /// A guest-physical address, biased towards device structures.
     fn gpa(&mut self) -> u64 {
         let bases = [
@@ -72,14 +89,20 @@ pub fn run(data: &[u8]) {
 /// the same hostile program meets late acks, paused engines and the rest.
 /// Returns the counters as the host reads them at exit.
 pub fn run_with(data: &[u8], inject: Option<crate::InjectSpec>) -> Vec<(String, u64)> {
-    let mut rig = match inject {
-        Some(spec) => Rig::with_inject(MEM, 16, spec),
-        None => Rig::new(MEM, 16),
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)])
+        .unwrap_or_else(|e| panic!("guest memory: {e}"));
+    let cfg = crate::Config {
+        vram: VRAM,
+        inject,
+        ..crate::Config::default()
     };
+    let mut rig = Rig::with_config(mem, 16, cfg);
     rig.dev.set_launch_step_limit(20_000);
     rig.enable_channel(0, 0);
     rig.enable_channel(1, 0);
     rig.map_range(0, 0, DATA, 0x1_0000, LEAF_4K, Pte::WRITE | Pte::ATOMIC);
+    let vram_rw = Pte::WRITE | Pte::ATOMIC | Pte::VRAM;
+    rig.map_range(0, VRAM_VA, VRAM - 0x8000, 0x1_0000, LEAF_4K, vram_rw);
     let kernel = [
         isa::encode(isa::S2R, 2, 0, 0, isa::sreg::GTID),
         isa::encode(isa::SHLI, 3, 2, 0, 3),
@@ -126,14 +149,14 @@ pub fn run_with(data: &[u8], inject: Option<crate::InjectSpec>) -> Vec<(String, 
                 // Keep most raw commands on a valid opcode so validation
                 // of the other fields gets exercised.
                 if c[1] & 1 == 0 {
-                    c[0] = c[0] % 5 + 1;
+                    c[0] = c[0] % Opcode::COUNT as u8 + 1;
                     c[1..4].fill(0);
                 }
                 rig.submit(ch, c);
             }
             5 => {
                 let ch = inp.u8() as usize % 2;
-                let c = match inp.u8() % 5 {
+                let c = match inp.u8() % 6 {
                     0 => cmd::fill(inp.va(), u64::from(inp.u16()), inp.u64()),
                     1 => cmd::copy(inp.va(), inp.va(), u64::from(inp.u16())),
                     2 => {
@@ -148,6 +171,18 @@ pub fn run_with(data: &[u8], inject: Option<crate::InjectSpec>) -> Vec<(String, 
                         )
                     }
                     3 => cmd::semaphore(inp.va() & !7, true, inp.u64()),
+                    4 => {
+                        let list = inp.gpa() & !15;
+                        let count = u32::from(inp.u8() % 4) + 1;
+                        for i in 0..u64::from(count) {
+                            let e = MigrateEntry {
+                                src: inp.page_word(),
+                                dst: inp.page_word(),
+                            };
+                            rig.write_bytes(list + i * 16, &e.to_le_bytes());
+                        }
+                        cmd::migrate(list, count, inp.u8() & 1 != 0)
+                    }
                     _ => {
                         let grid = u32::from(inp.u8() % 4) + 1;
                         let block = u32::from(inp.u8() % 40) + 1;

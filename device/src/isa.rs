@@ -4,9 +4,10 @@
 
 use faultline_abi::isa::{self, decode, sreg, INSN_SIZE, NUM_REGS, WARP_SIZE};
 use faultline_abi::{atomic_op, engine, le, Access, Status};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
-use crate::engine::{atomic_gpa, Env, Outcome};
+use crate::engine::{Env, Outcome};
+use crate::vram::Phys;
 
 /// Warps resident at once; more start as these finish.
 pub const MAX_RESIDENT_WARPS: usize = 64;
@@ -151,9 +152,7 @@ impl LaunchJob {
             let n = ((total - self.fetched.len()) as u64).min(t.avail) as usize;
             let start = self.fetched.len();
             self.fetched.resize(start + n, 0);
-            env.mem
-                .read_slice(&mut self.fetched[start..], GuestAddress(t.gpa))
-                .map_err(|_| Status::MemoryError)?;
+            env.phys().read(t.phys(), &mut self.fetched[start..])?;
         }
         let words: Vec<u64> = self
             .fetched
@@ -392,7 +391,7 @@ impl LaunchJob {
         let size = if wide { 8 } else { 4 };
         let w = &self.warps[wi];
         let mark = env.faults.len();
-        let mut gpas = [0u64; W];
+        let mut at = [Phys::system(0); W];
         let mut faulted = false;
         for &l in lanes {
             let va = w.regs[l][ins.rs1].wrapping_add(i64::from(ins.imm) as u64);
@@ -400,7 +399,7 @@ impl LaunchJob {
                 return Err(Status::Misaligned);
             }
             match env.xlate(va, access, engine::COMPUTE, w.index as u32)? {
-                Some(t) => gpas[l] = t.gpa,
+                Some(t) => at[l] = t.phys(),
                 None => faulted = true,
             }
         }
@@ -412,23 +411,14 @@ impl LaunchJob {
             w.stalled = pages;
             return Ok(WarpStep::Stalled);
         }
-        let mem = env.mem;
+        let mem = env.phys();
         for &l in lanes {
             let r = &mut w.regs[l];
-            let addr = GuestAddress(gpas[l]);
-            let merr = |_| Status::MemoryError;
             let result = match ins.op {
-                isa::LD32 => Some(u64::from(u32::from_le(
-                    mem.read_obj::<u32>(addr).map_err(merr)?,
-                ))),
-                isa::LD64 => Some(u64::from_le(mem.read_obj::<u64>(addr).map_err(merr)?)),
-                isa::ST32 => {
-                    mem.write_obj((r[ins.rs2] as u32).to_le(), addr)
-                        .map_err(merr)?;
-                    None
-                }
-                isa::ST64 => {
-                    mem.write_obj(r[ins.rs2].to_le(), addr).map_err(merr)?;
+                isa::LD32 | isa::LD64 => Some(mem.load(at[l], wide)?),
+                isa::ST32 | isa::ST64 => {
+                    let n = if wide { 8 } else { 4 };
+                    mem.write(at[l], &r[ins.rs2].to_le_bytes()[..n])?;
                     None
                 }
                 _ => {
@@ -438,14 +428,7 @@ impl LaunchJob {
                         _ => atomic_op::CAS,
                     };
                     let mask = if wide { u64::MAX } else { 0xFFFF_FFFF };
-                    Some(atomic_gpa(
-                        mem,
-                        gpas[l],
-                        op,
-                        wide,
-                        r[ins.rs2] & mask,
-                        r[ins.rd] & mask,
-                    )?)
+                    Some(mem.atomic(at[l], op, wide, r[ins.rs2] & mask, r[ins.rd] & mask)?)
                 }
             };
             if let (Some(v), true) = (result, ins.rd != 0) {

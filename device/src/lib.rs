@@ -35,6 +35,7 @@ pub mod sync;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod trace;
+pub mod vram;
 mod worker;
 
 pub use check::{CheckMode, CpuLookup, CpuTables};
@@ -47,4 +48,5 @@ pub use device::{
 pub use inject::{InjectError, InjectSpec};
 pub use pci::MsiState;
 pub use sync::DeviceMutex;
+pub use vram::{Vram, DEFAULT_VRAM, MAX_VRAM};
 pub use worker::{Waker, Worker};

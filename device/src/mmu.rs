@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::check::{CheckMode, Checker, CpuTables, Origin, Violation};
 use crate::counters::Counters;
+use crate::vram::Phys;
 
 /// Default TLB entries per context, of each kind (4 KiB; larger), the
 /// bound the spec promises unless the host configured another, see
@@ -26,10 +27,29 @@ const RECENT: usize = 4;
 /// A successful translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
-    pub gpa: u64,
-    /// Bytes from `gpa` to the end of the leaf.
+    /// The guest-physical address, or with `vram` the offset in VRAM.
+    pub addr: u64,
+    /// Bytes from `addr` to the end of the leaf.
     pub avail: u64,
+    /// The leaf has the VRAM aperture (`Pte::VRAM`).
+    pub vram: bool,
 }
+
+impl Translation {
+    /// Where the access goes.
+    pub const fn phys(&self) -> Phys {
+        Phys {
+            addr: self.addr,
+            vram: self.vram,
+        }
+    }
+}
+
+/// Leaf bits a TLB entry keeps: the permissions and the aperture.
+const LEAF_BITS: Pte = Pte::VALID
+    .union(Pte::WRITE)
+    .union(Pte::ATOMIC)
+    .union(Pte::VRAM);
 
 /// Why a translation did not produce an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -46,11 +66,22 @@ pub enum XlateError {
 struct Entry {
     va: u64,
     size: u64,
+    /// GPA, or with `Pte::VRAM` in `perms` the VRAM offset.
     gpa: u64,
+    /// `LEAF_BITS` of the leaf.
     perms: Pte,
 }
 
 impl Entry {
+    fn translate(&self, va: u64) -> Translation {
+        let off = va - self.va;
+        Translation {
+            addr: self.gpa + off,
+            avail: self.size - off,
+            vram: self.perms.contains(Pte::VRAM),
+        }
+    }
+
     fn covers(&self, va: u64) -> bool {
         va.wrapping_sub(self.va) < self.size
     }
@@ -92,7 +123,7 @@ const IN_PAGE: u64 = PAGE_SIZE - 1;
 struct CachedPage {
     /// Page VA | 1 when valid.
     tag: u64,
-    /// Frame GPA | permission bits (VALID/WRITE/ATOMIC live below bit 12).
+    /// Frame address | `LEAF_BITS` (all below bit 12).
     frame: u64,
 }
 
@@ -286,8 +317,9 @@ impl Tlb {
             if w.tag == tag && w.frame & need == need {
                 let off = va & IN_PAGE;
                 return Some(Translation {
-                    gpa: (w.frame & !IN_PAGE) | off,
+                    addr: (w.frame & !IN_PAGE) | off,
                     avail: PAGE_SIZE - off,
+                    vram: w.frame & Pte::VRAM.bits() != 0,
                 });
             }
         }
@@ -451,6 +483,8 @@ impl Tlb {
 pub struct Mmu {
     ctx_table: u64,
     tlbs: Vec<Tlb>,
+    /// Bytes of VRAM: a VRAM leaf must lie inside.
+    vram_size: u64,
     /// The coherence checker, `None` when off (the one branch a
     /// translation pays for it).
     checker: Option<Box<Checker>>,
@@ -475,8 +509,15 @@ impl Mmu {
             tlbs: (0..NUM_CONTEXTS)
                 .map(|_| Tlb::with_capacity(entries))
                 .collect(),
+            vram_size: 0,
             checker: None,
         }
+    }
+
+    /// The device's VRAM size, which bounds every VRAM leaf.
+    pub fn set_vram_size(&mut self, bytes: u64) {
+        self.vram_size = bytes;
+        self.invalidate_all();
     }
 
     /// Turn the coherence checker on or off (`crate::check`); `tables`
@@ -557,18 +598,21 @@ impl Mmu {
         if self.checker.is_none() {
             return Ok(t);
         }
-        self.recheck(mem, counters, ctx, va, access, t.gpa, origin)?;
+        self.recheck(mem, counters, ctx, va, access, t.phys(), origin)?;
         Ok(Translation {
-            gpa: t.gpa,
             avail: t.avail.min(PAGE_SIZE - (va & IN_PAGE)),
+            ..t
         })
     }
 
-    /// Check `gpa`, the translation of `va`, against the CPU's table as it
+    /// Check `at`, the translation of `va`, against the CPU's table as it
     /// is now: `translate_for` does for each translation it returns, and an
     /// engine again for an access that held its
     /// translation since (fault injection's `engine_stall_us`) and uses it
-    /// only now. `Err` under `Fatal`: the access must not happen.
+    /// only now. `Err` under `Fatal`: the access must not happen. A VRAM
+    /// page has no CPU mapping to compare with (the CPU sees device memory
+    /// only through device-private entries, which no guest mm encodes
+    /// yet): it counts as unchecked.
     #[allow(clippy::too_many_arguments)]
     pub fn recheck<M: GuestMemoryBackend>(
         &mut self,
@@ -577,14 +621,27 @@ impl Mmu {
         ctx: u32,
         va: u64,
         access: Access,
-        gpa: u64,
+        at: Phys,
         origin: Origin,
     ) -> Result<(), XlateError> {
         let Some(c) = self.checker.as_deref_mut() else {
             return Ok(());
         };
-        c.check(mem, counters, self.ctx_table, ctx, va, access, gpa, origin)
-            .map_err(|()| XlateError::Fail(Status::CoherenceViolation))
+        if at.vram {
+            counters.check.unchecked += 1;
+            return Ok(());
+        }
+        c.check(
+            mem,
+            counters,
+            self.ctx_table,
+            ctx,
+            va,
+            access,
+            at.addr,
+            origin,
+        )
+        .map_err(|()| XlateError::Fail(Status::CoherenceViolation))
     }
 
     #[inline(always)]
@@ -611,23 +668,20 @@ impl Mmu {
         if let Some(e) = tlb.lookup(va) {
             if e.perms.contains(need) {
                 counters.inc(Counter::TlbHits);
-                let off = va - e.va;
-                return Ok(Translation {
-                    gpa: e.gpa + off,
-                    avail: e.size - off,
-                });
+                return Ok(e.translate(va));
             }
         }
         counters.inc(Counter::TlbMisses);
         counters.inc(Counter::Walks);
-        let (e, level) = walk(mem, self.ctx_table, ctx, va, &mut tlb.walk)?;
+        let vram = self.vram_size;
+        let (e, level) = walk(mem, self.ctx_table, ctx, va, vram, &mut tlb.walk)?;
         // Cache the leaf even when it lacks permission: a later access that
         // it does allow can use it.
         if tlb.insert(e, level) {
             counters.inc(Counter::TlbEvictions);
         }
         if level == 1 {
-            let evicted = prefetch(mem, tlb, va);
+            let evicted = prefetch(mem, tlb, va, vram);
             counters.add(Counter::TlbEvictions, evicted);
         }
         if !e.perms.contains(need) {
@@ -638,11 +692,7 @@ impl Mmu {
             };
             return Err(XlateError::Fault { va, reason });
         }
-        let off = va - e.va;
-        Ok(Translation {
-            gpa: e.gpa + off,
-            avail: e.size - off,
-        })
+        Ok(e.translate(va))
     }
 }
 
@@ -667,8 +717,9 @@ const PREFETCH: u64 = 8;
 /// After a walk to the 4 KiB leaf of `va`, caches the valid leaves beside it
 /// in the same level-1 table (the entries in its 64-byte line), as GPU and
 /// IOMMU walkers do: a stream of misses then walks once per 8 pages.
-/// Returns the entries this evicted.
-fn prefetch<M: GuestMemoryBackend>(mem: &M, tlb: &mut Tlb, va: u64) -> u64 {
+/// Returns the entries this evicted. A leaf the walk would refuse (a
+/// reserved bit, VRAM outside `vram_size`) is left for the walk to report.
+fn prefetch<M: GuestMemoryBackend>(mem: &M, tlb: &mut Tlb, va: u64, vram_size: u64) -> u64 {
     let Some((table, 1)) = tlb.walk.lookup(va) else {
         return 0;
     };
@@ -683,14 +734,17 @@ fn prefetch<M: GuestMemoryBackend>(mem: &M, tlb: &mut Tlb, va: u64) -> u64 {
             return evicted;
         };
         let pte = Pte::from_bits_retain(bits);
-        if !pte.contains(Pte::VALID) || bits & PTE_RESERVED_MASK != 0 {
+        if !pte.contains(Pte::VALID)
+            || bits & PTE_RESERVED_MASK != 0
+            || leaf_check(pte, PAGE_SIZE, vram_size).is_err()
+        {
             continue;
         }
         let e = Entry {
             va: (va & !((PT_ENTRIES << PAGE_SHIFT) - 1)) | (j << PAGE_SHIFT),
             size: PAGE_SIZE,
             gpa: bits & PTE_ADDR_MASK,
-            perms: pte & (Pte::VALID | Pte::WRITE | Pte::ATOMIC),
+            perms: pte & LEAF_BITS,
         };
         evicted += u64::from(tlb.insert(e, 1));
     }
@@ -708,17 +762,31 @@ fn walk<M: GuestMemoryBackend>(
     ctx_table: u64,
     ctx: u32,
     va: u64,
+    vram_size: u64,
     cache: &mut WalkCache,
 ) -> Result<(Entry, u32), XlateError> {
     if let Some((table, level)) = cache.lookup(va) {
-        if let Ok(leaf) = walk_from(mem, table, level, va, cache) {
+        if let Ok(leaf) = walk_from(mem, table, level, va, vram_size, cache) {
             return Ok(leaf);
         }
         cache.remove(va, level);
     }
     let root = read_root(mem, ctx_table, ctx)?;
     cache.root = Some(root);
-    walk_from(mem, root, PT_LEVELS, va, cache)
+    walk_from(mem, root, PT_LEVELS, va, vram_size, cache)
+}
+
+/// The checks a leaf of `size` bytes passes before the device uses it: its
+/// address aligned to its size, and a VRAM leaf inside VRAM.
+fn leaf_check(pte: Pte, size: u64, vram_size: u64) -> Result<(), XlateError> {
+    let addr = pte.bits() & PTE_ADDR_MASK;
+    if addr & (size - 1) != 0 {
+        return Err(XlateError::Fail(Status::BadPte));
+    }
+    if pte.contains(Pte::VRAM) && addr.checked_add(size).is_none_or(|end| end > vram_size) {
+        return Err(XlateError::Fail(Status::BadVram));
+    }
+    Ok(())
 }
 
 /// The root of a VALID context entry `ctx`.
@@ -759,6 +827,7 @@ fn walk_from<M: GuestMemoryBackend>(
     mut table: u64,
     top: u32,
     va: u64,
+    vram_size: u64,
     cache: &mut WalkCache,
 ) -> Result<(Entry, u32), XlateError> {
     let fail = XlateError::Fail;
@@ -782,10 +851,8 @@ fn walk_from<M: GuestMemoryBackend>(
         }
         if is_leaf {
             let size = 1u64 << shift;
-            if addr & (size - 1) != 0 {
-                return Err(fail(Status::BadPte));
-            }
-            let perms = pte & (Pte::VALID | Pte::WRITE | Pte::ATOMIC);
+            leaf_check(pte, size, vram_size)?;
+            let perms = pte & LEAF_BITS;
             return Ok((
                 Entry {
                     va: va & !(size - 1),
@@ -795,6 +862,10 @@ fn walk_from<M: GuestMemoryBackend>(
                 },
                 level,
             ));
+        }
+        if pte.contains(Pte::VRAM) {
+            // Page tables live in system memory only.
+            return Err(fail(Status::BadPte));
         }
         table = addr;
         cache.insert(va, level - 1, table);

@@ -86,6 +86,9 @@ pub mod cmd {
     pub fn semaphore(va: u64, wide: bool, value: u64) -> [u8; 64] {
         Command::SemaphoreRelease { va, wide, value }.to_le_bytes()
     }
+    pub fn migrate(list: u64, count: u32, large: bool) -> [u8; 64] {
+        Command::Migrate { list, count, large }.to_le_bytes()
+    }
     pub fn launch(code: u64, code_len: u32, grid: u32, block: u32, args: [u64; 4]) -> [u8; 64] {
         Command::Launch {
             code,
@@ -332,6 +335,13 @@ impl Rig {
     }
 
     /// Raw PTE write at the slot for `va` at `level` (for hostile tables).
+    /// The level-`level` entry on `va`'s walk (0 if the walk ends above).
+    pub fn read_pte(&mut self, ctx: u32, va: u64, level: u32) -> u64 {
+        self.pte_addr(ctx, va, level, false)
+            .and_then(|slot| self.mem().read_obj(GuestAddress(slot)).ok())
+            .unwrap_or(0)
+    }
+
     pub fn write_pte(&mut self, ctx: u32, va: u64, level: u32, pte: u64) {
         let slot = self.pte_addr(ctx, va, level, true).unwrap_or(0);
         self.mem().write_obj(pte, GuestAddress(slot)).unwrap_or(());

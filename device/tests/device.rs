@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use faultline_abi::{
     atomic_op, doorbell, engine, regs, status_block, vector, Access, ChannelStatus, Counter, CtlOp,
-    DeviceError, FaultFlags, FaultReason, Pte, Status, DEVICE_MAGIC, LEAF_2M, LEAF_4K,
+    DeviceError, FaultFlags, FaultReason, Features, Pte, Status, DEVICE_MAGIC, LEAF_2M, LEAF_4K,
 };
 use faultline_device::testing::{cmd, RecordingIrq, Rig, CTX_TABLE, DATA};
 use faultline_device::{doorbell_offsets, Device, Worker};
@@ -25,11 +25,14 @@ fn rig() -> Rig {
 fn identity_registers_and_undefined_reads() {
     let mut r = rig();
     assert_eq!(r.r32(regs::MAGIC), DEVICE_MAGIC);
-    assert_eq!(r.r32(regs::VERSION), 0x0001_0001);
+    assert_eq!(r.r32(regs::VERSION), 0x0001_0002);
     assert_eq!(r.r32(regs::NUM_CONTEXTS), 64);
     assert_eq!(r.r32(regs::NUM_CHANNELS), 8);
     assert_eq!(r.r32(regs::FAULT_BUF_MAX), 1 << 16);
     assert_eq!(r.r32(regs::TLB_ENTRIES), 4096);
+    assert_eq!(r.r32(regs::FEATURES), Features::VRAM.bits());
+    assert_eq!(r.r32(regs::VRAM_SIZE_LO), 256 << 20);
+    assert_eq!(r.r32(regs::VRAM_SIZE_HI), 0);
     assert_eq!(r.r32(regs::STATUS), 1);
     for off in [0x0FC, 0x2000, 0x4000, 0xFFFC, 0x1_0000, u64::MAX - 3] {
         assert_eq!(r.r32(off), 0, "{off:#x}");
@@ -504,7 +507,7 @@ fn faults_of_failed_commands_are_not_kept() {
         0,
         0x20_0000,
         1,
-        Pte::leaf(DATA, 1, Pte::WRITE).bits() | 1 << 3,
+        Pte::leaf(DATA, 1, Pte::WRITE).bits() | 1 << 4,
     );
     for i in 0..100u64 {
         let t = r.exec(0, cmd::copy(0x20_0000, 0x40_0000 + i * 0x1000, 8));

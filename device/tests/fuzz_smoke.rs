@@ -18,15 +18,31 @@ fn harness_survives_pseudo_random_inputs() {
         .unwrap_or(3000);
     let mut seed = 0x5EED_F00D_u64;
     let mut max_len = 0;
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
     for case in 0..n {
         let len = (xorshift(&mut seed) % 600) as usize;
         max_len = max_len.max(len);
         let data: Vec<u8> = (0..len).map(|_| xorshift(&mut seed) as u8).collect();
         // A panic here names the case for reproduction.
-        let r = std::panic::catch_unwind(|| harness::run(&data));
-        assert!(r.is_ok(), "harness panicked on case {case} (len {len})");
+        let r = std::panic::catch_unwind(|| harness::run_with(&data, None));
+        let Ok(named) = r else {
+            panic!("harness panicked on case {case} (len {len})");
+        };
+        for (k, v) in named {
+            *seen.entry(k).or_default() += v;
+        }
     }
     assert!(max_len > 500);
+    // The programs reach MIGRATE and VRAM leaves, and their failures.
+    for k in [
+        "lifetime.cmd_migrate",
+        "lifetime.bytes_migrated",
+        "lifetime.status_BadVram",
+        "lifetime.status_BadList",
+        "vram.touched_bytes",
+    ] {
+        assert!(seen.get(k).is_some_and(|v| *v > 0), "{k}: {seen:?}");
+    }
 }
 
 /// The same programs on a device with every fault-injection knob on

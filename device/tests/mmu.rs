@@ -42,8 +42,9 @@ fn every_leaf_size_translates_with_offset() {
     assert_eq!(
         t,
         Translation {
-            gpa: DATA + 0x234,
-            avail: 0x1000 - 0x234
+            addr: DATA + 0x234,
+            avail: 0x1000 - 0x234,
+            vram: false,
         }
     );
     let t = xl(
@@ -54,7 +55,7 @@ fn every_leaf_size_translates_with_offset() {
         Access::Read,
     )
     .unwrap();
-    assert_eq!(t.gpa, LEAF_2M * 5 + 0x12345);
+    assert_eq!(t.addr, LEAF_2M * 5 + 0x12345);
     assert_eq!(t.avail, LEAF_2M - 0x12345);
     let t = xl(
         &rig,
@@ -64,7 +65,7 @@ fn every_leaf_size_translates_with_offset() {
         Access::Read,
     )
     .unwrap();
-    assert_eq!(t.gpa, LEAF_1G + 0x3456_789A);
+    assert_eq!(t.addr, LEAF_1G + 0x3456_789A);
     assert_eq!(t.avail, LEAF_1G - 0x3456_789A);
     assert_eq!(c.get(Counter::Walks), 3);
     // Warm: hits, no more walks.
@@ -168,7 +169,7 @@ fn bad_ptes_fail_without_fault() {
     let mut rig = Rig::new(16 << 20, 16);
     let (mut m, mut c) = mmu();
     // Reserved bit in a leaf.
-    rig.write_pte(0, 0x1000, 1, DATA | 1 | 0x8);
+    rig.write_pte(0, 0x1000, 1, DATA | 1 | 0x10);
     // LEAF at level 4.
     rig.write_pte(0, 0x100_0000_0000, 4, 1 | Pte::LEAF.bits());
     // Misaligned 2 MiB leaf.
@@ -183,7 +184,7 @@ fn bad_ptes_fail_without_fault() {
     // Software bits are ignored.
     rig.write_pte(0, 0x2000, 1, DATA | 1 | 0xF00 | (0xFFF << 52));
     assert_eq!(
-        xl(&rig, &mut m, &mut c, 0x2000, Access::Read).unwrap().gpa,
+        xl(&rig, &mut m, &mut c, 0x2000, Access::Read).unwrap().addr,
         DATA
     );
 }
@@ -198,7 +199,7 @@ fn self_referencing_tables_terminate() {
     rig.write_bytes(root, &entries);
     let (mut m, mut c) = mmu();
     let t = xl(&rig, &mut m, &mut c, 0x1234_5678_9000, Access::Read).unwrap();
-    assert_eq!(t.gpa & PTE_ADDR_MASK, root);
+    assert_eq!(t.addr & PTE_ADDR_MASK, root);
     assert_eq!(c.get(Counter::Walks), 1);
 }
 
@@ -314,13 +315,13 @@ fn contexts_are_isolated() {
     assert_eq!(
         m.translate(rig.mem(), &mut c, 0, 0x7008, Access::Read)
             .unwrap()
-            .gpa,
+            .addr,
         DATA + 8
     );
     assert_eq!(
         m.translate(rig.mem(), &mut c, 1, 0x7008, Access::Read)
             .unwrap()
-            .gpa,
+            .addr,
         DATA + 0x1008
     );
     assert!(m
@@ -381,7 +382,7 @@ fn l1_table(rig: &Rig, t: u64, frames: [u64; 3]) {
 fn gpa_of(rig: &Rig, m: &mut Mmu, c: &mut Counters, va: u64) -> u64 {
     xl(rig, m, c, va, Access::Read)
         .unwrap_or_else(|e| panic!("{va:#x}: {e}"))
-        .gpa
+        .addr
 }
 
 /// docs/gpu-abi.md "TLB and invalidation": the device caches the tables

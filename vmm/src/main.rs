@@ -190,7 +190,7 @@ impl StatsArgs {
 }
 
 /// GPU sizing, shared by `run` and `serve`; the guest reads it back from
-/// NUM_CHANNELS, FAULT_BUF_MAX and TLB_ENTRIES.
+/// NUM_CHANNELS, FAULT_BUF_MAX, TLB_ENTRIES and VRAM_SIZE.
 #[derive(clap::Args)]
 struct GpuArgs {
     /// Largest fault buffer (entries) the GPU accepts: a power of two, 2..=65536.
@@ -205,6 +205,11 @@ struct GpuArgs {
     #[arg(long, value_name = "N", default_value_t = faultline_abi::NUM_CHANNELS,
           value_parser = gpu_channels, allow_negative_numbers = true)]
     gpu_channels: u32,
+    /// GPU memory (VRAM): host memory the GPU owns, never guest RAM,
+    /// committed only as the GPU writes it; a multiple of 2M up to 64G, 0
+    /// for none; a bare number is MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = gpu_vram)]
+    gpu_vram: u64,
     /// Test facility: check every GPU translation against the CPU page
     /// table the context entry names (docs/gpu-abi.md "Coherence
     /// checker"). warn (the bare option): report violations; fatal: they
@@ -225,6 +230,7 @@ impl GpuArgs {
             max_fault_entries: self.gpu_fault_entries,
             tlb_entries: self.gpu_tlb_entries,
             channels: self.gpu_channels,
+            vram: self.gpu_vram,
             check: self.gpu_check,
             inject: self.gpu_inject,
         }
@@ -287,6 +293,16 @@ fn gpu_tlb_entries(s: &str) -> Result<u32, String> {
 }
 fn gpu_channels(s: &str) -> Result<u32, String> {
     gpu_field(s, |c, v| c.channels = v)
+}
+
+/// `--gpu-vram`: a size as `--memory` takes it, checked by the device.
+fn gpu_vram(s: &str) -> Result<u64, String> {
+    let vram = memory::parse_size(s)?;
+    let c = faultline_device::Config {
+        vram,
+        ..faultline_device::Config::default()
+    };
+    c.validate().map(|()| vram).map_err(|e| e.to_string())
 }
 
 /// `--memory`: parsed and checked against the bench's and this host's

@@ -121,6 +121,10 @@ fn gpu_sizing_options_reach_the_guest() {
         .expect(256)
         .load(BAR0 + 0x7c) // TLB_ENTRIES
         .expect(100)
+        .load(BAR0 + 0xa8) // VRAM_SIZE_LO
+        .expect(6 << 20)
+        .load(BAR0 + 0xac) // VRAM_SIZE_HI
+        .expect(0)
         .pass();
     let o = run_guest(
         "gpu-sizing.elf",
@@ -132,6 +136,8 @@ fn gpu_sizing_options_reach_the_guest() {
             "256",
             "--gpu-tlb-entries",
             "100",
+            "--gpu-vram",
+            "6M",
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));

@@ -265,6 +265,21 @@ fn bad_gpu_sizing_is_a_usage_error() {
             "TLB entries 0 must be between 1 and 1048576",
         ),
         ("--gpu-tlb-entries", "lots", "'lots' is not a number"),
+        (
+            "--gpu-vram",
+            "3M",
+            "GPU memory of 3145728 bytes must be a multiple of 2 MiB, at most 64 GiB",
+        ),
+        (
+            "--gpu-vram",
+            "65G",
+            "must be a multiple of 2 MiB, at most 64 GiB",
+        ),
+        (
+            "--gpu-vram",
+            "lots",
+            "expected a number with an optional K/M/G/T suffix",
+        ),
     ] {
         for cmd in ["run", "serve"] {
             let mut args = vec![cmd, opt, value];

@@ -24,6 +24,7 @@ code_enum! {
         Atomic = 3,
         SemaphoreRelease = 4,
         Launch = 5,
+        Migrate = 6,
     }
 }
 
@@ -36,6 +37,7 @@ impl Opcode {
             Opcode::Atomic => "atomic",
             Opcode::SemaphoreRelease => "semaphore",
             Opcode::Launch => "launch",
+            Opcode::Migrate => "migrate",
         }
     }
 
@@ -56,6 +58,12 @@ pub const MAX_TRANSFER: u64 = 1 << 40;
 pub const MAX_CODE_LEN: u32 = 4096;
 pub const MAX_BLOCK: u32 = 1024;
 pub const MAX_GRID: u32 = 1 << 20;
+/// Most pages one MIGRATE moves (its list is read whole before the first
+/// copy: at most 8 KiB).
+pub const MAX_MIGRATE_PAGES: u32 = 512;
+/// Alignment of a MIGRATE list (its entries' size).
+pub const MIGRATE_LIST_ALIGN: u64 = MigrateEntry::SIZE as u64;
+
 /// Instructions one launch may execute in total (summed over warps) before
 /// failing with `Status::Timeout`.
 pub const MAX_LAUNCH_STEPS: u64 = 1 << 28;
@@ -163,6 +171,110 @@ pub struct LaunchCommand {
 }
 const _: () = assert!(core::mem::size_of::<LaunchCommand>() == COMMAND_SIZE);
 
+bitflags! {
+    /// Flags of MIGRATE.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct MigrateFlags: u32 {
+        /// Every page of the list is 2 MiB (else 4 KiB).
+        const LARGE = 1 << 0;
+    }
+}
+
+/// MIGRATE: copy `count` pages between physical locations (system memory
+/// or VRAM) named by the list at guest-physical `list`, bypassing the MMU,
+/// as a copy engine moves pages for migration.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateCommand {
+    pub opcode: u32,
+    /// `MigrateFlags`.
+    pub flags: u32,
+    /// GPA of `count` `MigrateEntry`s in system memory, 16-byte aligned.
+    pub list: u64,
+    pub count: u32,
+    pub _reserved0: u32,
+    pub _reserved: [u64; 5],
+}
+const _: () = assert!(core::mem::size_of::<MigrateCommand>() == COMMAND_SIZE);
+
+/// One page of a MIGRATE list: copy the page at `src` to the page at `dst`.
+/// Each address is page aligned (4 KiB, or 2 MiB with `LARGE`) and bit 0
+/// names its aperture ([`MigrateEntry::VRAM`]: an offset in VRAM, else a
+/// GPA); bits 1..11 are reserved (zero).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateEntry {
+    pub src: u64,
+    pub dst: u64,
+}
+const _: () = assert!(core::mem::size_of::<MigrateEntry>() == 16);
+le_struct!(MigrateEntry { src: u64, dst: u64 });
+
+/// A physical page location of a MIGRATE entry: the aperture and the
+/// address in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhysPage {
+    /// An offset in the device's VRAM, else a guest-physical address.
+    pub vram: bool,
+    pub addr: u64,
+}
+
+impl PhysPage {
+    pub const fn system(gpa: u64) -> PhysPage {
+        PhysPage {
+            vram: false,
+            addr: gpa,
+        }
+    }
+    pub const fn vram(offset: u64) -> PhysPage {
+        PhysPage {
+            vram: true,
+            addr: offset,
+        }
+    }
+    /// The entry word: the address with the aperture in bit 0.
+    pub const fn word(self) -> u64 {
+        self.addr | (self.vram as u64 * MigrateEntry::VRAM)
+    }
+}
+
+impl MigrateEntry {
+    /// Aperture bit of `src` / `dst`: the address is a VRAM offset.
+    pub const VRAM: u64 = 1 << 0;
+    /// Bits of an address word that must be zero (1..11).
+    pub const RESERVED: u64 = 0xFFE;
+
+    pub const fn new(src: PhysPage, dst: PhysPage) -> MigrateEntry {
+        MigrateEntry {
+            src: src.word(),
+            dst: dst.word(),
+        }
+    }
+
+    /// Validate for pages of `page` bytes: `Err` is the status the device
+    /// completes the whole command with (docs/gpu-abi.md "MIGRATE").
+    pub fn decode(&self, page: u64) -> Result<(PhysPage, PhysPage), Status> {
+        let one = |w: u64| {
+            if w & Self::RESERVED != 0 {
+                return Err(Status::BadList);
+            }
+            let addr = w & !(Self::VRAM | Self::RESERVED);
+            if !addr.is_multiple_of(page) {
+                return Err(Status::Misaligned);
+            }
+            Ok(PhysPage {
+                vram: w & Self::VRAM != 0,
+                addr,
+            })
+        };
+        let (src, dst) = (one(self.src)?, one(self.dst)?);
+        if src == dst {
+            return Err(Status::BadList);
+        }
+        Ok((src, dst))
+    }
+}
+
 /// One engine command as the driver builds it and the device decodes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -219,6 +331,15 @@ pub enum Command {
         block: u32,
         /// Initial r1..r4.
         args: [u64; 4],
+    },
+    /// Copy the `count` pages listed at GPA `list` ([`MigrateEntry`]).
+    Migrate {
+        /// GPA of the list (16-byte aligned, system memory).
+        list: u64,
+        /// Entries, 1..=`MAX_MIGRATE_PAGES`.
+        count: u32,
+        /// 2 MiB pages (else 4 KiB).
+        large: bool,
     },
     /// Any 64 bytes (tests of the device's validation). Never decoded.
     Raw([u64; 8]),
@@ -282,6 +403,16 @@ impl Command {
                 args[1],
                 args[2],
                 args[3],
+            ],
+            Command::Migrate { list, count, large } => [
+                head(Opcode::Migrate, u32::from(large)),
+                list,
+                u64::from(count),
+                0,
+                0,
+                0,
+                0,
+                0,
             ],
             Command::Raw(w) => w,
         }
@@ -427,6 +558,24 @@ impl Command {
                     args,
                 }
             }
+            Opcode::Migrate => {
+                let flags = MigrateFlags::from_bits(flags).ok_or(Status::InvalidCommand)?;
+                let list = u64_at(offset_of!(MigrateCommand, list));
+                let count = u32_at(offset_of!(MigrateCommand, count));
+                if !zero_from(offset_of!(MigrateCommand, _reserved0))
+                    || !(1..=MAX_MIGRATE_PAGES).contains(&count)
+                {
+                    return Err(Status::InvalidCommand);
+                }
+                if !list.is_multiple_of(MIGRATE_LIST_ALIGN) {
+                    return Err(Status::Misaligned);
+                }
+                Command::Migrate {
+                    list,
+                    count,
+                    large: flags.contains(MigrateFlags::LARGE),
+                }
+            }
         })
     }
 
@@ -439,6 +588,7 @@ impl Command {
             Command::Atomic { .. } => Some(Opcode::Atomic),
             Command::SemaphoreRelease { .. } => Some(Opcode::SemaphoreRelease),
             Command::Launch { .. } => Some(Opcode::Launch),
+            Command::Migrate { .. } => Some(Opcode::Migrate),
             Command::Raw(w) => Opcode::from_u32(w[0] as u32),
         }
     }
@@ -451,7 +601,7 @@ pub struct Completion {
     /// `Status`.
     pub status: u32,
     pub _reserved: u32,
-    /// ATOMIC: old value. Others: 0.
+    /// ATOMIC: old value. MIGRATE: pages copied. Others, and failures: 0.
     pub result: u64,
 }
 const _: () = assert!(core::mem::size_of::<Completion>() == 16);

@@ -21,6 +21,8 @@ pub enum Counter {
     BytesCopied = 11,
     /// Translations the coherence checker found the CPU does not allow.
     CoherenceViolations = 12,
+    /// Bytes MIGRATE copied (either direction).
+    BytesMigrated = 13,
     /// `CMD_BASE + opcode`: commands completed per opcode.
     CmdBase = 16,
     /// `STATUS_BASE + status`: commands completed per status.
@@ -49,7 +51,7 @@ const _: () = {
 
 /// Number of counter slots.
 pub const NUM_COUNTERS: u32 = Counter::StatusBase as u32 + Status::COUNT as u32;
-pub const COUNTER_NAMES: [&str; 13] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "accesses",
     "tlb_hits",
     "tlb_misses",
@@ -63,6 +65,7 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "invalidations",
     "bytes_copied",
     "coherence_violations",
+    "bytes_migrated",
 ];
 
 #[cfg(test)]
@@ -79,7 +82,9 @@ mod tests {
         assert_eq!(Counter::status_slot(Status::Ok), 24);
         assert_eq!(Counter::status_slot(Status::Timeout), 34);
         assert_eq!(Counter::status_slot(Status::CoherenceViolation), 35);
-        assert_eq!(NUM_COUNTERS, 36);
+        assert_eq!(Counter::command_slot(Opcode::Migrate), 22);
+        assert_eq!(Counter::status_slot(Status::BadList), 37);
+        assert_eq!(NUM_COUNTERS, 38);
         assert!(regs::counter(NUM_COUNTERS) <= 0x4000);
     }
 }

@@ -24,9 +24,10 @@ pub mod trace;
 pub mod virtq;
 
 pub use command::{
-    atomic_op, AtomicCommand, Command, Completion, CopyCommand, FillCommand, LaunchCommand, Opcode,
-    RawCommand, SemaphoreCommand, SizeFlags, COMMAND_SIZE, MAX_BLOCK, MAX_CODE_LEN, MAX_GRID,
-    MAX_LAUNCH_STEPS, MAX_TRANSFER,
+    atomic_op, AtomicCommand, Command, Completion, CopyCommand, FillCommand, LaunchCommand,
+    MigrateCommand, MigrateEntry, MigrateFlags, Opcode, PhysPage, RawCommand, SemaphoreCommand,
+    SizeFlags, COMMAND_SIZE, MAX_BLOCK, MAX_CODE_LEN, MAX_GRID, MAX_LAUNCH_STEPS,
+    MAX_MIGRATE_PAGES, MAX_TRANSFER, MIGRATE_LIST_ALIGN,
 };
 pub use control::{CtlEntry, CtlFlags, CtlOp, CtlStatus};
 pub use counters::{Counter, COUNTER_NAMES, NUM_COUNTERS};
@@ -36,13 +37,13 @@ pub use paging::{
     LEAF_2M, LEAF_4K, PAGE_SHIFT, PAGE_SIZE, PTE_ADDR_MASK, PTE_RESERVED_MASK, PT_ENTRIES,
     PT_LEVELS, VA_BITS, VA_LIMIT,
 };
-pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, InjectKnobs, IntCause};
+pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, Features, InjectKnobs, IntCause};
 pub use status::{DeviceError, Status};
 pub use status_block::StatusBlock;
 pub use trace::{TraceEntry, TraceHeader, TraceKind, MAX_TRACE_ENTRIES};
 
 /// ABI version reported by `regs::VERSION`: major in bits 31:16, minor in 15:0.
-pub const ABI_VERSION: u32 = 0x0001_0001;
+pub const ABI_VERSION: u32 = 0x0001_0002;
 /// Value of `regs::MAGIC` ("FLTG" read as little-endian bytes).
 pub const DEVICE_MAGIC: u32 = u32::from_le_bytes(*b"FLTG");
 

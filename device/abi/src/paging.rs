@@ -22,8 +22,8 @@ pub const LEAF_1G: u64 = 1 << 30;
 
 /// Mask of the physical address in a PTE or context root.
 pub const PTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
-/// PTE bits that must be zero (3..=6).
-pub const PTE_RESERVED_MASK: u64 = 0x78;
+/// PTE bits that must be zero (4..=6).
+pub const PTE_RESERVED_MASK: u64 = 0x70;
 
 /// Shift of the level-`level` index within a VA (level 1..=4).
 pub const fn level_shift(level: u32) -> u32 {
@@ -45,6 +45,12 @@ bitflags! {
         const WRITE = 1 << 1;
         /// Leaf only: atomics allowed (also need WRITE).
         const ATOMIC = 1 << 2;
+        /// Leaf only (ABI 1.2, `Features::VRAM`): the address is an offset
+        /// in the device's VRAM, not a GPA. In a non-leaf entry it is a
+        /// BAD_PTE: page tables always live in system memory. A device
+        /// without VRAM (or before 1.2, where bit 3 was reserved) fails
+        /// such a leaf, never reads guest memory through it.
+        const VRAM = 1 << 3;
         /// Levels 2 and 3: this entry is a 2 MiB / 1 GiB leaf. Level 1
         /// entries are always leaves; LEAF at level 4 is a BAD_PTE.
         const LEAF = 1 << 7;
@@ -67,6 +73,10 @@ impl Pte {
     pub const fn leaf(gpa: u64, level: u32, perms: Pte) -> Pte {
         let leaf = if level > 1 { Pte::LEAF.bits() } else { 0 };
         Pte::from_bits_retain((gpa & PTE_ADDR_MASK) | perms.bits() | Pte::VALID.bits() | leaf)
+    }
+    /// A leaf mapping VRAM offset `offset` (`leaf` with `Pte::VRAM`).
+    pub const fn vram_leaf(offset: u64, level: u32, perms: Pte) -> Pte {
+        Pte::leaf(offset, level, perms.union(Pte::VRAM))
     }
     /// The table or frame address.
     pub const fn addr(self) -> u64 {

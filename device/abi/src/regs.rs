@@ -73,6 +73,13 @@ pub const TRACE_RING_ENTRIES: u64 = 0x090;
 pub const TRACE_SYNC: u64 = 0x094;
 pub const TRACE_TSC_LO: u64 = 0x098;
 pub const TRACE_TSC_HI: u64 = 0x09C;
+/// (ABI 1.2) Read-only `Features` this device implements; 0 on devices
+/// predating it (an undefined offset).
+pub const FEATURES: u64 = 0x0A0;
+/// (ABI 1.2) Bytes of device memory (VRAM), a multiple of 2 MiB, 0 when the
+/// device has none; read-only, host-configured. Read LO, then HI.
+pub const VRAM_SIZE_LO: u64 = 0x0A8;
+pub const VRAM_SIZE_HI: u64 = 0x0AC;
 
 // --- Channels: one 64-byte block per channel ---
 pub const CHANNEL_BASE: u64 = 0x1000;
@@ -165,6 +172,16 @@ bitflags! {
         const FAULT_OVERFLOW_AT = 1 << 6;
         /// FILL/COPY/ATOMIC sometimes pause between translation and access.
         const ENGINE_STALL = 1 << 7;
+    }
+
+    /// `regs::FEATURES`: optional parts of the interface this device
+    /// implements.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Features: u32 {
+        /// Device memory: `Pte::VRAM`, VRAM_SIZE and MIGRATE. Set even when
+        /// VRAM_SIZE is 0 (the host gave no memory): VRAM leaves and pages
+        /// then fail with `Status::BadVram`.
+        const VRAM = 1 << 0;
     }
 
     /// Read value of `regs::CH_ENABLE`.

@@ -29,6 +29,13 @@ code_enum! {
         /// The coherence checker (`--gpu-check=fatal`, a test facility)
         /// found a translation the CPU page table does not allow.
         CoherenceViolation = 11,
+        /// A VRAM address (a leaf with the VRAM aperture, a MIGRATE page)
+        /// beyond the device's VRAM (`regs::VRAM_SIZE_LO`; every one when
+        /// it is 0).
+        BadVram = 12,
+        /// MIGRATE: the list is not in guest RAM, or an entry has reserved
+        /// bits set or the same source and destination.
+        BadList = 13,
     }
 }
 
@@ -75,8 +82,10 @@ mod tests {
             assert_eq!(*s as u32, i as u32);
             assert_eq!(Status::from_u32(i as u32), Some(*s));
         }
-        assert_eq!(Status::COUNT, 12);
-        assert_eq!(Status::from_u32(12), None);
+        assert_eq!(Status::COUNT, 14);
+        assert_eq!(Status::from_u32(14), None);
+        assert_eq!(Status::BadVram as u32, 12);
+        assert_eq!(Status::BadList as u32, 13);
         assert_eq!(Status::CoherenceViolation as u32, 11);
         assert_eq!(Status::Timeout as u32, 10);
         for (i, e) in DeviceError::ALL.iter().enumerate() {

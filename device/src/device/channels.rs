@@ -179,6 +179,7 @@ impl<M: GuestMemoryBackend> Device<M> {
     pub(super) fn run_channel(&mut self, ch: usize) -> Progress {
         let Self {
             mem,
+            vram,
             mmu,
             counters,
             queued_faults,
@@ -206,6 +207,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             }
             let mut env = Env {
                 mem: &*mem,
+                vram: &*vram,
                 mmu,
                 counters,
                 faults: queued_faults,

@@ -32,6 +32,7 @@ use crate::engine::FaultRec;
 use crate::inject::{Injector, Knob};
 use crate::mmu::Mmu;
 use crate::pci::{ConfigSpace, MsiState};
+use crate::vram::Vram;
 use channels::{Channel, Progress};
 use control::{ControlRing, CtlProgress};
 use faults::FaultUnit;
@@ -109,6 +110,9 @@ pub fn doorbell_offsets() -> Vec<(u32, u64)> {
 /// (`GuestMemoryMmap` in-process, mmapped fd regions in a vfio-user server).
 pub struct Device<M: GuestMemoryBackend> {
     mem: M,
+    /// The device's own memory: kept across RESET (its contents are
+    /// undefined to the guest then, like a real GPU's).
+    vram: Vram,
     irq: Arc<dyn InterruptSink>,
     sizing: Config,
     config: ConfigSpace,
@@ -151,9 +155,12 @@ pub struct Device<M: GuestMemoryBackend> {
 }
 
 impl<M: GuestMemoryBackend> Device<M> {
-    /// A device with the default sizing (`Config::default()`).
+    /// A device with the default sizing (`Config::default()`); without
+    /// VRAM if the host cannot map it (`with_config` says why).
     pub fn new(mem: M, irq: Arc<dyn InterruptSink>) -> Self {
-        Self::build(mem, irq, Config::default())
+        let sizing = Config::default();
+        let vram = Vram::new(sizing.vram).unwrap_or_default();
+        Self::build(mem, irq, sizing, vram)
     }
 
     /// A device sized by `sizing` (fault buffer limit, TLB, channels).
@@ -163,12 +170,20 @@ impl<M: GuestMemoryBackend> Device<M> {
         sizing: Config,
     ) -> Result<Self, ConfigError> {
         sizing.validate()?;
-        Ok(Self::build(mem, irq, sizing))
+        let vram = Vram::new(sizing.vram).map_err(|reason| ConfigError::VramMap {
+            size: sizing.vram,
+            reason,
+        })?;
+        Ok(Self::build(mem, irq, sizing, vram))
     }
 
-    fn build(mem: M, irq: Arc<dyn InterruptSink>, sizing: Config) -> Self {
+    fn build(mem: M, irq: Arc<dyn InterruptSink>, mut sizing: Config, vram: Vram) -> Self {
+        sizing.vram = vram.size();
+        let mut mmu = Mmu::with_tlb_capacity(sizing.tlb_entries as usize);
+        mmu.set_vram_size(vram.size());
         let mut d = Self {
             mem,
+            vram,
             irq,
             sizing,
             config: ConfigSpace::new(),
@@ -181,7 +196,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             int_enable: IntCause::all(),
             staged: Setup::default(),
             active: Setup::default(),
-            mmu: Mmu::with_tlb_capacity(sizing.tlb_entries as usize),
+            mmu,
             counters: Counters::default(),
             faults: FaultUnit::default(),
             control: ControlRing::default(),
@@ -208,6 +223,11 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.sizing.check = mode;
         self.counters.check.mode = mode;
         self.mmu.set_checker(mode, tables);
+    }
+
+    /// The device's memory (host tests and tools).
+    pub fn vram(&self) -> &Vram {
+        &self.vram
     }
 
     /// Coherence violations over the device's life (RESETs included).
@@ -249,6 +269,8 @@ impl<M: GuestMemoryBackend> Device<M> {
     /// often each knob fired (`inject.fired.<knob>`).
     pub fn named_counters(&self) -> Vec<(String, u64)> {
         let mut out = self.counters.named();
+        out.push(("vram.size".into(), self.vram.size()));
+        out.push(("vram.touched_bytes".into(), self.vram.touched_bytes()));
         if let Some(i) = &self.inject {
             out.extend(i.named());
         }

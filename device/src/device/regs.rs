@@ -3,7 +3,8 @@
 //! doorbell window and the counter window.
 
 use faultline_abi::{
-    doorbell, regs, DeviceStatus, IntCause, ABI_VERSION, DEVICE_MAGIC, NUM_CONTEXTS, NUM_COUNTERS,
+    doorbell, regs, DeviceStatus, Features, IntCause, ABI_VERSION, DEVICE_MAGIC, NUM_CONTEXTS,
+    NUM_COUNTERS,
 };
 use vm_memory::GuestMemoryBackend;
 
@@ -58,6 +59,9 @@ impl<M: GuestMemoryBackend> Device<M> {
             regs::NUM_CHANNELS => self.sizing.channels,
             regs::FAULT_BUF_MAX => self.sizing.max_fault_entries,
             regs::TLB_ENTRIES => self.sizing.tlb_entries,
+            regs::FEATURES => Features::VRAM.bits(),
+            regs::VRAM_SIZE_LO => self.vram.size() as u32,
+            regs::VRAM_SIZE_HI => (self.vram.size() >> 32) as u32,
             regs::INJECT_ACTIVE => self.inject.as_ref().map_or(0, |i| i.spec.active().bits()),
             regs::STATUS => {
                 let mut s = DeviceStatus::empty();

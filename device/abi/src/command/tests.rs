@@ -1,6 +1,7 @@
 use core::mem::offset_of;
 
 use super::*;
+use crate::paging::{LEAF_2M, LEAF_4K};
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     crate::le::u32_at(b, at).unwrap()
@@ -9,7 +10,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     crate::le::u64_at(b, at).unwrap()
 }
 
-fn samples() -> [Command; 6] {
+fn samples() -> [Command; 7] {
     [
         Command::Fill {
             dst: 0x1000,
@@ -47,6 +48,11 @@ fn samples() -> [Command; 6] {
             block: 32,
             args: [11, 12, 13, 14],
         },
+        Command::Migrate {
+            list: 0x5010,
+            count: 3,
+            large: true,
+        },
     ]
 }
 
@@ -64,7 +70,7 @@ fn every_command_round_trips() {
 /// then the fields in the order of its table).
 #[test]
 fn encoding_matches_the_views_and_the_documented_offsets() {
-    let [fill, copy, atomic, _, sem, launch] = samples().map(|c| c.to_le_bytes());
+    let [fill, copy, atomic, _, sem, launch, migrate] = samples().map(|c| c.to_le_bytes());
     assert_eq!(u32_at(&fill, offset_of!(FillCommand, opcode)), 1);
     assert_eq!(offset_of!(FillCommand, pattern), 24);
     assert_eq!(
@@ -114,6 +120,43 @@ fn encoding_matches_the_views_and_the_documented_offsets() {
     assert_eq!(u32_at(&launch, offset_of!(LaunchCommand, grid)), 3);
     assert_eq!(u32_at(&launch, offset_of!(LaunchCommand, block)), 32);
     assert_eq!(u64_at(&launch, offset_of!(LaunchCommand, args) + 24), 14);
+
+    assert_eq!(u32_at(&migrate, 0), 6);
+    assert_eq!(
+        (
+            offset_of!(MigrateCommand, list),
+            offset_of!(MigrateCommand, count)
+        ),
+        (8, 16)
+    );
+    assert_eq!(
+        u32_at(&migrate, offset_of!(MigrateCommand, flags)),
+        MigrateFlags::LARGE.bits()
+    );
+    assert_eq!(u64_at(&migrate, offset_of!(MigrateCommand, list)), 0x5010);
+    assert_eq!(u32_at(&migrate, offset_of!(MigrateCommand, count)), 3);
+}
+
+/// docs/gpu-abi.md "MIGRATE": `{ src: u64, dst: u64 }`, aperture in bit 0.
+#[test]
+fn migrate_entries_encode_the_aperture_and_refuse_bad_pages() {
+    let e = MigrateEntry::new(PhysPage::system(0x20_0000), PhysPage::vram(0x40_0000));
+    let b = e.to_le_bytes();
+    assert_eq!((u64_at(&b, 0), u64_at(&b, 8)), (0x20_0000, 0x40_0001));
+    assert_eq!(MigrateEntry::from_le_bytes(&b), e);
+    assert_eq!(
+        e.decode(LEAF_2M),
+        Ok((PhysPage::system(0x20_0000), PhysPage::vram(0x40_0000)))
+    );
+    let raw = |src, dst| MigrateEntry { src, dst };
+    assert_eq!(raw(0x1000, 0x2001).decode(LEAF_2M), Err(Status::Misaligned));
+    assert_eq!(raw(0x1002, 0x2000).decode(LEAF_4K), Err(Status::BadList));
+    assert_eq!(raw(0x1000, 0x1000).decode(LEAF_4K), Err(Status::BadList));
+    assert_eq!(
+        raw(0x1000, 0x1001).decode(LEAF_4K).map(|_| ()),
+        Ok(()),
+        "same address, other aperture"
+    );
 }
 
 #[test]
@@ -176,17 +219,33 @@ fn decode_refuses_with_the_documented_status() {
     assert_eq!(launch(0x1000, 1, 1 << 21, 1), Err(Status::InvalidCommand));
     assert_eq!(launch(VA_LIMIT - 8, 2, 1, 1), Err(Status::BadAddress));
     assert_eq!(launch(0x1004, 1, 1, 1), Err(Status::Misaligned));
+    // MIGRATE: flags, count, reserved, list alignment.
+    let migrate =
+        |flags: u64, list: u64, count: u64| raw([6 | flags << 32, list, count, 0, 0, 0, 0, 0]);
+    assert_eq!(migrate(1, 0x1000, 1).map(|_| ()), Ok(()));
+    assert_eq!(migrate(2, 0x1000, 1), Err(Status::InvalidCommand), "flags");
+    assert_eq!(migrate(0, 0x1000, 0), Err(Status::InvalidCommand));
+    assert_eq!(
+        migrate(0, 0x1000, u64::from(MAX_MIGRATE_PAGES) + 1),
+        Err(Status::InvalidCommand)
+    );
+    assert_eq!(
+        migrate(0, 0x1000, 1 << 32 | 1),
+        Err(Status::InvalidCommand),
+        "reserved word after count"
+    );
+    assert_eq!(migrate(0, 0x1008, 1), Err(Status::Misaligned));
 }
 
 #[test]
 fn opcodes_round_trip() {
-    assert_eq!(Opcode::COUNT, 5);
+    assert_eq!(Opcode::COUNT, 6);
     for (i, op) in Opcode::ALL.iter().enumerate() {
         assert_eq!(*op as u32, i as u32 + 1);
         assert_eq!(Opcode::from_u32(i as u32 + 1), Some(*op));
     }
     assert_eq!(Opcode::from_u32(0), None);
-    assert_eq!(Opcode::from_u32(6), None);
+    assert_eq!(Opcode::from_u32(7), None);
     assert_eq!(
         Command::Raw([3, 0, 0, 0, 0, 0, 0, 0]).opcode(),
         Some(Opcode::Atomic)
