@@ -43,22 +43,61 @@ fn stats(env: &LoopEnv) -> StatsSnapshot {
 }
 
 /// The cells whose count grew from `before` to `after`, with the growth.
-fn grown(before: &LatencySnapshot, after: &LatencySnapshot) -> Vec<(&'static str, u64)> {
+fn grown(before: &LatencySnapshot, after: &LatencySnapshot) -> Vec<(String, u64)> {
     before
         .iter()
         .zip(after.iter())
         .filter(|((_, b), (_, a))| a.count != b.count)
-        .map(|((n, b), (_, a))| (n, a.count - b.count))
+        .map(|((n, b), (_, a))| (n.to_string(), a.count - b.count))
         .collect()
 }
 
-fn fill(chan: &Channel<Loopback>, dst: u64, len: u64) {
+/// FILLs `dst..dst+len` and checks that exactly `windows` single-pass
+/// windows of `class` (`4k`, `64k`, `2m`) and the batches' replays were
+/// recorded; returns the stats after.
+fn fill_in_windows(
+    env: &LoopEnv,
+    chan: &Channel<Loopback>,
+    (dst, len): (u64, u64),
+    class: &str,
+    windows: u64,
+) -> StatsSnapshot {
+    let before = stats(env);
     chan.run(&Command::Fill {
         dst,
         len,
         pattern: 0x5a,
     })
     .unwrap_or_else(|e| panic!("fill {dst:#x}+{len:#x}: {e}"));
+    let after = stats(env);
+    let replays = after.counters.replays - before.counters.replays;
+    assert_eq!(after.counters.retries, before.counters.retries, "{after}");
+    let cell = |op: &str| format!("{op}.{class}");
+    assert_eq!(
+        grown(&before.latency, &after.latency),
+        [
+            (cell("window"), windows),
+            (cell("range_fault"), windows),
+            (cell("pte_write"), windows),
+            ("replay".into(), replays)
+        ],
+        "{after}"
+    );
+    assert!(replays >= 1, "{after}");
+    after
+}
+
+/// munmaps `addr..addr+len` and checks that it was one TLB invalidation
+/// of `class`.
+fn munmap_is_one_invalidation(env: &LoopEnv, p: &Arc<SimMm>, addr: u64, len: u64, class: &str) {
+    let before = stats(env);
+    env.munmap(p, addr, len).unwrap();
+    let after = stats(env);
+    assert_eq!(
+        grown(&before.latency, &after.latency),
+        [(format!("tlb_invalidate.{class}"), 1)],
+        "{after}"
+    );
 }
 
 /// Eight 64 KiB fault-around windows (one FILL over 512 KiB of untouched
@@ -70,23 +109,12 @@ fn fault_around_windows_are_64k() {
     let p = env.spawn().unwrap();
     env.mmap(&p, DATA, 8 << 16, Prot::RW, false).unwrap();
     let (_svm, chan) = bind(&env, &p, Prefetch::FaultAround);
-    let s0 = stats(&env);
-    fill(&chan, DATA, 8 << 16);
-    let s1 = stats(&env);
-    let replays = s1.counters.replays - s0.counters.replays;
-    assert_eq!(s1.counters.retries, 0, "{s1}");
-    assert_eq!(s1.counters.windows - s0.counters.windows, 8, "{s1}");
-    assert_eq!(
-        grown(&s0.latency, &s1.latency),
-        [
-            ("window.64k", 8),
-            ("range_fault.64k", 8),
-            ("pte_write.64k", 8),
-            ("replay", replays)
-        ],
-        "{s1}"
+    let s1 = fill_in_windows(&env, &chan, (DATA, 8 << 16), "64k", 8);
+    assert_eq!(s1.counters.windows, 8, "{s1}");
+    assert!(
+        s1.counters.replays >= 8,
+        "one batch per window at least: {s1}"
     );
-    assert!(replays >= 8, "one batch per window at least: {s1}");
     // One pass per window: its time is its range_fault and its leaf writes.
     let l = |op| s1.latency.get(op, SizeClass::K64);
     let w = l(Op::Window);
@@ -98,13 +126,7 @@ fn fault_around_windows_are_64k() {
     assert!(w.max_ns > 0 && w.max_ns <= w.total_ns, "{w:?}");
     assert!(l(Op::RangeFault).max_ns <= w.max_ns, "{s1}");
 
-    env.munmap(&p, DATA, 1 << 16).unwrap();
-    let s2 = stats(&env);
-    assert_eq!(
-        grown(&s1.latency, &s2.latency),
-        [("tlb_invalidate.64k", 1)],
-        "{s2}"
-    );
+    munmap_is_one_invalidation(&env, &p, DATA, 1 << 16, "64k");
 }
 
 /// A 2 MiB HUGE mapping faults in as one 2 MiB window (and its munmap is one
@@ -116,42 +138,11 @@ fn huge_windows_are_2m_and_single_pages_4k() {
     env.mmap(&p, HUGE, 2 << 20, Prot::RW, true).unwrap();
     env.mmap(&p, DATA, 3 << 12, Prot::RW, false).unwrap();
     let (_svm, chan) = bind(&env, &p, Prefetch::None);
-    let s0 = stats(&env);
-    fill(&chan, HUGE, 2 << 20);
-    let s1 = stats(&env);
-    let replays = s1.counters.replays - s0.counters.replays;
-    assert_eq!(
-        grown(&s0.latency, &s1.latency),
-        [
-            ("window.2m", 1),
-            ("range_fault.2m", 1),
-            ("pte_write.2m", 1),
-            ("replay", replays)
-        ],
-        "{s1}"
-    );
-    fill(&chan, DATA, 3 << 12);
-    let s2 = stats(&env);
-    let replays = s2.counters.replays - s1.counters.replays;
-    assert_eq!(
-        grown(&s1.latency, &s2.latency),
-        [
-            ("window.4k", 3),
-            ("range_fault.4k", 3),
-            ("pte_write.4k", 3),
-            ("replay", replays)
-        ],
-        "{s2}"
-    );
-    env.munmap(&p, HUGE, 2 << 20).unwrap();
-    let s3 = stats(&env);
-    assert_eq!(
-        grown(&s2.latency, &s3.latency),
-        [("tlb_invalidate.2m", 1)],
-        "{s3}"
-    );
+    fill_in_windows(&env, &chan, (HUGE, 2 << 20), "2m", 1);
+    fill_in_windows(&env, &chan, (DATA, 3 << 12), "4k", 3);
+    munmap_is_one_invalidation(&env, &p, HUGE, 2 << 20, "2m");
     // The suite's line has these cells, by name, with their counts.
-    let line = s3.to_string();
+    let line = stats(&env).to_string();
     assert!(
         line.contains(" window.2m=1/") && line.contains(" window.4k=3/"),
         "{line}"

@@ -161,8 +161,9 @@ pub struct StatsArgs {
     /// Print the GPU's and the process's counters to stderr at exit.
     #[arg(long)]
     stats: bool,
-    /// Write the counters as JSON to PATH at exit:
-    /// {"gpu": {"name": value, ...}, "process": {"peak_rss_kib": N, ...}}.
+    /// Write the counters as JSON to PATH at exit: {"gpu": {"name": value,
+    /// ...}, "guest": {"tests": ..., "total": ...}, "process":
+    /// {"peak_rss_kib": N, ...}} (README "--stats-json").
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
     /// Write the GPU's fault timeline (device events, and the guest
@@ -407,6 +408,10 @@ fn run(args: RunArgs, shutdown: &'static signals::Shutdown) -> u8 {
         Ok(o) => o,
         Err(e) => return fail(status::VMM_ERROR, &e),
     };
+    // The guest driver's `stats` lines are read from the console too.
+    if args.stats.stats || args.stats.stats_json.is_some() {
+        results::enable();
+    }
     let results = match args.results.as_deref().map(results::Out::open).transpose() {
         Ok(r) => r,
         Err(e) => return fail(status::VMM_ERROR, &e),

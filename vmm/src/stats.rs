@@ -1,12 +1,15 @@
 //! `--stats` and `--stats-json`: the GPU's counters (whatever (name, value)
-//! pairs the device's `counters().named()` returns) and the process's own,
-//! written at exit on every exit path of `run` and `serve`.
+//! pairs the device's `counters().named()` returns), the guest driver's
+//! statistics per test and summed (its `stats` console lines, read by
+//! `results`; `run` only) and the process's own, written at exit on every
+//! exit path of `run` and `serve`.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::output;
+use crate::results::{GuestStats, TestStats};
 
 /// Where the counters go at exit.
 pub struct Out {
@@ -56,6 +59,7 @@ impl Out {
     /// failed before its GPU reported).
     pub fn write(self, counters: Option<&[(String, u64)]>) -> Result<()> {
         let process = process();
+        let guest = crate::results::guest();
         if self.print {
             match counters {
                 None => output::line(
@@ -72,6 +76,21 @@ impl Out {
                     for (name, v) in c {
                         output::text(&format!("  {name:<w$} {v}"));
                     }
+                }
+            }
+            if let Some(g) = guest.as_ref().filter(|g| !g.tests.is_empty()) {
+                output::line(&format!(
+                    "guest driver, {} test(s) (latencies: count total_us max_us):",
+                    g.tests.len()
+                ));
+                for (name, v) in &g.total.counters {
+                    output::text(&format!("  {name:<24} {v}"));
+                }
+                for (name, l) in &g.total.latency {
+                    output::text(&format!(
+                        "  {name:<24} {} {} {}",
+                        l.count, l.total_us, l.max_us
+                    ));
                 }
             }
             output::line("process:");
@@ -92,6 +111,7 @@ impl Out {
             let doc = serde_json::json!({
                 "gpu": counters.map(pairs),
                 "gpu_inject": self.gpu_inject,
+                "guest": guest.as_ref().map(guest_json),
                 "process": pairs(&process),
             });
             let text = serde_json::to_string_pretty(&doc).expect("a JSON value always serialises");
@@ -99,6 +119,33 @@ impl Out {
         }
         Ok(())
     }
+}
+
+/// `"guest"` of `--stats-json`: `{"tests": {"<test>": {"policy": ...,
+/// "counters": {...}, "latency": {"<cell>": {"count", "total_us",
+/// "max_us"}}}}, "total": {"counters": ..., "latency": ...}}`.
+fn guest_json(g: &GuestStats) -> serde_json::Value {
+    let one = |s: &TestStats| {
+        let latency: serde_json::Map<_, _> = s
+            .latency
+            .iter()
+            .map(|(k, l)| {
+                let v = serde_json::json!({
+                    "count": l.count,
+                    "total_us": l.total_us,
+                    "max_us": l.max_us,
+                });
+                (k.clone(), v)
+            })
+            .collect();
+        let mut o = serde_json::json!({ "counters": s.counters, "latency": latency });
+        if let Some(p) = &s.policy {
+            o["policy"] = p.as_str().into();
+        }
+        o
+    };
+    let tests: serde_json::Map<_, _> = g.tests.iter().map(|(n, s)| (n.clone(), one(s))).collect();
+    serde_json::json!({ "tests": tests, "total": one(&g.total) })
 }
 
 /// The process's own counters: peak resident memory (the kernel's

@@ -218,3 +218,63 @@ fn results_are_junit_with_one_case_per_guest_test() {
     assert!(!xml.contains("faultline.run"), "the guest said why: {xml}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The SVM tests' driver statistics (their `stats` console lines) reach
+/// `--stats-json` per test and summed, and `--results` as properties.
+#[test]
+fn stats_json_and_results_carry_the_guest_drivers_stats() {
+    let (true, Some(fw)) = (kvm_or_skip("guest_stats"), firmware()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("faultline-gstats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, xml) = (dir.join("s.json"), dir.join("r.xml"));
+    // Each output on its own: either alone must read the console.
+    let cmdline = ["--cmdline", "test=anon_read_prot"];
+    let o = boot(
+        &fw,
+        &[&cmdline[..], &["--stats-json", path_str(&json)]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
+    let doc = stats_doc(&json);
+    let t = &doc["guest"]["tests"]["anon_read_prot"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{doc:#}"));
+    // Its mappings are 64 KiB at the default 64 KiB fault-around: every
+    // window is in the 64k cells, and every replay in the replay cell.
+    let c = &t["counters"];
+    let windows = n(&c["windows"]);
+    assert!(windows >= 1, "{doc:#}");
+    let l = &t["latency"];
+    assert_eq!(n(&l["window.64k"]["count"]), windows, "{doc:#}");
+    assert_eq!(n(&l["pte_write.64k"]["count"]), windows, "{doc:#}");
+    let retries = c["retries"].as_u64().unwrap_or(0);
+    assert_eq!(
+        n(&l["range_fault.64k"]["count"]),
+        windows + retries,
+        "{doc:#}"
+    );
+    assert_eq!(n(&l["replay"]["count"]), n(&c["replays"]), "{doc:#}");
+    let w = &l["window.64k"];
+    assert!(
+        0 < n(&w["max_us"]) && n(&w["max_us"]) <= n(&w["total_us"]),
+        "{doc:#}"
+    );
+    assert!(
+        t["policy"].as_str().unwrap().contains("replay=batch"),
+        "{doc:#}"
+    );
+    assert_eq!(doc["guest"]["total"]["latency"], *l, "one test: {doc:#}");
+    let o = boot(
+        &fw,
+        &[&cmdline[..], &["--results", path_str(&xml)]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
+    let xml = std::fs::read_to_string(&xml).unwrap();
+    assert!(
+        xml.contains(&format!(
+            "<property name=\"window.64k.count\" value=\"{windows}\"/>"
+        )),
+        "{xml}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -229,6 +229,8 @@ fn stats_are_written_on_timeout_and_on_errors() {
         doc["gpu"].is_object() && doc["process"]["peak_rss_kib"].is_u64(),
         "{doc}"
     );
+    // A guest that printed no `stats` line: read, and empty.
+    assert_eq!(doc["guest"]["tests"], serde_json::json!({}), "{doc}");
 
     let json = write_temp("error-stats.json", b"");
     let o = faultline(&[

@@ -335,6 +335,10 @@ fn gpu_inject_reaches_the_served_device_and_its_stats() {
     assert_eq!(doc["gpu"]["inject.spec.fault_dup_ppm"], 500_000, "{doc}");
     assert_eq!(doc["gpu"]["inject.spec.tlb_ack_delay_steps"], 3, "{doc}");
     assert!(doc["gpu"]["inject.fired.fault_dup"].is_u64(), "{doc}");
+    assert!(
+        doc["guest"].is_null(),
+        "the guest's console is QEMU's: {doc}"
+    );
 }
 
 #[test]

@@ -219,7 +219,7 @@ impl fmt::Display for LatencySnapshot {
 /// body: the non-zero counters as `<name>=<value>`, then the non-zero
 /// latency cells as [`LatencySnapshot`] prints them, space-separated. The
 /// suite prints it per test as `stats <test> policy=<policy> <this>`
-/// (README "--stats-json"), which the VMM reads back.
+/// (README "`faultline run`"), which the VMM reads back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// The counters.
