@@ -11,7 +11,8 @@ use common::loopback::Loopback;
 use faultline_driver::gpu::stats::{Op, SizeClass};
 use faultline_driver::gpu::suite::{Prot, SvmEnv};
 use faultline_driver::gpu::{
-    Channel, Command, GpuConfig, LatencySnapshot, Prefetch, StatsSnapshot, SvmConfig, SvmContext,
+    Channel, Command, FaultPolicy, GpuConfig, LatencySnapshot, Prefetch, StatsSnapshot, SvmConfig,
+    SvmContext,
 };
 use faultline_driver::sim::SimMm;
 
@@ -21,7 +22,15 @@ const HUGE: u64 = 0x42_0000_0000;
 /// A fixed policy (the default: 64 KiB fault-around, one replay per
 /// batch), whatever `FAULTLINE_LOOPBACK_SVM` says, so the counts are exact.
 fn env() -> LoopEnv {
-    LoopEnv::with_inject(64, GpuConfig::default(), None)
+    env_with(FaultPolicy::default())
+}
+
+fn env_with(policy: FaultPolicy) -> LoopEnv {
+    let cfg = GpuConfig {
+        policy,
+        ..GpuConfig::default()
+    };
+    LoopEnv::with_inject(64, cfg, None)
 }
 
 fn bind(
@@ -127,6 +136,23 @@ fn fault_around_windows_are_64k() {
     assert!(l(Op::RangeFault).max_ns <= w.max_ns, "{s1}");
 
     munmap_is_one_invalidation(&env, &p, DATA, 1 << 16, "64k");
+}
+
+/// Every replay policy times each REPLAY it rings, and services the same
+/// windows.
+#[test]
+fn every_replay_policy_times_its_replays() {
+    for replay in ["block", "batch", "batch_flush", "once"] {
+        let policy = FaultPolicy::parse(&format!("batch:8,replay={replay}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = env_with(policy);
+        let p = env.spawn().unwrap();
+        env.mmap(&p, DATA, 8 << 16, Prot::RW, false).unwrap();
+        let (_svm, chan) = bind(&env, &p, Prefetch::FaultAround);
+        let s = fill_in_windows(&env, &chan, (DATA, 8 << 16), "64k", 8);
+        let r = s.latency.replay();
+        assert!(r.max_ns <= r.total_ns, "{replay}: {s}");
+    }
 }
 
 /// A 2 MiB HUGE mapping faults in as one 2 MiB window (and its munmap is one

@@ -236,6 +236,13 @@ fn stats_json_and_results_carry_the_guest_drivers_stats() {
         &[&cmdline[..], &["--stats-json", path_str(&json)]].concat(),
     );
     assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
+    let o = boot(&fw, &[&cmdline[..], &["--stats"]].concat());
+    let err = stderr(&o);
+    assert!(
+        err.contains("guest driver, 1 test(s) (latencies: count total_us max_us):")
+            && err.contains("  window.64k  "),
+        "{err}"
+    );
     let doc = stats_doc(&json);
     let t = &doc["guest"]["tests"]["anon_read_prot"];
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{doc:#}"));
