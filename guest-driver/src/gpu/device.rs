@@ -7,8 +7,8 @@ use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use faultline_abi::{
     doorbell, regs, status_block, vector, Access, ContextEntry, ContextFlags, CpuRoot, CtlEntry,
-    CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, InjectKnobs,
-    IntCause, StatusBlock, TraceKind, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES,
+    CtlFlags, CtlOp, CtlStatus, DeviceError, DeviceStatus, FaultEntry, FaultFlags, Features,
+    InjectKnobs, IntCause, StatusBlock, TraceKind, ABI_VERSION, DEVICE_MAGIC, MAX_CTL_ENTRIES,
     MAX_FAULT_ENTRIES, NUM_CHANNELS, NUM_CONTEXTS, PAGE_SIZE,
 };
 
@@ -104,6 +104,8 @@ pub struct Gpu<P: Platform> {
     ctx_used: AtomicU64,
     ch_used: AtomicU32,
     channels: u32,
+    /// Bytes of device memory (0 without `Features::VRAM`).
+    vram_size: u64,
     /// Last device error seen on the ERROR vector: code << 32 | info.
     last_error: AtomicU64,
     error_count: AtomicU32,
@@ -155,6 +157,13 @@ impl<P: Platform> Gpu<P> {
                 "ring sizes must be powers of two in range",
             ));
         }
+        let vram_size = match Features::from_bits_truncate(platform.read32(regs::FEATURES)) {
+            f if f.contains(Features::VRAM) => {
+                u64::from(platform.read32(regs::VRAM_SIZE_LO))
+                    | u64::from(platform.read32(regs::VRAM_SIZE_HI)) << 32
+            }
+            _ => 0,
+        };
         platform.write32(regs::RESET, regs::RESET_VALUE);
 
         let alloc = |bytes: u64| platform.dma_alloc(pages(bytes)).ok_or(GpuError::NoMemory);
@@ -207,6 +216,7 @@ impl<P: Platform> Gpu<P> {
             ctx_used: AtomicU64::new(0),
             ch_used: AtomicU32::new(0),
             channels,
+            vram_size,
             last_error: AtomicU64::new(0),
             error_count: AtomicU32::new(0),
             counters: DriverCounters::default(),
@@ -237,6 +247,12 @@ impl<P: Platform> Gpu<P> {
     /// Channels the device implements.
     pub fn channels(&self) -> u32 {
         self.channels
+    }
+
+    /// Bytes of device memory (VRAM_SIZE), 0 when the device has none or
+    /// predates it (no `Features::VRAM`).
+    pub fn vram_size(&self) -> u64 {
+        self.vram_size
     }
 
     /// The host's fault-injection knobs in effect (INJECT_ACTIVE), so a

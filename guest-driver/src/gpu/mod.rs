@@ -23,6 +23,11 @@
 //!   ATOMIC, SEMAPHORE_RELEASE, LAUNCH). Waiting runs the bottom half:
 //!   `take_interrupts` → handle → check the completion → `wait_interrupt`,
 //!   until [`GpuConfig::timeout_ns`] gives [`GpuError::Timeout`].
+//! * Device memory: [`Gpu::vram_size`] (VRAM_SIZE, 0 without
+//!   `Features::VRAM`), a [`VramAllocator`] over it (2 MiB chunks, whole
+//!   or carved into 4 KiB pages, a leak check at teardown) and
+//!   [`MigrateList::run`], which copies batches of pages between system
+//!   memory and VRAM with MIGRATE.
 //! * Errors are [`GpuError`]: a failed command is `Command(status)`, a
 //!   device error `Device { code, info }`.
 //!
@@ -93,6 +98,7 @@ mod counters;
 mod density;
 mod device;
 mod error;
+mod migrate;
 #[cfg(feature = "mutants")]
 pub mod mutant;
 mod pagetable;
@@ -102,6 +108,7 @@ pub mod stats;
 pub mod suite;
 mod svm;
 mod trace;
+pub mod vram;
 
 pub use channel::{Channel, Ticket};
 pub use context::Context;
@@ -109,8 +116,10 @@ pub use counters::{CounterSnapshot, DriverCounters};
 pub use device::{Fault, FaultHandler, Gpu, GpuConfig};
 pub use error::GpuError;
 pub use faultline_abi::Command;
+pub use migrate::MigrateList;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
 pub use policy::{FaultPolicy, Prefetch, Replay};
 pub use stats::{Latency, LatencySnapshot, StatsSnapshot};
 pub use svm::{CheckHook, SnapEntry, SvmConfig, SvmContext};
+pub use vram::{VramAllocator, VramLeak, VramUsage};
