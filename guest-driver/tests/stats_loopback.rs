@@ -48,7 +48,7 @@ fn bind(
 }
 
 fn stats(env: &LoopEnv) -> StatsSnapshot {
-    env.gpu().counters().stats()
+    env.gpu().stats()
 }
 
 /// The cells whose count grew from `before` to `after`, with the growth.

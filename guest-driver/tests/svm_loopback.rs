@@ -14,7 +14,7 @@ fn run_one(name: &str) {
         Ok(LoopEnv::new(needs.memory_mib, needs.gpu_config()))
     });
     if let Some(env) = env {
-        eprintln!("{name}: {}", env.gpu().counters().stats());
+        eprintln!("{name}: {}", env.gpu().stats());
     }
     if let Err(e) = r {
         panic!("{name}: {e}");

@@ -168,3 +168,41 @@ pub fn process() -> Vec<(&'static str, u64)> {
         ("console_bytes_dropped", console.bytes),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Latency;
+
+    #[test]
+    fn guest_json_has_tests_and_total_cells_by_name() {
+        let t = TestStats {
+            policy: Some("batch:8,replay=once".into()),
+            counters: [("windows".to_string(), 2)].into(),
+            latency: [(
+                "window.64k".to_string(),
+                Latency {
+                    count: 2,
+                    total_us: 30,
+                    max_us: 20,
+                },
+            )]
+            .into(),
+        };
+        let g = GuestStats {
+            tests: vec![("a".into(), t.clone())],
+            total: TestStats { policy: None, ..t },
+        };
+        let v = guest_json(&g);
+        let a = &v["tests"]["a"];
+        assert_eq!(a["policy"], "batch:8,replay=once", "{v}");
+        assert_eq!(a["counters"]["windows"], 2, "{v}");
+        assert_eq!(
+            a["latency"]["window.64k"],
+            serde_json::json!({"count": 2, "total_us": 30, "max_us": 20}),
+            "{v}"
+        );
+        assert!(v["total"].get("policy").is_none(), "{v}");
+        assert_eq!(v["total"]["latency"], a["latency"], "{v}");
+    }
+}

@@ -55,6 +55,14 @@ impl Platform for Stamped {
         self.0.now_ns()
     }
 
+    fn stats_ticks(&self) -> u64 {
+        self.0.stats_ticks()
+    }
+
+    fn stats_ticks_to_ns(&self, ticks: u64) -> u64 {
+        self.0.stats_ticks_to_ns(ticks)
+    }
+
     fn trace_tsc(&self) -> Option<u64> {
         self.0.trace_tsc()
     }

@@ -88,7 +88,7 @@ fn run_named(name: &str) -> Result<(), String> {
         println!(
             "stats {name} policy={} {}",
             env.gpu().config().policy,
-            env.gpu().counters().stats()
+            env.gpu().stats()
         );
     }
     r

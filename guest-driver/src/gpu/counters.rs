@@ -2,7 +2,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::stats::{LatencyStats, StatsSnapshot};
+use super::stats::LatencyStats;
 
 /// Driver-side counters (`Gpu::counters`).
 #[derive(Debug, Default)]
@@ -32,7 +32,7 @@ pub struct DriverCounters {
     pub faults_serviced: AtomicU64,
     /// Entries discarded by a fault-buffer flush (`batch_flush`).
     pub faults_flushed: AtomicU64,
-    /// Per-size latencies (`gpu::stats`).
+    /// Per-size latencies (`gpu::stats`; read them with `Gpu::stats`).
     pub latency: LatencyStats,
 }
 
@@ -87,14 +87,6 @@ impl DriverCounters {
             batches: r(&self.batches),
             faults_serviced: r(&self.faults_serviced),
             faults_flushed: r(&self.faults_flushed),
-        }
-    }
-
-    /// Reads the counters and the latencies.
-    pub fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            counters: self.snapshot(),
-            latency: self.latency.snapshot(),
         }
     }
 }

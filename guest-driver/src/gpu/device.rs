@@ -14,7 +14,7 @@ use faultline_abi::{
 
 use super::counters::DriverCounters;
 use super::policy::{FaultPolicy, Replay};
-use super::stats::Op;
+use super::stats::{Op, StatsSnapshot};
 use super::trace::DriverTrace;
 use super::{DmaRegion, GpuError, Platform};
 use crate::sync::SpinMutex;
@@ -83,7 +83,7 @@ struct FaultState {
     raw: Vec<Fault>,
     cancel: Vec<u64>,
     /// `Replay::Once`: batches were serviced since the last REPLAY, the
-    /// first of them drained at `owed_since` (`Platform::now_ns`).
+    /// first of them drained at `owed_since` (`Platform::stats_ticks`).
     owed: bool,
     owed_since: u64,
 }
@@ -266,6 +266,14 @@ impl<P: Platform> Gpu<P> {
         &self.counters
     }
 
+    /// The counters and the per-size latencies (`gpu::stats`).
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            counters: self.counters.snapshot(),
+            latency: (self.counters.latency).snapshot(|t| self.platform.stats_ticks_to_ns(t)),
+        }
+    }
+
     /// `Platform::now_ns` at the moment the driver last saw a TLB
     /// invalidation acknowledged (0: never).
     pub fn last_tlb_ack_ns(&self) -> u64 {
@@ -363,7 +371,7 @@ impl<P: Platform> Gpu<P> {
                 break;
             }
             found = true;
-            let drained = self.platform.now_ns();
+            let drained = self.platform.stats_ticks();
             let FaultState { raw, cancel, .. } = st;
             DriverCounters::add(&self.counters.faults_serviced, raw.len() as u64);
             if pol.replay == Replay::Block {
@@ -514,14 +522,14 @@ impl<P: Platform> Gpu<P> {
         }
     }
 
-    /// Rings REPLAY for what was drained at `since` (`Platform::now_ns`).
+    /// Rings REPLAY for what was drained at `since` (`Platform::stats_ticks`).
     fn replay(&self, since: u64) {
         self.trace(TraceKind::Replay, 0, 0, 0);
         self.platform.write32(doorbell::offset(doorbell::REPLAY), 1);
         DriverCounters::add(&self.counters.replays, 1);
         self.counters
             .latency
-            .record_replay(since, self.platform.now_ns());
+            .record_replay(since, self.platform.stats_ticks());
     }
 
     /// Whether the last service call left entries in the fault buffer (its
@@ -632,7 +640,7 @@ impl<P: Platform> Gpu<P> {
         if len == 0 {
             return Ok(());
         }
-        let submitted = self.platform.now_ns();
+        let submitted = self.platform.stats_ticks();
         let seq = self.ctl_submit(CtlOp::InvalidateRange, context, start, len)?;
         // Mutant (a): returning here lets the caller change the CPU PTEs and
         // free the frames while the device may still hit the old entries.
@@ -648,21 +656,23 @@ impl<P: Platform> Gpu<P> {
     /// Drops every TLB entry of `context` (needed after changing its
     /// context-table entry) and waits for the acknowledgement.
     pub fn invalidate_context(&self, context: u32) -> Result<(), GpuError> {
-        let submitted = self.platform.now_ns();
+        let submitted = self.platform.stats_ticks();
         self.control(CtlOp::InvalidateContext, context, 0, 0)?;
         // The whole address space: counted with the largest ranges.
         self.note_tlb_ack(submitted, u64::MAX);
         Ok(())
     }
 
-    /// An invalidation of `len` bytes submitted at `submitted` was acked.
+    /// An invalidation of `len` bytes submitted at `submitted`
+    /// (`Platform::stats_ticks`) was acked.
     fn note_tlb_ack(&self, submitted: u64, len: u64) {
-        let now = self.platform.now_ns();
-        self.tlb_ack_ns.store(now, Ordering::Release);
+        let acked = self.platform.stats_ticks();
+        self.tlb_ack_ns
+            .store(self.platform.now_ns(), Ordering::Release);
         DriverCounters::add(&self.counters.tlb_invalidates, 1);
         self.counters
             .latency
-            .record(Op::TlbInvalidate, len, submitted, now);
+            .record(Op::TlbInvalidate, len, submitted, acked);
     }
 
     // ------------------------------------------------------ context slots

@@ -39,6 +39,21 @@ pub trait Platform: Send + Sync + 'static {
     /// A monotonic clock in nanoseconds.
     fn now_ns(&self) -> u64;
 
+    /// A monotonic tick counter for the driver's latency statistics
+    /// (`gpu::stats`), read at both ends of every timed step, so it should
+    /// be the cheapest clock there is (the TSC); the ticks become ns only
+    /// when the statistics are read ([`Platform::stats_ticks_to_ns`]). The
+    /// default is [`Platform::now_ns`].
+    fn stats_ticks(&self) -> u64 {
+        self.now_ns()
+    }
+
+    /// `ticks` of [`Platform::stats_ticks`] in ns (the default: they are
+    /// ns already).
+    fn stats_ticks_to_ns(&self, ticks: u64) -> u64 {
+        ticks
+    }
+
     /// The CPU's time-stamp counter (`rdtsc`), for the events the driver
     /// adds to the host's fault timeline (docs/gpu-abi.md "Trace ring"):
     /// read once per event, and only while the host traces. `None` (the

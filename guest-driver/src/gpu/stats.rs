@@ -9,8 +9,9 @@
 //! for), whatever leaves that took; a TLB invalidation by the length it
 //! invalidated. Replays have no size.
 //!
-//! What each operation times, from one [`Platform::now_ns`] read at each
-//! end (none per page; none while the fault buffer is empty):
+//! What each operation times, from one [`Platform::stats_ticks`] read at
+//! each end (none per page; none while the fault buffer is empty), the
+//! ticks turned into ns only when the statistics are read:
 //! * `window`: a window whose device leaves were written, from the start
 //!   of its first `range_fault` to the release of the update lock after
 //!   writing them (retries included).
@@ -23,7 +24,7 @@
 //!   doorbell written (`block`: per fault; `once`: from the first batch
 //!   owed).
 //!
-//! [`Platform::now_ns`]: super::Platform::now_ns
+//! [`Platform::stats_ticks`]: super::Platform::stats_ticks
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -94,25 +95,31 @@ const NAMES: [[&str; CLASSES]; OPS] = [
     ],
 ];
 
+/// One cell, in `Platform::stats_ticks` ticks.
 #[derive(Debug, Default)]
 struct Cell {
     count: AtomicU64,
-    total_ns: AtomicU64,
-    max_ns: AtomicU64,
+    total: AtomicU64,
+    max: AtomicU64,
 }
 
 impl Cell {
-    fn record(&self, ns: u64) {
+    fn record(&self, ticks: u64) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.total_ns.fetch_add(ns, Ordering::Relaxed);
-        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.total.fetch_add(ticks, Ordering::Relaxed);
+        // A new maximum is rare: the plain load keeps the locked
+        // compare-exchange loop (emulated guest instructions) out of the
+        // common case.
+        if ticks > self.max.load(Ordering::Relaxed) {
+            self.max.fetch_max(ticks, Ordering::Relaxed);
+        }
     }
 
-    fn get(&self) -> Latency {
+    fn get(&self, to_ns: &impl Fn(u64) -> u64) -> Latency {
         Latency {
             count: self.count.load(Ordering::Relaxed),
-            total_ns: self.total_ns.load(Ordering::Relaxed),
-            max_ns: self.max_ns.load(Ordering::Relaxed),
+            total_ns: to_ns(self.total.load(Ordering::Relaxed)),
+            max_ns: to_ns(self.max.load(Ordering::Relaxed)),
         }
     }
 }
@@ -125,27 +132,27 @@ pub struct LatencyStats {
 }
 
 impl LatencyStats {
-    /// Records one `op` over `bytes` that took `from → to` nanoseconds (a
-    /// clock that went backwards counts 0).
+    /// Records one `op` over `bytes` that took `from → to` ticks (a clock
+    /// that went backwards counts 0).
     pub(crate) fn record(&self, op: Op, bytes: u64, from: u64, to: u64) {
         self.cells[op as usize][SizeClass::of(bytes) as usize].record(to.saturating_sub(from));
     }
 
     /// Records one REPLAY, `from` the drain of what it retries `to` its
-    /// doorbell.
+    /// doorbell (ticks).
     pub(crate) fn record_replay(&self, from: u64, to: u64) {
         self.replay.record(to.saturating_sub(from));
     }
 
-    /// Reads every cell.
-    pub fn snapshot(&self) -> LatencySnapshot {
+    /// Reads every cell; `to_ns` converts ticks (`Platform::stats_ticks_to_ns`).
+    pub fn snapshot(&self, to_ns: impl Fn(u64) -> u64) -> LatencySnapshot {
         let mut s = LatencySnapshot::default();
         for (o, row) in self.cells.iter().enumerate() {
             for (c, cell) in row.iter().enumerate() {
-                s.cells[o][c] = cell.get();
+                s.cells[o][c] = cell.get(&to_ns);
             }
         }
-        s.replay = self.replay.get();
+        s.replay = self.replay.get(&to_ns);
         s
     }
 }
@@ -272,7 +279,7 @@ mod tests {
         s.record(Op::Window, 16 << 10, 10_000, 11_500);
         s.record(Op::TlbInvalidate, 4096, 5, 3);
         s.record_replay(0, 2_500_000);
-        let snap = s.snapshot();
+        let snap = s.snapshot(|t| t);
         assert_eq!(
             snap.get(Op::Window, SizeClass::K64),
             Latency {
@@ -306,7 +313,7 @@ mod tests {
         let l = LatencyStats::default();
         l.record(Op::RangeFault, 2 << 20, 0, 7_000);
         let s = StatsSnapshot {
-            latency: l.snapshot(),
+            latency: l.snapshot(|t| t),
             ..s
         };
         assert_eq!(

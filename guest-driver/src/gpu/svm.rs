@@ -493,7 +493,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         // The pages the device was given writable (bit per entry).
         let mut writable: Vec<bool> = Vec::new();
         // Latencies (`gpu::stats`): one clock read at each end of a step.
-        let now = || s.gpu().platform().now_ns();
+        let now = || s.gpu().platform().stats_ticks();
         let bytes = w.end - w.start;
         let mut first_fault = None;
         for pass in 0..MAX_PASSES {
