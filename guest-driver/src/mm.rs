@@ -211,11 +211,11 @@ pub trait Mm: Send + Sync + Sized + 'static {
 
     /// [`Mm::walk`] for a run of 4 KiB pages: the states of the pages from
     /// `addr` on (all in `addr`'s 2 MiB block; `out` is not empty) into
-    /// `out`, returning how many it filled, from 0 (nothing known: HMM
-    /// walks page by page) to `out.len()`. HMM asks after `walk` gave a
-    /// PTE-level answer for the page before `addr`, so an implementation
-    /// can take its page-table lock and find the last-level table once for
-    /// the whole run. The same staleness rules as `walk` apply.
+    /// `out`, returning how many it filled, from 0 (no PTE-level answer:
+    /// HMM asks [`Mm::walk`] instead) to `out.len()`. HMM asks this first
+    /// for every run of 4 KiB entries, so an implementation can take its
+    /// page-table lock and find the last-level table once for the whole
+    /// run. The same staleness rules as `walk` apply.
     ///
     /// The default walks one page.
     fn walk_ptes(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64, out: &mut [PageState]) -> usize {

@@ -324,3 +324,45 @@ fn page_table_leaf_table_cache_follows_replacements() {
     assert_eq!(pt.lookup(va + 0x4000).map(|l| l.phys), Some(0x60_4000));
     assert_eq!(pt.leaf_count(), 2);
 }
+
+/// `map_run` writes what `map` would, page by page: across a level-1
+/// table boundary, over holes the callback skips, replacing a leaf in
+/// place, with the leaf count kept.
+#[test]
+fn map_run_matches_map_page_by_page() {
+    let lb = Loopback::new(8);
+    let mut pt = PageTable::new(lb.clone()).unwrap_or_else(|e| panic!("{e}"));
+    // 24 pages from 8 pages below a 2 MiB boundary; every third a hole.
+    let va = (4u64 << 21) - 8 * 4096;
+    let frame = |i: usize| 0x1000_0000 + i as u64 * 4096;
+    let perms = |i: usize| {
+        if i.is_multiple_of(2) {
+            Pte::WRITE
+        } else {
+            Pte::empty()
+        }
+    };
+    let leaf = |i: usize| (i % 3 != 2).then(|| (frame(i), perms(i)));
+    pt.map(va + 4096, 0x2000_0000, PageSize::Size4K, Pte::empty())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mapped, r) = pt.map_run(va, 24, PageSize::Size4K, leaf);
+    r.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mapped, 16);
+    assert_eq!(pt.leaf_count(), 16, "the replaced leaf counted once");
+    for i in 0..24 {
+        let got = pt.lookup(va + i as u64 * 4096);
+        match leaf(i) {
+            Some((phys, p)) => {
+                let l = got.unwrap_or_else(|| panic!("page {i} unmapped"));
+                assert_eq!((l.phys, l.perms), (phys, Pte::VALID | p), "page {i}");
+            }
+            None => assert_eq!(got, None, "page {i}"),
+        }
+    }
+    // A frame the device cannot address stops the run there.
+    let (mapped, r) = pt.map_run(va, 4, PageSize::Size4K, |i| {
+        Some((if i == 2 { 1 << 60 } else { frame(i) }, Pte::empty()))
+    });
+    assert!(r.is_err());
+    assert_eq!(mapped, 2);
+}

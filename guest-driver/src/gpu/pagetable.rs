@@ -243,6 +243,66 @@ impl<P: Platform> PageTable<P> {
         Ok(())
     }
 
+    /// Maps the `n` pages of `size` from `va` on that `leaf(i)` gives a
+    /// (frame, perms) for, as [`PageTable::map`] would one by one; 4 KiB
+    /// leaves sharing a level-1 table are written with one walk for the
+    /// table. Stops at the first error; returns the leaves written and the
+    /// error, if any.
+    pub fn map_run(
+        &mut self,
+        va: u64,
+        n: usize,
+        size: PageSize,
+        mut leaf: impl FnMut(usize) -> Option<(u64, Pte)>,
+    ) -> (u64, Result<(), GpuError>) {
+        let step = size.bytes();
+        let mut mapped = 0;
+        let mut i = 0;
+        while i < n {
+            let a = va + i as u64 * step;
+            i += 1;
+            let Some((phys, perms)) = leaf(i - 1) else {
+                continue;
+            };
+            if let Err(e) = self.map(a, phys, size, perms) {
+                return (mapped, Err(e));
+            }
+            mapped += 1;
+            let Some((_, slot)) = self.last_l1.filter(|_| size == PageSize::Size4K) else {
+                continue;
+            };
+            // The rest of this level-1 table: its entries are 4 KiB leaves
+            // or empty, so a write replaces at most one leaf.
+            let t = self.at(slot);
+            let mut added = 0;
+            let mut result = Ok(());
+            for idx in pt_index(a, 1) + 1..512 {
+                if i == n {
+                    break;
+                }
+                let a = va + i as u64 * step;
+                i += 1;
+                let Some((phys, perms)) = leaf(i - 1) else {
+                    continue;
+                };
+                if let Err(e) = Self::check(a, phys, size) {
+                    result = Err(e);
+                    break;
+                }
+                let old = Pte::from_bits_retain(t.read_u64(idx * 8));
+                let perms = perms & (Pte::WRITE | Pte::ATOMIC);
+                t.write_u64(idx * 8, Pte::leaf(phys, 1, perms).bits());
+                added += u64::from(!old.contains(Pte::VALID));
+                mapped += 1;
+            }
+            self.leaves += added;
+            if result.is_err() {
+                return (mapped, result);
+            }
+        }
+        (mapped, Ok(()))
+    }
+
     /// Maps `[va, va + len)` to `[phys, ..)` with leaves of `size`.
     pub fn map_range(
         &mut self,

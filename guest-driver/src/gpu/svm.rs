@@ -27,6 +27,7 @@
 //! invalidation. Process exit (`release`) tears the context's
 //! mappings and stalled work down.
 
+use alloc::boxed::Box;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,7 +50,8 @@ use crate::hmm::{
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use crate::mm::{
-    mmap_read_lock, mmap_write_lock, Mm, MmuNotifyEvent, VmFlags, PAGE_SHIFT, PMD_SHIFT,
+    mmap_read_lock, mmap_write_lock, Mm, MmapReadGuard, MmuNotifyEvent, VmFlags, PAGE_SHIFT,
+    PMD_SHIFT,
 };
 use crate::sync::SpinMutex;
 
@@ -122,6 +124,12 @@ struct SvmState<P: Platform, M: Mm> {
     /// `Prefetch::Density`: faulted-or-resident pages per 2 MiB region.
     density: SpinMutex<Density>,
     hook: SpinMutex<Option<CheckHook>>,
+    /// The fault handler's reusable vectors (`None` while a service call
+    /// holds them).
+    /// Boxed: taking it out and putting it back moves a pointer, not the
+    /// vectors and the range (a copy of those costs where the kernel is
+    /// emulated).
+    scratch: SpinMutex<Option<Box<Scratch<M>>>>,
 }
 
 /// The binding of a context to an address space: its state plus the
@@ -166,6 +174,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
             density: SpinMutex::new(Density::default()),
             hook: SpinMutex::new(None),
+            scratch: SpinMutex::new(Some(Box::new(Scratch::new()))),
         });
         let mirror = {
             let mmap = mmap_write_lock(&**mm);
@@ -386,8 +395,29 @@ struct Window {
     /// Some fault of the window is a write the VMA allowed when planned:
     /// the window is faulted in writable where the VMA still allows it.
     write: bool,
-    /// The window's faults: page address and whether it is a write.
+    /// The VMA allowed writes when the window was planned.
+    vma_write: bool,
+    /// The window's faults: `Scratch::faults[faults]` (page address, write).
+    faults: core::ops::Range<usize>,
+}
+
+/// What a service call reuses from the previous one, so that servicing
+/// allocates nothing once the vectors have grown: the batch's windows and
+/// their faults, and the one `HmmRange` every window registers in turn.
+struct Scratch<M: Mm> {
+    windows: Vec<Window>,
     faults: Vec<(u64, bool)>,
+    range: HmmRange<M>,
+}
+
+impl<M: Mm> Scratch<M> {
+    fn new() -> Self {
+        Scratch {
+            windows: Vec::new(),
+            faults: Vec::new(),
+            range: HmmRange::new(FLAGS, VALUES, PFN_SHIFT),
+        }
+    }
 }
 
 impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
@@ -404,94 +434,141 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
         // Mutant (e): what the invalidations put off is cleared only now.
         #[cfg(feature = "mutants")]
         mutant::clear_deferred(&s.ctx);
-        let around = s.fault_around.load(Ordering::Relaxed);
-        // Plan the windows under one short mmap read lock. Permissions are
-        // per fault: one the VMA can never satisfy (a write to a read-only
-        // mapping, say) is cancelled right here and takes nothing else in
-        // its window with it.
-        let mut windows: Vec<(Window, bool)> = Vec::new();
-        {
-            let mmap = mmap_read_lock(&*s.mm);
-            for f in faults {
-                let write = f.access != Access::Read;
-                if let Some((w, vma_write)) = windows.last_mut() {
-                    if f.va >= w.start && f.va < w.end {
-                        if write && !*vma_write {
-                            cancel.push(f.va);
-                        } else {
-                            w.write |= write;
-                            w.faults.push((f.va, write));
-                        }
-                        continue;
-                    }
-                }
-                let Some(vma) = s.mm.vma_lookup(&mmap, f.va) else {
-                    cancel.push(f.va);
-                    continue;
-                };
-                let vma_write = vma.flags.contains(VmFlags::WRITE);
-                if !vma.flags.contains(VmFlags::READ)
-                    || (write && !vma_write)
-                    || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
-                {
-                    cancel.push(f.va);
-                    continue;
-                }
-                let huge = vma.flags.contains(VmFlags::HUGE);
-                let aligned = |size: u64| {
-                    let base = f.va & !(size - 1);
-                    (base, base.saturating_add(size))
-                };
-                let (start, end) = match s.prefetch {
-                    Prefetch::FaultAround if huge => aligned(around.max(LEAF_2M)),
-                    _ if huge => aligned(LEAF_2M),
-                    Prefetch::FaultAround => aligned(around),
-                    Prefetch::None => aligned(PAGE_SIZE),
-                    Prefetch::Density(pct) => s.density.lock().window(f.va, pct),
-                };
-                let (start, end) = (start.max(vma.start), end.min(vma.end));
-                if let (false, Prefetch::Density(_)) = (huge, s.prefetch) {
-                    s.density.lock().mark(start, end);
-                }
-                let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
-                windows.push((
-                    Window {
-                        start,
-                        end,
-                        shift,
-                        write,
-                        faults: alloc::vec![(f.va, write)],
-                    },
-                    vma_write,
-                ));
-            }
+        // One bottom half services a GPU's faults at a time, so the scratch
+        // is normally free; a concurrent caller gets its own.
+        let mut scratch = s
+            .scratch
+            .lock()
+            .take()
+            .unwrap_or_else(|| Box::new(Scratch::new()));
+        s.plan(faults, &mut scratch, cancel);
+        let Scratch {
+            windows,
+            faults: wfaults,
+            range,
+        } = &mut *scratch;
+        for w in windows.iter() {
+            binding.service_window(w, &wfaults[w.faults.clone()], range, cancel);
         }
-        for (w, _) in windows {
-            binding.service_window(&w, cancel);
+        *s.scratch.lock() = Some(scratch);
+    }
+}
+
+impl<P: Platform, M: Mm> SvmState<P, M> {
+    /// Plans the windows of a batch (sorted by page) under one short mmap
+    /// read lock into `scratch`. Permissions are per fault: one the VMA can
+    /// never satisfy (a write to a read-only mapping, say) is cancelled
+    /// right here and takes nothing else in its window with it.
+    fn plan(&self, faults: &[Fault], scratch: &mut Scratch<M>, cancel: &mut Vec<u64>) {
+        let around = self.fault_around.load(Ordering::Relaxed);
+        let (windows, wfaults) = (&mut scratch.windows, &mut scratch.faults);
+        windows.clear();
+        wfaults.clear();
+        let mmap = mmap_read_lock(&*self.mm);
+        for f in faults {
+            let write = f.access != Access::Read;
+            if let Some(w) = windows.last_mut() {
+                if f.va >= w.start && f.va < w.end {
+                    if write && !w.vma_write {
+                        cancel.push(f.va);
+                    } else {
+                        w.write |= write;
+                        // The window's faults are the last ones pushed.
+                        wfaults.push((f.va, write));
+                        w.faults.end = wfaults.len();
+                    }
+                    continue;
+                }
+            }
+            let Some(vma) = self.mm.vma_lookup(&mmap, f.va) else {
+                cancel.push(f.va);
+                continue;
+            };
+            let vma_write = vma.flags.contains(VmFlags::WRITE);
+            if !vma.flags.contains(VmFlags::READ)
+                || (write && !vma_write)
+                || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
+            {
+                cancel.push(f.va);
+                continue;
+            }
+            let huge = vma.flags.contains(VmFlags::HUGE);
+            let aligned = |size: u64| {
+                let base = f.va & !(size - 1);
+                (base, base.saturating_add(size))
+            };
+            let (start, end) = match self.prefetch {
+                Prefetch::FaultAround if huge => aligned(around.max(LEAF_2M)),
+                _ if huge => aligned(LEAF_2M),
+                Prefetch::FaultAround => aligned(around),
+                Prefetch::None => aligned(PAGE_SIZE),
+                Prefetch::Density(pct) => self.density.lock().window(f.va, pct),
+            };
+            let (start, end) = (start.max(vma.start), end.min(vma.end));
+            if let (false, Prefetch::Density(_)) = (huge, self.prefetch) {
+                self.density.lock().mark(start, end);
+            }
+            let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
+            wfaults.push((f.va, write));
+            windows.push(Window {
+                start,
+                end,
+                shift,
+                write,
+                vma_write,
+                faults: wfaults.len() - 1..wfaults.len(),
+            });
         }
     }
 }
 
+/// Sets `range`'s request bits page by page: read everywhere, write where
+/// the window writes and the page's VMA allows it.
+fn request_per_page<M: Mm>(
+    mm: &M,
+    mmap: &MmapReadGuard<'_, M>,
+    w: &Window,
+    range: &mut HmmRange<M>,
+) {
+    range.default_flags = F_VALID;
+    range.pfn_flags_mask = F_WRITE;
+    let vma = mm.vma_lookup(mmap, w.start);
+    for (i, req) in range.pfns.iter_mut().enumerate() {
+        let va = w.start + ((i as u64) << w.shift);
+        let vma_write = vma
+            .as_ref()
+            .is_some_and(|v| va >= v.start && va < v.end && v.flags.contains(VmFlags::WRITE));
+        *req = if w.write && vma_write { F_WRITE } else { 0 };
+    }
+}
+
 impl<P: Platform, M: Mm> Binding<P, M> {
-    /// One window, the HMM driver pattern. Faults it cannot satisfy go to
-    /// `cancel`: all of them if the window could not be faulted in, else the
-    /// writes whose page the device was not given writable (the VMA lost
-    /// its write permission since the plan). Giving up after too many
-    /// invalidations cancels nothing (the faults are replayed and come
-    /// back).
-    fn service_window(&self, w: &Window, cancel: &mut Vec<u64>) {
+    /// One window, the HMM driver pattern, on `range` (unregistered on entry
+    /// and on return). `faults` are the window's (page, write). Faults it
+    /// cannot satisfy go to `cancel`: all of them if the window could not
+    /// be faulted in, else the writes whose page the device was not given
+    /// writable (the VMA lost its write permission since the plan). Giving
+    /// up after too many invalidations cancels nothing (the faults are
+    /// replayed and come back).
+    fn service_window(
+        &self,
+        w: &Window,
+        faults: &[(u64, bool)],
+        range: &mut HmmRange<M>,
+        cancel: &mut Vec<u64>,
+    ) {
         let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
-        let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
-        if let Err(e) = range_register(&mut range, &self.mirror, w.start, w.end, w.shift) {
+        if let Err(e) = range_register(range, &self.mirror, w.start, w.end, w.shift) {
             log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
-            cancel.extend(w.faults.iter().map(|f| f.0));
+            cancel.extend(faults.iter().map(|f| f.0));
             return;
         }
         let mut result = Ok(());
-        // The pages the device was given writable (bit per entry).
-        let mut writable: Vec<bool> = Vec::new();
+        // A pass got as far as the device page table: `range.pfns` say
+        // which pages the device was given writable.
+        let mut mapped_pass = false;
         // Latencies (`gpu::stats`): one clock read at each end of a step.
         let now = || s.gpu().platform().stats_ticks();
         let bytes = w.end - w.start;
@@ -504,31 +581,31 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             }
             let t_fault = now();
             let start = *first_fault.get_or_insert(t_fault);
-            let r = {
+            let r = 'fault: {
                 let mmap = mmap_read_lock(&*s.mm);
-                // Request flags per page (`(pfns[i] & pfn_flags_mask) |
-                // default_flags`): every page for read, and for write the
-                // pages the VMA allows it on, decided under the same lock
-                // as the fault, so a read never fails for a write the
-                // mapping refuses.
-                range.default_flags = F_VALID;
-                range.pfn_flags_mask = F_WRITE;
-                let vma = s.mm.vma_lookup(&mmap, w.start);
-                for (i, req) in range.pfns.iter_mut().enumerate() {
-                    let va = w.start + ((i as u64) << w.shift);
-                    let vma_write = vma.as_ref().is_some_and(|v| {
-                        va >= v.start && va < v.end && v.flags.contains(VmFlags::WRITE)
-                    });
-                    *req = if w.write && vma_write { F_WRITE } else { 0 };
+                // Every page is asked for read, and for write if some fault
+                // of the window writes: the plan saw its VMA allow that. If
+                // the VMA lost write permission since (mprotect), the fault
+                // fails with EPERM, and the pages are asked again one by
+                // one, for write only where the VMA allows it, under the
+                // same lock as the fault, so a read never fails for a write
+                // the mapping refuses.
+                range.default_flags = if w.write { F_VALID | F_WRITE } else { F_VALID };
+                range.pfn_flags_mask = 0;
+                match range_fault(range, &mmap, true) {
+                    Err(Errno::EPERM) if w.write => {
+                        request_per_page(&*s.mm, &mmap, w, range);
+                    }
+                    r => break 'fault r,
                 }
-                range_fault(&mut range, &mmap, true)
+                range_fault(range, &mmap, true)
             };
             let t_faulted = now();
             c.latency.record(Op::RangeFault, bytes, t_fault, t_faulted);
             match r {
                 Ok(_) => {}
                 Err(Errno::EAGAIN) => {
-                    range_wait_until_valid(&range, 1000);
+                    range_wait_until_valid(range, 1000);
                     continue;
                 }
                 Err(e) => {
@@ -545,7 +622,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 None => t_faulted,
             };
             let mut pt = s.ctx.page_table();
-            let valid = range_check_seq(&range);
+            let valid = range_check_seq(range);
             // Mutant (b): pfns an invalidation made stale after `range_fault`
             // are mapped anyway.
             #[cfg(feature = "mutants")]
@@ -553,18 +630,16 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             if !valid {
                 continue;
             }
+            mapped_pass = true;
             let size = if w.shift == PMD_SHIFT {
                 PageSize::Size2M
             } else {
                 PageSize::Size4K
             };
-            let mut mapped = 0;
-            writable.clear();
-            writable.extend(range.pfns.iter().map(|&e| range.entry_is_writable(e)));
-            for (i, &e) in range.pfns.iter().enumerate() {
-                let Some(pfn) = range.entry_to_pfn(e) else {
-                    continue;
-                };
+            let pfns = &range.pfns;
+            let leaf = |i: usize| {
+                let e = pfns[i];
+                let pfn = range.entry_to_pfn(e)?;
                 let perms = if range.entry_is_writable(e) {
                     Pte::WRITE | Pte::ATOMIC
                 } else {
@@ -578,13 +653,12 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 } else {
                     perms
                 };
-                let va = w.start + ((i as u64) << w.shift);
-                if let Err(err) = pt.map(va, pfn << PAGE_SHIFT, size, perms) {
-                    log::error!("svm: device map of {va:#x}: {err}");
-                    result = Err(Errno::ENOMEM);
-                    break;
-                }
-                mapped += 1;
+                Some((pfn << PAGE_SHIFT, perms))
+            };
+            let (mapped, r) = pt.map_run(w.start, pfns.len(), size, leaf);
+            if let Err(err) = r {
+                log::error!("svm: device map in {:#x}..{:#x}: {err}", w.start, w.end);
+                result = Err(Errno::ENOMEM);
             }
             drop(pt);
             DriverCounters::add(&c.pages_mapped, mapped);
@@ -595,21 +669,25 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             }
             break;
         }
-        range_unregister(&mut range);
+        range_unregister(range);
         let len = w.end - w.start;
         s.gpu()
             .trace(TraceKind::WindowServiced, s.ctx.index(), w.start, len);
         match result {
             Err(e) => {
                 log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
-                cancel.extend(w.faults.iter().map(|f| f.0));
+                cancel.extend(faults.iter().map(|f| f.0));
             }
-            // `writable` stays empty when every pass was invalidated: then
-            // nothing is cancelled, the replay brings the faults back.
-            Ok(()) if !writable.is_empty() => {
-                for &(va, write) in &w.faults {
+            // When every pass was invalidated nothing is cancelled: the
+            // replay brings the faults back.
+            Ok(()) if mapped_pass => {
+                for &(va, write) in faults {
                     let i = ((va - w.start) >> w.shift) as usize;
-                    if write && !writable.get(i).copied().unwrap_or(false) {
+                    let given = range
+                        .pfns
+                        .get(i)
+                        .is_some_and(|&e| range.entry_is_writable(e));
+                    if write && !given {
                         cancel.push(va);
                     }
                 }

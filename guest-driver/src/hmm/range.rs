@@ -10,7 +10,7 @@ use super::mirror::HmmMirror;
 use super::notifier::{Hmm, RangeLink};
 use super::{HmmPfnFlag, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX};
 use crate::errno::Errno;
-use crate::mm::{mmget_not_zero, mmput, Mm, PAGE_SHIFT, PMD_SHIFT};
+use crate::mm::{mmget_not_zero, mmput, Mm, PageState, PAGE_SHIFT, PMD_SHIFT};
 
 pub(super) struct Registration<M: Mm> {
     pub(super) hmm: Arc<Hmm<M>>,
@@ -42,6 +42,11 @@ pub struct HmmRange<M: Mm> {
     pub(super) page_shift: u32,
     pub(super) notifier_seq: u64,
     pub(super) reg: Option<Registration<M>>,
+    /// The walk's buffer of PTE-level answers, kept between walks.
+    pub(super) run: Vec<PageState>,
+    /// The link of the last registration, reused by the next one when
+    /// nothing else holds it (a driver registers a range per fault window).
+    spare_link: Option<Arc<RangeLink>>,
 }
 
 impl<M: Mm> HmmRange<M> {
@@ -64,6 +69,8 @@ impl<M: Mm> HmmRange<M> {
             page_shift: PAGE_SHIFT,
             notifier_seq: 0,
             reg: None,
+            run: Vec::new(),
+            spare_link: None,
         }
     }
 
@@ -183,12 +190,22 @@ pub fn range_register<M: Mm>(
         let mut st = hmm.lock.lock();
         // If invalidations are in flight the range starts invalid and the
         // caller waits (`range_wait_until_valid`), as in 2019.
-        let link = Arc::new(RangeLink {
+        let fresh = RangeLink {
             start,
             end,
             valid: AtomicBool::new(st.notifiers == 0),
             invalidate_seq: AtomicU64::new(st.invalidate_seq),
-        });
+        };
+        let link = match range.spare_link.take() {
+            Some(mut l) => match Arc::get_mut(&mut l) {
+                Some(slot) => {
+                    *slot = fresh;
+                    l
+                }
+                None => Arc::new(fresh),
+            },
+            None => Arc::new(fresh),
+        };
         st.ranges.push(Arc::clone(&link));
         link
     };
@@ -218,7 +235,7 @@ pub fn range_unregister<M: Mm>(range: &mut HmmRange<M>) {
     reg.link.valid.store(false, Ordering::Release);
     // No lock held: this may be the last mmput and run release.
     mmput(&*reg.hmm.mm);
-    drop(reg);
+    range.spare_link = Some(reg.link);
 }
 
 /// `hmm_range_valid`, the 2019 check: false while an overlapping invalidation

@@ -1,17 +1,15 @@
 //! `range_snapshot` and `range_fault`: the walk over the CPU page tables
 //! that fills a range's pfns, faulting pages in on request.
 
-use alloc::sync::Arc;
 use core::ptr;
 use core::sync::atomic::Ordering;
 
-use super::notifier::RangeLink;
+use super::notifier::{Hmm, RangeLink};
 use super::range::{encode, HmmRange};
 use super::{HmmPfnFlag, HmmPfnValue};
 use crate::errno::Errno;
 use crate::mm::{
-    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE,
-    PMD_SHIFT, PMD_SIZE,
+    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PMD_SHIFT, PMD_SIZE,
 };
 
 /// `hmm_range_snapshot`: fill `pfns` from the CPU page tables without
@@ -45,8 +43,8 @@ pub fn range_fault<M: Mm>(
     range_walk(range, mmap, Some(block))
 }
 
-/// Pages after a PTE-level answer asked for in one `Mm::walk_ptes` call
-/// (on the stack; a window rarely spans more).
+/// Pages asked for in one `Mm::walk_ptes` call (a window rarely spans
+/// more).
 const PTE_RUN: usize = 64;
 
 /// What the CPU says about the entry at `addr` (entries of `1 << shift`
@@ -85,9 +83,21 @@ fn range_walk<M: Mm>(
     mmap: &MmapReadGuard<'_, M>,
     fault: Option<bool>,
 ) -> Result<usize, Errno> {
-    let reg = range.reg.as_ref().ok_or(Errno::EINVAL)?;
-    let hmm = Arc::clone(&reg.hmm);
-    let link = Arc::clone(&reg.link);
+    // Taken out for the walk (and put back on every way out) so the walk
+    // can borrow the range's vectors beside it.
+    let reg = range.reg.take().ok_or(Errno::EINVAL)?;
+    let r = walk_registered(range, &reg.hmm, &reg.link, mmap, fault);
+    range.reg = Some(reg);
+    r
+}
+
+fn walk_registered<M: Mm>(
+    range: &mut HmmRange<M>,
+    hmm: &Hmm<M>,
+    link: &RangeLink,
+    mmap: &MmapReadGuard<'_, M>,
+    fault: Option<bool>,
+) -> Result<usize, Errno> {
     let mm: &M = &hmm.mm;
     if !ptr::eq(mmap.mm(), mm) {
         return Err(Errno::EINVAL);
@@ -103,7 +113,7 @@ fn range_walk<M: Mm>(
         }
         range.notifier_seq = link.invalidate_seq.load(Ordering::Acquire);
     }
-    match walk_entries(range, mm, mmap, &link, fault) {
+    match walk_entries(range, mm, mmap, link, fault) {
         Ok(()) => Ok(range.pfns.len()),
         Err(e) => {
             let none = range.values[HmmPfnValue::None as usize];
@@ -131,9 +141,13 @@ fn walk_entries<M: Mm>(
     let pfns = &mut range.pfns[..];
     let fail = |at: usize, value: HmmPfnValue, err: Errno| WalkError { at, value, err };
 
-    // Filled before it is read, entry by entry; set up once per walk (a
-    // memset per iteration costs where the kernel is emulated).
-    let mut run = [PageState::None; PTE_RUN];
+    // PTE-level answers, filled before they are read. Kept in the range
+    // and grown once: where the kernel is emulated, setting up a buffer per
+    // walk costs as much as a short walk.
+    let run = &mut range.run;
+    if shift == PAGE_SHIFT && run.len() < PTE_RUN.min(npages) {
+        run.resize(PTE_RUN.min(npages), PageState::None);
+    }
     let mut i = 0;
     while i < npages {
         let addr = start + ((i as u64) << shift);
@@ -164,31 +178,34 @@ fn walk_entries<M: Mm>(
         let mut pending: Option<(usize, FaultError)> = None;
         'vma: while i < vma_end {
             let addr = start + ((i as u64) << shift);
-            let w = mm.walk(mmap, addr);
-            // How many entries this answer covers: a block answer all of
-            // the block's; a PTE-level one its page and, asked for in one
-            // `walk_ptes` call, the pages after it in its 2 MiB block.
-            let (n, ptes) = if w.shift > shift {
-                let block_end = (addr | ((1u64 << w.shift) - 1)) + 1;
-                ((((block_end - addr) >> shift) as usize).min(vma_end - i), 0)
-            } else if shift == PAGE_SHIFT {
+            // How many entries this answer covers: for 4 KiB entries, the
+            // run of pages from `addr` in its 2 MiB block that one
+            // `walk_ptes` call reads from the last-level table; else (no
+            // such table, or 2 MiB entries) one `walk`, whose block answer
+            // covers all of the block's entries.
+            let ptes = if shift == PAGE_SHIFT {
                 let in_block = ((PMD_SIZE - (addr & (PMD_SIZE - 1))) >> PAGE_SHIFT) as usize;
-                let want = in_block.min(vma_end - i).min(PTE_RUN);
-                run[0] = w.state;
-                let more = if want > 1 {
-                    mm.walk_ptes(mmap, addr + PAGE_SIZE, &mut run[1..want])
-                        .min(want - 1)
-                } else {
-                    0
-                };
-                (1 + more, 1 + more)
+                let want = in_block.min(vma_end - i).min(run.len());
+                mm.walk_ptes(mmap, addr, &mut run[..want]).min(want)
             } else {
-                (1, 0)
+                0
+            };
+            let (n, w) = if ptes > 0 {
+                (ptes, None)
+            } else {
+                let w = mm.walk(mmap, addr);
+                let n = if w.shift > shift {
+                    let block_end = (addr | ((1u64 << w.shift) - 1)) + 1;
+                    (((block_end - addr) >> shift) as usize).min(vma_end - i)
+                } else {
+                    1
+                };
+                (n, Some(w.state))
             };
             // `k` also numbers the entry (`j`), which a fault re-walks from.
             #[allow(clippy::needless_range_loop)]
             for k in 0..n {
-                let state = if ptes > 0 { run[k] } else { w.state };
+                let state = w.unwrap_or_else(|| run[k]);
                 let j = i + k;
                 let (cpu_valid, cpu_write, pfn) =
                     decode_state(state, start + ((j as u64) << shift), shift)

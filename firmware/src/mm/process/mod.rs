@@ -153,6 +153,9 @@ impl Prot {
 
 static ZERO_PA: AtomicU64 = AtomicU64::new(0);
 
+/// Pages a range fault allocates frames for at a time.
+const FAULT_BATCH: usize = 64;
+
 /// Allocates the shared zero page and sets up user mode (SMEP/SMAP, the
 /// agent's mapping: `crate::user::init`). Call once at boot, after the heap.
 pub fn init() {
@@ -697,9 +700,14 @@ impl Mm for ProcessMm {
         let zero = zero_pa();
         let mut done = 0;
         let mut addr = start;
-        let mut frames_buf = [0u64; 512];
+        // Frames for one sub-run of pages; a segment is done in sub-runs so
+        // the buffer stays small (setting up 4 KiB of stack per call costs
+        // ~0.3 ms where the kernel is emulated).
+        let mut frames_buf = [0u64; FAULT_BATCH];
         while addr < end {
-            let seg_end = end.min((addr | (PMD_SIZE - 1)) + 1);
+            let seg_end = end
+                .min((addr | (PMD_SIZE - 1)) + 1)
+                .min(addr + FAULT_BATCH as u64 * PAGE_SIZE);
             let n = ((seg_end - addr) / PAGE_SIZE) as usize;
             let mut upgrades = 0usize;
             {
@@ -714,6 +722,7 @@ impl Mm for ProcessMm {
                 };
                 let got = crate::mm::frames::alloc_zeroed_batch(&mut frames_buf[..need]);
                 let mut used = 0;
+                let mut faulted = 0;
                 for k in 0..n {
                     let e = t.get(i0 + k);
                     if e & P == 0 {
@@ -723,15 +732,16 @@ impl Mm for ProcessMm {
                             }
                             t.set(i0 + k, pt::leaf(frames_buf[used], f, true, false));
                             used += 1;
-                            pt.data += 1;
                         } else {
                             t.set(i0 + k, pt::leaf(zero, f, false, false));
                         }
-                        self.faults.fetch_add(1, Ordering::Relaxed);
+                        faulted += 1;
                     } else if write && e & W == 0 {
                         upgrades += 1;
                     }
                 }
+                pt.data += used as u64;
+                self.faults.fetch_add(faulted, Ordering::Relaxed);
                 if used < need {
                     // Out of frames: what got mapped stays mapped.
                     let mapped = (0..n).take_while(|&k| t.get(i0 + k) & P != 0).count();
