@@ -27,6 +27,7 @@ use cmdline::Options;
 extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     boot::mark(boot::Phase::Entry);
     serial::init();
+    boot::mark(boot::Phase::Console);
     arch::gdt::init();
     arch::idt::init();
 
@@ -35,16 +36,17 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     let boot = unsafe { boot::pvh::BootInfo::parse(u64::from(start_info_paddr)) }
         .unwrap_or_else(|e| fatal(format_args!("pvh: {e}")));
 
-    let opts = cmdline::parse(boot.cmdline, |_| {});
+    // Complaints are printed, not logged: loglevel=error must not hide a
+    // typo.
+    let opts = cmdline::parse(boot.cmdline, |c| println!("{c}"));
     log::set_max_level(opts.log_level);
-    // Printed, not logged: loglevel=error must not hide a typo.
-    cmdline::parse(boot.cmdline, |c| println!("{c}"));
     if opts.svm.is_err() {
         // Running the tests under another policy than asked would pass for
         // a run of that policy.
         exit(ExitCode::TestsFailed);
     }
 
+    boot::mark(boot::Phase::Cmdline);
     boot::init_memory(&boot, opts.ram_zero);
     let stack_top = boot::init_kernel_stack();
     let banner = boot::Banner::new(&boot);
@@ -68,14 +70,7 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     let (hz, src) = arch::time::init();
     boot::mark(boot::Phase::Time);
     boot::log_phases();
-    log::debug!(
-        "console: {}",
-        if serial::uses_debugcon() {
-            "debug port 0xe9"
-        } else {
-            "COM1"
-        }
-    );
+    log::debug!("console: {}", serial::console_name());
 
     let fs = mm::frames::stats();
     log::info!(

@@ -1,19 +1,23 @@
-//! The console: the debug console on port 0xe9 where the hypervisor has one
-//! (faultline's VMM; QEMU with `-device isa-debugcon,iobase=0xe9`), COM1
-//! (16550) otherwise, and the `log` backend on top of it.
+//! The console: faultline's line console on port 0xe0 where the VMM has
+//! it, else the debug console on port 0xe9 where the hypervisor has one
+//! (QEMU with `-device isa-debugcon,iobase=0xe9`), else COM1 (16550); and
+//! the `log` backend on top of it.
 //!
-//! Every port access is a VM exit (~27,000 cycles here), so output is
-//! formatted into a line buffer first and leaves in one piece per `print`
-//! call (or per full buffer): one `rep outsb` on the debug console (this
-//! host's KVM exits once per byte of it, half of COM1's status poll plus
-//! data write; KVM may also pass the whole string in one exit); on COM1 one
-//! byte per `out` but the transmitter is polled once per 16 bytes (its FIFO
-//! depth) instead of once per byte.
+//! Every port access is a VM exit (~13 µs here) and every guest-kernel
+//! instruction ~1 µs, so one `print` formats straight into a page-sized
+//! buffer and leaves in one piece when it is done (or when the buffer is
+//! full): one 32-bit `out` on the line console, whatever the length (the
+//! VMM copies the buffer out of guest memory); one `rep outsb` on the debug
+//! console (this host's KVM exits once per byte of it); on COM1 one byte
+//! per `out`, with the transmitter polled once per 16 bytes (its FIFO
+//! depth). Only COM1 gets "\n" as "\r\n", so only there is the text
+//! scanned for newlines.
 
+use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
-use crate::arch::port::{inb, outb};
+use crate::arch::port::{inb, inl, outb, outl};
 use crate::sync::Mutex;
 
 const COM1: u16 = 0x3f8;
@@ -30,50 +34,91 @@ const THR_POLL_LIMIT: u32 = 1_000_000;
 const DEBUGCON: u16 = 0xe9;
 const DEBUGCON_READBACK: u8 = 0xe9;
 
-/// Bytes formatted before they go out; longer output leaves in pieces.
-const LINE: usize = 256;
+/// faultline's line console (docs/architecture.md): a 32-bit write of
+/// `page | (len - 1)` prints `len` bytes (1..=4096) of the 4 KiB-aligned
+/// guest-physical page below 4 GiB; a 32-bit read returns the magic.
+const LINECON: u16 = 0xe0;
+const LINECON_MAGIC: u32 = u32::from_le_bytes(*b"FLlc");
 
-/// Set by `init` when the debug console answers.
-static USE_DEBUGCON: AtomicBool = AtomicBool::new(false);
+/// Bytes one `print` formats before they go out; longer output leaves in
+/// pieces. One page: the most the line console takes at once.
+const LINE: usize = 4096;
 
-pub struct Serial {
-    base: u16,
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Sink {
+    Com1 = 0,
+    DebugCon = 1,
+    LineCon = 2,
 }
 
-impl Serial {
-    /// # Safety
-    /// `base` must be a 16550-compatible UART (or nothing) that no one else drives.
-    const unsafe fn new(base: u16) -> Self {
-        Serial { base }
-    }
+/// Where `print` sends its buffer, set by `init`.
+static SINK: AtomicU8 = AtomicU8::new(Sink::Com1 as u8);
+/// Where `print_emergency` sends its bytes: the debug console if it
+/// answered, else COM1 (it has no page of its own for the line console).
+static EMERGENCY_SINK: AtomicU8 = AtomicU8::new(Sink::Com1 as u8);
 
-    fn init(&mut self) {
-        // SAFETY: standard 16550 init sequence on the UART we own.
-        unsafe {
-            outb(self.base + 1, 0x00); // no interrupts: we poll
-            outb(self.base + 3, 0x80); // DLAB on to set the divisor
-            outb(self.base, 0x01); // 115200 baud
-            outb(self.base + 1, 0x00);
-            outb(self.base + 3, 0x03); // 8N1, DLAB off
-            outb(self.base + 2, 0xc7); // FIFO on, cleared, 14-byte threshold
-            outb(self.base + 4, 0x03); // DTR | RTS, OUT2 off (no IRQ)
+fn load(s: &AtomicU8) -> Sink {
+    match s.load(Ordering::Relaxed) {
+        2 => Sink::LineCon,
+        1 => Sink::DebugCon,
+        _ => Sink::Com1,
+    }
+}
+
+/// The buffer `print` formats into: page-aligned so the line console can
+/// take it by address. It sits in the image, which runs identity-mapped in
+/// every address space (a symbol's address is its physical address), and
+/// is matched by name into layout.ld's `.stacks`, which is not zeroed: no
+/// byte of it is read before `print` wrote it.
+#[repr(C, align(4096))]
+struct Page(UnsafeCell<[u8; LINE]>);
+
+// SAFETY: only `print` touches it, under the `CONSOLE` lock.
+unsafe impl Sync for Page {}
+
+static CONSOLE_PAGE: Page = Page(UnsafeCell::new([0; LINE]));
+
+fn init_com1() {
+    // SAFETY: standard 16550 init sequence on COM1, which only this module
+    // drives.
+    unsafe {
+        outb(COM1 + 1, 0x00); // no interrupts: we poll
+        outb(COM1 + 3, 0x80); // DLAB on to set the divisor
+        outb(COM1, 0x01); // 115200 baud
+        outb(COM1 + 1, 0x00);
+        outb(COM1 + 3, 0x03); // 8N1, DLAB off
+        outb(COM1 + 2, 0xc7); // FIFO on, cleared, 14-byte threshold
+        outb(COM1 + 4, 0x03); // DTR | RTS, OUT2 off (no IRQ)
+    }
+}
+
+fn wait_tx_empty() {
+    for _ in 0..THR_POLL_LIMIT {
+        // SAFETY: LSR read has no side effects on a 16550.
+        if unsafe { inb(COM1 + 5) } & LSR_THR_EMPTY != 0 {
+            return;
         }
+        core::hint::spin_loop();
     }
+}
 
-    fn wait_tx_empty(&self) {
-        for _ in 0..THR_POLL_LIMIT {
-            // SAFETY: LSR read has no side effects on a 16550.
-            if unsafe { inb(self.base + 5) } & LSR_THR_EMPTY != 0 {
-                return;
-            }
-            core::hint::spin_loop();
+/// Sends `bytes` as they are (the line buffer already turned "\n" into
+/// "\r\n" for COM1). For the line console `bytes` must start a
+/// page-aligned buffer below 4 GiB whose virtual address is its physical
+/// one, and be at most a page long: `CONSOLE_PAGE` is the only such buffer.
+fn send(sink: Sink, bytes: &[u8]) {
+    match sink {
+        Sink::LineCon => {
+            let page = bytes.as_ptr() as u64;
+            debug_assert!(page.is_multiple_of(LINE as u64) && page < 1 << 32);
+            debug_assert!(!bytes.is_empty() && bytes.len() <= LINE);
+            // SAFETY: the VMM reads the bytes named by the word and
+            // nothing else; the buffer is ours and unchanged until the
+            // `out` returns.
+            unsafe { outl(LINECON, page as u32 | (bytes.len() as u32 - 1)) };
         }
-    }
-
-    /// Sends `bytes` as they are (the line buffer already turned "\n" into
-    /// "\r\n" for COM1).
-    fn send(&mut self, bytes: &[u8]) {
-        if USE_DEBUGCON.load(Ordering::Relaxed) {
+        Sink::DebugCon => {
             // SAFETY: a string write to the debug console, which has no
             // side effects on guest memory; RSI/RCX cover `bytes` exactly
             // and DF is clear (ABI).
@@ -86,138 +131,188 @@ impl Serial {
                     options(nostack, preserves_flags, readonly)
                 );
             }
-            return;
         }
-        for chunk in bytes.chunks(TX_FIFO_DEPTH) {
-            self.wait_tx_empty();
-            for &b in chunk {
-                // SAFETY: THR write sends one byte on the UART we own.
-                unsafe { outb(self.base, b) };
+        Sink::Com1 => {
+            for chunk in bytes.chunks(TX_FIFO_DEPTH) {
+                wait_tx_empty();
+                for &b in chunk {
+                    // SAFETY: THR write sends one byte on COM1, ours.
+                    unsafe { outb(COM1, b) };
+                }
             }
         }
     }
 }
 
-/// Formats into a fixed buffer and hands it to the console when full and
-/// when dropped, so one `print` is one burst of port writes.
+/// Formats into a buffer and hands it to the console when full and when
+/// flushed, so one `print` is one burst of port writes.
 struct LineBuf<'a> {
-    out: &'a mut Serial,
-    buf: [u8; LINE],
-    len: usize,
-    crlf: bool,
+    buf: &'a mut [u8],
+    len: &'a mut usize,
+    sink: Sink,
 }
 
-impl<'a> LineBuf<'a> {
-    fn new(out: &'a mut Serial) -> Self {
-        LineBuf {
-            out,
-            buf: [0; LINE],
-            len: 0,
-            // The debug console is a byte stream to a file; a UART drives a
-            // terminal, which wants "\r\n".
-            crlf: !USE_DEBUGCON.load(Ordering::Relaxed),
-        }
+impl LineBuf<'_> {
+    fn crlf(&self) -> bool {
+        // The other consoles are byte streams to a file; a UART drives a
+        // terminal, which wants "\r\n".
+        self.sink == Sink::Com1
     }
 
     fn flush(&mut self) {
-        if self.len > 0 {
-            self.out.send(&self.buf[..self.len]);
-            self.len = 0;
+        if *self.len > 0 {
+            send(self.sink, &self.buf[..*self.len]);
+            *self.len = 0;
         }
     }
 
-    fn push(&mut self, b: u8) {
-        if self.len == LINE {
-            self.flush();
+    fn push_bytes(&mut self, mut rest: &[u8]) {
+        while !rest.is_empty() {
+            if *self.len == self.buf.len() {
+                self.flush();
+            }
+            let n = rest.len().min(self.buf.len() - *self.len);
+            self.buf[*self.len..*self.len + n].copy_from_slice(&rest[..n]);
+            *self.len += n;
+            rest = &rest[n..];
         }
-        self.buf[self.len] = b;
-        self.len += 1;
+    }
+
+    fn newline(&mut self) {
+        self.push_bytes(if self.crlf() { b"\r\n" } else { b"\n" });
+    }
+}
+
+impl LineBuf<'_> {
+    fn write_bytes(&mut self, bytes: &[u8]) {
+        if !self.crlf() {
+            return self.push_bytes(bytes);
+        }
+        let mut lines = bytes.split(|&b| b == b'\n');
+        if let Some(first) = lines.next() {
+            self.push_bytes(first);
+        }
+        for line in lines {
+            self.newline();
+            self.push_bytes(line);
+        }
     }
 }
 
 impl Write for LineBuf<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for line in s.split_inclusive('\n') {
-            let (text, nl) = match line.strip_suffix('\n') {
-                Some(t) => (t.as_bytes(), true),
-                None => (line.as_bytes(), false),
-            };
-            let mut rest = text;
-            while !rest.is_empty() {
-                if self.len == LINE {
-                    self.flush();
-                }
-                let n = rest.len().min(LINE - self.len);
-                self.buf[self.len..self.len + n].copy_from_slice(&rest[..n]);
-                self.len += n;
-                rest = &rest[n..];
-            }
-            if nl {
-                if self.crlf {
-                    self.push(b'\r');
-                }
-                self.push(b'\n');
-            }
-        }
+        self.write_bytes(s.as_bytes());
         Ok(())
     }
 }
 
-impl Drop for LineBuf<'_> {
-    fn drop(&mut self) {
-        self.flush();
-    }
+/// Bytes of `CONSOLE_PAGE` not sent yet (between prints only what `init`
+/// left there).
+static CONSOLE: Mutex<usize> = Mutex::new(0);
+
+/// Runs `f` on the console's buffer under its lock, then sends what it
+/// wrote.
+fn with_console(f: impl FnOnce(&mut LineBuf<'_>)) {
+    let mut len = CONSOLE.lock();
+    // SAFETY: the page is only ever touched here, under the lock we hold.
+    let buf = unsafe { &mut *CONSOLE_PAGE.0.get() };
+    let mut w = LineBuf {
+        buf,
+        len: &mut len,
+        sink: load(&SINK),
+    };
+    f(&mut w);
+    w.flush();
 }
 
-static CONSOLE: Mutex<Serial> = Mutex::new(
-    // SAFETY: COM1 is driven only through this lock (and the panic path below).
-    unsafe { Serial::new(COM1) },
-);
-
 pub fn init() {
-    // SAFETY: reading 0xe9 has no side effects: the debug console answers
-    // with its readback byte, an unclaimed port with all-ones.
-    let debugcon = unsafe { inb(DEBUGCON) } == DEBUGCON_READBACK;
-    USE_DEBUGCON.store(debugcon, Ordering::Relaxed);
-    let mut c = CONSOLE.lock();
-    c.init();
+    // SAFETY: reading 0xe0 and 0xe9 has no side effects: a console answers
+    // with its magic, an unclaimed port with all-ones.
+    let (linecon, debugcon) = unsafe {
+        (
+            inl(LINECON) == LINECON_MAGIC,
+            inb(DEBUGCON) == DEBUGCON_READBACK,
+        )
+    };
+    let emergency = if debugcon { Sink::DebugCon } else { Sink::Com1 };
+    if emergency == Sink::Com1 {
+        init_com1();
+    }
+    let sink = if linecon { Sink::LineCon } else { emergency };
+    EMERGENCY_SINK.store(emergency as u8, Ordering::Relaxed);
+    SINK.store(sink as u8, Ordering::Relaxed);
     // Firmware before us (SeaBIOS) may leave the cursor mid-line; start clean
-    // so our first line is a whole line for anyone parsing the log.
-    let _ = LineBuf::new(&mut c).write_str("\n");
-    drop(c);
+    // so our first line is a whole line for anyone parsing the log. It
+    // leaves with the first print.
+    let mut len = CONSOLE.lock();
+    // SAFETY: as in `with_console`, under the lock.
+    let buf = unsafe { &mut *CONSOLE_PAGE.0.get() };
+    LineBuf {
+        buf,
+        len: &mut len,
+        sink,
+    }
+    .newline();
+    drop(len);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
 }
 
-/// Whether output goes to the debug console (port 0xe9) rather than COM1.
-pub fn uses_debugcon() -> bool {
-    USE_DEBUGCON.load(Ordering::Relaxed)
+/// Which port the console writes to, for the boot log.
+pub fn console_name() -> &'static str {
+    match load(&SINK) {
+        Sink::LineCon => "line console (port 0xe0)",
+        Sink::DebugCon => "debug port 0xe9",
+        Sink::Com1 => "COM1",
+    }
 }
 
-pub fn print(args: fmt::Arguments<'_>) {
-    let mut c = CONSOLE.lock();
-    let _ = LineBuf::new(&mut c).write_fmt(args);
+/// Prints `args` and a newline in one burst.
+pub fn print_line(args: fmt::Arguments<'_>) {
+    with_console(|w| {
+        let _ = w.write_fmt(args);
+        w.newline();
+    });
+}
+
+/// Prints `text`, which lives in the image: on the line console straight
+/// from where it is, a page per write, when it starts on a page boundary;
+/// otherwise like any print. Bytes, not `str`: checking that they are
+/// UTF-8 would cost an instruction or so per byte.
+pub fn print_static(text: &'static [u8]) {
+    with_console(|w| {
+        let at = text.as_ptr() as u64;
+        if w.sink != Sink::LineCon || !at.is_multiple_of(LINE as u64) || at >= 1 << 32 {
+            return w.write_bytes(text);
+        }
+        // What is buffered (init's newline) goes first.
+        w.flush();
+        for page in text.chunks(LINE) {
+            send(Sink::LineCon, page);
+        }
+    });
 }
 
 /// Printing from panic/exception context: the console lock may be held by the
-/// code that faulted, so bypass it. Interleaved output beats a silent hang.
+/// code that faulted, so bypass it (and its page). Interleaved output beats
+/// a silent hang.
 pub fn print_emergency(args: fmt::Arguments<'_>) {
-    // SAFETY: only used on the way to exit(); the UART tolerates a concurrent
-    // writer (worst case, mixed bytes).
-    let mut s = unsafe { Serial::new(COM1) };
-    let _ = LineBuf::new(&mut s).write_fmt(args);
-}
-
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print(format_args!($($arg)*)) };
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    let mut w = LineBuf {
+        buf: &mut buf,
+        len: &mut len,
+        sink: load(&EMERGENCY_SINK),
+    };
+    let _ = w.write_fmt(args);
+    w.flush();
 }
 
 #[macro_export]
 macro_rules! println {
-    () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
+    () => { $crate::serial::print_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::serial::print_line(format_args!($($arg)*)) };
 }
 
 struct Logger;
@@ -231,13 +326,17 @@ impl log::Log for Logger {
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
             let level = match record.level() {
-                log::Level::Error => "ERROR",
-                log::Level::Warn => "WARN ",
-                log::Level::Info => "INFO ",
-                log::Level::Debug => "DEBUG",
-                log::Level::Trace => "TRACE",
+                log::Level::Error => "[ERROR] ",
+                log::Level::Warn => "[WARN ] ",
+                log::Level::Info => "[INFO ] ",
+                log::Level::Debug => "[DEBUG] ",
+                log::Level::Trace => "[TRACE] ",
             };
-            print(format_args!("[{level}] {}\n", record.args()));
+            with_console(|w| {
+                let _ = w.write_str(level);
+                let _ = w.write_fmt(*record.args());
+                w.newline();
+            });
         }
     }
 

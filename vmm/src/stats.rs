@@ -150,7 +150,7 @@ fn guest_json(g: &GuestStats) -> serde_json::Value {
 
 /// The process's own counters: peak resident memory (the kernel's
 /// high-water mark, `ru_maxrss`), CPU time, and what the output streams
-/// dropped (`output`).
+/// dropped (`output`) or refused (the line console).
 pub fn process() -> Vec<(&'static str, u64)> {
     // SAFETY: getrusage fills the struct we pass; zeroed is a valid value.
     let ru = unsafe {
@@ -166,6 +166,10 @@ pub fn process() -> Vec<(&'static str, u64)> {
         ("system_cpu_ms", ms(ru.ru_stime)),
         ("log_records_dropped", log.items),
         ("console_bytes_dropped", console.bytes),
+        (
+            "console_writes_rejected",
+            crate::devices::linecon::rejected(),
+        ),
     ]
 }
 

@@ -21,6 +21,7 @@ use crate::boot;
 use crate::bus::Bus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::debugcon::{DebugCon, DEBUGCON_LEN, DEBUGCON_PORT};
+use crate::devices::linecon::{LineCon, LINECON_LEN, LINECON_PORT};
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::error::{Error, Result};
 use crate::gpu;
@@ -174,6 +175,12 @@ pub fn run(cfg: Config) -> Result<Report> {
         Arc::new(Mutex::new(DebugCon::new(Box::new(Console)))),
         u64::from(DEBUGCON_PORT),
         DEBUGCON_LEN,
+    )
+    .expect("fixed legacy ports do not overlap");
+    pio.insert(
+        Arc::new(Mutex::new(LineCon::new(mem.clone(), Box::new(Console)))),
+        u64::from(LINECON_PORT),
+        LINECON_LEN,
     )
     .expect("fixed legacy ports do not overlap");
     let mmio = Bus::new();

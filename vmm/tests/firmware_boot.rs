@@ -72,21 +72,48 @@ fn failing_guest_test_makes_faultline_fail() {
     assert!(stderr(&o).contains("guest reported failure"));
 }
 
-/// The firmware finds the VMM's debug console (port 0xe9) and prints
+/// The firmware finds the VMM's line console (port 0xe0) and prints
 /// through it: "\n" line ends (COM1 output has "\r\n"), and it says so at
 /// debug level. The full output must still arrive, summary last.
 #[test]
-fn console_goes_through_the_debug_port() {
-    let (true, Some(fw)) = (kvm_or_skip("console_debug_port"), firmware()) else {
+fn console_goes_through_the_line_console() {
+    let (true, Some(fw)) = (kvm_or_skip("console_line_console"), firmware()) else {
         return;
     };
     let o = boot(&fw, &["--cmdline", "test=heap loglevel=debug"]);
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
-    assert!(out.contains("[DEBUG] console: debug port 0xe9"), "{out}");
+    assert!(
+        out.contains("[DEBUG] console: line console (port 0xe0)"),
+        "{out}"
+    );
     assert!(!out.contains('\r'), "COM1 line ends in: {out:?}");
     assert!(out.contains("test heap ... ok"), "{out}");
     assert_eq!(summary(&out), Some((1, 0)), "{out}");
+}
+
+/// `list=1` alone prints the listing assembled at build time; with an
+/// empty `test=` the names are printed one by one at run time. Both must
+/// be the same lines, one per test, after the banner.
+#[test]
+fn the_built_listing_matches_the_run_time_one() {
+    let (true, Some(fw)) = (kvm_or_skip("listing"), firmware()) else {
+        return;
+    };
+    let names = |cmdline: &str| {
+        let o = boot(&fw, &["--cmdline", cmdline]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}");
+        let (_, list) = out
+            .split_once("faultline firmware:")
+            .and_then(|(_, rest)| rest.split_once('\n'))
+            .unwrap_or_else(|| panic!("no banner in {out}"));
+        list.lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let built = names("list=1");
+    assert!(built.len() > 40, "{built:?}");
+    assert!(built.iter().any(|n| n == "large_first_touch"), "{built:?}");
+    assert_eq!(built, names("list=1 test="));
 }
 
 #[test]

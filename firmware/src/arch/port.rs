@@ -17,6 +17,13 @@ pub unsafe fn inb(port: u16) -> u8 {
 }
 
 /// # Safety
+/// As for [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { Port::<u32>::new(port).read() }
+}
+
+/// # Safety
 /// As for [`outb`].
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: forwarded to the caller's contract.

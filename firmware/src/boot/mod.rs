@@ -44,6 +44,8 @@ impl Banner {
 #[derive(Clone, Copy)]
 pub enum Phase {
     Entry,
+    Console,
+    Cmdline,
     Frames,
     DirectMap,
     Heap,
@@ -52,8 +54,10 @@ pub enum Phase {
     Time,
 }
 
-const PHASE_NAMES: [&str; 7] = [
+const PHASE_NAMES: [&str; 9] = [
     "rust_entry",
+    "console",
+    "gdt, idt, start info, cmdline",
     "frames",
     "direct map",
     "heap",
@@ -61,7 +65,7 @@ const PHASE_NAMES: [&str; 7] = [
     "kernel stack",
     "apic and time",
 ];
-static PHASES: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static PHASES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
 
 /// Records the TSC at `p` (one rdtsc: ~5,650 cycles under PVM).
 pub fn mark(p: Phase) {

@@ -209,11 +209,62 @@ pub fn set_params(opts: &Options<'_>) {
     };
 }
 
+/// What `list=1` prints without `test=` or `fail=1`: every name of
+/// [`SUITES`], one a line, assembled when the firmware is built. Printing
+/// it costs one console write, where formatting the names one by one cost
+/// ~0.4 ms each under an instruction-emulating hypervisor.
+static LISTING: Listing = Listing(listing());
+
+const LISTING_LEN: usize = {
+    let mut n = 0;
+    let mut s = 0;
+    while s < SUITES.len() {
+        let mut t = 0;
+        while t < SUITES[s].len() {
+            n += SUITES[s][t].name.len() + 1;
+            t += 1;
+        }
+        s += 1;
+    }
+    n
+};
+
+/// Page-aligned, so the line console can take it in place.
+#[repr(C, align(4096))]
+struct Listing([u8; LISTING_LEN]);
+
+const fn listing() -> [u8; LISTING_LEN] {
+    let mut out = [0u8; LISTING_LEN];
+    let mut at = 0;
+    let mut s = 0;
+    while s < SUITES.len() {
+        let mut t = 0;
+        while t < SUITES[s].len() {
+            let name = SUITES[s][t].name.as_bytes();
+            let mut i = 0;
+            while i < name.len() {
+                out[at] = name[i];
+                at += 1;
+                i += 1;
+            }
+            out[at] = b'\n';
+            at += 1;
+            t += 1;
+        }
+        s += 1;
+    }
+    out
+}
+
 pub fn run(opts: &Options<'_>) -> ! {
     set_params(opts);
     if opts.list {
-        for t in all_tests(opts) {
-            println!("{}", t.name);
+        if opts.test_filter.is_none() && !opts.fail {
+            crate::serial::print_static(&LISTING.0);
+        } else {
+            for t in all_tests(opts) {
+                println!("{}", t.name);
+            }
         }
         exit(ExitCode::Success);
     }

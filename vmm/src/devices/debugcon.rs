@@ -1,8 +1,9 @@
 //! The debug console on port 0xe9 (Bochs/QEMU `isa-debugcon`): every byte
 //! written goes to stdout as is; a read returns 0xe9, which is how a guest
-//! tells the port is there. The firmware prints a whole line with one
+//! tells the port is there. A guest prints a whole buffer with one
 //! `rep outsb`: one VM exit per byte on this host (COM1 costs two), one per
-//! string where KVM passes the string in one exit.
+//! string where KVM passes the string in one exit. The firmware uses it
+//! only where the line console (`linecon`) is missing: under QEMU.
 
 use std::io::Write;
 

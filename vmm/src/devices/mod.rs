@@ -2,4 +2,5 @@
 
 pub mod debug_exit;
 pub mod debugcon;
+pub mod linecon;
 pub mod serial;
