@@ -103,6 +103,13 @@ bench_boot() {
   qmw=$(med "${qm_w[@]}") qmx=$(med "${qm_x[@]}") qma=$(med "${qm_a[@]}")
   fl_over=$(med $(for i in "${!fm_e[@]}"; do echo $((fm_e[i] + fm_a[i])); done))
   qm_over=$(med $(for i in "${!qm_x[@]}"; do echo $((qm_x[i] + qm_a[i])); done))
+  # Where the default image's guest time goes: one more boot at
+  # loglevel=debug, whose "boot phases" line the firmware times with TSC
+  # marks (that run's own debug lines add to its phases; not in the medians).
+  local phases
+  phases=$("$FAULTLINE_BIN" run --firmware "$FIRMWARE_IMAGE" --cmdline "list=1 loglevel=debug" |
+    sed -n 's/.*boot phases: //p' | head -1)
+  [ -n "$phases" ] || die "the firmware printed no boot phases at loglevel=debug"
 
   # The whole default suite on both, as before: same work on both sides, no
   # GPU, so the GPU tests skip on both.
@@ -126,10 +133,12 @@ bench_boot() {
   record boot <<MD
 Measured $stamp; $runs runs of each row, interleaved; 512 MiB, 1 vCPU;
 medians in ms. "default" is the firmware image with \`list=1\` (boot,
-print the 48 test names, exit); "minimal" is \`scripts/pvh-min\`, a PVH
-image whose only work is writing the exit port. Both hosts get the debug
-console on port 0xe9 (the firmware then prints each line with one
-\`rep outsb\`; one exit per byte under this host's KVM). For
+print the test names, exit); "minimal" is \`scripts/pvh-min\`, a PVH
+image whose only work is writing the exit port. Under faultline the
+firmware prints through its line console on port 0xe0 (one exit per
+print; the \`list=1\` listing is built with the image and leaves in one
+write); under QEMU through the debug console on port 0xe9 (one
+\`rep outsb\` per print, one exit per byte under this host's KVM). For
 faultline, "start → entry" is process start to the vCPU's first KVM_RUN
 and "guest" from there to the exit-port write (the VMM's \`timing:\` debug
 lines); QEMU cannot show where our image starts, so its "start → exit port"
@@ -148,6 +157,10 @@ the exit-port write to the process reaped.
   faultline's start → entry plus exit → reaped on the minimal image
   ($(ms "$fl_over") ms) against QEMU's start → exit port plus exit → reaped
   on the same image ($(ms "$qm_over") ms).
+
+The default image's guest time by boot phase (µs), from one more boot at
+\`loglevel=debug\` (the firmware's TSC marks; that run's debug lines add
+to its phases): $phases.
 
 The whole default self-test suite, \`gpu=optional\` and no GPU on either side
 (the GPU tests skip), wall time from process start to exit:

@@ -171,11 +171,10 @@ pub fn ensure_pml4_entry(index: usize) -> Result<(), MapError> {
         let offset = k.mapper.phys_offset().as_u64();
         let pml4 = k.mapper.level_4_table_mut();
         if pml4[index].is_unused() {
-            let frame = frames::alloc().ok_or(MapError::OutOfFrames)?;
+            // An empty table: zeroed through the current offset where it
+            // does not hold zeros already.
+            let frame = frames::alloc_table_at_boot(offset).ok_or(MapError::OutOfFrames)?;
             assert!(frame.as_u64() < k.pt_limit);
-            // SAFETY: a fresh frame reachable through the current offset;
-            // zeroing it makes an empty table.
-            unsafe { (*((offset + frame.as_u64()) as *mut PageTable)).zero() };
             pml4[index].set_addr(frame, F::PRESENT | F::WRITABLE);
         }
         Ok(())

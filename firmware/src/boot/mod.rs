@@ -171,12 +171,22 @@ pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
 pub fn init_kernel_stack() -> VirtAddr {
     let pages = mm::KERNEL_STACK_SIZE / mm::frames::FRAME_SIZE;
     let base = mm::vmap::reserve(pages);
+    // One run of frames where RAM has one: one allocator search instead of
+    // one per page.
+    let run = mm::frames::alloc_contiguous(pages);
     // SAFETY: boot, after the direct map; freshly reserved vmap pages
     // (never mapped), fresh frames.
     let mapped = unsafe {
-        mm::direct_map::map_boot(base, pages, false, paging::kernel_data_flags(), |_| {
-            mm::frames::alloc()
-        })
+        mm::direct_map::map_boot(
+            base,
+            pages,
+            false,
+            paging::kernel_data_flags(),
+            |i| match run {
+                Some(first) => Some(first + i * mm::frames::FRAME_SIZE),
+                None => mm::frames::alloc(),
+            },
+        )
     }
     .unwrap_or_else(|e| crate::fatal(format_args!("kernel stack: {e:?}")));
     if mapped < pages {

@@ -14,7 +14,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::{frames, DIRECT_MAP_BASE, DIRECT_MAP_LIMIT};
 use crate::arch::paging::{self, MapError};
-use crate::boot::pvh::{BootInfo, E820_RAM};
+use crate::boot::pvh::{BootInfo, E820_RAM, MEMMAP_MAX};
 
 const SMALL: u64 = 4096;
 const LARGE: u64 = 2 << 20;
@@ -38,10 +38,9 @@ fn has_1g_pages() -> bool {
 
 /// Writes page-table entries straight into the kernel tables. `offset` is
 /// where physical memory is mapped (0: the boot identity map, which reaches
-/// `limit`).
+/// the low 4 GiB).
 struct Builder {
     offset: u64,
-    limit: u64,
     stats: DirectMapStats,
 }
 
@@ -52,14 +51,10 @@ impl Builder {
 
     /// A fresh, zeroed table frame, not linked anywhere yet.
     fn new_table(&mut self) -> Result<u64, MapError> {
-        let frame = frames::alloc().ok_or(MapError::OutOfFrames)?.as_u64();
-        if frame + SMALL > self.limit {
-            frames::free(PhysAddr::new(frame));
-            return Err(MapError::OutOfFrames);
-        }
-        // SAFETY: a fresh frame, reachable through `offset` and ours; 512
-        // qwords is exactly the frame.
-        unsafe { zero_table(self.table_ptr(frame)) };
+        // With offset 0 the frame is below 4 GiB (`alloc_table_at_boot`).
+        let frame = frames::alloc_table_at_boot(self.offset)
+            .ok_or(MapError::OutOfFrames)?
+            .as_u64();
         self.stats.tables += 1;
         Ok(frame)
     }
@@ -190,32 +185,184 @@ pub unsafe fn map_boot(
 ) -> Result<u64, MapError> {
     let mut b = Builder {
         offset: DIRECT_MAP_BASE,
-        limit: u64::MAX,
         stats: DirectMapStats::default(),
     };
     // SAFETY: forwarded to the caller's contract.
     unsafe { b.map(va.as_u64(), count, u32::from(large), flags.bits(), frame) }
 }
 
-/// Clears one 4 KiB table with one `rep stosq`.
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * level)) & 0x1ff) as usize
+}
+
+// The direct map of the low 4 GiB, prebuilt in .data so the loader (not
+// the guest, at ~1 µs an instruction) writes its 2,560 entries: a PDPT
+// whose first four entries point at four page directories of 2 MiB pages
+// (P | W | PS | NX) for [0, 4 GiB), the first of whose entries points at a
+// table of 4 KiB pages for [0, 2 MiB). `init` links the PDPT and then only
+// takes out what is not RAM (a few `rep stosq` runs) and rebuilds, in
+// 4 KiB pages, the 2 MiB slots that are partly RAM.
+core::arch::global_asm!(
+    r#"
+    .pushsection .data.direct_map_tables, "aw"
+    .p2align 12
+    .global dmap_pdpt
+dmap_pdpt:
+    .set dmap_i, 0
+    .rept 4
+    .quad dmap_pd + dmap_i * 0x1000 + {table}
+    .set dmap_i, dmap_i + 1
+    .endr
+    .fill 508, 8, 0
+    .global dmap_pd
+dmap_pd:
+    .quad dmap_pt0 + {table}
+    .set dmap_i, 1
+    .rept 2047
+    .quad dmap_i * 0x200000 + {large}
+    .set dmap_i, dmap_i + 1
+    .endr
+    .global dmap_pt0
+dmap_pt0:
+    .set dmap_i, 0
+    .rept 512
+    .quad dmap_i * 0x1000 + {small}
+    .set dmap_i, dmap_i + 1
+    .endr
+    .popsection
+"#,
+    table = const TABLE,
+    large = const TEMPLATE_LEAF | F::HUGE_PAGE.bits(),
+    small = const TEMPLATE_LEAF,
+    options(att_syntax)
+);
+
+extern "C" {
+    static mut dmap_pdpt: [u64; 512];
+    static mut dmap_pd: [u64; 4 * 512];
+    static mut dmap_pt0: [u64; 512];
+}
+
+/// The leaf flags the prebuilt tables carry: `kernel_data_flags` with NX
+/// on. Without NX `init` builds everything at run time.
+const TEMPLATE_LEAF: u64 = F::PRESENT.bits() | F::WRITABLE.bits() | F::NO_EXECUTE.bits();
+
+/// Stores zeros over `n` entries from `at` (one `rep stosq`).
 ///
 /// # Safety
-/// `table` must point at 4096 writable bytes nobody else uses.
-unsafe fn zero_table(table: *mut u64) {
+/// `[at, at + n)` must be entries of tables nobody else uses yet.
+unsafe fn clear(at: *mut u64, n: u64) {
     // SAFETY: per the contract; DF is clear (ABI).
     unsafe {
         core::arch::asm!(
             "rep stosq",
-            inout("rcx") 512u64 => _,
-            inout("rdi") table => _,
+            inout("rcx") n => _,
+            inout("rdi") at => _,
             in("rax") 0u64,
             options(nostack, preserves_flags)
         );
     }
 }
 
-fn index(va: u64, level: u32) -> usize {
-    ((va >> (12 + 9 * level)) & 0x1ff) as usize
+/// Takes the hole `[a, b)` (4 KiB aligned, below 4 GiB) out of the
+/// prebuilt tables: its 4 KiB entries below 2 MiB, every 2 MiB slot above
+/// it touches (a slot only partly in the hole is rebuilt by the caller),
+/// and whole GiBs at the PDPT.
+///
+/// # Safety
+/// Boot only, before the prebuilt tables are linked into any live table
+/// or after, with nothing reading the direct map's hole meanwhile.
+unsafe fn punch(a: u64, b: u64) {
+    let (pdpt, pd, pt0) = (
+        &raw mut dmap_pdpt as *mut u64,
+        &raw mut dmap_pd as *mut u64,
+        &raw mut dmap_pt0 as *mut u64,
+    );
+    if a < LARGE {
+        // SAFETY: entries of the first 4 KiB table, inside it.
+        unsafe { clear(pt0.add((a / SMALL) as usize), (b.min(LARGE) - a) / SMALL) };
+    }
+    let (mut slot, end) = ((a / LARGE).max(1), b.div_ceil(LARGE));
+    while slot < end {
+        let gib = slot / 512;
+        let stop = end.min((gib + 1) * 512);
+        if a <= gib * HUGE && b >= (gib + 1) * HUGE {
+            // SAFETY: one of the four linked PDPT entries.
+            unsafe { pdpt.add(gib as usize).write(0) };
+        } else {
+            // SAFETY: slots below 2048, inside the four directories.
+            unsafe { clear(pd.add(slot as usize), stop - slot) };
+        }
+        slot = stop;
+    }
+}
+
+/// RAM as `[start, end)` ranges, sorted, merged where they overlap or
+/// touch (so nothing is mapped twice), shrunk to whole 4 KiB pages.
+fn ram_ranges(boot: &BootInfo) -> ([(u64, u64); MEMMAP_MAX], usize) {
+    let mut out = [(0, 0); MEMMAP_MAX];
+    let mut n = 0;
+    let mut ranges = boot
+        .memmap()
+        .iter()
+        .filter(|e| e.kind == E820_RAM)
+        .map(|e| (e.addr, e.end()))
+        .peekable();
+    while let Some((start, mut end)) = ranges.next() {
+        while let Some(&(s, e)) = ranges.peek() {
+            if s > end {
+                break;
+            }
+            end = end.max(e);
+            ranges.next();
+        }
+        let (start, end) = (start.div_ceil(SMALL) * SMALL, end & !(SMALL - 1));
+        if start < end {
+            out[n] = (start, end);
+            n += 1;
+        }
+    }
+    (out, n)
+}
+
+impl Builder {
+    /// Maps RAM `[start, end)` in the largest pages that fit: each step up
+    /// to the next boundary of the next larger size, or to the end.
+    ///
+    /// # Safety
+    /// As for [`Builder::map`]: the range's part of the window is unmapped.
+    unsafe fn map_ram(
+        &mut self,
+        start: u64,
+        end: u64,
+        leaf: u64,
+        gb_pages: bool,
+    ) -> Result<(), MapError> {
+        let mut pa = start;
+        while pa < end {
+            let level = if gb_pages && pa.is_multiple_of(HUGE) && end - pa >= HUGE {
+                2
+            } else if pa.is_multiple_of(LARGE) && end - pa >= LARGE {
+                1
+            } else {
+                0
+            };
+            let size = SMALL << (9 * level);
+            let next_up = (pa / (size << 9) + 1) * (size << 9);
+            let stop = if level == 2 { end } else { next_up.min(end) };
+            let count = (stop - pa) / size;
+            let base = pa;
+            // SAFETY: forwarded to the caller's contract; the frames are
+            // RAM, aliased there by design.
+            let mapped = unsafe {
+                self.map(DIRECT_MAP_BASE + pa, count, level, leaf, |i| {
+                    Some(PhysAddr::new(base + i * size))
+                })?
+            };
+            pa += mapped * size;
+        }
+        Ok(())
+    }
 }
 
 /// Builds the direct map for every RAM entry and switches the kernel page
@@ -227,61 +374,74 @@ fn index(va: u64, level: u32) -> usize {
 pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
     let leaf = paging::kernel_data_flags().bits();
     let gb_pages = has_1g_pages();
-    assert!(paging::kernel_pml4_phys().as_u64() + SMALL <= IDENTITY_LIMIT);
+    let pml4 = paging::kernel_pml4_phys().as_u64();
+    assert!(pml4 + SMALL <= IDENTITY_LIMIT);
     let mut b = Builder {
         offset: 0,
-        limit: IDENTITY_LIMIT,
         stats: DirectMapStats::default(),
     };
-    // The map is sorted; merging overlapping/adjacent RAM entries keeps a
-    // range from being mapped twice.
-    let mut ranges = boot
-        .memmap()
-        .iter()
-        .filter(|e| e.kind == E820_RAM)
-        .map(|e| (e.addr, e.end()))
-        .peekable();
-    while let Some((mut start, mut end)) = ranges.next() {
-        while let Some(&(s, e)) = ranges.peek() {
-            if s > end {
-                break;
-            }
-            end = end.max(e);
-            ranges.next();
-        }
-        start = start.div_ceil(SMALL) * SMALL;
-        end &= !(SMALL - 1);
+    let (ranges, n) = ram_ranges(boot);
+    let ranges = &ranges[..n];
+    if let Some(&(_, end)) = ranges.last() {
         assert!(
             DIRECT_MAP_BASE + end <= DIRECT_MAP_LIMIT,
             "RAM beyond the direct map window"
         );
-        // Each step maps the largest pages that fit from `pa`: up to the
-        // next boundary of the next larger size, or to the end.
-        let mut pa = start;
-        while pa < end {
-            let level = if gb_pages && pa % HUGE == 0 && end - pa >= HUGE {
-                2
-            } else if pa % LARGE == 0 && end - pa >= LARGE {
-                1
-            } else {
-                0
-            };
-            let size = SMALL << (9 * level);
-            let next_up = (pa / (size << 9) + 1) * (size << 9);
-            let stop = if level == 2 { end } else { next_up.min(end) };
-            let count = (stop - pa) / size;
-            let base = pa;
-            // SAFETY: the direct-map window is unmapped and only this code
-            // writes it; the frames are RAM, aliased there by design.
-            let mapped = unsafe {
-                b.map(DIRECT_MAP_BASE + pa, count, level, leaf, |i| {
-                    Some(PhysAddr::new(base + i * size))
-                })?
-            };
-            pa += mapped * size;
+    }
+    // Below 4 GiB from the prebuilt tables, above in the largest pages.
+    let low = leaf == TEMPLATE_LEAF;
+    if low {
+        let mut covered = 0;
+        for &(s, e) in ranges
+            .iter()
+            .chain(core::iter::once(&(IDENTITY_LIMIT, IDENTITY_LIMIT)))
+        {
+            let s = s.min(IDENTITY_LIMIT);
+            if s > covered {
+                // SAFETY: boot, nothing linked yet.
+                unsafe { punch(covered, s) };
+            }
+            covered = covered.max(e.min(IDENTITY_LIMIT));
+        }
+        // SAFETY: the PML4's direct-map slot is empty (nothing maps the
+        // window yet); the PDPT is in the image, so identity-mapped.
+        unsafe {
+            let slot = (pml4 as *mut u64).add(index(DIRECT_MAP_BASE, 3));
+            slot.write(&raw const dmap_pdpt as u64 | TABLE);
+        }
+        for &(s, e) in ranges {
+            let (s, e) = (s.min(IDENTITY_LIMIT), e.min(IDENTITY_LIMIT));
+            if s >= e {
+                continue;
+            }
+            b.stats.small_pages += (e.min(LARGE) - s.min(LARGE)) / SMALL;
+            let (s2, e2) = (s.max(LARGE), e);
+            if s2 >= e2 {
+                continue;
+            }
+            let (whole_lo, whole_hi) = (s2.div_ceil(LARGE) * LARGE, e2 / LARGE * LARGE);
+            b.stats.large_pages += whole_hi.saturating_sub(whole_lo) / LARGE;
+            // The ends of the range that share a 2 MiB slot with a hole,
+            // which `punch` took out whole.
+            let head = (s2, whole_lo.min(e2));
+            let tail = (whole_hi.max(head.1), e2);
+            for (a, z) in [head, tail] {
+                if a < z {
+                    // SAFETY: slots `punch` cleared, nothing maps them.
+                    unsafe { b.map_ram(a, z, leaf, false)? };
+                }
+            }
         }
     }
-    // SAFETY: the loop above mapped all RAM, which holds every page table.
+    for &(s, e) in ranges {
+        let s = if low { s.max(IDENTITY_LIMIT) } else { s };
+        if s < e {
+            // SAFETY: the window above what the prebuilt tables cover (or
+            // all of it) is unmapped and only this code writes it.
+            unsafe { b.map_ram(s, e, leaf, gb_pages)? };
+        }
+    }
+    // SAFETY: the above mapped all RAM, which holds every page table.
     unsafe { paging::switch_to_direct_map(DIRECT_MAP_BASE) };
     Ok(b.stats)
 }

@@ -409,6 +409,15 @@ fn direct_map_test() -> Result<(), String> {
         t == Some(PhysAddr::new(last)),
         "last RAM byte {last:#x} maps to {t:?}"
     );
+    // Nothing that is not RAM: the page after the top of RAM, and the
+    // legacy VGA/BIOS hole at 640 KiB, which no PC memory map gives as RAM.
+    for hole in [mm::ram_end(), 0xa_0000] {
+        let t = paging::translate(VirtAddr::new(mm::DIRECT_MAP_BASE + hole));
+        ensure!(
+            t.is_none(),
+            "non-RAM {hole:#x} is in the direct map at {t:?}"
+        );
+    }
     ensure!(frames::stats().free >= before - 3, "frames leaked");
     Ok(())
 }
