@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device benchmark: COPY through the emulated GPU's MMU (warm TLB) against a
 # plain host memcpy of the same bytes, 4 KiB and 2 MiB mappings, as ratios;
-# then the coherence checker's cost (--gpu-check): COPY and a device-only
+# MIGRATE system -> VRAM and VRAM -> system against the same memcpy; then the coherence checker's cost (--gpu-check): COPY and a device-only
 # single fault with the checker on against off, measured side by side; and
 # the same two with the fault timeline (--gpu-trace) on against off.
 # Prints markdown tables on stdout. Usage: scripts/bench-device.sh [reps]

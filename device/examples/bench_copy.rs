@@ -1,17 +1,20 @@
 //! COPY through the device MMU (warm TLB) against a plain host memcpy of the
-//! same bytes, for 4 KiB and 2 MiB mappings; then the coherence checker's
-//! cost (`--gpu-check`): COPY and a device-only single fault with the
-//! checker on against off, side by side. Prints markdown tables.
+//! same bytes, for 4 KiB and 2 MiB mappings; MIGRATE between system memory
+//! and VRAM against the same memcpy; then the coherence checker's cost
+//! (`--gpu-check`): COPY and a device-only single fault with the checker on
+//! against off, side by side. Prints markdown tables.
 //!
 //! Usage: bench_copy [reps]
 
 use std::time::Instant;
 
-use faultline_abi::{doorbell, Pte, Status, LEAF_2M, LEAF_4K};
+use faultline_abi::{doorbell, MigrateEntry, PhysPage, Pte, Status, LEAF_2M, LEAF_4K};
 use faultline_device::check::CheckMode;
 use faultline_device::mmu::TLB_CAPACITY;
 use faultline_device::testing::{cmd, CpuPageTable, Rig};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use faultline_device::vram::{Phys, PhysMem};
+use faultline_device::Config;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const SRC_GPA: u64 = 64 << 20;
 const DST_GPA: u64 = 192 << 20;
@@ -119,6 +122,84 @@ fn bench(page: u64, size: u64, scattered: bool, reps: usize) -> Row {
         host_gibs: median(host),
         host_paged_gibs: median(paged),
     }
+}
+
+/// Where MIGRATE's page lists live.
+const LIST_GPA: u64 = 48 << 20;
+
+/// MIGRATE of `size` bytes in pages of `page` (one command, at most 512
+/// pages), system → VRAM and VRAM → system, each against one host memcpy
+/// of the same bytes between the same buffers, interleaved: GiB/s of
+/// [(MIGRATE, memcpy) to VRAM, (MIGRATE, memcpy) to system].
+fn bench_migrate(page: u64, size: u64, reps: usize) -> [(f64, f64); 2] {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 320 << 20)]).unwrap();
+    let cfg = Config {
+        vram: size,
+        ..Config::default()
+    };
+    let mut rig = Rig::with_config(mem, 64, cfg);
+    assert!(rig.enable_channel(0, 0));
+    let n = size / page;
+    let list = |rig: &Rig, at: u64, to_vram: bool| {
+        for i in 0..n {
+            let (sys, vram) = (
+                PhysPage::system(SRC_GPA + i * page),
+                PhysPage::vram(i * page),
+            );
+            let e = match to_vram {
+                true => MigrateEntry::new(sys, vram),
+                false => MigrateEntry::new(vram, PhysPage::system(DST_GPA + i * page)),
+            };
+            rig.write_bytes(at + i * 16, &e.to_le_bytes());
+        }
+    };
+    let (to_vram, to_sys) = (LIST_GPA, LIST_GPA + n * 16);
+    list(&rig, to_vram, true);
+    list(&rig, to_sys, false);
+    let pattern: Vec<u8> = (0..size).map(|i| (i * 29 % 251) as u8).collect();
+    rig.write_bytes(SRC_GPA, &pattern);
+    let migrate = |rig: &mut Rig, at: u64| {
+        let t = rig.submit(0, cmd::migrate(at, n as u32, page == LEAF_2M));
+        rig.dev.doorbell(doorbell::channel(0));
+        rig.dev.run_until_idle();
+        assert_eq!(rig.status(t), Status::Ok);
+    };
+    // Touch every VRAM page once (the mapping commits on first write).
+    migrate(&mut rig, to_vram);
+    migrate(&mut rig, to_sys);
+    assert!(
+        rig.read_bytes(DST_GPA, size as usize) == pattern,
+        "MIGRATE result"
+    );
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let [mut up, mut up_host, mut down, mut down_host] = [(); 4].map(|()| Vec::new());
+    let vram = Phys {
+        addr: 0,
+        vram: true,
+    };
+    let (sys_src, sys_dst) = (Phys::system(SRC_GPA), Phys::system(DST_GPA));
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        migrate(&mut rig, to_vram);
+        up.push(gib / t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        migrate(&mut rig, to_sys);
+        down.push(gib / t0.elapsed().as_secs_f64());
+        let host = PhysMem {
+            mem: rig.mem(),
+            vram: rig.dev.vram(),
+        };
+        let t0 = Instant::now();
+        host.copy(vram, sys_src, size).unwrap();
+        up_host.push(gib / t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        host.copy(sys_dst, vram, size).unwrap();
+        down_host.push(gib / t0.elapsed().as_secs_f64());
+    }
+    [
+        (median(up), median(up_host)),
+        (median(down), median(down_host)),
+    ]
 }
 
 /// COPY GiB/s with the checker off and on (warn), interleaved on one rig
@@ -289,6 +370,31 @@ fn main() {
     }
     println!();
     println!("median of {reps} interleaved repetitions; TLB capacity {TLB_CAPACITY} entries/context; targets: >= 0.7 (4 KiB), >= 0.9 (2 MiB) with a warm TLB");
+    println!();
+    println!("MIGRATE (docs/gpu-abi.md \"Device memory (VRAM)\"): one command of physical page copies, each direction against one host memcpy of the same bytes between the same buffers, interleaved (VRAM touched once before):");
+    println!();
+    println!(
+        "| pages | bytes per MIGRATE | direction | MIGRATE (GiB/s) | host memcpy (GiB/s) | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (page, size) in [
+        (LEAF_2M, 64u64 << 20),
+        (LEAF_2M, 4 << 20),
+        (LEAF_4K, 2 << 20),
+    ] {
+        let dirs = bench_migrate(page, size, reps);
+        for ((dev, host), dir) in dirs.into_iter().zip(["system → VRAM", "VRAM → system"]) {
+            println!(
+                "| {} × {} | {} MiB | {dir} | {dev:.2} | {host:.2} | **{:.3}** |",
+                size / page,
+                if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
+                size >> 20,
+                dev / host
+            );
+        }
+    }
+    println!();
+    println!("median of {reps} interleaved repetitions; target >= 0.8 at 2 MiB pages. The device copies at most 128 KiB a scheduling slice (`engine::XFER_SLICE`), so a 2 MiB page takes 16 slices.");
     println!();
     println!("Coherence checker (`--gpu-check`, docs/gpu-abi.md): on (warn, CPU tables consistent, so no violation) against off, same rig, interleaved:");
     println!();
