@@ -10,4 +10,7 @@ cd "$(dirname "$0")/.."
 reps="${1:-9}"
 # Build output goes to stderr so stdout stays a clean table.
 cargo build --release -p faultline-device --example bench_copy >&2
+# The host is shared: its load says how far the absolute figures are off.
+echo "Measured $(date -u +%Y-%m-%d) at $(git rev-parse --short HEAD) on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start."
+echo
 exec cargo run --quiet --release -p faultline-device --example bench_copy -- "$reps"
