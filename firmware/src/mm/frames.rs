@@ -31,6 +31,9 @@ pub struct FrameAllocator {
     /// Whether the last allocation was all pristine frames (see
     /// `used_since_boot`); read under the same lock by `alloc_zeroed`.
     last_pristine: bool,
+    /// `alloc_2m` prefers blocks never used since boot (on unless a test
+    /// turns it off to exercise the zeroing of a reused block).
+    prefer_pristine_2m: bool,
 }
 
 static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
@@ -274,17 +277,35 @@ impl FrameAllocator {
     /// memory stays available for single frames.
     fn alloc_2m(&mut self) -> Option<PhysAddr> {
         const WORDS: usize = 512 / 64;
+        // Zeroing 2 MiB costs ~170 ms where the kernel is emulated, so with
+        // `ram=zero` a block never used since boot is preferred; the first
+        // free block (from the top) is the fallback.
+        let used = self
+            .used_since_boot
+            .as_deref()
+            .filter(|_| self.prefer_pristine_2m);
+        let mut fallback = None;
+        let mut found = None;
         let mut w = self.bitmap.len() / WORDS * WORDS;
         while w >= WORDS {
             w -= WORDS;
             if self.bitmap[w..w + WORDS].iter().all(|&x| x == u64::MAX) {
-                self.bitmap[w..w + WORDS].fill(0);
-                self.free -= 512;
-                self.last_pristine = self.mark_used(w as u64 * 64, 512);
-                return Some(PhysAddr::new(w as u64 * 64 * FRAME_SIZE));
+                match used {
+                    Some(u) if u[w..w + WORDS].iter().any(|&x| x != 0) => {
+                        fallback.get_or_insert(w);
+                    }
+                    _ => {
+                        found = Some(w);
+                        break;
+                    }
+                }
             }
         }
-        None
+        let w = found.or(fallback)?;
+        self.bitmap[w..w + WORDS].fill(0);
+        self.free -= 512;
+        self.last_pristine = self.mark_used(w as u64 * 64, 512);
+        Some(PhysAddr::new(w as u64 * 64 * FRAME_SIZE))
     }
 
     /// `n` physically contiguous frames, starting on a 64-frame (256 KiB)
@@ -404,6 +425,7 @@ pub unsafe fn init(boot: &BootInfo, image: (u64, u64), ram_zero: bool) {
         bitmap_range,
         used_since_boot,
         last_pristine: false,
+        prefer_pristine_2m: true,
     };
 
     // One pass over the bitmap in address order: the gap before each RAM
@@ -580,6 +602,19 @@ pub fn alloc_zeroed_2m() -> Option<PhysAddr> {
 /// Allocates one frame from the top of RAM (tests use it to reach high memory).
 pub fn alloc_high() -> Option<PhysAddr> {
     with(|fa| fa.alloc_high())
+}
+
+/// Whether [`alloc_2m`] and [`alloc_zeroed_2m`] prefer 2 MiB blocks never
+/// used since boot (default on); returns the previous setting. Tests turn
+/// it off to get a block just freed back.
+pub fn set_prefer_pristine_2m(on: bool) -> bool {
+    with(|fa| core::mem::replace(&mut fa.prefer_pristine_2m, on))
+}
+
+/// Whether the allocator knows which frames are still the hypervisor's
+/// zeros (`ram=zero`).
+pub fn tracks_pristine() -> bool {
+    with(|fa| fa.used_since_boot.is_some())
 }
 
 /// Allocates 512 contiguous frames, 2 MiB aligned (for 2 MiB mappings).
