@@ -182,7 +182,10 @@ impl SvmEnv for FwEnv {
                 Some((pfn << PAGE_SHIFT) + addr % PAGE_SIZE)
             }
             PageState::Huge { pfn, .. } => Some((pfn << PAGE_SHIFT) + addr % PMD_SIZE),
-            PageState::None | PageState::Special => None,
+            PageState::None
+            | PageState::Special
+            | PageState::DevicePrivate { .. }
+            | PageState::Migration => None,
         }
     }
 

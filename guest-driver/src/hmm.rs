@@ -55,8 +55,9 @@ pub enum HmmPfnFlag {
     Valid = 0,
     /// The translation allows writes (request: the page must be writable).
     Write = 1,
-    /// Device-private memory. Kept for the table layout; this implementation
-    /// has no device-private pages and never sets it.
+    /// Device-private memory of the range's own device
+    /// ([`HmmRange::dev_private_owner`]): the entry's pfn is the page's frame
+    /// in that device's memory, not a system frame. Output only.
     DevicePrivate = 2,
 }
 

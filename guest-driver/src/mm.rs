@@ -28,6 +28,12 @@ use lock_api::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::errno::Errno;
 use crate::hmm::Hmm;
 
+pub mod migrate;
+
+pub use migrate::{
+    dev_pagemap_register, dev_pagemap_unregister, device_page_free, DevPagemapOps, DeviceOwner,
+};
+
 /// The base page (4 KiB): one size for the CPU side, the device and the
 /// mirror between them, defined once in the hardware interface.
 pub use faultline_abi::{PAGE_SHIFT, PAGE_SIZE};
@@ -114,6 +120,24 @@ pub enum PageState {
     /// A special entry (Linux: `pte_special()` that is not the zero page): a
     /// raw pfn the device must not be given.
     Special,
+    /// A device-private entry (Linux: a swap-type entry of a
+    /// `MEMORY_DEVICE_PRIVATE` page): not accessible to the CPU, the data
+    /// lives in page `vram_pfn` of `owner`'s memory. A CPU fault on it
+    /// calls the owner's [`DevPagemapOps::migrate_to_ram`]; unmapping it
+    /// calls [`DevPagemapOps::page_free`]. 4 KiB only.
+    DevicePrivate {
+        /// The device whose memory holds the page.
+        owner: DeviceOwner,
+        /// The page's frame number in that device's memory (VRAM offset >> 12).
+        vram_pfn: u64,
+        /// The process may write the page (once it is back in system memory).
+        writable: bool,
+    },
+    /// A migration entry: the page is being migrated (its old contents are
+    /// held by the migration, see [`migrate`]). It doubles as the page
+    /// lock: a fault on it waits for the migration to finish
+    /// ([`migrate::migration_entry_wait`]). 4 KiB only.
+    Migration,
 }
 
 /// One step of the software page-table walk.
@@ -281,6 +305,44 @@ pub trait Mm: Send + Sync + Sized + 'static {
     fn cpu_relax(&self) {
         core::hint::spin_loop();
     }
+
+    /// Replace the 4 KiB PTE of `addr` by `new` if it is `old` (a
+    /// compare-and-exchange under the page-table lock; a missing page table
+    /// is allocated when `old` is [`PageState::None`]). `new` is
+    /// `None`, `Zero`, `Present`, `DevicePrivate` or `Migration`; `old` and
+    /// `new` never name a 2 MiB leaf or a special entry. `Err` carries what
+    /// the PTE holds instead (nothing changed). Frames and device pages
+    /// change hands with the entry (the caller owns what it took out and
+    /// must have allocated what it puts in); the implementation flushes
+    /// the CPU TLB for a translation it removes, keeps its count of
+    /// device-private entries ([`MmCore::device_pages`]) and sends no
+    /// notifier: the caller brackets the change (the migration does).
+    ///
+    /// The default supports nothing (an `Mm` without migration): it
+    /// answers the current state.
+    fn pte_exchange(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let _ = (old, new);
+        Err(self.walk(mmap, addr).state)
+    }
+
+    /// A zeroed 4 KiB frame for the process, counted as its own (the
+    /// destination of a migration to system memory), or `None` when memory
+    /// is exhausted. The default has none.
+    fn alloc_frame(&self) -> Option<u64> {
+        None
+    }
+
+    /// Give back a frame from [`Mm::alloc_frame`] (or one a migration took
+    /// out of the page table with [`Mm::pte_exchange`]).
+    fn free_frame(&self, pfn: u64) {
+        let _ = pfn;
+    }
 }
 
 /// Read guard of the mmap lock: the proof, demanded by `range_snapshot` and
@@ -394,6 +456,17 @@ pub enum MmuNotifyEvent {
     ProtectionPage,
     /// Soft-dirty tracking.
     SoftDirty,
+    /// A migration ([`migrate::migrate_vma_setup`]) unmaps the pages from
+    /// the CPU. `owner` is the device that started it (Linux's
+    /// `range->owner`, `MMU_NOTIFY_MIGRATE`), so its own mirror can tell
+    /// its own migration from anyone else's; `None` for a migration the
+    /// mm started. A mirror may only skip the invalidation of its own
+    /// migration if its migration code updates its device page table
+    /// itself before the source pages are freed.
+    Migrate {
+        /// The device migrating the pages.
+        owner: Option<DeviceOwner>,
+    },
 }
 
 impl MmuNotifyEvent {
@@ -460,6 +533,11 @@ pub struct MmCore<M: Mm> {
     next_notifier_id: AtomicU64,
     /// `mm->hmm` (5.3): at most one live [`Hmm`] per address space.
     pub(crate) hmm: Mutex<M::RawMutex, Weak<Hmm<M>>>,
+    /// The device memories whose pages this address space may map
+    /// (`dev_pagemap`s, by owner).
+    pub(crate) pagemaps: RwLock<M::RawRwLock, migrate::Pagemaps<M>>,
+    /// Device-private entries in the page table.
+    device_pages: AtomicU64,
 }
 
 impl<M: Mm> MmCore<M> {
@@ -470,6 +548,25 @@ impl<M: Mm> MmCore<M> {
             notifiers: RwLock::new(Vec::new()),
             next_notifier_id: AtomicU64::new(1),
             hmm: Mutex::new(Weak::new()),
+            pagemaps: RwLock::new(Vec::new()),
+            device_pages: AtomicU64::new(0),
+        }
+    }
+
+    /// Device-private entries in the page table now: the frame accounting's
+    /// count of pages that live in device memory.
+    pub fn device_pages(&self) -> u64 {
+        self.device_pages.load(Ordering::Acquire)
+    }
+
+    /// The implementation's bookkeeping: `added` device-private entries
+    /// were installed and `removed` cleared or replaced.
+    pub fn account_device_pages(&self, added: u64, removed: u64) {
+        if added > 0 {
+            self.device_pages.fetch_add(added, Ordering::AcqRel);
+        }
+        if removed > 0 {
+            self.device_pages.fetch_sub(removed, Ordering::AcqRel);
         }
     }
 

@@ -33,10 +33,12 @@ use faultline_abi::CpuRoot;
 use lock_api::RwLock;
 use parking_lot::Mutex;
 
+use crate::mm::migrate::{device_private_fault, migration_entry_wait};
 use crate::mm::{
-    mmput, mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, FaultError,
-    FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags,
-    Vma, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT,
+    device_page_free, mmput, mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start, DeviceOwner, FaultError, FaultFlags, Mm, MmCore,
+    MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SHIFT,
+    PAGE_SIZE, PMD_SHIFT,
 };
 
 mod frames;
@@ -70,6 +72,12 @@ pub struct SimMm {
     epoch: Instant,
     /// Names this mm in its contexts' `cpu_root` word.
     id: u32,
+}
+
+/// What a zap took out of the page table, to free after `_end`.
+struct Zapped {
+    frames: Vec<u64>,
+    devs: Vec<(DeviceOwner, u64)>,
 }
 
 /// Source of [`SimMm`] ids (0 would read as "no CPU table").
@@ -202,6 +210,14 @@ impl Mm for SimMm {
                 drop(pt);
                 self.cow_zero_page(addr)?;
             }
+            SimPte::DevicePrivate { .. } => {
+                drop(pt);
+                device_private_fault(mmap, addr, flags)?;
+            }
+            SimPte::Migration => {
+                drop(pt);
+                migration_entry_wait(mmap, addr, flags)?;
+            }
             SimPte::Page { .. } | SimPte::Zero | SimPte::Special => {}
         }
         Ok(())
@@ -209,8 +225,60 @@ impl Mm for SimMm {
 
     fn exit_mmap(&self) {
         self.dead.store(true, Ordering::Release);
-        let freed = zap(&mut self.pt.lock(), 0, u64::MAX);
-        self.free(freed);
+        let zapped = self.zap_pt(0, u64::MAX);
+        self.free_zapped(zapped);
+    }
+
+    fn pte_exchange(
+        &self,
+        _mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let new_pte = match new {
+            PageState::None => SimPte::None,
+            PageState::Zero { .. } => SimPte::Zero,
+            PageState::Present { pfn, writable } => SimPte::Page { pfn, writable },
+            PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            } => SimPte::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            },
+            PageState::Migration => SimPte::Migration,
+            PageState::Huge { .. } | PageState::Special => return Err(self.pt_walk(addr).state),
+        };
+        let mut pt = self.pt.lock();
+        if let Some(Pmd::Huge { pfn, writable }) = pt.get(&(addr >> PMD_SHIFT)) {
+            return Err(PageState::Huge {
+                pfn: *pfn,
+                writable: *writable,
+            });
+        }
+        let pte = &mut table_mut(&mut pt, addr)[pte_index(addr)];
+        let cur = self.pte_state(*pte);
+        if cur != old {
+            return Err(cur);
+        }
+        let was_device = matches!(*pte, SimPte::DevicePrivate { .. });
+        *pte = new_pte;
+        self.core.account_device_pages(
+            matches!(new_pte, SimPte::DevicePrivate { .. }).into(),
+            was_device.into(),
+        );
+        Ok(())
+    }
+
+    fn alloc_frame(&self) -> Option<u64> {
+        self.alloc(1)
+    }
+
+    fn free_frame(&self, pfn: u64) {
+        self.free(std::vec![pfn]);
     }
 
     fn now_ns(&self) -> u64 {
@@ -232,6 +300,34 @@ impl SimMm {
                 pfn: self.source.zero_pfn(),
             },
             SimPte::Special => PageState::Special,
+            SimPte::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            } => PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            },
+            SimPte::Migration => PageState::Migration,
+        }
+    }
+
+    /// Clear `[start, end)` in the page table (the caller brackets it with
+    /// notifiers and frees what it returns after `_end`).
+    fn zap_pt(&self, start: u64, end: u64) -> Zapped {
+        let mut devs = Vec::new();
+        let frames = zap(&mut self.pt.lock(), start, end, &mut devs);
+        self.core.account_device_pages(0, devs.len() as u64);
+        Zapped { frames, devs }
+    }
+
+    /// Give back what a zap took out: frames to the source, device pages
+    /// to their owners.
+    fn free_zapped(&self, z: Zapped) {
+        self.free(z.frames);
+        for (owner, vram_pfn) in z.devs {
+            device_page_free(self, owner, vram_pfn);
         }
     }
 
@@ -364,6 +460,12 @@ impl SimMm {
     /// Frames currently allocated.
     pub fn frames_in_use(&self) -> u64 {
         self.frames.lock().in_use
+    }
+
+    /// Device-private entries in the page table (pages living in device
+    /// memory).
+    pub fn device_pages(&self) -> u64 {
+        self.core.device_pages()
     }
 
     /// Faults resolved by `handle_mm_fault` so far.

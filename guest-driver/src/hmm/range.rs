@@ -10,7 +10,7 @@ use super::mirror::HmmMirror;
 use super::notifier::{Hmm, RangeLink};
 use super::{HmmPfnFlag, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX};
 use crate::errno::Errno;
-use crate::mm::{mmget_not_zero, mmput, Mm, PageState, PAGE_SHIFT, PMD_SHIFT};
+use crate::mm::{mmget_not_zero, mmput, DeviceOwner, Mm, PageState, PAGE_SHIFT, PMD_SHIFT};
 
 pub(super) struct Registration<M: Mm> {
     pub(super) hmm: Arc<Hmm<M>>,
@@ -37,6 +37,12 @@ pub struct HmmRange<M: Mm> {
     pub pfn_flags_mask: u64,
     /// Where the pfn starts in an output entry.
     pub pfn_shift: u32,
+    /// The device this range is for (Linux 5.10's `dev_private_owner`):
+    /// its device-private pages are reported as such (`flags[DevicePrivate]`
+    /// with the device page's frame) without a fault; another device's
+    /// are faulted back to system memory when the entry asks for `Valid`,
+    /// else reported as `values[None]`.
+    pub dev_private_owner: Option<DeviceOwner>,
     pub(super) start: u64,
     pub(super) end: u64,
     pub(super) page_shift: u32,
@@ -64,6 +70,7 @@ impl<M: Mm> HmmRange<M> {
             default_flags: 0,
             pfn_flags_mask: !0,
             pfn_shift,
+            dev_private_owner: None,
             start: 0,
             end: 0,
             page_shift: PAGE_SHIFT,
@@ -121,6 +128,13 @@ impl<M: Mm> HmmRange<M> {
             return None;
         }
         Some(entry >> self.pfn_shift)
+    }
+
+    /// Whether an output entry is a device-private page of the range's
+    /// device (its pfn is then the device page's frame).
+    pub fn entry_is_device_private(&self, entry: u64) -> bool {
+        self.entry_to_pfn(entry).is_some()
+            && entry & self.flags[HmmPfnFlag::DevicePrivate as usize] != 0
     }
 
     /// Whether an output entry carries `flags[Write]`.

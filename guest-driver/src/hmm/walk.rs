@@ -9,7 +9,8 @@ use super::range::{encode, HmmRange};
 use super::{HmmPfnFlag, HmmPfnValue};
 use crate::errno::Errno;
 use crate::mm::{
-    FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT, PMD_SHIFT, PMD_SIZE,
+    DeviceOwner, FaultError, FaultFlags, Mm, MmapReadGuard, PageState, VmFlags, PAGE_SHIFT,
+    PMD_SHIFT, PMD_SIZE,
 };
 
 /// `hmm_range_snapshot`: fill `pfns` from the CPU page tables without
@@ -48,14 +49,24 @@ pub fn range_fault<M: Mm>(
 const PTE_RUN: usize = 64;
 
 /// What the CPU says about the entry at `addr` (entries of `1 << shift`
-/// bytes): (valid, writable, its first frame), or the entry's error.
+/// bytes): (valid, writable, its first frame), or the entry's error. A
+/// device-private page of `owner` is valid (its frame is the device's);
+/// anyone else's, and a page under migration, is not (a fault brings it
+/// back or waits).
 fn decode_state(
     state: PageState,
     addr: u64,
     shift: u32,
+    owner: Option<DeviceOwner>,
 ) -> Result<(bool, bool, u64), (HmmPfnValue, Errno)> {
     Ok(match state {
-        PageState::None => (false, false, 0),
+        PageState::None | PageState::Migration => (false, false, 0),
+        PageState::DevicePrivate {
+            owner: o,
+            vram_pfn,
+            writable,
+        } if Some(o) == owner && shift == PAGE_SHIFT => (true, writable, vram_pfn),
+        PageState::DevicePrivate { .. } if shift == PAGE_SHIFT => (false, false, 0),
         PageState::Present { pfn, writable } if shift == PAGE_SHIFT => (true, writable, pfn),
         PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
         PageState::Huge { pfn, writable } => {
@@ -65,7 +76,7 @@ fn decode_state(
         PageState::Special => return Err((HmmPfnValue::Special, Errno::EFAULT)),
         // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm` broke the
         // HUGE-VMA contract.
-        PageState::Present { .. } | PageState::Zero { .. } => {
+        PageState::Present { .. } | PageState::Zero { .. } | PageState::DevicePrivate { .. } => {
             return Err((HmmPfnValue::Error, Errno::EFAULT))
         }
     })
@@ -136,6 +147,10 @@ fn walk_entries<M: Mm>(
     let (default_flags, mask) = (range.default_flags, range.pfn_flags_mask);
     let req_valid = flags[HmmPfnFlag::Valid as usize];
     let req_write = flags[HmmPfnFlag::Write as usize];
+    let (owner, device_flag) = (
+        range.dev_private_owner,
+        flags[HmmPfnFlag::DevicePrivate as usize],
+    );
     let none = values[HmmPfnValue::None as usize];
     let npages = range.pfns.len();
     let pfns = &mut range.pfns[..];
@@ -208,7 +223,7 @@ fn walk_entries<M: Mm>(
                 let state = w.unwrap_or_else(|| run[k]);
                 let j = i + k;
                 let (cpu_valid, cpu_write, pfn) =
-                    decode_state(state, start + ((j as u64) << shift), shift)
+                    decode_state(state, start + ((j as u64) << shift), shift, owner)
                         .map_err(|(value, err)| fail(j, value, err))?;
                 if let Some(block) = fault {
                     let req = (pfns[j] & mask) | default_flags;
@@ -291,7 +306,12 @@ fn walk_entries<M: Mm>(
                     }
                 }
                 pfns[j] = if cpu_valid {
-                    encode(&flags, pfn_shift, pfn, cpu_write)
+                    let e = encode(&flags, pfn_shift, pfn, cpu_write);
+                    if matches!(state, PageState::DevicePrivate { .. }) {
+                        e | device_flag
+                    } else {
+                        e
+                    }
                 } else {
                     none
                 };

@@ -2,9 +2,7 @@
 //! mprotect, reclaim (each bracketed by the notifier chain), and CPU
 //! accesses that fault pages in as the CPU would.
 
-use std::vec::Vec;
-
-use super::pt::{pte_index, table_mut, write_protect, zap, SimPte};
+use super::pt::{pte_index, table_mut, write_protect, SimPte};
 use super::SimMm;
 use crate::errno::Errno;
 use crate::mm::{
@@ -56,9 +54,9 @@ impl SimMm {
         for v in vmas.overlapping(start, end) {
             vmas.vmas.remove(&v.start);
         }
-        let freed = self.zap_range(start, end, MmuNotifyEvent::Unmap);
+        let zapped = self.zap_range(start, end, MmuNotifyEvent::Unmap);
         drop(vmas);
-        self.free(freed);
+        self.free_zapped(zapped);
         Ok(())
     }
 
@@ -94,9 +92,9 @@ impl SimMm {
     /// *without* the mmap lock (event `Clear`), then free the frames. This is
     /// the invalidation that can race with a fault in progress.
     pub fn reclaim(&self, start: u64, end: u64) -> usize {
-        let freed = self.zap_range(start, end, MmuNotifyEvent::Clear);
-        let n = freed.len();
-        self.free(freed);
+        let zapped = self.zap_range(start, end, MmuNotifyEvent::Clear);
+        let n = zapped.frames.len();
+        self.free_zapped(zapped);
         n
     }
 
@@ -110,14 +108,14 @@ impl SimMm {
             blockable: false,
         };
         mmu_notifier_invalidate_range_start(self, &r)?;
-        let freed = zap(&mut self.pt.lock(), start, end);
+        let zapped = self.zap_pt(start, end);
         mmu_notifier_invalidate_range_end(self, &r);
-        let n = freed.len();
-        self.free(freed);
+        let n = zapped.frames.len();
+        self.free_zapped(zapped);
         Ok(n)
     }
 
-    fn zap_range(&self, start: u64, end: u64, event: MmuNotifyEvent) -> Vec<u64> {
+    fn zap_range(&self, start: u64, end: u64, event: MmuNotifyEvent) -> super::Zapped {
         let r = MmuNotifierRange {
             start,
             end,
@@ -125,9 +123,9 @@ impl SimMm {
             blockable: true,
         };
         mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
-        let freed = zap(&mut self.pt.lock(), start, end);
+        let zapped = self.zap_pt(start, end);
         mmu_notifier_invalidate_range_end(self, &r);
-        freed
+        zapped
     }
 
     /// A CPU access from the process itself (not remote): fault if needed.
@@ -145,7 +143,7 @@ impl SimMm {
             }
             PageState::Zero { .. } => !write,
             PageState::Special => true,
-            PageState::None => false,
+            PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => false,
         };
         if ok {
             return Ok(());
@@ -207,7 +205,10 @@ impl SimMm {
                 Some((pfn + ((addr % PMD_SIZE) >> PAGE_SHIFT), writable))
             }
             PageState::Zero { pfn } => Some((pfn, false)),
-            PageState::None | PageState::Special => None,
+            PageState::None
+            | PageState::Special
+            | PageState::DevicePrivate { .. }
+            | PageState::Migration => None,
         }
     }
 
@@ -243,7 +244,9 @@ impl SimMm {
                     }
                     PageState::Zero { pfn } => (pfn, !write),
                     PageState::Special => return Err(FaultError::Sigbus),
-                    PageState::None => (0, false),
+                    PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => {
+                        (0, false)
+                    }
                 };
                 if ok {
                     break pfn;

@@ -5,16 +5,25 @@ use std::boxed::Box;
 use std::collections::HashMap;
 use std::vec::Vec;
 
-use crate::mm::{PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE};
+use crate::mm::{DeviceOwner, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE};
 
 pub(super) const PTRS: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SimPte {
     None,
-    Page { pfn: u64, writable: bool },
+    Page {
+        pfn: u64,
+        writable: bool,
+    },
     Zero,
     Special,
+    DevicePrivate {
+        owner: DeviceOwner,
+        vram_pfn: u64,
+        writable: bool,
+    },
+    Migration,
 }
 
 pub(super) enum Pmd {
@@ -36,8 +45,14 @@ pub(super) fn table_mut(pt: &mut HashMap<u64, Pmd>, addr: u64) -> &mut [SimPte; 
     }
 }
 
-/// Clear every translation in `[start, end)`; returns the frames to free.
-pub(super) fn zap(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) -> Vec<u64> {
+/// Clear every translation in `[start, end)`; returns the frames to free,
+/// and adds the device pages to free to `devs`.
+pub(super) fn zap(
+    pt: &mut HashMap<u64, Pmd>,
+    start: u64,
+    end: u64,
+    devs: &mut Vec<(DeviceOwner, u64)>,
+) -> Vec<u64> {
     let mut freed = Vec::new();
     let keys: Vec<u64> = pt
         .keys()
@@ -60,8 +75,12 @@ pub(super) fn zap(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) -> Vec<u64> 
                     if a < start || a >= end {
                         continue;
                     }
-                    if let SimPte::Page { pfn, .. } = *pte {
-                        freed.push(pfn);
+                    match *pte {
+                        SimPte::Page { pfn, .. } => freed.push(pfn),
+                        SimPte::DevicePrivate {
+                            owner, vram_pfn, ..
+                        } => devs.push((owner, vram_pfn)),
+                        _ => {}
                     }
                     *pte = SimPte::None;
                 }
@@ -88,7 +107,9 @@ pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
             Pmd::Table(t) => {
                 for (i, pte) in t.iter_mut().enumerate() {
                     let a = base + i as u64 * PAGE_SIZE;
-                    if let SimPte::Page { writable, .. } = pte {
+                    if let SimPte::Page { writable, .. } | SimPte::DevicePrivate { writable, .. } =
+                        pte
+                    {
                         if start <= a && a < end {
                             *writable = false;
                         }

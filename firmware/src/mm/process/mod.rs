@@ -513,7 +513,7 @@ impl ProcessMm {
                     !write || writable
                 }
                 PageState::Zero { .. } => !write,
-                PageState::None => false,
+                PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => false,
                 PageState::Special => break,
             };
             if !satisfied {

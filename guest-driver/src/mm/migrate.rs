@@ -1,0 +1,520 @@
+//! Device-private pages and their migration (Linux's `MEMORY_DEVICE_PRIVATE`
+//! `dev_pagemap` and `mm/migrate_device.c`), generic over [`Mm`].
+//!
+//! A device registers its memory on an address space as a *pagemap*
+//! ([`dev_pagemap_register`]): an owner id ([`DeviceOwner`], the same for
+//! every address space the device serves) and its [`DevPagemapOps`]. A page
+//! of that memory is mapped by a [`PageState::DevicePrivate`] entry naming
+//! the owner and the device's page; the CPU cannot use it, so a CPU fault on
+//! it brings the page back through the owner's `migrate_to_ram`.
+//!
+//! Migration takes the three steps of Linux ≥ 5.4: [`migrate_vma_setup`]
+//! (collect the pages of a range and unmap them: a migration entry in each
+//! PTE, announced as [`MmuNotifyEvent::Migrate`]), the caller's copy, then
+//! [`MigrateVma::pages`] (install the new pages) and
+//! [`MigrateVma::finalize`] (restore what was not migrated, free what was
+//! replaced). Dropping a [`MigrateVma`] finalizes it, so an early return
+//! restores every page.
+//!
+//! Ordering rules:
+//! * the mmap lock is held for read from setup to finalize (the
+//!   [`MigrateVma`] borrows the guard): munmap and mprotect cannot run in
+//!   between;
+//! * a page is unmapped (its migration entry installed) between the
+//!   notifier's start and end, before anything reads its contents, so no
+//!   device translation of it survives the copy;
+//! * the migration entry is the page lock: whoever installed it owns the
+//!   page until finalize; a fault on it waits ([`migration_entry_wait`]) and
+//!   a second migration skips it;
+//! * old frames and device pages are freed only in finalize, after the new
+//!   entries are in, and never while a page-table lock is held.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU16, Ordering};
+
+use bitflags::bitflags;
+
+use super::{
+    mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, FaultError, FaultFlags,
+    Mm, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE,
+};
+use crate::errno::Errno;
+
+/// A device memory's owner id, as a device-private entry names it. The same
+/// for every address space (a device allocates one with
+/// [`DeviceOwner::alloc`] and registers it on each address space it
+/// mirrors). Ids are 1 ..= [`DeviceOwner::MAX`], so that an x86 PTE has room
+/// for one beside the page number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceOwner(u16);
+
+/// Source of [`DeviceOwner`] ids.
+static NEXT_OWNER: AtomicU16 = AtomicU16::new(1);
+
+impl DeviceOwner {
+    /// The largest id (10 bits).
+    pub const MAX: u16 = 1023;
+
+    /// A fresh id, `None` once all are taken (ids are not reused: an entry
+    /// naming a device that went away must never name another).
+    pub fn alloc() -> Option<DeviceOwner> {
+        NEXT_OWNER
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n <= Self::MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(DeviceOwner)
+    }
+
+    /// The id as stored in a page-table entry.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+
+    /// The owner an entry stores, `None` for 0 or an id above
+    /// [`DeviceOwner::MAX`].
+    pub fn from_raw(id: u16) -> Option<DeviceOwner> {
+        (1..=Self::MAX).contains(&id).then_some(DeviceOwner(id))
+    }
+}
+
+/// A device memory's callbacks (Linux's `struct dev_pagemap_ops`).
+pub trait DevPagemapOps<M: Mm>: Send + Sync {
+    /// The CPU touched a page of this memory: copy device page `vram_pfn`
+    /// (mapped at `addr`) into the system frame `dst_pfn`, which the mm
+    /// allocated and installs when this returns `Ok` (then it frees the
+    /// device page through [`page_free`](Self::page_free)). Runs with the
+    /// mmap lock held for read and the page locked by its migration entry;
+    /// must not take the mmap lock for write. An error leaves the page in
+    /// device memory and the access fails (`Sigbus`).
+    fn migrate_to_ram(&self, mm: &M, addr: u64, vram_pfn: u64, dst_pfn: u64) -> Result<(), Errno>;
+
+    /// No page table maps device page `vram_pfn` any more (munmap, exit, or
+    /// its migration finished): give it back. Called without any mm lock.
+    fn page_free(&self, vram_pfn: u64);
+}
+
+/// Register `owner`'s memory on `mm` (each address space that may map its
+/// pages). EBUSY if `owner` is registered already.
+pub fn dev_pagemap_register<M: Mm>(
+    mm: &M,
+    owner: DeviceOwner,
+    ops: Arc<dyn DevPagemapOps<M>>,
+) -> Result<(), Errno> {
+    let mut maps = mm.core().pagemaps.write();
+    if maps.iter().any(|(o, _)| *o == owner) {
+        return Err(Errno::EBUSY);
+    }
+    maps.push((owner, ops));
+    Ok(())
+}
+
+/// Forget `owner`'s memory on `mm`. Its device-private entries must be gone
+/// first (migrated back): a CPU fault on one left behind is a `Sigbus`, and
+/// unmapping it frees nothing.
+pub fn dev_pagemap_unregister<M: Mm>(mm: &M, owner: DeviceOwner) {
+    mm.core().pagemaps.write().retain(|(o, _)| *o != owner);
+}
+
+/// The registered pagemaps of an address space, by owner.
+pub(crate) type Pagemaps<M> = Vec<(DeviceOwner, Arc<dyn DevPagemapOps<M>>)>;
+
+fn pagemap<M: Mm>(mm: &M, owner: DeviceOwner) -> Option<Arc<dyn DevPagemapOps<M>>> {
+    mm.core()
+        .pagemaps
+        .read()
+        .iter()
+        .find(|(o, _)| *o == owner)
+        .map(|(_, ops)| Arc::clone(ops))
+}
+
+/// An implementation removed a device-private entry (munmap, exit): the
+/// owner's `page_free`. Call it after `invalidate_range_end`, with no mm
+/// lock held.
+pub fn device_page_free<M: Mm>(mm: &M, owner: DeviceOwner, vram_pfn: u64) {
+    match pagemap(mm, owner) {
+        Some(ops) => ops.page_free(vram_pfn),
+        None => log::warn!(
+            "mm: device page {vram_pfn:#x} of unregistered owner {} unmapped",
+            owner.get()
+        ),
+    }
+}
+
+bitflags! {
+    /// Which pages [`migrate_vma_setup`] collects (`MIGRATE_VMA_SELECT_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MigrateSelect: u32 {
+        /// System memory: present pages, the zero page and holes.
+        const SYSTEM = 1 << 0;
+        /// Device-private pages of the migration's owner.
+        const DEVICE_PRIVATE = 1 << 1;
+    }
+}
+
+/// What a page held when it was collected (Linux's `src[]` entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateSrc {
+    /// Not collected: not selected, locked by another migration, in a 2 MiB
+    /// leaf, special, or the VMA cannot migrate (shared, no read access).
+    Skip,
+    /// A hole or the zero page: no data; the destination must be zeroed.
+    Empty,
+    /// A system frame.
+    System {
+        /// Its frame number.
+        pfn: u64,
+    },
+    /// A device-private page.
+    Device {
+        /// Its device.
+        owner: DeviceOwner,
+        /// Its page in device memory.
+        vram_pfn: u64,
+    },
+}
+
+/// Where a collected page goes (Linux's `dst[]` entry), chosen by the
+/// caller between setup and [`MigrateVma::pages`]; `None` keeps it where it
+/// was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateDst {
+    /// Not migrated: finalize puts the old entry back.
+    None,
+    /// A system frame from [`Mm::alloc_frame`], filled by the caller.
+    System {
+        /// Its frame number.
+        pfn: u64,
+    },
+    /// A device page, filled by the caller; the owner must be registered
+    /// on the address space (finalize frees it through its `page_free` if
+    /// it could not be installed).
+    Device {
+        /// Its device.
+        owner: DeviceOwner,
+        /// Its page in device memory.
+        vram_pfn: u64,
+    },
+}
+
+/// One page of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigratePage {
+    /// What it held (read only for the caller).
+    pub src: MigrateSrc,
+    /// Whether the new entry may be written (the old one could be, or the
+    /// VMA is writable for a hole or the zero page).
+    pub writable: bool,
+    /// Where it goes: the caller's choice.
+    pub dst: MigrateDst,
+    /// The entry the migration entry replaced.
+    old: PageState,
+    /// [`MigrateVma::pages`] installed `dst`.
+    installed: bool,
+}
+
+/// A migration in progress (Linux's `struct migrate_vma`), from
+/// [`migrate_vma_setup`] to [`MigrateVma::finalize`] (or its drop).
+pub struct MigrateVma<'g, 'm, M: Mm> {
+    mmap: &'g MmapReadGuard<'m, M>,
+    start: u64,
+    pages: Vec<MigratePage>,
+    collected: usize,
+    finalized: bool,
+}
+
+/// `migrate_vma_setup`: collect the 4 KiB pages of `[start, end)` that
+/// `select` asks for, unmap them from the CPU (a migration entry in each
+/// PTE, between `invalidate_range_start` and `_end` of event
+/// [`MmuNotifyEvent::Migrate`] naming `owner`) and return the migration.
+/// Device-private pages are collected only if they belong to `owner`.
+///
+/// The range must lie inside one VMA (EINVAL otherwise, or if unaligned or
+/// empty); special VMAs are EINVAL. Pages of a 2 MiB leaf, of a shared VMA
+/// (migrating shared anonymous memory would give each sharer its own copy)
+/// or of a VMA without read access are not collected (`Skip`). Holes and
+/// the zero page are collected as `Empty`: a migration to the device
+/// allocates them there, zeroed.
+pub fn migrate_vma_setup<'g, 'm, M: Mm>(
+    mmap: &'g MmapReadGuard<'m, M>,
+    start: u64,
+    end: u64,
+    select: MigrateSelect,
+    owner: Option<DeviceOwner>,
+) -> Result<MigrateVma<'g, 'm, M>, Errno> {
+    let mm = mmap.mm();
+    if start >= end || !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
+        return Err(Errno::EINVAL);
+    }
+    let vma = mm.vma_lookup(mmap, start).ok_or(Errno::EINVAL)?;
+    if end > vma.end || vma.flags.intersects(VmFlags::SPECIAL_KINDS) {
+        return Err(Errno::EINVAL);
+    }
+    let npages = ((end - start) >> PAGE_SHIFT) as usize;
+    let skip = MigratePage {
+        src: MigrateSrc::Skip,
+        writable: false,
+        dst: MigrateDst::None,
+        old: PageState::None,
+        installed: false,
+    };
+    let mut mig = MigrateVma {
+        mmap,
+        start,
+        pages: alloc::vec![skip; npages],
+        collected: 0,
+        finalized: false,
+    };
+    let movable =
+        vma.flags.contains(VmFlags::READ) && !vma.flags.intersects(VmFlags::SHARED | VmFlags::HUGE);
+    if !movable {
+        return Ok(mig);
+    }
+    let vma_write = vma.flags.contains(VmFlags::WRITE);
+    let r = MmuNotifierRange {
+        start,
+        end,
+        event: MmuNotifyEvent::Migrate { owner },
+        blockable: true,
+    };
+    mmu_notifier_invalidate_range_start(mm, &r).expect("blockable");
+    for (i, page) in mig.pages.iter_mut().enumerate() {
+        let addr = start + ((i as u64) << PAGE_SHIFT);
+        let old = mm.walk(mmap, addr).state;
+        let (src, writable) = match old {
+            PageState::None | PageState::Zero { .. } if select.contains(MigrateSelect::SYSTEM) => {
+                (MigrateSrc::Empty, vma_write)
+            }
+            PageState::Present { pfn, writable } if select.contains(MigrateSelect::SYSTEM) => {
+                (MigrateSrc::System { pfn }, writable)
+            }
+            PageState::DevicePrivate {
+                owner: o,
+                vram_pfn,
+                writable,
+            } if select.contains(MigrateSelect::DEVICE_PRIVATE) && Some(o) == owner => {
+                (MigrateSrc::Device { owner: o, vram_pfn }, writable)
+            }
+            _ => continue,
+        };
+        if mm
+            .pte_exchange(mmap, addr, old, PageState::Migration)
+            .is_ok()
+        {
+            *page = MigratePage {
+                src,
+                writable,
+                dst: MigrateDst::None,
+                old,
+                installed: false,
+            };
+            mig.collected += 1;
+        }
+    }
+    mmu_notifier_invalidate_range_end(mm, &r);
+    Ok(mig)
+}
+
+impl<M: Mm> MigrateVma<'_, '_, M> {
+    /// The pages, in address order from the range's start.
+    pub fn pages(&self) -> &[MigratePage] {
+        &self.pages
+    }
+
+    /// Set where page `i` goes (before [`MigrateVma::migrate_pages`]).
+    /// Ignored for a page that was not collected.
+    pub fn set_dst(&mut self, i: usize, dst: MigrateDst) {
+        if let Some(p) = self.pages.get_mut(i) {
+            if p.src != MigrateSrc::Skip && !p.installed {
+                p.dst = dst;
+            }
+        }
+    }
+
+    /// Pages collected (Linux's `cpages`).
+    pub fn collected(&self) -> usize {
+        self.collected
+    }
+
+    /// The address of page `i`.
+    pub fn addr(&self, i: usize) -> u64 {
+        self.start + ((i as u64) << PAGE_SHIFT)
+    }
+
+    /// `migrate_vma_pages`: install every collected page's destination in
+    /// place of its migration entry; the CPU (or, for a device page, its
+    /// device through HMM) sees the new page from here on. Returns how many
+    /// were installed. A page whose migration entry is gone (an `Mm` that
+    /// reclaims without the mmap lock) is not installed.
+    pub fn migrate_pages(&mut self) -> usize {
+        let mm = self.mmap.mm();
+        let mut n = 0;
+        for i in 0..self.pages.len() {
+            let p = self.pages[i];
+            let new = match p.dst {
+                MigrateDst::None => continue,
+                _ if p.installed => continue,
+                MigrateDst::System { pfn } => PageState::Present {
+                    pfn,
+                    writable: p.writable,
+                },
+                MigrateDst::Device { owner, vram_pfn } => PageState::DevicePrivate {
+                    owner,
+                    vram_pfn,
+                    writable: p.writable,
+                },
+            };
+            if mm
+                .pte_exchange(self.mmap, self.addr(i), PageState::Migration, new)
+                .is_ok()
+            {
+                self.pages[i].installed = true;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// `migrate_vma_finalize`: put the old entry back for every collected
+    /// page that was not installed, free the old frame or device page of
+    /// every page that was, and free destinations that were not used.
+    /// Returns how many pages migrated. Idempotent; dropping the migration
+    /// does it too.
+    pub fn finalize(&mut self) -> usize {
+        if self.finalized {
+            return self.pages.iter().filter(|p| p.installed).count();
+        }
+        self.finalized = true;
+        let mm = self.mmap.mm();
+        let mut migrated = 0;
+        // Freed after every entry is back (frees may call into drivers).
+        let mut free: Vec<MigrateDst> = Vec::new();
+        for i in 0..self.pages.len() {
+            let p = self.pages[i];
+            if p.src == MigrateSrc::Skip {
+                continue;
+            }
+            if p.installed {
+                migrated += 1;
+                match p.src {
+                    MigrateSrc::System { pfn } => free.push(MigrateDst::System { pfn }),
+                    MigrateSrc::Device { owner, vram_pfn } => {
+                        free.push(MigrateDst::Device { owner, vram_pfn })
+                    }
+                    MigrateSrc::Empty | MigrateSrc::Skip => {}
+                }
+                continue;
+            }
+            if p.dst != MigrateDst::None {
+                free.push(p.dst);
+            }
+            if mm
+                .pte_exchange(self.mmap, self.addr(i), PageState::Migration, p.old)
+                .is_err()
+            {
+                // The entry went away under us (reclaim without the mmap
+                // lock): the old contents are ours to free.
+                match p.src {
+                    MigrateSrc::System { pfn } => free.push(MigrateDst::System { pfn }),
+                    MigrateSrc::Device { owner, vram_pfn } => {
+                        free.push(MigrateDst::Device { owner, vram_pfn })
+                    }
+                    MigrateSrc::Empty | MigrateSrc::Skip => {}
+                }
+            }
+        }
+        for f in free {
+            match f {
+                MigrateDst::System { pfn } => mm.free_frame(pfn),
+                MigrateDst::Device { owner, vram_pfn } => device_page_free(mm, owner, vram_pfn),
+                MigrateDst::None => {}
+            }
+        }
+        migrated
+    }
+}
+
+impl<M: Mm> Drop for MigrateVma<'_, '_, M> {
+    fn drop(&mut self) {
+        self.finalize();
+    }
+}
+
+/// How long a fault waits for another migration of its page before it
+/// gives up (`Sigbus`): a migration holds its page for one copy, so this
+/// only fires when the migrating thread cannot run (it is the one waiting).
+const MIGRATION_WAIT_NS: u64 = 1_000_000_000;
+
+/// A fault found a migration entry at `addr`: wait until the migration
+/// that owns the page is done (Linux's `migration_entry_wait`), then let
+/// the caller walk again. With [`FaultFlags::ALLOW_RETRY`] it does not wait
+/// (`Retry`); a wait longer than a second is `Sigbus`, never a hang.
+pub fn migration_entry_wait<M: Mm>(
+    mmap: &MmapReadGuard<'_, M>,
+    addr: u64,
+    flags: FaultFlags,
+) -> Result<(), FaultError> {
+    if flags.contains(FaultFlags::ALLOW_RETRY) {
+        return Err(FaultError::Retry);
+    }
+    let mm = mmap.mm();
+    let deadline = mm.now_ns().saturating_add(MIGRATION_WAIT_NS);
+    while mm.walk(mmap, addr).state == PageState::Migration {
+        if mm.now_ns() >= deadline {
+            log::warn!("mm: migration of {addr:#x} did not finish in time");
+            return Err(FaultError::Sigbus);
+        }
+        mm.cpu_relax();
+    }
+    Ok(())
+}
+
+/// A fault on a device-private entry at `addr` (Linux's `do_swap_page` →
+/// `migrate_to_ram`): lock the page with a migration entry, have its owner
+/// copy it into a fresh frame, install the frame and free the device page.
+/// If another fault holds the page it waits for that one instead. Errors:
+/// `Sigbus` (owner not registered or its copy failed; the page stays on
+/// the device), `Oom` (no frame). Called by an `Mm`'s `handle_mm_fault`
+/// with its page-table lock released.
+pub fn device_private_fault<M: Mm>(
+    mmap: &MmapReadGuard<'_, M>,
+    addr: u64,
+    flags: FaultFlags,
+) -> Result<(), FaultError> {
+    let mm = mmap.mm();
+    let page = addr & !(PAGE_SIZE - 1);
+    let owner = match mm.walk(mmap, page).state {
+        PageState::DevicePrivate { owner, .. } => owner,
+        PageState::Migration => return migration_entry_wait(mmap, page, flags),
+        // Resolved meanwhile: the caller walks again.
+        _ => return Ok(()),
+    };
+    let ops = pagemap(mm, owner).ok_or(FaultError::Sigbus)?;
+    let mut mig = migrate_vma_setup(
+        mmap,
+        page,
+        page + PAGE_SIZE,
+        MigrateSelect::DEVICE_PRIVATE,
+        Some(owner),
+    )
+    .map_err(|_| FaultError::Sigbus)?;
+    let MigrateSrc::Device { vram_pfn, .. } = mig.pages()[0].src else {
+        // Another fault or migration locked it first.
+        drop(mig);
+        return migration_entry_wait(mmap, page, flags);
+    };
+    let frame = mm.alloc_frame().ok_or(FaultError::Oom)?;
+    if let Err(e) = ops.migrate_to_ram(mm, page, vram_pfn, frame) {
+        log::warn!("mm: migrate_to_ram of {page:#x} failed: {e}");
+        mm.free_frame(frame);
+        return Err(FaultError::Sigbus);
+    }
+    mig.set_dst(0, MigrateDst::System { pfn: frame });
+    mig.migrate_pages();
+    mig.finalize();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
