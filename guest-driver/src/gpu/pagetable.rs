@@ -264,19 +264,35 @@ impl<P: Platform> PageTable<P> {
             let Some((phys, perms)) = leaf(i - 1) else {
                 continue;
             };
-            if let Err(e) = self.map(a, phys, size, perms) {
-                return (mapped, Err(e));
-            }
-            mapped += 1;
-            let Some((_, slot)) = self.last_l1.filter(|_| size == PageSize::Size4K) else {
-                continue;
+            // A 4 KiB leaf in the level-1 table of the last map is written
+            // by the loop below with the rest of that table's run; any
+            // other leaf takes the walk.
+            let cached = match self.last_l1 {
+                Some((block, slot)) if size == PageSize::Size4K && block == a >> level_shift(2) => {
+                    i -= 1;
+                    Some((slot, pt_index(a, 1)))
+                }
+                _ => None,
+            };
+            let (slot, first) = match cached {
+                Some(c) => c,
+                None => {
+                    if let Err(e) = self.map(a, phys, size, perms) {
+                        return (mapped, Err(e));
+                    }
+                    mapped += 1;
+                    let Some((_, slot)) = self.last_l1.filter(|_| size == PageSize::Size4K) else {
+                        continue;
+                    };
+                    (slot, pt_index(a, 1) + 1)
+                }
             };
             // The rest of this level-1 table: its entries are 4 KiB leaves
             // or empty, so a write replaces at most one leaf.
             let t = self.at(slot);
             let mut added = 0;
             let mut result = Ok(());
-            for idx in pt_index(a, 1) + 1..512 {
+            for idx in first..512 {
                 if i == n {
                     break;
                 }
