@@ -723,6 +723,9 @@ impl Mm for ProcessMm {
                 let got = crate::mm::frames::alloc_zeroed_batch(&mut frames_buf[..need]);
                 let mut used = 0;
                 let mut faulted = 0;
+                // The permission bits every new leaf of the run gets, worked
+                // out once (a frame address has none of them set).
+                let bits = pt::leaf(0, f, write, false);
                 for k in 0..n {
                     let e = t.get(i0 + k);
                     if e & P == 0 {
@@ -730,10 +733,10 @@ impl Mm for ProcessMm {
                             if used == got {
                                 break;
                             }
-                            t.set(i0 + k, pt::leaf(frames_buf[used], f, true, false));
+                            t.set(i0 + k, frames_buf[used] | bits);
                             used += 1;
                         } else {
-                            t.set(i0 + k, pt::leaf(zero, f, false, false));
+                            t.set(i0 + k, zero | bits);
                         }
                         faulted += 1;
                     } else if write && e & W == 0 {
