@@ -97,6 +97,7 @@ mod context;
 mod counters;
 mod density;
 mod device;
+mod dmem;
 mod error;
 mod migrate;
 #[cfg(feature = "mutants")]
@@ -114,6 +115,7 @@ pub use channel::{Channel, Ticket};
 pub use context::Context;
 pub use counters::{CounterSnapshot, DriverCounters};
 pub use device::{Fault, FaultHandler, Gpu, GpuConfig};
+pub use dmem::{DeviceMemory, DmemStats};
 pub use error::GpuError;
 pub use faultline_abi::Command;
 pub use migrate::MigrateList;

@@ -20,6 +20,9 @@ use faultline_abi::{
 
 use super::{DmaRegion, GpuError, Platform};
 
+/// The leaf bits a caller may ask for: permissions and the aperture.
+const LEAF_PERMS: Pte = Pte::WRITE.union(Pte::ATOMIC).union(Pte::VRAM);
+
 /// Leaf sizes the driver maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageSize {
@@ -188,8 +191,8 @@ impl<P: Platform> PageTable<P> {
         Ok(())
     }
 
-    /// Maps `va` to `phys` with one leaf of `size`; `perms` may hold WRITE
-    /// and ATOMIC. Replaces whatever mapped that range before (a smaller
+    /// Maps `va` to `phys` with one leaf of `size`; `perms` may hold WRITE,
+    /// ATOMIC and VRAM (then `phys` is an offset in the device's VRAM). Replaces whatever mapped that range before (a smaller
     /// leaf's table or a larger leaf is dropped whole); the caller
     /// invalidates the device TLB if that removed or downgraded anything.
     pub fn map(&mut self, va: u64, phys: u64, size: PageSize, perms: Pte) -> Result<(), GpuError> {
@@ -230,7 +233,7 @@ impl<P: Platform> PageTable<P> {
         let slot = pt_index(va, level) * 8;
         let t = self.at(t);
         let old = Pte::from_bits_retain(t.read_u64(slot));
-        let perms = perms & (Pte::WRITE | Pte::ATOMIC);
+        let perms = perms & LEAF_PERMS;
         t.write_u64(slot, Pte::leaf(phys, level, perms).bits());
         if old.contains(Pte::VALID) {
             if level > 1 && !old.contains(Pte::LEAF) {
@@ -306,7 +309,7 @@ impl<P: Platform> PageTable<P> {
                     break;
                 }
                 let old = Pte::from_bits_retain(t.read_u64(idx * 8));
-                let perms = perms & (Pte::WRITE | Pte::ATOMIC);
+                let perms = perms & LEAF_PERMS;
                 t.write_u64(idx * 8, Pte::leaf(phys, 1, perms).bits());
                 added += u64::from(!old.contains(Pte::VALID));
                 mapped += 1;

@@ -30,7 +30,7 @@
 use alloc::boxed::Box;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use faultline_abi::{Access, Pte, TraceKind, LEAF_2M, PAGE_SIZE};
 
@@ -50,8 +50,8 @@ use crate::hmm::{
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use crate::mm::{
-    mmap_read_lock, mmap_write_lock, Mm, MmapReadGuard, MmuNotifyEvent, VmFlags, PAGE_SHIFT,
-    PMD_SHIFT,
+    mmap_read_lock, mmap_write_lock, DeviceOwner, Mm, MmapReadGuard, MmuNotifyEvent, VmFlags,
+    PAGE_SHIFT, PMD_SHIFT,
 };
 use crate::sync::SpinMutex;
 
@@ -118,6 +118,10 @@ struct SvmState<P: Platform, M: Mm> {
     ctx: Context<P>,
     mm: Arc<M>,
     released: AtomicBool,
+    /// The [`DeviceOwner`] id of the device memory attached
+    /// (`gpu::dmem`), 0 for none: its device-private pages are mapped
+    /// with VRAM leaves.
+    dmem_owner: AtomicU16,
     fault_around: AtomicU64,
     /// The GPU's prefetch policy, fixed at bind time.
     prefetch: Prefetch,
@@ -170,6 +174,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             ctx,
             mm: mm.clone(),
             released: AtomicBool::new(false),
+            dmem_owner: AtomicU16::new(0),
             fault_around: AtomicU64::new(cfg.fault_around),
             prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
             density: SpinMutex::new(Density::default()),
@@ -200,6 +205,13 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// The HMM mirror (tests register their own ranges on it).
     pub fn mirror(&self) -> &HmmMirror<M> {
         &self.binding.mirror
+    }
+
+    /// Map `owner`'s device-private pages (VRAM leaves) from now on; `None`
+    /// stops (they fault back to system memory instead).
+    pub(super) fn set_device_owner(&self, owner: Option<DeviceOwner>) {
+        let id = owner.map_or(0, DeviceOwner::get);
+        self.binding.state.dmem_owner.store(id, Ordering::Release);
     }
 
     /// Whether the address space was released (process exit) and the
@@ -591,6 +603,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 // same lock as the fault, so a read never fails for a write
                 // the mapping refuses.
                 range.default_flags = if w.write { F_VALID | F_WRITE } else { F_VALID };
+                range.dev_private_owner =
+                    DeviceOwner::from_raw(s.dmem_owner.load(Ordering::Acquire));
                 range.pfn_flags_mask = 0;
                 match range_fault(range, &mmap, true) {
                     Err(Errno::EPERM) if w.write => {
@@ -644,6 +658,11 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                     Pte::WRITE | Pte::ATOMIC
                 } else {
                     Pte::empty()
+                };
+                let perms = if range.entry_is_device_private(e) {
+                    perms | Pte::VRAM
+                } else {
+                    perms
                 };
                 // Mutant (c): a write anywhere in the window makes every page
                 // of it writable, read-only pfns too.

@@ -1,0 +1,344 @@
+//! Device memory for SVM (nouveau's `dmem`, test_hmm's device side): the
+//! GPU's VRAM as device-private pages of the address spaces it mirrors.
+//!
+//! A [`DeviceMemory`] is one GPU's VRAM ([`VramAllocator`], 4 KiB pages)
+//! under one [`DeviceOwner`] id, with its own context and channel for the
+//! copy engine (MIGRATE bypasses the MMU, so the context maps nothing).
+//! [`DeviceMemory::attach`] registers it on an [`SvmContext`]'s address
+//! space (a `dev_pagemap`) and makes the context's fault handler map its
+//! pages with VRAM leaves; then:
+//!
+//! * [`DeviceMemory::migrate_to_device`] / [`DeviceMemory::migrate_to_system`]
+//!   (test_hmm's MIGRATE_TO_DEV / MIGRATE_TO_SYS) move the pages of a range
+//!   with `migrate_vma_setup` / MIGRATE batches / `migrate_pages` /
+//!   `finalize`;
+//! * a CPU access to a device page comes back through `migrate_to_ram` (one
+//!   MIGRATE of one page into the frame the mm allocated);
+//! * munmap and exit free device pages through `page_free`.
+//!
+//! Rules: the copy engine is used by one migration at a time (the channel's
+//! lock is never held while calling into the mm); a failed copy leaves
+//! every page where it was (the migration restores the old entries and the
+//! VRAM pages allocated for it go back). Device pages of this memory must
+//! be migrated back before [`DeviceMemory::detach`].
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use faultline_abi::{PhysPage, PAGE_SIZE};
+
+use super::vram::{VramLeak, VramUsage};
+use super::{
+    Channel, Context, DmaRegion, Gpu, GpuError, MigrateList, PageSize, PageTable, Platform,
+    SvmContext, VramAllocator,
+};
+use crate::errno::Errno;
+use crate::mm::migrate::{migrate_vma_setup, MigrateDst, MigrateSelect, MigrateSrc};
+use crate::mm::{
+    dev_pagemap_register, dev_pagemap_unregister, mmap_read_lock, DevPagemapOps, DeviceOwner, Mm,
+    MmapReadGuard, PAGE_SHIFT,
+};
+use crate::sync::SpinMutex;
+
+/// The copy engine's side: a channel on a context of its own and the
+/// reusable MIGRATE list. Fields drop in order: the channel before its
+/// context.
+struct Copier<P: Platform> {
+    chan: Channel<P>,
+    list: MigrateList<P>,
+    _ctx: Context<P>,
+}
+
+struct Dmem<P: Platform> {
+    owner: DeviceOwner,
+    vram: VramAllocator,
+    copier: SpinMutex<Copier<P>>,
+    /// A zeroed page: the source for holes and the zero page (taken by
+    /// drop), and its address.
+    zero: Option<DmaRegion>,
+    zero_phys: u64,
+    platform: Arc<P>,
+    to_device: AtomicU64,
+    to_system: AtomicU64,
+    cpu_faults: AtomicU64,
+}
+
+/// What a [`DeviceMemory`] did (4 KiB pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DmemStats {
+    /// Pages migrated to VRAM.
+    pub to_device: u64,
+    /// Pages migrated back by [`DeviceMemory::migrate_to_system`].
+    pub to_system: u64,
+    /// Pages a CPU fault brought back (`migrate_to_ram`).
+    pub cpu_faults: u64,
+    /// VRAM allocated now.
+    pub vram: VramUsage,
+}
+
+/// One GPU's VRAM as device-private memory.
+pub struct DeviceMemory<P: Platform> {
+    inner: Arc<Dmem<P>>,
+}
+
+impl<P: Platform> DeviceMemory<P> {
+    /// The VRAM of `gpu` under a fresh owner id. `Invalid` without VRAM,
+    /// `NoMemory` when DMA memory or owner ids ran out.
+    pub fn new(gpu: &Arc<Gpu<P>>) -> Result<Self, GpuError> {
+        if gpu.vram_size() == 0 {
+            return Err(GpuError::Invalid("the GPU has no VRAM"));
+        }
+        let owner = DeviceOwner::alloc().ok_or(GpuError::NoMemory)?;
+        let platform = gpu.platform().clone();
+        let ctx = Context::new(gpu, PageTable::new(platform.clone())?)?;
+        let chan = Channel::open(&ctx)?;
+        let list = MigrateList::new(platform.clone())?;
+        let zero = platform.dma_alloc(1).ok_or(GpuError::NoMemory)?;
+        Ok(DeviceMemory {
+            inner: Arc::new(Dmem {
+                owner,
+                vram: VramAllocator::new(gpu.vram_size()),
+                copier: SpinMutex::new(Copier {
+                    chan,
+                    list,
+                    _ctx: ctx,
+                }),
+                zero_phys: zero.phys(),
+                zero: Some(zero),
+                platform,
+                to_device: AtomicU64::new(0),
+                to_system: AtomicU64::new(0),
+                cpu_faults: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The owner id its device-private entries carry.
+    pub fn owner(&self) -> DeviceOwner {
+        self.inner.owner
+    }
+
+    /// Serve `svm`'s address space: register the pagemap there and have
+    /// the context map this memory's pages with VRAM leaves. EBUSY (as
+    /// `GpuError::Mm`) if attached already.
+    pub fn attach<M: Mm>(&self, svm: &SvmContext<P, M>) -> Result<(), GpuError> {
+        let ops: Arc<dyn DevPagemapOps<M>> = self.inner.clone();
+        dev_pagemap_register(&**svm.mm(), self.inner.owner, ops).map_err(GpuError::Mm)?;
+        svm.set_device_owner(Some(self.inner.owner));
+        Ok(())
+    }
+
+    /// Stop serving `svm`'s address space (migrate its pages back first).
+    pub fn detach<M: Mm>(&self, svm: &SvmContext<P, M>) {
+        svm.set_device_owner(None);
+        dev_pagemap_unregister(&**svm.mm(), self.inner.owner);
+    }
+
+    /// Migrate the system pages of `[start, end)` (page aligned; holes and
+    /// the zero page become zeroed VRAM pages) to VRAM, VMA by VMA, until
+    /// VRAM is full. Returns the pages migrated. Pages of shared, huge or
+    /// inaccessible VMAs stay (0 for a shared mapping); the gaps between
+    /// VMAs are skipped. A copy error leaves the failing VMA's pages in
+    /// system memory and is returned.
+    pub fn migrate_to_device<M: Mm>(
+        &self,
+        svm: &SvmContext<P, M>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError> {
+        let d = &*self.inner;
+        let mm = &**svm.mm();
+        let mmap = mmap_read_lock(mm);
+        let mut total = 0;
+        for (a, b) in vma_pieces(&mmap, start, end)? {
+            let mut mig = migrate_vma_setup(&mmap, a, b, MigrateSelect::SYSTEM, Some(d.owner))
+                .map_err(GpuError::Mm)?;
+            let mut pairs = Vec::new();
+            let mut dsts = Vec::new();
+            for (i, p) in mig.pages().iter().enumerate() {
+                let src = match p.src {
+                    MigrateSrc::System { pfn } => PhysPage::system(pfn << PAGE_SHIFT),
+                    MigrateSrc::Empty => PhysPage::system(d.zero_phys),
+                    MigrateSrc::Skip | MigrateSrc::Device { .. } => continue,
+                };
+                let Some(v) = d.vram.alloc_page() else {
+                    break;
+                };
+                pairs.push((src, PhysPage::vram(v)));
+                dsts.push((i, v));
+            }
+            let full = dsts.len() < mig.collected();
+            if let Err(e) = d.copy(&pairs) {
+                d.free_vram(dsts.iter().map(|&(_, v)| v));
+                return Err(e);
+            }
+            for &(i, v) in &dsts {
+                let vram_pfn = v >> PAGE_SHIFT;
+                let dst = MigrateDst::Device {
+                    owner: d.owner,
+                    vram_pfn,
+                };
+                mig.set_dst(i, dst);
+            }
+            mig.migrate_pages();
+            let n = mig.finalize() as u64;
+            d.to_device.fetch_add(n, Ordering::Relaxed);
+            total += n;
+            if full {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Migrate this memory's pages of `[start, end)` back to system memory.
+    /// Returns the pages migrated; `NoMemory` if frames ran out (the pages
+    /// not copied stay in VRAM).
+    pub fn migrate_to_system<M: Mm>(
+        &self,
+        svm: &SvmContext<P, M>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError> {
+        let d = &*self.inner;
+        let mm = &**svm.mm();
+        let mmap = mmap_read_lock(mm);
+        let mut total = 0;
+        for (a, b) in vma_pieces(&mmap, start, end)? {
+            let mut mig =
+                migrate_vma_setup(&mmap, a, b, MigrateSelect::DEVICE_PRIVATE, Some(d.owner))
+                    .map_err(GpuError::Mm)?;
+            let mut pairs = Vec::new();
+            let mut dsts = Vec::new();
+            let mut oom = false;
+            for (i, p) in mig.pages().iter().enumerate() {
+                let MigrateSrc::Device { vram_pfn, .. } = p.src else {
+                    continue;
+                };
+                let Some(pfn) = mm.alloc_frame() else {
+                    oom = true;
+                    break;
+                };
+                pairs.push((
+                    PhysPage::vram(vram_pfn << PAGE_SHIFT),
+                    PhysPage::system(pfn << PAGE_SHIFT),
+                ));
+                dsts.push((i, pfn));
+            }
+            if let Err(e) = d.copy(&pairs) {
+                dsts.iter().for_each(|&(_, pfn)| mm.free_frame(pfn));
+                return Err(e);
+            }
+            for &(i, pfn) in &dsts {
+                mig.set_dst(i, MigrateDst::System { pfn });
+            }
+            mig.migrate_pages();
+            let n = mig.finalize() as u64;
+            d.to_system.fetch_add(n, Ordering::Relaxed);
+            total += n;
+            if oom {
+                return Err(GpuError::NoMemory);
+            }
+        }
+        Ok(total)
+    }
+
+    /// What it did and holds.
+    pub fn stats(&self) -> DmemStats {
+        let d = &*self.inner;
+        DmemStats {
+            to_device: d.to_device.load(Ordering::Relaxed),
+            to_system: d.to_system.load(Ordering::Relaxed),
+            cpu_faults: d.cpu_faults.load(Ordering::Relaxed),
+            vram: d.vram.usage(),
+        }
+    }
+
+    /// The leak check: `Err` names the VRAM still allocated.
+    pub fn teardown(self) -> Result<(), VramLeak> {
+        match self.inner.vram.usage() {
+            u if u == VramUsage::default() => Ok(()),
+            u => Err(VramLeak(u)),
+        }
+    }
+}
+
+/// The parts of `[start, end)` inside VMAs, in order. EINVAL if unaligned
+/// or empty.
+fn vma_pieces<M: Mm>(
+    mmap: &MmapReadGuard<'_, M>,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64)>, GpuError> {
+    if start >= end || !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
+        return Err(GpuError::Mm(Errno::EINVAL));
+    }
+    let mm = mmap.mm();
+    let mut pieces = Vec::new();
+    let mut a = start;
+    while a < end {
+        match mm.vma_lookup(mmap, a) {
+            Some(v) => {
+                let b = v.end.min(end);
+                pieces.push((a, b));
+                a = b;
+            }
+            None => a += PAGE_SIZE,
+        }
+    }
+    Ok(pieces)
+}
+
+impl<P: Platform> Dmem<P> {
+    /// One MIGRATE batch of 4 KiB pages (nothing for none).
+    fn copy(&self, pairs: &[(PhysPage, PhysPage)]) -> Result<(), GpuError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.copier.lock();
+        let Copier { chan, list, .. } = &mut *c;
+        list.run(chan, pairs, PageSize::Size4K).map(|_| ())
+    }
+
+    fn free_vram(&self, offsets: impl Iterator<Item = u64>) {
+        for v in offsets {
+            if let Err(e) = self.vram.free_page(v) {
+                log::error!("dmem: VRAM page {v:#x}: {e}");
+            }
+        }
+    }
+}
+
+impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
+    fn migrate_to_ram(
+        &self,
+        _mm: &M,
+        _addr: u64,
+        vram_pfn: u64,
+        dst_pfn: u64,
+    ) -> Result<(), Errno> {
+        let pair = (
+            PhysPage::vram(vram_pfn << PAGE_SHIFT),
+            PhysPage::system(dst_pfn << PAGE_SHIFT),
+        );
+        self.copy(&[pair]).map_err(|e| {
+            log::warn!("dmem: migrate_to_ram of VRAM page {vram_pfn:#x}: {e}");
+            Errno::EFAULT
+        })?;
+        self.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn page_free(&self, vram_pfn: u64) {
+        self.free_vram(core::iter::once(vram_pfn << PAGE_SHIFT));
+    }
+}
+
+impl<P: Platform> Drop for Dmem<P> {
+    fn drop(&mut self) {
+        if let Some(zero) = self.zero.take() {
+            self.platform.dma_free(zero);
+        }
+    }
+}

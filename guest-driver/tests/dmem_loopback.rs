@@ -1,0 +1,253 @@
+//! Device-private pages end to end in the host loopback: the real driver
+//! (`gpu::DeviceMemory`, the SVM fault handler), the real device model
+//! (VRAM, MIGRATE, VRAM leaves) and simulated processes whose frames are
+//! the device's guest memory. The hmm-tests intents `migrate`,
+//! `migrate_fault`, `migrate_release`, `migrate_shared`, `migrate_multiple`.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::env::LoopEnv;
+use faultline_abi::Command;
+use faultline_driver::gpu::suite::SvmEnv;
+use faultline_driver::gpu::{Channel, DeviceMemory, GpuConfig, GpuError, SvmConfig, SvmContext};
+use faultline_driver::mm::{PageState, VmFlags, PAGE_SIZE as PG};
+use faultline_driver::sim::SimMm;
+
+const RW: VmFlags = VmFlags::READ.union(VmFlags::WRITE);
+const A: u64 = 0x20_0000_0000;
+const B: u64 = 0x30_0000_0000;
+
+struct Rig {
+    env: LoopEnv,
+    mm: Arc<SimMm>,
+    svm: SvmContext<common::loopback::Loopback, SimMm>,
+    chan: Channel<common::loopback::Loopback>,
+    dmem: DeviceMemory<common::loopback::Loopback>,
+}
+
+fn rig(pages: u64) -> Rig {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let mm = env.spawn().unwrap();
+    mm.mmap(A, pages * PG, RW).unwrap();
+    mm.mmap(B, pages * PG, RW).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let chan = Channel::open(svm.context()).unwrap();
+    let dmem = DeviceMemory::new(&env.gpu).unwrap();
+    dmem.attach(&svm).unwrap();
+    Rig {
+        env,
+        mm,
+        svm,
+        chan,
+        dmem,
+    }
+}
+
+fn pattern(len: u64, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i * 7 + i / PG * 3 + seed * 29) as u8)
+        .collect()
+}
+
+fn cpu_read(mm: &SimMm, va: u64, len: u64) -> Vec<u8> {
+    let mut b = vec![0u8; len as usize];
+    mm.read(va, &mut b).unwrap();
+    b
+}
+
+fn on_device(r: &Rig, va: u64) -> bool {
+    matches!(r.mm.cpu_state(va), PageState::DevicePrivate { owner, .. } if owner == r.dmem.owner())
+}
+
+/// The GPU copies A to B through its MMU: device pages of A are read
+/// from VRAM without a CPU fault.
+#[test]
+fn migrate_gpu_reads_vram_and_cpu_faults_bring_pages_back() {
+    let n = 32;
+    let r = rig(n);
+    let data = pattern(n * PG, 1);
+    r.mm.write(A, &data).unwrap();
+    let frames = r.mm.frames_in_use();
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
+    assert!((0..n).all(|i| on_device(&r, A + i * PG)));
+    assert_eq!(r.mm.device_pages(), n);
+    assert_eq!(r.mm.frames_in_use(), frames - n);
+    assert_eq!(r.dmem.stats().vram.pages, n);
+    r.chan
+        .run(&Command::Copy {
+            dst: B,
+            src: A,
+            len: n * PG,
+        })
+        .unwrap();
+    assert!(cpu_read(&r.mm, B, n * PG) == data, "the GPU read VRAM");
+    assert!(
+        (0..n).all(|i| on_device(&r, A + i * PG)),
+        "device accesses do not migrate back"
+    );
+    assert_eq!(r.dmem.stats().cpu_faults, 0);
+    let PageState::DevicePrivate { vram_pfn, .. } = r.mm.cpu_state(A + PG) else {
+        unreachable!()
+    };
+    assert_eq!(
+        r.svm.device_lookup(A + PG).map(|l| l.phys),
+        Some(vram_pfn * PG),
+        "a VRAM leaf"
+    );
+    // The GPU writes device pages too; the CPU sees the writes after its
+    // faults bring the pages back.
+    r.chan
+        .run(&Command::Fill {
+            dst: A,
+            len: n * PG,
+            pattern: 0x0102_0304_0506_0708,
+        })
+        .unwrap();
+    let want: Vec<u8> = (0..n * PG).map(|i| 8 - (i % 8) as u8).collect();
+    assert!(cpu_read(&r.mm, A, n * PG) == want);
+    let s = r.dmem.stats();
+    assert_eq!((s.to_device, s.cpu_faults, s.vram.pages), (n, n, 0));
+    assert_eq!(r.mm.device_pages(), 0);
+    assert_eq!(r.env.lb.coherence_violations(), 0);
+    teardown(r);
+}
+
+#[test]
+fn migrate_fault_half_back_then_the_mix_again() {
+    let n = 16;
+    let r = rig(n);
+    let data = pattern(n * PG, 2);
+    r.mm.write(A, &data).unwrap();
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
+    for i in (0..n).step_by(2) {
+        assert!(cpu_read(&r.mm, A + i * PG, PG) == data[(i * PG) as usize..][..PG as usize]);
+    }
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n / 2));
+    r.chan
+        .run(&Command::Copy {
+            dst: B,
+            src: A,
+            len: n * PG,
+        })
+        .unwrap();
+    assert!(cpu_read(&r.mm, B, n * PG) == data);
+    assert_eq!(r.dmem.migrate_to_system(&r.svm, A, A + n * PG), Ok(n));
+    assert!(cpu_read(&r.mm, A, n * PG) == data);
+    let s = r.dmem.stats();
+    assert_eq!(
+        (s.to_device, s.to_system, s.cpu_faults),
+        (n + n / 2, n, n / 2)
+    );
+    teardown(r);
+}
+
+#[test]
+fn migrate_release_frees_all_vram() {
+    let n = 24;
+    let r = rig(n);
+    r.mm.write(A, &pattern(n * PG, 3)).unwrap();
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
+    // GPU use of the device pages, then the process exits with them.
+    r.chan
+        .run(&Command::Copy {
+            dst: B,
+            src: A,
+            len: n * PG,
+        })
+        .unwrap();
+    let Rig {
+        env,
+        mm,
+        svm,
+        chan,
+        dmem,
+    } = r;
+    drop(chan);
+    env.exit(mm);
+    assert!(svm.is_released());
+    assert_eq!(dmem.stats().vram.pages, 0, "exit freed every VRAM page");
+    drop(svm);
+    assert_eq!(dmem.teardown(), Ok(()));
+}
+
+#[test]
+fn migrate_shared_is_refused() {
+    let r = rig(1);
+    let s = 0x40_0000_0000;
+    r.mm.mmap(s, 4 * PG, RW | VmFlags::SHARED).unwrap();
+    r.mm.write(s, &pattern(4 * PG, 4)).unwrap();
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, s, s + 4 * PG), Ok(0));
+    assert_eq!(r.dmem.stats().vram.pages, 0);
+    assert!(matches!(r.mm.cpu_state(s), PageState::Present { .. }));
+    teardown(r);
+}
+
+#[test]
+fn migrate_holes_become_zeroed_vram() {
+    let n = 8;
+    let r = rig(n);
+    r.mm.write(A + 3 * PG, &pattern(PG, 5)).unwrap();
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
+    r.chan
+        .run(&Command::Copy {
+            dst: B,
+            src: A,
+            len: n * PG,
+        })
+        .unwrap();
+    let got = cpu_read(&r.mm, B, n * PG);
+    let mut want = vec![0u8; (n * PG) as usize];
+    want[(3 * PG) as usize..][..PG as usize].copy_from_slice(&pattern(PG, 5));
+    assert!(got == want);
+    assert_eq!(
+        r.dmem.migrate_to_device(&r.svm, A + 1, A + PG),
+        Err(GpuError::Mm(faultline_driver::errno::Errno::EINVAL))
+    );
+    r.dmem.migrate_to_system(&r.svm, A, A + n * PG).unwrap();
+    teardown(r);
+}
+
+#[test]
+fn migrate_multiple_round_trips() {
+    let n = 8;
+    let r = rig(n);
+    for round in 0..10 {
+        let data = pattern(n * PG, 10 + round);
+        r.mm.write(A, &data).unwrap();
+        assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
+        r.chan
+            .run(&Command::Copy {
+                dst: B,
+                src: A,
+                len: n * PG,
+            })
+            .unwrap();
+        assert!(cpu_read(&r.mm, B, n * PG) == data, "round {round}");
+        assert_eq!(r.dmem.migrate_to_system(&r.svm, A, A + n * PG), Ok(n));
+        assert!(cpu_read(&r.mm, A, n * PG) == data, "round {round}");
+    }
+    let s = r.dmem.stats();
+    assert_eq!(
+        (s.to_device, s.to_system, s.cpu_faults),
+        (10 * n, 10 * n, 0)
+    );
+    teardown(r);
+}
+
+/// Everything back, detached, process gone: no VRAM and no frame left.
+fn teardown(r: Rig) {
+    let Rig {
+        env,
+        mm,
+        svm,
+        chan,
+        dmem,
+    } = r;
+    dmem.detach(&svm);
+    drop(chan);
+    env.exit(mm);
+    drop(svm);
+    assert_eq!(dmem.teardown(), Ok(()), "no VRAM page leaks");
+}
