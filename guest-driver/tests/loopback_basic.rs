@@ -366,3 +366,39 @@ fn map_run_matches_map_page_by_page() {
     assert!(r.is_err());
     assert_eq!(mapped, 2);
 }
+
+/// `clear` removes every leaf whatever the tables below the root hold,
+/// keeps the retired tables until drop, and leaves a table that maps again.
+#[test]
+fn clear_unmaps_everything_and_maps_again() {
+    let lb = Loopback::new(8);
+    let mut pt = PageTable::new(lb.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let vas = [0x1000u64, 0x20_0000, 0x40_0000_0000, 0x7f_ffff_f000];
+    for (i, &va) in vas.iter().enumerate() {
+        pt.map(
+            va,
+            0x1000_0000 + i as u64 * 4096,
+            PageSize::Size4K,
+            Pte::WRITE,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    pt.map(0x4000_0000, 0x2000_0000, PageSize::Size2M, Pte::empty())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tables = pt.table_count();
+    assert_eq!(pt.clear(), 5);
+    assert_eq!(pt.leaf_count(), 0);
+    assert_eq!(
+        pt.table_count(),
+        tables,
+        "retired tables are kept until drop"
+    );
+    for va in vas.into_iter().chain([0x4000_0000]) {
+        assert_eq!(pt.lookup(va), None, "{va:#x} still mapped");
+    }
+    assert!(!pt.has_leaves(0, faultline_abi::VA_LIMIT));
+    pt.map(0x1000, 0x3000_0000, PageSize::Size4K, Pte::empty())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pt.lookup(0x1000).map(|l| l.phys), Some(0x3000_0000));
+    assert_eq!(pt.leaf_count(), 1);
+}

@@ -955,6 +955,17 @@ fn teardown() -> Result<(), String> {
         "frames before {free}, after {}",
         frames::stats().free
     );
+    // Unwatched, exit gives data frames back in physically consecutive
+    // runs: the bitmap must agree with the counter afterwards.
+    {
+        let p = new_process()?;
+        map(&p, None, 100 * PG, RW, MapFlags::POPULATE)?;
+    }
+    let (counted, recounted) = (frames::stats().free, frames::recount());
+    ensure!(
+        counted == free && recounted == free,
+        "after an unwatched exit: {counted} free by the counter, {recounted} in the bitmap, {free} before"
+    );
     let now = crate::mm::heap::stats();
     ensure!(
         now.allocated_bytes <= heap.allocated_bytes,

@@ -393,6 +393,28 @@ impl<P: Platform> PageTable<P> {
         va + LEAF_4K
     }
 
+    /// Unmaps everything: the root's entries are cleared and every table
+    /// below it is retired unread (freed on drop, as an unlinked table
+    /// always is), so the cost is the root's 512 entries however much was
+    /// mapped. Returns the leaves removed. The caller invalidates the whole
+    /// context in the device (its TLB and walk caches may still hold the
+    /// retired tables) before relying on the device not reaching them.
+    pub fn clear(&mut self) -> u64 {
+        self.last_l1 = None;
+        let root = self.at(0);
+        for i in 0..512 {
+            if root.read_u64(i * 8) != 0 {
+                root.write_u64(i * 8, 0);
+            }
+        }
+        for t in self.arena.drain(1..).flatten() {
+            self.retired.push(t);
+        }
+        self.slots.clear();
+        self.slots.insert(self.root, 0);
+        core::mem::take(&mut self.leaves)
+    }
+
     /// Clears every leaf overlapping `[start, end)` (whole leaves, even if
     /// they extend past the range). Empty tables stay linked.
     pub fn unmap_range(&mut self, start: u64, end: u64) -> Cleared {

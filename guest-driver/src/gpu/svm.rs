@@ -321,7 +321,7 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
         let idx = self.ctx.index();
         {
             let mut pt = self.ctx.page_table();
-            pt.unmap_range(0, faultline_abi::VA_LIMIT);
+            pt.clear();
             if let Err(e) = self.gpu().invalidate_context(idx) {
                 log::warn!("svm: release of context {idx}: {e}");
             }

@@ -89,6 +89,10 @@ fn fill_u64(pa: u64, bytes: u64, v: u64) {
 pub struct Freer {
     watch: lock_api::MutexGuard<'static, crate::sync::RawIrqSpinlock, Option<Watch>>,
     frames: frames::Batch,
+    /// 4 KiB data frames not yet given back: a physically consecutive run
+    /// (start, frames), freed as one when the next frame does not extend it
+    /// and when the `Freer` goes.
+    run: (u64, u64),
 }
 
 impl Freer {
@@ -97,6 +101,14 @@ impl Freer {
         Freer {
             watch,
             frames: frames::batch(),
+            run: (0, 0),
+        }
+    }
+
+    fn flush(&mut self) {
+        let (start, n) = core::mem::take(&mut self.run);
+        if n > 0 {
+            self.frames.free_run(PhysAddr::new(start), n);
         }
     }
 
@@ -111,13 +123,22 @@ impl Freer {
                 .extend((0..bytes / PAGE_SIZE).map(|i| pa + i * PAGE_SIZE));
         } else if huge {
             self.frames.free_2m(PhysAddr::new(pa));
+        } else if self.run.1 > 0 && pa == self.run.0 + self.run.1 * PAGE_SIZE {
+            self.run.1 += 1;
         } else {
-            self.frames.free(PhysAddr::new(pa));
+            self.flush();
+            self.run = (pa, 1);
         }
     }
 
     /// A page-table page (never watched).
     pub fn table(&mut self, pa: u64) {
         self.frames.free(PhysAddr::new(pa));
+    }
+}
+
+impl Drop for Freer {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
