@@ -59,7 +59,8 @@ use crate::sync::SpinMutex;
 const PFN_SHIFT: u32 = PAGE_SHIFT;
 const F_VALID: u64 = 1 << 0;
 const F_WRITE: u64 = 1 << 1;
-const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [F_VALID, F_WRITE, 1 << 2];
+const F_DEVICE_PRIVATE: u64 = 1 << 2;
+const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [F_VALID, F_WRITE, F_DEVICE_PRIVATE];
 const VALUES: [u64; HMM_PFN_VALUE_MAX] = [1 << 3, 0, 1 << 4];
 
 /// Passes over one window before the bottom half gives up for this batch
@@ -653,17 +654,16 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             let pfns = &range.pfns;
             let leaf = |i: usize| {
                 let e = pfns[i];
+                // Decoded once: the flag bits are this driver's own
+                // (`FLAGS`), meaningful on an entry with a pfn.
                 let pfn = range.entry_to_pfn(e)?;
-                let perms = if range.entry_is_writable(e) {
-                    Pte::WRITE | Pte::ATOMIC
-                } else {
-                    Pte::empty()
-                };
-                let perms = if range.entry_is_device_private(e) {
-                    perms | Pte::VRAM
-                } else {
-                    perms
-                };
+                let mut perms = Pte::empty();
+                if e & F_WRITE != 0 {
+                    perms |= Pte::WRITE | Pte::ATOMIC;
+                }
+                if e & F_DEVICE_PRIVATE != 0 {
+                    perms |= Pte::VRAM;
+                }
                 // Mutant (c): a write anywhere in the window makes every page
                 // of it writable, read-only pfns too.
                 #[cfg(feature = "mutants")]
