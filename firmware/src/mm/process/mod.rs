@@ -84,10 +84,12 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bitflags::bitflags;
 use faultline_driver::errno::Errno;
+use faultline_driver::mm::migrate::{device_private_fault, migration_entry_wait};
 use faultline_driver::mm::{
-    mmap_read_lock, mmap_write_lock, mmput, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard,
-    MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SIZE, PMD_SIZE,
+    device_page_free, mmap_read_lock, mmap_read_trylock, mmap_write_lock, mmput,
+    mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, DeviceOwner,
+    FaultError, FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState,
+    VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE,
 };
 
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
@@ -186,6 +188,8 @@ pub struct MmStats {
     pub data_frames: u64,
     /// Faults resolved (CPU and remote).
     pub faults: u64,
+    /// Device-private entries: pages that live in a device's memory.
+    pub device_pages: u64,
 }
 
 /// One process's address space (`mm_struct`).
@@ -291,6 +295,22 @@ impl ProcessMm {
             page_tables: pt.tables + 1,
             data_frames: pt.data,
             faults: self.faults.load(Ordering::Relaxed),
+            device_pages: self.core.device_pages(),
+        }
+    }
+
+    /// Gives back what a zap took out (after `invalidate_range_end`):
+    /// device pages to their owners, frames to the allocator.
+    fn release_frames(&self, mut freed: FrameList) {
+        let devices = core::mem::take(&mut freed.devices);
+        freed.free_all();
+        self.release_device_pages(devices);
+    }
+
+    fn release_device_pages(&self, devices: Vec<(DeviceOwner, u64)>) {
+        self.core.account_device_pages(0, devices.len() as u64);
+        for (owner, vram_pfn) in devices {
+            device_page_free(self, owner, vram_pfn);
         }
     }
 
@@ -357,7 +377,7 @@ impl ProcessMm {
                 let vmas = mmap_read_lock(self);
                 (start..start + len)
                     .step_by(align as usize)
-                    .any(|a| self.fault(&vmas, a, access).is_err())
+                    .any(|a| self.fault(&vmas, a, access, FaultFlags::empty()).is_err())
             };
             if failed {
                 self.munmap(start, len)?;
@@ -398,7 +418,7 @@ impl ProcessMm {
             log::error!("munmap: a notifier refused a blockable invalidation");
         }
         drop(vmas);
-        freed.free_all();
+        self.release_frames(freed);
         Ok(())
     }
 
@@ -437,12 +457,20 @@ impl ProcessMm {
 
     /// A CPU page fault at `addr` (from the #PF hook).
     fn cpu_fault(&self, addr: u64, access: Access) -> Result<(), SegvReason> {
-        let vmas = self.mmap.try_read().ok_or(SegvReason::MmapLockHeld)?;
-        self.fault(&vmas, addr, access)
+        let vmas = mmap_read_trylock(self).ok_or(SegvReason::MmapLockHeld)?;
+        self.fault(&vmas, addr, access, FaultFlags::empty())
     }
 
-    /// The fault handler proper, under the mmap lock (read).
-    fn fault(&self, vmas: &Vmas, addr: u64, access: Access) -> Result<(), SegvReason> {
+    /// The fault handler proper, under the mmap lock (read). `flags` only
+    /// matter for a page in device memory or under migration (ALLOW_RETRY:
+    /// do not wait for the migration).
+    fn fault(
+        &self,
+        vmas: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        access: Access,
+        flags: FaultFlags,
+    ) -> Result<(), SegvReason> {
         if self.is_dead() {
             return Err(SegvReason::Dead);
         }
@@ -469,6 +497,21 @@ impl ProcessMm {
                 .map_err(|_| SegvReason::OutOfMemory)?
                 .expect("created");
             let e = t.get(i);
+            if pt::is_swap(e) {
+                // In device memory or under migration: the generic path,
+                // which takes the page-table lock itself.
+                drop(pt);
+                let r = if e & pt::SWP_MIGRATION != 0 {
+                    migration_entry_wait(vmas, addr, flags)
+                } else {
+                    device_private_fault(vmas, addr, flags)
+                };
+                return r.map_err(|e| match e {
+                    FaultError::Oom => SegvReason::OutOfMemory,
+                    FaultError::Retry => SegvReason::Busy,
+                    FaultError::Sigbus | FaultError::Sigsegv => SegvReason::DeviceMemory,
+                });
+            }
             if e & P == 0 {
                 // Not present: nothing cached, no flush, no notifier.
                 if write {
@@ -602,11 +645,15 @@ impl ProcessMm {
 
     fn teardown(&self) {
         self.dead.store(true, Ordering::Release);
-        let mut pt = self.pt.lock();
-        pt.destroy(zero_pa());
-        let mut flush = Flush::new();
-        flush.everything();
-        flush.run(is_active(self));
+        let mut devices = Vec::new();
+        {
+            let mut pt = self.pt.lock();
+            pt.destroy(zero_pa(), &mut devices);
+            let mut flush = Flush::new();
+            flush.everything();
+            flush.run(is_active(self));
+        }
+        self.release_device_pages(devices);
     }
 }
 
@@ -659,15 +706,17 @@ impl Mm for ProcessMm {
         flags: FaultFlags,
     ) -> Result<(), FaultError> {
         // REMOTE changes nothing here: there is no task to charge and no
-        // protection keys; this handler never blocks, so ALLOW_RETRY has no
-        // use either.
+        // protection keys. ALLOW_RETRY only matters for a page under
+        // migration (the one wait this handler has).
         let access = if flags.contains(FaultFlags::WRITE) {
             Access::Write
         } else {
             Access::Read
         };
-        self.fault(mmap, addr, access).map_err(|r| match r {
+        self.fault(mmap, addr, access, flags).map_err(|r| match r {
             SegvReason::OutOfMemory => FaultError::Oom,
+            SegvReason::Busy => FaultError::Retry,
+            SegvReason::DeviceMemory => FaultError::Sigbus,
             _ => FaultError::Sigsegv,
         })
     }
@@ -716,7 +765,12 @@ impl Mm for ProcessMm {
                     return (done, Err(FaultError::Oom));
                 };
                 let need = if write {
-                    (0..n).filter(|&k| t.get(i0 + k) & P == 0).count()
+                    (0..n)
+                        .filter(|&k| {
+                            let e = t.get(i0 + k);
+                            e & P == 0 && !pt::is_swap(e)
+                        })
+                        .count()
                 } else {
                     0
                 };
@@ -728,7 +782,10 @@ impl Mm for ProcessMm {
                 let bits = pt::leaf(0, f, write, false);
                 for k in 0..n {
                     let e = t.get(i0 + k);
-                    if e & P == 0 {
+                    if pt::is_swap(e) {
+                        // Device memory or migration: the per-page pass.
+                        upgrades += 1;
+                    } else if e & P == 0 {
                         if write {
                             if used == got {
                                 break;
@@ -754,14 +811,15 @@ impl Mm for ProcessMm {
             if upgrades > 0 {
                 for k in 0..n as u64 {
                     let a = addr + k * PAGE_SIZE;
-                    if matches!(
-                        self.translate(a).state,
+                    let pass = match self.translate(a).state {
                         PageState::Zero { .. }
-                            | PageState::Present {
-                                writable: false,
-                                ..
-                            }
-                    ) {
+                        | PageState::Present {
+                            writable: false, ..
+                        } => write,
+                        PageState::DevicePrivate { .. } | PageState::Migration => true,
+                        _ => false,
+                    };
+                    if pass {
                         if let Err(e) = self.handle_mm_fault(mmap, a, flags) {
                             return (done + k, Err(e));
                         }
@@ -776,6 +834,55 @@ impl Mm for ProcessMm {
 
     fn exit_mmap(&self) {
         self.teardown();
+    }
+
+    fn pte_exchange(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let zero = zero_pa();
+        let f = mmap.lookup(addr).map_or(VmFlags::READ, |v| v.flags);
+        let new_e = match new {
+            PageState::None => 0,
+            PageState::Zero { .. } => pt::leaf(zero, f, false, false),
+            PageState::Present { pfn, writable } => pt::leaf(pfn << PAGE_SHIFT, f, writable, false),
+            s => pt::swap_entry(s).ok_or_else(|| self.translate(addr).state)?,
+        };
+        let mut pt = self.pt.lock();
+        let w = pt.walk(addr, zero);
+        if w.state != old || matches!(w.state, PageState::Huge { .. }) {
+            return Err(w.state);
+        }
+        let Ok(Some((t, i))) = pt.pte(addr, true) else {
+            return Err(w.state);
+        };
+        let e = t.get(i);
+        t.set(i, new_e);
+        // Frames change hands with the entry: the data count follows.
+        let had_frame = e & P != 0 && e & pt::ADDR != zero;
+        let has_frame = matches!(new, PageState::Present { .. });
+        pt.data = pt.data + u64::from(has_frame) - u64::from(had_frame);
+        self.core.account_device_pages(
+            u64::from(matches!(new, PageState::DevicePrivate { .. })),
+            u64::from(pt::device_page(e).is_some()),
+        );
+        if e & P != 0 {
+            let mut flush = Flush::new();
+            flush.page(addr);
+            flush.run(is_active(self));
+        }
+        Ok(())
+    }
+
+    fn alloc_frame(&self) -> Option<u64> {
+        pt::alloc_zeroed().ok().map(|pa| pa >> PAGE_SHIFT)
+    }
+
+    fn free_frame(&self, pfn: u64) {
+        freed::Freer::new().data(pfn << PAGE_SHIFT, false);
     }
 
     fn now_ns(&self) -> u64 {

@@ -7,8 +7,17 @@
 //! paging), and NX unless the mapping is executable. PROT_NONE keeps the
 //! frame: the entry loses P and gains the software bit [`PROTNONE`], with
 //! the address left in place, as Linux's `_PAGE_PROTNONE`.
+//!
+//! Swap-type entries (P and PROTNONE clear, the software bit [`SWP`] set)
+//! hold no frame: a device-private entry keeps the device page's frame
+//! number in the address bits, the owner id in bits 52..62 and the write
+//! permission in W; a migration entry ([`SWP_MIGRATION`]) holds nothing.
+//! They exist at the 4 KiB level only.
 
-use faultline_driver::mm::{PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE};
+use alloc::vec::Vec;
+use faultline_driver::mm::{
+    DeviceOwner, PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
+};
 use x86_64::PhysAddr;
 
 use super::freed::Freer;
@@ -24,6 +33,13 @@ pub const PS: u64 = 1 << 7;
 /// Software bit (ignored by the CPU, which ignores every bit of a non-present
 /// entry): PROT_NONE, frame still owned.
 pub const PROTNONE: u64 = 1 << 9;
+/// Software bit of a non-present entry: a swap-type entry (device-private,
+/// or with [`SWP_MIGRATION`] a migration entry).
+pub const SWP: u64 = 1 << 10;
+/// With [`SWP`]: a migration entry (the page is being migrated).
+pub const SWP_MIGRATION: u64 = 1 << 11;
+/// Where a device-private entry keeps its owner id (10 bits).
+const OWNER_SHIFT: u32 = 52;
 pub const NX: u64 = 1 << 63;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
@@ -82,8 +98,54 @@ pub fn holds_frame(e: u64) -> bool {
     e & (P | PROTNONE) != 0
 }
 
+/// Whether a leaf entry is a swap-type entry (device-private or migration).
+pub fn is_swap(e: u64) -> bool {
+    e & (P | PROTNONE | SWP) == SWP
+}
+
+/// The entry for a device-private or migration state (`None` for others).
+pub fn swap_entry(state: PageState) -> Option<u64> {
+    match state {
+        PageState::DevicePrivate {
+            owner,
+            vram_pfn,
+            writable,
+        } => {
+            let addr = vram_pfn << PAGE_SHIFT;
+            (addr & !ADDR == 0).then(|| {
+                SWP | addr | (u64::from(owner.get()) << OWNER_SHIFT) | if writable { W } else { 0 }
+            })
+        }
+        PageState::Migration => Some(SWP | SWP_MIGRATION),
+        _ => None,
+    }
+}
+
+/// The device page a device-private entry names: (owner, vram pfn).
+pub fn device_page(e: u64) -> Option<(DeviceOwner, u64)> {
+    if !is_swap(e) || e & SWP_MIGRATION != 0 {
+        return None;
+    }
+    let owner = DeviceOwner::from_raw(((e >> OWNER_SHIFT) & 0x3ff) as u16)?;
+    Some((owner, (e & ADDR) >> PAGE_SHIFT))
+}
+
 /// What a last-level entry says to the mirror layer.
 fn pte_state(pte: u64, zero_pa: u64) -> PageState {
+    if is_swap(pte) {
+        if pte & SWP_MIGRATION != 0 {
+            return PageState::Migration;
+        }
+        return match device_page(pte) {
+            Some((owner, vram_pfn)) => PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable: pte & W != 0,
+            },
+            // Only this module writes swap entries, always with an owner.
+            None => PageState::Special,
+        };
+    }
     if !holds_frame(pte) {
         PageState::None
     } else if pte & ADDR == zero_pa {
@@ -133,6 +195,8 @@ pub struct FrameList {
     inline: [u64; 8],
     n: usize,
     spill: alloc::vec::Vec<u64>,
+    /// Device pages unmapped, for their owners' `page_free`.
+    pub devices: Vec<(DeviceOwner, u64)>,
 }
 
 /// Low bits of a [`FrameList`] entry: a 2 MiB run; a page-table page (not
@@ -146,6 +210,7 @@ impl FrameList {
             inline: [0; 8],
             n: 0,
             spill: alloc::vec::Vec::new(),
+            devices: Vec::new(),
         }
     }
 
@@ -401,8 +466,9 @@ impl PageTables {
         }
     }
 
-    /// Calls `f(addr, table, index, huge)` for every leaf holding a frame in
-    /// `[start, end)`, skipping missing tables a block at a time.
+    /// Calls `f(addr, table, index, huge)` for every leaf holding a frame,
+    /// and every swap-type entry, in `[start, end)`, skipping missing tables
+    /// a block at a time.
     fn for_each_leaf(&self, start: u64, end: u64, mut f: impl FnMut(u64, Table, usize, bool)) {
         let mut a = start;
         while a < end {
@@ -425,7 +491,8 @@ impl PageTables {
                 let stop = end.min(block_end);
                 while a < stop {
                     let i1 = index(a, PAGE_SHIFT);
-                    if holds_frame(pt.get(i1)) {
+                    let e = pt.get(i1);
+                    if holds_frame(e) || is_swap(e) {
                         f(a, pt, i1, false);
                     }
                     a += PAGE_SIZE;
@@ -450,6 +517,12 @@ impl PageTables {
         self.for_each_leaf(start, end, |a, t, i, huge| {
             let e = t.get(i);
             t.set(i, 0);
+            if is_swap(e) {
+                if let Some(d) = device_page(e) {
+                    freed.devices.push(d);
+                }
+                return;
+            }
             if e & P != 0 {
                 flush.page(a);
             }
@@ -469,6 +542,14 @@ impl PageTables {
     pub fn protect(&mut self, start: u64, end: u64, vm: VmFlags, flush: &mut Flush) {
         self.for_each_leaf(start, end, |a, t, i, _| {
             let e = t.get(i);
+            if is_swap(e) {
+                // A device-private page keeps its entry (the VMA's flags
+                // guard access); it only loses write.
+                if !vm.contains(VmFlags::WRITE) {
+                    t.set(i, e & !W);
+                }
+                return;
+            }
             let new = reprotect(e, vm);
             if new != e {
                 t.set(i, new);
@@ -550,8 +631,9 @@ impl PageTables {
     }
 
     /// Frees every frame and table of the user half right away (teardown:
-    /// nobody can be told any more). Returns the number of 4 KiB frames.
-    pub fn destroy(&mut self, zero_pa: u64) -> u64 {
+    /// nobody can be told any more); device pages go to `devices` (their
+    /// owners free them). Returns the number of 4 KiB frames.
+    pub fn destroy(&mut self, zero_pa: u64, devices: &mut Vec<(DeviceOwner, u64)>) -> u64 {
         let mut n = 0;
         let mut f = Freer::new();
         for i4 in index(USER_BASE, 39)..=index(USER_END - 1, 39) {
@@ -570,7 +652,9 @@ impl PageTables {
                     } else if let Some(pt) = pd.child(i2) {
                         for i1 in 0..512 {
                             let e = pt.get(i1);
-                            if holds_frame(e) && e & ADDR != zero_pa {
+                            if let Some(d) = device_page(e) {
+                                devices.push(d);
+                            } else if holds_frame(e) && e & ADDR != zero_pa {
                                 f.data(e & ADDR, false);
                                 n += 1;
                             }

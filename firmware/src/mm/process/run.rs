@@ -71,6 +71,12 @@ pub enum SegvReason {
     KernelExec,
     /// An exception other than a page fault in user mode (`Segfault::vector`).
     UserException,
+    /// The page lives in device memory and could not be brought back (the
+    /// device's copy failed or its memory is gone).
+    DeviceMemory,
+    /// The page is under migration and the fault may not wait (a remote
+    /// fault with ALLOW_RETRY).
+    Busy,
 }
 
 impl SegvReason {
@@ -88,6 +94,8 @@ impl SegvReason {
             SegvReason::Smap => "kernel access to user memory outside a uaccess window (SMAP)",
             SegvReason::KernelExec => "kernel fetch from user memory",
             SegvReason::UserException => "exception in user mode",
+            SegvReason::DeviceMemory => "device memory page could not be brought back",
+            SegvReason::Busy => "page under migration",
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::mm::Mm;
 mod helpers;
 
 mod basic;
+mod dmem;
 mod mutants;
 mod protection;
 mod races;
@@ -35,6 +36,7 @@ mod teardown;
 pub mod workloads;
 
 use basic::*;
+use dmem::*;
 use mutants::*;
 use protection::*;
 use races::*;
@@ -393,6 +395,10 @@ macro_rules! svm_suite {
             pointer_chase,
             atomic_counter,
             large_first_touch,
+            migrate,
+            migrate_fault,
+            migrate_release,
+            migrate_multiple,
         }
     };
 }

@@ -1,0 +1,181 @@
+//! Device memory (issue 17): pages migrated to VRAM are read and written by
+//! the GPU through VRAM leaves, and come back on a CPU fault or an explicit
+//! migration (the hmm-tests intents `migrate`, `migrate_fault`,
+//! `migrate_release`, `migrate_multiple`). Each test needs a GPU with VRAM
+//! and ends with the VRAM leak check.
+
+use alloc::format;
+use alloc::string::String;
+
+use faultline_abi::PAGE_SIZE;
+
+use super::helpers::*;
+use super::{Needs, Pattern, SvmEnv, TestResult};
+use crate::gpu::{DeviceMemory, DmemStats};
+
+/// The device memory of the environment's GPU.
+fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
+    ok(
+        DeviceMemory::new(env.gpu()),
+        "device memory (the GPU needs VRAM)",
+    )
+}
+
+/// A process with `pages` pages at `src` written with `pat`, and `pages`
+/// more at `dst`.
+fn setup<E: SvmEnv>(env: &E, pages: u64, pat: Pattern) -> Result<(E::Process, u64, u64), String> {
+    let len = pages * PAGE_SIZE;
+    let (p, src) = spawn_mapped(env, len)?;
+    let dst = mmap_rw(env, &p, len, "mmap dst")?;
+    cpu_fill(env, &p, src, len, pat)?;
+    Ok((p, src, dst))
+}
+
+fn on_device<E: SvmEnv>(env: &E, p: &E::Process, va: u64, pages: u64) -> bool {
+    (0..pages).all(|i| env.cpu_phys(p, va + i * PAGE_SIZE).is_none())
+}
+
+fn leak_check<P: crate::gpu::Platform>(dmem: DeviceMemory<P>) -> TestResult {
+    ok(dmem.teardown(), "VRAM left allocated")
+}
+
+/// Migrate to VRAM; the GPU copies from the device pages (no CPU fault)
+/// and fills them; CPU reads fault every page back with the GPU's data.
+pub(super) mod migrate {
+    use super::*;
+
+    /// A GPU with VRAM (every host's default).
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 16;
+        let len = n * PAGE_SIZE;
+        let pat = Pattern::page_index(0x7700);
+        let (p, src, dst) = setup(env, n, pat)?;
+        let dmem = device_memory(env)?;
+        bound(env, p, |p, svm, chan| {
+            ok(dmem.attach(svm), "attach")?;
+            let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
+            ensure!(moved == n, "{moved} of {n} pages migrated");
+            ensure!(on_device(env, p, src, n), "the CPU still maps a page");
+            ok(copy(chan, dst, src, len), "copy from VRAM")?;
+            cpu_check(env, p, dst, len, pat)?;
+            ensure!(on_device(env, p, src, n), "a GPU read migrated a page back");
+            ok(fill(chan, src, len, PAT), "fill VRAM")?;
+            let s = dmem.stats();
+            ensure!(
+                s.cpu_faults == 0,
+                "{} CPU faults before any CPU access",
+                s.cpu_faults
+            );
+            cpu_check(env, p, src, len, Pattern::constant(PAT))?;
+            let s = dmem.stats();
+            ensure!(
+                s == DmemStats {
+                    to_device: n,
+                    to_system: 0,
+                    cpu_faults: n,
+                    vram: Default::default()
+                },
+                "{s:?}"
+            );
+            dmem.detach(svm);
+            Ok(())
+        })?;
+        leak_check(dmem)
+    }
+}
+
+/// Migrate, fault half back with the CPU, migrate the mix again (only the
+/// half in system memory moves), GPU copy, all back explicitly.
+pub(super) mod migrate_fault {
+    use super::*;
+
+    /// A GPU with VRAM.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 16;
+        let len = n * PAGE_SIZE;
+        let pat = Pattern::page_index(0x1f00);
+        let (p, src, dst) = setup(env, n, pat)?;
+        let dmem = device_memory(env)?;
+        bound(env, p, |p, svm, chan| {
+            ok(dmem.attach(svm), "attach")?;
+            ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
+            cpu_check(env, p, src, len / 2, pat)?;
+            let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate again")?;
+            ensure!(moved == n / 2, "{moved} pages migrated the second time");
+            ok(copy(chan, dst, src, len), "copy from VRAM")?;
+            cpu_check(env, p, dst, len, pat)?;
+            let back = ok(dmem.migrate_to_system(svm, src, src + len), "migrate back")?;
+            ensure!(back == n, "{back} of {n} pages migrated back");
+            ensure!(dmem.stats().cpu_faults == n / 2, "{:?}", dmem.stats());
+            cpu_check(env, p, src, len, pat)?;
+            dmem.detach(svm);
+            Ok(())
+        })?;
+        leak_check(dmem)
+    }
+}
+
+/// The process exits with its pages in VRAM: every VRAM page is freed.
+pub(super) mod migrate_release {
+    use super::*;
+
+    /// A GPU with VRAM.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 32;
+        let len = n * PAGE_SIZE;
+        let (p, src, dst) = setup(env, n, Pattern::page_index(3))?;
+        let dmem = device_memory(env)?;
+        bound(env, p, |_, svm, chan| {
+            ok(dmem.attach(svm), "attach")?;
+            ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
+            ok(copy(chan, dst, src, len), "copy from VRAM")?;
+            ensure!(dmem.stats().vram.pages == n, "{:?}", dmem.stats());
+            Ok(())
+        })?;
+        ensure!(
+            dmem.stats().vram.pages == 0,
+            "exit left {:?}",
+            dmem.stats().vram
+        );
+        leak_check(dmem)
+    }
+}
+
+/// Ten round trips to VRAM and back, the GPU reading the device pages each
+/// time, the CPU rewriting them in between.
+pub(super) mod migrate_multiple {
+    use super::*;
+
+    /// A GPU with VRAM.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 8;
+        let len = n * PAGE_SIZE;
+        let (p, src, dst) = setup(env, n, Pattern::constant(0))?;
+        let dmem = device_memory(env)?;
+        bound(env, p, |p, svm, chan| {
+            ok(dmem.attach(svm), "attach")?;
+            for round in 0..10 {
+                let pat = Pattern::page_index(round << 32);
+                cpu_fill(env, p, src, len, pat)?;
+                let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
+                ensure!(moved == n, "round {round}: {moved} pages migrated");
+                ok(copy(chan, dst, src, len), "copy from VRAM")?;
+                cpu_check(env, p, dst, len, pat).map_err(|e| format!("round {round}: {e}"))?;
+                let back = ok(dmem.migrate_to_system(svm, src, src + len), "back")?;
+                ensure!(back == n, "round {round}: {back} pages back");
+            }
+            ensure!(dmem.stats().cpu_faults == 0, "{:?}", dmem.stats());
+            dmem.detach(svm);
+            Ok(())
+        })?;
+        leak_check(dmem)
+    }
+}
