@@ -251,3 +251,34 @@ fn teardown(r: Rig) {
     drop(svm);
     assert_eq!(dmem.teardown(), Ok(()), "no VRAM page leaks");
 }
+
+/// A migration waits for its copy without servicing GPU faults: it holds
+/// the mmap lock and pages under migration, which a fault service would
+/// need. A GPU fault raised before the migration is serviced after it.
+#[test]
+fn a_migration_does_not_service_faults_while_it_copies() {
+    let n = 8;
+    let r = rig(n);
+    let c = 0x50_0000_0000;
+    r.mm.mmap(c, n * PG, RW).unwrap();
+    r.mm.write(A, &pattern(n * PG, 6)).unwrap();
+    r.mm.write(c, &pattern(n * PG, 7)).unwrap();
+    let t = r
+        .chan
+        .submit(&Command::Copy {
+            dst: B,
+            src: A,
+            len: n * PG,
+        })
+        .unwrap();
+    // Let the device raise the COPY's fault (nothing services it yet).
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = r.env.gpu.counters().snapshot().faults_read;
+    assert_eq!(r.dmem.migrate_to_device(&r.svm, c, c + n * PG), Ok(n));
+    let during = r.env.gpu.counters().snapshot().faults_read;
+    assert_eq!(during, before, "the migration's wait serviced a fault");
+    r.chan.wait(t).unwrap();
+    assert!(cpu_read(&r.mm, B, n * PG) == pattern(n * PG, 6));
+    assert!(cpu_read(&r.mm, c, n * PG) == pattern(n * PG, 7));
+    teardown(r);
+}

@@ -236,6 +236,18 @@ impl<P: Platform> Channel<P> {
     /// meanwhile. `Ok(result)` for status Ok (`result` is the ATOMIC old
     /// value), `Command(status)` otherwise.
     pub fn wait(&self, t: Ticket) -> Result<u64, GpuError> {
+        self.wait_with(t, true)
+    }
+
+    /// [`Channel::run`] for a command that never faults (MIGRATE), waiting
+    /// without servicing faults: for callers that hold the mmap lock or
+    /// pages under migration, which a fault service would need.
+    pub fn run_quiet(&self, cmd: &Command) -> Result<u64, GpuError> {
+        let t = self.submit(cmd)?;
+        self.wait_with(t, false)
+    }
+
+    fn wait_with(&self, t: Ticket, service: bool) -> Result<u64, GpuError> {
         let deadline = self.gpu.deadline();
         loop {
             {
@@ -255,7 +267,7 @@ impl<P: Platform> Channel<P> {
                     };
                 }
             }
-            self.gpu.poll(true);
+            self.gpu.poll(service);
             if let Some((code, info, n)) = self.gpu.last_error() {
                 let ours = DeviceError::from_u32(code).is_some_and(DeviceError::is_channel_error)
                     && info == self.index;
@@ -263,7 +275,11 @@ impl<P: Platform> Channel<P> {
                     return Err(GpuError::Device { code, info });
                 }
             }
-            self.gpu.wait_servicing(deadline, "a command completion")?;
+            if service {
+                self.gpu.wait_servicing(deadline, "a command completion")?;
+            } else {
+                self.gpu.wait_slice(deadline, "a command completion")?;
+            }
         }
     }
 

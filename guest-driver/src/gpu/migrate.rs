@@ -55,7 +55,9 @@ impl<P: Platform> MigrateList<P> {
                 let e = MigrateEntry::new(src, dst);
                 list.write_words(i * MigrateEntry::SIZE, &[e.src, e.dst]);
             }
-            let r = chan.run(&Command::Migrate {
+            // MIGRATE never faults, and its callers may hold the mmap lock
+            // and pages under migration: wait without servicing faults.
+            let r = chan.run_quiet(&Command::Migrate {
                 list: list.phys(),
                 count: batch.len() as u32,
                 large,

@@ -229,6 +229,13 @@ fn walk_entries<M: Mm>(
                     let req = (pfns[j] & mask) | default_flags;
                     let want = req & req_valid != 0;
                     let want_write = want && req & req_write != 0;
+                    if want && state == PageState::Migration {
+                        // Under migration: no wait here (a device fault
+                        // may be serviced beneath the migration it would
+                        // wait for); the driver retries, as Linux's
+                        // EBUSY after migration_entry_wait asks.
+                        return Err(fail(j, HmmPfnValue::None, Errno::EAGAIN));
+                    }
                     if want && (!cpu_valid || (want_write && !cpu_write)) {
                         if want_write && !vma.flags.contains(VmFlags::WRITE) {
                             return Err(fail(j, HmmPfnValue::None, Errno::EPERM));

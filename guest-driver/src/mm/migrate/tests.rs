@@ -559,3 +559,30 @@ fn owner_ids_are_unique_and_registration_is_exclusive() {
         Err(Errno::EBUSY)
     );
 }
+
+#[test]
+fn a_device_fault_on_a_page_under_migration_is_eagain_without_waiting() {
+    let (mm, dev) = setup(2, 8);
+    let mirror = mirror_register(&mm, &mmap_write_lock(&*mm), Arc::new(NoSync)).unwrap();
+    let mut range = HmmRange::<SimMm>::new(FLAGS, VALUES, 8);
+    range_register(&mut range, &mirror, BASE, BASE + 2 * PG, PAGE_SHIFT).unwrap();
+    let mmap = mmap_read_lock(&*mm);
+    let mig = migrate_vma_setup(
+        &mmap,
+        BASE + PG,
+        BASE + 2 * PG,
+        MigrateSelect::SYSTEM,
+        Some(dev.owner),
+    )
+    .unwrap();
+    // The migration is this thread's own (as when the driver services a
+    // fault while it waits for its copy): waiting would be for nothing.
+    range.pfns.fill(V);
+    let t = std::time::Instant::now();
+    assert_eq!(range_fault(&mut range, &mmap, true), Err(Errno::EAGAIN));
+    assert!(t.elapsed() < std::time::Duration::from_millis(500));
+    drop(mig);
+    range.pfns.fill(V);
+    range_fault(&mut range, &mmap, true).unwrap();
+    drop(mmap);
+}
