@@ -3,7 +3,7 @@
 # reported as a ratio. Results are printed and written into
 # docs/performance.md between the markers of each benchmark.
 #
-#   scripts/bench.sh [boot|device|hmm|loopback|exits|faults|policies|all] [runs]
+#   scripts/bench.sh [boot|device|hmm|loopback|exits|faults|policies|migrate|all] [runs]
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$FAULTLINE_ROOT"
@@ -185,10 +185,10 @@ bench_script() {
 
 case "$what" in
   boot) bench_boot ;;
-  device | hmm | loopback | exits | faults | policies) bench_script "$what" ;;
+  device | hmm | loopback | exits | faults | policies | migrate) bench_script "$what" ;;
   all)
     bench_boot
-    for b in device hmm loopback exits faults policies; do bench_script "$b"; done
+    for b in device hmm loopback exits faults policies migrate; do bench_script "$b"; done
     ;;
-  *) die "unknown benchmark '$what' (boot, device, hmm, loopback, exits, faults, policies, all)" ;;
+  *) die "unknown benchmark '$what' (boot, device, hmm, loopback, exits, faults, policies, migrate, all)" ;;
 esac

@@ -341,6 +341,10 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(9);
+    if std::env::var_os("BENCH_MIGRATE_ONLY").is_some() {
+        migrate_table(reps);
+        return;
+    }
     let mut rows = Vec::new();
     for size in [4u64 << 20, 64 << 20] {
         for page in [LEAF_4K, LEAF_2M] {
@@ -371,31 +375,7 @@ fn main() {
     println!();
     println!("median of {reps} interleaved repetitions; TLB capacity {TLB_CAPACITY} entries/context; targets: >= 0.7 (4 KiB), >= 0.9 (2 MiB) with a warm TLB");
     println!();
-    println!("MIGRATE (docs/gpu-abi.md \"Device memory (VRAM)\"): one command of physical page copies, each direction against one host memcpy of the same bytes between the same buffers, interleaved (VRAM touched once before):");
-    println!();
-    println!(
-        "| pages | bytes per MIGRATE | direction | MIGRATE (GiB/s) | host memcpy (GiB/s) | ratio |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for (page, size) in [
-        (LEAF_2M, 64u64 << 20),
-        (LEAF_2M, 4 << 20),
-        (LEAF_4K, 2 << 20),
-    ] {
-        let dirs = bench_migrate(page, size, reps);
-        for ((dev, host), dir) in dirs.into_iter().zip(["system → VRAM", "VRAM → system"]) {
-            println!(
-                "| {} × {} | {} MiB | {dir} | {dev:.2} | {host:.2} | **{:.3}** |",
-                size / page,
-                if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
-                size >> 20,
-                dev / host
-            );
-        }
-    }
-    println!();
-    println!("median of {reps} interleaved repetitions; target >= 0.8 at 2 MiB pages. The device copies at most 128 KiB a scheduling slice (`engine::XFER_SLICE`), so a 2 MiB page takes 16 slices.");
-    println!();
+    migrate_table(reps);
     println!("Coherence checker (`--gpu-check`, docs/gpu-abi.md): on (warn, CPU tables consistent, so no violation) against off, same rig, interleaved:");
     println!();
     println!("| measurement | checker off | checker on | ratio on / off |");
@@ -431,4 +411,34 @@ fn main() {
     );
     println!();
     println!("Off, every hook is one branch on an `Option`; on, an event per command start and completion, fault raised, MSI, replay and control entry (none per page copied).");
+}
+
+/// The MIGRATE rows (`scripts/bench.sh device`, and alone with
+/// `BENCH_MIGRATE_ONLY` set for `scripts/bench.sh migrate`).
+fn migrate_table(reps: usize) {
+    println!("MIGRATE (docs/gpu-abi.md \"Device memory (VRAM)\"): one command of physical page copies, each direction against one host memcpy of the same bytes between the same buffers, interleaved (VRAM touched once before):");
+    println!();
+    println!(
+        "| pages | bytes per MIGRATE | direction | MIGRATE (GiB/s) | host memcpy (GiB/s) | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (page, size) in [
+        (LEAF_2M, 64u64 << 20),
+        (LEAF_2M, 4 << 20),
+        (LEAF_4K, 2 << 20),
+    ] {
+        let dirs = bench_migrate(page, size, reps);
+        for ((dev, host), dir) in dirs.into_iter().zip(["system → VRAM", "VRAM → system"]) {
+            println!(
+                "| {} × {} | {} MiB | {dir} | {dev:.2} | {host:.2} | **{:.3}** |",
+                size / page,
+                if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
+                size >> 20,
+                dev / host
+            );
+        }
+    }
+    println!();
+    println!("median of {reps} interleaved repetitions; target >= 0.8 at 2 MiB pages. The device copies at most 128 KiB a scheduling slice (`engine::XFER_SLICE`), so a 2 MiB page takes 16 slices.");
+    println!();
 }

@@ -54,10 +54,12 @@ pub enum Bench {
     /// The fault pipeline's workloads under the `svm=` policy
     /// (`scripts/bench.sh policies`).
     Policies,
+    /// Migration to VRAM and back of `mib=` MiB (`scripts/bench.sh migrate`).
+    Migrate,
 }
 
 impl Bench {
-    const ALL: [Bench; 3] = [Bench::Exits, Bench::Faults, Bench::Policies];
+    const ALL: [Bench; 4] = [Bench::Exits, Bench::Faults, Bench::Policies, Bench::Migrate];
 
     /// The `bench=` value that selects it.
     pub fn name(self) -> &'static str {
@@ -65,6 +67,7 @@ impl Bench {
             Bench::Exits => "exits",
             Bench::Faults => "faults",
             Bench::Policies => "policies",
+            Bench::Migrate => "migrate",
         }
     }
 }

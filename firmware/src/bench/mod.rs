@@ -19,6 +19,8 @@ mod exits;
 #[cfg(feature = "bench")]
 mod faults;
 #[cfg(feature = "bench")]
+mod migrate;
+#[cfg(feature = "bench")]
 mod policies;
 #[cfg(feature = "bench")]
 mod stamped;
@@ -32,6 +34,7 @@ pub fn run(b: Bench) -> ! {
         Bench::Exits => exits::run(),
         Bench::Faults => faults::run(),
         Bench::Policies => policies::run(),
+        Bench::Migrate => migrate::run(),
     };
     match result {
         Ok(()) => exit(ExitCode::Success),

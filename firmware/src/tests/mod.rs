@@ -55,7 +55,8 @@ pub struct Params {
     pub seed: Option<u64>,
     pub iterations: Option<u64>,
     pub cycles: Option<u64>,
-    /// Read by `bench=policies` only, which the default build lacks.
+    /// Read by `bench=policies` and `bench=migrate` only, which the default
+    /// build lacks.
     #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     pub mib: Option<u64>,
     pub svm: Option<faultline_driver::gpu::FaultPolicy>,

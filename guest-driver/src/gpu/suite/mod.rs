@@ -28,6 +28,7 @@ mod helpers;
 
 mod basic;
 mod dmem;
+pub mod migration;
 mod mutants;
 mod protection;
 mod races;

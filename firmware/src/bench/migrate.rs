@@ -1,0 +1,40 @@
+//! `bench=migrate`: the migration workload
+//! (`faultline_driver::gpu::suite::migration`) over `mib=N` MiB (64 by
+//! default) of a process's memory, `iterations=N` times (3 by default), each on a
+//! freshly probed driver as the SVM tests get it. One line per run:
+//! `bench migrate host=guest bytes=N cpu_fill_ns=N to_device_ns=N to_system_ns=N`
+//! (the CPU's fill is the process agent's, from ring 3).
+
+use alloc::format;
+use alloc::string::String;
+
+use faultline_driver::gpu::suite::migration;
+use faultline_driver::gpu::suite::Needs;
+
+use crate::println;
+
+pub fn run() -> Result<(), String> {
+    let g = crate::gpu::get()?.ok_or("bench=migrate needs the Faultline GPU")?;
+    let params = crate::tests::params();
+    let mib = params.mib.unwrap_or(64);
+    let needs = Needs {
+        // The range, its page tables and the frames it comes back to.
+        memory_mib: 2 * mib + 8,
+        // Minutes per direction at 64 MiB where the kernel is emulated;
+        // still a hang detector.
+        timeout_ns: Some(1800 * 1_000_000_000),
+        ..Needs::DEFAULT
+    };
+    for _ in 0..params.iterations.unwrap_or(3) {
+        let env = crate::tests::svm::env_for(g, &needs)?;
+        let o = migration::run(&env, mib << 20).map_err(|e| format!("migrate: {e}"))?;
+        println!(
+            "bench migrate host=guest bytes={} cpu_fill_ns={} to_device_ns={} to_system_ns={}",
+            mib << 20,
+            o.cpu_fill_ns,
+            o.to_device_ns,
+            o.to_system_ns
+        );
+    }
+    Ok(())
+}
