@@ -49,7 +49,7 @@ fn engine_round_trip(n: usize) -> (u64, u64) {
         vram: bytes,
         ..faultline_device::Config::default()
     };
-    let lb = Loopback::with_config((2 * bytes >> 20) + 16, cfg);
+    let lb = Loopback::with_config(((2 * bytes) >> 20) + 16, cfg);
     let gpu = Gpu::probe(lb.clone(), GpuConfig::default()).expect("probe");
     let ctx = Context::new(&gpu, PageTable::new(lb.clone()).expect("page table")).expect("context");
     let chan = Channel::open(&ctx).expect("channel");
