@@ -45,6 +45,12 @@ fn rig(pages: u64) -> Rig {
     }
 }
 
+/// The GPU copies `len` bytes from `src` to `dst` through its MMU.
+fn gpu_copy(chan: &Channel<common::loopback::Loopback>, dst: u64, src: u64, len: u64) {
+    chan.run(&Command::Copy { dst, src, len })
+        .unwrap_or_else(|e| panic!("GPU copy {src:#x} -> {dst:#x}: {e}"));
+}
+
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
     (0..len)
         .map(|i| (i * 7 + i / PG * 3 + seed * 29) as u8)
@@ -75,13 +81,7 @@ fn migrate_gpu_reads_vram_and_cpu_faults_bring_pages_back() {
     assert_eq!(r.mm.device_pages(), n);
     assert_eq!(r.mm.frames_in_use(), frames - n);
     assert_eq!(r.dmem.stats().vram.pages, n);
-    r.chan
-        .run(&Command::Copy {
-            dst: B,
-            src: A,
-            len: n * PG,
-        })
-        .unwrap();
+    gpu_copy(&r.chan, B, A, n * PG);
     assert!(cpu_read(&r.mm, B, n * PG) == data, "the GPU read VRAM");
     assert!(
         (0..n).all(|i| on_device(&r, A + i * PG)),
@@ -125,13 +125,7 @@ fn migrate_fault_half_back_then_the_mix_again() {
         assert!(cpu_read(&r.mm, A + i * PG, PG) == data[(i * PG) as usize..][..PG as usize]);
     }
     assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n / 2));
-    r.chan
-        .run(&Command::Copy {
-            dst: B,
-            src: A,
-            len: n * PG,
-        })
-        .unwrap();
+    gpu_copy(&r.chan, B, A, n * PG);
     assert!(cpu_read(&r.mm, B, n * PG) == data);
     assert_eq!(r.dmem.migrate_to_system(&r.svm, A, A + n * PG), Ok(n));
     assert!(cpu_read(&r.mm, A, n * PG) == data);
@@ -150,13 +144,7 @@ fn migrate_release_frees_all_vram() {
     r.mm.write(A, &pattern(n * PG, 3)).unwrap();
     assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
     // GPU use of the device pages, then the process exits with them.
-    r.chan
-        .run(&Command::Copy {
-            dst: B,
-            src: A,
-            len: n * PG,
-        })
-        .unwrap();
+    gpu_copy(&r.chan, B, A, n * PG);
     let Rig {
         env,
         mm,
@@ -190,13 +178,7 @@ fn migrate_holes_become_zeroed_vram() {
     let r = rig(n);
     r.mm.write(A + 3 * PG, &pattern(PG, 5)).unwrap();
     assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
-    r.chan
-        .run(&Command::Copy {
-            dst: B,
-            src: A,
-            len: n * PG,
-        })
-        .unwrap();
+    gpu_copy(&r.chan, B, A, n * PG);
     let got = cpu_read(&r.mm, B, n * PG);
     let mut want = vec![0u8; (n * PG) as usize];
     want[(3 * PG) as usize..][..PG as usize].copy_from_slice(&pattern(PG, 5));
@@ -217,13 +199,7 @@ fn migrate_multiple_round_trips() {
         let data = pattern(n * PG, 10 + round);
         r.mm.write(A, &data).unwrap();
         assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
-        r.chan
-            .run(&Command::Copy {
-                dst: B,
-                src: A,
-                len: n * PG,
-            })
-            .unwrap();
+        gpu_copy(&r.chan, B, A, n * PG);
         assert!(cpu_read(&r.mm, B, n * PG) == data, "round {round}");
         assert_eq!(r.dmem.migrate_to_system(&r.svm, A, A + n * PG), Ok(n));
         assert!(cpu_read(&r.mm, A, n * PG) == data, "round {round}");
@@ -281,4 +257,34 @@ fn a_migration_does_not_service_faults_while_it_copies() {
     assert!(cpu_read(&r.mm, B, n * PG) == pattern(n * PG, 6));
     assert!(cpu_read(&r.mm, c, n * PG) == pattern(n * PG, 7));
     teardown(r);
+}
+
+/// A copy that fails (the device stopped: the MIGRATE times out) leaves
+/// every page in system memory with its data and gives its VRAM back.
+#[test]
+fn a_failed_copy_restores_the_pages_and_frees_their_vram() {
+    let n = 8;
+    let env = LoopEnv::new(
+        64,
+        GpuConfig {
+            timeout_ns: 200_000_000,
+            ..GpuConfig::default()
+        },
+    );
+    let mm = env.spawn().unwrap();
+    mm.mmap(A, n * PG, RW).unwrap();
+    let data = pattern(n * PG, 8);
+    mm.write(A, &data).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let dmem = DeviceMemory::new(&env.gpu).unwrap();
+    dmem.attach(&svm).unwrap();
+    env.lb.stop();
+    assert!(matches!(
+        dmem.migrate_to_device(&svm, A, A + n * PG),
+        Err(GpuError::Timeout(_))
+    ));
+    assert!((0..n).all(|i| matches!(mm.cpu_state(A + i * PG), PageState::Present { .. })));
+    assert!(cpu_read(&mm, A, n * PG) == data);
+    assert_eq!(dmem.stats().vram.pages, 0, "the VRAM went back");
+    assert_eq!(mm.device_pages(), 0);
 }

@@ -34,7 +34,9 @@ use super::{
     SvmContext, VramAllocator,
 };
 use crate::errno::Errno;
-use crate::mm::migrate::{migrate_vma_setup, MigrateDst, MigrateSelect, MigrateSrc};
+use crate::mm::migrate::{
+    dev_pagemap_registered, migrate_vma_setup, MigratePfn, MigrateSelect, MigrateSrc,
+};
 use crate::mm::{
     dev_pagemap_register, dev_pagemap_unregister, mmap_read_lock, DevPagemapOps, DeviceOwner, Mm,
     MmapReadGuard, PAGE_SHIFT,
@@ -148,48 +150,21 @@ impl<P: Platform> DeviceMemory<P> {
         end: u64,
     ) -> Result<u64, GpuError> {
         let d = &*self.inner;
-        let mm = &**svm.mm();
-        let mmap = mmap_read_lock(mm);
-        let mut total = 0;
-        for (a, b) in vma_pieces(&mmap, start, end)? {
-            let mut mig = migrate_vma_setup(&mmap, a, b, MigrateSelect::SYSTEM, Some(d.owner))
-                .map_err(GpuError::Mm)?;
-            let mut pairs = Vec::new();
-            let mut dsts = Vec::new();
-            for (i, p) in mig.pages().iter().enumerate() {
-                let src = match p.src {
-                    MigrateSrc::System { pfn } => PhysPage::system(pfn << PAGE_SHIFT),
-                    MigrateSrc::Empty => PhysPage::system(d.zero_phys),
-                    MigrateSrc::Skip | MigrateSrc::Device { .. } => continue,
-                };
-                let Some(v) = d.vram.alloc_page() else {
-                    break;
-                };
-                pairs.push((src, PhysPage::vram(v)));
-                dsts.push((i, v));
+        let (n, _full) = self.migrate(svm, start, end, MigrateSelect::SYSTEM, |_, src| {
+            match src {
+                MigrateSrc::Page(MigratePfn::System { .. }) | MigrateSrc::Empty => {}
+                _ => return Step::Skip,
             }
-            let full = dsts.len() < mig.collected();
-            if let Err(e) = d.copy(&pairs) {
-                d.free_vram(dsts.iter().map(|&(_, v)| v));
-                return Err(e);
-            }
-            for &(i, v) in &dsts {
-                let vram_pfn = v >> PAGE_SHIFT;
-                let dst = MigrateDst::Device {
+            match d.vram.alloc_page() {
+                Some(v) => Step::To(MigratePfn::Device {
                     owner: d.owner,
-                    vram_pfn,
-                };
-                mig.set_dst(i, dst);
+                    vram_pfn: v >> PAGE_SHIFT,
+                }),
+                None => Step::Full,
             }
-            mig.migrate_pages();
-            let n = mig.finalize() as u64;
-            d.to_device.fetch_add(n, Ordering::Relaxed);
-            total += n;
-            if full {
-                break;
-            }
-        }
-        Ok(total)
+        })?;
+        d.to_device.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
     }
 
     /// Migrate this memory's pages of `[start, end)` back to system memory.
@@ -201,47 +176,78 @@ impl<P: Platform> DeviceMemory<P> {
         start: u64,
         end: u64,
     ) -> Result<u64, GpuError> {
+        let select = MigrateSelect::DEVICE_PRIVATE;
+        let (n, full) = self.migrate(svm, start, end, select, |mm, src| match src {
+            MigrateSrc::Page(MigratePfn::Device { .. }) => match mm.alloc_frame() {
+                Some(pfn) => Step::To(MigratePfn::System { pfn }),
+                None => Step::Full,
+            },
+            _ => Step::Skip,
+        })?;
+        self.inner.to_system.fetch_add(n, Ordering::Relaxed);
+        if full {
+            return Err(GpuError::NoMemory);
+        }
+        Ok(n)
+    }
+
+    /// One migration of `[start, end)`, VMA by VMA: collect what `select`
+    /// asks for, a destination per page from `dst` (until it says
+    /// [`Step::Full`]), one MIGRATE batch, install, finalize. Returns the
+    /// pages migrated and whether `dst` ran out.
+    fn migrate<M: Mm>(
+        &self,
+        svm: &SvmContext<P, M>,
+        start: u64,
+        end: u64,
+        select: MigrateSelect,
+        mut dst: impl FnMut(&M, MigrateSrc) -> Step,
+    ) -> Result<(u64, bool), GpuError> {
         let d = &*self.inner;
         let mm = &**svm.mm();
+        if !dev_pagemap_registered(mm, d.owner) {
+            return Err(GpuError::Invalid(
+                "device memory not attached to this context",
+            ));
+        }
         let mmap = mmap_read_lock(mm);
         let mut total = 0;
         for (a, b) in vma_pieces(&mmap, start, end)? {
             let mut mig =
-                migrate_vma_setup(&mmap, a, b, MigrateSelect::DEVICE_PRIVATE, Some(d.owner))
-                    .map_err(GpuError::Mm)?;
+                migrate_vma_setup(&mmap, a, b, select, Some(d.owner)).map_err(GpuError::Mm)?;
             let mut pairs = Vec::new();
             let mut dsts = Vec::new();
-            let mut oom = false;
+            let mut full = false;
             for (i, p) in mig.pages().iter().enumerate() {
-                let MigrateSrc::Device { vram_pfn, .. } = p.src else {
-                    continue;
+                let to = match dst(mm, p.src) {
+                    Step::Skip => continue,
+                    Step::Full => {
+                        full = true;
+                        break;
+                    }
+                    Step::To(to) => to,
                 };
-                let Some(pfn) = mm.alloc_frame() else {
-                    oom = true;
-                    break;
+                let from = match p.src {
+                    MigrateSrc::Page(from) => phys(from),
+                    MigrateSrc::Empty | MigrateSrc::Skip => PhysPage::system(d.zero_phys),
                 };
-                pairs.push((
-                    PhysPage::vram(vram_pfn << PAGE_SHIFT),
-                    PhysPage::system(pfn << PAGE_SHIFT),
-                ));
-                dsts.push((i, pfn));
+                pairs.push((from, phys(to)));
+                dsts.push((i, to));
             }
             if let Err(e) = d.copy(&pairs) {
-                dsts.iter().for_each(|&(_, pfn)| mm.free_frame(pfn));
+                dsts.iter().for_each(|&(_, to)| to.free(mm));
                 return Err(e);
             }
-            for &(i, pfn) in &dsts {
-                mig.set_dst(i, MigrateDst::System { pfn });
+            for &(i, to) in &dsts {
+                mig.set_dst(i, to);
             }
             mig.migrate_pages();
-            let n = mig.finalize() as u64;
-            d.to_system.fetch_add(n, Ordering::Relaxed);
-            total += n;
-            if oom {
-                return Err(GpuError::NoMemory);
+            total += mig.finalize() as u64;
+            if full {
+                return Ok((total, true));
             }
         }
-        Ok(total)
+        Ok((total, false))
     }
 
     /// What it did and holds.
@@ -261,6 +267,24 @@ impl<P: Platform> DeviceMemory<P> {
             u if u == VramUsage::default() => Ok(()),
             u => Err(VramLeak(u)),
         }
+    }
+}
+
+/// What a migration does with one collected page.
+enum Step {
+    /// Leave it.
+    Skip,
+    /// No destination left: stop the migration here.
+    Full,
+    /// Copy it there.
+    To(MigratePfn),
+}
+
+/// A migration page as the copy engine names it.
+fn phys(p: MigratePfn) -> PhysPage {
+    match p {
+        MigratePfn::System { pfn } => PhysPage::system(pfn << PAGE_SHIFT),
+        MigratePfn::Device { vram_pfn, .. } => PhysPage::vram(vram_pfn << PAGE_SHIFT),
     }
 }
 
@@ -318,9 +342,10 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
         vram_pfn: u64,
         dst_pfn: u64,
     ) -> Result<(), Errno> {
+        let owner = self.owner;
         let pair = (
-            PhysPage::vram(vram_pfn << PAGE_SHIFT),
-            PhysPage::system(dst_pfn << PAGE_SHIFT),
+            phys(MigratePfn::Device { owner, vram_pfn }),
+            phys(MigratePfn::System { pfn: dst_pfn }),
         );
         self.copy(&[pair]).map_err(|e| {
             log::warn!("dmem: migrate_to_ram of VRAM page {vram_pfn:#x}: {e}");

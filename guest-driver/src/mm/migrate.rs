@@ -11,7 +11,7 @@
 //! Migration takes the three steps of Linux ≥ 5.4: [`migrate_vma_setup`]
 //! (collect the pages of a range and unmap them: a migration entry in each
 //! PTE, announced as [`MmuNotifyEvent::Migrate`]), the caller's copy, then
-//! [`MigrateVma::pages`] (install the new pages) and
+//! [`MigrateVma::migrate_pages`] (install the new pages) and
 //! [`MigrateVma::finalize`] (restore what was not migrated, free what was
 //! replaced). Dropping a [`MigrateVma`] finalizes it, so an early return
 //! restores every page.
@@ -117,6 +117,11 @@ pub fn dev_pagemap_unregister<M: Mm>(mm: &M, owner: DeviceOwner) {
     mm.core().pagemaps.write().retain(|(o, _)| *o != owner);
 }
 
+/// Whether `owner`'s memory is registered on `mm`.
+pub fn dev_pagemap_registered<M: Mm>(mm: &M, owner: DeviceOwner) -> bool {
+    pagemap(mm, owner).is_some()
+}
+
 /// The registered pagemaps of an address space, by owner.
 pub(crate) type Pagemaps<M> = Vec<(DeviceOwner, Arc<dyn DevPagemapOps<M>>)>;
 
@@ -153,20 +158,15 @@ bitflags! {
     }
 }
 
-/// What a page held when it was collected (Linux's `src[]` entry).
+/// A page a migration moves from or to: a system frame or a device page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrateSrc {
-    /// Not collected: not selected, locked by another migration, in a 2 MiB
-    /// leaf, special, or the VMA cannot migrate (shared, no read access).
-    Skip,
-    /// A hole or the zero page: no data; the destination must be zeroed.
-    Empty,
-    /// A system frame.
+pub enum MigratePfn {
+    /// A system frame (a destination comes from [`Mm::alloc_frame`]).
     System {
         /// Its frame number.
         pfn: u64,
     },
-    /// A device-private page.
+    /// A device page; its owner must be registered on the address space.
     Device {
         /// Its device.
         owner: DeviceOwner,
@@ -175,27 +175,39 @@ pub enum MigrateSrc {
     },
 }
 
-/// Where a collected page goes (Linux's `dst[]` entry), chosen by the
-/// caller between setup and [`MigrateVma::pages`]; `None` keeps it where it
-/// was.
+impl MigratePfn {
+    /// The PTE state that maps it.
+    fn entry(self, writable: bool) -> PageState {
+        match self {
+            MigratePfn::System { pfn } => PageState::Present { pfn, writable },
+            MigratePfn::Device { owner, vram_pfn } => PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            },
+        }
+    }
+
+    /// Give it back: to the mm's frames or to its owner's `page_free`
+    /// (a destination allocated for a migration that will not use it).
+    pub fn free<M: Mm>(self, mm: &M) {
+        match self {
+            MigratePfn::System { pfn } => mm.free_frame(pfn),
+            MigratePfn::Device { owner, vram_pfn } => device_page_free(mm, owner, vram_pfn),
+        }
+    }
+}
+
+/// What a page held when it was collected (Linux's `src[]` entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrateDst {
-    /// Not migrated: finalize puts the old entry back.
-    None,
-    /// A system frame from [`Mm::alloc_frame`], filled by the caller.
-    System {
-        /// Its frame number.
-        pfn: u64,
-    },
-    /// A device page, filled by the caller; the owner must be registered
-    /// on the address space (finalize frees it through its `page_free` if
-    /// it could not be installed).
-    Device {
-        /// Its device.
-        owner: DeviceOwner,
-        /// Its page in device memory.
-        vram_pfn: u64,
-    },
+pub enum MigrateSrc {
+    /// Not collected: not selected, locked by another migration, in a 2 MiB
+    /// leaf, special, or the VMA cannot migrate (shared, no read access).
+    Skip,
+    /// A hole or the zero page: no data; the destination must be zeroed.
+    Empty,
+    /// A system frame or a device page, with data.
+    Page(MigratePfn),
 }
 
 /// One page of a migration.
@@ -206,8 +218,11 @@ pub struct MigratePage {
     /// Whether the new entry may be written (the old one could be, or the
     /// VMA is writable for a hole or the zero page).
     pub writable: bool,
-    /// Where it goes: the caller's choice.
-    pub dst: MigrateDst,
+    /// Where it goes (Linux's `dst[]` entry): the caller's choice, set
+    /// with [`MigrateVma::set_dst`] before [`MigrateVma::migrate_pages`];
+    /// `None` keeps the page where it was. A destination that cannot be
+    /// installed is freed by finalize.
+    pub dst: Option<MigratePfn>,
     /// The entry the migration entry replaced.
     old: PageState,
     /// [`MigrateVma::pages`] installed `dst`.
@@ -255,7 +270,7 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     let skip = MigratePage {
         src: MigrateSrc::Skip,
         writable: false,
-        dst: MigrateDst::None,
+        dst: None,
         old: PageState::None,
         installed: false,
     };
@@ -287,14 +302,15 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
                 (MigrateSrc::Empty, vma_write)
             }
             PageState::Present { pfn, writable } if select.contains(MigrateSelect::SYSTEM) => {
-                (MigrateSrc::System { pfn }, writable)
+                (MigrateSrc::Page(MigratePfn::System { pfn }), writable)
             }
             PageState::DevicePrivate {
                 owner: o,
                 vram_pfn,
                 writable,
             } if select.contains(MigrateSelect::DEVICE_PRIVATE) && Some(o) == owner => {
-                (MigrateSrc::Device { owner: o, vram_pfn }, writable)
+                let src = MigratePfn::Device { owner: o, vram_pfn };
+                (MigrateSrc::Page(src), writable)
             }
             _ => continue,
         };
@@ -305,7 +321,7 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
             *page = MigratePage {
                 src,
                 writable,
-                dst: MigrateDst::None,
+                dst: None,
                 old,
                 installed: false,
             };
@@ -324,10 +340,10 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
 
     /// Set where page `i` goes (before [`MigrateVma::migrate_pages`]).
     /// Ignored for a page that was not collected.
-    pub fn set_dst(&mut self, i: usize, dst: MigrateDst) {
+    pub fn set_dst(&mut self, i: usize, dst: MigratePfn) {
         if let Some(p) = self.pages.get_mut(i) {
             if p.src != MigrateSrc::Skip && !p.installed {
-                p.dst = dst;
+                p.dst = Some(dst);
             }
         }
     }
@@ -352,19 +368,10 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
         let mut n = 0;
         for i in 0..self.pages.len() {
             let p = self.pages[i];
-            let new = match p.dst {
-                MigrateDst::None => continue,
-                _ if p.installed => continue,
-                MigrateDst::System { pfn } => PageState::Present {
-                    pfn,
-                    writable: p.writable,
-                },
-                MigrateDst::Device { owner, vram_pfn } => PageState::DevicePrivate {
-                    owner,
-                    vram_pfn,
-                    writable: p.writable,
-                },
+            let Some(dst) = p.dst.filter(|_| !p.installed) else {
+                continue;
             };
+            let new = dst.entry(p.writable);
             if mm
                 .pte_exchange(self.mmap, self.addr(i), PageState::Migration, new)
                 .is_ok()
@@ -389,47 +396,31 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
         let mm = self.mmap.mm();
         let mut migrated = 0;
         // Freed after every entry is back (frees may call into drivers).
-        let mut free: Vec<MigrateDst> = Vec::new();
+        let mut free: Vec<MigratePfn> = Vec::new();
         for i in 0..self.pages.len() {
             let p = self.pages[i];
-            if p.src == MigrateSrc::Skip {
-                continue;
-            }
+            let old = match p.src {
+                MigrateSrc::Skip => continue,
+                MigrateSrc::Empty => None,
+                MigrateSrc::Page(old) => Some(old),
+            };
             if p.installed {
                 migrated += 1;
-                match p.src {
-                    MigrateSrc::System { pfn } => free.push(MigrateDst::System { pfn }),
-                    MigrateSrc::Device { owner, vram_pfn } => {
-                        free.push(MigrateDst::Device { owner, vram_pfn })
-                    }
-                    MigrateSrc::Empty | MigrateSrc::Skip => {}
-                }
+                free.extend(old);
                 continue;
             }
-            if p.dst != MigrateDst::None {
-                free.push(p.dst);
-            }
+            free.extend(p.dst);
             if mm
                 .pte_exchange(self.mmap, self.addr(i), PageState::Migration, p.old)
                 .is_err()
             {
                 // The entry went away under us (reclaim without the mmap
                 // lock): the old contents are ours to free.
-                match p.src {
-                    MigrateSrc::System { pfn } => free.push(MigrateDst::System { pfn }),
-                    MigrateSrc::Device { owner, vram_pfn } => {
-                        free.push(MigrateDst::Device { owner, vram_pfn })
-                    }
-                    MigrateSrc::Empty | MigrateSrc::Skip => {}
-                }
+                free.extend(old);
             }
         }
         for f in free {
-            match f {
-                MigrateDst::System { pfn } => mm.free_frame(pfn),
-                MigrateDst::Device { owner, vram_pfn } => device_page_free(mm, owner, vram_pfn),
-                MigrateDst::None => {}
-            }
+            f.free(mm);
         }
         migrated
     }
@@ -499,7 +490,7 @@ pub fn device_private_fault<M: Mm>(
         Some(owner),
     )
     .map_err(|_| FaultError::Sigbus)?;
-    let MigrateSrc::Device { vram_pfn, .. } = mig.pages()[0].src else {
+    let MigrateSrc::Page(MigratePfn::Device { vram_pfn, .. }) = mig.pages()[0].src else {
         // Another fault or migration locked it first.
         drop(mig);
         return migration_entry_wait(mmap, page, flags);
@@ -510,7 +501,7 @@ pub fn device_private_fault<M: Mm>(
         mm.free_frame(frame);
         return Err(FaultError::Sigbus);
     }
-    mig.set_dst(0, MigrateDst::System { pfn: frame });
+    mig.set_dst(0, MigratePfn::System { pfn: frame });
     mig.migrate_pages();
     mig.finalize();
     Ok(())

@@ -64,7 +64,9 @@ impl FakeDev {
         for i in 0..mig.pages().len() {
             let mut data = vec![0u8; PG as usize];
             match mig.pages()[i].src {
-                MigrateSrc::System { pfn } => mm.frame_source().read(pfn, 0, &mut data),
+                MigrateSrc::Page(MigratePfn::System { pfn }) => {
+                    mm.frame_source().read(pfn, 0, &mut data)
+                }
                 MigrateSrc::Empty => {}
                 _ => continue,
             }
@@ -74,7 +76,7 @@ impl FakeDev {
             self.mem.lock().insert(v, data);
             mig.set_dst(
                 i,
-                MigrateDst::Device {
+                MigratePfn::Device {
                     owner: self.owner,
                     vram_pfn: v,
                 },
@@ -95,12 +97,12 @@ impl FakeDev {
             Some(self.owner),
         )?;
         for i in 0..mig.pages().len() {
-            let MigrateSrc::Device { vram_pfn, .. } = mig.pages()[i].src else {
+            let MigrateSrc::Page(MigratePfn::Device { vram_pfn, .. }) = mig.pages()[i].src else {
                 continue;
             };
             let pfn = mm.alloc_frame().ok_or(Errno::ENOMEM)?;
             mm.frame_source().write(pfn, 0, &self.mem.lock()[&vram_pfn]);
-            mig.set_dst(i, MigrateDst::System { pfn });
+            mig.set_dst(i, MigratePfn::System { pfn });
         }
         mig.migrate_pages();
         Ok(mig.finalize())
@@ -378,8 +380,14 @@ fn an_unfinished_migration_restores_every_page() {
             Some(dev.owner),
         )
         .unwrap();
+        let mut mig = mig;
         assert_eq!(mig.collected(), n as usize);
         assert_eq!(mm.walk(&mmap, BASE).state, PageState::Migration);
+        // A destination chosen but never installed goes back to its owner.
+        let v = dev.free.lock().pop().unwrap();
+        dev.mem.lock().insert(v, vec![0; PG as usize]);
+        let owner = dev.owner;
+        mig.set_dst(0, MigratePfn::Device { owner, vram_pfn: v });
         // A faulting device must not wait here: it retries.
         assert_eq!(
             mm.handle_mm_fault(&mmap, BASE, FaultFlags::REMOTE | FaultFlags::ALLOW_RETRY),
@@ -388,6 +396,7 @@ fn an_unfinished_migration_restores_every_page() {
     }
     let after: Vec<PageState> = (0..n).map(|i| mm.cpu_state(BASE + i * PG)).collect();
     assert_eq!(before, after);
+    assert_eq!(dev.in_use(), 0, "the unused destination was freed");
     assert_eq!(read_page(&mm, BASE + PG).unwrap(), pattern(1, 0));
 }
 
