@@ -5,6 +5,12 @@
 //! against off, side by side. Prints markdown tables.
 //!
 //! Usage: bench_copy [reps]
+//!
+//! `BENCH_ROWS=a,b` runs only the rows whose name contains one of the
+//! words (for iterating on one path); names: `copy-4k-shuffled-4m`
+//! (`copy-{4k,2m}-{contiguous,shuffled}-{4m,64m}`), `migrate`, `check`,
+//! `trace`. Tables whose rows were all left out are not printed.
+//! `BENCH_MIGRATE_ONLY` set: the MIGRATE rows only.
 
 use std::time::Instant;
 
@@ -336,25 +342,57 @@ fn bench_traced(size: u64, reps: usize) -> [(f64, f64); 2] {
     [(median(c0), median(c1)), (median(f0), median(f1))]
 }
 
+/// Whether `BENCH_ROWS` (unset: every row) selects the row `name`;
+/// `BENCH_MIGRATE_ONLY` (`scripts/bench.sh migrate`) is `BENCH_ROWS=migrate`.
+fn wanted(name: &str) -> bool {
+    if std::env::var_os("BENCH_MIGRATE_ONLY").is_some() {
+        return name == "migrate";
+    }
+    std::env::var("BENCH_ROWS").map_or(true, |w| {
+        w.split(',').any(|w| !w.is_empty() && name.contains(w))
+    })
+}
+
+fn copy_row_name(page: u64, size: u64, scattered: bool) -> String {
+    format!(
+        "copy-{}-{}-{}m",
+        if page == LEAF_4K { "4k" } else { "2m" },
+        if scattered { "shuffled" } else { "contiguous" },
+        size >> 20
+    )
+}
+
 fn main() {
     let reps: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(9);
-    if std::env::var_os("BENCH_MIGRATE_ONLY").is_some() {
-        migrate_table(reps);
-        return;
-    }
     let mut rows = Vec::new();
     for size in [4u64 << 20, 64 << 20] {
-        for page in [LEAF_4K, LEAF_2M] {
-            rows.push(bench(page, size, false, reps));
+        for (page, scattered) in [(LEAF_4K, false), (LEAF_2M, false), (LEAF_4K, true)] {
+            if wanted(&copy_row_name(page, size, scattered)) {
+                rows.push(bench(page, size, scattered, reps));
+            }
         }
-        rows.push(bench(LEAF_4K, size, true, reps));
     }
+    if !rows.is_empty() {
+        copy_table(&rows, reps);
+    }
+    if wanted("migrate") {
+        migrate_table(reps);
+    }
+    if wanted("check") {
+        check_table(reps);
+    }
+    if wanted("trace") {
+        trace_table(reps);
+    }
+}
+
+fn copy_table(rows: &[Row], reps: usize) {
     println!("| mapping | dst frames | bytes per COPY | TLB covers buffers | COPY via MMU (GiB/s) | host memcpy (GiB/s) | ratio | host per-page memcpy, same frames (GiB/s) | ratio to per-page |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {} | {} MiB | {} | {:.2} | {:.2} | **{:.3}** | {:.2} | {:.3} |",
             r.page,
@@ -375,46 +413,10 @@ fn main() {
     println!();
     println!("median of {reps} interleaved repetitions; TLB capacity {TLB_CAPACITY} entries/context; targets: >= 0.7 (4 KiB), >= 0.9 (2 MiB) with a warm TLB");
     println!();
-    migrate_table(reps);
-    println!("Coherence checker (`--gpu-check`, docs/gpu-abi.md): on (warn, CPU tables consistent, so no violation) against off, same rig, interleaved:");
-    println!();
-    println!("| measurement | checker off | checker on | ratio on / off |");
-    println!("|---|---|---|---|");
-    for page in [LEAF_4K, LEAF_2M] {
-        let (off, on) = bench_checked(page, 4 << 20, reps);
-        println!(
-            "| COPY with --gpu-check, {} pages, 4 MiB, warm TLB (GiB/s) | {off:.2} | {on:.2} | **{:.3}** |",
-            if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
-            on / off
-        );
-    }
-    let (off, on) = single_fault(reps);
-    println!(
-        "| single fault with --gpu-check, device only: FILL → fault → map → REPLAY → completion (µs) | {off:.1} | {on:.1} | **{:.3}** |",
-        on / off
-    );
-    println!();
-    println!("COPY: median of {reps} interleaved repetitions; single fault: median of {} faults per mode. The checker walks the CPU table for every 4 KiB page a translation covers, so a 2 MiB mapping costs 512 checks per leaf.", (reps * 100).min(FAULT_PAGES as usize) / 2);
-    println!();
-    println!("Fault timeline (`--gpu-trace`): on against off, two rigs interleaved:");
-    println!();
-    println!("| measurement | trace off | trace on | ratio on / off |");
-    println!("|---|---|---|---|");
-    let [(c0, c1), (f0, f1)] = bench_traced(4 << 20, reps);
-    println!(
-        "| COPY with --gpu-trace, 4 KiB pages, 4 MiB, warm TLB (GiB/s) | {c0:.2} | {c1:.2} | **{:.3}** |",
-        c1 / c0
-    );
-    println!(
-        "| single fault with --gpu-trace, device only: FILL → fault → map → REPLAY → completion (µs) | {f0:.1} | {f1:.1} | **{:.3}** |",
-        f1 / f0
-    );
-    println!();
-    println!("Off, every hook is one branch on an `Option`; on, an event per command start and completion, fault raised, MSI, replay and control entry (none per page copied).");
 }
 
-/// The MIGRATE rows (`scripts/bench.sh device`, and alone with
-/// `BENCH_MIGRATE_ONLY` set for `scripts/bench.sh migrate`).
+/// The MIGRATE rows (`scripts/bench.sh device`, and alone for
+/// `scripts/bench.sh migrate`).
 fn migrate_table(reps: usize) {
     println!("MIGRATE (docs/gpu-abi.md \"Device memory (VRAM)\"): one command of physical page copies, each direction against one host memcpy of the same bytes between the same buffers, interleaved (VRAM touched once before):");
     println!();
@@ -441,4 +443,45 @@ fn migrate_table(reps: usize) {
     println!();
     println!("median of {reps} interleaved repetitions; target >= 0.8 at 2 MiB pages. The device copies at most 128 KiB a scheduling slice (`engine::XFER_SLICE`), so a 2 MiB page takes 16 slices.");
     println!();
+}
+
+fn check_table(reps: usize) {
+    println!("Coherence checker (`--gpu-check`, docs/gpu-abi.md): on (warn, CPU tables consistent, so no violation) against off, same rig, interleaved:");
+    println!();
+    println!("| measurement | checker off | checker on | ratio on / off |");
+    println!("|---|---|---|---|");
+    for page in [LEAF_4K, LEAF_2M] {
+        let (off, on) = bench_checked(page, 4 << 20, reps);
+        println!(
+            "| COPY with --gpu-check, {} pages, 4 MiB, warm TLB (GiB/s) | {off:.2} | {on:.2} | **{:.3}** |",
+            if page == LEAF_4K { "4 KiB" } else { "2 MiB" },
+            on / off
+        );
+    }
+    let (off, on) = single_fault(reps);
+    println!(
+        "| single fault with --gpu-check, device only: FILL → fault → map → REPLAY → completion (µs) | {off:.1} | {on:.1} | **{:.3}** |",
+        on / off
+    );
+    println!();
+    println!("COPY: median of {reps} interleaved repetitions; single fault: median of {} faults per mode. The checker walks the CPU table for every 4 KiB page a translation covers, so a 2 MiB mapping costs 512 checks per leaf.", (reps * 100).min(FAULT_PAGES as usize) / 2);
+    println!();
+}
+
+fn trace_table(reps: usize) {
+    println!("Fault timeline (`--gpu-trace`): on against off, two rigs interleaved:");
+    println!();
+    println!("| measurement | trace off | trace on | ratio on / off |");
+    println!("|---|---|---|---|");
+    let [(c0, c1), (f0, f1)] = bench_traced(4 << 20, reps);
+    println!(
+        "| COPY with --gpu-trace, 4 KiB pages, 4 MiB, warm TLB (GiB/s) | {c0:.2} | {c1:.2} | **{:.3}** |",
+        c1 / c0
+    );
+    println!(
+        "| single fault with --gpu-trace, device only: FILL → fault → map → REPLAY → completion (µs) | {f0:.1} | {f1:.1} | **{:.3}** |",
+        f1 / f0
+    );
+    println!();
+    println!("Off, every hook is one branch on an `Option`; on, an event per command start and completion, fault raised, MSI, replay and control entry (none per page copied).");
 }

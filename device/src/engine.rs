@@ -7,13 +7,16 @@ use faultline_abi::{
     engine, Access, Command, Counter, FaultReason, MigrateEntry, Opcode, Status, COMMAND_SIZE,
     LEAF_2M, PAGE_SIZE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::MS;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
+};
 
 use crate::check::Origin;
 use crate::counters::Counters;
 use crate::inject::{Injector, Knob, MAX_SPURIOUS_PER_STEP};
 use crate::isa::LaunchJob;
-use crate::mmu::{Mmu, Translation, XlateError};
+use crate::mmu::{Mmu, PageHits, Translation, XlateError};
 use crate::vram::{Phys, PhysMem, Vram};
 
 /// Bytes a FILL/COPY moves per scheduling slice before yielding, so one huge
@@ -59,6 +62,16 @@ pub struct Env<'a, M> {
 }
 
 impl<M> Env<'_, M> {
+    /// The TLB-hit path of `xlate` for a per-page loop (`Mmu::hits`),
+    /// `None` under fault injection: it may report a spurious fault beside,
+    /// or pause at, any translation `xlate` makes, so every one goes there.
+    fn hits(&self) -> Option<PageHits<'_>> {
+        match self.inject {
+            None => self.mmu.hits(self.ctx),
+            Some(_) => None,
+        }
+    }
+
     /// Guest memory and VRAM, for the data accesses.
     pub fn phys(&self) -> PhysMem<'_, M> {
         PhysMem {
@@ -428,6 +441,85 @@ fn fill<M: GuestMemoryBackend>(
     Ok((*done == len).then_some(0))
 }
 
+type HostSlice<'a, M> = VolatileSlice<'a, MS<'a, M>>;
+
+/// The guest-memory regions a COPY slice touched last, as whole host
+/// slices, one per side: a page's copy then costs a bounds check instead
+/// of a region lookup.
+struct Regions<'a, M: GuestMemoryBackend> {
+    phys: PhysMem<'a, M>,
+    src: Option<(u64, HostSlice<'a, M>)>,
+    dst: Option<(u64, HostSlice<'a, M>)>,
+}
+
+/// `n` bytes at `gpa` from the region `cache` holds, else from the region
+/// holding `gpa` (cached then); `None` if they are not one host slice.
+#[inline(always)]
+fn region_slice<'a, M: GuestMemoryBackend>(
+    cache: &mut Option<(u64, HostSlice<'a, M>)>,
+    mem: &'a M,
+    gpa: u64,
+    n: u64,
+) -> Option<HostSlice<'a, M>> {
+    if let Some((start, whole)) = cache {
+        if let Some(s) = subslice::<M>(whole, gpa.wrapping_sub(*start), n) {
+            return Some(s);
+        }
+    }
+    region_slice_cold(cache, mem, gpa, n)
+}
+
+/// `[off, off + n)` of `whole`, if inside.
+#[inline(always)]
+fn subslice<'a, M: GuestMemoryBackend>(
+    whole: &HostSlice<'a, M>,
+    off: u64,
+    n: u64,
+) -> Option<HostSlice<'a, M>> {
+    // A GPA below the region's start wraps to an offset past its end.
+    let off = usize::try_from(off).ok()?;
+    let n = usize::try_from(n).ok()?;
+    whole.subslice(off, n).ok()
+}
+
+#[cold]
+fn region_slice_cold<'a, M: GuestMemoryBackend>(
+    cache: &mut Option<(u64, HostSlice<'a, M>)>,
+    mem: &'a M,
+    gpa: u64,
+    n: u64,
+) -> Option<HostSlice<'a, M>> {
+    let r = mem.find_region(GuestAddress(gpa))?;
+    let start = r.start_addr().raw_value();
+    let (_, whole) = cache.insert((start, r.as_volatile_slice().ok()?));
+    subslice::<M>(whole, gpa - start, n)
+}
+
+impl<'a, M: GuestMemoryBackend> Regions<'a, M> {
+    fn new(mem: &'a M, vram: &'a Vram) -> Self {
+        Regions {
+            phys: PhysMem { mem, vram },
+            src: None,
+            dst: None,
+        }
+    }
+
+    /// `PhysMem::copy`, through the cached regions when both sides are
+    /// system memory.
+    #[inline(always)]
+    fn copy(&mut self, dst: Phys, src: Phys, n: u64) -> Result<(), Status> {
+        if !src.vram && !dst.vram {
+            let s = region_slice(&mut self.src, self.phys.mem, src.addr, n);
+            let d = region_slice(&mut self.dst, self.phys.mem, dst.addr, n);
+            if let (Some(s), Some(d)) = (s, d) {
+                s.copy_to_volatile_slice(d);
+                return Ok(());
+            }
+        }
+        self.phys.copy(dst, src, n)
+    }
+}
+
 fn copy<M: GuestMemoryBackend>(
     env: &mut Env<'_, M>,
     dst: u64,
@@ -435,6 +527,121 @@ fn copy<M: GuestMemoryBackend>(
     len: u64,
     done: &mut u64,
     held: &mut Option<Held>,
+) -> Step {
+    // Counted once per slice, not per page.
+    let (before, mut hits) = (*done, 0);
+    let r = copy_slice(env, dst, src, len, done, held, &mut hits);
+    Mmu::count_hits(env.counters, hits);
+    env.counters.add(Counter::BytesCopied, *done - before);
+    r
+}
+
+/// One COPY slice's progress: the bytes copied, and the run translated
+/// after them but not copied yet, physically contiguous on both sides so
+/// one host copy. Small and `Copy`, so a loop keeps it in registers.
+#[derive(Clone, Copy)]
+struct Run {
+    /// Bytes of the command copied.
+    done: u64,
+    src: Phys,
+    dst: Phys,
+    /// Bytes of the run.
+    n: u64,
+}
+
+impl Run {
+    /// Bytes of the command translated.
+    fn at(&self) -> u64 {
+        self.done + self.n
+    }
+
+    /// `n` more bytes, translated to `s` and `d`: they extend the run, or
+    /// the run is copied and they start the next.
+    #[inline(always)]
+    fn add<'a, M: GuestMemoryBackend>(
+        &mut self,
+        regions: &mut Regions<'a, M>,
+        s: Translation,
+        d: Translation,
+        n: u64,
+    ) -> Result<(), Status> {
+        let (s, d) = (s.phys(), d.phys());
+        if s != self.src.add(self.n) || d != self.dst.add(self.n) {
+            self.flush(regions)?;
+            self.src = s;
+            self.dst = d;
+        }
+        self.n += n;
+        Ok(())
+    }
+
+    /// Copy the run.
+    #[inline(always)]
+    fn flush<'a, M: GuestMemoryBackend>(
+        &mut self,
+        regions: &mut Regions<'a, M>,
+    ) -> Result<(), Status> {
+        let n = std::mem::take(&mut self.n);
+        if n > 0 {
+            regions.copy(self.dst, self.src, n)?;
+            self.done += n;
+        }
+        Ok(())
+    }
+
+    /// The pages from `at()` on whose translations both hit `tlb` in
+    /// system memory, up to `stop`: COPY's common case, kept to one tight
+    /// loop. Returns the translations served.
+    #[inline(never)]
+    fn hits<'a, M: GuestMemoryBackend>(
+        &mut self,
+        regions: &mut Regions<'a, M>,
+        tlb: PageHits<'_>,
+        src: u64,
+        dst: u64,
+        stop: u64,
+    ) -> Result<u64, Status> {
+        // VRAM pages take the general path: this loop then knows both
+        // sides are system memory.
+        if self.src.vram || self.dst.vram {
+            self.flush(regions)?;
+            self.src = Phys::system(0);
+            self.dst = Phys::system(0);
+        }
+        let mut run = *self;
+        let mut pages = 0;
+        let r = loop {
+            let at = run.at();
+            if at >= stop {
+                break Ok(());
+            }
+            let (Some(s), Some(d)) = (
+                tlb.get(src + at, Access::Read),
+                tlb.get(dst + at, Access::Write),
+            ) else {
+                break Ok(());
+            };
+            if s.vram || d.vram {
+                break Ok(());
+            }
+            pages += 1;
+            if let Err(e) = run.add(regions, s, d, (stop - at).min(s.avail).min(d.avail)) {
+                break Err(e);
+            }
+        };
+        *self = run;
+        r.map(|()| 2 * pages)
+    }
+}
+
+fn copy_slice<M: GuestMemoryBackend>(
+    env: &mut Env<'_, M>,
+    dst: u64,
+    src: u64,
+    len: u64,
+    done: &mut u64,
+    held: &mut Option<Held>,
+    hits: &mut u64,
 ) -> Step {
     if let Some(Held {
         access: HeldAccess::Copy { src, dst, s, d, n },
@@ -444,36 +651,66 @@ fn copy<M: GuestMemoryBackend>(
         env.recheck(src, Access::Read, engine::COPY, s)?;
         env.recheck(dst, Access::Write, engine::COPY, d)?;
         env.phys().copy(d.phys(), s.phys(), n)?;
-        env.counters.add(Counter::BytesCopied, n);
         *done += n;
     }
-    let stop = len.min(done.saturating_add(XFER_SLICE));
-    // Translations peeked at the end of one run start the next; they never
-    // outlive this slice, so no control step (invalidation) can intervene.
-    let mut carry = None;
-    while *done < stop {
-        let (s, d) = match carry.take() {
-            Some(pair) => pair,
-            None => {
-                let s = env.xlate(src + *done, Access::Read, engine::COPY, 0)?;
-                // Translate the destination even if the source faulted, so
-                // both faults are reported in one round trip.
-                let d = env.xlate(dst + *done, Access::Write, engine::COPY, 0)?;
-                let (Some(s), Some(d)) = (s, d) else {
-                    return Ok(None);
-                };
-                (s, d)
+    let mut regions = Regions::new(env.mem, env.vram);
+    let mut run = Run {
+        done: *done,
+        src: Phys::system(0),
+        dst: Phys::system(0),
+        n: 0,
+    };
+    let r = copy_pages(env, &mut regions, &mut run, hits, dst, src, len, held);
+    *done = run.done;
+    r
+}
+
+/// Still one translation per page (or leaf), but physically contiguous
+/// pages on both sides coalesce into one bulk copy. The translations never
+/// outlive this slice, so no control step (invalidation) can come between
+/// one and its copy.
+#[allow(clippy::too_many_arguments)]
+fn copy_pages<'a, M: GuestMemoryBackend>(
+    env: &mut Env<'a, M>,
+    regions: &mut Regions<'a, M>,
+    run: &mut Run,
+    hits: &mut u64,
+    dst: u64,
+    src: u64,
+    len: u64,
+    held: &mut Option<Held>,
+) -> Step {
+    let stop = len.min(run.done.saturating_add(XFER_SLICE));
+    while run.at() < stop {
+        if let Some(tlb) = env.hits() {
+            *hits += run.hits(regions, tlb, src, dst, stop)?;
+            if run.at() >= stop {
+                break;
+            }
+        }
+        let at = run.at();
+        // Translate the destination even if the source faulted, so both
+        // faults are reported in one round trip.
+        let pair = env
+            .xlate(src + at, Access::Read, engine::COPY, 0)
+            .and_then(|s| Ok((s, env.xlate(dst + at, Access::Write, engine::COPY, 0)?)));
+        let (s, d) = match pair {
+            Ok((Some(s), Some(d))) => (s, d),
+            // A fault stalls, an error fails the command: either after
+            // what was translated before.
+            r => {
+                run.flush(regions)?;
+                return r.map(|_| None);
             }
         };
-        let mut n = (stop - *done).min(s.avail).min(d.avail);
+        let n = (stop - at).min(s.avail).min(d.avail);
         if let Some(until) = env.pause() {
-            // Without coalescing: the pause holds exactly these two
-            // translations.
+            run.flush(regions)?;
             *held = Some(Held {
                 until,
                 access: HeldAccess::Copy {
-                    src: src + *done,
-                    dst: dst + *done,
+                    src: src + at,
+                    dst: dst + at,
                     s,
                     d,
                     n,
@@ -481,46 +718,10 @@ fn copy<M: GuestMemoryBackend>(
             });
             return Ok(None);
         }
-        // Still one translation per page (or leaf), but physically
-        // contiguous pages on both sides coalesce into one bulk copy. A peek
-        // that fails (fault or error) just ends the run; the next iteration
-        // translates that page properly and reports it; except a coherence
-        // violation, already counted and reported: the command fails after
-        // this run.
-        let mut violation = false;
-        while n < stop - *done {
-            let mut peek = |env: &mut Env<'_, M>, va, access| {
-                let origin = Origin {
-                    engine: engine::COPY,
-                    channel: env.channel,
-                    info: 0,
-                };
-                let t = env
-                    .mmu
-                    .translate_for(env.mem, env.counters, env.ctx, va, access, origin);
-                violation |= t == Err(XlateError::Fail(Status::CoherenceViolation));
-                t.ok()
-            };
-            let (Some(s2), Some(d2)) = (
-                peek(env, src + *done + n, Access::Read),
-                peek(env, dst + *done + n, Access::Write),
-            ) else {
-                break;
-            };
-            if s2.phys() != s.phys().add(n) || d2.phys() != d.phys().add(n) {
-                carry = Some((s2, d2));
-                break;
-            }
-            n = (n + s2.avail.min(d2.avail)).min(stop - *done);
-        }
-        env.phys().copy(d.phys(), s.phys(), n)?;
-        env.counters.add(Counter::BytesCopied, n);
-        *done += n;
-        if violation {
-            return Err(Status::CoherenceViolation);
-        }
+        run.add(regions, s, d, n)?;
     }
-    Ok((*done == len).then_some(0))
+    run.flush(regions)?;
+    Ok((run.done == len).then_some(0))
 }
 
 fn atomic<M: GuestMemoryBackend>(

@@ -253,6 +253,46 @@ impl WalkCache {
     }
 }
 
+/// A context's 4 KiB TLB entries, borrowed for an engine's per-page loop
+/// ([`Mmu::hits`]): a hit costs one set's two compares, with the
+/// context, the checker and the set mask looked up once. `get` counts
+/// nothing: the caller adds one `Accesses` and one `TlbHits` per hit
+/// ([`Mmu::count_hits`]) before its slice ends; on `None` it calls
+/// `translate_for`, which walks, counts and reports. A VA at or above
+/// `VA_LIMIT` matches no entry (only walks insert, and they refuse such
+/// VAs).
+#[derive(Clone, Copy)]
+pub struct PageHits<'a> {
+    pages: &'a [[CachedPage; 2]],
+    mask: usize,
+}
+
+impl PageHits<'_> {
+    /// `va`'s translation if a 4 KiB entry grants `access`.
+    #[inline(always)]
+    pub fn get(&self, va: u64, access: Access) -> Option<Translation> {
+        self.get_need(va, access.required())
+    }
+
+    #[inline(always)]
+    fn get_need(&self, va: u64, need: Pte) -> Option<Translation> {
+        let set = self.pages.get((va >> PAGE_SHIFT) as usize & self.mask)?;
+        let tag = (va & !IN_PAGE) | 1;
+        let need = need.bits();
+        for w in set {
+            if w.tag == tag && w.frame & need == need {
+                let off = va & IN_PAGE;
+                return Some(Translation {
+                    addr: (w.frame & !IN_PAGE) | off,
+                    avail: PAGE_SIZE - off,
+                    vram: w.frame & Pte::VRAM.bits() != 0,
+                });
+            }
+        }
+        None
+    }
+}
+
 struct Tlb {
     /// Large leaves used last (a subset of `map`).
     recent: [Option<Entry>; RECENT],
@@ -306,24 +346,18 @@ impl Tlb {
         (va >> PAGE_SHIFT) as usize & (self.page_sets - 1)
     }
 
+    fn hits(&self) -> PageHits<'_> {
+        PageHits {
+            pages: &self.pages,
+            mask: self.page_sets - 1,
+        }
+    }
+
     /// The common case, kept small enough to inline: a 4 KiB entry that
     /// grants `need`.
     #[inline(always)]
     fn page_hit(&self, va: u64, need: Pte) -> Option<Translation> {
-        let set = self.pages.get(self.page_set(va))?;
-        let tag = (va & !IN_PAGE) | 1;
-        let need = need.bits();
-        for w in set {
-            if w.tag == tag && w.frame & need == need {
-                let off = va & IN_PAGE;
-                return Some(Translation {
-                    addr: (w.frame & !IN_PAGE) | off,
-                    avail: PAGE_SIZE - off,
-                    vram: w.frame & Pte::VRAM.bits() != 0,
-                });
-            }
-        }
-        None
+        self.hits().get_need(va, need)
     }
 
     fn lookup(&mut self, va: u64) -> Option<Entry> {
@@ -579,6 +613,23 @@ impl Mmu {
         access: Access,
     ) -> Result<Translation, XlateError> {
         self.translate_for(mem, counters, ctx, va, access, Origin::HOST)
+    }
+
+    /// The TLB-hit path of `translate_for` for an engine's per-page loop:
+    /// the 4 KiB entries of `ctx`, `None` when the checker is on (every
+    /// translation is checked then) or `ctx` is out of range. See
+    /// [`PageHits`].
+    pub fn hits(&self, ctx: u32) -> Option<PageHits<'_>> {
+        if self.checker.is_some() {
+            return None;
+        }
+        self.tlbs.get(ctx as usize).map(Tlb::hits)
+    }
+
+    /// Count `n` translations served by [`PageHits::get`].
+    pub fn count_hits(counters: &mut Counters, n: u64) {
+        counters.add(Counter::Accesses, n);
+        counters.add(Counter::TlbHits, n);
     }
 
     /// Translate `va` in context `ctx` for `access` by `origin` (named in
