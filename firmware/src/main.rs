@@ -47,8 +47,8 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     }
 
     boot::mark(boot::Phase::Cmdline);
-    boot::init_memory(&boot, opts.ram_zero);
-    let stack_top = boot::init_kernel_stack();
+    let stack_run = boot::init_memory(&boot, opts.ram_zero);
+    let stack_top = boot::init_kernel_stack(stack_run);
     let banner = boot::Banner::new(&boot);
     // SAFETY: the new stack is mapped, owned by nothing else, and `opts` and
     // `banner` live on the boot stack, which is never reused.
@@ -73,19 +73,34 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     log::debug!("console: {}", serial::console_name());
 
     let fs = mm::frames::stats();
-    log::info!(
-        "memory: {} of {} usable frames free after boot",
-        fs.free,
-        fs.total_usable
+    use serial::Part::{Dec, Dec3, Str};
+    serial::print_parts(
+        Some(log::Level::Info),
+        &[
+            Str("memory: "),
+            Dec(fs.free),
+            Str(" of "),
+            Dec(fs.total_usable),
+            Str(" usable frames free after boot"),
+        ],
     );
-    println!(
-        "faultline firmware: {} MiB RAM, {} memmap entries, cmdline \"{}\", tsc {}.{:03} MHz ({})",
-        mm::ram_bytes() >> 20,
-        banner.memmap_entries,
-        banner.cmdline,
-        hz / 1_000_000,
-        (hz / 1000) % 1000,
-        src.name()
+    serial::print_parts(
+        None,
+        &[
+            Str("faultline firmware: "),
+            Dec(mm::ram_bytes() >> 20),
+            Str(" MiB RAM, "),
+            Dec(banner.memmap_entries as u64),
+            Str(" memmap entries, cmdline \""),
+            Str(banner.cmdline),
+            Str("\", tsc "),
+            Dec(hz / 1_000_000),
+            Str("."),
+            Dec3((hz / 1000) % 1000),
+            Str(" MHz ("),
+            Str(src.name()),
+            Str(")"),
+        ],
     );
     if let Some(c) = opts.crash {
         tests::crash::crash(c);

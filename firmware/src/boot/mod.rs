@@ -94,8 +94,9 @@ pub fn log_phases() {
 
 /// Frames, direct map, kernel-half PML4 entries and heap, in that order
 /// (each needs the previous one). Any failure here is fatal. `ram_zero`:
-/// the command line says RAM came zeroed (`ram=zero`).
-pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
+/// the command line says RAM came zeroed (`ram=zero`). Returns the run of
+/// frames the frame allocator set aside for the kernel stack, if it could.
+pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) -> Option<x86_64::PhysAddr> {
     log::debug!(
         "pvh: start_info at {:#x}, rsdp at {:#x}",
         boot.start_info_paddr,
@@ -130,11 +131,17 @@ pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
     let t0 = crate::arch::time::rdtsc();
     let image = image_range();
     log::debug!("image: {:#x}..{:#x}", image.0, image.1);
+    let heap_size = mm::heap_size_for(boot.ram_bytes());
+    let sizes = mm::frames::BootRunSizes {
+        heap: heap_size,
+        stack: mm::KERNEL_STACK_SIZE,
+    };
     // SAFETY: once, with the identity map active and `boot` describing this VM.
-    unsafe {
-        mm::frames::init(boot, image, ram_zero);
+    let runs = unsafe {
+        let runs = mm::frames::init(boot, image, ram_zero, sizes);
         paging::init_identity();
-    }
+        runs
+    };
     mark(Phase::Frames);
     // SAFETY: once, after frames and paging are initialised.
     let dm = unsafe { mm::direct_map::init(boot) }
@@ -151,9 +158,9 @@ pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
         paging::ensure_pml4_entry(index)
             .unwrap_or_else(|e| crate::fatal(format_args!("pml4[{index}]: {e:?}")));
     }
-    let heap_size = mm::heap_size_for(boot.ram_bytes());
-    // SAFETY: once, after the direct map.
-    unsafe { mm::heap::init(heap_size) }
+    // SAFETY: once, after the direct map; the run is the frame
+    // allocator's boot run for the heap, ours alone.
+    unsafe { mm::heap::init(heap_size, runs.heap) }
         .unwrap_or_else(|e| crate::fatal(format_args!("heap: {e:?}")));
     mark(Phase::Heap);
     log::debug!("heap: {} MiB at {:#x}", heap_size >> 20, mm::HEAP_BASE);
@@ -164,29 +171,26 @@ pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) {
         "memory bring-up took {} Mcycles",
         (crate::arch::time::rdtsc() - t0) / 1_000_000
     );
+    runs.stack
 }
 
 /// Maps the kernel stack in the vmap window (with its guard page below) and
-/// returns its top.
-pub fn init_kernel_stack() -> VirtAddr {
+/// returns its top. `run`: `KERNEL_STACK_SIZE` of contiguous frames set
+/// aside for it by `init_memory`.
+pub fn init_kernel_stack(run: Option<x86_64::PhysAddr>) -> VirtAddr {
     let pages = mm::KERNEL_STACK_SIZE / mm::frames::FRAME_SIZE;
     let base = mm::vmap::reserve(pages);
     // One run of frames where RAM has one: one allocator search instead of
     // one per page.
-    let run = mm::frames::alloc_contiguous(pages);
+    let frames: mm::direct_map::Frames<fn(u64) -> Option<x86_64::PhysAddr>> =
+        match run.or_else(|| mm::frames::alloc_contiguous(pages)) {
+            Some(first) => mm::direct_map::Frames::Run(first),
+            None => mm::direct_map::Frames::Each(|_| mm::frames::alloc()),
+        };
     // SAFETY: boot, after the direct map; freshly reserved vmap pages
     // (never mapped), fresh frames.
     let mapped = unsafe {
-        mm::direct_map::map_boot(
-            base,
-            pages,
-            false,
-            paging::kernel_data_flags(),
-            |i| match run {
-                Some(first) => Some(first + i * mm::frames::FRAME_SIZE),
-                None => mm::frames::alloc(),
-            },
-        )
+        mm::direct_map::map_boot(base, pages, false, paging::kernel_data_flags(), frames)
     }
     .unwrap_or_else(|e| crate::fatal(format_args!("kernel stack: {e:?}")));
     if mapped < pages {

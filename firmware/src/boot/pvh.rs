@@ -4,7 +4,8 @@
 //! All pointers in it are physical. We read them through the boot identity
 //! map, so anything above 4 GiB is rejected rather than dereferenced.
 
-use core::mem::size_of;
+use core::cell::UnsafeCell;
+use core::mem::{size_of, MaybeUninit};
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
 const IDENTITY_LIMIT: u64 = 4 << 30;
@@ -66,13 +67,23 @@ impl MemmapEntry {
     }
 }
 
+/// Where `BootInfo::parse` copies the memory map: a static, so the
+/// `BootInfo` it returns is small to zero and to move (~1 µs a qword under
+/// an instruction-emulating hypervisor). Matched by name into layout.ld's
+/// `.stacks`, which is not zeroed: only slots `parse` wrote are read.
+struct MemmapSlots(UnsafeCell<MaybeUninit<[MemmapEntry; MEMMAP_MAX]>>);
+
+// SAFETY: written once, by `BootInfo::parse` at boot, then only read.
+unsafe impl Sync for MemmapSlots {}
+
+static MEMMAP_SLOTS: MemmapSlots = MemmapSlots(UnsafeCell::new(MaybeUninit::uninit()));
+
 /// Everything the rest of the firmware needs from the loader, copied out so
 /// it no longer depends on loader memory layout.
 pub struct BootInfo {
     pub start_info_paddr: u64,
-    /// Sorted by address; zero-size entries dropped.
-    memmap: [MemmapEntry; MEMMAP_MAX],
-    memmap_len: usize,
+    /// Sorted by address; zero-size entries dropped. In `MEMMAP_SLOTS`.
+    memmap: &'static [MemmapEntry],
     /// Entry count as reported by the loader (before dropping empty ones).
     pub memmap_reported: usize,
     pub cmdline: &'static str,
@@ -129,8 +140,8 @@ impl BootInfo {
     /// Parses and copies out the loader's data.
     ///
     /// # Safety
-    /// `paddr` must be the value the PVH loader passed in EBX, and the boot
-    /// identity map of the low 4 GiB must be active.
+    /// Call once; `paddr` must be the value the PVH loader passed in EBX,
+    /// and the boot identity map of the low 4 GiB must be active.
     pub unsafe fn parse(paddr: u64) -> Result<BootInfo, PvhError> {
         check_low("start_info", paddr, size_of::<StartInfo>() as u64)?;
         // SAFETY: range checked above; the loader placed a start_info there.
@@ -144,8 +155,7 @@ impl BootInfo {
 
         let mut info = BootInfo {
             start_info_paddr: paddr,
-            memmap: [MemmapEntry::default(); MEMMAP_MAX],
-            memmap_len: 0,
+            memmap: &[],
             memmap_reported: si.memmap_entries as usize,
             cmdline: "",
             rsdp_paddr: si.rsdp_paddr,
@@ -157,6 +167,8 @@ impl BootInfo {
         let map_bytes = u64::from(si.memmap_entries) * size_of::<RawMemmapEntry>() as u64;
         check_low("memmap", si.memmap_paddr, map_bytes)?;
         info.reserve(si.memmap_paddr, map_bytes);
+        let slots = MEMMAP_SLOTS.0.get().cast::<MemmapEntry>();
+        let mut len = 0;
         for i in 0..si.memmap_entries as u64 {
             let at = si.memmap_paddr + i * size_of::<RawMemmapEntry>() as u64;
             // SAFETY: inside the memmap range checked above.
@@ -165,19 +177,25 @@ impl BootInfo {
             if raw.size == 0 {
                 continue;
             }
-            if info.memmap_len == MEMMAP_MAX {
+            if len == MEMMAP_MAX {
                 log::warn!("pvh: memory map has more than {MEMMAP_MAX} entries, rest ignored");
                 break;
             }
-            info.memmap[info.memmap_len] = MemmapEntry {
+            let e = MemmapEntry {
                 addr: raw.addr,
                 size: raw.size,
                 kind: raw.kind,
             };
-            info.memmap_len += 1;
+            // SAFETY: slot `len` < MEMMAP_MAX; this call (the only one,
+            // per the contract) is the slots' only user so far.
+            unsafe { slots.add(len).write(e) };
+            len += 1;
         }
+        // SAFETY: the first `len` slots were written above; nothing else
+        // ever writes them.
+        let map: &'static mut [MemmapEntry] =
+            unsafe { core::slice::from_raw_parts_mut(slots, len) };
         // Loaders do not promise order; insertion sort needs no allocator.
-        let map = &mut info.memmap[..info.memmap_len];
         for i in 1..map.len() {
             let mut j = i;
             while j > 0 && map[j - 1].addr > map[j].addr {
@@ -185,6 +203,7 @@ impl BootInfo {
                 j -= 1;
             }
         }
+        info.memmap = map;
         if !info.memmap().iter().any(|e| e.kind == E820_RAM) {
             return Err(PvhError::EmptyMemmap);
         }
@@ -242,7 +261,7 @@ impl BootInfo {
     }
 
     pub fn memmap(&self) -> &[MemmapEntry] {
-        &self.memmap[..self.memmap_len]
+        self.memmap
     }
 
     /// Loader-owned physical ranges `[start, end)` that must never be allocated.

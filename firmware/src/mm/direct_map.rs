@@ -14,7 +14,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::{frames, DIRECT_MAP_BASE, DIRECT_MAP_LIMIT};
 use crate::arch::paging::{self, MapError};
-use crate::boot::pvh::{BootInfo, E820_RAM, MEMMAP_MAX};
+use crate::boot::pvh::{BootInfo, E820_RAM};
 
 const SMALL: u64 = 4096;
 const LARGE: u64 = 2 << 20;
@@ -100,7 +100,7 @@ impl Builder {
         count: u64,
         level: u32,
         leaf_flags: u64,
-        mut frame: impl FnMut(u64) -> Option<PhysAddr>,
+        mut frames: Frames<impl FnMut(u64) -> Option<PhysAddr>>,
     ) -> Result<u64, MapError> {
         let size = SMALL << (9 * level);
         let leaf_flags = leaf_flags | if level > 0 { F::HUGE_PAGE.bits() } else { 0 };
@@ -130,8 +130,25 @@ impl Builder {
                 (self.table_ptr(e & ADDR_MASK), None)
             };
             let mut done = 0;
+            if let (Frames::Run(pa), Some(_)) = (&frames, link) {
+                // SAFETY: slots `first..first + run` (< 512) of the fresh
+                // table we own.
+                unsafe {
+                    fill_linear(
+                        table.add(first),
+                        run,
+                        (pa.as_u64() + i * size) | leaf_flags,
+                        size,
+                    )
+                };
+                done = run;
+            }
             while done < run {
-                let Some(pa) = frame(i + done) else { break };
+                let pa = match &mut frames {
+                    Frames::Run(pa) => Some(*pa + (i + done) * size),
+                    Frames::Each(frame) => frame(i + done),
+                };
+                let Some(pa) = pa else { break };
                 // SAFETY: slot `first + done` < 512 of a leaf table we own
                 // (fresh) or that maps this unmapped window (contract).
                 let slot = unsafe { table.add(first + done as usize) };
@@ -161,12 +178,50 @@ impl Builder {
     }
 }
 
+/// The frames [`map_boot`] maps, page `i` to the `i`-th.
+pub enum Frames<G> {
+    /// Physically contiguous from this address, pages of the mapping's
+    /// size: a fresh table is filled by a four-instruction loop.
+    Run(PhysAddr),
+    /// From `G(i)`, up to the first `None`.
+    Each(G),
+}
+
+/// [`Frames::Run`] without naming the closure type nobody calls.
+pub fn run(first: PhysAddr) -> Frames<fn(u64) -> Option<PhysAddr>> {
+    Frames::Run(first)
+}
+
+/// Writes `n` (≥ 1) entries from `at`: `entry`, then each one `step`
+/// more.
+///
+/// # Safety
+/// `[at, at + n)` must be entries of a table nobody else uses yet.
+unsafe fn fill_linear(at: *mut u64, n: u64, entry: u64, step: u64) {
+    // SAFETY: per the contract; n ≥ 1, so the loop runs n times.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "mov [{at}], {entry}",
+            "add {entry}, {step}",
+            "add {at}, 8",
+            "dec {n}",
+            "jnz 2b",
+            at = inout(reg) at => _,
+            entry = inout(reg) entry => _,
+            step = in(reg) step,
+            n = inout(reg) n => _,
+            options(nostack)
+        );
+    }
+}
+
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Flags of an entry that points at a table: present, writable (the leaf
 /// decides).
 const TABLE: u64 = F::PRESENT.bits() | F::WRITABLE.bits();
 
-/// Maps `count` 4 KiB pages (2 MiB when `large`) from `va` to `frame(i)`,
+/// Maps `count` 4 KiB pages (2 MiB when `large`) from `va` to `frames`,
 /// writing the entries directly (see [`Builder::map`]): a few instructions
 /// per page where the mapper (walk, checks, invlpg) costs hundreds. Stops at
 /// the first `None` and returns how many pages it mapped.
@@ -175,20 +230,20 @@ const TABLE: u64 = F::PRESENT.bits() | F::WRITABLE.bits();
 /// Boot only, after [`init`]: nothing else may change the kernel tables
 /// meanwhile; `[va, va + count pages)` must be kernel address space nothing
 /// has mapped yet (so no TLB entry exists for it), aligned to the page
-/// size; each `frame(i)` memory the caller may alias there.
+/// size; each frame memory the caller may alias there.
 pub unsafe fn map_boot(
     va: VirtAddr,
     count: u64,
     large: bool,
     flags: F,
-    frame: impl FnMut(u64) -> Option<PhysAddr>,
+    frames: Frames<impl FnMut(u64) -> Option<PhysAddr>>,
 ) -> Result<u64, MapError> {
     let mut b = Builder {
         offset: DIRECT_MAP_BASE,
         stats: DirectMapStats::default(),
     };
     // SAFETY: forwarded to the caller's contract.
-    unsafe { b.map(va.as_u64(), count, u32::from(large), flags.bits(), frame) }
+    unsafe { b.map(va.as_u64(), count, u32::from(large), flags.bits(), frames) }
 }
 
 fn index(va: u64, level: u32) -> usize {
@@ -299,16 +354,15 @@ unsafe fn punch(a: u64, b: u64) {
 
 /// RAM as `[start, end)` ranges, sorted, merged where they overlap or
 /// touch (so nothing is mapped twice), shrunk to whole 4 KiB pages.
-fn ram_ranges(boot: &BootInfo) -> ([(u64, u64); MEMMAP_MAX], usize) {
-    let mut out = [(0, 0); MEMMAP_MAX];
-    let mut n = 0;
+fn ram_ranges(boot: &BootInfo) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut ranges = boot
         .memmap()
         .iter()
         .filter(|e| e.kind == E820_RAM)
         .map(|e| (e.addr, e.end()))
         .peekable();
-    while let Some((start, mut end)) = ranges.next() {
+    core::iter::from_fn(move || loop {
+        let (start, mut end) = ranges.next()?;
         while let Some(&(s, e)) = ranges.peek() {
             if s > end {
                 break;
@@ -318,11 +372,9 @@ fn ram_ranges(boot: &BootInfo) -> ([(u64, u64); MEMMAP_MAX], usize) {
         }
         let (start, end) = (start.div_ceil(SMALL) * SMALL, end & !(SMALL - 1));
         if start < end {
-            out[n] = (start, end);
-            n += 1;
+            return Some((start, end));
         }
-    }
-    (out, n)
+    })
 }
 
 impl Builder {
@@ -355,9 +407,13 @@ impl Builder {
             // SAFETY: forwarded to the caller's contract; the frames are
             // RAM, aliased there by design.
             let mapped = unsafe {
-                self.map(DIRECT_MAP_BASE + pa, count, level, leaf, |i| {
-                    Some(PhysAddr::new(base + i * size))
-                })?
+                self.map(
+                    DIRECT_MAP_BASE + pa,
+                    count,
+                    level,
+                    leaf,
+                    run(PhysAddr::new(base)),
+                )?
             };
             pa += mapped * size;
         }
@@ -380,9 +436,7 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
         offset: 0,
         stats: DirectMapStats::default(),
     };
-    let (ranges, n) = ram_ranges(boot);
-    let ranges = &ranges[..n];
-    if let Some(&(_, end)) = ranges.last() {
+    if let Some((_, end)) = ram_ranges(boot).last() {
         assert!(
             DIRECT_MAP_BASE + end <= DIRECT_MAP_LIMIT,
             "RAM beyond the direct map window"
@@ -392,10 +446,7 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
     let low = leaf == TEMPLATE_LEAF;
     if low {
         let mut covered = 0;
-        for &(s, e) in ranges
-            .iter()
-            .chain(core::iter::once(&(IDENTITY_LIMIT, IDENTITY_LIMIT)))
-        {
+        for (s, e) in ram_ranges(boot).chain([(IDENTITY_LIMIT, IDENTITY_LIMIT)]) {
             let s = s.min(IDENTITY_LIMIT);
             if s > covered {
                 // SAFETY: boot, nothing linked yet.
@@ -409,7 +460,7 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
             let slot = (pml4 as *mut u64).add(index(DIRECT_MAP_BASE, 3));
             slot.write(&raw const dmap_pdpt as u64 | TABLE);
         }
-        for &(s, e) in ranges {
+        for (s, e) in ram_ranges(boot) {
             let (s, e) = (s.min(IDENTITY_LIMIT), e.min(IDENTITY_LIMIT));
             if s >= e {
                 continue;
@@ -433,7 +484,7 @@ pub unsafe fn init(boot: &BootInfo) -> Result<DirectMapStats, MapError> {
             }
         }
     }
-    for &(s, e) in ranges {
+    for (s, e) in ram_ranges(boot) {
         let s = if low { s.max(IDENTITY_LIMIT) } else { s };
         if s < e {
             // SAFETY: the window above what the prebuilt tables cover (or

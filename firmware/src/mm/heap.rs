@@ -3,7 +3,7 @@
 
 use talc::source::Manual;
 use talc::TalcLock;
-use x86_64::VirtAddr;
+use x86_64::{PhysAddr, VirtAddr};
 
 use super::{direct_map, frames, HEAP_BASE};
 use crate::arch::paging::{self, MapError};
@@ -14,37 +14,77 @@ use crate::sync::RawSpinlock;
 #[global_allocator]
 static HEAP: TalcLock<RawSpinlock, Manual> = TalcLock::new(Manual);
 
-/// Maps `size` bytes at `HEAP_BASE` and hands them to the allocator.
+/// Maps `size` bytes at `HEAP_BASE` and hands them to the allocator:
+/// the frames of `run` (`size` bytes, 2 MiB aligned) where the frame
+/// allocator set them aside at boot, else 2 MiB runs and single frames
+/// from it.
 ///
 /// # Safety
-/// Call once, during boot, after the direct map is up.
-pub unsafe fn init(size: u64) -> Result<(), MapError> {
+/// Call once, during boot, after the direct map is up; `run` must be
+/// frames nobody else uses.
+pub unsafe fn init(size: u64, run: Option<PhysAddr>) -> Result<(), MapError> {
+    // SAFETY: forwarded (boot, after the direct map, `run` ours).
+    unsafe { map(size, run)? };
+    // SAFETY: [HEAP_BASE, HEAP_BASE+size) is now mapped RAM owned by nobody else.
+    let claimed = unsafe { HEAP.lock().claim(HEAP_BASE as *mut u8, size as usize) };
+    assert!(claimed.is_some(), "talc refused the heap");
+    Ok(())
+}
+
+/// Maps the heap window for [`init`].
+///
+/// # Safety
+/// As for [`init`].
+unsafe fn map(size: u64, run: Option<PhysAddr>) -> Result<(), MapError> {
     const LARGE: u64 = 2 << 20;
     let flags = paging::kernel_data_flags();
+    if let Some(first) = run {
+        // SAFETY: boot, after the direct map; the heap window is ours and
+        // nothing is mapped there yet; the run is ours (contract).
+        let mapped = unsafe {
+            direct_map::map_boot(
+                VirtAddr::new(HEAP_BASE),
+                size / LARGE,
+                true,
+                flags,
+                direct_map::run(first),
+            )?
+        };
+        return if mapped == size / LARGE {
+            Ok(())
+        } else {
+            Err(MapError::OutOfFrames)
+        };
+    }
     // 2 MiB pages where RAM has free 2 MiB runs: 16 mappings instead of
     // 8192 for a 32 MiB heap, which matters when the hypervisor emulates
     // us. The rest in 4 KiB pages.
     // SAFETY: boot, after the direct map; the heap window is ours and
     // nothing is mapped there yet.
     let large = unsafe {
-        direct_map::map_boot(VirtAddr::new(HEAP_BASE), size / LARGE, true, flags, |_| {
-            frames::alloc_2m()
-        })?
+        direct_map::map_boot(
+            VirtAddr::new(HEAP_BASE),
+            size / LARGE,
+            true,
+            flags,
+            direct_map::Frames::Each(|_| frames::alloc_2m()),
+        )?
     };
     let off = large * LARGE;
     let small = (size - off) / frames::FRAME_SIZE;
     // SAFETY: as above, the part of the window not mapped yet.
     let mapped = unsafe {
-        direct_map::map_boot(VirtAddr::new(HEAP_BASE + off), small, false, flags, |_| {
-            frames::alloc()
-        })?
+        direct_map::map_boot(
+            VirtAddr::new(HEAP_BASE + off),
+            small,
+            false,
+            flags,
+            direct_map::Frames::Each(|_| frames::alloc()),
+        )?
     };
     if mapped < small {
         return Err(MapError::OutOfFrames);
     }
-    // SAFETY: [HEAP_BASE, HEAP_BASE+size) is now mapped RAM owned by nobody else.
-    let claimed = unsafe { HEAP.lock().claim(HEAP_BASE as *mut u8, size as usize) };
-    assert!(claimed.is_some(), "talc refused the heap");
     Ok(())
 }
 

@@ -154,6 +154,16 @@ fn frame_alloc() -> Result<(), String> {
             "allocated frame {a:#x} still marked free"
         );
     }
+    // Nor the heap's or the kernel stack's frames, set aside at boot.
+    let heap = paging::translate(VirtAddr::new(mm::HEAP_BASE)).ok_or("heap not mapped")?;
+    let stack = paging::translate(VirtAddr::from_ptr(&got)).ok_or("stack not mapped")?;
+    for pa in [heap, stack].map(|p| p.align_down(frames::FRAME_SIZE)) {
+        ensure!(
+            !frames::is_free(pa) && !got.contains(&pa),
+            "boot frame {:#x} is the allocator's",
+            pa.as_u64()
+        );
+    }
     let mut sorted = got.clone();
     sorted.sort_unstable();
     sorted.dedup();
