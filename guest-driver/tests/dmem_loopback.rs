@@ -288,3 +288,22 @@ fn a_failed_copy_restores_the_pages_and_frees_their_vram() {
     assert_eq!(dmem.stats().vram.pages, 0, "the VRAM went back");
     assert_eq!(mm.device_pages(), 0);
 }
+
+#[test]
+fn vram_parts_are_whole_chunks_inside_vram() {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let size = env.gpu.vram_size();
+    let chunk = 2 << 20;
+    for (off, len) in [(0, 0), (chunk / 2, chunk), (0, size + chunk), (size, chunk)] {
+        assert!(
+            matches!(
+                DeviceMemory::part(&env.gpu, off, len),
+                Err(GpuError::Invalid(_))
+            ),
+            "part {off:#x}+{len:#x}"
+        );
+    }
+    let a = DeviceMemory::part(&env.gpu, 0, chunk).unwrap();
+    let b = DeviceMemory::part(&env.gpu, size - chunk, chunk).unwrap();
+    assert_ne!(a.owner(), b.owner());
+}

@@ -28,7 +28,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use faultline_abi::{PhysPage, PAGE_SIZE};
 
-use super::vram::{VramLeak, VramUsage};
+use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
 use super::{
     Channel, Context, DmaRegion, Gpu, GpuError, MigrateList, PageSize, PageTable, Platform,
     SvmContext, VramAllocator,
@@ -54,7 +54,9 @@ struct Copier<P: Platform> {
 
 struct Dmem<P: Platform> {
     owner: DeviceOwner,
+    /// Pages of `[base, base + size)` of VRAM, as offsets from `base`.
     vram: VramAllocator,
+    base: u64,
     copier: SpinMutex<Copier<P>>,
     /// A zeroed page: the source for holes and the zero page (taken by
     /// drop), and its address.
@@ -85,11 +87,28 @@ pub struct DeviceMemory<P: Platform> {
 }
 
 impl<P: Platform> DeviceMemory<P> {
-    /// The VRAM of `gpu` under a fresh owner id. `Invalid` without VRAM,
-    /// `NoMemory` when DMA memory or owner ids ran out.
+    /// All the VRAM of `gpu` under a fresh owner id. `Invalid` without
+    /// VRAM, `NoMemory` when DMA memory or owner ids ran out. One per GPU:
+    /// two device memories over the same VRAM would hand out the same
+    /// pages ([`DeviceMemory::part`] splits it).
     pub fn new(gpu: &Arc<Gpu<P>>) -> Result<Self, GpuError> {
-        if gpu.vram_size() == 0 {
-            return Err(GpuError::Invalid("the GPU has no VRAM"));
+        Self::part(gpu, 0, gpu.vram_size())
+    }
+
+    /// `[offset, offset + size)` of `gpu`'s VRAM (2 MiB aligned, inside
+    /// VRAM) as a device memory of its own, with its own owner id: the
+    /// parts of one GPU's VRAM, each given to one `DeviceMemory`, behave
+    /// as separate devices. `Invalid` for an empty, misaligned or
+    /// out-of-range part.
+    pub fn part(gpu: &Arc<Gpu<P>>, offset: u64, size: u64) -> Result<Self, GpuError> {
+        let inside = offset
+            .checked_add(size)
+            .is_some_and(|end| end <= gpu.vram_size());
+        if size == 0 || !inside {
+            return Err(GpuError::Invalid("no such part of the GPU's VRAM"));
+        }
+        if !offset.is_multiple_of(CHUNK_BYTES) || !size.is_multiple_of(CHUNK_BYTES) {
+            return Err(GpuError::Invalid("VRAM parts are whole 2 MiB chunks"));
         }
         let owner = DeviceOwner::alloc().ok_or(GpuError::NoMemory)?;
         let platform = gpu.platform().clone();
@@ -100,7 +119,8 @@ impl<P: Platform> DeviceMemory<P> {
         Ok(DeviceMemory {
             inner: Arc::new(Dmem {
                 owner,
-                vram: VramAllocator::new(gpu.vram_size()),
+                vram: VramAllocator::new(size),
+                base: offset,
                 copier: SpinMutex::new(Copier {
                     chan,
                     list,
@@ -158,7 +178,7 @@ impl<P: Platform> DeviceMemory<P> {
             match d.vram.alloc_page() {
                 Some(v) => Step::To(MigratePfn::Device {
                     owner: d.owner,
-                    vram_pfn: v >> PAGE_SHIFT,
+                    vram_pfn: (d.base + v) >> PAGE_SHIFT,
                 }),
                 None => Step::Full,
             }
@@ -325,11 +345,14 @@ impl<P: Platform> Dmem<P> {
         list.run(chan, pairs, PageSize::Size4K).map(|_| ())
     }
 
-    fn free_vram(&self, offsets: impl Iterator<Item = u64>) {
-        for v in offsets {
-            if let Err(e) = self.vram.free_page(v) {
-                log::error!("dmem: VRAM page {v:#x}: {e}");
-            }
+    /// Give back the VRAM page at offset `v`.
+    fn free_vram(&self, v: u64) {
+        let r = v
+            .checked_sub(self.base)
+            .ok_or(GpuError::Invalid("not this memory's VRAM"))
+            .and_then(|o| self.vram.free_page(o));
+        if let Err(e) = r {
+            log::error!("dmem: VRAM page {v:#x}: {e}");
         }
     }
 }
@@ -356,7 +379,7 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
     }
 
     fn page_free(&self, vram_pfn: u64) {
-        self.free_vram(core::iter::once(vram_pfn << PAGE_SHIFT));
+        self.free_vram(vram_pfn << PAGE_SHIFT);
     }
 }
 

@@ -101,6 +101,14 @@ pub enum SnapEntry {
         /// Writable.
         writable: bool,
     },
+    /// A device-private page of the attached device memory
+    /// ([`DeviceMemory`](super::DeviceMemory)): its VRAM offset.
+    Device {
+        /// Offset of the page in VRAM.
+        vram: u64,
+        /// Writable.
+        writable: bool,
+    },
     /// A special mapping the device may not use.
     Special,
     /// An error entry.
@@ -256,6 +264,8 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// the device-visible state of the range in one pass, without faulting.
     pub fn snapshot(&self, start: u64, end: u64, page_shift: u32) -> Result<Vec<SnapEntry>, Errno> {
         let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
+        let owner = self.binding.state.dmem_owner.load(Ordering::Acquire);
+        range.dev_private_owner = DeviceOwner::from_raw(owner);
         range_register(&mut range, &self.binding.mirror, start, end, page_shift)?;
         let r = loop {
             let r = {
@@ -285,6 +295,11 @@ fn decode<M: Mm>(range: &HmmRange<M>, e: u64) -> SnapEntry {
         SnapEntry::None
     } else if e == VALUES[HmmPfnValue::Special as usize] {
         SnapEntry::Special
+    } else if range.entry_is_device_private(e) {
+        SnapEntry::Device {
+            vram: e >> PFN_SHIFT << PAGE_SHIFT,
+            writable: range.entry_is_writable(e),
+        }
     } else if let Some(pfn) = range.entry_to_pfn(e) {
         SnapEntry::Valid {
             phys: pfn << PAGE_SHIFT,

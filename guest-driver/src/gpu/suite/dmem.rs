@@ -1,17 +1,17 @@
 //! Device memory (issue 17): pages migrated to VRAM are read and written by
 //! the GPU through VRAM leaves, and come back on a CPU fault or an explicit
 //! migration (the hmm-tests intents `migrate`, `migrate_fault`,
-//! `migrate_release`, `migrate_multiple`). Each test needs a GPU with VRAM
-//! and ends with the VRAM leak check.
+//! `migrate_release`, `migrate_multiple`, `snapshot_device`). Each test
+//! needs a GPU with VRAM and ends with the VRAM leak check.
 
 use alloc::format;
 use alloc::string::String;
 
-use faultline_abi::PAGE_SIZE;
+use faultline_abi::{LEAF_2M, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{Needs, Pattern, SvmEnv, TestResult};
-use crate::gpu::{DeviceMemory, DmemStats};
+use crate::gpu::{DeviceMemory, DmemStats, SnapEntry};
 
 /// The device memory of the environment's GPU.
 fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
@@ -177,5 +177,81 @@ pub(super) mod migrate_multiple {
             Ok(())
         })?;
         leak_check(dmem)
+    }
+}
+
+/// A snapshot reports this context's device pages as device pages (their
+/// VRAM offsets) without bringing them back, and another device memory's
+/// pages as not there; a GPU access through this context faults those
+/// back to system memory (the other memory's `migrate_to_ram`).
+pub(super) mod snapshot_device {
+    use super::*;
+
+    /// A GPU with VRAM.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 8;
+        let len = n * PAGE_SIZE;
+        let pat = Pattern::page_index(0x5d00);
+        let (p, src, dst) = setup(env, 2 * n, pat)?;
+        // Two halves of the VRAM as two devices.
+        let half = (env.gpu().vram_size() / 2) & !(LEAF_2M - 1);
+        let mine = ok(DeviceMemory::part(env.gpu(), 0, half), "first half")?;
+        let theirs = ok(DeviceMemory::part(env.gpu(), half, half), "second half")?;
+        let (other, _other_chan) = bind(env, &p)?;
+        ok(theirs.attach(&other), "attach the other memory")?;
+        bound(env, p, |p, svm, chan| {
+            ok(mine.attach(svm), "attach")?;
+            ok(mine.migrate_to_device(svm, src, src + len), "migrate")?;
+            let far = src + len;
+            ok(
+                theirs.migrate_to_device(&other, far, far + len),
+                "migrate (other)",
+            )?;
+            let snap = ok(svm.snapshot(src, src + 2 * len, 12), "snapshot")?;
+            for (i, e) in snap.iter().enumerate() {
+                let want_mine = (i as u64) < n;
+                let fine = match *e {
+                    SnapEntry::Device { vram, writable } => {
+                        want_mine && writable && vram % PAGE_SIZE == 0
+                    }
+                    SnapEntry::None => !want_mine,
+                    _ => false,
+                };
+                ensure!(fine, "page {i}: {e:?}");
+            }
+            let mut vram: alloc::vec::Vec<u64> = snap
+                .iter()
+                .filter_map(|e| match e {
+                    SnapEntry::Device { vram, .. } => Some(*vram),
+                    _ => None,
+                })
+                .collect();
+            vram.sort_unstable();
+            vram.dedup();
+            ensure!(vram.len() as u64 == n, "VRAM pages shared: {vram:?}");
+            ensure!(
+                on_device(env, p, src, 2 * n),
+                "a snapshot migrated a page back"
+            );
+            // The GPU reads both halves through this context.
+            ok(copy(chan, dst, src, 2 * len), "copy")?;
+            cpu_check(env, p, dst, 2 * len, pat)?;
+            ensure!(on_device(env, p, src, n), "this device's pages came back");
+            let s = theirs.stats();
+            ensure!(
+                s.cpu_faults == n && s.vram.pages == 0,
+                "other memory: {s:?}"
+            );
+            ensure!(mine.stats().cpu_faults == 0, "{:?}", mine.stats());
+            ok(mine.migrate_to_system(svm, src, src + len), "back")?;
+            mine.detach(svm);
+            Ok(())
+        })?;
+        theirs.detach(&other);
+        drop(other);
+        leak_check(mine)?;
+        leak_check(theirs)
     }
 }

@@ -400,6 +400,7 @@ macro_rules! svm_suite {
             migrate_fault,
             migrate_release,
             migrate_multiple,
+            snapshot_device,
         }
     };
 }
