@@ -16,7 +16,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$FAULTLINE_ROOT"
 
-runs="${1:-5}"
+runs=$(runs_arg 5 "${1:-}")
 kvm_usable || die "the exits benchmark needs /dev/kvm"
 scripts/build-firmware.sh --bench >/dev/null
 build_vmm

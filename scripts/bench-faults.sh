@@ -14,8 +14,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$FAULTLINE_ROOT"
 
-runs="${1:-3}"
-[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "runs must be a positive number, not '$runs'"
+runs=$(runs_arg 3 "${1:-}")
 kvm_usable || die "the faults benchmark needs /dev/kvm"
 scripts/build-firmware.sh --bench >/dev/null
 scripts/build-firmware.sh >/dev/null

@@ -10,8 +10,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$FAULTLINE_ROOT"
 
-runs="${1:-5}"
-[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "runs must be a positive number, not '$runs'"
+runs=$(runs_arg 5 "${1:-}")
 cargo build --release -p faultline-driver --example bench_svm >&2
 echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(uname -r), commit $(git rev-parse --short HEAD);" \
   "$runs runs, each of 20 chunks of 100 single faults per variant and 100 ping-pong round trips, taking turns chunk by chunk;" \

@@ -14,8 +14,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$FAULTLINE_ROOT"
 
-runs="${1:-3}"
-[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "runs must be a positive number, not '$runs'"
+runs=$(runs_arg 3 "${1:-}")
 kvm_usable || die "the migrate benchmark needs /dev/kvm (its guest part)"
 guest_runs=$((runs < 3 ? runs : 3))
 cargo build --release -p faultline-device --example bench_copy >&2

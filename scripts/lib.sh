@@ -15,6 +15,14 @@ FAULTLINE_BIN="${CARGO_TARGET_DIR:-$FAULTLINE_ROOT/target}/release/faultline"
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# A benchmark script's `runs` argument ($2, default $1), checked:
+# `runs=$(runs_arg 3 "${1:-}")`.
+runs_arg() {
+  local runs=${2:-$1}
+  [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "runs must be a positive number, not '$runs'"
+  echo "$runs"
+}
+
 # True when /dev/kvm can be opened read-write by this user.
 kvm_usable() { [ -r /dev/kvm ] && [ -w /dev/kvm ]; }
 
