@@ -70,6 +70,7 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     let (hz, src) = arch::time::init();
     boot::mark(boot::Phase::Time);
     boot::log_phases();
+    arch::time::log_sources();
     log::debug!("console: {}", serial::console_name());
 
     let fs = mm::frames::stats();

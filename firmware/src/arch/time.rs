@@ -269,16 +269,6 @@ fn from_kvmclock() -> Option<u64> {
 }
 
 pub fn init() -> (u64, TscSource) {
-    log::debug!(
-        "time: cpuid max {:#x}, hypervisor max {:#x}, PIT channel {:?}",
-        __cpuid(0).eax,
-        if __cpuid(1).ecx & (1 << 31) != 0 {
-            __cpuid(0x4000_0000).eax
-        } else {
-            0
-        },
-        pit_channel()
-    );
     let (hz, src) = if let Some(r) = from_cpuid() {
         r
     } else if let Some(hz) = from_hypervisor() {
@@ -294,17 +284,38 @@ pub fn init() -> (u64, TscSource) {
         log::error!("time: no TSC frequency source (cpuid, hypervisor leaf, PIT); assuming 1 GHz");
         (1_000_000_000, TscSource::Uncalibrated)
     };
-    if src != TscSource::Pit && log::log_enabled!(log::Level::Debug) {
-        if let Some(pit_hz) = pit_measure_tsc_hz(20) {
-            log::debug!(
-                "time: {} says {hz} Hz, PIT measures {pit_hz} Hz",
-                src.name()
-            );
-        }
-    }
     TSC_HZ.store(hz, Ordering::SeqCst);
     SOURCE.store(src as u8, Ordering::SeqCst);
     (hz, src)
+}
+
+/// At `loglevel=debug`: what CPUID offers and, unless the frequency came
+/// from it, what the PIT measures (a 20 ms window). Apart from `init` so
+/// the boot phases it reports do not include it.
+pub fn log_sources() {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    log::debug!(
+        "time: cpuid max {:#x}, hypervisor max {:#x}, PIT channel {:?}",
+        __cpuid(0).eax,
+        if __cpuid(1).ecx & (1 << 31) != 0 {
+            __cpuid(0x4000_0000).eax
+        } else {
+            0
+        },
+        pit_channel()
+    );
+    let src = source();
+    if src != TscSource::Pit {
+        if let Some(pit_hz) = pit_measure_tsc_hz(20) {
+            log::debug!(
+                "time: {} says {} Hz, PIT measures {pit_hz} Hz",
+                src.name(),
+                tsc_hz()
+            );
+        }
+    }
 }
 
 pub fn tsc_hz() -> u64 {
