@@ -307,3 +307,36 @@ fn vram_parts_are_whole_chunks_inside_vram() {
     let b = DeviceMemory::part(&env.gpu, size - chunk, chunk).unwrap();
     assert_ne!(a.owner(), b.owner());
 }
+
+/// VRAM full: the migration moves what fits and leaves the rest in system
+/// memory; the GPU and the CPU see every page's data either way.
+#[test]
+fn vram_full_migrates_what_fits() {
+    let chunk_pages = 512;
+    let n = chunk_pages + 88;
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let mm = env.spawn().unwrap();
+    mm.mmap(A, n * PG, RW).unwrap();
+    mm.mmap(B, n * PG, RW).unwrap();
+    let data = pattern(n * PG, 9);
+    mm.write(A, &data).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let chan = Channel::open(svm.context()).unwrap();
+    let dmem = DeviceMemory::part(&env.gpu, 0, chunk_pages * PG).unwrap();
+    dmem.attach(&svm).unwrap();
+    assert_eq!(dmem.migrate_to_device(&svm, A, A + n * PG), Ok(chunk_pages));
+    assert_eq!(mm.device_pages(), chunk_pages);
+    assert!(matches!(
+        mm.cpu_state(A + (n - 1) * PG),
+        PageState::Present { .. }
+    ));
+    gpu_copy(&chan, B, A, n * PG);
+    assert!(cpu_read(&mm, B, n * PG) == data);
+    assert_eq!(dmem.migrate_to_system(&svm, A, A + n * PG), Ok(chunk_pages));
+    assert!(cpu_read(&mm, A, n * PG) == data);
+    dmem.detach(&svm);
+    drop(chan);
+    env.exit(mm);
+    drop(svm);
+    assert_eq!(dmem.teardown(), Ok(()));
+}
