@@ -145,18 +145,8 @@ fn migrate_release_frees_all_vram() {
     assert_eq!(r.dmem.migrate_to_device(&r.svm, A, A + n * PG), Ok(n));
     // GPU use of the device pages, then the process exits with them.
     gpu_copy(&r.chan, B, A, n * PG);
-    let Rig {
-        env,
-        mm,
-        svm,
-        chan,
-        dmem,
-    } = r;
-    drop(chan);
-    env.exit(mm);
-    assert!(svm.is_released());
+    let dmem = finish(r, false);
     assert_eq!(dmem.stats().vram.pages, 0, "exit freed every VRAM page");
-    drop(svm);
     assert_eq!(dmem.teardown(), Ok(()));
 }
 
@@ -212,8 +202,10 @@ fn migrate_multiple_round_trips() {
     teardown(r);
 }
 
-/// Everything back, detached, process gone: no VRAM and no frame left.
-fn teardown(r: Rig) {
+/// The process exits (its context detached from the device memory first
+/// if `detach`, as a driver does after migrating back); the device memory
+/// is what is left.
+fn finish(r: Rig, detach: bool) -> DeviceMemory<common::loopback::Loopback> {
     let Rig {
         env,
         mm,
@@ -221,11 +213,19 @@ fn teardown(r: Rig) {
         chan,
         dmem,
     } = r;
-    dmem.detach(&svm);
+    if detach {
+        dmem.detach(&svm);
+    }
     drop(chan);
     env.exit(mm);
+    assert!(svm.is_released());
     drop(svm);
-    assert_eq!(dmem.teardown(), Ok(()), "no VRAM page leaks");
+    dmem
+}
+
+/// Everything back, detached, process gone: no VRAM left.
+fn teardown(r: Rig) {
+    assert_eq!(finish(r, true).teardown(), Ok(()), "no VRAM page leaks");
 }
 
 /// A migration waits for its copy without servicing GPU faults: it holds
