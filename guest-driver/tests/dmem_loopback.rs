@@ -340,3 +340,72 @@ fn vram_full_migrates_what_fits() {
     drop(svm);
     assert_eq!(dmem.teardown(), Ok(()));
 }
+
+/// A MIGRATE the driver stopped waiting for (its deadline passed) may
+/// still run: the pages it writes must not be handed out again meanwhile.
+/// Here the device is stopped, `migrate_to_system` times out, the CPU then
+/// writes fresh data into newly faulted pages, and only then does the
+/// stale MIGRATE run: the fresh data must survive it.
+#[test]
+fn a_timed_out_migrate_never_writes_pages_given_back() {
+    let n = 8;
+    let cfg = GpuConfig {
+        timeout_ns: 200_000_000,
+        ..GpuConfig::default()
+    };
+    let env = LoopEnv::new(64, cfg);
+    let mm = env.spawn().unwrap();
+    mm.mmap(A, n * PG, RW).unwrap();
+    mm.mmap(B, n * PG, RW).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let dmem = DeviceMemory::new(&env.gpu).unwrap();
+    dmem.attach(&svm).unwrap();
+    mm.write(A, &pattern(n * PG, 1)).unwrap();
+    assert_eq!(dmem.migrate_to_device(&svm, A, A + n * PG), Ok(n));
+    let vram_before = dmem.stats().vram;
+
+    env.lb.stop();
+    let r = dmem.migrate_to_system(&svm, A, A + n * PG);
+    assert!(matches!(r, Err(GpuError::Timeout(_))), "{r:?}");
+    assert!(
+        (0..n).all(|i| matches!(mm.cpu_state(A + i * PG), PageState::DevicePrivate { .. })),
+        "the pages stay in VRAM"
+    );
+    assert_eq!(dmem.stats().vram, vram_before);
+    let fresh = pattern(n * PG, 2);
+    mm.write(B, &fresh).unwrap();
+    faultline_device::sync::lock(&env.lb.dev).run_until_idle();
+    assert!(
+        cpu_read(&mm, B, n * PG) == fresh,
+        "the late MIGRATE wrote into frames the process was given since"
+    );
+}
+
+/// The same for a CPU fault's `migrate_to_ram`: the frame its timed-out
+/// MIGRATE may still write is not given back.
+#[test]
+fn a_timed_out_migrate_to_ram_never_writes_a_frame_given_back() {
+    let cfg = GpuConfig {
+        timeout_ns: 200_000_000,
+        ..GpuConfig::default()
+    };
+    let env = LoopEnv::new(64, cfg);
+    let mm = env.spawn().unwrap();
+    mm.mmap(A, PG, RW).unwrap();
+    mm.mmap(B, PG, RW).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let dmem = DeviceMemory::new(&env.gpu).unwrap();
+    dmem.attach(&svm).unwrap();
+    mm.write(A, &pattern(PG, 1)).unwrap();
+    assert_eq!(dmem.migrate_to_device(&svm, A, A + PG), Ok(1));
+
+    env.lb.stop();
+    assert!(mm.read(A, &mut [0u8; 8]).is_err(), "the CPU fault fails");
+    let fresh = pattern(PG, 2);
+    mm.write(B, &fresh).unwrap();
+    faultline_device::sync::lock(&env.lb.dev).run_until_idle();
+    assert!(
+        cpu_read(&mm, B, PG) == fresh,
+        "the late MIGRATE wrote into a frame the process was given since"
+    );
+}

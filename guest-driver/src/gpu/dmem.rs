@@ -19,8 +19,10 @@
 //! Rules: the copy engine is used by one migration at a time (the channel's
 //! lock is never held while calling into the mm); a failed copy leaves
 //! every page where it was (the migration restores the old entries and the
-//! VRAM pages allocated for it go back). Device pages of this memory must
-//! be migrated back before [`DeviceMemory::detach`].
+//! VRAM pages or frames allocated for it go back), except that the frames
+//! a MIGRATE that timed out was to write are never given back: the device
+//! may still write them. Device pages of this memory must be migrated back
+//! before [`DeviceMemory::detach`].
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -255,7 +257,12 @@ impl<P: Platform> DeviceMemory<P> {
                 dsts.push((i, to));
             }
             if let Err(e) = d.copy(&pairs) {
-                dsts.iter().for_each(|&(_, to)| to.free(mm));
+                let late = may_still_write(&e);
+                for &(_, to) in &dsts {
+                    if !(late && matches!(to, MigratePfn::System { .. })) {
+                        to.free(mm);
+                    }
+                }
                 return Err(e);
             }
             for &(i, to) in &dsts {
@@ -288,6 +295,20 @@ impl<P: Platform> DeviceMemory<P> {
             u => Err(VramLeak(u)),
         }
     }
+}
+
+/// Whether a failed copy may still write its destinations: the device did
+/// not complete the MIGRATE in time, so it may run later. Frames it was to
+/// write are then never given back (they leak rather than be overwritten
+/// in their next user's hands). VRAM pages may go back: only MIGRATEs on
+/// the copy channel fill a free one, in order, and `MigrateList` retires
+/// its list after a timeout, so every later copy fails before submitting.
+fn may_still_write(e: &GpuError) -> bool {
+    if matches!(e, GpuError::Timeout(_)) {
+        log::error!("dmem: MIGRATE timed out; the frames it was to write are never reused");
+        return true;
+    }
+    false
 }
 
 /// What a migration does with one collected page.
@@ -372,7 +393,11 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
         );
         self.copy(&[pair]).map_err(|e| {
             log::warn!("dmem: migrate_to_ram of VRAM page {vram_pfn:#x}: {e}");
-            Errno::EFAULT
+            if may_still_write(&e) {
+                Errno::EBUSY
+            } else {
+                Errno::EFAULT
+            }
         })?;
         self.cpu_faults.fetch_add(1, Ordering::Relaxed);
         Ok(())

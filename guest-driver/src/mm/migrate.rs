@@ -87,7 +87,9 @@ pub trait DevPagemapOps<M: Mm>: Send + Sync {
     /// device page through [`page_free`](Self::page_free)). Runs with the
     /// mmap lock held for read and the page locked by its migration entry;
     /// must not take the mmap lock for write. An error leaves the page in
-    /// device memory and the access fails (`Sigbus`).
+    /// device memory and the access fails (`Sigbus`); `EBUSY` says the copy
+    /// may still write `dst_pfn` later (the device did not answer in
+    /// time), so the mm never gives that frame back.
     fn migrate_to_ram(&self, mm: &M, addr: u64, vram_pfn: u64, dst_pfn: u64) -> Result<(), Errno>;
 
     /// No page table maps device page `vram_pfn` any more (munmap, exit, or
@@ -498,7 +500,9 @@ pub fn device_private_fault<M: Mm>(
     let frame = mm.alloc_frame().ok_or(FaultError::Oom)?;
     if let Err(e) = ops.migrate_to_ram(mm, page, vram_pfn, frame) {
         log::warn!("mm: migrate_to_ram of {page:#x} failed: {e}");
-        mm.free_frame(frame);
+        if e != Errno::EBUSY {
+            mm.free_frame(frame);
+        }
         return Err(FaultError::Sigbus);
     }
     mig.set_dst(0, MigratePfn::System { pfn: frame });
