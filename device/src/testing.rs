@@ -334,7 +334,6 @@ impl Rig {
         }
     }
 
-    /// Raw PTE write at the slot for `va` at `level` (for hostile tables).
     /// The level-`level` entry on `va`'s walk (0 if the walk ends above).
     pub fn read_pte(&mut self, ctx: u32, va: u64, level: u32) -> u64 {
         self.pte_addr(ctx, va, level, false)
@@ -342,6 +341,7 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// Raw PTE write at the slot for `va` at `level` (for hostile tables).
     pub fn write_pte(&mut self, ctx: u32, va: u64, level: u32, pte: u64) {
         let slot = self.pte_addr(ctx, va, level, true).unwrap_or(0);
         self.mem().write_obj(pte, GuestAddress(slot)).unwrap_or(());
