@@ -7,12 +7,15 @@
 //! themselves keeps a doorbell to one wake-up of this thread. Work the
 //! device deferred to a time (fault injection, `Device::next_deadline`)
 //! wakes it through a timerfd in the same epoll set: no spinning, and no
-//! sleeping with the device lock held.
+//! sleeping with the device lock held. After a step that did work it polls
+//! briefly for the next (`SPIN`, adaptive) before it sleeps.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -30,12 +33,49 @@ const SHUTDOWN: u64 = u64::MAX - 1;
 /// acks, MSIs and paused accesses, `Device::next_deadline`).
 const TIMER: u64 = u64::MAX - 2;
 
+/// How long the worker polls for its next work before it sleeps in epoll,
+/// after a step that did some: a driver on another CPU answers an MSI
+/// (REPLAY after FAULT, the next command after a completion) within a few
+/// µs, and a sleep costs a wake-up on top of that (docs/performance.md,
+/// "Loopback faults"). Only where every doorbell comes through [`Waker`]
+/// (no doorbell eventfds: an ioeventfd doorbell would not show in the
+/// poll). Adaptive: a poll that found nothing turns polling off for the
+/// next 2^k work steps (k grows to `MAX_BACKOFF` with each such poll, and
+/// is reset by one that found work), so a driver that answers slower than
+/// this (a vCPU's emulated bottom half, an idle device) costs at most
+/// `SPIN` of host CPU per 2^`MAX_BACKOFF` wake-ups.
+const SPIN: Duration = Duration::from_micros(20);
+const MAX_BACKOFF: u32 = 8;
+
+/// What [`Waker`]s share with the worker.
+struct Kick {
+    wake: EventFd,
+    /// Set by every ring or wake; the polling worker takes it.
+    kicked: AtomicBool,
+    /// The worker is polling `kicked`: no eventfd write needed.
+    polling: AtomicBool,
+}
+
+impl Kick {
+    fn kick(&self) {
+        // SeqCst on both flags, here and in `Poll::run`: either the worker
+        // sees `kicked` or this sees it no longer polling and writes the
+        // eventfd.
+        self.kicked.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            // Only fails if the counter would overflow, and then the
+            // worker has a wake-up pending anyway.
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
 /// Rings doorbells and wakes the worker; cheap to clone, usable from any
 /// thread without touching the device lock.
 #[derive(Clone)]
 pub struct Waker {
     doorbells: Arc<Doorbells>,
-    wake: Arc<EventFd>,
+    kick: Arc<Kick>,
 }
 
 impl Waker {
@@ -46,9 +86,50 @@ impl Waker {
     /// Wake without a doorbell (e.g. after a register write that enabled a
     /// channel).
     pub fn wake(&self) {
-        // Only fails if the counter would overflow, and then the worker
-        // has a wake-up pending anyway.
-        let _ = self.wake.write(1);
+        self.kick.kick();
+    }
+}
+
+/// The worker's bounded poll before sleeping (`SPIN`).
+struct Poll {
+    enabled: bool,
+    /// Work steps to go before polling again, and the exponent of the
+    /// next such wait.
+    skip: u32,
+    backoff: u32,
+}
+
+impl Poll {
+    /// After a step that did work, the device now idle: whether new work
+    /// came within `SPIN` (then step again rather than sleep).
+    fn run(&mut self, kick: &Kick) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        kick.polling.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let mut found = false;
+        while !found && t0.elapsed() < SPIN {
+            // Yielding, not spinning: on a loaded host the driver may
+            // need this CPU to answer.
+            std::thread::yield_now();
+            found = kick.kicked.swap(false, Ordering::SeqCst);
+        }
+        kick.polling.store(false, Ordering::SeqCst);
+        // A kick between the last look and the store above wrote no
+        // eventfd: look once more.
+        found |= kick.kicked.swap(false, Ordering::SeqCst);
+        if found {
+            self.backoff = 0;
+        } else {
+            self.skip = (1 << self.backoff) - 1;
+            self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+        }
+        found
     }
 }
 
@@ -70,7 +151,11 @@ impl Worker {
     where
         M: GuestMemoryBackend + Send + 'static,
     {
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let kick = Arc::new(Kick {
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            kicked: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
+        });
         let shutdown = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         let watch = |fd: &EventFd, token: u64| {
@@ -83,7 +168,7 @@ impl Worker {
         for (i, (_, fd)) in doorbell_fds.iter().enumerate() {
             watch(fd, i as u64)?;
         }
-        watch(&wake, WAKE)?;
+        watch(&kick.wake, WAKE)?;
         watch(&shutdown, SHUTDOWN)?;
         let timer = TimerFd::new()?;
         epoll.ctl(
@@ -93,18 +178,21 @@ impl Worker {
         )?;
         let doorbells = {
             let mut d = lock(&device);
-            let w = wake.clone();
-            d.set_waker(Arc::new(move || {
-                let _ = w.write(1);
-            }));
+            let k = kick.clone();
+            d.set_waker(Arc::new(move || k.kick()));
             d.doorbells()
         };
-        let waker = Waker { doorbells, wake };
+        let waker = Waker { doorbells, kick };
+        let poll = Poll {
+            enabled: doorbell_fds.is_empty(),
+            skip: 0,
+            backoff: 0,
+        };
         let thread = {
             let waker = waker.clone();
             std::thread::Builder::new()
                 .name("faultline-gpu".into())
-                .spawn(move || run(&epoll, &doorbell_fds, &waker, timer, &device))?
+                .spawn(move || run(&epoll, &doorbell_fds, &waker, timer, &device, poll))?
         };
         Ok(Worker {
             waker,
@@ -147,6 +235,7 @@ fn run<M: GuestMemoryBackend>(
     waker: &Waker,
     mut timer: TimerFd,
     device: &DeviceMutex<M>,
+    mut poll: Poll,
 ) {
     let mut events = vec![EpollEvent::default(); doorbell_fds.len() + 3];
     let mut busy = false;
@@ -167,7 +256,7 @@ fn run<M: GuestMemoryBackend>(
                 SHUTDOWN => return,
                 // Consumed only; `process()` below does the work.
                 WAKE => {
-                    let _ = waker.wake.read();
+                    let _ = waker.kick.wake.read();
                 }
                 // Readable, so the read does not block; an expiry that is
                 // stale by now costs one spare step.
@@ -223,5 +312,97 @@ fn run<M: GuestMemoryBackend>(
         for v in violations {
             log::warn!("{v}");
         }
+        if !busy && deadline.is_none() {
+            busy = poll.run(&waker.kick);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kick() -> Kick {
+        Kick {
+            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+            kicked: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
+        }
+    }
+
+    fn poll() -> Poll {
+        Poll {
+            enabled: true,
+            skip: 0,
+            backoff: 0,
+        }
+    }
+
+    #[test]
+    fn a_kick_writes_the_eventfd_only_when_nobody_polls() {
+        let k = kick();
+        k.polling.store(true, Ordering::SeqCst);
+        k.kick();
+        assert!(k.wake.read().is_err(), "no eventfd write while polled");
+        assert!(k.kicked.load(Ordering::SeqCst));
+        k.polling.store(false, Ordering::SeqCst);
+        k.kick();
+        assert_eq!(k.wake.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn polls_that_find_nothing_back_off_exponentially() {
+        let k = kick();
+        let mut p = poll();
+        // Which of the next work steps poll: 1, 2, 4, 8, ... apart.
+        let mut polled = Vec::new();
+        for step in 0..40 {
+            let skipped = p.skip > 0;
+            assert!(!p.run(&k));
+            if !skipped {
+                polled.push(step);
+            }
+        }
+        assert_eq!(polled, [0, 1, 3, 7, 15, 31]);
+        // Capped: at most one poll per 2^MAX_BACKOFF steps.
+        p.backoff = MAX_BACKOFF;
+        p.skip = 0;
+        assert!(!p.run(&k));
+        assert_eq!(p.skip, (1 << MAX_BACKOFF) - 1);
+        assert!(!p.run(&k));
+        assert_eq!(p.skip, (1 << MAX_BACKOFF) - 2);
+        // Work found resets the backoff; a disabled poll never polls.
+        p.skip = 0;
+        k.kicked.store(true, Ordering::SeqCst);
+        assert!(p.run(&k));
+        assert_eq!((p.skip, p.backoff), (0, 0));
+        p.enabled = false;
+        k.kicked.store(true, Ordering::SeqCst);
+        assert!(!p.run(&k));
+    }
+
+    #[test]
+    fn a_kick_during_a_poll_ends_it() {
+        let k = Arc::new(kick());
+        let mut p = poll();
+        let k2 = k.clone();
+        let t = std::thread::spawn(move || {
+            while !k2.polling.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            k2.kick();
+        });
+        // The poll may time out before the thread runs on a loaded host:
+        // then the kick is seen by the next one.
+        let mut found = false;
+        for _ in 0..1000 {
+            p.skip = 0;
+            if p.run(&k) {
+                found = true;
+                break;
+            }
+        }
+        t.join().unwrap();
+        assert!(found);
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use faultline_abi::{doorbell, regs, PAGE_SIZE as PAGE};
 use faultline_device::check::{CheckMode, CpuTables};
-use faultline_device::sync::lock;
+use faultline_device::sync::{lock, unpoisoned};
 use faultline_device::{Device, DeviceMutex, InterruptSink, Waker, Worker};
 use faultline_driver::gpu::{DmaRegion, Platform};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -22,23 +22,28 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 #[derive(Default)]
 pub struct Irq {
     pending: AtomicU32,
-    lock: Mutex<()>,
+    /// Threads asleep on `cv`.
+    lock: Mutex<u32>,
     cv: Condvar,
     pub raised: AtomicU32,
 }
 
 impl InterruptSink for Irq {
     fn trigger(&self, vector: u32) {
-        {
+        let sleepers = {
             // Set under the lock, so a waiter either sees the bit before
-            // it sleeps or is asleep when the notify comes.
-            let _g = lock(&self.lock);
+            // it sleeps or is asleep (and counted) when the notify comes.
+            let g = lock(&self.lock);
             self.pending.fetch_or(1 << vector, Ordering::AcqRel);
             self.raised.fetch_add(1, Ordering::Relaxed);
-        }
+            *g
+        };
         // Notified with the lock released: a waiter woken while it is held
         // would only go back to sleep on the lock, one more wake-up per MSI.
-        self.cv.notify_all();
+        // None asleep (a waiter polling, `SPIN_NS`): no futex call.
+        if sleepers > 0 {
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -273,14 +278,17 @@ impl Platform for Loopback {
             }
             std::thread::yield_now();
         }
-        let g = lock(&self.irq.lock);
+        let mut g = lock(&self.irq.lock);
         if self.irq.pending.load(Ordering::Acquire) != 0 {
             return;
         }
-        let _ = self
-            .irq
-            .cv
-            .wait_timeout(g, Duration::from_nanos(timeout_ns));
+        *g += 1;
+        let (mut g, _) = unpoisoned(
+            self.irq
+                .cv
+                .wait_timeout(g, Duration::from_nanos(timeout_ns)),
+        );
+        *g -= 1;
     }
 
     fn now_ns(&self) -> u64 {
