@@ -11,6 +11,10 @@ use crate::error::{Error, Result};
 use crate::output;
 use crate::results::{GuestStats, TestStats};
 
+/// Lines of guest statistics `--stats` prints at most (the driver's own
+/// make about 60).
+const MAX_GUEST_LINES: usize = 256;
+
 /// Where the counters go at exit.
 pub struct Out {
     print: bool,
@@ -83,14 +87,8 @@ impl Out {
                     "guest driver, {} test(s) (latencies: count total_us max_us):",
                     g.tests.len()
                 ));
-                for (name, v) in &g.total.counters {
-                    output::text(&format!("  {name:<24} {v}"));
-                }
-                for (name, l) in &g.total.latency {
-                    output::text(&format!(
-                        "  {name:<24} {} {} {}",
-                        l.count, l.total_us, l.max_us
-                    ));
+                for line in guest_lines(g) {
+                    output::text(&line);
                 }
             }
             output::line("process:");
@@ -119,6 +117,32 @@ impl Out {
         }
         Ok(())
     }
+}
+
+/// The `--stats` lines of the guest's summed statistics. The names are the
+/// guest's: at most `MAX_GUEST_LINES` of them, then one line counting the
+/// rest (`--stats-json` has them all).
+fn guest_lines(g: &GuestStats) -> Vec<String> {
+    let all = g.total.counters.len() + g.total.latency.len();
+    let mut lines: Vec<String> =
+        g.total
+            .counters
+            .iter()
+            .map(|(name, v)| format!("  {name:<24} {v}"))
+            .chain(
+                g.total.latency.iter().map(|(name, l)| {
+                    format!("  {name:<24} {} {} {}", l.count, l.total_us, l.max_us)
+                }),
+            )
+            .take(MAX_GUEST_LINES)
+            .collect();
+    if all > MAX_GUEST_LINES {
+        lines.push(format!(
+            "  ... {} more guest statistics (--stats-json has them all)",
+            all - MAX_GUEST_LINES
+        ));
+    }
+    lines
 }
 
 /// `"guest"` of `--stats-json`: `{"tests": {"<test>": {"policy": ...,
@@ -177,6 +201,25 @@ pub fn process() -> Vec<(&'static str, u64)> {
 mod tests {
     use super::*;
     use crate::results::Latency;
+
+    /// A guest that names thousands of statistics gets a bounded
+    /// `--stats` print, the rest counted.
+    #[test]
+    fn guest_lines_are_bounded() {
+        let mut g = GuestStats::default();
+        g.total.counters = (0..1000).map(|i| (format!("c{i}"), i)).collect();
+        g.total.latency = (0..10)
+            .map(|i| (format!("l{i}"), Latency::default()))
+            .collect();
+        let lines = guest_lines(&g);
+        assert_eq!(lines.len(), MAX_GUEST_LINES + 1);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("  ... 754 more guest statistics (--stats-json has them all)")
+        );
+        g.total.counters.clear();
+        assert_eq!(guest_lines(&g).len(), 10, "a small set is printed whole");
+    }
 
     #[test]
     fn guest_json_has_tests_and_total_cells_by_name() {
