@@ -180,6 +180,59 @@ pub(super) mod migrate_multiple {
     }
 }
 
+/// Migrate, munmap the middle of the range: its device pages go back to
+/// the VRAM allocator at once (`page_free`) and its addresses fault; the
+/// pages left on either side fault back with their data (hmm-tests'
+/// `migrate_partial_unmap_fault`).
+pub(super) mod migrate_partial_unmap_fault {
+    use super::*;
+
+    /// A GPU with VRAM.
+    pub const NEEDS: Needs = Needs::DEFAULT;
+
+    pub fn run<E: SvmEnv>(env: &E) -> TestResult {
+        let n = 16;
+        let len = n * PAGE_SIZE;
+        let (hole, hole_pages) = (4 * PAGE_SIZE, 4);
+        let pat = Pattern::page_index(0x9a00);
+        let (p, src, _) = setup(env, n, pat)?;
+        let dmem = device_memory(env)?;
+        bound(env, p, |p, svm, _| {
+            ok(dmem.attach(svm), "attach")?;
+            let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
+            ensure!(moved == n, "{moved} of {n} pages migrated");
+            ok(
+                env.munmap(p, src + hole, hole_pages * PAGE_SIZE),
+                "munmap the middle",
+            )?;
+            let left = n - hole_pages;
+            ensure!(
+                dmem.stats().vram.pages == left,
+                "after the munmap: {:?}",
+                dmem.stats().vram
+            );
+            ensure!(
+                env.read(p, src + hole, &mut [0u8; 8]).is_err(),
+                "the unmapped middle is still readable"
+            );
+            // Each side against the pattern at its own offset.
+            cpu_check(env, p, src, hole, pat)?;
+            let after = src + hole + hole_pages * PAGE_SIZE;
+            let rest = src + len - after;
+            let shifted = Pattern::page_index(0x9a00 + hole / PAGE_SIZE + hole_pages);
+            cpu_check(env, p, after, rest, shifted)?;
+            let s = dmem.stats();
+            ensure!(
+                s.cpu_faults == left && s.vram.pages == 0,
+                "after the CPU reads: {s:?}"
+            );
+            dmem.detach(svm);
+            Ok(())
+        })?;
+        leak_check(dmem)
+    }
+}
+
 /// A snapshot reports this context's device pages as device pages (their
 /// VRAM offsets) without bringing them back, and another device memory's
 /// pages as not there; a GPU access through this context faults those

@@ -400,6 +400,7 @@ macro_rules! svm_suite {
             migrate_fault,
             migrate_release,
             migrate_multiple,
+            migrate_partial_unmap_fault,
             snapshot_device,
         }
     };
