@@ -263,31 +263,27 @@ impl<P: Platform> PageTable<P> {
         let mut i = 0;
         while i < n {
             let a = va + i as u64 * step;
-            i += 1;
-            let Some((phys, perms)) = leaf(i - 1) else {
-                continue;
-            };
             // A 4 KiB leaf in the level-1 table of the last map is written
             // by the loop below with the rest of that table's run; any
-            // other leaf takes the walk.
-            let cached = match self.last_l1 {
-                Some((block, slot)) if size == PageSize::Size4K && block == a >> level_shift(2) => {
-                    i -= 1;
-                    Some((slot, pt_index(a, 1)))
-                }
-                _ => None,
-            };
+            // other leaf takes the walk, which caches its level-1 table.
+            let cached = self
+                .last_l1
+                .filter(|&(block, _)| size == PageSize::Size4K && block == a >> level_shift(2));
             let (slot, first) = match cached {
-                Some(c) => c,
+                Some((_, slot)) => (slot, pt_index(a, 1)),
                 None => {
+                    i += 1;
+                    let Some((phys, perms)) = leaf(i - 1) else {
+                        continue;
+                    };
                     if let Err(e) = self.map(a, phys, size, perms) {
                         return (mapped, Err(e));
                     }
                     mapped += 1;
-                    let Some((_, slot)) = self.last_l1.filter(|_| size == PageSize::Size4K) else {
-                        continue;
-                    };
-                    (slot, pt_index(a, 1) + 1)
+                    match self.last_l1 {
+                        Some((_, slot)) if size == PageSize::Size4K => (slot, pt_index(a, 1) + 1),
+                        _ => continue,
+                    }
                 }
             };
             // The rest of this level-1 table: its entries are 4 KiB leaves

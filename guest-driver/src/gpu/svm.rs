@@ -138,10 +138,9 @@ struct SvmState<P: Platform, M: Mm> {
     density: SpinMutex<Density>,
     hook: SpinMutex<Option<CheckHook>>,
     /// The fault handler's reusable vectors (`None` while a service call
-    /// holds them).
-    /// Boxed: taking it out and putting it back moves a pointer, not the
-    /// vectors and the range (a copy of those costs where the kernel is
-    /// emulated).
+    /// holds them), boxed: taking it out and putting it back moves a
+    /// pointer, not the vectors and the range (a copy of those costs where
+    /// the kernel is emulated).
     scratch: SpinMutex<Option<Box<Scratch<M>>>>,
 }
 
@@ -601,11 +600,12 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         let now = || s.gpu().platform().stats_ticks();
         let bytes = w.end - w.start;
         let mut first_fault = None;
+        range.dev_private_owner = DeviceOwner::from_raw(s.dmem_owner.load(Ordering::Acquire));
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 DriverCounters::add(&c.retries, 1);
-                let len = w.end - w.start;
-                s.gpu().trace(TraceKind::Retry, s.ctx.index(), w.start, len);
+                s.gpu()
+                    .trace(TraceKind::Retry, s.ctx.index(), w.start, bytes);
             }
             let t_fault = now();
             let start = *first_fault.get_or_insert(t_fault);
@@ -619,8 +619,6 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 // same lock as the fault, so a read never fails for a write
                 // the mapping refuses.
                 range.default_flags = if w.write { F_VALID | F_WRITE } else { F_VALID };
-                range.dev_private_owner =
-                    DeviceOwner::from_raw(s.dmem_owner.load(Ordering::Acquire));
                 range.pfn_flags_mask = 0;
                 match range_fault(range, &mmap, true) {
                     Err(Errno::EPERM) if w.write => {
@@ -704,9 +702,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             break;
         }
         range_unregister(range);
-        let len = w.end - w.start;
         s.gpu()
-            .trace(TraceKind::WindowServiced, s.ctx.index(), w.start, len);
+            .trace(TraceKind::WindowServiced, s.ctx.index(), w.start, bytes);
         match result {
             Err(e) => {
                 log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
