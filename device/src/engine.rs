@@ -601,12 +601,11 @@ impl Run {
         dst: u64,
         stop: u64,
     ) -> Result<u64, Status> {
-        // VRAM pages take the general path: this loop then knows both
-        // sides are system memory.
+        // VRAM pages take the general path, so this loop knows both sides
+        // are system memory; a pending VRAM run stays pending there, to be
+        // joined by the next VRAM page if it is contiguous.
         if self.src.vram || self.dst.vram {
-            self.flush(regions)?;
-            self.src = Phys::system(0);
-            self.dst = Phys::system(0);
+            return Ok(0);
         }
         let mut run = *self;
         let mut pages = 0;

@@ -93,15 +93,15 @@ impl Vram {
         off.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
-    /// Copy VRAM at `off` into `buf` (host tests and tools: the guest
-    /// reaches VRAM only through the engines).
+    /// Copy VRAM at `off` into `buf` (`PhysMem`'s FILL, LAUNCH and bounce
+    /// copies; host tests).
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), Status> {
         self.slice(off, buf.len() as u64)?
             .read_slice(buf, 0)
             .map_err(|_| Status::BadVram)
     }
 
-    /// Copy `buf` into VRAM at `off` (host tests and tools).
+    /// Copy `buf` into VRAM at `off` (`PhysMem`; host tests).
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<(), Status> {
         self.slice_mut(off, buf.len() as u64)?
             .write_slice(buf, 0)

@@ -68,6 +68,15 @@ impl Kick {
             let _ = self.wake.write(1);
         }
     }
+
+    /// Before a step: the kicks so far are that step's to handle (it reads
+    /// every ring made before this), so only a later one counts as work
+    /// for the poll after it. Without this, a kick that woke the worker
+    /// through the eventfd would end the next poll at once and reset its
+    /// backoff on every wake-up.
+    fn clear_for_step(&self) {
+        self.kicked.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Rings doorbells and wakes the worker; cheap to clone, usable from any
@@ -275,6 +284,7 @@ fn run<M: GuestMemoryBackend>(
         }
         // One bounded step per lock hold (`Device::process`), and a thread
         // waiting for the register file goes first (`DeviceMutex`).
+        waker.kick.clear_for_step();
         let (first_errors, violations, deadline) = {
             let mut d = device.lock_for_step();
             busy = d.process();
@@ -348,6 +358,19 @@ mod tests {
         k.polling.store(false, Ordering::SeqCst);
         k.kick();
         assert_eq!(k.wake.read().unwrap(), 1);
+    }
+
+    /// A kick that woke the worker through the eventfd belongs to the step
+    /// it woke, not to the poll after that step.
+    #[test]
+    fn a_kick_handled_by_a_step_is_not_work_for_the_next_poll() {
+        let k = kick();
+        let mut p = poll();
+        k.kick();
+        assert_eq!(k.wake.read().unwrap(), 1, "nobody polled: the eventfd");
+        k.clear_for_step();
+        assert!(!p.run(&k), "the poll after that step found the old kick");
+        assert_eq!(p.backoff, 1, "and so never backed off");
     }
 
     #[test]

@@ -156,10 +156,17 @@ pub struct Device<M: GuestMemoryBackend> {
 
 impl<M: GuestMemoryBackend> Device<M> {
     /// A device with the default sizing (`Config::default()`); without
-    /// VRAM if the host cannot map it (`with_config` says why).
+    /// VRAM, with one warning saying why, if the host cannot map it
+    /// (`with_config` makes that an error).
     pub fn new(mem: M, irq: Arc<dyn InterruptSink>) -> Self {
         let sizing = Config::default();
-        let vram = Vram::new(sizing.vram).unwrap_or_default();
+        let vram = Vram::new(sizing.vram).unwrap_or_else(|reason| {
+            log::warn!(
+                "GPU memory: cannot map {} bytes ({reason}); the device has no VRAM",
+                sizing.vram
+            );
+            Vram::none()
+        });
         Self::build(mem, irq, sizing, vram)
     }
 
