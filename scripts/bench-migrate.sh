@@ -27,7 +27,7 @@ echo "Measured $(date -u +%Y-%m-%d) at $(git rev-parse --short HEAD) on $(nproc)
 echo
 echo "**Device only** (the device model and a host memcpy, no driver):"
 echo
-BENCH_MIGRATE_ONLY=1 "$target/examples/bench_copy" "$runs"
+BENCH_ROWS=migrate "$target/examples/bench_copy" "$runs"
 say "migrate: loopback"
 lb=$("$target/examples/bench_migrate" "$runs") || die "bench_migrate failed"
 say "migrate: guest, 64 MiB x $guest_runs"

@@ -10,7 +10,6 @@
 //! words (for iterating on one path); names: `copy-4k-shuffled-4m`
 //! (`copy-{4k,2m}-{contiguous,shuffled}-{4m,64m}`), `migrate`, `check`,
 //! `trace`. Tables whose rows were all left out are not printed.
-//! `BENCH_MIGRATE_ONLY` set: the MIGRATE rows only.
 
 use std::time::Instant;
 
@@ -342,12 +341,9 @@ fn bench_traced(size: u64, reps: usize) -> [(f64, f64); 2] {
     [(median(c0), median(c1)), (median(f0), median(f1))]
 }
 
-/// Whether `BENCH_ROWS` (unset: every row) selects the row `name`;
-/// `BENCH_MIGRATE_ONLY` (`scripts/bench.sh migrate`) is `BENCH_ROWS=migrate`.
+/// Whether `BENCH_ROWS` (unset: every row) selects the row `name`
+/// (`scripts/bench.sh migrate` runs `BENCH_ROWS=migrate`).
 fn wanted(name: &str) -> bool {
-    if std::env::var_os("BENCH_MIGRATE_ONLY").is_some() {
-        return name == "migrate";
-    }
     std::env::var("BENCH_ROWS").map_or(true, |w| {
         w.split(',').any(|w| !w.is_empty() && name.contains(w))
     })

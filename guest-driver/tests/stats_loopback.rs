@@ -151,7 +151,8 @@ fn every_replay_policy_times_its_replays() {
         let (_svm, chan) = bind(&env, &p, Prefetch::FaultAround);
         let s = fill_in_windows(&env, &chan, (DATA, 8 << 16), "64k", 8);
         let r = s.latency.replay();
-        assert!(r.max_ns <= r.total_ns, "{replay}: {s}");
+        // Every REPLAY this policy rang was timed, and took time.
+        assert!(r.count >= 1 && r.total_ns > 0, "{replay}: {s}");
     }
 }
 

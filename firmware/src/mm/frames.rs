@@ -31,8 +31,8 @@ pub struct FrameAllocator {
     /// Whether the last allocation was all pristine frames (see
     /// `used_since_boot`); read under the same lock by `alloc_zeroed`.
     last_pristine: bool,
-    /// `alloc_2m` prefers blocks never used since boot (on unless a test
-    /// turns it off to exercise the zeroing of a reused block).
+    /// `alloc_zeroed_2m` prefers blocks never used since boot (on unless a
+    /// test turns it off to exercise the zeroing of a reused block).
     prefer_pristine_2m: bool,
 }
 
@@ -275,15 +275,14 @@ impl FrameAllocator {
 
     /// A free, 2 MiB-aligned run of 512 frames, searched from the top so low
     /// memory stays available for single frames.
-    fn alloc_2m(&mut self) -> Option<PhysAddr> {
+    /// `prefer_pristine`: with `ram=zero`, a block never used since boot
+    /// first (only callers that zero want that).
+    fn alloc_2m(&mut self, prefer_pristine: bool) -> Option<PhysAddr> {
         const WORDS: usize = 512 / 64;
         // Zeroing 2 MiB costs ~170 ms where the kernel is emulated, so with
         // `ram=zero` a block never used since boot is preferred; the first
         // free block (from the top) is the fallback.
-        let used = self
-            .used_since_boot
-            .as_deref()
-            .filter(|_| self.prefer_pristine_2m);
+        let used = self.used_since_boot.as_deref().filter(|_| prefer_pristine);
         let mut fallback = None;
         let mut found = None;
         let mut w = self.bitmap.len() / WORDS * WORDS;
@@ -774,7 +773,7 @@ pub fn alloc_zeroed_batch(out: &mut [u64]) -> usize {
 
 /// [`alloc_2m`], zeroed (see [`zeroed`]).
 pub fn alloc_zeroed_2m() -> Option<PhysAddr> {
-    zeroed(512, |fa| fa.alloc_2m())
+    zeroed(512, |fa| fa.alloc_2m(fa.prefer_pristine_2m))
 }
 
 /// Allocates one frame from the top of RAM (tests use it to reach high memory).
@@ -782,8 +781,9 @@ pub fn alloc_high() -> Option<PhysAddr> {
     with(|fa| fa.alloc_high())
 }
 
-/// Whether [`alloc_2m`] and [`alloc_zeroed_2m`] prefer 2 MiB blocks never
-/// used since boot (default on); returns the previous setting. Tests turn
+/// Whether [`alloc_zeroed_2m`] prefers 2 MiB blocks never used since boot
+/// (default on; [`alloc_2m`], which does not zero, never does); returns
+/// the previous setting. Tests turn
 /// it off to get a block just freed back.
 pub fn set_prefer_pristine_2m(on: bool) -> bool {
     with(|fa| core::mem::replace(&mut fa.prefer_pristine_2m, on))
@@ -797,7 +797,7 @@ pub fn tracks_pristine() -> bool {
 
 /// Allocates 512 contiguous frames, 2 MiB aligned (for 2 MiB mappings).
 pub fn alloc_2m() -> Option<PhysAddr> {
-    with(|fa| fa.alloc_2m())
+    with(|fa| fa.alloc_2m(false))
 }
 
 /// Allocates `n` (≥ 1) physically contiguous frames (device DMA buffers);

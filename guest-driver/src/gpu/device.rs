@@ -277,7 +277,8 @@ impl<P: Platform> Gpu<P> {
     /// `Platform::now_ns` at the moment the driver last saw a TLB
     /// invalidation acknowledged (0: never).
     pub fn last_tlb_ack_ns(&self) -> u64 {
-        self.tlb_ack_ns.load(Ordering::Acquire)
+        self.platform
+            .stats_ticks_to_ns(self.tlb_ack_ns.load(Ordering::Acquire))
     }
 
     /// A device counter (`faultline_abi::Counter` index), read over MMIO
@@ -375,9 +376,15 @@ impl<P: Platform> Gpu<P> {
             let FaultState { raw, cancel, .. } = st;
             DriverCounters::add(&self.counters.faults_serviced, raw.len() as u64);
             if pol.replay == Replay::Block {
+                // Each fault's replay timed from its own dispatch.
                 for k in 0..raw.len() {
+                    let t = if k == 0 {
+                        drained
+                    } else {
+                        self.platform.stats_ticks()
+                    };
                     self.dispatch(&raw[k..k + 1], cancel);
-                    self.replay(drained);
+                    self.replay(t);
                 }
                 continue;
             }
@@ -666,9 +673,9 @@ impl<P: Platform> Gpu<P> {
     /// An invalidation of `len` bytes submitted at `submitted`
     /// (`Platform::stats_ticks`) was acked.
     fn note_tlb_ack(&self, submitted: u64, len: u64) {
+        // One clock read: `last_tlb_ack_ns` converts when asked.
         let acked = self.platform.stats_ticks();
-        self.tlb_ack_ns
-            .store(self.platform.now_ns(), Ordering::Release);
+        self.tlb_ack_ns.store(acked, Ordering::Release);
         DriverCounters::add(&self.counters.tlb_invalidates, 1);
         self.counters
             .latency

@@ -49,7 +49,7 @@ pub trait Platform: Send + Sync + 'static {
     }
 
     /// `ticks` of [`Platform::stats_ticks`] in ns (the default: they are
-    /// ns already).
+    /// ns already), on the same scale and epoch as [`Platform::now_ns`].
     fn stats_ticks_to_ns(&self, ticks: u64) -> u64 {
         ticks
     }
