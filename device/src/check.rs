@@ -12,10 +12,13 @@ use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use faultline_abi::{engine, Access, ContextEntry, Counter, CpuPagingMode, CpuRoot, PAGE_SIZE};
+use faultline_abi::{
+    engine, Access, ContextEntry, Counter, CpuDevicePrivate, CpuPagingMode, CpuRoot, PAGE_SIZE,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::counters::Counters;
+use crate::vram::Phys;
 
 /// What the checker does (`--gpu-check`, `Config::check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,6 +82,10 @@ pub enum CpuLookup {
         user: bool,
         pte: u64,
     },
+    /// A device-private entry ([`CpuDevicePrivate`]): the page lives in
+    /// VRAM at offset `vram` (4 KiB aligned), the device may write it when
+    /// `writable`; `pte` the raw leaf.
+    DevicePrivate { vram: u64, writable: bool, pte: u64 },
     /// Not present, or a table the walk could not follow (unreadable, a
     /// reserved bit, a misaligned large leaf): `pte` is the raw entry where
     /// it stopped (0 when the root itself was unreadable).
@@ -124,7 +131,9 @@ fn load_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Option<u64> {
 
 /// Walk an x86-64 4-level table rooted at `root.root()` for the 4 KiB page
 /// of `va` (bits 0..47 used). Four reads at most, whatever the tables hold,
-/// so loops and tables outside RAM end the walk instead of hanging it.
+/// so loops and tables outside RAM end the walk instead of hanging it. A
+/// non-present 4 KiB leaf in the [`CpuDevicePrivate`] encoding is a
+/// device-private page.
 pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> CpuLookup {
     let mut table = root.root();
     let mut parent = 0;
@@ -136,7 +145,14 @@ pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> 
             return CpuLookup::NotMapped { pte: parent };
         };
         if pte & P == 0 {
-            return CpuLookup::NotMapped { pte };
+            return match CpuDevicePrivate::decode(pte) {
+                Some(d) if level == 1 => CpuLookup::DevicePrivate {
+                    vram: d.vram,
+                    writable: d.writable,
+                    pte,
+                },
+                _ => CpuLookup::NotMapped { pte },
+            };
         }
         writable &= pte & RW != 0;
         user &= pte & US != 0;
@@ -207,8 +223,12 @@ impl Origin {
 pub enum ViolationKind {
     /// The CPU does not map the page.
     NotMapped,
-    /// The CPU maps it to another frame.
+    /// The CPU maps it to system frame `cpu_frame`, and the device used
+    /// another frame or a VRAM page.
     FrameMismatch { cpu_frame: u64 },
+    /// The CPU's entry is device-private, naming VRAM page `cpu_vram`, and
+    /// the device used a system frame or another VRAM page.
+    DevicePrivate { cpu_vram: u64 },
     /// A write or atomic where the CPU allows reads only.
     ReadOnly,
     /// The CPU maps it for the kernel only (US clear somewhere on the walk).
@@ -225,8 +245,10 @@ pub struct Violation {
     /// The accessed VA.
     pub va: u64,
     pub access: Access,
-    /// The frame the device's translation gave.
+    /// The frame the device's translation gave: a guest-physical address,
+    /// or with `device_vram` a VRAM offset.
     pub device_frame: u64,
+    pub device_vram: bool,
     /// The CPU's entry where its walk ended (0 if none was read).
     pub cpu_pte: u64,
     pub kind: ViolationKind,
@@ -240,6 +262,9 @@ impl fmt::Display for Violation {
             ViolationKind::FrameMismatch { cpu_frame } => {
                 format!("the CPU maps it to frame {cpu_frame:#x}")
             }
+            ViolationKind::DevicePrivate { cpu_vram } => {
+                format!("the CPU's entry is device-private, VRAM page {cpu_vram:#x}")
+            }
             ViolationKind::ReadOnly => "the CPU maps it read-only".to_string(),
             ViolationKind::Supervisor => "the CPU maps it supervisor-only".to_string(),
             ViolationKind::BadCpuRoot { cpu_root } => {
@@ -248,11 +273,16 @@ impl fmt::Display for Violation {
         };
         write!(
             f,
-            "GPU coherence violation: context {} VA {:#x} {:?} through device frame {:#x}, but {} \
+            "GPU coherence violation: context {} VA {:#x} {:?} through {} {:#x}, but {} \
              (CPU PTE {:#x}); {} on channel {}",
             self.ctx,
             self.va,
             self.access,
+            if self.device_vram {
+                "VRAM page"
+            } else {
+                "device frame"
+            },
             self.device_frame,
             why,
             self.cpu_pte,
@@ -279,8 +309,7 @@ pub struct CheckFigures {
     pub mode: CheckMode,
     /// Translations compared against a CPU table.
     pub checked: u64,
-    /// Translations of contexts without a CPU table (`cpu_root` mode 0),
-    /// and of VRAM pages (no CPU counterpart to compare with).
+    /// Translations of contexts without a CPU table (`cpu_root` mode 0).
     pub unchecked: u64,
     /// Violations on pages already reported, or beyond `REPORT_PAGES`.
     pub unreported: u64,
@@ -324,10 +353,10 @@ impl Checker {
         ctx: u32,
         va: u64,
         access: Access,
-        gpa: u64,
+        target: Phys,
         origin: Origin,
     ) -> Result<(), ()> {
-        let device_frame = gpa & !(PAGE_SIZE - 1);
+        let device_frame = target.addr & !(PAGE_SIZE - 1);
         let at = ctx_table.checked_add(
             u64::from(ctx) * ContextEntry::SIZE as u64 + ContextEntry::CPU_ROOT_OFFSET as u64,
         );
@@ -354,13 +383,27 @@ impl Checker {
         let (kind, cpu_pte) = match lookup {
             None => (ViolationKind::BadCpuRoot { cpu_root: root.0 }, 0),
             Some(CpuLookup::NotMapped { pte }) => (ViolationKind::NotMapped, pte),
+            Some(CpuLookup::DevicePrivate {
+                vram,
+                writable,
+                pte,
+            }) => {
+                let kind = if !target.vram || vram != device_frame {
+                    ViolationKind::DevicePrivate { cpu_vram: vram }
+                } else if access != Access::Read && !writable {
+                    ViolationKind::ReadOnly
+                } else {
+                    return Ok(());
+                };
+                (kind, pte)
+            }
             Some(CpuLookup::Mapped {
                 frame,
                 writable,
                 user,
                 pte,
             }) => {
-                let kind = if frame != device_frame {
+                let kind = if target.vram || frame != device_frame {
                     ViolationKind::FrameMismatch { cpu_frame: frame }
                 } else if !user {
                     ViolationKind::Supervisor
@@ -380,6 +423,7 @@ impl Checker {
                 va,
                 access,
                 device_frame,
+                device_vram: target.vram,
                 cpu_pte,
                 kind,
                 origin,

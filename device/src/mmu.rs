@@ -661,9 +661,7 @@ impl Mmu {
     /// engine again for an access that held its
     /// translation since (fault injection's `engine_stall_us`) and uses it
     /// only now. `Err` under `Fatal`: the access must not happen. A VRAM
-    /// page has no CPU mapping to compare with (the CPU sees device memory
-    /// only through device-private entries, which no guest mm encodes
-    /// yet): it counts as unchecked.
+    /// page is compared with the CPU's device-private entry for `va`.
     #[allow(clippy::too_many_arguments)]
     pub fn recheck<M: GuestMemoryBackend>(
         &mut self,
@@ -678,21 +676,8 @@ impl Mmu {
         let Some(c) = self.checker.as_deref_mut() else {
             return Ok(());
         };
-        if at.vram {
-            counters.check.unchecked += 1;
-            return Ok(());
-        }
-        c.check(
-            mem,
-            counters,
-            self.ctx_table,
-            ctx,
-            va,
-            access,
-            at.addr,
-            origin,
-        )
-        .map_err(|()| XlateError::Fail(Status::CoherenceViolation))
+        c.check(mem, counters, self.ctx_table, ctx, va, access, at, origin)
+            .map_err(|()| XlateError::Fail(Status::CoherenceViolation))
     }
 
     #[inline(always)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use faultline_abi::{atomic_op, Access, ContextEntry, Counter, CpuRoot, CtlOp, Pte, Status};
-use faultline_abi::{LEAF_1G, LEAF_2M, LEAF_4K};
+use faultline_abi::{CpuDevicePrivate, LEAF_1G, LEAF_2M, LEAF_4K};
 use faultline_device::check::{
     x86_64_lookup, CheckMode, CpuLookup, CpuTables, Violation, ViolationKind, REPORT_PAGES,
 };
@@ -501,4 +501,122 @@ fn a_launch_names_its_warp() {
         "{}",
         r[0]
     );
+}
+
+/// A device-private CPU entry for VRAM page `vram`.
+fn device_private(vram: u64, writable: bool) -> u64 {
+    CpuDevicePrivate {
+        owner: 3,
+        vram,
+        writable,
+    }
+    .encode()
+    .unwrap()
+}
+
+const VRAM_PAGE: u64 = 0x5000;
+const DEV_VRAM_RW: Pte = DEV_RW.union(Pte::VRAM);
+
+#[test]
+fn vram_pages_are_checked_against_device_private_entries() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    rig.map(0, VA, VRAM_PAGE, LEAF_4K, DEV_VRAM_RW);
+    pt.map(&rig, VA, 0, LEAF_4K, device_private(VRAM_PAGE, true));
+    let t = rig.exec(0, cmd::fill(VA, 64, 0xab));
+    assert_eq!(rig.status(t), Status::Ok);
+    let t = rig.exec(0, cmd::atomic(VA, atomic_op::ADD, true, 1, 0));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    assert_eq!(named(&rig, "check.checked"), 2);
+    assert_eq!(named(&rig, "check.unchecked"), 0);
+}
+
+#[test]
+fn a_vram_page_the_cpu_entry_does_not_name() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    rig.map(0, VA, VRAM_PAGE, LEAF_4K, DEV_VRAM_RW);
+    pt.map(
+        &rig,
+        VA,
+        0,
+        LEAF_4K,
+        device_private(VRAM_PAGE + LEAF_4K, true),
+    );
+    let t = rig.exec(0, cmd::fill(VA, 64, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].kind,
+        ViolationKind::DevicePrivate {
+            cpu_vram: VRAM_PAGE + LEAF_4K
+        }
+    );
+    assert!(r[0].device_vram);
+    assert_eq!(r[0].device_frame, VRAM_PAGE);
+    assert!(
+        r[0].to_string().contains("through VRAM page 0x5000"),
+        "{}",
+        r[0]
+    );
+}
+
+#[test]
+fn a_device_write_to_a_read_only_device_private_page() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    rig.map(0, VA, VRAM_PAGE, LEAF_4K, DEV_VRAM_RW);
+    pt.map(&rig, VA, 0, LEAF_4K, device_private(VRAM_PAGE, false));
+    map_both_at(&mut rig, &mut pt, VA + LEAF_4K);
+    let t = rig.exec(0, cmd::copy(VA + LEAF_4K, VA, 64));
+    assert_eq!(rig.status(t), Status::Ok, "reading it is allowed");
+    let t = rig.exec(0, cmd::fill(VA, 64, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].kind, ViolationKind::ReadOnly);
+}
+
+/// One system page at `va`, the same on both sides.
+fn map_both_at(rig: &mut Rig, pt: &mut CpuPt, va: u64) {
+    rig.map(0, va, F, LEAF_4K, DEV_RW);
+    pt.map(rig, va, F, LEAF_4K, USER_RW);
+}
+
+#[test]
+fn system_and_device_memory_never_stand_in_for_each_other() {
+    // The device uses the old system frame after the CPU's page moved to
+    // VRAM (a missed migration invalidation)...
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    rig.map(0, VA, F, LEAF_4K, DEV_RW);
+    pt.map(&rig, VA, 0, LEAF_4K, device_private(F, true));
+    let t = rig.exec(0, cmd::fill(VA, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    // ...or a VRAM page after it came back to a frame, even at the same
+    // address.
+    rig.map(0, VA + LEAF_4K, F, LEAF_4K, DEV_VRAM_RW);
+    pt.map(&rig, VA + LEAF_4K, F, LEAF_4K, USER_RW);
+    let t = rig.exec(0, cmd::fill(VA + LEAF_4K, 8, 1));
+    assert_eq!(rig.status(t), Status::Ok);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0].kind, ViolationKind::DevicePrivate { cpu_vram: F });
+    assert!(!r[0].device_vram);
+    assert_eq!(r[1].kind, ViolationKind::FrameMismatch { cpu_frame: F });
+    assert!(r[1].device_vram);
+}
+
+#[test]
+fn migration_and_prot_none_entries_name_no_page() {
+    let (mut rig, mut pt) = setup(CheckMode::Warn, 64 << 20);
+    let migration = CpuDevicePrivate::SWAP | CpuDevicePrivate::MIGRATION;
+    let prot_none = device_private(VRAM_PAGE, true) | CpuDevicePrivate::PROT_NONE;
+    for (i, cpu) in [migration, prot_none].into_iter().enumerate() {
+        let va = VA + i as u64 * LEAF_4K;
+        rig.map(0, va, VRAM_PAGE, LEAF_4K, DEV_VRAM_RW);
+        pt.map(&rig, va, 0, LEAF_4K, cpu);
+        let t = rig.exec(0, cmd::fill(va, 8, 1));
+        assert_eq!(rig.status(t), Status::Ok);
+    }
+    let kinds: Vec<_> = reports(&mut rig).iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, [ViolationKind::NotMapped; 2]);
 }

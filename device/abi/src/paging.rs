@@ -165,9 +165,102 @@ impl CpuRoot {
     }
 }
 
+/// Faultline's encoding of a device-private page in a CPU page-table entry
+/// (the checker's side of the guest mm's convention, like Linux's
+/// swap-type device-private entries): a non-present x86-64 4 KiB leaf with
+/// bit 10 set and bits 9 and 11 clear names page `vram` of the VRAM of the
+/// device-memory owner `owner` (a guest-chosen id), writable by the device
+/// when bit 1 is set. Bit 9 marks a PROT_NONE entry and bit 11 a migration
+/// entry; neither names a device page. The CPU ignores every bit of a
+/// non-present entry, so the encoding is software's; the checker reads it
+/// to compare a VRAM translation with the CPU's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuDevicePrivate {
+    /// The device-memory owner id (10 bits).
+    pub owner: u16,
+    /// Byte offset of the 4 KiB page in VRAM.
+    pub vram: u64,
+    /// The device may write it.
+    pub writable: bool,
+}
+
+impl CpuDevicePrivate {
+    const PRESENT: u64 = 1;
+    const WRITE: u64 = 1 << 1;
+    /// Software bit: PROT_NONE (the frame is kept, the entry not present).
+    pub const PROT_NONE: u64 = 1 << 9;
+    /// Software bit: a swap-type entry (device-private, or a migration
+    /// entry with [`Self::MIGRATION`]).
+    pub const SWAP: u64 = 1 << 10;
+    /// Software bit, with [`Self::SWAP`]: a migration entry.
+    pub const MIGRATION: u64 = 1 << 11;
+    const OWNER_SHIFT: u32 = 52;
+    /// Largest owner id the entry holds.
+    pub const OWNER_MAX: u16 = (1 << 10) - 1;
+    const ADDR: u64 = PTE_ADDR_MASK;
+
+    /// The entry, or `None` when the owner or the VRAM offset does not fit
+    /// (offsets below 2^52, 4 KiB aligned).
+    pub const fn encode(self) -> Option<u64> {
+        if self.owner > Self::OWNER_MAX || self.vram & !Self::ADDR != 0 {
+            return None;
+        }
+        let w = if self.writable { Self::WRITE } else { 0 };
+        Some(Self::SWAP | self.vram | (self.owner as u64) << Self::OWNER_SHIFT | w)
+    }
+
+    /// Whether a leaf entry is swap-type (device-private or migration).
+    pub const fn is_swap(pte: u64) -> bool {
+        pte & (Self::PRESENT | Self::PROT_NONE | Self::SWAP) == Self::SWAP
+    }
+
+    /// The device page a leaf entry names, `None` for any other entry.
+    pub const fn decode(pte: u64) -> Option<CpuDevicePrivate> {
+        if !Self::is_swap(pte) || pte & Self::MIGRATION != 0 {
+            return None;
+        }
+        Some(CpuDevicePrivate {
+            owner: ((pte >> Self::OWNER_SHIFT) as u16) & Self::OWNER_MAX,
+            vram: pte & Self::ADDR,
+            writable: pte & Self::WRITE != 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_private_entries_round_trip_and_nothing_else_decodes() {
+        let d = CpuDevicePrivate {
+            owner: 7,
+            vram: 0x3f_f000,
+            writable: true,
+        };
+        let e = d.encode().unwrap();
+        assert_eq!(e & 1, 0, "a device-private entry is not present");
+        assert_eq!(CpuDevicePrivate::decode(e), Some(d));
+        let ro = CpuDevicePrivate {
+            writable: false,
+            ..d
+        };
+        assert_eq!(CpuDevicePrivate::decode(ro.encode().unwrap()), Some(ro));
+        assert_eq!(CpuDevicePrivate::decode(e | 1), None, "present");
+        assert_eq!(
+            CpuDevicePrivate::decode(e | CpuDevicePrivate::MIGRATION),
+            None
+        );
+        assert_eq!(
+            CpuDevicePrivate::decode(e | CpuDevicePrivate::PROT_NONE),
+            None
+        );
+        assert_eq!(CpuDevicePrivate::decode(0), None);
+        let big = CpuDevicePrivate { owner: 1024, ..d };
+        assert_eq!(big.encode(), None);
+        let odd = CpuDevicePrivate { vram: 0x800, ..d };
+        assert_eq!(odd.encode(), None);
+    }
 
     #[test]
     fn pte_helpers() {

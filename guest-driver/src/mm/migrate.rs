@@ -53,8 +53,11 @@ pub struct DeviceOwner(u16);
 static NEXT_OWNER: AtomicU16 = AtomicU16::new(1);
 
 impl DeviceOwner {
-    /// The largest id (10 bits).
-    pub const MAX: u16 = 1023;
+    /// The largest id: what a CPU entry holds ([`CpuDevicePrivate`], the
+    /// encoding the device's coherence checker reads).
+    ///
+    /// [`CpuDevicePrivate`]: faultline_abi::CpuDevicePrivate
+    pub const MAX: u16 = faultline_abi::CpuDevicePrivate::OWNER_MAX;
 
     /// A fresh id, `None` once all are taken (ids are not reused: an entry
     /// naming a device that went away must never name another).

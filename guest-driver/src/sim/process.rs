@@ -186,11 +186,14 @@ impl SimMm {
         Self::pfn_of(addr, self.cpu_state(addr))
     }
 
-    /// [`SimMm::cpu_pfn`] under the page-table lock alone, for a device
-    /// that checks its translations: it runs while a munmap holding the
-    /// mmap lock waits for the device.
-    pub fn cpu_translation(&self, addr: u64) -> Option<(u64, bool)> {
-        Self::pfn_of(addr, self.pt_walk(addr).state)
+    /// What the CPU's table holds for `addr`, under the page-table lock
+    /// alone, for a device that checks its translations: it runs while a
+    /// munmap holding the mmap lock waits for the device. A frame comes
+    /// back as `(pfn, writable)` with huge leaves resolved to the page of
+    /// `addr`; anything else as the raw state.
+    pub fn cpu_translation(&self, addr: u64) -> Result<(u64, bool), PageState> {
+        let state = self.pt_walk(addr).state;
+        Self::pfn_of(addr, state).ok_or(state)
     }
 
     /// The mm's [`Mm::cpu_root`] id, for a host's table of address spaces.

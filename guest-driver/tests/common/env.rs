@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use faultline_abi::CpuRoot;
+use faultline_abi::{CpuDevicePrivate, CpuRoot};
 use faultline_device::check::{CheckMode, CpuLookup, CpuTables};
 
 use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
 use faultline_driver::gpu::{FaultPolicy, Gpu, GpuConfig};
-use faultline_driver::mm::{VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
+use faultline_driver::mm::{PageState, VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
 use faultline_driver::sim::{FrameSource, SimMm};
 
 use super::loopback::Loopback;
@@ -113,14 +113,33 @@ impl CpuTables for SimTables {
     fn lookup(&self, root: CpuRoot, va: u64) -> CpuLookup {
         let id = (root.root() / PAGE) as u32;
         let mm = lock(&self.mms).get(&id).and_then(Weak::upgrade);
-        match mm.and_then(|mm| mm.cpu_translation(va)) {
-            Some((pfn, writable)) => CpuLookup::Mapped {
+        let Some(mm) = mm else {
+            return CpuLookup::NotMapped { pte: 0 };
+        };
+        match mm.cpu_translation(va) {
+            Ok((pfn, writable)) => CpuLookup::Mapped {
                 frame: pfn * PAGE,
                 writable,
                 user: true,
                 pte: (pfn * PAGE) | (u64::from(writable) << 1) | 1,
             },
-            None => CpuLookup::NotMapped { pte: 0 },
+            Err(PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            }) => {
+                let entry = CpuDevicePrivate {
+                    owner: owner.get(),
+                    vram: vram_pfn * PAGE,
+                    writable,
+                };
+                CpuLookup::DevicePrivate {
+                    vram: entry.vram,
+                    writable,
+                    pte: entry.encode().unwrap_or(0),
+                }
+            }
+            Err(_) => CpuLookup::NotMapped { pte: 0 },
         }
     }
 }

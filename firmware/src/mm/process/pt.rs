@@ -9,12 +9,15 @@
 //! the address left in place, as Linux's `_PAGE_PROTNONE`.
 //!
 //! Swap-type entries (P and PROTNONE clear, the software bit [`SWP`] set)
-//! hold no frame: a device-private entry keeps the device page's frame
-//! number in the address bits, the owner id in bits 52..62 and the write
-//! permission in W; a migration entry ([`SWP_MIGRATION`]) holds nothing.
+//! hold no frame: a device-private entry keeps the device page's VRAM
+//! offset in the address bits, the owner id in bits 52..61 and the write
+//! permission in W ([`CpuDevicePrivate`], the encoding the device's
+//! coherence checker reads); a migration entry ([`SWP_MIGRATION`]) holds
+//! nothing.
 //! They exist at the 4 KiB level only.
 
 use alloc::vec::Vec;
+use faultline_abi::CpuDevicePrivate;
 use faultline_driver::mm::{
     DeviceOwner, PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
@@ -32,14 +35,12 @@ pub const D: u64 = 1 << 6;
 pub const PS: u64 = 1 << 7;
 /// Software bit (ignored by the CPU, which ignores every bit of a non-present
 /// entry): PROT_NONE, frame still owned.
-pub const PROTNONE: u64 = 1 << 9;
+pub const PROTNONE: u64 = CpuDevicePrivate::PROT_NONE;
 /// Software bit of a non-present entry: a swap-type entry (device-private,
 /// or with [`SWP_MIGRATION`] a migration entry).
-pub const SWP: u64 = 1 << 10;
+pub const SWP: u64 = CpuDevicePrivate::SWAP;
 /// With [`SWP`]: a migration entry (the page is being migrated).
-pub const SWP_MIGRATION: u64 = 1 << 11;
-/// Where a device-private entry keeps its owner id (10 bits).
-const OWNER_SHIFT: u32 = 52;
+pub const SWP_MIGRATION: u64 = CpuDevicePrivate::MIGRATION;
 pub const NX: u64 = 1 << 63;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
@@ -100,7 +101,7 @@ pub fn holds_frame(e: u64) -> bool {
 
 /// Whether a leaf entry is a swap-type entry (device-private or migration).
 pub fn is_swap(e: u64) -> bool {
-    e & (P | PROTNONE | SWP) == SWP
+    CpuDevicePrivate::is_swap(e)
 }
 
 /// The entry for a device-private or migration state (`None` for others).
@@ -111,10 +112,12 @@ pub fn swap_entry(state: PageState) -> Option<u64> {
             vram_pfn,
             writable,
         } => {
-            let addr = vram_pfn << PAGE_SHIFT;
-            (addr & !ADDR == 0).then(|| {
-                SWP | addr | (u64::from(owner.get()) << OWNER_SHIFT) | if writable { W } else { 0 }
-            })
+            let entry = CpuDevicePrivate {
+                owner: owner.get(),
+                vram: vram_pfn.checked_mul(PAGE_SIZE)?,
+                writable,
+            };
+            entry.encode()
         }
         PageState::Migration => Some(SWP | SWP_MIGRATION),
         _ => None,
@@ -123,11 +126,8 @@ pub fn swap_entry(state: PageState) -> Option<u64> {
 
 /// The device page a device-private entry names: (owner, vram pfn).
 pub fn device_page(e: u64) -> Option<(DeviceOwner, u64)> {
-    if !is_swap(e) || e & SWP_MIGRATION != 0 {
-        return None;
-    }
-    let owner = DeviceOwner::from_raw(((e >> OWNER_SHIFT) & 0x3ff) as u16)?;
-    Some((owner, (e & ADDR) >> PAGE_SHIFT))
+    let d = CpuDevicePrivate::decode(e)?;
+    Some((DeviceOwner::from_raw(d.owner)?, d.vram >> PAGE_SHIFT))
 }
 
 /// What a last-level entry says to the mirror layer.
