@@ -32,8 +32,8 @@ use faultline_abi::{PhysPage, PAGE_SIZE};
 
 use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
 use super::{
-    Channel, Context, DmaRegion, Gpu, GpuError, MigrateList, PageSize, PageTable, Platform,
-    SvmContext, VramAllocator,
+    Channel, Context, DmaRegion, DriverCounters, Gpu, GpuError, MigrateList, PageSize, PageTable,
+    Platform, SvmContext, VramAllocator,
 };
 use crate::errno::Errno;
 use crate::mm::migrate::{
@@ -65,6 +65,9 @@ struct Dmem<P: Platform> {
     zero: Option<DmaRegion>,
     zero_phys: u64,
     platform: Arc<P>,
+    /// The GPU, whose driver counters (the per-test stats line) count
+    /// migrations too.
+    gpu: Arc<Gpu<P>>,
     to_device: AtomicU64,
     to_system: AtomicU64,
     cpu_faults: AtomicU64,
@@ -131,6 +134,7 @@ impl<P: Platform> DeviceMemory<P> {
                 zero_phys: zero.phys(),
                 zero: Some(zero),
                 platform,
+                gpu: gpu.clone(),
                 to_device: AtomicU64::new(0),
                 to_system: AtomicU64::new(0),
                 cpu_faults: AtomicU64::new(0),
@@ -186,6 +190,7 @@ impl<P: Platform> DeviceMemory<P> {
             }
         })?;
         d.to_device.fetch_add(n, Ordering::Relaxed);
+        DriverCounters::add(&d.gpu.counters().pages_to_vram, n);
         Ok(n)
     }
 
@@ -207,6 +212,7 @@ impl<P: Platform> DeviceMemory<P> {
             _ => Step::Skip,
         })?;
         self.inner.to_system.fetch_add(n, Ordering::Relaxed);
+        DriverCounters::add(&self.inner.gpu.counters().pages_to_system, n);
         if full {
             return Err(GpuError::NoMemory);
         }
@@ -400,6 +406,7 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
             }
         })?;
         self.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        DriverCounters::add(&self.gpu.counters().pages_cpu_faulted_back, 1);
         Ok(())
     }
 

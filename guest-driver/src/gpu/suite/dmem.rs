@@ -53,6 +53,7 @@ pub(super) mod migrate {
         let pat = Pattern::page_index(0x7700);
         let (p, src, dst) = setup(env, n, pat)?;
         let dmem = device_memory(env)?;
+        let c0 = counters(env);
         bound(env, p, |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
@@ -79,6 +80,14 @@ pub(super) mod migrate {
                 },
                 "{s:?}"
             );
+            // The GPU's counters (the per-test stats line) say the same.
+            let c = counters(env);
+            let moved = (
+                c.pages_to_vram - c0.pages_to_vram,
+                c.pages_to_system - c0.pages_to_system,
+                c.pages_cpu_faulted_back - c0.pages_cpu_faulted_back,
+            );
+            ensure!(moved == (n, 0, n), "driver counters {moved:?}");
             dmem.detach(svm);
             Ok(())
         })?;
