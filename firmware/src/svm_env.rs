@@ -37,6 +37,29 @@ impl FwEnv {
             next_va: AtomicU64::new(MMAP_BASE),
         }
     }
+
+    /// A mapping with `flags` at `hint` (FIXED), or (0) at a fresh address.
+    fn map(
+        &self,
+        p: &Process,
+        hint: u64,
+        len: u64,
+        pr: suite::Prot,
+        mut flags: MapFlags,
+    ) -> Result<u64, Errno> {
+        let addr = if hint == 0 {
+            // Never reuse an address within a test (the address space's own
+            // choice would be the lowest gap): tests such as munmap_reuse
+            // check that an unmapped range stays unmapped. 2 MiB aligned,
+            // with a 2 MiB gap between mappings, as in the host loopback.
+            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
+            self.next_va.fetch_add(span, Ordering::Relaxed)
+        } else {
+            flags |= MapFlags::FIXED;
+            hint
+        };
+        p.mmap(Some(addr), len, prot(pr), flags)
+    }
 }
 
 fn prot(p: suite::Prot) -> process::Prot {
@@ -92,22 +115,16 @@ impl SvmEnv for FwEnv {
         pr: suite::Prot,
         huge: bool,
     ) -> Result<u64, Errno> {
-        let mut flags = MapFlags::empty();
-        if huge {
-            flags |= MapFlags::HUGE;
-        }
-        let addr = if hint == 0 {
-            // Never reuse an address within a test (the address space's own
-            // choice would be the lowest gap): tests such as munmap_reuse
-            // check that an unmapped range stays unmapped. 2 MiB aligned,
-            // with a 2 MiB gap between mappings, as in the host loopback.
-            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
-            self.next_va.fetch_add(span, Ordering::Relaxed)
+        let flags = if huge {
+            MapFlags::HUGE
         } else {
-            flags |= MapFlags::FIXED;
-            hint
+            MapFlags::empty()
         };
-        p.mmap(Some(addr), len, prot(pr), flags)
+        self.map(p, hint, len, pr, flags)
+    }
+
+    fn mmap_shared(&self, p: &Process, hint: u64, len: u64, pr: suite::Prot) -> Result<u64, Errno> {
+        self.map(p, hint, len, pr, MapFlags::SHARED)
     }
 
     fn munmap(&self, p: &Process, addr: u64, len: u64) -> Result<(), Errno> {

@@ -243,6 +243,9 @@ impl<P: Platform> DeviceMemory<P> {
         for (a, b) in vma_pieces(&mmap, start, end)? {
             let mut mig =
                 migrate_vma_setup(&mmap, a, b, select, Some(d.owner)).map_err(GpuError::Mm)?;
+            if let Some(hook) = svm.migrate_hook() {
+                hook(&mmap, a, b);
+            }
             let mut pairs = Vec::new();
             let mut dsts = Vec::new();
             let mut full = false;

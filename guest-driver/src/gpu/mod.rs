@@ -123,5 +123,5 @@ pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
 pub use policy::{FaultPolicy, Prefetch, Replay};
 pub use stats::{Latency, LatencySnapshot, StatsSnapshot};
-pub use svm::{CheckHook, SnapEntry, SvmConfig, SvmContext};
+pub use svm::{CheckHook, MigrateHook, SnapEntry, SvmConfig, SvmContext};
 pub use vram::{VramAllocator, VramLeak, VramUsage};

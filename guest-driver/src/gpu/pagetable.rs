@@ -67,7 +67,8 @@ pub struct Leaf {
     pub phys: u64,
     /// Size of the leaf that maps it.
     pub size: PageSize,
-    /// The leaf's permission bits (VALID, WRITE, ATOMIC).
+    /// The leaf's permission bits (VALID, WRITE, ATOMIC) and VRAM (then
+    /// `phys` is an offset in the device's VRAM).
     pub perms: Pte,
 }
 
@@ -354,7 +355,7 @@ impl<P: Platform> PageTable<P> {
                 return Some(Leaf {
                     phys: e.addr() + (va & (size.bytes() - 1)),
                     size,
-                    perms: e & (Pte::VALID | Pte::WRITE | Pte::ATOMIC),
+                    perms: e & (Pte::VALID | LEAF_PERMS),
                 });
             }
             table = e.addr();

@@ -119,6 +119,13 @@ pub enum SnapEntry {
 /// invalidations here): `(start, end)` of the window.
 pub type CheckHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Called by a device memory's migration of `[start, end)` between
+/// `migrate_vma_setup` and the copy, with the mmap lock (read) the
+/// migration holds and the range's collected pages locked: tests stage
+/// here what another CPU would do meanwhile (fault a page, start another
+/// migration).
+pub type MigrateHook<M> = Arc<dyn Fn(&MmapReadGuard<'_, M>, u64, u64) + Send + Sync>;
+
 /// The SVM state of one context: the device context and its page table,
 /// the mirrored address space, the fault-around setting. Shared by the
 /// handle, the mirror callbacks and the fault handler; holds no reference
@@ -137,6 +144,7 @@ struct SvmState<P: Platform, M: Mm> {
     /// `Prefetch::Density`: faulted-or-resident pages per 2 MiB region.
     density: SpinMutex<Density>,
     hook: SpinMutex<Option<CheckHook>>,
+    migrate_hook: SpinMutex<Option<MigrateHook<M>>>,
     /// The fault handler's reusable vectors (`None` while a service call
     /// holds them), boxed: taking it out and putting it back moves a
     /// pointer, not the vectors and the range (a copy of those costs where
@@ -187,6 +195,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
             density: SpinMutex::new(Density::default()),
             hook: SpinMutex::new(None),
+            migrate_hook: SpinMutex::new(None),
             scratch: SpinMutex::new(Some(Box::new(Scratch::new()))),
         });
         let mirror = {
@@ -246,6 +255,17 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// check of every window pass.
     pub fn set_check_hook(&self, hook: Option<CheckHook>) {
         *self.binding.state.hook.lock() = hook;
+    }
+
+    /// Installs a hook run by every [`DeviceMemory`](super::DeviceMemory)
+    /// migration through this context, once per VMA, between collecting
+    /// the pages and copying them.
+    pub fn set_migrate_hook(&self, hook: Option<MigrateHook<M>>) {
+        *self.binding.state.migrate_hook.lock() = hook;
+    }
+
+    pub(super) fn migrate_hook(&self) -> Option<MigrateHook<M>> {
+        self.binding.state.migrate_hook.lock().clone()
     }
 
     /// The device's current translation of `va`.

@@ -225,6 +225,21 @@ impl LoopEnv {
     }
 }
 
+impl LoopEnv {
+    /// A mapping of `flags` at `hint`, or (0) at an address of its own.
+    fn map(&self, p: &SimMm, hint: u64, len: u64, flags: VmFlags) -> Result<u64, Errno> {
+        let addr = if hint != 0 {
+            hint
+        } else {
+            // Distinct addresses per mapping, 2 MiB apart and aligned.
+            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
+            self.next_va.fetch_add(span, Ordering::Relaxed)
+        };
+        p.mmap(addr, len, flags)?;
+        Ok(addr)
+    }
+}
+
 fn vm_flags(prot: Prot, huge: bool) -> VmFlags {
     let mut f = VmFlags::empty();
     if prot.contains(Prot::READ) || prot.contains(Prot::WRITE) {
@@ -270,15 +285,11 @@ impl SvmEnv for LoopEnv {
         prot: Prot,
         huge: bool,
     ) -> Result<u64, Errno> {
-        let addr = if hint != 0 {
-            hint
-        } else {
-            // Distinct addresses per mapping, 2 MiB apart and aligned.
-            let span = len.next_multiple_of(PMD_SIZE) + PMD_SIZE;
-            self.next_va.fetch_add(span, Ordering::Relaxed)
-        };
-        p.mmap(addr, len, vm_flags(prot, huge))?;
-        Ok(addr)
+        self.map(p, hint, len, vm_flags(prot, huge))
+    }
+
+    fn mmap_shared(&self, p: &Arc<SimMm>, hint: u64, len: u64, prot: Prot) -> Result<u64, Errno> {
+        self.map(p, hint, len, vm_flags(prot, false) | VmFlags::SHARED)
     }
 
     fn munmap(&self, p: &Arc<SimMm>, addr: u64, len: u64) -> Result<(), Errno> {

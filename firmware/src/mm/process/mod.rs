@@ -2,10 +2,11 @@
 //!
 //! A [`Process`] owns one [`ProcessMm`]: a PML4 whose kernel half (entries 0
 //! and 256..512) is copied from the kernel's, a sorted VMA list under an mmap lock,
-//! and page tables under a page-table lock. Memory is anonymous and private,
-//! demand-paged: a read fault maps the shared zero page read-only, a write
-//! fault (or a write after such a read: copy-on-write of the zero page)
-//! maps a fresh zeroed frame. `ProcessMm` implements the mirror layer's
+//! and page tables under a page-table lock. Memory is anonymous, private or
+//! shared ([`MapFlags::SHARED`], which only migration tells apart: there is
+//! no fork yet), demand-paged: a read fault maps the shared zero page
+//! read-only, a write fault (or a write after such a read: copy-on-write of
+//! the zero page) maps a fresh zeroed frame. `ProcessMm` implements the mirror layer's
 //! [`faultline_driver::mm::Mm`] trait, so HMM (and the GPU driver behind it)
 //! can mirror it.
 //!
@@ -124,7 +125,8 @@ bitflags! {
         const EXEC = 1 << 2;
     }
 
-    /// `MAP_*` beyond anonymous + private (which every mapping is).
+    /// `MAP_*` beyond anonymous (which every mapping is) and private
+    /// (unless SHARED).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct MapFlags: u32 {
         /// Use `addr` exactly; fail (EINVAL) if anything is mapped there.
@@ -134,6 +136,11 @@ bitflags! {
         const HUGE = 1 << 1;
         /// Fault every page in now (write faults if writable).
         const POPULATE = 1 << 2;
+        /// `MAP_SHARED`: a `VmFlags::SHARED` VMA. With one process per
+        /// address space it faults exactly like a private mapping (zero
+        /// page, then copy-on-write of it); only a fork would tell them
+        /// apart. Migration to device memory leaves its pages alone.
+        const SHARED = 1 << 3;
     }
 }
 
@@ -342,6 +349,9 @@ impl ProcessMm {
         let mut vm = prot.vm_flags();
         if huge {
             vm |= VmFlags::HUGE;
+        }
+        if flags.contains(MapFlags::SHARED) {
+            vm |= VmFlags::SHARED;
         }
         let mut vmas = mmap_write_lock(self);
         if self.is_dead() {

@@ -14,7 +14,7 @@ use super::{Needs, Pattern, SvmEnv, TestResult};
 use crate::gpu::{DeviceMemory, DmemStats, SnapEntry};
 
 /// The device memory of the environment's GPU.
-fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
+pub(super) fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
     ok(
         DeviceMemory::new(env.gpu()),
         "device memory (the GPU needs VRAM)",
@@ -23,7 +23,11 @@ fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
 
 /// A process with `pages` pages at `src` written with `pat`, and `pages`
 /// more at `dst`.
-fn setup<E: SvmEnv>(env: &E, pages: u64, pat: Pattern) -> Result<(E::Process, u64, u64), String> {
+pub(super) fn setup<E: SvmEnv>(
+    env: &E,
+    pages: u64,
+    pat: Pattern,
+) -> Result<(E::Process, u64, u64), String> {
     let len = pages * PAGE_SIZE;
     let (p, src) = spawn_mapped(env, len)?;
     let dst = mmap_rw(env, &p, len, "mmap dst")?;
@@ -31,11 +35,22 @@ fn setup<E: SvmEnv>(env: &E, pages: u64, pat: Pattern) -> Result<(E::Process, u6
     Ok((p, src, dst))
 }
 
-fn on_device<E: SvmEnv>(env: &E, p: &E::Process, va: u64, pages: u64) -> bool {
+pub(super) fn on_device<E: SvmEnv>(env: &E, p: &E::Process, va: u64, pages: u64) -> bool {
     (0..pages).all(|i| env.cpu_phys(p, va + i * PAGE_SIZE).is_none())
 }
 
-fn leak_check<P: crate::gpu::Platform>(dmem: DeviceMemory<P>) -> TestResult {
+/// A device memory of the environment's GPU.
+type DevMem<E> = DeviceMemory<<E as SvmEnv>::P>;
+
+/// The two halves of the environment's VRAM, as two devices.
+pub(super) fn two_devices<E: SvmEnv>(env: &E) -> Result<(DevMem<E>, DevMem<E>), String> {
+    let half = (env.gpu().vram_size() / 2) & !(LEAF_2M - 1);
+    let first = ok(DeviceMemory::part(env.gpu(), 0, half), "first half")?;
+    let second = ok(DeviceMemory::part(env.gpu(), half, half), "second half")?;
+    Ok((first, second))
+}
+
+pub(super) fn leak_check<P: crate::gpu::Platform>(dmem: DeviceMemory<P>) -> TestResult {
     ok(dmem.teardown(), "VRAM left allocated")
 }
 
@@ -257,10 +272,7 @@ pub(super) mod snapshot_device {
         let len = n * PAGE_SIZE;
         let pat = Pattern::page_index(0x5d00);
         let (p, src, dst) = setup(env, 2 * n, pat)?;
-        // Two halves of the VRAM as two devices.
-        let half = (env.gpu().vram_size() / 2) & !(LEAF_2M - 1);
-        let mine = ok(DeviceMemory::part(env.gpu(), 0, half), "first half")?;
-        let theirs = ok(DeviceMemory::part(env.gpu(), half, half), "second half")?;
+        let (mine, theirs) = two_devices(env)?;
         let (other, _other_chan) = bind(env, &p)?;
         ok(theirs.attach(&other), "attach the other memory")?;
         bound(env, p, |p, svm, chan| {

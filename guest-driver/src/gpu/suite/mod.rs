@@ -28,6 +28,7 @@ mod helpers;
 
 mod basic;
 mod dmem;
+mod dmem_mixed;
 pub mod migration;
 mod mutants;
 mod protection;
@@ -38,6 +39,7 @@ pub mod workloads;
 
 use basic::*;
 use dmem::*;
+use dmem_mixed::*;
 use mutants::*;
 use protection::*;
 use races::*;
@@ -173,6 +175,13 @@ pub trait SvmEnv {
         prot: Prot,
         huge: bool,
     ) -> Result<u64, Errno>;
+    /// Anonymous shared mapping (`MAP_SHARED | MAP_ANONYMOUS`, 4 KiB pages)
+    /// at `hint`, placed as by [`SvmEnv::mmap`]. Within one process it
+    /// faults like a private one (until fork exists there is nobody to
+    /// share with); HMM mirrors it as usual, migration to device memory
+    /// refuses it.
+    fn mmap_shared(&self, p: &Self::Process, hint: u64, len: u64, prot: Prot)
+        -> Result<u64, Errno>;
     /// munmap.
     fn munmap(&self, p: &Self::Process, addr: u64, len: u64) -> Result<(), Errno>;
     /// mprotect.
@@ -402,6 +411,9 @@ macro_rules! svm_suite {
             migrate_multiple,
             migrate_partial_unmap_fault,
             snapshot_device,
+            migrate_shared,
+            migrate_mixed,
+            migrate_race,
         }
     };
 }
