@@ -152,8 +152,10 @@ qemu_vfio_user() {
     skip_or_fail "no QEMU with vfio-user-pci (scripts/qemu-setup.sh failed)"
     return
   fi
-  # The same judge and injection mix as the guest suite under faultline.
-  FAULTLINE_SERVE_ARGS="--gpu-check=fatal --gpu-inject $FAULTLINE_INJECT_MIX ${FAULTLINE_SERVE_ARGS:-}" \
+  # The same judge and injection mix as the guest suite under faultline,
+  # with a smaller VRAM than the default so device memory runs at another
+  # size than under `faultline run`.
+  FAULTLINE_SERVE_ARGS="--gpu-check=fatal --gpu-inject $FAULTLINE_INJECT_MIX --gpu-vram 64M ${FAULTLINE_SERVE_ARGS:-}" \
     scripts/qemu-run.sh
 }
 
