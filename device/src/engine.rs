@@ -798,7 +798,7 @@ fn migrate_list<M: GuestMemoryBackend>(
         .map(|b| {
             let e = MigrateEntry::from_le_bytes(b.try_into().map_err(|_| Status::BadList)?);
             let (src, dst) = e.decode(page)?;
-            Ok((inside(src.into())?, inside(dst.into())?))
+            Ok((inside(src)?, inside(dst)?))
         })
         .collect()
 }

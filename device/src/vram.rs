@@ -136,38 +136,8 @@ impl Vram {
 }
 
 /// A physical location an engine accesses: `addr` in guest memory, or with
-/// `vram` an offset in VRAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Phys {
-    pub addr: u64,
-    pub vram: bool,
-}
-
-impl Phys {
-    pub const fn system(gpa: u64) -> Phys {
-        Phys {
-            addr: gpa,
-            vram: false,
-        }
-    }
-
-    /// The location `n` bytes further on, in the same aperture.
-    pub const fn add(self, n: u64) -> Phys {
-        Phys {
-            addr: self.addr.wrapping_add(n),
-            vram: self.vram,
-        }
-    }
-}
-
-impl From<faultline_abi::PhysPage> for Phys {
-    fn from(p: faultline_abi::PhysPage) -> Phys {
-        Phys {
-            addr: p.addr,
-            vram: p.vram,
-        }
-    }
-}
+/// `vram` an offset in VRAM (the ABI's type, as MIGRATE entries name it).
+pub use faultline_abi::PhysPage as Phys;
 
 /// Guest memory and VRAM as engines see them: every data access of FILL,
 /// COPY, ATOMIC, SEMAPHORE_RELEASE, LAUNCH and MIGRATE goes through here,

@@ -210,8 +210,9 @@ pub struct MigrateEntry {
 const _: () = assert!(core::mem::size_of::<MigrateEntry>() == 16);
 le_struct!(MigrateEntry { src: u64, dst: u64 });
 
-/// A physical page location of a MIGRATE entry: the aperture and the
-/// address in it.
+/// A physical location: the aperture and the address in it (a MIGRATE
+/// entry's source or destination; inside the device, where any engine
+/// access goes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PhysPage {
     /// An offset in the device's VRAM, else a guest-physical address.
@@ -230,6 +231,13 @@ impl PhysPage {
         PhysPage {
             vram: true,
             addr: offset,
+        }
+    }
+    /// The location `n` bytes further on, in the same aperture.
+    pub const fn add(self, n: u64) -> PhysPage {
+        PhysPage {
+            vram: self.vram,
+            addr: self.addr.wrapping_add(n),
         }
     }
     /// The entry word: the address with the aperture in bit 0.
