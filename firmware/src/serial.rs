@@ -273,16 +273,23 @@ static CONSOLE: Mutex<usize> = Mutex::new(0);
 /// Runs `f` on the console's buffer under its lock, then sends what it
 /// wrote.
 fn with_console(f: impl FnOnce(&mut LineBuf<'_>)) {
+    with_console_buffered(|w| {
+        f(w);
+        w.flush();
+    });
+}
+
+/// The console's buffer under its lock, without the final flush: what `f`
+/// leaves buffered goes out with the next print.
+fn with_console_buffered(f: impl FnOnce(&mut LineBuf<'_>)) {
     let mut len = CONSOLE.lock();
     // SAFETY: the page is only ever touched here, under the lock we hold.
     let buf = unsafe { &mut *CONSOLE_PAGE.0.get() };
-    let mut w = LineBuf {
+    f(&mut LineBuf {
         buf,
         len: &mut len,
         sink: load(&SINK),
-    };
-    f(&mut w);
-    w.flush();
+    });
 }
 
 pub fn init() {
@@ -304,16 +311,7 @@ pub fn init() {
     // Firmware before us (SeaBIOS) may leave the cursor mid-line; start clean
     // so our first line is a whole line for anyone parsing the log. It
     // leaves with the first print.
-    let mut len = CONSOLE.lock();
-    // SAFETY: as in `with_console`, under the lock.
-    let buf = unsafe { &mut *CONSOLE_PAGE.0.get() };
-    LineBuf {
-        buf,
-        len: &mut len,
-        sink,
-    }
-    .newline();
-    drop(len);
+    with_console_buffered(|w| w.newline());
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
