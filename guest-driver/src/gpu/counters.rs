@@ -75,6 +75,11 @@ driver_counters! {
     /// 4 KiB pages a CPU fault on a device-private entry brought back
     /// (`migrate_to_ram`).
     pages_cpu_faulted_back,
+    /// 4 KiB pages eviction migrated from VRAM back to system memory to
+    /// make room for a migration to VRAM.
+    pages_evicted,
+    /// VRAM chunks eviction took pages from.
+    chunks_evicted,
 }
 
 impl DriverCounters {
@@ -103,15 +108,15 @@ mod tests {
     fn display_names_every_counter_once_in_order() {
         let c = DriverCounters::default();
         DriverCounters::add(&c.faults_read, 1);
-        DriverCounters::add(&c.pages_cpu_faulted_back, 7);
+        DriverCounters::add(&c.chunks_evicted, 7);
         let s = c.snapshot();
         let text = alloc::format!("{s}");
         assert!(
             text.starts_with("faults_read 1 faults_deduplicated 0 "),
             "{text}"
         );
-        assert!(text.ends_with(" pages_cpu_faulted_back 7"), "{text}");
+        assert!(text.ends_with(" chunks_evicted 7"), "{text}");
         assert_eq!(text.split(' ').count(), 2 * s.iter().count());
-        assert_eq!(s.iter().count(), 15);
+        assert_eq!(s.iter().count(), 17);
     }
 }

@@ -16,6 +16,23 @@
 //!   MIGRATE of one page into the frame the mm allocated);
 //! * munmap and exit free device pages through `page_free`.
 //!
+//! **Eviction** (docs/hmm.md "Eviction"): when a migration to VRAM finds
+//! no free page, the least recently migrated chunk goes back to system
+//! memory through the same `migrate_vma` path, by the VAs its pages back
+//! ([`evict`]'s reverse map), and the migration continues. Rules, in order:
+//! * a migration evicts only between batches: it finishes (or aborts) the
+//!   batch in hand, installs what was copied and drops the mmap lock and
+//!   the copier first; eviction then takes the mmap lock of each address
+//!   space the chunk's pages belong to (the same one, possibly), one at a
+//!   time, and the copier per batch, as any migration does;
+//! * it never evicts a chunk filled by itself or by a later migration (no
+//!   livelock: what it just migrated stays), and evicts at most every
+//!   chunk once, so it ends;
+//! * a page whose CPU entry no longer names a page of that chunk (freed,
+//!   faulted back, remapped) is skipped;
+//! * an address space is held weakly and used with a users reference
+//!   (`mmget_not_zero`), so a dying one is skipped, never kept alive.
+//!
 //! Rules: the copy engine is used by one migration at a time (the channel's
 //! lock is never held while calling into the mm); a failed copy leaves
 //! every page where it was (the migration restores the old entries and the
@@ -24,24 +41,26 @@
 //! may still write them. Device pages of this memory must be migrated back
 //! before [`DeviceMemory::detach`].
 
+mod evict;
+
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use faultline_abi::{PhysPage, PAGE_SIZE};
 
 use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
 use super::{
-    Channel, Context, DmaRegion, DriverCounters, Gpu, GpuError, MigrateList, PageSize, PageTable,
-    Platform, SvmContext, VramAllocator,
+    Channel, Context, DmaRegion, DriverCounters, Gpu, GpuError, MigrateHook, MigrateList, PageSize,
+    PageTable, Platform, SvmContext, VramAllocator,
 };
 use crate::errno::Errno;
 use crate::mm::migrate::{
     dev_pagemap_registered, migrate_vma_setup, MigratePfn, MigrateSelect, MigrateSrc,
 };
 use crate::mm::{
-    dev_pagemap_register, dev_pagemap_unregister, mmap_read_lock, DevPagemapOps, DeviceOwner, Mm,
-    MmapReadGuard, PAGE_SHIFT,
+    dev_pagemap_register, dev_pagemap_unregister, mmap_read_lock, mmget_not_zero, mmput,
+    DevPagemapOps, DeviceOwner, Mm, MmapReadGuard, PAGE_SHIFT,
 };
 use crate::sync::SpinMutex;
 
@@ -68,9 +87,57 @@ struct Dmem<P: Platform> {
     /// The GPU, whose driver counters (the per-test stats line) count
     /// migrations too.
     gpu: Arc<Gpu<P>>,
+    /// Eviction's reverse map and LRU stamps, and the address spaces
+    /// served.
+    rmap: SpinMutex<evict::Rmap<P>>,
+    /// The generation of the latest migration to VRAM.
+    generation: AtomicU64,
+    inject: SpinMutex<Inject>,
+    /// An injection is set: allocations look at `inject`.
+    injecting: AtomicBool,
     to_device: AtomicU64,
     to_system: AtomicU64,
     cpu_faults: AtomicU64,
+    evicted_pages: AtomicU64,
+    evicted_chunks: AtomicU64,
+    alloc_failures: AtomicU64,
+}
+
+/// Driver-side fault injection for VRAM allocation (docs/testing.md "Fault
+/// injection"): which of the page allocations of migrations to VRAM fail,
+/// counted from [`DeviceMemory::inject_vram_failure`]. A failed allocation
+/// leaves its page in system memory and the migration goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VramFailure {
+    /// None fail.
+    #[default]
+    Never,
+    /// The `n`th (from 1) fails, once.
+    Nth(u64),
+    /// Every one after the first `n` fails.
+    After(u64),
+}
+
+#[derive(Default)]
+struct Inject {
+    mode: VramFailure,
+    /// Allocations since the mode was set.
+    seen: u64,
+}
+
+impl Inject {
+    /// Counts an allocation: whether it is to fail.
+    fn fails(&mut self) -> bool {
+        if self.mode == VramFailure::Never {
+            return false;
+        }
+        self.seen += 1;
+        match self.mode {
+            VramFailure::Never => false,
+            VramFailure::Nth(n) => self.seen == n,
+            VramFailure::After(n) => self.seen > n,
+        }
+    }
 }
 
 /// What a [`DeviceMemory`] did (4 KiB pages).
@@ -82,6 +149,12 @@ pub struct DmemStats {
     pub to_system: u64,
     /// Pages a CPU fault brought back (`migrate_to_ram`).
     pub cpu_faults: u64,
+    /// Pages eviction migrated back to make room.
+    pub evicted_pages: u64,
+    /// Chunks eviction took pages from.
+    pub evicted_chunks: u64,
+    /// VRAM allocations that failed by injection ([`VramFailure`]).
+    pub alloc_failures: u64,
     /// VRAM allocated now.
     pub vram: VramUsage,
 }
@@ -135,9 +208,16 @@ impl<P: Platform> DeviceMemory<P> {
                 zero: Some(zero),
                 platform,
                 gpu: gpu.clone(),
+                rmap: SpinMutex::new(evict::Rmap::new(size / CHUNK_BYTES)),
+                generation: AtomicU64::new(0),
+                inject: SpinMutex::new(Inject::default()),
+                injecting: AtomicBool::new(false),
                 to_device: AtomicU64::new(0),
                 to_system: AtomicU64::new(0),
                 cpu_faults: AtomicU64::new(0),
+                evicted_pages: AtomicU64::new(0),
+                evicted_chunks: AtomicU64::new(0),
+                alloc_failures: AtomicU64::new(0),
             }),
         })
     }
@@ -149,11 +229,17 @@ impl<P: Platform> DeviceMemory<P> {
 
     /// Serve `svm`'s address space: register the pagemap there and have
     /// the context map this memory's pages with VRAM leaves. EBUSY (as
-    /// `GpuError::Mm`) if attached already.
+    /// `GpuError::Mm`) if attached already; `NoMemory` if it serves 4,095
+    /// live address spaces already.
     pub fn attach<M: Mm>(&self, svm: &SvmContext<P, M>) -> Result<(), GpuError> {
+        let d = &*self.inner;
         let ops: Arc<dyn DevPagemapOps<M>> = self.inner.clone();
-        dev_pagemap_register(&**svm.mm(), self.inner.owner, ops).map_err(GpuError::Mm)?;
-        svm.set_device_owner(Some(self.inner.owner));
+        dev_pagemap_register(&**svm.mm(), d.owner, ops).map_err(GpuError::Mm)?;
+        if d.rmap.lock().add_space(svm.mm()).is_none() {
+            dev_pagemap_unregister(&**svm.mm(), d.owner);
+            return Err(GpuError::NoMemory);
+        }
+        svm.set_device_owner(Some(d.owner));
         Ok(())
     }
 
@@ -161,37 +247,81 @@ impl<P: Platform> DeviceMemory<P> {
     pub fn detach<M: Mm>(&self, svm: &SvmContext<P, M>) {
         svm.set_device_owner(None);
         dev_pagemap_unregister(&**svm.mm(), self.inner.owner);
+        self.inner.rmap.lock().remove_space(&**svm.mm());
+    }
+
+    /// Make VRAM allocations of later migrations to VRAM fail as `f` says
+    /// (counting from this call); [`VramFailure::Never`] stops.
+    pub fn inject_vram_failure(&self, f: VramFailure) {
+        let d = &*self.inner;
+        *d.inject.lock() = Inject { mode: f, seen: 0 };
+        d.injecting
+            .store(f != VramFailure::Never, Ordering::Release);
     }
 
     /// Migrate the system pages of `[start, end)` (page aligned; holes and
-    /// the zero page become zeroed VRAM pages) to VRAM, VMA by VMA, until
-    /// VRAM is full. Returns the pages migrated. Pages of shared, huge or
-    /// inaccessible VMAs stay (0 for a shared mapping); the gaps between
-    /// VMAs are skipped. A copy error leaves the failing VMA's pages in
-    /// system memory and is returned.
+    /// the zero page become zeroed VRAM pages) to VRAM, VMA by VMA. When
+    /// VRAM is full it evicts the least recently migrated chunks (never
+    /// what this call migrated) and goes on; it stops when nothing is left
+    /// to evict. Returns the pages migrated. Pages of shared, huge or
+    /// inaccessible VMAs stay (0 for a shared mapping), as do pages whose
+    /// VRAM allocation failed by injection; the gaps between VMAs are
+    /// skipped. A copy error leaves the failing VMA's pages in system
+    /// memory and is returned.
     pub fn migrate_to_device<M: Mm>(
         &self,
         svm: &SvmContext<P, M>,
         start: u64,
         end: u64,
     ) -> Result<u64, GpuError> {
+        self.to_device(&**svm.mm(), svm.migrate_hook(), start, end)
+    }
+
+    /// [`DeviceMemory::migrate_to_device`] of an address space this memory
+    /// serves: the one way to put pages in VRAM, so that every allocation
+    /// may evict (a fault-driven policy calls it too). The caller must not
+    /// hold `mm`'s mmap lock (eviction takes it) nor be inside another
+    /// migration.
+    pub fn migrate_mm_to_device<M: Mm>(
+        &self,
+        mm: &M,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError> {
+        self.to_device(mm, None, start, end)
+    }
+
+    fn to_device<M: Mm>(
+        &self,
+        mm: &M,
+        hook: Option<MigrateHook<M>>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError> {
         let d = &*self.inner;
-        let (n, _full) = self.migrate(svm, start, end, MigrateSelect::SYSTEM, |_, src| {
-            match src {
-                MigrateSrc::Page(MigratePfn::System { .. }) | MigrateSrc::Empty => {}
-                _ => return Step::Skip,
+        let slot = d.rmap.lock().slot_of(mm).ok_or(GpuError::Invalid(
+            "device memory not attached to this context",
+        ))?;
+        let gen = d.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut tried = Vec::new();
+        let (mut at, mut total) = (start, 0);
+        loop {
+            let (n, stop) = d.migrate(
+                mm,
+                hook.as_ref(),
+                at,
+                end,
+                MigrateSelect::SYSTEM,
+                |_, addr, src| d.to_vram(slot, gen, addr, src),
+            )?;
+            d.to_device.fetch_add(n, Ordering::Relaxed);
+            DriverCounters::add(&d.gpu.counters().pages_to_vram, n);
+            total += n;
+            match stop {
+                Some(stop) if d.evict_lru(gen, &mut tried)? => at = stop,
+                _ => return Ok(total),
             }
-            match d.vram.alloc_page() {
-                Some(v) => Step::To(MigratePfn::Device {
-                    owner: d.owner,
-                    vram_pfn: (d.base + v) >> PAGE_SHIFT,
-                }),
-                None => Step::Full,
-            }
-        })?;
-        d.to_device.fetch_add(n, Ordering::Relaxed);
-        DriverCounters::add(&d.gpu.counters().pages_to_vram, n);
-        Ok(n)
+        }
     }
 
     /// Migrate this memory's pages of `[start, end)` back to system memory.
@@ -204,86 +334,23 @@ impl<P: Platform> DeviceMemory<P> {
         end: u64,
     ) -> Result<u64, GpuError> {
         let select = MigrateSelect::DEVICE_PRIVATE;
-        let (n, full) = self.migrate(svm, start, end, select, |mm, src| match src {
-            MigrateSrc::Page(MigratePfn::Device { .. }) => match mm.alloc_frame() {
-                Some(pfn) => Step::To(MigratePfn::System { pfn }),
-                None => Step::Full,
+        let (n, stop) = self.inner.migrate(
+            &**svm.mm(),
+            svm.migrate_hook().as_ref(),
+            start,
+            end,
+            select,
+            |mm, _, src| match src {
+                MigrateSrc::Page(MigratePfn::Device { .. }) => to_frame(mm),
+                _ => Step::Skip,
             },
-            _ => Step::Skip,
-        })?;
+        )?;
         self.inner.to_system.fetch_add(n, Ordering::Relaxed);
         DriverCounters::add(&self.inner.gpu.counters().pages_to_system, n);
-        if full {
+        if stop.is_some() {
             return Err(GpuError::NoMemory);
         }
         Ok(n)
-    }
-
-    /// One migration of `[start, end)`, VMA by VMA: collect what `select`
-    /// asks for, a destination per page from `dst` (until it says
-    /// [`Step::Full`]), one MIGRATE batch, install, finalize. Returns the
-    /// pages migrated and whether `dst` ran out.
-    fn migrate<M: Mm>(
-        &self,
-        svm: &SvmContext<P, M>,
-        start: u64,
-        end: u64,
-        select: MigrateSelect,
-        mut dst: impl FnMut(&M, MigrateSrc) -> Step,
-    ) -> Result<(u64, bool), GpuError> {
-        let d = &*self.inner;
-        let mm = &**svm.mm();
-        if !dev_pagemap_registered(mm, d.owner) {
-            return Err(GpuError::Invalid(
-                "device memory not attached to this context",
-            ));
-        }
-        let mmap = mmap_read_lock(mm);
-        let mut total = 0;
-        for (a, b) in vma_pieces(&mmap, start, end)? {
-            let mut mig =
-                migrate_vma_setup(&mmap, a, b, select, Some(d.owner)).map_err(GpuError::Mm)?;
-            if let Some(hook) = svm.migrate_hook() {
-                hook(&mmap, a, b);
-            }
-            let mut pairs = Vec::new();
-            let mut dsts = Vec::new();
-            let mut full = false;
-            for (i, p) in mig.pages().iter().enumerate() {
-                let to = match dst(mm, p.src) {
-                    Step::Skip => continue,
-                    Step::Full => {
-                        full = true;
-                        break;
-                    }
-                    Step::To(to) => to,
-                };
-                let from = match p.src {
-                    MigrateSrc::Page(from) => phys(from),
-                    MigrateSrc::Empty | MigrateSrc::Skip => PhysPage::system(d.zero_phys),
-                };
-                pairs.push((from, phys(to)));
-                dsts.push((i, to));
-            }
-            if let Err(e) = d.copy(&pairs) {
-                let late = may_still_write(&e);
-                for &(_, to) in &dsts {
-                    if !(late && matches!(to, MigratePfn::System { .. })) {
-                        to.free(mm);
-                    }
-                }
-                return Err(e);
-            }
-            for &(i, to) in &dsts {
-                mig.set_dst(i, to);
-            }
-            mig.migrate_pages();
-            total += mig.finalize() as u64;
-            if full {
-                return Ok((total, true));
-            }
-        }
-        Ok((total, false))
     }
 
     /// What it did and holds.
@@ -293,6 +360,9 @@ impl<P: Platform> DeviceMemory<P> {
             to_device: d.to_device.load(Ordering::Relaxed),
             to_system: d.to_system.load(Ordering::Relaxed),
             cpu_faults: d.cpu_faults.load(Ordering::Relaxed),
+            evicted_pages: d.evicted_pages.load(Ordering::Relaxed),
+            evicted_chunks: d.evicted_chunks.load(Ordering::Relaxed),
+            alloc_failures: d.alloc_failures.load(Ordering::Relaxed),
             vram: d.vram.usage(),
         }
     }
@@ -330,6 +400,15 @@ enum Step {
     To(MigratePfn),
 }
 
+/// A fresh system frame as a migration's destination ([`Step::Full`] when
+/// frames ran out).
+fn to_frame<M: Mm>(mm: &M) -> Step {
+    match mm.alloc_frame() {
+        Some(pfn) => Step::To(MigratePfn::System { pfn }),
+        None => Step::Full,
+    }
+}
+
 /// A migration page as the copy engine names it.
 fn phys(p: MigratePfn) -> PhysPage {
     match p {
@@ -365,6 +444,149 @@ fn vma_pieces<M: Mm>(
 }
 
 impl<P: Platform> Dmem<P> {
+    /// One migration of `[start, end)` of `mm`, VMA by VMA: collect what
+    /// `select` asks for, a destination per page from `dst` (given the
+    /// page's address and contents, until it says [`Step::Full`]), one
+    /// MIGRATE batch, install, finalize. Returns the pages migrated and,
+    /// if `dst` ran out, the address of the page it could not place. Holds
+    /// a users reference on `mm` (EFAULT if it is dying) and its mmap lock
+    /// for read throughout. `hook` (a test's, [`SvmContext::set_migrate_hook`])
+    /// runs once per VMA between collecting the pages and copying them.
+    fn migrate<M: Mm>(
+        &self,
+        mm: &M,
+        hook: Option<&MigrateHook<M>>,
+        start: u64,
+        end: u64,
+        select: MigrateSelect,
+        dst: impl FnMut(&M, u64, MigrateSrc) -> Step,
+    ) -> Result<(u64, Option<u64>), GpuError> {
+        if !dev_pagemap_registered(mm, self.owner) {
+            return Err(GpuError::Invalid(
+                "device memory not attached to this context",
+            ));
+        }
+        if !mmget_not_zero(mm) {
+            return Err(GpuError::Mm(Errno::EFAULT));
+        }
+        let r = self.migrate_locked(&mmap_read_lock(mm), hook, start, end, select, dst);
+        mmput(mm);
+        r
+    }
+
+    fn migrate_locked<M: Mm>(
+        &self,
+        mmap: &MmapReadGuard<'_, M>,
+        hook: Option<&MigrateHook<M>>,
+        start: u64,
+        end: u64,
+        select: MigrateSelect,
+        mut dst: impl FnMut(&M, u64, MigrateSrc) -> Step,
+    ) -> Result<(u64, Option<u64>), GpuError> {
+        let mm = mmap.mm();
+        let mut total = 0;
+        for (a, b) in vma_pieces(mmap, start, end)? {
+            let mut mig =
+                migrate_vma_setup(mmap, a, b, select, Some(self.owner)).map_err(GpuError::Mm)?;
+            if let Some(hook) = hook {
+                hook(mmap, a, b);
+            }
+            let mut pairs = Vec::new();
+            let mut dsts = Vec::new();
+            let mut stop = None;
+            for (i, p) in mig.pages().iter().enumerate() {
+                let to = match dst(mm, mig.addr(i), p.src) {
+                    Step::Skip => continue,
+                    Step::Full => {
+                        stop = Some(mig.addr(i));
+                        break;
+                    }
+                    Step::To(to) => to,
+                };
+                let from = match p.src {
+                    MigrateSrc::Page(from) => phys(from),
+                    MigrateSrc::Empty | MigrateSrc::Skip => PhysPage::system(self.zero_phys),
+                };
+                pairs.push((from, phys(to)));
+                dsts.push((i, to));
+            }
+            if let Err(e) = self.copy(&pairs) {
+                let late = may_still_write(&e);
+                for &(_, to) in &dsts {
+                    if !(late && matches!(to, MigratePfn::System { .. })) {
+                        to.free(mm);
+                    }
+                }
+                return Err(e);
+            }
+            for &(i, to) in &dsts {
+                mig.set_dst(i, to);
+            }
+            mig.migrate_pages();
+            total += mig.finalize() as u64;
+            if stop.is_some() {
+                return Ok((total, stop));
+            }
+        }
+        Ok((total, None))
+    }
+
+    /// A migration to VRAM's destination for the page at `addr` of the
+    /// address space in `slot`: a VRAM page, recorded for eviction under
+    /// the migration's generation `gen`; [`Step::Full`] when none is free;
+    /// [`Step::Skip`] for a page already elsewhere or an injected failure.
+    fn to_vram(&self, slot: u64, gen: u64, addr: u64, src: MigrateSrc) -> Step {
+        match src {
+            MigrateSrc::Page(MigratePfn::System { .. }) | MigrateSrc::Empty => {}
+            _ => return Step::Skip,
+        }
+        if self.injecting.load(Ordering::Acquire) && self.inject.lock().fails() {
+            self.alloc_failures.fetch_add(1, Ordering::Relaxed);
+            return Step::Skip;
+        }
+        match self.vram.alloc_page() {
+            Some(v) => {
+                self.rmap.lock().record(v, slot, addr, gen);
+                Step::To(MigratePfn::Device {
+                    owner: self.owner,
+                    vram_pfn: (self.base + v) >> PAGE_SHIFT,
+                })
+            }
+            None => Step::Full,
+        }
+    }
+
+    /// Evict the least recently migrated chunk that the migration of
+    /// generation `gen` may take (not one it filled, not one in `tried`,
+    /// which it joins): migrate its pages back to system memory. Whether
+    /// a page moved (if not from the first candidate, from the next).
+    /// Called with no mmap lock and no copier held.
+    fn evict_lru(&self, gen: u64, tried: &mut Vec<u32>) -> Result<bool, GpuError> {
+        loop {
+            let (c, spaces) = {
+                let rmap = self.rmap.lock();
+                let Some(c) = rmap.victim(gen, tried) else {
+                    return Ok(false);
+                };
+                (c, rmap.pages_of(c))
+            };
+            tried.push(c);
+            let chunk = self.base + u64::from(c) * CHUNK_BYTES;
+            let mut moved = 0;
+            for (space, vas) in spaces {
+                moved += space.evict(self, &vas, chunk)?;
+            }
+            if moved > 0 {
+                self.evicted_pages.fetch_add(moved, Ordering::Relaxed);
+                self.evicted_chunks.fetch_add(1, Ordering::Relaxed);
+                let counters = self.gpu.counters();
+                DriverCounters::add(&counters.pages_evicted, moved);
+                DriverCounters::add(&counters.chunks_evicted, 1);
+                return Ok(true);
+            }
+        }
+    }
+
     /// One MIGRATE batch of 4 KiB pages (nothing for none).
     fn copy(&self, pairs: &[(PhysPage, PhysPage)]) -> Result<(), GpuError> {
         if pairs.is_empty() {
@@ -380,9 +602,10 @@ impl<P: Platform> Dmem<P> {
         let r = v
             .checked_sub(self.base)
             .ok_or(GpuError::Invalid("not this memory's VRAM"))
-            .and_then(|o| self.vram.free_page(o));
-        if let Err(e) = r {
-            log::error!("dmem: VRAM page {v:#x}: {e}");
+            .and_then(|o| self.vram.free_page(o).map(|()| o));
+        match r {
+            Ok(o) => self.rmap.lock().forget(o),
+            Err(e) => log::error!("dmem: VRAM page {v:#x}: {e}"),
         }
     }
 }

@@ -115,7 +115,7 @@ pub use channel::{Channel, Ticket};
 pub use context::Context;
 pub use counters::{CounterSnapshot, DriverCounters};
 pub use device::{Fault, FaultHandler, Gpu, GpuConfig};
-pub use dmem::{DeviceMemory, DmemStats};
+pub use dmem::{DeviceMemory, DmemStats, VramFailure};
 pub use error::GpuError;
 pub use faultline_abi::Command;
 pub use migrate::MigrateList;

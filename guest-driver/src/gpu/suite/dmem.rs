@@ -91,7 +91,7 @@ pub(super) mod migrate {
                     to_device: n,
                     to_system: 0,
                     cpu_faults: n,
-                    vram: Default::default()
+                    ..Default::default()
                 },
                 "{s:?}"
             );

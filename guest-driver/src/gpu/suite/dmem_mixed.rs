@@ -246,7 +246,7 @@ pub(super) mod migrate_mixed {
                 to_device: expect,
                 to_system: 0,
                 cpu_faults: expect,
-                vram: Default::default(),
+                ..Default::default()
             };
             ensure!(s == back, "A at the end: {s:?}");
             a.detach(svm);

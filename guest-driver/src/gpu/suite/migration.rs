@@ -63,7 +63,7 @@ pub fn run<E: SvmEnv>(env: &E, bytes: u64) -> Result<Outcome, String> {
                 to_device: pages,
                 to_system: pages,
                 cpu_faults: 0,
-                vram: Default::default()
+                ..Default::default()
             },
             "{s:?}"
         );

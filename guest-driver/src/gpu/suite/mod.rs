@@ -29,6 +29,7 @@ mod helpers;
 mod basic;
 mod dmem;
 mod dmem_mixed;
+mod evict;
 pub mod migration;
 mod mutants;
 mod protection;
@@ -40,6 +41,7 @@ pub mod workloads;
 use basic::*;
 use dmem::*;
 use dmem_mixed::*;
+use evict::*;
 use mutants::*;
 use protection::*;
 use races::*;
@@ -414,6 +416,8 @@ macro_rules! svm_suite {
             migrate_shared,
             migrate_mixed,
             migrate_race,
+            evict_oversubscribe,
+            vram_alloc_fail,
         }
     };
 }
