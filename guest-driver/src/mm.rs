@@ -226,6 +226,11 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// used `find_vma` and then checked `vm_start`).
     fn vma_lookup(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma>;
 
+    /// The first VMA that ends above `addr`: the one containing it, or the
+    /// next one up (Linux's `find_vma`). What a walk over a range with gaps
+    /// uses to step over a gap in one lookup.
+    fn find_vma(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma>;
+
     /// Software page-table walk for one address: never faults, never sleeps.
     /// The implementation synchronises with its own page-table updates
     /// (Linux: the page-table lock); HMM tolerates a result that is stale by

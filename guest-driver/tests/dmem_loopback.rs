@@ -409,3 +409,37 @@ fn a_timed_out_migrate_to_ram_never_writes_a_frame_given_back() {
         "the late MIGRATE wrote into a frame the process was given since"
     );
 }
+
+/// A range over VMAs and the gaps between them (one of 64 GiB): the pages
+/// inside VMAs migrate, the gaps are stepped over, a range that starts and
+/// ends in gaps included.
+#[test]
+fn migration_steps_over_the_gaps_between_vmas() {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let mm = env.spawn().unwrap();
+    let far = A + (64 << 30);
+    for (at, pages) in [(A + PG, 2), (A + 5 * PG, 1), (far, 3)] {
+        mm.mmap(at, pages * PG, RW).unwrap();
+        mm.write(at, &pattern(pages * PG, at / PG)).unwrap();
+    }
+    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let dmem = DeviceMemory::new(&env.gpu).unwrap();
+    dmem.attach(&svm).unwrap();
+    let state = |va| matches!(mm.cpu_state(va), PageState::DevicePrivate { .. });
+    assert_eq!(dmem.migrate_to_device(&svm, A, A + 4 * PG), Ok(2));
+    assert_eq!(
+        dmem.migrate_to_device(&svm, A + 2 * PG, far + 2 * PG),
+        Ok(1 + 2)
+    );
+    assert!(state(far + PG) && !state(far + 2 * PG));
+    assert_eq!(dmem.migrate_to_device(&svm, far + PG, far + 8 * PG), Ok(1));
+    assert_eq!(dmem.migrate_to_device(&svm, A + 6 * PG, far), Ok(0));
+    assert_eq!(dmem.migrate_to_system(&svm, A, far + 3 * PG), Ok(6));
+    for (at, pages) in [(A + PG, 2), (A + 5 * PG, 1), (far, 3)] {
+        assert!(cpu_read(&mm, at, pages * PG) == pattern(pages * PG, at / PG));
+    }
+    dmem.detach(&svm);
+    env.exit(mm);
+    drop(svm);
+    assert_eq!(dmem.teardown(), Ok(()));
+}

@@ -417,8 +417,8 @@ fn phys(p: MigratePfn) -> PhysPage {
     }
 }
 
-/// The parts of `[start, end)` inside VMAs, in order. EINVAL if unaligned
-/// or empty.
+/// The parts of `[start, end)` inside VMAs, in order (one VMA lookup per
+/// VMA: a gap is stepped over at once). EINVAL if unaligned or empty.
 fn vma_pieces<M: Mm>(
     mmap: &MmapReadGuard<'_, M>,
     start: u64,
@@ -431,14 +431,12 @@ fn vma_pieces<M: Mm>(
     let mut pieces = Vec::new();
     let mut a = start;
     while a < end {
-        match mm.vma_lookup(mmap, a) {
-            Some(v) => {
-                let b = v.end.min(end);
-                pieces.push((a, b));
-                a = b;
-            }
-            None => a += PAGE_SIZE,
-        }
+        let Some(v) = mm.find_vma(mmap, a).filter(|v| v.start < end) else {
+            break;
+        };
+        let b = v.end.min(end);
+        pieces.push((a.max(v.start), b));
+        a = b;
     }
     Ok(pieces)
 }

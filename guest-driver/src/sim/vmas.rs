@@ -20,6 +20,12 @@ impl SimVmas {
             .filter(|v| v.contains(addr))
     }
 
+    /// The first VMA ending above `addr`.
+    pub(super) fn find(&self, addr: u64) -> Option<Vma> {
+        self.lookup(addr)
+            .or_else(|| self.vmas.range(addr..).next().map(|(_, v)| *v))
+    }
+
     /// Split VMAs so that `start` and `end` are VMA boundaries.
     pub(super) fn split_at(&mut self, addr: u64) {
         if let Some(v) = self.lookup(addr) {

@@ -696,6 +696,10 @@ impl Mm for ProcessMm {
         mmap.lookup(addr)
     }
 
+    fn find_vma(&self, mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Option<Vma> {
+        mmap.find(addr)
+    }
+
     fn walk(&self, _mmap: &MmapReadGuard<'_, Self>, addr: u64) -> Walk {
         self.translate(addr)
     }

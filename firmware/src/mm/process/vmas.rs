@@ -35,6 +35,11 @@ impl Vmas {
             .copied()
     }
 
+    /// The first VMA ending above `addr` (containing it, or the next one).
+    pub fn find(&self, addr: u64) -> Option<Vma> {
+        self.v.get(self.first_after(addr)).copied()
+    }
+
     /// Whether any VMA overlaps `[start, end)`.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
         self.v
