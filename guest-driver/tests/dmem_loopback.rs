@@ -11,7 +11,9 @@ use std::sync::Arc;
 use common::env::LoopEnv;
 use faultline_abi::Command;
 use faultline_driver::gpu::suite::SvmEnv;
-use faultline_driver::gpu::{Channel, DeviceMemory, GpuConfig, GpuError, SvmConfig, SvmContext};
+use faultline_driver::gpu::{
+    Channel, DeviceMemory, GpuConfig, GpuError, MigratePolicy, SvmConfig, SvmContext,
+};
 use faultline_driver::mm::{PageState, VmFlags, PAGE_SIZE as PG};
 use faultline_driver::sim::SimMm;
 
@@ -27,12 +29,21 @@ struct Rig {
     dmem: DeviceMemory<common::loopback::Loopback>,
 }
 
+/// Only the tests' explicit migrations move pages, whatever the GPU's
+/// `migrate=` policy (FAULTLINE_LOOPBACK_SVM).
+fn explicit() -> SvmConfig {
+    SvmConfig {
+        migrate: Some(MigratePolicy::None),
+        ..SvmConfig::default()
+    }
+}
+
 fn rig(pages: u64) -> Rig {
     let env = LoopEnv::new(64, GpuConfig::default());
     let mm = env.spawn().unwrap();
     mm.mmap(A, pages * PG, RW).unwrap();
     mm.mmap(B, pages * PG, RW).unwrap();
-    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, explicit()).unwrap();
     let chan = Channel::open(svm.context()).unwrap();
     let dmem = DeviceMemory::new(&env.gpu).unwrap();
     dmem.attach(&svm).unwrap();
@@ -320,7 +331,7 @@ fn vram_full_migrates_what_fits() {
     mm.mmap(B, n * PG, RW).unwrap();
     let data = pattern(n * PG, 9);
     mm.write(A, &data).unwrap();
-    let svm = SvmContext::new(&env.gpu, &mm, SvmConfig::default()).unwrap();
+    let svm = SvmContext::new(&env.gpu, &mm, explicit()).unwrap();
     let chan = Channel::open(svm.context()).unwrap();
     let dmem = DeviceMemory::part(&env.gpu, 0, chunk_pages * PG).unwrap();
     dmem.attach(&svm).unwrap();

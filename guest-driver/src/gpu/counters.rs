@@ -69,6 +69,9 @@ driver_counters! {
     tlb_invalidates,
     /// 4 KiB pages migrated from system memory to VRAM (device memory).
     pages_to_vram,
+    /// Of `pages_to_vram`, those a GPU fault migrated
+    /// (`MigratePolicy::FirstTouch`).
+    pages_to_vram_by_fault,
     /// 4 KiB pages migrated from VRAM back to system memory by an explicit
     /// migration (`DeviceMemory::migrate_to_system`).
     pages_to_system,
@@ -117,6 +120,6 @@ mod tests {
         );
         assert!(text.ends_with(" chunks_evicted 7"), "{text}");
         assert_eq!(text.split(' ').count(), 2 * s.iter().count());
-        assert_eq!(s.iter().count(), 17);
+        assert_eq!(s.iter().count(), 18);
     }
 }

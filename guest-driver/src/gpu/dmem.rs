@@ -12,6 +12,10 @@
 //!   (test_hmm's MIGRATE_TO_DEV / MIGRATE_TO_SYS) move the pages of a range
 //!   with `migrate_vma_setup` / MIGRATE batches / `migrate_pages` /
 //!   `finalize`;
+//! * under [`MigratePolicy::FirstTouch`](super::MigratePolicy) the
+//!   context's fault handler migrates each faulting window the same way
+//!   before it maps it (`AttachedMemory::migrate_on_fault`, called with no
+//!   lock held, so a full VRAM evicts as for any migration);
 //! * a CPU access to a device page comes back through `migrate_to_ram` (one
 //!   MIGRATE of one page into the frame the mm allocated);
 //! * munmap and exit free device pages through `page_free`.
@@ -49,6 +53,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use faultline_abi::{PhysPage, PAGE_SIZE};
 
+use super::svm::AttachedMemory;
 use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
 use super::{
     Channel, Context, DmaRegion, DriverCounters, Gpu, GpuError, MigrateHook, MigrateList, PageSize,
@@ -96,6 +101,7 @@ struct Dmem<P: Platform> {
     /// An injection is set: allocations look at `inject`.
     injecting: AtomicBool,
     to_device: AtomicU64,
+    by_fault: AtomicU64,
     to_system: AtomicU64,
     cpu_faults: AtomicU64,
     evicted_pages: AtomicU64,
@@ -145,6 +151,9 @@ impl Inject {
 pub struct DmemStats {
     /// Pages migrated to VRAM.
     pub to_device: u64,
+    /// Of `to_device`, pages a GPU fault migrated
+    /// ([`MigratePolicy::FirstTouch`](super::MigratePolicy)).
+    pub by_fault: u64,
     /// Pages migrated back by [`DeviceMemory::migrate_to_system`].
     pub to_system: u64,
     /// Pages a CPU fault brought back (`migrate_to_ram`).
@@ -213,6 +222,7 @@ impl<P: Platform> DeviceMemory<P> {
                 inject: SpinMutex::new(Inject::default()),
                 injecting: AtomicBool::new(false),
                 to_device: AtomicU64::new(0),
+                by_fault: AtomicU64::new(0),
                 to_system: AtomicU64::new(0),
                 cpu_faults: AtomicU64::new(0),
                 evicted_pages: AtomicU64::new(0),
@@ -228,7 +238,8 @@ impl<P: Platform> DeviceMemory<P> {
     }
 
     /// Serve `svm`'s address space: register the pagemap there and have
-    /// the context map this memory's pages with VRAM leaves. EBUSY (as
+    /// the context map this memory's pages with VRAM leaves (and migrate
+    /// to it on fault under `MigratePolicy::FirstTouch`). EBUSY (as
     /// `GpuError::Mm`) if attached already; `NoMemory` if it serves 4,095
     /// live address spaces already.
     pub fn attach<M: Mm>(&self, svm: &SvmContext<P, M>) -> Result<(), GpuError> {
@@ -239,13 +250,15 @@ impl<P: Platform> DeviceMemory<P> {
             dev_pagemap_unregister(&**svm.mm(), d.owner);
             return Err(GpuError::NoMemory);
         }
-        svm.set_device_owner(Some(d.owner));
+        svm.set_device_memory(Some(Arc::new(DeviceMemory {
+            inner: self.inner.clone(),
+        })));
         Ok(())
     }
 
     /// Stop serving `svm`'s address space (migrate its pages back first).
     pub fn detach<M: Mm>(&self, svm: &SvmContext<P, M>) {
-        svm.set_device_owner(None);
+        svm.set_device_memory(None);
         dev_pagemap_unregister(&**svm.mm(), self.inner.owner);
         self.inner.rmap.lock().remove_space(&**svm.mm());
     }
@@ -278,19 +291,11 @@ impl<P: Platform> DeviceMemory<P> {
     }
 
     /// [`DeviceMemory::migrate_to_device`] of an address space this memory
-    /// serves: the one way to put pages in VRAM, so that every allocation
-    /// may evict (a fault-driven policy calls it too). The caller must not
-    /// hold `mm`'s mmap lock (eviction takes it) nor be inside another
-    /// migration.
-    pub fn migrate_mm_to_device<M: Mm>(
-        &self,
-        mm: &M,
-        start: u64,
-        end: u64,
-    ) -> Result<u64, GpuError> {
-        self.to_device(mm, None, start, end)
-    }
-
+    /// serves, with its context's migrate hook: the one way to put pages in
+    /// VRAM, so that every allocation may evict (the first-touch policy
+    /// comes here too, through `AttachedMemory::migrate_on_fault`). The
+    /// caller must not hold `mm`'s mmap lock (eviction takes it) nor be
+    /// inside another migration.
     fn to_device<M: Mm>(
         &self,
         mm: &M,
@@ -358,6 +363,7 @@ impl<P: Platform> DeviceMemory<P> {
         let d = &*self.inner;
         DmemStats {
             to_device: d.to_device.load(Ordering::Relaxed),
+            by_fault: d.by_fault.load(Ordering::Relaxed),
             to_system: d.to_system.load(Ordering::Relaxed),
             cpu_faults: d.cpu_faults.load(Ordering::Relaxed),
             evicted_pages: d.evicted_pages.load(Ordering::Relaxed),
@@ -605,6 +611,25 @@ impl<P: Platform> Dmem<P> {
             Ok(o) => self.rmap.lock().forget(o),
             Err(e) => log::error!("dmem: VRAM page {v:#x}: {e}"),
         }
+    }
+}
+
+impl<P: Platform, M: Mm> AttachedMemory<M> for DeviceMemory<P> {
+    fn owner(&self) -> DeviceOwner {
+        self.inner.owner
+    }
+
+    fn migrate_on_fault(
+        &self,
+        mm: &Arc<M>,
+        hook: Option<MigrateHook<M>>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError> {
+        let n = self.to_device(&**mm, hook, start, end)?;
+        self.inner.by_fault.fetch_add(n, Ordering::Relaxed);
+        DriverCounters::add(&self.inner.gpu.counters().pages_to_vram_by_fault, n);
+        Ok(n)
     }
 }
 

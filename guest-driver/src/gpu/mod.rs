@@ -121,7 +121,7 @@ pub use faultline_abi::Command;
 pub use migrate::MigrateList;
 pub use pagetable::{Cleared, Leaf, PageSize, PageTable};
 pub use platform::{DmaRegion, Platform};
-pub use policy::{FaultPolicy, Prefetch, Replay};
+pub use policy::{FaultPolicy, MigratePolicy, Prefetch, Replay};
 pub use stats::{Latency, LatencySnapshot, StatsSnapshot};
 pub use svm::{CheckHook, MigrateHook, SnapEntry, SvmConfig, SvmContext};
 pub use vram::{VramAllocator, VramLeak, VramUsage};

@@ -63,7 +63,8 @@ impl PageSize {
 /// One translation as the device would see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf {
-    /// Guest-physical address `va` translates to (not the leaf base).
+    /// Address `va` translates to (not the leaf base): guest-physical, or a
+    /// VRAM offset for a leaf with `Pte::VRAM`.
     pub phys: u64,
     /// Size of the leaf that maps it.
     pub size: PageSize,

@@ -8,8 +8,9 @@
 //! `batch:N` (entries per batch, 1..=65536, clipped to the fault buffer),
 //! `batches:N` (batches per service call before yielding, 1..=65536),
 //! `replay=block|batch|batch_flush|once`,
-//! `prefetch=fault_around|none|density:PCT` (PCT 0..=100). Items not given
-//! keep their default; an empty string is the default policy.
+//! `prefetch=fault_around|none|density:PCT` (PCT 0..=100),
+//! `migrate=none|first_touch`. Items not given keep their default; an
+//! empty string is the default policy.
 
 use core::fmt;
 
@@ -63,6 +64,39 @@ pub enum Prefetch {
     Density(u8),
 }
 
+/// Where a GPU fault puts the pages of its window, on a context with
+/// device memory attached ([`DeviceMemory::attach`](super::DeviceMemory)).
+/// Without device memory both map system memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigratePolicy {
+    /// Map the pages where they are: device pages with VRAM leaves, system
+    /// pages with system leaves. Only explicit migrations move pages.
+    None,
+    /// Migrate on the device's touch (Xe's and amdgpu's fault-driven
+    /// placement): a fault's window is first migrated to VRAM (its system
+    /// pages, and its holes as zeroed VRAM pages), then mapped with VRAM
+    /// leaves; a full VRAM evicts as for any migration. What cannot move
+    /// (pages of shared or read-only VMAs, pages `migrate_vma` does not
+    /// collect, pages that find VRAM full with nothing to evict) is mapped
+    /// from system memory as under `None`.
+    FirstTouch,
+}
+
+impl MigratePolicy {
+    const ALL: [(MigratePolicy, &'static str); 2] = [
+        (MigratePolicy::None, "none"),
+        (MigratePolicy::FirstTouch, "first_touch"),
+    ];
+
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map_or("", |x| x.1)
+    }
+}
+
 /// The fault pipeline's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultPolicy {
@@ -74,17 +108,20 @@ pub struct FaultPolicy {
     pub replay: Replay,
     /// What to map around a fault.
     pub prefetch: Prefetch,
+    /// Whether a fault migrates its window to device memory.
+    pub migrate: MigratePolicy,
 }
 
 impl Default for FaultPolicy {
     /// Today's pipeline: the whole buffer in one batch, one batch per call,
-    /// one replay per batch, 64 KiB fault-around.
+    /// one replay per batch, 64 KiB fault-around, no migration.
     fn default() -> Self {
         FaultPolicy {
             batch: MAX_FAULT_ENTRIES,
             batches: 1,
             replay: Replay::Batch,
             prefetch: Prefetch::FaultAround,
+            migrate: MigratePolicy::None,
         }
     }
 }
@@ -118,7 +155,9 @@ impl FaultPolicy {
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let err = |why| PolicyError { item, why };
             let Some(at) = item.find([':', '=']) else {
-                return Err(err("expected key:value (batch, batches, replay, prefetch)"));
+                return Err(err(
+                    "expected key:value (batch, batches, replay, prefetch, migrate)",
+                ));
             };
             let (key, value) = (&item[..at], &item[at + 1..]);
             match key {
@@ -155,7 +194,18 @@ impl FaultPolicy {
                         },
                     };
                 }
-                _ => return Err(err("unknown key (batch, batches, replay, prefetch)")),
+                "migrate" => {
+                    p.migrate = MigratePolicy::ALL
+                        .iter()
+                        .find(|(_, n)| *n == value)
+                        .map(|x| x.0)
+                        .ok_or(err("migrate is none or first_touch"))?;
+                }
+                _ => {
+                    return Err(err(
+                        "unknown key (batch, batches, replay, prefetch, migrate)",
+                    ))
+                }
             }
         }
         Ok(p)
@@ -181,7 +231,8 @@ impl fmt::Display for FaultPolicy {
             Prefetch::FaultAround => write!(f, "fault_around"),
             Prefetch::None => write!(f, "none"),
             Prefetch::Density(p) => write!(f, "density:{p}"),
-        }
+        }?;
+        write!(f, ",migrate={}", self.migrate.name())
     }
 }
 
@@ -197,8 +248,10 @@ mod tests {
 
     #[test]
     fn every_item_parses() {
-        let p = FaultPolicy::parse("batch:32,batches=4,replay=batch_flush,prefetch=density:51")
-            .unwrap();
+        let p = FaultPolicy::parse(
+            "batch:32,batches=4,replay=batch_flush,prefetch=density:51,migrate=first_touch",
+        )
+        .unwrap();
         assert_eq!(
             p,
             FaultPolicy {
@@ -206,8 +259,15 @@ mod tests {
                 batches: 4,
                 replay: Replay::BatchFlush,
                 prefetch: Prefetch::Density(51),
+                migrate: MigratePolicy::FirstTouch,
             }
         );
+        for (m, n) in MigratePolicy::ALL {
+            assert_eq!(
+                FaultPolicy::parse(&format!("migrate:{n}")).unwrap().migrate,
+                m
+            );
+        }
         for (r, n) in Replay::ALL {
             assert_eq!(
                 FaultPolicy::parse(&format!("replay:{n}")).unwrap().replay,
@@ -229,9 +289,9 @@ mod tests {
     #[test]
     fn display_round_trips() {
         for s in [
-            "batch:1,batches:1,replay=block,prefetch=none",
-            "batch:65536,batches:7,replay=once,prefetch=density:0",
-            "batch:256,batches:1,replay=batch,prefetch=fault_around",
+            "batch:1,batches:1,replay=block,prefetch=none,migrate=none",
+            "batch:65536,batches:7,replay=once,prefetch=density:0,migrate=first_touch",
+            "batch:256,batches:1,replay=batch,prefetch=fault_around,migrate=none",
         ] {
             let p = FaultPolicy::parse(s).unwrap();
             assert_eq!(format!("{p}"), s);
@@ -265,14 +325,19 @@ mod tests {
                 "prefetch is fault_around, none or density:PCT",
             ),
             (
+                "migrate=always",
+                "migrate=always",
+                "migrate is none or first_touch",
+            ),
+            (
                 "batch:8,size:3",
                 "size:3",
-                "unknown key (batch, batches, replay, prefetch)",
+                "unknown key (batch, batches, replay, prefetch, migrate)",
             ),
             (
                 "batch",
                 "batch",
-                "expected key:value (batch, batches, replay, prefetch)",
+                "expected key:value (batch, batches, replay, prefetch, migrate)",
             ),
         ];
         for (s, item, why) in cases {

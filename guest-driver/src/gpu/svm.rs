@@ -26,6 +26,23 @@
 //! read-only) and returns only after the device acknowledged the TLB
 //! invalidation. Process exit (`release`) tears the context's
 //! mappings and stalled work down.
+//!
+//! With device memory attached and [`MigratePolicy::FirstTouch`], a window
+//! is first migrated to VRAM (`migrate_vma` through the attached memory),
+//! then serviced as above: HMM reports the migrated pages as device-private
+//! and they get VRAM leaves. Locking rule: the migration runs before the
+//! window's range is registered and with neither the mmap lock nor the
+//! update lock held, because it takes both itself (the mmap lock for read
+//! from setup to finalize, the update lock in this mirror's sync callback
+//! for its `Migrate` invalidation); holding the mmap lock would be a
+//! recursive read that a waiting writer turns into a deadlock, holding the
+//! update lock a self-deadlock. Migrating first also keeps the migration's
+//! own invalidation from stamping the range, so the pass that maps the
+//! window does not retry for it. The sync callback recognises that
+//! invalidation (event `Migrate` with this context's device owner): it
+//! still clears the leaves and waits for the TLB acknowledgement (the
+//! sources are freed after the copy), but keeps the density prefetcher's
+//! marks, as the pages stay where the process put them.
 
 use alloc::boxed::Box;
 use alloc::sync::{Arc, Weak};
@@ -40,7 +57,7 @@ use super::device::{Fault, FaultHandler};
 #[cfg(feature = "mutants")]
 use super::mutant::{self, Mutant};
 use super::pagetable::{Leaf, PageSize};
-use super::policy::Prefetch;
+use super::policy::{MigratePolicy, Prefetch};
 use super::stats::Op;
 use super::{Context, Gpu, GpuError, PageTable, Platform};
 use crate::errno::Errno;
@@ -77,6 +94,10 @@ pub struct SvmConfig {
     /// ([`FaultPolicy::prefetch`](super::FaultPolicy)). Tests of the
     /// fault-around window itself pin `Prefetch::FaultAround`.
     pub prefetch: Option<Prefetch>,
+    /// The migration policy of this context; `None`: the GPU's
+    /// ([`FaultPolicy::migrate`](super::FaultPolicy)). It matters only
+    /// while device memory is attached.
+    pub migrate: Option<MigratePolicy>,
 }
 
 impl Default for SvmConfig {
@@ -84,8 +105,28 @@ impl Default for SvmConfig {
         SvmConfig {
             fault_around: 64 << 10,
             prefetch: None,
+            migrate: None,
         }
     }
+}
+
+/// Device memory as the fault handler of the context it is attached to
+/// uses it (`gpu::dmem` implements it).
+pub(super) trait AttachedMemory<M: Mm>: Send + Sync {
+    /// The owner id of its device-private entries.
+    fn owner(&self) -> DeviceOwner;
+    /// [`MigratePolicy::FirstTouch`]: migrate the system pages and holes
+    /// of `[start, end)` (inside one VMA) to VRAM for a GPU fault; the
+    /// pages migrated. Called with no lock held (it takes the mmap lock and,
+    /// through the `Migrate` invalidation, the update lock itself).
+    /// `hook` is the context's migrate hook.
+    fn migrate_on_fault(
+        &self,
+        mm: &Arc<M>,
+        hook: Option<MigrateHook<M>>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, GpuError>;
 }
 
 /// One entry of [`SvmContext::snapshot`]: what the device would be given
@@ -138,6 +179,10 @@ struct SvmState<P: Platform, M: Mm> {
     /// (`gpu::dmem`), 0 for none: its device-private pages are mapped
     /// with VRAM leaves.
     dmem_owner: AtomicU16,
+    /// The device memory attached, for [`MigratePolicy::FirstTouch`].
+    dmem: SpinMutex<Option<Arc<dyn AttachedMemory<M>>>>,
+    /// The migration policy, fixed at bind time.
+    migrate: MigratePolicy,
     fault_around: AtomicU64,
     /// The GPU's prefetch policy, fixed at bind time.
     prefetch: Prefetch,
@@ -191,6 +236,8 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             mm: mm.clone(),
             released: AtomicBool::new(false),
             dmem_owner: AtomicU16::new(0),
+            dmem: SpinMutex::new(None),
+            migrate: cfg.migrate.unwrap_or(gpu.config().policy.migrate),
             fault_around: AtomicU64::new(cfg.fault_around),
             prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
             density: SpinMutex::new(Density::default()),
@@ -224,11 +271,14 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
         &self.binding.mirror
     }
 
-    /// Map `owner`'s device-private pages (VRAM leaves) from now on; `None`
-    /// stops (they fault back to system memory instead).
-    pub(super) fn set_device_owner(&self, owner: Option<DeviceOwner>) {
-        let id = owner.map_or(0, DeviceOwner::get);
-        self.binding.state.dmem_owner.store(id, Ordering::Release);
+    /// Map `mem`'s device-private pages (VRAM leaves) from now on, and
+    /// migrate to it on fault if the policy says so; `None` stops (its
+    /// pages fault back to system memory instead).
+    pub(super) fn set_device_memory(&self, mem: Option<Arc<dyn AttachedMemory<M>>>) {
+        let s = &self.binding.state;
+        let id = mem.as_ref().map_or(0, |m| m.owner().get());
+        *s.dmem.lock() = mem;
+        s.dmem_owner.store(id, Ordering::Release);
     }
 
     /// Whether the address space was released (process exit) and the
@@ -345,6 +395,32 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
         self.ctx.gpu()
     }
 
+    /// Whether `event` announces a migration of the attached device
+    /// memory (to it or from it).
+    fn own_migration(&self, event: MmuNotifyEvent) -> bool {
+        let id = self.dmem_owner.load(Ordering::Acquire);
+        matches!(event, MmuNotifyEvent::Migrate { owner: Some(o) } if id != 0 && o.get() == id)
+    }
+
+    /// [`MigratePolicy::FirstTouch`]: move window `w` to the attached
+    /// device memory before it is mapped (module docs: no lock held). What
+    /// cannot move (VRAM full with nothing to evict, pages of another
+    /// device) is mapped where it is; an error only logs, as the fault is
+    /// still serviced from where the pages are.
+    fn migrate_window(&self, w: &Window) {
+        let Some(mem) = self.dmem.lock().clone() else {
+            return;
+        };
+        let hook = self.migrate_hook.lock().clone();
+        if let Err(e) = mem.migrate_on_fault(&self.mm, hook, w.start, w.end) {
+            log::debug!(
+                "svm: first-touch migration of {:#x}..{:#x}: {e}",
+                w.start,
+                w.end
+            );
+        }
+    }
+
     fn counters(&self) -> &DriverCounters {
         self.gpu().counters()
     }
@@ -396,11 +472,13 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
         }
         // A write-protection keeps every frame mapped: downgrade the leaves
         // to read-only, so device reads go on without faulting. Anything
-        // else may take read access or the frames away: clear.
+        // else may take read access or the frames away: clear. A migration
+        // of this context's device memory moves the pages but keeps them
+        // in use: the density marks stay.
         let cleared = if update.event == MmuNotifyEvent::ProtectionPage {
             pt.protect_range(update.start, update.end)
         } else {
-            if matches!(s.prefetch, Prefetch::Density(_)) {
+            if matches!(s.prefetch, Prefetch::Density(_)) && !s.own_migration(update.event) {
                 s.density.lock().clear(update.start, update.end);
             }
             pt.unmap_range(update.start, update.end)
@@ -444,6 +522,9 @@ struct Window {
     write: bool,
     /// The VMA allowed writes when the window was planned.
     vma_write: bool,
+    /// [`MigratePolicy::FirstTouch`] and a VMA whose pages may move to
+    /// device memory (private and writable).
+    migrate: bool,
     /// The window's faults: `Scratch::faults[faults]` (page address, write).
     faults: core::ops::Range<usize>,
 }
@@ -556,6 +637,11 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
                 self.density.lock().mark(start, end);
             }
             let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
+            // Read-only mappings stay in system memory: the device never
+            // writes them, so a copy buys nothing but a CPU fault back.
+            let migrate = self.migrate == MigratePolicy::FirstTouch
+                && vma_write
+                && !vma.flags.contains(VmFlags::SHARED);
             wfaults.push((f.va, write));
             windows.push(Window {
                 start,
@@ -563,6 +649,7 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
                 shift,
                 write,
                 vma_write,
+                migrate,
                 faults: wfaults.len() - 1..wfaults.len(),
             });
         }
@@ -607,6 +694,9 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
+        if w.migrate {
+            s.migrate_window(w);
+        }
         if let Err(e) = range_register(range, &self.mirror, w.start, w.end, w.shift) {
             log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
             cancel.extend(faults.iter().map(|f| f.0));

@@ -2,7 +2,8 @@
 //! the GPU through VRAM leaves, and come back on a CPU fault or an explicit
 //! migration (the hmm-tests intents `migrate`, `migrate_fault`,
 //! `migrate_release`, `migrate_multiple`, `snapshot_device`). Each test
-//! needs a GPU with VRAM and ends with the VRAM leak check.
+//! needs a GPU with VRAM, pins the migration policy to `None` (only its
+//! explicit migrations move pages) and ends with the VRAM leak check.
 
 use alloc::format;
 use alloc::string::String;
@@ -11,7 +12,7 @@ use faultline_abi::{LEAF_2M, PAGE_SIZE};
 
 use super::helpers::*;
 use super::{Needs, Pattern, SvmEnv, TestResult};
-use crate::gpu::{DeviceMemory, DmemStats, SnapEntry};
+use crate::gpu::{DeviceMemory, DmemStats, MigratePolicy, SnapEntry};
 
 /// The device memory of the environment's GPU.
 pub(super) fn device_memory<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
@@ -69,7 +70,7 @@ pub(super) mod migrate {
         let (p, src, dst) = setup(env, n, pat)?;
         let dmem = device_memory(env)?;
         let c0 = counters(env);
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ensure!(moved == n, "{moved} of {n} pages migrated");
@@ -89,6 +90,7 @@ pub(super) mod migrate {
             ensure!(
                 s == DmemStats {
                     to_device: n,
+                    by_fault: 0,
                     to_system: 0,
                     cpu_faults: n,
                     ..Default::default()
@@ -124,7 +126,7 @@ pub(super) mod migrate_fault {
         let pat = Pattern::page_index(0x1f00);
         let (p, src, dst) = setup(env, n, pat)?;
         let dmem = device_memory(env)?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             cpu_check(env, p, src, len / 2, pat)?;
@@ -155,7 +157,7 @@ pub(super) mod migrate_release {
         let len = n * PAGE_SIZE;
         let (p, src, dst) = setup(env, n, Pattern::page_index(3))?;
         let dmem = device_memory(env)?;
-        bound(env, p, |_, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |_, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ok(copy(chan, dst, src, len), "copy from VRAM")?;
@@ -184,7 +186,7 @@ pub(super) mod migrate_multiple {
         let len = n * PAGE_SIZE;
         let (p, src, dst) = setup(env, n, Pattern::constant(0))?;
         let dmem = device_memory(env)?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             for round in 0..10 {
                 let pat = Pattern::page_index(round << 32);
@@ -221,7 +223,7 @@ pub(super) mod migrate_partial_unmap_fault {
         let pat = Pattern::page_index(0x9a00);
         let (p, src, _) = setup(env, n, pat)?;
         let dmem = device_memory(env)?;
-        bound(env, p, |p, svm, _| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, _| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ensure!(moved == n, "{moved} of {n} pages migrated");
@@ -273,9 +275,9 @@ pub(super) mod snapshot_device {
         let pat = Pattern::page_index(0x5d00);
         let (p, src, dst) = setup(env, 2 * n, pat)?;
         let (mine, theirs) = two_devices(env)?;
-        let (other, _other_chan) = bind(env, &p)?;
+        let (other, _other_chan) = bind_with(env, &p, migrating(MigratePolicy::None))?;
         ok(theirs.attach(&other), "attach the other memory")?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(mine.attach(svm), "attach")?;
             ok(mine.migrate_to_device(svm, src, src + len), "migrate")?;
             let far = src + len;

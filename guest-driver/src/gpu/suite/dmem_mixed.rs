@@ -1,7 +1,8 @@
 //! Device memory over mappings that are not plain private RW memory, and
 //! a migration racing a CPU fault (issue 17, hmm-tests' `migrate_shared`,
 //! `migrate_mixed`; `migrate_race` staged on one CPU). Each test ends with
-//! the VRAM leak check of every device memory it used.
+//! the VRAM leak check of every device memory it used; each pins the
+//! migration policy to `None`, so only its explicit migrations move pages.
 //!
 //! hmm-tests reads test_hmm's errors: `-ENOENT` when, after the migration,
 //! the device's own table has no page of the range, `-EINVAL` at the first
@@ -22,7 +23,7 @@ use super::dmem::{device_memory, leak_check, on_device, setup, two_devices};
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, Segv, SvmEnv, TestResult};
 use crate::errno::Errno;
-use crate::gpu::{DmemStats, MigrateHook, SnapEntry};
+use crate::gpu::{DmemStats, MigrateHook, MigratePolicy, SnapEntry};
 use crate::mm::migrate::{migrate_vma_setup, MigrateSelect, MigrateSrc};
 use crate::mm::{DeviceOwner, FaultError, FaultFlags, Mm, MmapReadGuard, PageState};
 use crate::sync::SpinMutex;
@@ -45,7 +46,7 @@ pub(super) mod migrate_shared {
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
         cpu_fill(env, &p, src, len, pat)?;
         let dmem = device_memory(env)?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ensure!(moved == 0, "{moved} pages of a shared mapping migrated");
@@ -167,14 +168,14 @@ pub(super) mod migrate_mixed {
             .position(|&k| k == Theirs)
             .expect("in the layout");
         let (a, b) = two_devices(env)?;
-        let (other, _other_chan) = bind(env, &p)?;
+        let (other, _other_chan) = bind_with(env, &p, migrating(MigratePolicy::None))?;
         ok(b.attach(&other), "attach B")?;
         let moved = ok(
             b.migrate_to_device(&other, page(theirs_at), page(theirs_at) + PAGE_SIZE),
             "migrate to B",
         )?;
         ensure!(moved == 1, "{moved} pages migrated to B");
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(a.attach(svm), "attach A")?;
             let moved = ok(
                 a.migrate_to_device(svm, base, page(LAYOUT.len())),
@@ -244,6 +245,7 @@ pub(super) mod migrate_mixed {
             let s = a.stats();
             let back = DmemStats {
                 to_device: expect,
+                by_fault: 0,
                 to_system: 0,
                 cpu_faults: expect,
                 ..Default::default()
@@ -333,7 +335,7 @@ pub(super) mod migrate_race {
         let pat = Pattern::page_index(0x3c00);
         let (p, src, dst) = setup(env, n, pat)?;
         let dmem = device_memory(env)?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let first = half * PAGE_SIZE;
             let moved = ok(dmem.migrate_to_device(svm, src, src + first), "first half")?;

@@ -11,7 +11,7 @@ use faultline_abi::PAGE_SIZE;
 use super::helpers::*;
 use super::{Needs, Pattern, SvmEnv, TestResult};
 use crate::gpu::vram::{CHUNK_BYTES, CHUNK_PAGES};
-use crate::gpu::{DeviceMemory, VramFailure};
+use crate::gpu::{DeviceMemory, MigratePolicy, VramFailure};
 
 /// The first `chunks` chunks of the GPU's VRAM as a device memory.
 fn small_vram<E: SvmEnv>(env: &E, chunks: u64) -> Result<DeviceMemory<E::P>, String> {
@@ -148,7 +148,8 @@ pub(super) mod vram_alloc_fail {
         let dst = mmap_rw(env, &p, 2 * len, "mmap dst")?;
         cpu_fill(env, &p, src, 2 * len, pat)?;
         let dmem = small_vram(env, 1)?;
-        bound(env, p, |p, svm, chan| {
+        // Only its explicit migrations move pages, whatever `migrate=` says.
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             // The 5th allocation fails: page 4 stays.
             dmem.inject_vram_failure(VramFailure::Nth(5));

@@ -8,7 +8,9 @@ use alloc::vec::Vec;
 use faultline_abi::{isa, Status};
 
 use super::{Pattern, Prot, SvmEnv, TestResult};
-use crate::gpu::{Channel, Command, CounterSnapshot, GpuError, Platform, SvmConfig, SvmContext};
+use crate::gpu::{
+    Channel, Command, CounterSnapshot, GpuError, MigratePolicy, Platform, SvmConfig, SvmContext,
+};
 
 /// `return Err(format!(...))` unless `cond` holds.
 macro_rules! ensure {
@@ -29,6 +31,16 @@ pub(super) type Chan<E> = Channel<<E as SvmEnv>::P>;
 
 pub(super) fn bind<E: SvmEnv>(env: &E, p: &E::Process) -> Result<(Svm<E>, Chan<E>), String> {
     bind_with(env, p, SvmConfig::default())
+}
+
+/// The default context configuration pinned to migration policy `m`,
+/// whatever the GPU's `migrate=` says: the tests of explicit migration pin
+/// `None`, the first-touch tests `FirstTouch`.
+pub(super) fn migrating(m: MigratePolicy) -> SvmConfig {
+    SvmConfig {
+        migrate: Some(m),
+        ..SvmConfig::default()
+    }
 }
 
 pub(super) fn bind_with<E: SvmEnv>(

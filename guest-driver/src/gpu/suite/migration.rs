@@ -61,6 +61,7 @@ pub fn run<E: SvmEnv>(env: &E, bytes: u64) -> Result<Outcome, String> {
         ensure!(
             s == DmemStats {
                 to_device: pages,
+                by_fault: 0,
                 to_system: pages,
                 cpu_faults: 0,
                 ..Default::default()

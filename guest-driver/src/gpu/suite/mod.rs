@@ -30,6 +30,7 @@ mod basic;
 mod dmem;
 mod dmem_mixed;
 mod evict;
+mod first_touch;
 pub mod migration;
 mod mutants;
 mod protection;
@@ -42,6 +43,7 @@ use basic::*;
 use dmem::*;
 use dmem_mixed::*;
 use evict::*;
+use first_touch::*;
 use mutants::*;
 use protection::*;
 use races::*;
@@ -418,6 +420,8 @@ macro_rules! svm_suite {
             migrate_race,
             evict_oversubscribe,
             vram_alloc_fail,
+            migrate_first_touch,
+            migrate_first_touch_fallback,
         }
     };
 }

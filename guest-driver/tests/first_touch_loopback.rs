@@ -1,0 +1,141 @@
+//! The first-touch migration policy's fault path in the host loopback
+//! (the suite's `migrate_first_touch*` cover its outcome): what a window's
+//! migration costs the fault pipeline, how the GPU's `migrate=` policy and
+//! a context's `SvmConfig::migrate` combine, and that the mirror keeps the
+//! density prefetcher's marks through its own migrations.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::env::LoopEnv;
+use faultline_abi::{Pte, PAGE_SIZE};
+use faultline_driver::gpu::suite::{Prot, SvmEnv};
+use faultline_driver::gpu::{
+    Channel, Command, DeviceMemory, FaultPolicy, GpuConfig, MigratePolicy, SvmConfig, SvmContext,
+};
+use faultline_driver::sim::SimMm;
+
+const DATA: u64 = 0x40_0000_0000;
+
+type Svm = SvmContext<common::loopback::Loopback, SimMm>;
+type Chan = Channel<common::loopback::Loopback>;
+
+fn env_with(policy: &str) -> LoopEnv {
+    let cfg = GpuConfig {
+        policy: FaultPolicy::parse(policy).unwrap_or_else(|e| panic!("{e}")),
+        ..GpuConfig::default()
+    };
+    LoopEnv::with_inject(64, cfg, None)
+}
+
+/// A process with `pages` fresh pages at DATA and a context on it.
+fn bind(env: &LoopEnv, pages: u64, cfg: SvmConfig) -> (Arc<SimMm>, Svm, Chan) {
+    let p = env.spawn().unwrap();
+    env.mmap(&p, DATA, pages * PAGE_SIZE, Prot::RW, false)
+        .unwrap();
+    let svm = SvmContext::new(env.gpu(), &p, cfg).unwrap_or_else(|e| panic!("svm: {e}"));
+    let chan = Channel::open(svm.context()).unwrap_or_else(|e| panic!("channel: {e}"));
+    (p, svm, chan)
+}
+
+fn fill(chan: &Chan, dst: u64, len: u64) {
+    chan.run(&Command::Fill {
+        dst,
+        len,
+        pattern: 0x5eed,
+    })
+    .unwrap_or_else(|e| panic!("fill {dst:#x}+{len:#x}: {e}"));
+}
+
+fn vram_leaves(svm: &Svm, pages: u64) -> u64 {
+    (0..pages)
+        .filter(|i| {
+            svm.device_lookup(DATA + i * PAGE_SIZE)
+                .is_some_and(|l| l.perms.contains(Pte::VRAM))
+        })
+        .count() as u64
+}
+
+/// One window, one pass: the migration runs before the window's range is
+/// registered, so its own invalidation (the only one) forces no retry, and
+/// the fresh window had no leaves to shoot down.
+#[test]
+fn a_first_touch_window_is_migrated_and_mapped_in_one_pass() {
+    let env = env_with("migrate=first_touch");
+    let (p, svm, chan) = bind(&env, 16, SvmConfig::default());
+    let dmem = DeviceMemory::new(env.gpu()).unwrap();
+    dmem.attach(&svm).unwrap();
+    let before = env.gpu().counters().snapshot();
+    fill(&chan, DATA, 16 * PAGE_SIZE);
+    let c = env.gpu().counters().snapshot();
+    assert_eq!(
+        (
+            c.windows - before.windows,
+            c.retries - before.retries,
+            c.invalidations - before.invalidations,
+            c.tlb_invalidates - before.tlb_invalidates,
+        ),
+        (1, 0, 1, 0),
+        "(windows, retries, invalidations, TLB invalidates)"
+    );
+    assert_eq!(vram_leaves(&svm, 16), 16);
+    assert_eq!((dmem.stats().by_fault, p.device_pages()), (16, 16));
+    env.exit(p);
+    drop((chan, svm));
+    assert_eq!(dmem.teardown(), Ok(()));
+}
+
+/// The GPU's `migrate=first_touch` applies to contexts with device memory
+/// attached and no policy of their own; `SvmConfig::migrate` pins one.
+#[test]
+fn the_gpu_policy_applies_unless_the_context_pins_its_own() {
+    let env = env_with("migrate=first_touch");
+    // No device memory: system leaves.
+    let (p, svm, chan) = bind(&env, 16, SvmConfig::default());
+    fill(&chan, DATA, 16 * PAGE_SIZE);
+    assert_eq!((svm.device_leaves(), vram_leaves(&svm, 16)), (16, 0));
+    env.exit(p);
+    drop((chan, svm));
+    // Pinned to none: device memory attached, still system leaves.
+    let pinned = SvmConfig {
+        migrate: Some(MigratePolicy::None),
+        ..SvmConfig::default()
+    };
+    let (p, svm, chan) = bind(&env, 16, pinned);
+    let dmem = DeviceMemory::new(env.gpu()).unwrap();
+    dmem.attach(&svm).unwrap();
+    fill(&chan, DATA, 16 * PAGE_SIZE);
+    assert_eq!((svm.device_leaves(), vram_leaves(&svm, 16)), (16, 0));
+    assert_eq!(dmem.stats().by_fault, 0);
+    dmem.detach(&svm);
+    env.exit(p);
+    drop((chan, svm));
+    assert_eq!(dmem.teardown(), Ok(()));
+}
+
+/// Under the density prefetcher each touched window migrates, and the
+/// migration's invalidation, being the mirror's own, leaves the marks that
+/// grow the next window: single-page touches of pages 0, 1, 2, 4 map 1, 2,
+/// 4 and 8 pages, all in VRAM (as `density_maps_a_subtree_only_above_its_threshold`
+/// does without migration).
+#[test]
+fn density_marks_survive_the_mirrors_own_migrations() {
+    let env = env_with("prefetch=density:51,migrate=first_touch");
+    let (p, svm, chan) = bind(&env, 512, SvmConfig::default());
+    let dmem = DeviceMemory::new(env.gpu()).unwrap();
+    dmem.attach(&svm).unwrap();
+    let leaves: Vec<u64> = [0, 1, 2, 4]
+        .iter()
+        .map(|pg| {
+            fill(&chan, DATA + pg * PAGE_SIZE, 8);
+            vram_leaves(&svm, 512)
+        })
+        .collect();
+    assert_eq!(leaves, [1, 2, 4, 8]);
+    assert_eq!(svm.device_leaves(), 8, "every leaf in VRAM");
+    assert_eq!(dmem.stats().by_fault, 8);
+    env.exit(p);
+    drop((chan, svm));
+    assert_eq!(dmem.teardown(), Ok(()));
+}
