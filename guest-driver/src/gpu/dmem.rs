@@ -37,8 +37,9 @@
 //! * an address space is held weakly and used with a users reference
 //!   (`mmget_not_zero`), so a dying one is skipped, never kept alive.
 //!
-//! Rules: the copy engine is used by one migration at a time (the channel's
-//! lock is never held while calling into the mm); a failed copy leaves
+//! Rules: the copy engine runs one MIGRATE command at a time (the channel's
+//! lock is taken per command and never held while calling into the mm;
+//! commands of concurrent migrations interleave); a failed copy leaves
 //! every page where it was (the migration restores the old entries and the
 //! VRAM pages or frames allocated for it go back), except that the frames
 //! a MIGRATE that timed out was to write are never given back: the device
@@ -51,7 +52,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use faultline_abi::{PhysPage, PAGE_SIZE};
+use faultline_abi::{PhysPage, MAX_MIGRATE_PAGES, PAGE_SIZE};
 
 use super::svm::AttachedMemory;
 use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
@@ -591,14 +592,18 @@ impl<P: Platform> Dmem<P> {
         }
     }
 
-    /// One MIGRATE batch of 4 KiB pages (nothing for none).
+    /// One MIGRATE batch of 4 KiB pages (nothing for none), in commands of
+    /// up to `MAX_MIGRATE_PAGES`.
     fn copy(&self, pairs: &[(PhysPage, PhysPage)]) -> Result<(), GpuError> {
-        if pairs.is_empty() {
-            return Ok(());
+        // The copier is taken per MIGRATE command, not per batch: a CPU
+        // fault's one-page `migrate_to_ram` waits for one command at most,
+        // not for a whole migration.
+        for command in pairs.chunks(MAX_MIGRATE_PAGES as usize) {
+            let mut c = self.copier.lock();
+            let Copier { chan, list, .. } = &mut *c;
+            list.run(chan, command, PageSize::Size4K)?;
         }
-        let mut c = self.copier.lock();
-        let Copier { chan, list, .. } = &mut *c;
-        list.run(chan, pairs, PageSize::Size4K).map(|_| ())
+        Ok(())
     }
 
     /// Give back the VRAM page at offset `v`.
