@@ -124,19 +124,27 @@ pub enum PageState {
     /// `MEMORY_DEVICE_PRIVATE` page): not accessible to the CPU, the data
     /// lives in page `vram_pfn` of `owner`'s memory. A CPU fault on it
     /// calls the owner's [`DevPagemapOps::migrate_to_ram`]; unmapping it
-    /// calls [`DevPagemapOps::page_free`]. 4 KiB only.
+    /// calls [`DevPagemapOps::page_free`]. `huge`: a 2 MiB entry at the PMD
+    /// level (only in a HUGE VMA), whose data is the 512 device pages from
+    /// `vram_pfn` (2 MiB aligned), handed back whole
+    /// ([`DevPagemapOps::migrate_to_ram_huge`], [`DevPagemapOps::page_free_huge`]).
     DevicePrivate {
         /// The device whose memory holds the page.
         owner: DeviceOwner,
-        /// The page's frame number in that device's memory (VRAM offset >> 12).
+        /// The page's frame number in that device's memory (VRAM offset >> 12);
+        /// the first of the 2 MiB page's for `huge`.
         vram_pfn: u64,
         /// The process may write the page (once it is back in system memory).
         writable: bool,
+        /// A 2 MiB device page (the walk answers it with [`PMD_SHIFT`]).
+        huge: bool,
     },
     /// A migration entry: the page is being migrated (its old contents are
     /// held by the migration, see [`migrate`]). It doubles as the page
     /// lock: a fault on it waits for the migration to finish
-    /// ([`migrate::migration_entry_wait`]). 4 KiB only.
+    /// ([`migrate::migration_entry_wait`]). At the PTE level for a 4 KiB
+    /// page, at the PMD level (the walk answers it with [`PMD_SHIFT`]) for
+    /// a 2 MiB one.
     Migration,
 }
 
@@ -314,18 +322,36 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// Replace the 4 KiB PTE of `addr` by `new` if it is `old` (a
     /// compare-and-exchange under the page-table lock; a missing page table
     /// is allocated when `old` is [`PageState::None`]). `new` is
-    /// `None`, `Zero`, `Present`, `DevicePrivate` or `Migration`; `old` and
-    /// `new` never name a 2 MiB leaf or a special entry. `Err` carries what
+    /// `None`, `Zero`, `Present`, a 4 KiB `DevicePrivate` or `Migration`;
+    /// `old` and `new` never name a 2 MiB entry or a special entry (a 2 MiB
+    /// entry is `Err`: see [`Mm::pmd_exchange`]). `Err` carries what
     /// the PTE holds instead (nothing changed). Frames and device pages
     /// change hands with the entry (the caller owns what it took out and
     /// must have allocated what it puts in); the implementation flushes
     /// the CPU TLB for a translation it removes, keeps its count of
-    /// device-private entries ([`MmCore::device_pages`]) and sends no
+    /// device pages ([`MmCore::device_pages`]) and sends no
     /// notifier: the caller brackets the change (the migration does).
     ///
     /// The default supports nothing (an `Mm` without migration): it
     /// answers the current state.
     fn pte_exchange(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let _ = (old, new);
+        Err(self.walk(mmap, addr).state)
+    }
+
+    /// [`Mm::pte_exchange`] for the 2 MiB entry (PMD) of `addr`'s block in
+    /// a HUGE VMA: `old` and `new` are `None`, `Huge`, a `huge`
+    /// `DevicePrivate` or `Migration` (which then stands for the PMD-level
+    /// migration entry). Frames (512 from a `Huge`'s pfn) and device pages
+    /// change hands with the entry as there; the count of device pages
+    /// moves by 512. The default supports nothing.
+    fn pmd_exchange(
         &self,
         mmap: &MmapReadGuard<'_, Self>,
         addr: u64,
@@ -346,6 +372,20 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// Give back a frame from [`Mm::alloc_frame`] (or one a migration took
     /// out of the page table with [`Mm::pte_exchange`]).
     fn free_frame(&self, pfn: u64) {
+        let _ = pfn;
+    }
+
+    /// 512 contiguous frames, 2 MiB aligned, counted as the process's: the
+    /// destination of a 2 MiB page's migration to system memory, which
+    /// writes all of it (so they need not be zeroed). The first pfn, or
+    /// `None` when no such run is free. The default has none.
+    fn alloc_huge_frame(&self) -> Option<u64> {
+        None
+    }
+
+    /// Give back a run from [`Mm::alloc_huge_frame`] (or the frames of a
+    /// 2 MiB leaf a migration took out with [`Mm::pmd_exchange`]).
+    fn free_huge_frame(&self, pfn: u64) {
         let _ = pfn;
     }
 }
@@ -541,7 +581,8 @@ pub struct MmCore<M: Mm> {
     /// The device memories whose pages this address space may map
     /// (`dev_pagemap`s, by owner).
     pub(crate) pagemaps: RwLock<M::RawRwLock, migrate::Pagemaps<M>>,
-    /// Device-private entries in the page table.
+    /// Pages in device memory: 4 KiB device-private entries, and 512 per
+    /// 2 MiB one.
     device_pages: AtomicU64,
 }
 
@@ -558,14 +599,14 @@ impl<M: Mm> MmCore<M> {
         }
     }
 
-    /// Device-private entries in the page table now: the frame accounting's
-    /// count of pages that live in device memory.
+    /// 4 KiB pages that live in device memory now (a 2 MiB device-private
+    /// entry counts 512): the frame accounting's view of device memory.
     pub fn device_pages(&self) -> u64 {
         self.device_pages.load(Ordering::Acquire)
     }
 
-    /// The implementation's bookkeeping: `added` device-private entries
-    /// were installed and `removed` cleared or replaced.
+    /// The implementation's bookkeeping: `added` device pages (4 KiB
+    /// units) got entries and `removed` lost theirs.
     pub fn account_device_pages(&self, added: u64, removed: u64) {
         if added > 0 {
             self.device_pages.fetch_add(added, Ordering::AcqRel);

@@ -36,9 +36,9 @@ use parking_lot::Mutex;
 use crate::mm::migrate::{device_private_fault, migration_entry_wait};
 use crate::mm::{
     device_page_free, mmput, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, DeviceOwner, FaultError, FaultFlags, Mm, MmCore,
-    MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SHIFT,
-    PAGE_SIZE, PMD_SHIFT,
+    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard,
+    MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE,
+    PMD_SHIFT,
 };
 
 mod frames;
@@ -77,7 +77,7 @@ pub struct SimMm {
 /// What a zap took out of the page table, to free after `_end`.
 struct Zapped {
     frames: Vec<u64>,
-    devs: Vec<(DeviceOwner, u64)>,
+    devs: Vec<pt::ZappedDev>,
 }
 
 /// Source of [`SimMm`] ids (0 would read as "no CPU table").
@@ -176,13 +176,22 @@ impl Mm for SimMm {
                         writable: vma_write,
                     });
                 }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    if let Pmd::Huge { writable, .. } = o.get_mut() {
+                std::collections::hash_map::Entry::Occupied(mut o) => match o.get_mut() {
+                    Pmd::Huge { writable, .. } => {
                         // Permission upgrade: no notifier (nothing a device
                         // holds becomes wrong).
                         *writable |= write && vma_write;
                     }
-                }
+                    Pmd::DevicePrivate { .. } => {
+                        drop(pt);
+                        return device_private_fault(mmap, addr, flags);
+                    }
+                    Pmd::Migration => {
+                        drop(pt);
+                        return migration_entry_wait(mmap, addr, flags);
+                    }
+                    Pmd::Table(_) => {}
+                },
             }
             return Ok(());
         }
@@ -248,20 +257,23 @@ impl Mm for SimMm {
                 owner,
                 vram_pfn,
                 writable,
+                huge: false,
             } => SimPte::DevicePrivate {
                 owner,
                 vram_pfn,
                 writable,
             },
             PageState::Migration => SimPte::Migration,
-            PageState::Huge { .. } | PageState::Special => return Err(self.pt_walk(addr).state),
+            PageState::Huge { .. } | PageState::Special | PageState::DevicePrivate { .. } => {
+                return Err(self.pt_walk(addr).state)
+            }
         };
         let mut pt = self.pt.lock();
-        if let Some(Pmd::Huge { pfn, writable }) = pt.get(&(addr >> PMD_SHIFT)) {
-            return Err(PageState::Huge {
-                pfn: *pfn,
-                writable: *writable,
-            });
+        if let Some(pmd) = pt
+            .get(&(addr >> PMD_SHIFT))
+            .filter(|p| !matches!(p, Pmd::Table(_)))
+        {
+            return Err(self.pmd_state(pmd));
         }
         let pte = &mut table_mut(&mut pt, addr)[pte_index(addr)];
         let cur = self.pte_state(*pte);
@@ -277,12 +289,65 @@ impl Mm for SimMm {
         Ok(())
     }
 
+    fn pmd_exchange(
+        &self,
+        _mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let new_pmd = match new {
+            PageState::None => None,
+            PageState::Huge { pfn, writable } => Some(Pmd::Huge { pfn, writable }),
+            PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+                huge: true,
+            } => Some(Pmd::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            }),
+            PageState::Migration => Some(Pmd::Migration),
+            _ => return Err(self.pt_walk(addr).state),
+        };
+        let key = addr >> PMD_SHIFT;
+        let mut pt = self.pt.lock();
+        let cur = match pt.get(&key) {
+            None => PageState::None,
+            Some(Pmd::Table(_)) => {
+                return Err(self.pte_state(table_mut(&mut pt, addr)[pte_index(addr)]))
+            }
+            Some(pmd) => self.pmd_state(pmd),
+        };
+        if cur != old {
+            return Err(cur);
+        }
+        let dev =
+            |s: PageState| u64::from(matches!(s, PageState::DevicePrivate { .. })) * PTRS as u64;
+        match new_pmd {
+            Some(p) => pt.insert(key, p),
+            None => pt.remove(&key),
+        };
+        self.core.account_device_pages(dev(new), dev(old));
+        Ok(())
+    }
+
     fn alloc_frame(&self) -> Option<u64> {
         self.alloc(1)
     }
 
     fn free_frame(&self, pfn: u64) {
         self.free(std::vec![pfn]);
+    }
+
+    fn alloc_huge_frame(&self) -> Option<u64> {
+        self.alloc(PTRS as u64)
+    }
+
+    fn free_huge_frame(&self, pfn: u64) {
+        self.free((pfn..pfn + PTRS as u64).collect());
     }
 
     fn now_ns(&self) -> u64 {
@@ -312,8 +377,29 @@ impl SimMm {
                 owner,
                 vram_pfn,
                 writable,
+                huge: false,
             },
             SimPte::Migration => PageState::Migration,
+        }
+    }
+
+    /// What a 2 MiB entry (not a table) says.
+    fn pmd_state(&self, pmd: &Pmd) -> PageState {
+        match *pmd {
+            Pmd::Huge { pfn, writable } => PageState::Huge { pfn, writable },
+            Pmd::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+            } => PageState::DevicePrivate {
+                owner,
+                vram_pfn,
+                writable,
+                huge: true,
+            },
+            Pmd::Migration => PageState::Migration,
+            // Not an entry: the walk looks inside.
+            Pmd::Table(_) => PageState::None,
         }
     }
 
@@ -322,7 +408,11 @@ impl SimMm {
     fn zap_pt(&self, start: u64, end: u64) -> Zapped {
         let mut devs = Vec::new();
         let frames = zap(&mut self.pt.lock(), start, end, &mut devs);
-        self.core.account_device_pages(0, devs.len() as u64);
+        let pages = devs
+            .iter()
+            .map(|&(_, _, huge)| if huge { PTRS as u64 } else { 1 })
+            .sum();
+        self.core.account_device_pages(0, pages);
         Zapped { frames, devs }
     }
 
@@ -330,8 +420,8 @@ impl SimMm {
     /// to their owners.
     fn free_zapped(&self, z: Zapped) {
         self.free(z.frames);
-        for (owner, vram_pfn) in z.devs {
-            device_page_free(self, owner, vram_pfn);
+        for (owner, vram_pfn, huge) in z.devs {
+            device_page_free(self, owner, vram_pfn, huge);
         }
     }
 
@@ -347,16 +437,13 @@ impl SimMm {
                     shift: PMD_SHIFT,
                 }
             }
-            Some(Pmd::Huge { pfn, writable }) => {
+            Some(Pmd::Table(t)) => self.pte_state(t[pte_index(addr)]),
+            Some(pmd) => {
                 return Walk {
-                    state: PageState::Huge {
-                        pfn: *pfn,
-                        writable: *writable,
-                    },
+                    state: self.pmd_state(pmd),
                     shift: PMD_SHIFT,
                 }
             }
-            Some(Pmd::Table(t)) => self.pte_state(t[pte_index(addr)]),
         };
         Walk {
             state,

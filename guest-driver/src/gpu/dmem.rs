@@ -20,6 +20,12 @@
 //!   MIGRATE of one page into the frame the mm allocated);
 //! * munmap and exit free device pages through `page_free`.
 //!
+//! A HUGE VMA's 2 MiB pages move whole: each to a whole VRAM chunk (one
+//! LARGE MIGRATE entry; a hole's chunk is zeroed by 512 4 KiB ones) and
+//! back into a run of 512 frames (`migrate_to_ram_huge`, and
+//! `page_free_huge` frees the chunk). A HUGE VMA takes no 4 KiB pages, so
+//! when no chunk is free (after eviction) its pages stay in system memory.
+//!
 //! **Eviction** (docs/hmm.md "Eviction"): when a migration to VRAM finds
 //! no free page, the least recently migrated chunk goes back to system
 //! memory through the same `migrate_vma` path, by the VAs its pages back
@@ -55,7 +61,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use faultline_abi::{PhysPage, MAX_MIGRATE_PAGES, PAGE_SIZE};
 
 use super::svm::AttachedMemory;
-use super::vram::{VramLeak, VramUsage, CHUNK_BYTES};
+use super::vram::{VramLeak, VramUsage, CHUNK_BYTES, CHUNK_PAGES};
 use super::{
     Channel, Context, DmaRegion, DriverCounters, Gpu, GpuError, MigrateHook, MigrateList, PageSize,
     PageTable, Platform, SvmContext, VramAllocator,
@@ -66,7 +72,7 @@ use crate::mm::migrate::{
 };
 use crate::mm::{
     dev_pagemap_register, dev_pagemap_unregister, mmap_read_lock, mmget_not_zero, mmput,
-    DevPagemapOps, DeviceOwner, Mm, MmapReadGuard, PAGE_SHIFT,
+    DevPagemapOps, DeviceOwner, Mm, MmapReadGuard, PAGE_SHIFT, PMD_SHIFT,
 };
 use crate::sync::SpinMutex;
 
@@ -277,7 +283,10 @@ impl<P: Platform> DeviceMemory<P> {
     /// the zero page become zeroed VRAM pages) to VRAM, VMA by VMA. When
     /// VRAM is full it evicts the least recently migrated chunks (never
     /// what this call migrated) and goes on; it stops when nothing is left
-    /// to evict. Returns the pages migrated. Pages of shared, huge or
+    /// to evict. Returns the 4 KiB pages migrated (a 2 MiB page counts
+    /// 512). A HUGE VMA's 2 MiB pages go whole, each to a chunk of its own
+    /// (there is no 4 KiB fallback: a HUGE VMA maps nothing smaller), and
+    /// its part of the range must be 2 MiB aligned. Pages of shared or
     /// inaccessible VMAs stay (0 for a shared mapping), as do pages whose
     /// VRAM allocation failed by injection; the gaps between VMAs are
     /// skipped. A copy error leaves the failing VMA's pages in system
@@ -318,7 +327,7 @@ impl<P: Platform> DeviceMemory<P> {
                 at,
                 end,
                 MigrateSelect::SYSTEM,
-                |_, addr, src| d.to_vram(slot, gen, addr, src),
+                |_, addr, src, huge| d.to_vram(slot, gen, addr, src, huge),
             )?;
             d.to_device.fetch_add(n, Ordering::Relaxed);
             DriverCounters::add(&d.gpu.counters().pages_to_vram, n);
@@ -331,8 +340,9 @@ impl<P: Platform> DeviceMemory<P> {
     }
 
     /// Migrate this memory's pages of `[start, end)` back to system memory.
-    /// Returns the pages migrated; `NoMemory` if frames ran out (the pages
-    /// not copied stay in VRAM).
+    /// Returns the 4 KiB pages migrated (a 2 MiB page, which comes back
+    /// whole into 512 contiguous frames, counts 512); `NoMemory` if frames
+    /// ran out (the pages not copied stay in VRAM).
     pub fn migrate_to_system<M: Mm>(
         &self,
         svm: &SvmContext<P, M>,
@@ -346,8 +356,8 @@ impl<P: Platform> DeviceMemory<P> {
             start,
             end,
             select,
-            |mm, _, src| match src {
-                MigrateSrc::Page(MigratePfn::Device { .. }) => to_frame(mm),
+            |mm, _, src, huge| match src {
+                MigrateSrc::Page(MigratePfn::Device { .. }) => to_frame(mm, huge),
                 _ => Step::Skip,
             },
         )?;
@@ -407,10 +417,15 @@ enum Step {
     To(MigratePfn),
 }
 
-/// A fresh system frame as a migration's destination ([`Step::Full`] when
-/// frames ran out).
-fn to_frame<M: Mm>(mm: &M) -> Step {
-    match mm.alloc_frame() {
+/// A fresh system frame (`huge`: a run of 512) as a migration's
+/// destination ([`Step::Full`] when frames ran out).
+fn to_frame<M: Mm>(mm: &M, huge: bool) -> Step {
+    let frame = if huge {
+        mm.alloc_huge_frame()
+    } else {
+        mm.alloc_frame()
+    };
+    match frame {
         Some(pfn) => Step::To(MigratePfn::System { pfn }),
         None => Step::Full,
     }
@@ -418,9 +433,22 @@ fn to_frame<M: Mm>(mm: &M) -> Step {
 
 /// A migration page as the copy engine names it.
 fn phys(p: MigratePfn) -> PhysPage {
+    to_page(p, phys_addr(p))
+}
+
+/// The address of a migration page in its aperture.
+fn phys_addr(p: MigratePfn) -> u64 {
     match p {
-        MigratePfn::System { pfn } => PhysPage::system(pfn << PAGE_SHIFT),
-        MigratePfn::Device { vram_pfn, .. } => PhysPage::vram(vram_pfn << PAGE_SHIFT),
+        MigratePfn::System { pfn } => pfn << PAGE_SHIFT,
+        MigratePfn::Device { vram_pfn, .. } => vram_pfn << PAGE_SHIFT,
+    }
+}
+
+/// `addr` in `p`'s aperture.
+fn to_page(p: MigratePfn, addr: u64) -> PhysPage {
+    match p {
+        MigratePfn::System { .. } => PhysPage::system(addr),
+        MigratePfn::Device { .. } => PhysPage::vram(addr),
     }
 }
 
@@ -451,8 +479,9 @@ fn vma_pieces<M: Mm>(
 impl<P: Platform> Dmem<P> {
     /// One migration of `[start, end)` of `mm`, VMA by VMA: collect what
     /// `select` asks for, a destination per page from `dst` (given the
-    /// page's address and contents, until it says [`Step::Full`]), one
-    /// MIGRATE batch, install, finalize. Returns the pages migrated and,
+    /// page's address and contents, and whether it is a HUGE VMA's 2 MiB
+    /// page, until it says [`Step::Full`]), one MIGRATE batch, install,
+    /// finalize. Returns the 4 KiB pages migrated and,
     /// if `dst` ran out, the address of the page it could not place. Holds
     /// a users reference on `mm` (EFAULT if it is dying) and its mmap lock
     /// for read throughout. `hook` (a test's, [`SvmContext::set_migrate_hook`])
@@ -464,7 +493,7 @@ impl<P: Platform> Dmem<P> {
         start: u64,
         end: u64,
         select: MigrateSelect,
-        dst: impl FnMut(&M, u64, MigrateSrc) -> Step,
+        dst: impl FnMut(&M, u64, MigrateSrc, bool) -> Step,
     ) -> Result<(u64, Option<u64>), GpuError> {
         if !dev_pagemap_registered(mm, self.owner) {
             return Err(GpuError::Invalid(
@@ -486,7 +515,7 @@ impl<P: Platform> Dmem<P> {
         start: u64,
         end: u64,
         select: MigrateSelect,
-        mut dst: impl FnMut(&M, u64, MigrateSrc) -> Step,
+        mut dst: impl FnMut(&M, u64, MigrateSrc, bool) -> Step,
     ) -> Result<(u64, Option<u64>), GpuError> {
         let mm = mmap.mm();
         let mut total = 0;
@@ -496,11 +525,17 @@ impl<P: Platform> Dmem<P> {
             if let Some(hook) = hook {
                 hook(mmap, a, b);
             }
+            let huge = mig.page_shift() == PMD_SHIFT;
+            let unit = 1u64 << (mig.page_shift() - PAGE_SHIFT);
+            // Pages of the VMA's size; and 4 KiB copies that zero the
+            // destinations of 2 MiB holes from the one zeroed page.
             let mut pairs = Vec::new();
+            let mut zeroes = Vec::new();
             let mut dsts = Vec::new();
             let mut stop = None;
+            let zero = PhysPage::system(self.zero_phys);
             for (i, p) in mig.pages().iter().enumerate() {
-                let to = match dst(mm, mig.addr(i), p.src) {
+                let to = match dst(mm, mig.addr(i), p.src, huge) {
                     Step::Skip => continue,
                     Step::Full => {
                         stop = Some(mig.addr(i));
@@ -508,18 +543,33 @@ impl<P: Platform> Dmem<P> {
                     }
                     Step::To(to) => to,
                 };
-                let from = match p.src {
-                    MigrateSrc::Page(from) => phys(from),
-                    MigrateSrc::Empty | MigrateSrc::Skip => PhysPage::system(self.zero_phys),
-                };
-                pairs.push((from, phys(to)));
+                match p.src {
+                    MigrateSrc::Page(from) => pairs.push((phys(from), phys(to))),
+                    MigrateSrc::Empty | MigrateSrc::Skip if huge => {
+                        let base = phys_addr(to);
+                        zeroes.extend((0..unit).map(|k| (zero, to_page(to, base + k * PAGE_SIZE))));
+                    }
+                    MigrateSrc::Empty | MigrateSrc::Skip => pairs.push((zero, phys(to))),
+                }
                 dsts.push((i, to));
             }
-            if let Err(e) = self.copy(&pairs) {
+            let size = if huge {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
+            let copied = self
+                .copy(&pairs, size)
+                .and_then(|()| self.copy(&zeroes, PageSize::Size4K));
+            if let Err(e) = copied {
                 let late = may_still_write(&e);
                 for &(_, to) in &dsts {
                     if !(late && matches!(to, MigratePfn::System { .. })) {
-                        to.free(mm);
+                        if huge {
+                            to.free_huge(mm);
+                        } else {
+                            to.free(mm);
+                        }
                     }
                 }
                 return Err(e);
@@ -528,7 +578,7 @@ impl<P: Platform> Dmem<P> {
                 mig.set_dst(i, to);
             }
             mig.migrate_pages();
-            total += mig.finalize() as u64;
+            total += mig.finalize() as u64 * unit;
             if stop.is_some() {
                 return Ok((total, stop));
             }
@@ -537,10 +587,11 @@ impl<P: Platform> Dmem<P> {
     }
 
     /// A migration to VRAM's destination for the page at `addr` of the
-    /// address space in `slot`: a VRAM page, recorded for eviction under
-    /// the migration's generation `gen`; [`Step::Full`] when none is free;
-    /// [`Step::Skip`] for a page already elsewhere or an injected failure.
-    fn to_vram(&self, slot: u64, gen: u64, addr: u64, src: MigrateSrc) -> Step {
+    /// address space in `slot`: a VRAM page (`huge`: a whole chunk, each of
+    /// its pages recorded), recorded for eviction under the migration's
+    /// generation `gen`; [`Step::Full`] when none is free; [`Step::Skip`]
+    /// for a page already elsewhere or an injected failure.
+    fn to_vram(&self, slot: u64, gen: u64, addr: u64, src: MigrateSrc, huge: bool) -> Step {
         match src {
             MigrateSrc::Page(MigratePfn::System { .. }) | MigrateSrc::Empty => {}
             _ => return Step::Skip,
@@ -549,9 +600,19 @@ impl<P: Platform> Dmem<P> {
             self.alloc_failures.fetch_add(1, Ordering::Relaxed);
             return Step::Skip;
         }
-        match self.vram.alloc_page() {
+        let vram = if huge {
+            self.vram.alloc_chunk()
+        } else {
+            self.vram.alloc_page()
+        };
+        match vram {
             Some(v) => {
-                self.rmap.lock().record(v, slot, addr, gen);
+                let pages = if huge { CHUNK_PAGES } else { 1 };
+                let mut rmap = self.rmap.lock();
+                for k in 0..pages {
+                    rmap.record(v + k * PAGE_SIZE, slot, addr + k * PAGE_SIZE, gen);
+                }
+                drop(rmap);
                 Step::To(MigratePfn::Device {
                     owner: self.owner,
                     vram_pfn: (self.base + v) >> PAGE_SHIFT,
@@ -592,30 +653,68 @@ impl<P: Platform> Dmem<P> {
         }
     }
 
-    /// One MIGRATE batch of 4 KiB pages (nothing for none), in commands of
-    /// up to `MAX_MIGRATE_PAGES`.
-    fn copy(&self, pairs: &[(PhysPage, PhysPage)]) -> Result<(), GpuError> {
+    /// One MIGRATE batch of pages of `size` (4 KiB or 2 MiB; nothing for
+    /// none), in commands of up to `MAX_MIGRATE_PAGES`.
+    fn copy(&self, pairs: &[(PhysPage, PhysPage)], size: PageSize) -> Result<(), GpuError> {
         // The copier is taken per MIGRATE command, not per batch: a CPU
         // fault's one-page `migrate_to_ram` waits for one command at most,
         // not for a whole migration.
         for command in pairs.chunks(MAX_MIGRATE_PAGES as usize) {
             let mut c = self.copier.lock();
             let Copier { chan, list, .. } = &mut *c;
-            list.run(chan, command, PageSize::Size4K)?;
+            list.run(chan, command, size)?;
         }
         Ok(())
     }
 
-    /// Give back the VRAM page at offset `v`.
-    fn free_vram(&self, v: u64) {
+    /// Give back the VRAM page (with `chunk`, the whole chunk) at offset
+    /// `v`.
+    fn free_vram(&self, v: u64, chunk: bool) {
         let r = v
             .checked_sub(self.base)
             .ok_or(GpuError::Invalid("not this memory's VRAM"))
-            .and_then(|o| self.vram.free_page(o).map(|()| o));
+            .and_then(|o| {
+                let freed = if chunk {
+                    self.vram.free_chunk(o)
+                } else {
+                    self.vram.free_page(o)
+                };
+                freed.map(|()| o)
+            });
         match r {
-            Ok(o) => self.rmap.lock().forget(o),
+            Ok(o) => {
+                let pages = if chunk { CHUNK_PAGES } else { 1 };
+                let mut rmap = self.rmap.lock();
+                for k in 0..pages {
+                    rmap.forget(o + k * PAGE_SIZE);
+                }
+            }
             Err(e) => log::error!("dmem: VRAM page {v:#x}: {e}"),
         }
+    }
+
+    /// `migrate_to_ram` of a page of `size` (4 KiB or 2 MiB).
+    fn to_ram(&self, vram_pfn: u64, dst_pfn: u64, size: PageSize) -> Result<(), Errno> {
+        let owner = self.owner;
+        let pair = (
+            phys(MigratePfn::Device { owner, vram_pfn }),
+            phys(MigratePfn::System { pfn: dst_pfn }),
+        );
+        self.copy(&[pair], size).map_err(|e| {
+            log::warn!("dmem: migrate_to_ram of VRAM page {vram_pfn:#x}: {e}");
+            if may_still_write(&e) {
+                Errno::EBUSY
+            } else {
+                Errno::EFAULT
+            }
+        })?;
+        let pages = match size {
+            PageSize::Size2M => CHUNK_PAGES,
+            _ => 1,
+        };
+        self.cpu_faults.fetch_add(pages, Ordering::Relaxed);
+        DriverCounters::add(&self.gpu.counters().pages_cpu_faulted_back, pages);
+        Ok(())
     }
 }
 
@@ -646,26 +745,25 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
         vram_pfn: u64,
         dst_pfn: u64,
     ) -> Result<(), Errno> {
-        let owner = self.owner;
-        let pair = (
-            phys(MigratePfn::Device { owner, vram_pfn }),
-            phys(MigratePfn::System { pfn: dst_pfn }),
-        );
-        self.copy(&[pair]).map_err(|e| {
-            log::warn!("dmem: migrate_to_ram of VRAM page {vram_pfn:#x}: {e}");
-            if may_still_write(&e) {
-                Errno::EBUSY
-            } else {
-                Errno::EFAULT
-            }
-        })?;
-        self.cpu_faults.fetch_add(1, Ordering::Relaxed);
-        DriverCounters::add(&self.gpu.counters().pages_cpu_faulted_back, 1);
-        Ok(())
+        self.to_ram(vram_pfn, dst_pfn, PageSize::Size4K)
     }
 
     fn page_free(&self, vram_pfn: u64) {
-        self.free_vram(vram_pfn << PAGE_SHIFT);
+        self.free_vram(vram_pfn << PAGE_SHIFT, false);
+    }
+
+    fn migrate_to_ram_huge(
+        &self,
+        _mm: &M,
+        _addr: u64,
+        vram_pfn: u64,
+        dst_pfn: u64,
+    ) -> Result<(), Errno> {
+        self.to_ram(vram_pfn, dst_pfn, PageSize::Size2M)
+    }
+
+    fn page_free_huge(&self, vram_pfn: u64) {
+        self.free_vram(vram_pfn << PAGE_SHIFT, true);
     }
 }
 

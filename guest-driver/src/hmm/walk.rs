@@ -59,20 +59,24 @@ fn decode_state(
     shift: u32,
     owner: Option<DeviceOwner>,
 ) -> Result<(bool, bool, u64), (HmmPfnValue, Errno)> {
+    // The frame of `addr` in a 2 MiB page starting at `pfn`.
+    let in_huge = |pfn: u64| pfn + ((addr & (PMD_SIZE - 1)) >> PAGE_SHIFT);
     Ok(match state {
         PageState::None | PageState::Migration => (false, false, 0),
         PageState::DevicePrivate {
             owner: o,
             vram_pfn,
             writable,
-        } if Some(o) == owner && shift == PAGE_SHIFT => (true, writable, vram_pfn),
-        PageState::DevicePrivate { .. } if shift == PAGE_SHIFT => (false, false, 0),
+            huge,
+        } if Some(o) == owner && (huge || shift == PAGE_SHIFT) => (
+            true,
+            writable,
+            if huge { in_huge(vram_pfn) } else { vram_pfn },
+        ),
+        PageState::DevicePrivate { huge, .. } if huge || shift == PAGE_SHIFT => (false, false, 0),
         PageState::Present { pfn, writable } if shift == PAGE_SHIFT => (true, writable, pfn),
         PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
-        PageState::Huge { pfn, writable } => {
-            let leaf_base = addr & !(PMD_SIZE - 1);
-            (true, writable, pfn + ((addr - leaf_base) >> PAGE_SHIFT))
-        }
+        PageState::Huge { pfn, writable } => (true, writable, in_huge(pfn)),
         PageState::Special => return Err((HmmPfnValue::Special, Errno::EFAULT)),
         // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm` broke the
         // HUGE-VMA contract.

@@ -38,6 +38,7 @@ use bitflags::bitflags;
 use super::{
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, FaultError, FaultFlags,
     Mm, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE,
+    PMD_SHIFT, PMD_SIZE,
 };
 use crate::errno::Errno;
 
@@ -98,7 +99,34 @@ pub trait DevPagemapOps<M: Mm>: Send + Sync {
     /// No page table maps device page `vram_pfn` any more (munmap, exit, or
     /// its migration finished): give it back. Called without any mm lock.
     fn page_free(&self, vram_pfn: u64);
+
+    /// [`migrate_to_ram`](Self::migrate_to_ram) for a 2 MiB device page:
+    /// copy the 512 device pages from `vram_pfn` into the 512 frames from
+    /// `dst_pfn` (a run from [`Mm::alloc_huge_frame`]), all or nothing.
+    /// The default, for a memory that never hands out 2 MiB pages, fails
+    /// (EFAULT).
+    fn migrate_to_ram_huge(
+        &self,
+        mm: &M,
+        addr: u64,
+        vram_pfn: u64,
+        dst_pfn: u64,
+    ) -> Result<(), Errno> {
+        let _ = (mm, addr, vram_pfn, dst_pfn);
+        Err(Errno::EFAULT)
+    }
+
+    /// [`page_free`](Self::page_free) for a 2 MiB device page: the 512
+    /// pages from `vram_pfn`. The default gives them back one by one.
+    fn page_free_huge(&self, vram_pfn: u64) {
+        for p in vram_pfn..vram_pfn + HUGE_PAGES {
+            self.page_free(p);
+        }
+    }
 }
+
+/// 4 KiB pages in a 2 MiB one.
+const HUGE_PAGES: u64 = PMD_SIZE / PAGE_SIZE;
 
 /// Register `owner`'s memory on `mm` (each address space that may map its
 /// pages). EBUSY if `owner` is registered already.
@@ -140,10 +168,11 @@ fn pagemap<M: Mm>(mm: &M, owner: DeviceOwner) -> Option<Arc<dyn DevPagemapOps<M>
 }
 
 /// An implementation removed a device-private entry (munmap, exit): the
-/// owner's `page_free`. Call it after `invalidate_range_end`, with no mm
-/// lock held.
-pub fn device_page_free<M: Mm>(mm: &M, owner: DeviceOwner, vram_pfn: u64) {
+/// owner's `page_free` (`page_free_huge` for a 2 MiB entry). Call it after
+/// `invalidate_range_end`, with no mm lock held.
+pub fn device_page_free<M: Mm>(mm: &M, owner: DeviceOwner, vram_pfn: u64, huge: bool) {
     match pagemap(mm, owner) {
+        Some(ops) if huge => ops.page_free_huge(vram_pfn),
         Some(ops) => ops.page_free(vram_pfn),
         None => log::warn!(
             "mm: device page {vram_pfn:#x} of unregistered owner {} unmapped",
@@ -181,24 +210,38 @@ pub enum MigratePfn {
 }
 
 impl MigratePfn {
-    /// The PTE state that maps it.
-    fn entry(self, writable: bool) -> PageState {
+    /// The entry that maps it: a PTE, or for a 2 MiB page (`huge`) a PMD.
+    fn entry(self, writable: bool, huge: bool) -> PageState {
         match self {
+            MigratePfn::System { pfn } if huge => PageState::Huge { pfn, writable },
             MigratePfn::System { pfn } => PageState::Present { pfn, writable },
             MigratePfn::Device { owner, vram_pfn } => PageState::DevicePrivate {
                 owner,
                 vram_pfn,
                 writable,
+                huge,
             },
         }
     }
 
-    /// Give it back: to the mm's frames or to its owner's `page_free`
-    /// (a destination allocated for a migration that will not use it).
+    /// Give a 4 KiB page back: to the mm's frames or to its owner's
+    /// `page_free` (a destination allocated for a migration that will not
+    /// use it).
     pub fn free<M: Mm>(self, mm: &M) {
+        self.release(mm, false);
+    }
+
+    /// [`MigratePfn::free`] for a 2 MiB page (a run of frames from
+    /// [`Mm::alloc_huge_frame`], or a 2 MiB device page).
+    pub fn free_huge<M: Mm>(self, mm: &M) {
+        self.release(mm, true);
+    }
+
+    fn release<M: Mm>(self, mm: &M, huge: bool) {
         match self {
+            MigratePfn::System { pfn } if huge => mm.free_huge_frame(pfn),
             MigratePfn::System { pfn } => mm.free_frame(pfn),
-            MigratePfn::Device { owner, vram_pfn } => device_page_free(mm, owner, vram_pfn),
+            MigratePfn::Device { owner, vram_pfn } => device_page_free(mm, owner, vram_pfn, huge),
         }
     }
 }
@@ -206,8 +249,8 @@ impl MigratePfn {
 /// What a page held when it was collected (Linux's `src[]` entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrateSrc {
-    /// Not collected: not selected, locked by another migration, in a 2 MiB
-    /// leaf, special, or the VMA cannot migrate (shared, no read access).
+    /// Not collected: not selected, locked by another migration, special,
+    /// or the VMA cannot migrate (shared, no read access).
     Skip,
     /// A hole or the zero page: no data; the destination must be zeroed.
     Empty,
@@ -215,7 +258,8 @@ pub enum MigrateSrc {
     Page(MigratePfn),
 }
 
-/// One page of a migration.
+/// One page of a migration (of [`MigrateVma::page_shift`]: 4 KiB, or
+/// 2 MiB in a HUGE VMA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigratePage {
     /// What it held (read only for the caller).
@@ -239,23 +283,32 @@ pub struct MigratePage {
 pub struct MigrateVma<'g, 'm, M: Mm> {
     mmap: &'g MmapReadGuard<'m, M>,
     start: u64,
+    /// log2 of every page's size: [`PAGE_SHIFT`], or [`PMD_SHIFT`] in a
+    /// HUGE VMA (its pages move as 2 MiB units, PMD entries).
+    shift: u32,
     pages: Vec<MigratePage>,
     collected: usize,
     finalized: bool,
 }
 
-/// `migrate_vma_setup`: collect the 4 KiB pages of `[start, end)` that
-/// `select` asks for, unmap them from the CPU (a migration entry in each
-/// PTE, between `invalidate_range_start` and `_end` of event
+/// `migrate_vma_setup`: collect the pages of `[start, end)` that `select`
+/// asks for, unmap them from the CPU (a migration entry in each PTE,
+/// between `invalidate_range_start` and `_end` of event
 /// [`MmuNotifyEvent::Migrate`] naming `owner`) and return the migration.
 /// Device-private pages are collected only if they belong to `owner`.
 ///
+/// In a HUGE VMA the pages are its 2 MiB leaves, collected whole (Linux ≥
+/// 6.15's `MIGRATE_VMA_SELECT_COMPOUND`): one PMD migration entry each,
+/// and the destination must be 2 MiB too ([`MigrateVma::page_shift`]);
+/// `[start, end)` must then be 2 MiB aligned (EINVAL). A 4 KiB VMA's
+/// pages stay 4 KiB.
+///
 /// The range must lie inside one VMA (EINVAL otherwise, or if unaligned or
-/// empty); special VMAs are EINVAL. Pages of a 2 MiB leaf, of a shared VMA
-/// (migrating shared anonymous memory would give each sharer its own copy)
-/// or of a VMA without read access are not collected (`Skip`). Holes and
-/// the zero page are collected as `Empty`: a migration to the device
-/// allocates them there, zeroed.
+/// empty); special VMAs are EINVAL. Pages of a shared VMA (migrating
+/// shared anonymous memory would give each sharer its own copy) or of a
+/// VMA without read access are not collected (`Skip`). Holes and the zero
+/// page are collected as `Empty`: a migration to the device allocates
+/// them there, zeroed.
 pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     mmap: &'g MmapReadGuard<'m, M>,
     start: u64,
@@ -264,14 +317,20 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     owner: Option<DeviceOwner>,
 ) -> Result<MigrateVma<'g, 'm, M>, Errno> {
     let mm = mmap.mm();
-    if start >= end || !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
+    let vma = mm.vma_lookup(mmap, start).ok_or(Errno::EINVAL)?;
+    let shift = if vma.flags.contains(VmFlags::HUGE) {
+        PMD_SHIFT
+    } else {
+        PAGE_SHIFT
+    };
+    let size = 1u64 << shift;
+    if start >= end || !start.is_multiple_of(size) || !end.is_multiple_of(size) {
         return Err(Errno::EINVAL);
     }
-    let vma = mm.vma_lookup(mmap, start).ok_or(Errno::EINVAL)?;
     if end > vma.end || vma.flags.intersects(VmFlags::SPECIAL_KINDS) {
         return Err(Errno::EINVAL);
     }
-    let npages = ((end - start) >> PAGE_SHIFT) as usize;
+    let npages = ((end - start) >> shift) as usize;
     let skip = MigratePage {
         src: MigrateSrc::Skip,
         writable: false,
@@ -282,12 +341,13 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     let mut mig = MigrateVma {
         mmap,
         start,
+        shift,
         pages: alloc::vec![skip; npages],
         collected: 0,
         finalized: false,
     };
-    let movable =
-        vma.flags.contains(VmFlags::READ) && !vma.flags.intersects(VmFlags::SHARED | VmFlags::HUGE);
+    let huge = shift == PMD_SHIFT;
+    let movable = vma.flags.contains(VmFlags::READ) && !vma.flags.contains(VmFlags::SHARED);
     if !movable {
         return Ok(mig);
     }
@@ -299,30 +359,34 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
         blockable: true,
     };
     mmu_notifier_invalidate_range_start(mm, &r).expect("blockable");
+    let system = select.contains(MigrateSelect::SYSTEM);
     for (i, page) in mig.pages.iter_mut().enumerate() {
-        let addr = start + ((i as u64) << PAGE_SHIFT);
+        let addr = start + ((i as u64) << shift);
         let old = mm.walk(mmap, addr).state;
         let (src, writable) = match old {
-            PageState::None | PageState::Zero { .. } if select.contains(MigrateSelect::SYSTEM) => {
-                (MigrateSrc::Empty, vma_write)
+            PageState::None if system => (MigrateSrc::Empty, vma_write),
+            PageState::Zero { .. } if system && !huge => (MigrateSrc::Empty, vma_write),
+            PageState::Present { pfn, writable } if system && !huge => {
+                (MigrateSrc::Page(MigratePfn::System { pfn }), writable)
             }
-            PageState::Present { pfn, writable } if select.contains(MigrateSelect::SYSTEM) => {
+            PageState::Huge { pfn, writable } if system && huge => {
                 (MigrateSrc::Page(MigratePfn::System { pfn }), writable)
             }
             PageState::DevicePrivate {
                 owner: o,
                 vram_pfn,
                 writable,
-            } if select.contains(MigrateSelect::DEVICE_PRIVATE) && Some(o) == owner => {
+                huge: h,
+            } if select.contains(MigrateSelect::DEVICE_PRIVATE)
+                && Some(o) == owner
+                && h == huge =>
+            {
                 let src = MigratePfn::Device { owner: o, vram_pfn };
                 (MigrateSrc::Page(src), writable)
             }
             _ => continue,
         };
-        if mm
-            .pte_exchange(mmap, addr, old, PageState::Migration)
-            .is_ok()
-        {
+        if mig_exchange(mm, mmap, addr, huge, old, PageState::Migration).is_ok() {
             *page = MigratePage {
                 src,
                 writable,
@@ -335,6 +399,23 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     }
     mmu_notifier_invalidate_range_end(mm, &r);
     Ok(mig)
+}
+
+/// The compare-and-exchange of a migration's entry: the PTE, or for a
+/// 2 MiB page the PMD.
+fn mig_exchange<M: Mm>(
+    mm: &M,
+    mmap: &MmapReadGuard<'_, M>,
+    addr: u64,
+    huge: bool,
+    old: PageState,
+    new: PageState,
+) -> Result<(), PageState> {
+    if huge {
+        mm.pmd_exchange(mmap, addr, old, new)
+    } else {
+        mm.pte_exchange(mmap, addr, old, new)
+    }
 }
 
 impl<M: Mm> MigrateVma<'_, '_, M> {
@@ -358,9 +439,16 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
         self.collected
     }
 
+    /// log2 of the size of its pages: [`PAGE_SHIFT`], or [`PMD_SHIFT`]
+    /// for a HUGE VMA's (sources and destinations are then 2 MiB pages:
+    /// runs of 512 frames, 2 MiB device pages).
+    pub fn page_shift(&self) -> u32 {
+        self.shift
+    }
+
     /// The address of page `i`.
     pub fn addr(&self, i: usize) -> u64 {
-        self.start + ((i as u64) << PAGE_SHIFT)
+        self.start + ((i as u64) << self.shift)
     }
 
     /// `migrate_vma_pages`: install every collected page's destination in
@@ -370,17 +458,15 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
     /// reclaims without the mmap lock) is not installed.
     pub fn migrate_pages(&mut self) -> usize {
         let mm = self.mmap.mm();
+        let huge = self.shift == PMD_SHIFT;
         let mut n = 0;
         for i in 0..self.pages.len() {
             let p = self.pages[i];
             let Some(dst) = p.dst.filter(|_| !p.installed) else {
                 continue;
             };
-            let new = dst.entry(p.writable);
-            if mm
-                .pte_exchange(self.mmap, self.addr(i), PageState::Migration, new)
-                .is_ok()
-            {
+            let new = dst.entry(p.writable, huge);
+            if mig_exchange(mm, self.mmap, self.addr(i), huge, PageState::Migration, new).is_ok() {
                 self.pages[i].installed = true;
                 n += 1;
             }
@@ -399,6 +485,7 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
         }
         self.finalized = true;
         let mm = self.mmap.mm();
+        let huge = self.shift == PMD_SHIFT;
         let mut migrated = 0;
         // Freed after every entry is back (frees may call into drivers).
         let mut free: Vec<MigratePfn> = Vec::new();
@@ -415,9 +502,15 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
                 continue;
             }
             free.extend(p.dst);
-            if mm
-                .pte_exchange(self.mmap, self.addr(i), PageState::Migration, p.old)
-                .is_err()
+            if mig_exchange(
+                mm,
+                self.mmap,
+                self.addr(i),
+                huge,
+                PageState::Migration,
+                p.old,
+            )
+            .is_err()
             {
                 // The entry went away under us (reclaim without the mmap
                 // lock): the old contents are ours to free.
@@ -425,7 +518,7 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
             }
         }
         for f in free {
-            f.free(mm);
+            f.release(mm, huge);
         }
         migrated
     }
@@ -469,10 +562,12 @@ pub fn migration_entry_wait<M: Mm>(
 /// A fault on a device-private entry at `addr` (Linux's `do_swap_page` →
 /// `migrate_to_ram`): lock the page with a migration entry, have its owner
 /// copy it into a fresh frame, install the frame and free the device page.
-/// If another fault holds the page it waits for that one instead. Errors:
-/// `Sigbus` (owner not registered or its copy failed; the page stays on
-/// the device), `Oom` (no frame). Called by an `Mm`'s `handle_mm_fault`
-/// with its page-table lock released.
+/// A 2 MiB device page comes back whole, into a run of 512 frames from
+/// [`Mm::alloc_huge_frame`] (a HUGE VMA maps nothing smaller). If another
+/// fault holds the page it waits for that one instead. Errors: `Sigbus`
+/// (owner not registered or its copy failed; the page stays on the
+/// device), `Oom` (no frame, or no free 2 MiB run). Called by an `Mm`'s
+/// `handle_mm_fault` with its page-table lock released.
 pub fn device_private_fault<M: Mm>(
     mmap: &MmapReadGuard<'_, M>,
     addr: u64,
@@ -480,17 +575,19 @@ pub fn device_private_fault<M: Mm>(
 ) -> Result<(), FaultError> {
     let mm = mmap.mm();
     let page = addr & !(PAGE_SIZE - 1);
-    let owner = match mm.walk(mmap, page).state {
-        PageState::DevicePrivate { owner, .. } => owner,
+    let (owner, huge) = match mm.walk(mmap, page).state {
+        PageState::DevicePrivate { owner, huge, .. } => (owner, huge),
         PageState::Migration => return migration_entry_wait(mmap, page, flags),
         // Resolved meanwhile: the caller walks again.
         _ => return Ok(()),
     };
+    let page = if huge { addr & !(PMD_SIZE - 1) } else { page };
+    let size = if huge { PMD_SIZE } else { PAGE_SIZE };
     let ops = pagemap(mm, owner).ok_or(FaultError::Sigbus)?;
     let mut mig = migrate_vma_setup(
         mmap,
         page,
-        page + PAGE_SIZE,
+        page + size,
         MigrateSelect::DEVICE_PRIVATE,
         Some(owner),
     )
@@ -500,15 +597,26 @@ pub fn device_private_fault<M: Mm>(
         drop(mig);
         return migration_entry_wait(mmap, page, flags);
     };
-    let frame = mm.alloc_frame().ok_or(FaultError::Oom)?;
-    if let Err(e) = ops.migrate_to_ram(mm, page, vram_pfn, frame) {
+    let frame = if huge {
+        mm.alloc_huge_frame()
+    } else {
+        mm.alloc_frame()
+    };
+    let frame = frame.ok_or(FaultError::Oom)?;
+    let copied = if huge {
+        ops.migrate_to_ram_huge(mm, page, vram_pfn, frame)
+    } else {
+        ops.migrate_to_ram(mm, page, vram_pfn, frame)
+    };
+    let dst = MigratePfn::System { pfn: frame };
+    if let Err(e) = copied {
         log::warn!("mm: migrate_to_ram of {page:#x} failed: {e}");
         if e != Errno::EBUSY {
-            mm.free_frame(frame);
+            dst.release(mm, huge);
         }
         return Err(FaultError::Sigbus);
     }
-    mig.set_dst(0, MigratePfn::System { pfn: frame });
+    mig.set_dst(0, dst);
     mig.migrate_pages();
     mig.finalize();
     Ok(())

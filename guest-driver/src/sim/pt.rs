@@ -28,7 +28,18 @@ pub(super) enum SimPte {
 
 pub(super) enum Pmd {
     Table(Box<[SimPte; PTRS]>),
-    Huge { pfn: u64, writable: bool },
+    Huge {
+        pfn: u64,
+        writable: bool,
+    },
+    /// A 2 MiB device page (512 device pages from `vram_pfn`).
+    DevicePrivate {
+        owner: DeviceOwner,
+        vram_pfn: u64,
+        writable: bool,
+    },
+    /// A 2 MiB page under migration.
+    Migration,
 }
 
 pub(super) fn pte_index(addr: u64) -> usize {
@@ -41,17 +52,21 @@ pub(super) fn table_mut(pt: &mut HashMap<u64, Pmd>, addr: u64) -> &mut [SimPte; 
         .or_insert_with(|| Pmd::Table(Box::new([SimPte::None; PTRS])));
     match pmd {
         Pmd::Table(t) => t,
-        Pmd::Huge { .. } => panic!("sim: 4 KiB operation on a huge leaf at {addr:#x}"),
+        _ => panic!("sim: 4 KiB operation on a 2 MiB entry at {addr:#x}"),
     }
 }
 
+/// A device page a zap took out: owner, page, whether it is a 2 MiB one.
+pub(super) type ZappedDev = (DeviceOwner, u64, bool);
+
 /// Clear every translation in `[start, end)`; returns the frames to free,
-/// and adds the device pages to free to `devs`.
+/// and adds the device pages to free to `devs`. A 2 MiB entry that
+/// overlaps goes whole.
 pub(super) fn zap(
     pt: &mut HashMap<u64, Pmd>,
     start: u64,
     end: u64,
-    devs: &mut Vec<(DeviceOwner, u64)>,
+    devs: &mut Vec<ZappedDev>,
 ) -> Vec<u64> {
     let mut freed = Vec::new();
     let keys: Vec<u64> = pt
@@ -69,6 +84,15 @@ pub(super) fn zap(
                 freed.extend(*pfn..*pfn + PTRS as u64);
                 true
             }
+            Pmd::DevicePrivate {
+                owner, vram_pfn, ..
+            } => {
+                devs.push((*owner, *vram_pfn, true));
+                true
+            }
+            // The migration that holds it finds its entry gone and frees
+            // what it held.
+            Pmd::Migration => true,
             Pmd::Table(t) => {
                 for (i, pte) in t.iter_mut().enumerate() {
                     let a = base + i as u64 * PAGE_SIZE;
@@ -79,7 +103,7 @@ pub(super) fn zap(
                         SimPte::Page { pfn, .. } => freed.push(pfn),
                         SimPte::DevicePrivate {
                             owner, vram_pfn, ..
-                        } => devs.push((owner, vram_pfn)),
+                        } => devs.push((owner, vram_pfn, false)),
                         _ => {}
                     }
                     *pte = SimPte::None;
@@ -100,10 +124,12 @@ pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
     for (&k, pmd) in pt.iter_mut() {
         let base = k << PMD_SHIFT;
         match pmd {
-            Pmd::Huge { writable, .. } if base < end && start < base + PMD_SIZE => {
+            Pmd::Huge { writable, .. } | Pmd::DevicePrivate { writable, .. }
+                if base < end && start < base + PMD_SIZE =>
+            {
                 *writable = false
             }
-            Pmd::Huge { .. } => {}
+            Pmd::Huge { .. } | Pmd::DevicePrivate { .. } | Pmd::Migration => {}
             Pmd::Table(t) => {
                 for (i, pte) in t.iter_mut().enumerate() {
                     let a = base + i as u64 * PAGE_SIZE;

@@ -127,10 +127,13 @@ impl CpuTables for SimTables {
                 owner,
                 vram_pfn,
                 writable,
+                huge,
             }) => {
+                // A 2 MiB device page: the 4 KiB page of `va` in it.
+                let page = if huge { (va % PMD_SIZE) / PAGE } else { 0 };
                 let entry = CpuDevicePrivate {
                     owner: owner.get(),
-                    vram: vram_pfn * PAGE,
+                    vram: (vram_pfn + page) * PAGE,
                     writable,
                 };
                 CpuLookup::DevicePrivate {

@@ -90,7 +90,7 @@ use faultline_driver::mm::{
     device_page_free, mmap_read_lock, mmap_read_trylock, mmap_write_lock, mmput,
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, DeviceOwner,
     FaultError, FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState,
-    VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE,
+    VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
 
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
@@ -314,10 +314,14 @@ impl ProcessMm {
         self.release_device_pages(devices);
     }
 
-    fn release_device_pages(&self, devices: Vec<(DeviceOwner, u64)>) {
-        self.core.account_device_pages(0, devices.len() as u64);
-        for (owner, vram_pfn) in devices {
-            device_page_free(self, owner, vram_pfn);
+    fn release_device_pages(&self, devices: Vec<(DeviceOwner, u64, bool)>) {
+        let pages = devices
+            .iter()
+            .map(|&(_, _, huge)| if huge { 512 } else { 1 })
+            .sum();
+        self.core.account_device_pages(0, pages);
+        for (owner, vram_pfn, huge) in devices {
+            device_page_free(self, owner, vram_pfn, huge);
         }
     }
 
@@ -497,7 +501,7 @@ impl ProcessMm {
         self.faults.fetch_add(1, Ordering::Relaxed);
         let write = access == Access::Write;
         if f.contains(VmFlags::HUGE) {
-            return self.fault_huge(addr, f, write);
+            return self.fault_huge(vmas, addr, f, write, flags);
         }
         let zero = zero_pa();
         {
@@ -508,19 +512,8 @@ impl ProcessMm {
                 .expect("created");
             let e = t.get(i);
             if pt::is_swap(e) {
-                // In device memory or under migration: the generic path,
-                // which takes the page-table lock itself.
                 drop(pt);
-                let r = if e & pt::SWP_MIGRATION != 0 {
-                    migration_entry_wait(vmas, addr, flags)
-                } else {
-                    device_private_fault(vmas, addr, flags)
-                };
-                return r.map_err(|e| match e {
-                    FaultError::Oom => SegvReason::OutOfMemory,
-                    FaultError::Retry => SegvReason::Busy,
-                    FaultError::Sigbus | FaultError::Sigsegv => SegvReason::DeviceMemory,
-                });
+                return swap_fault(vmas, addr, e, flags);
             }
             if e & P == 0 {
                 // Not present: nothing cached, no flush, no notifier.
@@ -618,8 +611,16 @@ impl ProcessMm {
     }
 
     /// A fault in a 2 MiB VMA: any fault maps the whole 2 MiB page,
-    /// writable if the VMA is (there is no huge zero page).
-    fn fault_huge(&self, addr: u64, f: VmFlags, write: bool) -> Result<(), SegvReason> {
+    /// writable if the VMA is (there is no huge zero page); a 2 MiB device
+    /// page comes back whole.
+    fn fault_huge(
+        &self,
+        vmas: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        f: VmFlags,
+        write: bool,
+        flags: FaultFlags,
+    ) -> Result<(), SegvReason> {
         let base = addr & !(PMD_SIZE - 1);
         let writable = f.contains(VmFlags::WRITE);
         {
@@ -629,6 +630,10 @@ impl ProcessMm {
                 .map_err(|_| SegvReason::OutOfMemory)?
                 .expect("created");
             let e = t.get(i);
+            if pt::is_swap(e) {
+                drop(pt);
+                return swap_fault(vmas, addr, e, flags);
+            }
             if e & P != 0 {
                 if write && e & W == 0 {
                     t.set(i, e | W | pt::D);
@@ -643,7 +648,9 @@ impl ProcessMm {
             .pde(base, true)
             .map_err(|_| SegvReason::OutOfMemory)?
             .expect("created");
-        if t.get(i) & P == 0 {
+        // Only an empty PDE: a migration may have put an entry there
+        // meanwhile (it too holds the mmap lock for read).
+        if t.get(i) == 0 {
             t.set(i, pt::leaf(pa, f, writable, true));
             pt.data += 512;
         } else {
@@ -665,6 +672,27 @@ impl ProcessMm {
         }
         self.release_device_pages(devices);
     }
+}
+
+/// A fault on a swap-type entry `e` (PTE or PDE) at `addr`: in device
+/// memory or under migration, the generic path (which takes the page-table
+/// lock itself; the caller dropped it).
+fn swap_fault(
+    vmas: &MmapReadGuard<'_, ProcessMm>,
+    addr: u64,
+    e: u64,
+    flags: FaultFlags,
+) -> Result<(), SegvReason> {
+    let r = if e & pt::SWP_MIGRATION != 0 {
+        migration_entry_wait(vmas, addr, flags)
+    } else {
+        device_private_fault(vmas, addr, flags)
+    };
+    r.map_err(|e| match e {
+        FaultError::Oom => SegvReason::OutOfMemory,
+        FaultError::Retry => SegvReason::Busy,
+        FaultError::Sigbus | FaultError::Sigsegv => SegvReason::DeviceMemory,
+    })
 }
 
 impl Drop for ProcessMm {
@@ -863,7 +891,7 @@ impl Mm for ProcessMm {
             PageState::None => 0,
             PageState::Zero { .. } => pt::leaf(zero, f, false, false),
             PageState::Present { pfn, writable } => pt::leaf(pfn << PAGE_SHIFT, f, writable, false),
-            s => pt::swap_entry(s).ok_or_else(|| self.translate(addr).state)?,
+            s => pt::swap_entry(s, false).ok_or_else(|| self.translate(addr).state)?,
         };
         let mut pt = self.pt.lock();
         let w = pt.walk(addr, zero);
@@ -891,12 +919,68 @@ impl Mm for ProcessMm {
         Ok(())
     }
 
+    fn pmd_exchange(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        addr: u64,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
+        let f = mmap.lookup(addr).map_or(VmFlags::READ, |v| v.flags);
+        let new_e = match new {
+            PageState::None => 0,
+            PageState::Huge { pfn, writable } => pt::leaf(pfn << PAGE_SHIFT, f, writable, true),
+            s => pt::swap_entry(s, true).ok_or_else(|| self.translate(addr).state)?,
+        };
+        let mut pt = self.pt.lock();
+        let w = pt.walk(addr, zero_pa());
+        if w.state != old || w.shift != PMD_SHIFT {
+            return Err(w.state);
+        }
+        let Ok(Some((t, i))) = pt.pde(addr, true) else {
+            return Err(w.state);
+        };
+        let e = t.get(i);
+        t.set(i, new_e);
+        let frames = |s: PageState| {
+            if matches!(s, PageState::Huge { .. }) {
+                512
+            } else {
+                0
+            }
+        };
+        let device = |s: PageState| {
+            if matches!(s, PageState::DevicePrivate { .. }) {
+                512
+            } else {
+                0
+            }
+        };
+        pt.data = pt.data + frames(new) - frames(old);
+        self.core.account_device_pages(device(new), device(old));
+        if e & P != 0 {
+            let mut flush = Flush::new();
+            flush.page(addr);
+            flush.run(is_active(self));
+        }
+        Ok(())
+    }
+
     fn alloc_frame(&self) -> Option<u64> {
         pt::alloc_zeroed().ok().map(|pa| pa >> PAGE_SHIFT)
     }
 
     fn free_frame(&self, pfn: u64) {
         freed::Freer::new().data(pfn << PAGE_SHIFT, false);
+    }
+
+    fn alloc_huge_frame(&self) -> Option<u64> {
+        // Not zeroed: the migration that asks writes all of it.
+        crate::mm::frames::alloc_2m().map(|pa| pa.as_u64() >> PAGE_SHIFT)
+    }
+
+    fn free_huge_frame(&self, pfn: u64) {
+        freed::Freer::new().data(pfn << PAGE_SHIFT, true);
     }
 
     fn now_ns(&self) -> u64 {

@@ -13,8 +13,9 @@
 //! offset in the address bits, the owner id in bits 52..61 and the write
 //! permission in W ([`CpuDevicePrivate`], the encoding the device's
 //! coherence checker reads); a migration entry ([`SWP_MIGRATION`]) holds
-//! nothing.
-//! They exist at the 4 KiB level only.
+//! nothing. They exist at the 4 KiB level and, with PS set, at the 2 MiB
+//! level (a PDE in a HUGE VMA: a 2 MiB device page, or a 2 MiB page under
+//! migration).
 
 use alloc::vec::Vec;
 use faultline_abi::CpuDevicePrivate;
@@ -104,47 +105,61 @@ pub fn is_swap(e: u64) -> bool {
     CpuDevicePrivate::is_swap(e)
 }
 
-/// The entry for a device-private or migration state (`None` for others).
-pub fn swap_entry(state: PageState) -> Option<u64> {
+/// The entry for a device-private or migration state (`None` for others),
+/// as a PDE (`pmd`: a 2 MiB device page or migration entry) or a PTE.
+pub fn swap_entry(state: PageState, pmd: bool) -> Option<u64> {
+    let level = if pmd { PS } else { 0 };
     match state {
         PageState::DevicePrivate {
             owner,
             vram_pfn,
             writable,
-        } => {
+            huge,
+        } if huge == pmd => {
             let entry = CpuDevicePrivate {
                 owner: owner.get(),
                 vram: vram_pfn.checked_mul(PAGE_SIZE)?,
                 writable,
             };
-            entry.encode()
+            entry.encode().map(|e| e | level)
         }
-        PageState::Migration => Some(SWP | SWP_MIGRATION),
+        PageState::Migration => Some(SWP | SWP_MIGRATION | level),
         _ => None,
     }
 }
 
-/// The device page a device-private entry names: (owner, vram pfn).
-pub fn device_page(e: u64) -> Option<(DeviceOwner, u64)> {
+/// The device page a device-private entry names: (owner, vram pfn, whether
+/// it is a 2 MiB one).
+pub fn device_page(e: u64) -> Option<(DeviceOwner, u64, bool)> {
     let d = CpuDevicePrivate::decode(e)?;
-    Some((DeviceOwner::from_raw(d.owner)?, d.vram >> PAGE_SHIFT))
+    Some((
+        DeviceOwner::from_raw(d.owner)?,
+        d.vram >> PAGE_SHIFT,
+        e & PS != 0,
+    ))
+}
+
+/// What a swap-type entry (PTE or PDE) says to the mirror layer.
+fn swap_state(e: u64) -> PageState {
+    if e & SWP_MIGRATION != 0 {
+        return PageState::Migration;
+    }
+    match device_page(e) {
+        Some((owner, vram_pfn, huge)) => PageState::DevicePrivate {
+            owner,
+            vram_pfn,
+            writable: e & W != 0,
+            huge,
+        },
+        // Only this module writes swap entries, always with an owner.
+        None => PageState::Special,
+    }
 }
 
 /// What a last-level entry says to the mirror layer.
 fn pte_state(pte: u64, zero_pa: u64) -> PageState {
     if is_swap(pte) {
-        if pte & SWP_MIGRATION != 0 {
-            return PageState::Migration;
-        }
-        return match device_page(pte) {
-            Some((owner, vram_pfn)) => PageState::DevicePrivate {
-                owner,
-                vram_pfn,
-                writable: pte & W != 0,
-            },
-            // Only this module writes swap entries, always with an owner.
-            None => PageState::Special,
-        };
+        return swap_state(pte);
     }
     if !holds_frame(pte) {
         PageState::None
@@ -195,8 +210,9 @@ pub struct FrameList {
     inline: [u64; 8],
     n: usize,
     spill: alloc::vec::Vec<u64>,
-    /// Device pages unmapped, for their owners' `page_free`.
-    pub devices: Vec<(DeviceOwner, u64)>,
+    /// Device pages unmapped (owner, page, 2 MiB), for their owners'
+    /// `page_free`.
+    pub devices: Vec<(DeviceOwner, u64, bool)>,
 }
 
 /// Low bits of a [`FrameList`] entry: a 2 MiB run; a page-table page (not
@@ -455,6 +471,12 @@ impl PageTables {
                 shift: PMD_SHIFT,
             };
         }
+        if is_swap(pde) {
+            return Walk {
+                state: swap_state(pde),
+                shift: PMD_SHIFT,
+            };
+        }
         if pde & P == 0 {
             return hole;
         }
@@ -468,7 +490,7 @@ impl PageTables {
 
     /// Calls `f(addr, table, index, huge)` for every leaf holding a frame,
     /// and every swap-type entry, in `[start, end)`, skipping missing tables
-    /// a block at a time.
+    /// a block at a time (`huge`: a PDE; `addr` is then its block's start).
     fn for_each_leaf(&self, start: u64, end: u64, mut f: impl FnMut(u64, Table, usize, bool)) {
         let mut a = start;
         while a < end {
@@ -483,7 +505,7 @@ impl PageTables {
             let i2 = index(a, PMD_SHIFT);
             let pde = pd.get(i2);
             let block_end = next_block(a, PMD_SHIFT);
-            if pde & PS != 0 && holds_frame(pde) {
+            if (pde & PS != 0 && holds_frame(pde)) || is_swap(pde) {
                 f(a & !(PMD_SIZE - 1), pd, i2, true);
             } else if pde & P != 0 {
                 // SAFETY: a present non-leaf PDE of our tables.
@@ -633,7 +655,7 @@ impl PageTables {
     /// Frees every frame and table of the user half right away (teardown:
     /// nobody can be told any more); device pages go to `devices` (their
     /// owners free them). Returns the number of 4 KiB frames.
-    pub fn destroy(&mut self, zero_pa: u64, devices: &mut Vec<(DeviceOwner, u64)>) -> u64 {
+    pub fn destroy(&mut self, zero_pa: u64, devices: &mut Vec<(DeviceOwner, u64, bool)>) -> u64 {
         let mut n = 0;
         let mut f = Freer::new();
         for i4 in index(USER_BASE, 39)..=index(USER_END - 1, 39) {
@@ -649,6 +671,8 @@ impl PageTables {
                     if pde & PS != 0 && holds_frame(pde) {
                         f.data(pde & ADDR, true);
                         n += 512;
+                    } else if let Some(d) = device_page(pde) {
+                        devices.push(d);
                     } else if let Some(pt) = pd.child(i2) {
                         for i1 in 0..512 {
                             let e = pt.get(i1);

@@ -193,11 +193,11 @@ impl<P: Platform, M: Mm> Space<P> for MmSpace<M> {
                 a,
                 b,
                 MigrateSelect::DEVICE_PRIVATE,
-                |mm, _, src| match src {
+                |mm, _, src, huge| match src {
                     MigrateSrc::Page(MigratePfn::Device { vram_pfn, .. })
                         if in_chunk.contains(&(vram_pfn << PAGE_SHIFT)) =>
                     {
-                        to_frame(mm)
+                        to_frame(mm, huge)
                     }
                     _ => Step::Skip,
                 },

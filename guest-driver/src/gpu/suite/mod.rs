@@ -28,6 +28,7 @@ mod helpers;
 
 mod basic;
 mod dmem;
+mod dmem_huge;
 mod dmem_mixed;
 mod evict;
 mod first_touch;
@@ -41,6 +42,7 @@ pub mod workloads;
 
 use basic::*;
 use dmem::*;
+use dmem_huge::*;
 use dmem_mixed::*;
 use evict::*;
 use first_touch::*;
@@ -422,6 +424,8 @@ macro_rules! svm_suite {
             vram_alloc_fail,
             migrate_first_touch,
             migrate_first_touch_fallback,
+            migrate_huge,
+            migrate_huge_empty,
         }
     };
 }

@@ -17,7 +17,7 @@ use crate::hmm::{
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use crate::mm::{
-    mmap_read_lock, mmap_write_lock, mmu_notifier_register, MmuNotifier, PAGE_SIZE as PG,
+    mmap_read_lock, mmap_write_lock, mmu_notifier_register, MmuNotifier, Walk, PAGE_SIZE as PG,
 };
 use crate::sim::SimMm;
 
@@ -134,6 +134,25 @@ impl DevPagemapOps<SimMm> for FakeDev {
         };
         self.in_copy.fetch_sub(1, Ordering::SeqCst);
         r
+    }
+
+    fn migrate_to_ram_huge(
+        &self,
+        mm: &SimMm,
+        _addr: u64,
+        vram_pfn: u64,
+        dst_pfn: u64,
+    ) -> Result<(), Errno> {
+        if self.fail_to_ram.load(Ordering::SeqCst) {
+            return Err(Errno::EFAULT);
+        }
+        self.to_ram.fetch_add(1, Ordering::SeqCst);
+        let mem = self.mem.lock();
+        for k in 0..HUGE_PAGES {
+            mm.frame_source()
+                .write(dst_pfn + k, 0, &mem[&(vram_pfn + k)]);
+        }
+        Ok(())
     }
 
     fn page_free(&self, vram_pfn: u64) {
@@ -594,4 +613,113 @@ fn a_device_fault_on_a_page_under_migration_is_eagain_without_waiting() {
     range.pfns.fill(V);
     range_fault(&mut range, &mmap, true).unwrap();
     drop(mmap);
+}
+
+/// A HUGE VMA's 2 MiB pages are collected whole (one PMD migration entry
+/// each, holes too), restored whole, installed as 2 MiB device-private
+/// entries, and come back whole on a CPU fault (not when the copy fails);
+/// munmap gives a 2 MiB device page back through `page_free_huge`.
+#[test]
+fn huge_pages_migrate_and_come_back_whole() {
+    let leaf = PMD_SIZE;
+    let mm = SimMm::new();
+    mm.mmap(BASE, 2 * leaf, RW | VmFlags::HUGE).unwrap();
+    mm.write(BASE + 3 * PG, &pattern(3, 0)).unwrap();
+    let PageState::Huge { pfn, .. } = mm.cpu_state(BASE) else {
+        panic!("no 2 MiB leaf");
+    };
+    let dev = FakeDev::new(0);
+    dev_pagemap_register(&*mm, dev.owner, dev.clone()).unwrap();
+    let frames = mm.frames_in_use();
+    {
+        let mmap = mmap_read_lock(&*mm);
+        let sel = MigrateSelect::SYSTEM;
+        assert_eq!(
+            migrate_vma_setup(&mmap, BASE + PG, BASE + leaf, sel, Some(dev.owner)).err(),
+            Some(Errno::EINVAL),
+            "a 4 KiB part of a 2 MiB page"
+        );
+        let mut mig =
+            migrate_vma_setup(&mmap, BASE, BASE + 2 * leaf, sel, Some(dev.owner)).unwrap();
+        assert_eq!(mig.page_shift(), PMD_SHIFT);
+        let srcs: Vec<MigrateSrc> = mig.pages().iter().map(|p| p.src).collect();
+        assert_eq!(
+            srcs,
+            [
+                MigrateSrc::Page(MigratePfn::System { pfn }),
+                MigrateSrc::Empty
+            ]
+        );
+        for a in [BASE + 5 * PG, BASE + leaf + 7 * PG] {
+            assert_eq!(
+                mm.walk(&mmap, a),
+                Walk {
+                    state: PageState::Migration,
+                    shift: PMD_SHIFT
+                }
+            );
+        }
+        drop(mig);
+        assert_eq!(
+            mm.walk(&mmap, BASE).state,
+            PageState::Huge {
+                pfn,
+                writable: true
+            }
+        );
+        assert_eq!(mm.walk(&mmap, BASE + leaf).state, PageState::None);
+        // Now to the device: 512 device pages from 0 and from 512.
+        mig = migrate_vma_setup(&mmap, BASE, BASE + 2 * leaf, sel, Some(dev.owner)).unwrap();
+        for i in 0..2 {
+            let v = i as u64 * HUGE_PAGES;
+            for k in 0..HUGE_PAGES {
+                let mut data = vec![0u8; PG as usize];
+                if i == 0 {
+                    mm.frame_source().read(pfn + k, 0, &mut data);
+                }
+                dev.mem.lock().insert(v + k, data);
+            }
+            mig.set_dst(
+                i,
+                MigratePfn::Device {
+                    owner: dev.owner,
+                    vram_pfn: v,
+                },
+            );
+        }
+        assert_eq!(mig.migrate_pages(), 2);
+        assert_eq!(mig.finalize(), 2);
+    }
+    let want = |v| PageState::DevicePrivate {
+        owner: dev.owner,
+        vram_pfn: v,
+        writable: true,
+        huge: true,
+    };
+    assert_eq!(mm.cpu_state(BASE + 9 * PG), want(0));
+    assert_eq!(mm.cpu_state(BASE + leaf), want(HUGE_PAGES));
+    assert_eq!(mm.device_pages(), 2 * HUGE_PAGES);
+    assert_eq!(mm.frames_in_use(), frames - HUGE_PAGES);
+    dev.fail_to_ram.store(true, Ordering::SeqCst);
+    assert_eq!(read_page(&mm, BASE + 3 * PG), Err(FaultError::Sigbus));
+    assert_eq!(mm.cpu_state(BASE), want(0), "a failed copy keeps the page");
+    assert_eq!(
+        mm.frames_in_use(),
+        frames - HUGE_PAGES,
+        "its frames went back"
+    );
+    dev.fail_to_ram.store(false, Ordering::SeqCst);
+    assert_eq!(read_page(&mm, BASE + 3 * PG).unwrap(), pattern(3, 0));
+    assert!(matches!(
+        mm.cpu_state(BASE + leaf - PG),
+        PageState::Huge { .. }
+    ));
+    assert_eq!(dev.to_ram.load(Ordering::SeqCst), 1, "one copy for 2 MiB");
+    assert_eq!(
+        (mm.device_pages(), dev.in_use() as u64),
+        (HUGE_PAGES, HUGE_PAGES)
+    );
+    mm.munmap(BASE + leaf, leaf).unwrap();
+    assert_eq!((mm.device_pages(), dev.in_use()), (0, 0));
+    assert_eq!(mm.frames_in_use(), frames);
 }
