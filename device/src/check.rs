@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use faultline_abi::{
-    engine, Access, ContextEntry, Counter, CpuDevicePrivate, CpuPagingMode, CpuRoot, PAGE_SIZE,
+    engine, Access, ContextEntry, Counter, CpuDevicePrivate, CpuPagingMode, CpuRoot, LEAF_2M,
+    PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -133,7 +134,8 @@ fn load_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Option<u64> {
 /// of `va` (bits 0..47 used). Four reads at most, whatever the tables hold,
 /// so loops and tables outside RAM end the walk instead of hanging it. A
 /// non-present 4 KiB leaf in the [`CpuDevicePrivate`] encoding is a
-/// device-private page.
+/// device-private page, and so is a non-present PDE in that encoding with
+/// PS set (a 2 MiB device page, 2 MiB aligned in VRAM).
 pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> CpuLookup {
     let mut table = root.root();
     let mut parent = 0;
@@ -151,6 +153,14 @@ pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> 
                     writable: d.writable,
                     pte,
                 },
+                // A 2 MiB device page: the 4 KiB page of `va` in it.
+                Some(d) if level == 2 && pte & PS != 0 && d.vram % LEAF_2M == 0 => {
+                    CpuLookup::DevicePrivate {
+                        vram: d.vram + (va & (LEAF_2M - 1) & !(PAGE_SIZE - 1)),
+                        writable: d.writable,
+                        pte,
+                    }
+                }
                 _ => CpuLookup::NotMapped { pte },
             };
         }

@@ -620,3 +620,29 @@ fn migration_and_prot_none_entries_name_no_page() {
     let kinds: Vec<_> = reports(&mut rig).iter().map(|r| r.kind).collect();
     assert_eq!(kinds, [ViolationKind::NotMapped; 2]);
 }
+
+#[test]
+fn a_2m_vram_leaf_is_checked_against_a_2m_device_private_pde() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    let chunk = 2 * LEAF_2M;
+    rig.map(0, VA, chunk, LEAF_2M, DEV_VRAM_RW);
+    pt.map(&rig, VA, 0, LEAF_2M, device_private(chunk, true));
+    for off in [0x3000, LEAF_2M - 64] {
+        let t = rig.exec(0, cmd::fill(VA + off, 64, 0xab));
+        assert_eq!(rig.status(t), Status::Ok, "+{off:#x}");
+    }
+    assert_eq!(violations(&rig), 0);
+    assert_eq!(named(&rig, "check.checked"), 2);
+    // The CPU's 2 MiB entry names another chunk: the 4 KiB page inside it.
+    pt.map(&rig, VA, 0, LEAF_2M, device_private(2 * chunk, true));
+    let t = rig.exec(0, cmd::fill(VA + 0x3000, 64, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].kind,
+        ViolationKind::DevicePrivate {
+            cpu_vram: 2 * chunk + 0x3000
+        }
+    );
+}

@@ -171,9 +171,11 @@ impl CpuRoot {
 /// bit 10 set and bits 9 and 11 clear names page `vram` of the VRAM of the
 /// device-memory owner `owner` (a guest-chosen id), writable by the device
 /// when bit 1 is set. Bit 9 marks a PROT_NONE entry and bit 11 a migration
-/// entry; neither names a device page. The CPU ignores every bit of a
-/// non-present entry, so the encoding is software's; the checker reads it
-/// to compare a VRAM translation with the CPU's view.
+/// entry; neither names a device page. The same entry in a PDE with bit 7
+/// (PS) set is a 2 MiB device page: the 512 VRAM pages from `vram` (2 MiB
+/// aligned). The CPU ignores every bit of a non-present entry, so the
+/// encoding is software's; the checker reads it to compare a VRAM
+/// translation with the CPU's view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuDevicePrivate {
     /// The device-memory owner id (10 bits).
