@@ -6,8 +6,9 @@
 # of 2 MiB pages); then migrate_vma of a process range both ways
 # (hmm-tests' benchmark_thp_migration: 1/4 .. 128 x 2 MiB) in the loopback,
 # and 64 MiB in the guest under faultline (firmware bench=migrate), against
-# the CPU's own pass over the same bytes. Every run checks the data after
-# the round trip. Prints markdown on stdout; build output goes to stderr.
+# the CPU's own pass over the same bytes; and the first-touch policy's cost
+# per 64 KiB fault window against the default policy's (loopback). Every
+# run checks the data after the round trip. Prints markdown on stdout; build output goes to stderr.
 # Usage: scripts/bench-migrate.sh [runs]   (called by `scripts/bench.sh migrate`;
 # the guest takes at most 3 runs: a 64 MiB migration is minutes there)
 set -euo pipefail
@@ -43,6 +44,8 @@ for line in sys.stdin:
         continue
     kv = dict(x.split("=", 1) for x in f[2:])
     key = (kv.pop("host"), int(kv.pop("bytes")))
+    if "pages" in kv:
+        key += (kv.pop("pages"),)
     for k, v in kv.items():
         rows.setdefault(key, {}).setdefault(k, []).append(int(v))
 med = lambda key, k: statistics.median(rows[key][k])
@@ -63,11 +66,22 @@ print()
 print("| host | size | to VRAM (MiB/s) | to system (MiB/s) | CPU first-touch fill (MiB/s) | to VRAM / CPU fill | host memcpy (MiB/s) |")
 print("|---|---|---|---|---|---|---|")
 mibs = lambda b, ns: b / ns * 1e9 / 2**20
-for (host, b) in sorted(rows, key=lambda k: (k[0] != "loopback", k[1])):
-    if host == "loopback-engine":
+for k in sorted(rows, key=lambda k: (k[0] != "loopback", k[1])):
+    host, b = k[0], k[1]
+    if host in ("loopback-engine", "loopback-first-touch"):
         continue
-    k = (host, b)
     to_d, to_s, fill = (mibs(b, med(k, x)) for x in ("to_device_ns", "to_system_ns", "cpu_fill_ns"))
     mc = "%.0f" % mibs(b, med(k, "memcpy_ns")) if "memcpy_ns" in rows[k] else "–"
     print(f"| {host} | {size(b)} | {to_d:.1f} | {to_s:.1f} | {fill:.1f} | {to_d / fill:.2f} | {mc} |")
+ft = sorted(k for k in rows if k[0] == "loopback-first-touch")
+if ft:
+    print()
+    print("**Migrate on first touch** (host loopback: one GPU FILL over 256 × 64 KiB windows of a context with all of VRAM attached, each window one fault; `migrate=none` maps the pages where they are, `first_touch` migrates each window to VRAM first, its holes as zeroed VRAM pages, its CPU-written pages with their data):")
+    print()
+    print("| pages | none (µs per window) | first_touch (µs per window) | first_touch / none |")
+    print("|---|---|---|---|")
+    for k in ft:
+        w = k[1] / (64 << 10)
+        a, f = med(k, "none_ns") / w / 1e3, med(k, "first_touch_ns") / w / 1e3
+        print(f"| {k[2]} | {a:.1f} | {f:.1f} | **{f / a:.2f}** |")
 '

@@ -9,8 +9,17 @@
 //!   device and driver
 //!   (`bench migrate host=loopback bytes=N cpu_fill_ns=N to_device_ns=N to_system_ns=N memcpy_ns=N`).
 //!
+//! * the first-touch policy's cost per fault window: one GPU FILL over
+//!   256 fresh (or CPU-written) 64 KiB windows of a context with device
+//!   memory attached, under `migrate=none` and `migrate=first_touch` side
+//!   by side, each on a fresh device and driver
+//!   (`bench migrate host=loopback-first-touch bytes=N pages=fresh|written none_ns=N first_touch_ns=N`).
+//!
 //! memcpy_ns is one host memcpy of the same bytes between two buffers,
 //! timed in the same run.
+//!
+//! `BENCH_ROWS=a,b` runs only the rows whose name contains one of the
+//! words: `engine`, `migrate_vma`, `first_touch`.
 //!
 //! Run: `cargo run --release -p faultline-driver --example bench_migrate -- [REPS]`
 
@@ -21,13 +30,68 @@ use std::time::Instant;
 
 use common::env::LoopEnv;
 use common::loopback::Loopback;
-use faultline_abi::{PhysPage, PAGE_SIZE};
-use faultline_driver::gpu::suite::migration;
+use faultline_abi::{Command, PhysPage, PAGE_SIZE};
+use faultline_driver::gpu::suite::{migration, Pattern, Prot, SvmEnv};
 use faultline_driver::gpu::{
-    Channel, Context, Gpu, GpuConfig, MigrateList, PageSize, PageTable, Platform, VramAllocator,
+    Channel, Context, DeviceMemory, Gpu, GpuConfig, MigrateList, MigratePolicy, PageSize,
+    PageTable, Platform, SvmConfig, SvmContext, VramAllocator,
 };
 
 const THP: u64 = 2 << 20;
+/// The fault-around window the first-touch row counts in.
+const WINDOW: u64 = 64 << 10;
+/// Windows of the first-touch row's FILL.
+const WINDOWS: u64 = 256;
+
+/// Whether `BENCH_ROWS` (unset: every row) selects the row `name`.
+fn wanted(name: &str) -> bool {
+    std::env::var("BENCH_ROWS").map_or(true, |w| {
+        w.split(',').any(|w| !w.is_empty() && name.contains(w))
+    })
+}
+
+/// One GPU FILL over `WINDOWS` fresh windows (CPU-written first if
+/// `written`) of a context under `policy` with all of VRAM attached: its
+/// ns, the pages checked by the CPU afterwards and the placement by the
+/// device memory's counters.
+fn first_touch_fill(policy: MigratePolicy, written: bool) -> u64 {
+    let bytes = WINDOWS * WINDOW;
+    let env = LoopEnv::with_inject((bytes >> 20) + 48, GpuConfig::default(), None);
+    let p = env.spawn().expect("spawn");
+    let va = env.mmap(&p, 0, bytes, Prot::RW, false).expect("mmap");
+    if written {
+        env.fill_pattern(&p, va, bytes, Pattern::page_index(1))
+            .expect("CPU fill");
+    }
+    let cfg = SvmConfig {
+        migrate: Some(policy),
+        ..SvmConfig::default()
+    };
+    let svm = SvmContext::new(env.gpu(), &p, cfg).expect("svm");
+    let chan = Channel::open(svm.context()).expect("channel");
+    let dmem = DeviceMemory::new(env.gpu()).expect("device memory");
+    dmem.attach(&svm).expect("attach");
+    let pattern = 0x7e57_0000_0000_0001;
+    let t = Instant::now();
+    chan.run(&Command::Fill {
+        dst: va,
+        len: bytes,
+        pattern,
+    })
+    .expect("GPU fill");
+    let ns = t.elapsed().as_nanos() as u64;
+    let moved = match policy {
+        MigratePolicy::None => 0,
+        MigratePolicy::FirstTouch => bytes / PAGE_SIZE,
+    };
+    assert_eq!(dmem.stats().by_fault, moved, "pages migrated by fault");
+    let bad = env.check_pattern(&p, va, bytes, Pattern::constant(pattern));
+    assert_eq!(bad, Ok(None), "the GPU's data");
+    env.exit(p);
+    drop((chan, svm));
+    dmem.teardown().expect("VRAM leak");
+    ns
+}
 
 fn memcpy_ns(bytes: usize) -> u64 {
     let src = vec![0x5au8; bytes];
@@ -110,6 +174,9 @@ fn main() {
         }
     };
     for _ in 0..reps {
+        if !wanted("engine") {
+            break;
+        }
         let n = 32;
         let (a, b) = engine_round_trip(n);
         let bytes = n as u64 * THP;
@@ -122,7 +189,7 @@ fn main() {
     let sizes = [THP / 4, THP / 2]
         .into_iter()
         .chain((0..8).map(|k| THP << k));
-    for bytes in sizes {
+    for bytes in sizes.filter(|_| wanted("migrate_vma")) {
         for _ in 0..reps {
             // The process memory, its page tables, the driver's rings.
             let env = LoopEnv::with_inject((bytes >> 20) + 48, GpuConfig::default(), None);
@@ -139,6 +206,19 @@ fn main() {
                     std::process::exit(1);
                 }
             }
+        }
+    }
+    for (written, pages) in [(false, "fresh"), (true, "written")] {
+        for _ in 0..reps {
+            if !wanted("first_touch") {
+                break;
+            }
+            let none = first_touch_fill(MigratePolicy::None, written);
+            let first = first_touch_fill(MigratePolicy::FirstTouch, written);
+            println!(
+                "bench migrate host=loopback-first-touch bytes={} pages={pages} none_ns={none} first_touch_ns={first}",
+                WINDOWS * WINDOW
+            );
         }
     }
 }

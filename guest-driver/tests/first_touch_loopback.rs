@@ -20,6 +20,7 @@ const DATA: u64 = 0x40_0000_0000;
 
 type Svm = SvmContext<common::loopback::Loopback, SimMm>;
 type Chan = Channel<common::loopback::Loopback>;
+type Dmem = DeviceMemory<common::loopback::Loopback>;
 
 fn env_with(policy: &str) -> LoopEnv {
     let cfg = GpuConfig {
@@ -46,6 +47,13 @@ fn fill(chan: &Chan, dst: u64, len: u64) {
         pattern: 0x5eed,
     })
     .unwrap_or_else(|e| panic!("fill {dst:#x}+{len:#x}: {e}"));
+}
+
+/// The process exits with its context; no VRAM is left.
+fn finish(env: &LoopEnv, p: Arc<SimMm>, chan: Chan, svm: Svm, dmem: Dmem) {
+    env.exit(p);
+    drop((chan, svm));
+    assert_eq!(dmem.teardown(), Ok(()));
 }
 
 fn vram_leaves(svm: &Svm, pages: u64) -> u64 {
@@ -81,9 +89,7 @@ fn a_first_touch_window_is_migrated_and_mapped_in_one_pass() {
     );
     assert_eq!(vram_leaves(&svm, 16), 16);
     assert_eq!((dmem.stats().by_fault, p.device_pages()), (16, 16));
-    env.exit(p);
-    drop((chan, svm));
-    assert_eq!(dmem.teardown(), Ok(()));
+    finish(&env, p, chan, svm, dmem);
 }
 
 /// The GPU's `migrate=first_touch` applies to contexts with device memory
@@ -109,9 +115,7 @@ fn the_gpu_policy_applies_unless_the_context_pins_its_own() {
     assert_eq!((svm.device_leaves(), vram_leaves(&svm, 16)), (16, 0));
     assert_eq!(dmem.stats().by_fault, 0);
     dmem.detach(&svm);
-    env.exit(p);
-    drop((chan, svm));
-    assert_eq!(dmem.teardown(), Ok(()));
+    finish(&env, p, chan, svm, dmem);
 }
 
 /// Under the density prefetcher each touched window migrates, and the
@@ -135,7 +139,5 @@ fn density_marks_survive_the_mirrors_own_migrations() {
     assert_eq!(leaves, [1, 2, 4, 8]);
     assert_eq!(svm.device_leaves(), 8, "every leaf in VRAM");
     assert_eq!(dmem.stats().by_fault, 8);
-    env.exit(p);
-    drop((chan, svm));
-    assert_eq!(dmem.teardown(), Ok(()));
+    finish(&env, p, chan, svm, dmem);
 }

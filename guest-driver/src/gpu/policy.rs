@@ -42,11 +42,18 @@ impl Replay {
 
     /// Its command-line name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(r, _)| *r == self)
-            .map_or("", |x| x.1)
+        name_in(&Self::ALL, self)
     }
+}
+
+/// `v`'s name in a policy item's table of (value, name).
+fn name_in<T: PartialEq>(all: &[(T, &'static str)], v: T) -> &'static str {
+    all.iter().find(|(x, _)| *x == v).map_or("", |x| x.1)
+}
+
+/// The value named `name` in a policy item's table of (value, name).
+fn named<T: Copy>(all: &[(T, &'static str)], name: &str) -> Option<T> {
+    all.iter().find(|(_, n)| *n == name).map(|x| x.0)
 }
 
 /// What the SVM layer maps for a fault, always clipped to the fault's VMA
@@ -90,10 +97,7 @@ impl MigratePolicy {
 
     /// Its command-line name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(m, _)| *m == self)
-            .map_or("", |x| x.1)
+        name_in(&Self::ALL, self)
     }
 }
 
@@ -172,10 +176,7 @@ impl FaultPolicy {
                         .ok_or(err("batches per call must be 1..=65536"))?;
                 }
                 "replay" => {
-                    p.replay = Replay::ALL
-                        .iter()
-                        .find(|(_, n)| *n == value)
-                        .map(|x| x.0)
+                    p.replay = named(&Replay::ALL, value)
                         .ok_or(err("replay is block, batch, batch_flush or once"))?;
                 }
                 "prefetch" => {
@@ -195,10 +196,7 @@ impl FaultPolicy {
                     };
                 }
                 "migrate" => {
-                    p.migrate = MigratePolicy::ALL
-                        .iter()
-                        .find(|(_, n)| *n == value)
-                        .map(|x| x.0)
+                    p.migrate = named(&MigratePolicy::ALL, value)
                         .ok_or(err("migrate is none or first_touch"))?;
                 }
                 _ => {

@@ -14,7 +14,7 @@ use crate::gpu::vram::{CHUNK_BYTES, CHUNK_PAGES};
 use crate::gpu::{DeviceMemory, MigratePolicy, VramFailure};
 
 /// The first `chunks` chunks of the GPU's VRAM as a device memory.
-fn small_vram<E: SvmEnv>(env: &E, chunks: u64) -> Result<DeviceMemory<E::P>, String> {
+pub(super) fn small_vram<E: SvmEnv>(env: &E, chunks: u64) -> Result<DeviceMemory<E::P>, String> {
     ok(
         DeviceMemory::part(env.gpu(), 0, chunks * CHUNK_BYTES),
         "device memory (the GPU needs VRAM)",

@@ -10,16 +10,28 @@ use alloc::string::String;
 use faultline_abi::{Pte, PAGE_SIZE};
 
 use super::dmem::leak_check;
+use super::evict::small_vram;
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, SvmEnv, TestResult};
-use crate::gpu::vram::CHUNK_BYTES;
+use crate::gpu::vram::CHUNK_PAGES;
 use crate::gpu::{DeviceMemory, MigratePolicy, SnapEntry, VramFailure};
 
-/// The first 2 MiB chunk of the GPU's VRAM.
-fn one_chunk<E: SvmEnv>(env: &E) -> Result<DeviceMemory<E::P>, String> {
-    ok(
-        DeviceMemory::part(env.gpu(), 0, CHUNK_BYTES),
-        "device memory (the GPU needs VRAM)",
+/// Runs `body` on a context bound to `p` that migrates on first touch,
+/// with `dmem` attached.
+fn bound_first_touch<E: SvmEnv>(
+    env: &E,
+    p: E::Process,
+    dmem: &DeviceMemory<E::P>,
+    body: impl FnOnce(&E::Process, &Svm<E>, &Chan<E>) -> TestResult,
+) -> TestResult {
+    bound_with(
+        env,
+        p,
+        migrating(MigratePolicy::FirstTouch),
+        |p, svm, chan| {
+            ok(dmem.attach(svm), "attach")?;
+            body(p, svm, chan)
+        },
     )
 }
 
@@ -71,46 +83,40 @@ pub(super) mod migrate_first_touch {
         let fresh = mmap_rw(env, &p, len, "mmap fresh")?;
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
         cpu_fill(env, &p, src, len, pat)?;
-        let dmem = one_chunk(env)?;
+        let dmem = small_vram(env, 1)?;
         let c0 = counters(env);
-        bound_with(
-            env,
-            p,
-            migrating(MigratePolicy::FirstTouch),
-            |p, svm, chan| {
-                ok(dmem.attach(svm), "attach")?;
-                ok(fill(chan, fresh, len, PAT), "GPU fill of fresh pages")?;
-                let placed = placement(env, p, svm, fresh, n)?;
-                ensure!(placed == (n, 0), "fresh pages (VRAM, system): {placed:?}");
-                ensure!(dmem.stats().by_fault == n, "{:?}", dmem.stats());
-                ok(copy(chan, dst, src, len), "GPU copy of CPU-written pages")?;
-                for (what, va) in [("source", src), ("destination", dst)] {
-                    let placed = placement(env, p, svm, va, n)?;
-                    ensure!(placed == (n, 0), "{what} pages (VRAM, system): {placed:?}");
-                }
-                let s = dmem.stats();
-                ensure!(
-                    s.by_fault == 3 * n && s.to_device == 3 * n && s.cpu_faults == 0,
-                    "after the copy: {s:?}"
-                );
-                let c = counters(env);
-                let by_fault = c.pages_to_vram_by_fault - c0.pages_to_vram_by_fault;
-                ensure!(
-                    by_fault == 3 * n,
-                    "driver counter: {by_fault} pages by fault"
-                );
-                cpu_check(env, p, dst, len, pat)?;
-                cpu_check(env, p, src, len, pat)?;
-                cpu_check(env, p, fresh, len, Pattern::constant(PAT))?;
-                let s = dmem.stats();
-                ensure!(
-                    s.cpu_faults == 3 * n && s.vram.pages == 0,
-                    "after the CPU reads: {s:?}"
-                );
-                dmem.detach(svm);
-                Ok(())
-            },
-        )?;
+        bound_first_touch(env, p, &dmem, |p, svm, chan| {
+            ok(fill(chan, fresh, len, PAT), "GPU fill of fresh pages")?;
+            let placed = placement(env, p, svm, fresh, n)?;
+            ensure!(placed == (n, 0), "fresh pages (VRAM, system): {placed:?}");
+            ensure!(dmem.stats().by_fault == n, "{:?}", dmem.stats());
+            ok(copy(chan, dst, src, len), "GPU copy of CPU-written pages")?;
+            for (what, va) in [("source", src), ("destination", dst)] {
+                let placed = placement(env, p, svm, va, n)?;
+                ensure!(placed == (n, 0), "{what} pages (VRAM, system): {placed:?}");
+            }
+            let s = dmem.stats();
+            ensure!(
+                s.by_fault == 3 * n && s.to_device == 3 * n && s.cpu_faults == 0,
+                "after the copy: {s:?}"
+            );
+            let c = counters(env);
+            let by_fault = c.pages_to_vram_by_fault - c0.pages_to_vram_by_fault;
+            ensure!(
+                by_fault == 3 * n,
+                "driver counter: {by_fault} pages by fault"
+            );
+            cpu_check(env, p, dst, len, pat)?;
+            cpu_check(env, p, src, len, pat)?;
+            cpu_check(env, p, fresh, len, Pattern::constant(PAT))?;
+            let s = dmem.stats();
+            ensure!(
+                s.cpu_faults == 3 * n && s.vram.pages == 0,
+                "after the CPU reads: {s:?}"
+            );
+            dmem.detach(svm);
+            Ok(())
+        })?;
         leak_check(dmem)
     }
 }
@@ -132,11 +138,10 @@ pub(super) mod migrate_first_touch_fallback {
         let n = 16;
         let len = n * PAGE_SIZE;
         let fits = 8;
-        let chunk_pages = CHUNK_BYTES / PAGE_SIZE;
         let pat = Pattern::page_index(0x4200);
         let (p, ro) = spawn_mapped(env, len)?;
         let dst = mmap_rw(env, &p, len, "mmap dst")?;
-        let filler_len = (chunk_pages - n - fits) * PAGE_SIZE;
+        let filler_len = (CHUNK_PAGES - n - fits) * PAGE_SIZE;
         let filler = mmap_rw(env, &p, filler_len, "mmap filler")?;
         let part = mmap_rw(env, &p, len, "mmap part")?;
         let full = mmap_rw(env, &p, len, "mmap full")?;
@@ -144,64 +149,58 @@ pub(super) mod migrate_first_touch_fallback {
         let shared = ok(env.mmap_shared(&p, 0, len, Prot::RW), "mmap shared")?;
         cpu_fill(env, &p, ro, len, pat)?;
         ok(env.mprotect(&p, ro, len, Prot::READ), "mprotect read-only")?;
-        let dmem = one_chunk(env)?;
-        bound_with(
-            env,
-            p,
-            migrating(MigratePolicy::FirstTouch),
-            |p, svm, chan| {
-                ok(dmem.attach(svm), "attach")?;
-                ok(copy(chan, dst, ro, len), "GPU copy from read-only pages")?;
-                let placed = placement(env, p, svm, ro, n)?;
-                ensure!(
-                    placed == (0, n),
-                    "read-only pages (VRAM, system): {placed:?}"
-                );
-                let placed = placement(env, p, svm, dst, n)?;
-                ensure!(placed == (n, 0), "destination (VRAM, system): {placed:?}");
-                ok(fill(chan, shared, len, PAT), "GPU fill of a shared mapping")?;
-                let placed = placement(env, p, svm, shared, n)?;
-                ensure!(placed == (0, n), "shared pages (VRAM, system): {placed:?}");
-                let filled = ok(
-                    dmem.migrate_to_device(svm, filler, filler + filler_len),
-                    "migrate the filler",
-                )?;
-                ensure!(filled == filler_len / PAGE_SIZE, "{filled} filler pages");
-                ok(fill(chan, part, len, PAT), "GPU fill, VRAM nearly full")?;
-                let placed = placement(env, p, svm, part, n)?;
-                ensure!(
-                    placed == (fits, n - fits),
-                    "VRAM nearly full (VRAM, system): {placed:?}"
-                );
-                ensure!(dmem.stats().vram.pages == chunk_pages, "{:?}", dmem.stats());
-                ok(fill(chan, full, len, !PAT), "GPU fill, VRAM full")?;
-                let placed = placement(env, p, svm, full, n)?;
-                ensure!(placed == (n, 0), "VRAM full (VRAM, system): {placed:?}");
-                let s = dmem.stats();
-                ensure!(
-                    s.evicted_chunks == 1 && s.evicted_pages == chunk_pages,
-                    "after the eviction: {s:?}"
-                );
-                dmem.inject_vram_failure(VramFailure::After(0));
-                let r = fill(chan, failing, len, PAT ^ 1);
-                dmem.inject_vram_failure(VramFailure::Never);
-                ok(r, "GPU fill, VRAM allocations failing")?;
-                let placed = placement(env, p, svm, failing, n)?;
-                ensure!(
-                    placed == (0, n),
-                    "VRAM allocations failing (VRAM, system): {placed:?}"
-                );
-                let s = dmem.stats();
-                ensure!(s.by_fault == 2 * n + fits, "{s:?}");
-                cpu_check(env, p, dst, len, pat)?;
-                cpu_check(env, p, part, len, Pattern::constant(PAT))?;
-                cpu_check(env, p, full, len, Pattern::constant(!PAT))?;
-                cpu_check(env, p, ro, len, pat)?;
-                cpu_check(env, p, shared, len, Pattern::constant(PAT))?;
-                cpu_check(env, p, failing, len, Pattern::constant(PAT ^ 1))?;
-                Ok(())
-            },
-        )?;
+        let dmem = small_vram(env, 1)?;
+        bound_first_touch(env, p, &dmem, |p, svm, chan| {
+            ok(copy(chan, dst, ro, len), "GPU copy from read-only pages")?;
+            let placed = placement(env, p, svm, ro, n)?;
+            ensure!(
+                placed == (0, n),
+                "read-only pages (VRAM, system): {placed:?}"
+            );
+            let placed = placement(env, p, svm, dst, n)?;
+            ensure!(placed == (n, 0), "destination (VRAM, system): {placed:?}");
+            ok(fill(chan, shared, len, PAT), "GPU fill of a shared mapping")?;
+            let placed = placement(env, p, svm, shared, n)?;
+            ensure!(placed == (0, n), "shared pages (VRAM, system): {placed:?}");
+            let filled = ok(
+                dmem.migrate_to_device(svm, filler, filler + filler_len),
+                "migrate the filler",
+            )?;
+            ensure!(filled == filler_len / PAGE_SIZE, "{filled} filler pages");
+            ok(fill(chan, part, len, PAT), "GPU fill, VRAM nearly full")?;
+            let placed = placement(env, p, svm, part, n)?;
+            ensure!(
+                placed == (fits, n - fits),
+                "VRAM nearly full (VRAM, system): {placed:?}"
+            );
+            ensure!(dmem.stats().vram.pages == CHUNK_PAGES, "{:?}", dmem.stats());
+            ok(fill(chan, full, len, !PAT), "GPU fill, VRAM full")?;
+            let placed = placement(env, p, svm, full, n)?;
+            ensure!(placed == (n, 0), "VRAM full (VRAM, system): {placed:?}");
+            let s = dmem.stats();
+            ensure!(
+                s.evicted_chunks == 1 && s.evicted_pages == CHUNK_PAGES,
+                "after the eviction: {s:?}"
+            );
+            dmem.inject_vram_failure(VramFailure::After(0));
+            let r = fill(chan, failing, len, PAT ^ 1);
+            dmem.inject_vram_failure(VramFailure::Never);
+            ok(r, "GPU fill, VRAM allocations failing")?;
+            let placed = placement(env, p, svm, failing, n)?;
+            ensure!(
+                placed == (0, n),
+                "VRAM allocations failing (VRAM, system): {placed:?}"
+            );
+            let s = dmem.stats();
+            ensure!(s.by_fault == 2 * n + fits, "{s:?}");
+            cpu_check(env, p, dst, len, pat)?;
+            cpu_check(env, p, part, len, Pattern::constant(PAT))?;
+            cpu_check(env, p, full, len, Pattern::constant(!PAT))?;
+            cpu_check(env, p, ro, len, pat)?;
+            cpu_check(env, p, shared, len, Pattern::constant(PAT))?;
+            cpu_check(env, p, failing, len, Pattern::constant(PAT ^ 1))?;
+            Ok(())
+        })?;
         // The last window's pages were still in VRAM at exit.
         leak_check(dmem)
     }
