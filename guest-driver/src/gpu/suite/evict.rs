@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 
 use faultline_abi::PAGE_SIZE;
 
+use super::dmem::{leak_check, setup};
 use super::helpers::*;
 use super::{Needs, Pattern, SvmEnv, TestResult};
 use crate::gpu::vram::{CHUNK_BYTES, CHUNK_PAGES};
@@ -127,7 +128,7 @@ pub(super) mod evict_oversubscribe {
             dmem.detach(svm);
             Ok(())
         })?;
-        ok(dmem.teardown(), "VRAM left allocated")
+        leak_check(dmem)
     }
 }
 
@@ -144,9 +145,7 @@ pub(super) mod vram_alloc_fail {
         let n = 16;
         let len = n * PAGE_SIZE;
         let pat = Pattern::page_index(0xfa00);
-        let (p, src) = spawn_mapped(env, 2 * len)?;
-        let dst = mmap_rw(env, &p, 2 * len, "mmap dst")?;
-        cpu_fill(env, &p, src, 2 * len, pat)?;
+        let (p, src, dst) = setup(env, 2 * n, pat)?;
         let dmem = small_vram(env, 1)?;
         // Only its explicit migrations move pages, whatever `migrate=` says.
         bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
@@ -187,6 +186,6 @@ pub(super) mod vram_alloc_fail {
             dmem.detach(svm);
             Ok(())
         })?;
-        ok(dmem.teardown(), "VRAM left allocated")
+        leak_check(dmem)
     }
 }
