@@ -362,9 +362,11 @@ pub trait Mm: Send + Sync + Sized + 'static {
         Err(self.walk(mmap, addr).state)
     }
 
-    /// A zeroed 4 KiB frame for the process, counted as its own (the
-    /// destination of a migration to system memory), or `None` when memory
-    /// is exhausted. The default has none.
+    /// A 4 KiB frame for the process, counted as its own: the destination
+    /// of a migration to system memory, which copies a whole page into it
+    /// before the frame is mapped (or frees it unmapped), so its contents
+    /// may be anything (an implementation need not zero it). `None` when
+    /// memory is exhausted. The default has none.
     fn alloc_frame(&self) -> Option<u64> {
         None
     }
