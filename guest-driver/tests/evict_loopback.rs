@@ -189,3 +189,47 @@ fn eviction_crosses_processes_and_skips_exited_ones() {
     exit(&env, &dmem, p2);
     assert_eq!(dmem.teardown(), Ok(()));
 }
+
+/// 2 MiB pages evict whole: one chunk of VRAM, a HUGE VMA's first 2 MiB
+/// page in it; migrating the second evicts the first, which comes back as
+/// a 2 MiB leaf with its data; a 4 KiB page's migration then evicts the
+/// 2 MiB device page the same way.
+#[test]
+fn a_2m_device_page_is_evicted_whole() {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let dmem = DeviceMemory::part(&env.gpu, 0, CHUNK_BYTES).unwrap();
+    let p = process(&env, &dmem, 1, 6);
+    let h = A + 4 * CHUNK_BYTES;
+    p.mm.mmap(h, 2 * CHUNK_BYTES, RW | VmFlags::HUGE).unwrap();
+    let big = data(2, 7);
+    p.mm.write(h, &big).unwrap();
+    let huge_in_vram = |i: u64| {
+        matches!(p.mm.cpu_state(h + i * CHUNK_BYTES + PG),
+            PageState::DevicePrivate { huge: true, owner, .. } if owner == dmem.owner())
+    };
+    let huge_leaf = |i: u64| matches!(p.mm.cpu_state(h + i * CHUNK_BYTES), PageState::Huge { .. });
+    let to_vram = |i: u64| {
+        let a = h + i * CHUNK_BYTES;
+        dmem.migrate_to_device(&p.svm, a, a + CHUNK_BYTES).unwrap()
+    };
+    assert_eq!(to_vram(0), CHUNK_PAGES);
+    assert!(huge_in_vram(0));
+    assert_eq!(to_vram(1), CHUNK_PAGES);
+    assert!(
+        huge_leaf(0) && huge_in_vram(1),
+        "the first 2 MiB page evicted whole"
+    );
+    let s = dmem.stats();
+    assert_eq!((s.evicted_chunks, s.evicted_pages), (1, CHUNK_PAGES));
+    assert_eq!(migrate(&p, &dmem, 0), CHUNK_PAGES);
+    assert!(
+        huge_leaf(1) && in_vram(&p, 0, &dmem),
+        "then the second, for 4 KiB pages"
+    );
+    let mut got = vec![0u8; big.len()];
+    p.mm.read(h, &mut got).unwrap();
+    assert!(got == big, "2 MiB data differs");
+    check(&p, 1, 6);
+    exit(&env, &dmem, p);
+    assert_eq!(dmem.teardown(), Ok(()));
+}

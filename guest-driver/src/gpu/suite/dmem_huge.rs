@@ -2,7 +2,9 @@
 //! `migrate_anon_huge_empty` / `_zero` / `_free` / `_fault` intents): a
 //! HUGE VMA's 2 MiB leaves migrate whole to VRAM chunks, the GPU maps each
 //! with one 2 MiB VRAM leaf, and a CPU fault brings the whole 2 MiB back.
-//! Each test ends with the VRAM leak check.
+//! Each test pins the migration policy to explicit migrations (a
+//! first-touch policy would move the GPU's destinations too) and ends with
+//! the VRAM leak check.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -12,7 +14,7 @@ use faultline_abi::{Pte, LEAF_2M, PAGE_SIZE};
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, SvmEnv, TestResult};
 use crate::gpu::vram::CHUNK_PAGES;
-use crate::gpu::{DeviceMemory, PageSize, SnapEntry};
+use crate::gpu::{DeviceMemory, MigratePolicy, PageSize, SnapEntry};
 use crate::mm::PMD_SHIFT;
 
 /// A HUGE read-write mapping of `leaves` 2 MiB pages.
@@ -80,7 +82,7 @@ pub(super) mod migrate_huge {
             DeviceMemory::new(env.gpu()),
             "device memory (the GPU needs VRAM)",
         )?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ensure!(moved == leaves * CHUNK_PAGES, "{moved} pages migrated");
@@ -162,7 +164,7 @@ pub(super) mod migrate_huge_empty {
             DeviceMemory::part(env.gpu(), 0, 2 * LEAF_2M),
             "two chunks of VRAM",
         )?;
-        bound(env, p, |p, svm, chan| {
+        bound_with(env, p, migrating(MigratePolicy::None), |p, svm, chan| {
             ok(dmem.attach(svm), "attach")?;
             let moved = ok(dmem.migrate_to_device(svm, src, src + len), "migrate")?;
             ensure!(moved == 2 * CHUNK_PAGES, "{moved} pages migrated");
