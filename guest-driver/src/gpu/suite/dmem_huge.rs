@@ -62,8 +62,9 @@ fn cpu_huge<E: SvmEnv>(env: &E, p: &E::Process, va: u64) -> bool {
 /// Two CPU-written 2 MiB pages migrate to two VRAM chunks (one Device
 /// entry each in a 2 MiB snapshot); the GPU maps each with one 2 MiB VRAM
 /// leaf and reads them without migrating anything back, then overwrites
-/// them; CPU reads fault each 2 MiB back whole into a 2 MiB frame run with
-/// the GPU's data (hmm-tests' `migrate_anon_huge_fault`).
+/// them; the first comes back by an explicit migration, the second by CPU
+/// reads (hmm-tests' `migrate_anon_huge_fault`), each whole into a 2 MiB
+/// frame run with the GPU's data.
 pub(super) mod migrate_huge {
     use super::*;
 
@@ -116,6 +117,11 @@ pub(super) mod migrate_huge {
                 dmem.stats()
             );
             ok(fill(chan, src, len, PAT), "fill VRAM")?;
+            let back = ok(
+                dmem.migrate_to_system(svm, src, src + LEAF_2M),
+                "migrate back",
+            )?;
+            ensure!(back == CHUNK_PAGES, "{back} pages migrated back");
             cpu_check(env, p, src, len, Pattern::constant(PAT))?;
             for k in 0..leaves {
                 ensure!(
@@ -125,7 +131,7 @@ pub(super) mod migrate_huge {
             }
             let s = dmem.stats();
             ensure!(
-                s.cpu_faults == len / PAGE_SIZE && s.vram.pages == 0,
+                s.to_system == CHUNK_PAGES && s.cpu_faults == CHUNK_PAGES && s.vram.pages == 0,
                 "after the CPU reads: {s:?}"
             );
             dmem.detach(svm);

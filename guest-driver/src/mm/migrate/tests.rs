@@ -723,3 +723,75 @@ fn huge_pages_migrate_and_come_back_whole() {
     assert_eq!((mm.device_pages(), dev.in_use()), (0, 0));
     assert_eq!(mm.frames_in_use(), frames);
 }
+
+/// Frames from `HostFrames`, but no 2 MiB run while `no_runs` is set.
+#[derive(Default)]
+struct NoRuns {
+    inner: crate::sim::HostFrames,
+    no_runs: AtomicBool,
+}
+
+impl crate::sim::FrameSource for NoRuns {
+    fn alloc(&self, count: u64) -> Option<u64> {
+        if count > 1 && self.no_runs.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.alloc(count)
+    }
+    fn free(&self, pfn: u64) {
+        self.inner.free(pfn)
+    }
+    fn zero_pfn(&self) -> u64 {
+        self.inner.zero_pfn()
+    }
+    fn read(&self, pfn: u64, offset: usize, out: &mut [u8]) {
+        self.inner.read(pfn, offset, out)
+    }
+    fn write(&self, pfn: u64, offset: usize, data: &[u8]) {
+        self.inner.write(pfn, offset, data)
+    }
+    fn atomic_add_u64(&self, pfn: u64, offset: usize, v: u64) -> u64 {
+        self.inner.atomic_add_u64(pfn, offset, v)
+    }
+}
+
+/// A CPU fault on a 2 MiB device page with no free 2 MiB run of frames is
+/// `Oom` and the page stays on the device, whole (it is never split into
+/// 4 KiB pages); once a run is free the fault brings it back.
+#[test]
+fn a_2m_device_page_without_a_free_run_stays_on_the_device() {
+    let frames = Arc::new(NoRuns::default());
+    let mm = SimMm::with_frames(frames.clone());
+    mm.mmap(BASE, PMD_SIZE, RW | VmFlags::HUGE).unwrap();
+    mm.write(BASE + 5 * PG, &pattern(5, 1)).unwrap();
+    let PageState::Huge { pfn, .. } = mm.cpu_state(BASE) else {
+        panic!("no 2 MiB leaf");
+    };
+    let dev = FakeDev::new(0);
+    dev_pagemap_register(&*mm, dev.owner, dev.clone()).unwrap();
+    {
+        let mmap = mmap_read_lock(&*mm);
+        let sel = MigrateSelect::SYSTEM;
+        let mut mig =
+            migrate_vma_setup(&mmap, BASE, BASE + PMD_SIZE, sel, Some(dev.owner)).unwrap();
+        for k in 0..HUGE_PAGES {
+            let mut data = vec![0u8; PG as usize];
+            mm.frame_source().read(pfn + k, 0, &mut data);
+            dev.mem.lock().insert(k, data);
+        }
+        let owner = dev.owner;
+        mig.set_dst(0, MigratePfn::Device { owner, vram_pfn: 0 });
+        assert_eq!(mig.migrate_pages(), 1);
+    }
+    frames.no_runs.store(true, Ordering::SeqCst);
+    assert_eq!(read_page(&mm, BASE + 5 * PG), Err(FaultError::Oom));
+    assert!(matches!(
+        mm.cpu_state(BASE + 5 * PG),
+        PageState::DevicePrivate { huge: true, .. }
+    ));
+    assert_eq!(dev.to_ram.load(Ordering::SeqCst), 0);
+    frames.no_runs.store(false, Ordering::SeqCst);
+    assert_eq!(read_page(&mm, BASE + 5 * PG).unwrap(), pattern(5, 1));
+    assert!(matches!(mm.cpu_state(BASE), PageState::Huge { .. }));
+    assert_eq!((mm.device_pages(), dev.in_use()), (0, 0));
+}
