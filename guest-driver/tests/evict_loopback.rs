@@ -14,7 +14,7 @@ use common::loopback::Loopback;
 use faultline_abi::Command;
 use faultline_driver::gpu::suite::SvmEnv;
 use faultline_driver::gpu::vram::{CHUNK_BYTES, CHUNK_PAGES};
-use faultline_driver::gpu::{Channel, DeviceMemory, GpuConfig, SvmConfig, SvmContext};
+use faultline_driver::gpu::{Channel, DeviceMemory, GpuConfig, SvmConfig, SvmContext, VramFailure};
 use faultline_driver::mm::{PageState, VmFlags, PAGE_SIZE as PG};
 use faultline_driver::sim::SimMm;
 
@@ -230,6 +230,35 @@ fn a_2m_device_page_is_evicted_whole() {
     p.mm.read(h, &mut got).unwrap();
     assert!(got == big, "2 MiB data differs");
     check(&p, 1, 6);
+    exit(&env, &dmem, p);
+    assert_eq!(dmem.teardown(), Ok(()));
+}
+
+/// hmm-tests' `migrate_anon_huge_err` intent: a 2 MiB page whose chunk
+/// allocation fails (injected) stays in system memory, whole, and the next
+/// 2 MiB page of the range still migrates; data correct on both.
+#[test]
+fn a_failed_chunk_allocation_leaves_its_2m_page_in_system_memory() {
+    let env = LoopEnv::new(64, GpuConfig::default());
+    let dmem = DeviceMemory::part(&env.gpu, 0, 4 * CHUNK_BYTES).unwrap();
+    let p = process(&env, &dmem, 1, 8);
+    let h = A + 4 * CHUNK_BYTES;
+    p.mm.mmap(h, 2 * CHUNK_BYTES, RW | VmFlags::HUGE).unwrap();
+    let big = data(2, 9);
+    p.mm.write(h, &big).unwrap();
+    dmem.inject_vram_failure(VramFailure::Nth(1));
+    let moved = dmem.migrate_to_device(&p.svm, h, h + 2 * CHUNK_BYTES);
+    assert_eq!(moved, Ok(CHUNK_PAGES));
+    assert!(matches!(p.mm.cpu_state(h + PG), PageState::Huge { .. }));
+    assert!(matches!(
+        p.mm.cpu_state(h + CHUNK_BYTES + PG),
+        PageState::DevicePrivate { huge: true, .. }
+    ));
+    let s = dmem.stats();
+    assert_eq!((s.alloc_failures, s.vram.chunks), (1, 1));
+    let mut got = vec![0u8; big.len()];
+    p.mm.read(h, &mut got).unwrap();
+    assert!(got == big, "2 MiB data differs");
     exit(&env, &dmem, p);
     assert_eq!(dmem.teardown(), Ok(()));
 }
