@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::env::LoopEnv;
 use faultline_abi::{Pte, PAGE_SIZE};
-use faultline_driver::gpu::suite::{Prot, SvmEnv};
+use faultline_driver::gpu::suite::{Pattern, Prot, SvmEnv};
 use faultline_driver::gpu::{
     Channel, Command, DeviceMemory, FaultPolicy, GpuConfig, MigratePolicy, SvmConfig, SvmContext,
 };
@@ -139,5 +139,48 @@ fn density_marks_survive_the_mirrors_own_migrations() {
     assert_eq!(leaves, [1, 2, 4, 8]);
     assert_eq!(svm.device_leaves(), 8, "every leaf in VRAM");
     assert_eq!(dmem.stats().by_fault, 8);
+    finish(&env, p, chan, svm, dmem);
+}
+
+/// A window that finds VRAM full evicts as any migration to VRAM does (the
+/// fault handler holds no lock, so eviction may take the mmap lock): with
+/// one chunk filled by an explicit migration, a GPU FILL of a fresh window
+/// evicts that chunk (512 pages, their data intact) and moves in.
+#[test]
+fn a_first_touch_on_a_full_vram_evicts_the_least_recently_migrated_chunk() {
+    let env = env_with("");
+    let chunk = 512;
+    let (p, svm, chan) = bind(
+        &env,
+        chunk + 16,
+        SvmConfig {
+            migrate: Some(MigratePolicy::FirstTouch),
+            ..SvmConfig::default()
+        },
+    );
+    let dmem = DeviceMemory::part(env.gpu(), 0, chunk * PAGE_SIZE).unwrap();
+    dmem.attach(&svm).unwrap();
+    let filler = Pattern::page_index(0xf111);
+    env.fill_pattern(&p, DATA, chunk * PAGE_SIZE, filler)
+        .unwrap();
+    assert_eq!(
+        dmem.migrate_to_device(&svm, DATA, DATA + chunk * PAGE_SIZE),
+        Ok(chunk)
+    );
+    let window = DATA + chunk * PAGE_SIZE;
+    fill(&chan, window, 16 * PAGE_SIZE);
+    let s = dmem.stats();
+    assert_eq!(
+        (s.by_fault, s.evicted_chunks, s.evicted_pages, s.vram.pages),
+        (16, 1, chunk, 16),
+        "(by fault, chunks and pages evicted, VRAM pages): {s:?}"
+    );
+    assert_eq!(
+        vram_leaves(&svm, chunk + 16),
+        16,
+        "the window's VRAM leaves"
+    );
+    let evicted = env.check_pattern(&p, DATA, chunk * PAGE_SIZE, filler);
+    assert_eq!(evicted, Ok(None), "the evicted pages' data");
     finish(&env, p, chan, svm, dmem);
 }
