@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{self, ChaseList, Mismatch, Pattern, Segv, SvmEnv};
 use faultline_driver::gpu::Gpu;
-use faultline_driver::mm::{PageState, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
+use faultline_driver::mm::{Mremap, PageState, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 
 use crate::gpu::FwPlatform;
 use crate::mm::process::{self, freed, MapFlags, Process, ProcessMm, Segfault};
@@ -133,6 +133,14 @@ impl SvmEnv for FwEnv {
 
     fn mprotect(&self, p: &Process, addr: u64, len: u64, pr: suite::Prot) -> Result<(), Errno> {
         p.mprotect(addr, len, prot(pr))
+    }
+
+    fn mremap(&self, p: &Process, args: Mremap) -> Result<u64, Errno> {
+        p.mremap(args)
+    }
+
+    fn madvise_dontneed(&self, p: &Process, addr: u64, len: u64) -> Result<(), Errno> {
+        p.madvise_dontneed(addr, len)
     }
 
     fn mm_munmap(mm: &ProcessMm, addr: u64, len: u64) -> Result<(), Errno> {

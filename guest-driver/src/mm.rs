@@ -91,6 +91,180 @@ impl Vma {
     }
 }
 
+/// Whether changing `[start, end)` would split one of `vmas`' 2 MiB
+/// ([`VmFlags::HUGE`]) VMAs off a 2 MiB boundary: a 2 MiB page cannot be
+/// cut, so munmap, mprotect and madvise answer EINVAL instead.
+pub fn splits_huge<'a>(vmas: impl IntoIterator<Item = &'a Vma>, start: u64, end: u64) -> bool {
+    vmas.into_iter().any(|v| {
+        v.flags.contains(VmFlags::HUGE)
+            && v.start < end
+            && start < v.end
+            && ((v.start < start && !start.is_multiple_of(PMD_SIZE))
+                || (end < v.end && !end.is_multiple_of(PMD_SIZE)))
+    })
+}
+
+bitflags! {
+    /// `MREMAP_*`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MremapFlags: u32 {
+        /// The mapping may move to another address when it cannot grow
+        /// where it is.
+        const MAYMOVE = 1 << 0;
+        /// Move to exactly `new_addr` (whatever is mapped there is unmapped
+        /// first); needs MAYMOVE.
+        const FIXED = 1 << 1;
+        /// Move the pages but leave the old range mapped, empty: its next
+        /// access faults fresh zero pages. Needs MAYMOVE and equal lengths.
+        const DONTUNMAP = 1 << 2;
+    }
+}
+
+/// What an mremap does, as [`Mremap::plan`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MremapPlan {
+    /// Nothing changes; the answer is the old address.
+    Same,
+    /// Unmap `[start, end)`, the tail the new length leaves out.
+    Shrink {
+        /// First byte unmapped (the old address plus the new length).
+        start: u64,
+        /// The old range's end.
+        end: u64,
+    },
+    /// The VMA grows in place up to `end` (the range up to there is free).
+    Grow {
+        /// The old range's end.
+        start: u64,
+        /// The new end.
+        end: u64,
+    },
+    /// Move to `to`: unmap `[to, to + new_len)` first when `fixed`, and the
+    /// old range's tail beyond `new_len` when it shrinks; then a VMA of the
+    /// old flags at `[to, to + new_len)`, the PTEs of the first
+    /// `min(old_len, new_len)` bytes moved there (an [`MmuNotifyEvent::Unmap`]
+    /// of the old range they leave), and the old range unmapped unless
+    /// `dontunmap`.
+    Move {
+        /// The new address.
+        to: u64,
+        /// The new range was named by the caller (MREMAP_FIXED).
+        fixed: bool,
+        /// Bytes whose PTEs move.
+        moved: u64,
+        /// MREMAP_DONTUNMAP.
+        dontunmap: bool,
+    },
+}
+
+/// The arguments of `mremap(old, old_len, new_len, flags, new_addr)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mremap {
+    /// Start of the range to remap.
+    pub old: u64,
+    /// Its length.
+    pub old_len: u64,
+    /// The length it gets.
+    pub new_len: u64,
+    /// MAYMOVE, FIXED, DONTUNMAP.
+    pub flags: MremapFlags,
+    /// Where to move with [`MremapFlags::FIXED`] (ignored without).
+    pub new_addr: u64,
+}
+
+impl Mremap {
+    /// Checks the call against `vma`, the VMA of `old`, and decides what it
+    /// does, as Linux would: EINVAL for
+    /// misalignment (2 MiB in a HUGE VMA), zero lengths, FIXED or DONTUNMAP
+    /// without MAYMOVE, DONTUNMAP with a length change, or a FIXED range
+    /// overlapping the old one; EFAULT when the old range is not inside one
+    /// VMA; ENOMEM when it must grow, cannot in place and may not move (or
+    /// `find_free(len, align)`, the mm's choice of a free range, finds none).
+    /// `is_free(start, end)` says whether no VMA overlaps a range.
+    pub fn plan(
+        &self,
+        vma: Option<Vma>,
+        is_free: impl Fn(u64, u64) -> bool,
+        find_free: impl FnOnce(u64, u64) -> Option<u64>,
+    ) -> Result<MremapPlan, Errno> {
+        let Mremap {
+            old,
+            old_len,
+            new_len,
+            flags,
+            new_addr,
+        } = *self;
+        let may_move = flags.contains(MremapFlags::MAYMOVE);
+        let fixed = flags.contains(MremapFlags::FIXED);
+        let dontunmap = flags.contains(MremapFlags::DONTUNMAP);
+        if old_len == 0
+            || new_len == 0
+            || ((fixed || dontunmap) && !may_move)
+            || (dontunmap && old_len != new_len)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let vma = vma.ok_or(Errno::EFAULT)?;
+        let align = if vma.flags.contains(VmFlags::HUGE) {
+            PMD_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        if [old, old_len, new_len]
+            .iter()
+            .any(|x| !x.is_multiple_of(align))
+            || (fixed && !new_addr.is_multiple_of(align))
+        {
+            return Err(Errno::EINVAL);
+        }
+        let old_end = old.checked_add(old_len).ok_or(Errno::EINVAL)?;
+        if old < vma.start || old_end > vma.end {
+            return Err(Errno::EFAULT);
+        }
+        let moved = old_len.min(new_len);
+        if fixed {
+            let new_end = new_addr.checked_add(new_len).ok_or(Errno::EINVAL)?;
+            if new_addr < old_end && old < new_end {
+                return Err(Errno::EINVAL);
+            }
+            return Ok(MremapPlan::Move {
+                to: new_addr,
+                fixed: true,
+                moved,
+                dontunmap,
+            });
+        }
+        if !dontunmap {
+            if new_len == old_len {
+                return Ok(MremapPlan::Same);
+            }
+            if new_len < old_len {
+                return Ok(MremapPlan::Shrink {
+                    start: old + new_len,
+                    end: old_end,
+                });
+            }
+            let grown = old.checked_add(new_len).ok_or(Errno::ENOMEM)?;
+            if old_end == vma.end && is_free(old_end, grown) {
+                return Ok(MremapPlan::Grow {
+                    start: old_end,
+                    end: grown,
+                });
+            }
+            if !may_move {
+                return Err(Errno::ENOMEM);
+            }
+        }
+        let to = find_free(new_len, align).ok_or(Errno::ENOMEM)?;
+        Ok(MremapPlan::Move {
+            to,
+            fixed: false,
+            moved,
+            dontunmap,
+        })
+    }
+}
+
 /// What the CPU page table says about one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageState {

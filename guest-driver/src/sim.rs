@@ -75,6 +75,7 @@ pub struct SimMm {
 }
 
 /// What a zap took out of the page table, to free after `_end`.
+#[derive(Default)]
 struct Zapped {
     frames: Vec<u64>,
     devs: Vec<pt::ZappedDev>,

@@ -65,6 +65,17 @@ driver_counters! {
     cancels,
     /// Invalidations received from the CPU side (SVM sync callbacks).
     invalidations,
+    /// Of those, `MmuNotifyEvent::Unmap` (munmap, the old range of an
+    /// mremap, exit).
+    invalidations_unmap,
+    /// Of those, `Clear` (madvise(DONTNEED), reclaim, zero-page COW).
+    invalidations_clear,
+    /// Of those, `ProtectionVma` (an mprotect that may take read away).
+    invalidations_protect_vma,
+    /// Of those, `ProtectionPage` (an mprotect to read-only).
+    invalidations_protect_page,
+    /// Of those, `Migrate` (any device's or the mm's migration).
+    invalidations_migrate,
     /// TLB invalidations the driver submitted and saw acknowledged.
     tlb_invalidates,
     /// 4 KiB pages migrated from system memory to VRAM (device memory).
@@ -120,6 +131,6 @@ mod tests {
         );
         assert!(text.ends_with(" chunks_evicted 7"), "{text}");
         assert_eq!(text.split(' ').count(), 2 * s.iter().count());
-        assert_eq!(s.iter().count(), 18);
+        assert_eq!(s.iter().count(), 23);
     }
 }

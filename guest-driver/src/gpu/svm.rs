@@ -449,7 +449,19 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
 impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
     fn sync_cpu_device_pagetables(&self, update: &HmmUpdate) -> Result<(), Errno> {
         let s = &self.0;
-        DriverCounters::add(&s.counters().invalidations, 1);
+        let c = s.counters();
+        DriverCounters::add(&c.invalidations, 1);
+        let by_kind = match update.event {
+            MmuNotifyEvent::Unmap => Some(&c.invalidations_unmap),
+            MmuNotifyEvent::Clear => Some(&c.invalidations_clear),
+            MmuNotifyEvent::ProtectionVma => Some(&c.invalidations_protect_vma),
+            MmuNotifyEvent::ProtectionPage => Some(&c.invalidations_protect_page),
+            MmuNotifyEvent::Migrate { .. } => Some(&c.invalidations_migrate),
+            MmuNotifyEvent::SoftDirty => None,
+        };
+        if let Some(k) = by_kind {
+            DriverCounters::add(k, 1);
+        }
         let len = update.end - update.start;
         s.gpu()
             .trace(TraceKind::Invalidate, s.ctx.index(), update.start, len);

@@ -1,15 +1,17 @@
 //! What the process does to its simulated address space: mmap, munmap,
-//! mprotect, reclaim (each bracketed by the notifier chain), and CPU
+//! mprotect, mremap, madvise(DONTNEED), reclaim (each bracketed by the
+//! notifier chain), and CPU
 //! accesses that fault pages in as the CPU would.
 
-use super::pt::{pte_index, table_mut, write_protect, SimPte};
-use super::SimMm;
+use super::pt::{move_range, pte_index, table_mut, write_protect, SimPte};
+use super::{SimMm, SimVmas};
 use crate::errno::Errno;
 use crate::mm::{
     mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmuNotifierRange,
-    MmuNotifyEvent, PageState, VmFlags, Vma, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE,
+    mmu_notifier_invalidate_range_start, splits_huge, FaultError, FaultFlags, Mm, MmuNotifierRange,
+    MmuNotifyEvent, Mremap, MremapPlan, PageState, VmFlags, Vma, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE,
 };
+use std::vec::Vec;
 
 impl SimMm {
     /// `mmap(start, len, prot, MAP_FIXED_NOREPLACE)`. EINVAL if misaligned
@@ -39,35 +41,160 @@ impl SimMm {
     }
 
     /// `munmap(start, len)`: remove the VMAs and free the frames, after
-    /// telling the notifiers (event `Unmap`).
+    /// telling the notifiers (event `Unmap`). EINVAL if it would cut a
+    /// 2 MiB page.
     pub fn munmap(&self, start: u64, len: u64) -> Result<(), Errno> {
         let end = start + len;
         let mut vmas = mmap_write_lock(self);
-        if vmas.overlapping(start, end).iter().any(|v| {
-            v.flags.contains(VmFlags::HUGE)
-                && (!start.is_multiple_of(PMD_SIZE) || !end.is_multiple_of(PMD_SIZE))
-        }) {
+        if splits_huge(vmas.vmas.values(), start, end) {
             return Err(Errno::EINVAL);
         }
-        vmas.split_at(start);
-        vmas.split_at(end);
-        for v in vmas.overlapping(start, end) {
-            vmas.vmas.remove(&v.start);
-        }
-        let zapped = self.zap_range(start, end, MmuNotifyEvent::Unmap);
+        let zapped = self.unmap_locked(&mut vmas, start, end);
         drop(vmas);
         self.free_zapped(zapped);
         Ok(())
     }
 
+    /// The body of munmap, under the mmap write lock: the `Unmap` covers
+    /// the mapped span of the range (nothing at all over a hole, as
+    /// Linux); the caller frees what it returns once the lock is dropped.
+    fn unmap_locked(&self, vmas: &mut SimVmas, start: u64, end: u64) -> super::Zapped {
+        vmas.split_at(start);
+        vmas.split_at(end);
+        let gone = vmas.overlapping(start, end);
+        let (Some(first), Some(last)) = (gone.first(), gone.last()) else {
+            return super::Zapped::default();
+        };
+        let (lo, hi) = (first.start, last.end);
+        for v in &gone {
+            vmas.vmas.remove(&v.start);
+        }
+        self.zap_range(lo, hi, MmuNotifyEvent::Unmap)
+    }
+
+    /// `mremap`: see [`Mremap::plan`] for what it does and refuses. The
+    /// moved PTEs keep their frames and device pages (nothing is copied or
+    /// freed); the old range they leave is announced as an `Unmap`, the
+    /// new one needs no announcement (nothing was mapped there). Returns
+    /// the new address.
+    pub fn mremap(&self, args: Mremap) -> Result<u64, Errno> {
+        let mut vmas = mmap_write_lock(self);
+        let vma = vmas.lookup(args.old);
+        let plan = args.plan(
+            vma,
+            |a, b| vmas.overlapping(a, b).is_empty(),
+            |len, align| vmas.find_free(len, align),
+        )?;
+        let mut zapped = Vec::new();
+        let addr = match plan {
+            MremapPlan::Same => args.old,
+            MremapPlan::Shrink { start, end } => {
+                zapped.push(self.unmap_locked(&mut vmas, start, end));
+                args.old
+            }
+            MremapPlan::Grow { end, .. } => {
+                // The VMA itself grows (it ends where the range does).
+                let v = vma.expect("planned");
+                vmas.vmas.insert(v.start, Vma { end, ..v });
+                args.old
+            }
+            MremapPlan::Move {
+                to,
+                fixed,
+                moved,
+                dontunmap,
+            } => {
+                let new_end = to + args.new_len;
+                if fixed && splits_huge(vmas.vmas.values(), to, new_end) {
+                    return Err(Errno::EINVAL);
+                }
+                let flags = vma.expect("planned").flags;
+                if fixed {
+                    zapped.push(self.unmap_locked(&mut vmas, to, new_end));
+                }
+                let (start, end) = (args.old, args.old + moved);
+                if args.old_len > moved {
+                    zapped.push(self.unmap_locked(&mut vmas, end, args.old + args.old_len));
+                }
+                if !dontunmap {
+                    vmas.split_at(start);
+                    vmas.split_at(end);
+                    for v in vmas.overlapping(start, end) {
+                        vmas.vmas.remove(&v.start);
+                    }
+                }
+                vmas.vmas.insert(
+                    to,
+                    Vma {
+                        start: to,
+                        end: new_end,
+                        flags,
+                    },
+                );
+                let r = MmuNotifierRange {
+                    start,
+                    end,
+                    event: MmuNotifyEvent::Unmap,
+                    blockable: true,
+                };
+                mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+                move_range(&mut self.pt.lock(), start, end, to);
+                mmu_notifier_invalidate_range_end(self, &r);
+                to
+            }
+        };
+        drop(vmas);
+        for z in zapped {
+            self.free_zapped(z);
+        }
+        Ok(addr)
+    }
+
+    /// `madvise(start, len, MADV_DONTNEED)`: drop the pages of every VMA
+    /// in the range, each announced as a `Clear` of its part; the next
+    /// access faults fresh zero pages, device-private pages go back to
+    /// their owners. EINVAL if misaligned, if it would cut a 2 MiB page or
+    /// meets a special VMA; ENOMEM (after dropping what is mapped) if the
+    /// range has holes, as Linux.
+    pub fn madvise_dontneed(&self, start: u64, len: u64) -> Result<(), Errno> {
+        if !start.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let end = start + len.next_multiple_of(PAGE_SIZE);
+        let vmas = mmap_read_lock(self);
+        let parts = vmas.overlapping(start, end);
+        if splits_huge(&parts, start, end)
+            || parts
+                .iter()
+                .any(|v| v.flags.intersects(VmFlags::SPECIAL_KINDS))
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut covered = 0;
+        for v in &parts {
+            let (a, b) = (v.start.max(start), v.end.min(end));
+            covered += b - a;
+            let zapped = self.zap_range(a, b, MmuNotifyEvent::Clear);
+            self.free_zapped(zapped);
+        }
+        if covered < end - start {
+            return Err(Errno::ENOMEM);
+        }
+        Ok(())
+    }
+
     /// `mprotect(start, len, prot)`: replace READ/WRITE/EXEC of the covered
-    /// VMAs, write-protecting PTEs when WRITE goes away. Announced even for
+    /// VMAs, write-protecting PTEs when WRITE goes away. EINVAL if it would
+    /// cut a 2 MiB page. Announced even for
     /// upgrades, as Linux does, with [`MmuNotifyEvent::for_mprotect`]'s
     /// event (`ProtectionPage` for read-only, else `ProtectionVma`).
     pub fn mprotect(&self, start: u64, len: u64, prot: VmFlags) -> Result<(), Errno> {
         let end = start + len;
         let perms = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
         let mut vmas = mmap_write_lock(self);
+        if splits_huge(vmas.vmas.values(), start, end) {
+            return Err(Errno::EINVAL);
+        }
         vmas.split_at(start);
         vmas.split_at(end);
         for v in vmas.overlapping(start, end) {

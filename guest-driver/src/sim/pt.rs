@@ -145,3 +145,41 @@ pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
         }
     }
 }
+
+/// Moves every translation of `[start, end)` to the same offset from `to`
+/// (mremap): entries change place, frames and device pages stay with them.
+/// The two ranges do not overlap; a 2 MiB leaf moves whole (both ranges
+/// are then 2 MiB aligned).
+pub(super) fn move_range(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64, to: u64) {
+    let mut a = start;
+    while a < end {
+        let k = a >> PMD_SHIFT;
+        let block_end = (k + 1) << PMD_SHIFT;
+        match pt.get_mut(&k) {
+            None => {}
+            Some(Pmd::Huge { .. }) => {
+                debug_assert!(a.is_multiple_of(PMD_SIZE) && to.is_multiple_of(PMD_SIZE));
+                let leaf = pt.remove(&k).expect("just seen");
+                pt.insert((to + (a - start)) >> PMD_SHIFT, leaf);
+            }
+            Some(Pmd::Table(t)) => {
+                let stop = end.min(block_end);
+                let mut moving = Vec::new();
+                for b in (a..stop).step_by(PAGE_SIZE as usize) {
+                    let pte = core::mem::replace(&mut t[pte_index(b)], SimPte::None);
+                    if pte != SimPte::None {
+                        moving.push((b, pte));
+                    }
+                }
+                if t.iter().all(|p| *p == SimPte::None) {
+                    pt.remove(&k);
+                }
+                for (b, pte) in moving {
+                    let dst = to + (b - start);
+                    table_mut(pt, dst)[pte_index(dst)] = pte;
+                }
+            }
+        }
+        a = block_end;
+    }
+}

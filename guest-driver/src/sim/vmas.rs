@@ -36,6 +36,22 @@ impl SimVmas {
         }
     }
 
+    /// The lowest `align`-aligned gap of `len` bytes from 256 MiB up (the
+    /// mm's own choice of an address, for mremap).
+    pub(super) fn find_free(&self, len: u64, align: u64) -> Option<u64> {
+        let mut a: u64 = 0x1000_0000;
+        for v in self.vmas.values() {
+            if v.end <= a {
+                continue;
+            }
+            if a.checked_add(len)? <= v.start {
+                return Some(a);
+            }
+            a = v.end.checked_next_multiple_of(align)?;
+        }
+        a.checked_add(len).map(|_| a)
+    }
+
     pub(super) fn overlapping(&self, start: u64, end: u64) -> Vec<Vma> {
         self.vmas
             .values()

@@ -14,7 +14,7 @@ use faultline_device::sync::lock;
 use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, Segv, SvmEnv};
 use faultline_driver::gpu::{FaultPolicy, Gpu, GpuConfig};
-use faultline_driver::mm::{PageState, VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
+use faultline_driver::mm::{Mremap, PageState, VmFlags, PAGE_SIZE as PAGE, PMD_SIZE};
 use faultline_driver::sim::{FrameSource, SimMm};
 
 use super::loopback::Loopback;
@@ -301,6 +301,14 @@ impl SvmEnv for LoopEnv {
 
     fn mprotect(&self, p: &Arc<SimMm>, addr: u64, len: u64, prot: Prot) -> Result<(), Errno> {
         p.mprotect(addr, len, vm_flags(prot, false))
+    }
+
+    fn mremap(&self, p: &Arc<SimMm>, args: Mremap) -> Result<u64, Errno> {
+        p.mremap(args)
+    }
+
+    fn madvise_dontneed(&self, p: &Arc<SimMm>, addr: u64, len: u64) -> Result<(), Errno> {
+        p.madvise_dontneed(addr, len)
     }
 
     fn mm_munmap(mm: &SimMm, addr: u64, len: u64) -> Result<(), Errno> {

@@ -88,9 +88,10 @@ use faultline_driver::errno::Errno;
 use faultline_driver::mm::migrate::{device_private_fault, migration_entry_wait};
 use faultline_driver::mm::{
     device_page_free, mmap_read_lock, mmap_read_trylock, mmap_write_lock, mmput,
-    mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, DeviceOwner,
-    FaultError, FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState,
-    VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
+    mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, splits_huge,
+    DeviceOwner, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange,
+    MmuNotifyEvent, Mremap, MremapPlan, PageState, VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE,
+    PMD_SHIFT, PMD_SIZE,
 };
 
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
@@ -262,14 +263,6 @@ impl Drop for Process {
     }
 }
 
-fn huge_split(vmas: &Vmas, start: u64, end: u64) -> bool {
-    vmas.overlapping(start, end).any(|v| {
-        v.flags.contains(VmFlags::HUGE)
-            && ((v.start < start && !start.is_multiple_of(PMD_SIZE))
-                || (end < v.end && !end.is_multiple_of(PMD_SIZE)))
-    })
-}
-
 /// `[addr, addr + len)` rounded up to `align`, inside the user half.
 fn user_range(addr: u64, len: u64, align: u64) -> Result<(u64, u64), Errno> {
     if len == 0 || !addr.is_multiple_of(align) {
@@ -405,11 +398,21 @@ impl ProcessMm {
     pub fn munmap(&self, addr: u64, len: u64) -> Result<(), Errno> {
         let (start, end) = user_range(addr, len, PAGE_SIZE)?;
         let mut vmas = mmap_write_lock(self);
-        if huge_split(&vmas, start, end) {
+        if splits_huge(vmas.overlapping(start, end), start, end) {
             return Err(Errno::EINVAL);
         }
+        let freed = self.unmap_locked(&mut vmas, start, end);
+        drop(vmas);
+        self.release_frames(freed);
+        Ok(())
+    }
+
+    /// The body of munmap, under the mmap write lock; the caller releases
+    /// what it returns once the lock is dropped.
+    fn unmap_locked(&self, vmas: &mut Vmas, start: u64, end: u64) -> FrameList {
+        let mut freed = FrameList::new();
         let Some((lo, hi)) = vmas.remove(start, end) else {
-            return Ok(());
+            return freed;
         };
         let range = MmuNotifierRange {
             start: lo,
@@ -417,7 +420,6 @@ impl ProcessMm {
             event: MmuNotifyEvent::Unmap,
             blockable: true,
         };
-        let mut freed = FrameList::new();
         let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
         {
             let mut pt = self.pt.lock();
@@ -431,9 +433,118 @@ impl ProcessMm {
         } else {
             log::error!("munmap: a notifier refused a blockable invalidation");
         }
+        freed
+    }
+
+    /// `mremap`; see the module docs.
+    pub fn mremap(&self, args: Mremap) -> Result<u64, Errno> {
+        user_range(args.old, args.old_len, PAGE_SIZE)?;
+        let mut vmas = mmap_write_lock(self);
+        if self.is_dead() {
+            return Err(Errno::EFAULT);
+        }
+        let vma = vmas.lookup(args.old);
+        let plan = args.plan(
+            vma,
+            |a, b| b <= crate::mm::USER_END && !vmas.overlaps(a, b),
+            |len, align| vmas.find_free(len, align, crate::mm::USER_BASE),
+        )?;
+        let mut lists = Vec::new();
+        let r = match plan {
+            MremapPlan::Same => Ok(args.old),
+            MremapPlan::Shrink { start, end } => {
+                lists.push(self.unmap_locked(&mut vmas, start, end));
+                Ok(args.old)
+            }
+            MremapPlan::Grow { start, end } => {
+                let flags = vma.expect("planned").flags;
+                vmas.insert(Vma { start, end, flags });
+                Ok(args.old)
+            }
+            MremapPlan::Move { .. } => {
+                let flags = vma.expect("planned").flags;
+                self.mremap_move(&mut vmas, &mut lists, args, flags, plan)
+            }
+        };
         drop(vmas);
-        self.release_frames(freed);
-        Ok(())
+        for l in lists {
+            self.release_frames(l);
+        }
+        r
+    }
+    /// The move of an mremap (see [`MremapPlan::Move`]), under the mmap
+    /// write lock; what it unmaps goes to `lists`.
+    fn mremap_move(
+        &self,
+        vmas: &mut Vmas,
+        lists: &mut Vec<FrameList>,
+        args: Mremap,
+        flags: VmFlags,
+        plan: MremapPlan,
+    ) -> Result<u64, Errno> {
+        let MremapPlan::Move {
+            to,
+            fixed,
+            moved,
+            dontunmap,
+        } = plan
+        else {
+            return Ok(args.old);
+        };
+        let new_end = to.checked_add(args.new_len).ok_or(Errno::EINVAL)?;
+        if fixed {
+            user_range(to, args.new_len, PAGE_SIZE)?;
+            if splits_huge(vmas.overlapping(to, new_end), to, new_end) {
+                return Err(Errno::EINVAL);
+            }
+            lists.push(self.unmap_locked(vmas, to, new_end));
+        }
+        let (start, end) = (args.old, args.old + moved);
+        if args.old_len > moved {
+            lists.push(self.unmap_locked(vmas, end, args.old + args.old_len));
+        }
+        // The destination's page tables first: out of frames,
+        // nothing has moved.
+        self.pt
+            .lock()
+            .prepare_move(start, end, to)
+            .map_err(|_| Errno::ENOMEM)?;
+        if !dontunmap {
+            vmas.remove(start, end);
+        }
+        vmas.insert(Vma {
+            start: to,
+            end: new_end,
+            flags,
+        });
+        let range = MmuNotifierRange {
+            start,
+            end,
+            event: MmuNotifyEvent::Unmap,
+            blockable: true,
+        };
+        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
+        let mut tables = FrameList::new();
+        {
+            let mut pt = self.pt.lock();
+            let mut flush = Flush::new();
+            pt.move_range(start, end, to, &mut flush);
+            pt.prune(
+                start,
+                end,
+                |a, b| vmas.overlaps(a, b),
+                &mut tables,
+                &mut flush,
+            );
+            flush.run(is_active(self));
+        }
+        if notified {
+            mmu_notifier_invalidate_range_end(self, &range);
+        } else {
+            log::error!("mremap: a notifier refused a blockable invalidation");
+        }
+        lists.push(tables);
+        Ok(to)
     }
 
     /// `mprotect`; see the module docs.
@@ -443,7 +554,7 @@ impl ProcessMm {
         if !vmas.covers(start, end) {
             return Err(Errno::ENOMEM);
         }
-        if huge_split(&vmas, start, end) {
+        if splits_huge(vmas.overlapping(start, end), start, end) {
             return Err(Errno::EINVAL);
         }
         let vm = prot.vm_flags();
@@ -465,6 +576,50 @@ impl ProcessMm {
             mmu_notifier_invalidate_range_end(self, &range);
         } else {
             log::error!("mprotect: a notifier refused a blockable invalidation");
+        }
+        Ok(())
+    }
+
+    /// `madvise(MADV_DONTNEED)`; see the module docs.
+    pub fn madvise_dontneed(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        if len == 0 && addr.is_multiple_of(PAGE_SIZE) {
+            return Ok(());
+        }
+        let (start, end) = user_range(addr, len, PAGE_SIZE)?;
+        let vmas = mmap_read_lock(self);
+        if splits_huge(vmas.overlapping(start, end), start, end)
+            || vmas
+                .overlapping(start, end)
+                .any(|v| v.flags.intersects(VmFlags::SPECIAL_KINDS))
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut covered = 0;
+        for v in vmas.overlapping(start, end) {
+            let range = MmuNotifierRange {
+                start: v.start.max(start),
+                end: v.end.min(end),
+                event: MmuNotifyEvent::Clear,
+                blockable: true,
+            };
+            covered += range.end - range.start;
+            let mut freed = FrameList::new();
+            let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
+            {
+                let mut pt = self.pt.lock();
+                let mut flush = Flush::new();
+                pt.zap(range.start, range.end, zero_pa(), &mut freed, &mut flush);
+                flush.run(is_active(self));
+            }
+            if notified {
+                mmu_notifier_invalidate_range_end(self, &range);
+            } else {
+                log::error!("madvise: a notifier refused a blockable invalidation");
+            }
+            self.release_frames(freed);
+        }
+        if covered < end - start {
+            return Err(Errno::ENOMEM);
         }
         Ok(())
     }

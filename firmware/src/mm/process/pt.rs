@@ -560,6 +560,57 @@ impl PageTables {
         self.data -= data;
     }
 
+    /// Creates the page tables that [`PageTables::move_range`] of the same
+    /// arguments will write to, so that the move itself allocates nothing.
+    pub fn prepare_move(&mut self, start: u64, end: u64, to: u64) -> Result<(), Oom> {
+        let mut blocks = Vec::new();
+        self.for_each_leaf(start, end, |a, _, _, huge| {
+            let dst = to + (a - start);
+            if blocks.last() != Some(&(dst >> PMD_SHIFT, huge)) {
+                blocks.push((dst >> PMD_SHIFT, huge));
+            }
+        });
+        for (block, huge) in blocks {
+            let dst = block << PMD_SHIFT;
+            if huge {
+                self.pde(dst, true)?;
+            } else {
+                self.pte(dst, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every leaf and swap-type entry of `[start, end)` to the same
+    /// offset from `to` (mremap): frames and device pages stay with their
+    /// entries; the old translations go to `flush`. The ranges do not
+    /// overlap, [`PageTables::prepare_move`] ran for them, and 2 MiB
+    /// leaves only move between 2 MiB-aligned ranges.
+    pub fn move_range(&mut self, start: u64, end: u64, to: u64, flush: &mut Flush) {
+        let mut moving = Vec::new();
+        self.for_each_leaf(start, end, |a, t, i, huge| {
+            let e = t.get(i);
+            t.set(i, 0);
+            if e & P != 0 {
+                flush.page(a);
+            }
+            moving.push((to + (a - start), e, huge));
+        });
+        for (dst, e, huge) in moving {
+            let slot = if huge {
+                self.pde(dst, false)
+            } else {
+                self.pte(dst, false)
+            };
+            match slot {
+                Ok(Some((t, i))) => t.set(i, e),
+                // prepare_move created it; an entry without a table would
+                // leak its frame, so say so.
+                _ => log::error!("mremap: no page table at {dst:#x}"),
+            }
+        }
+    }
+
     /// Applies `vm`'s permissions to every leaf in `[start, end)`.
     pub fn protect(&mut self, start: u64, end: u64, vm: VmFlags, flush: &mut Flush) {
         self.for_each_leaf(start, end, |a, t, i, _| {

@@ -4,7 +4,7 @@
 //! process memory, frame accounting).
 //!
 //! A test is a module in one of the theme files (`basic`, `protection`,
-//! `teardown`, `races`, `mutants`, `scale`) holding its body, `run`, and what it needs
+//! `teardown`, `races`, `mutants`, `scale`, `surgery`, ...) holding its body, `run`, and what it needs
 //! from its host, `NEEDS` (a [`Needs`]); [`svm_suite!`](crate::svm_suite)
 //! lists every test by name, in run order. Hosts take the list from
 //! [`tests`] and run one with [`run`], which builds the environment for the
@@ -22,7 +22,7 @@ use faultline_abi::PAGE_SIZE;
 
 use super::{Gpu, GpuConfig, Platform};
 use crate::errno::Errno;
-use crate::mm::Mm;
+use crate::mm::{Mm, Mremap};
 
 mod helpers;
 
@@ -37,6 +37,7 @@ mod mutants;
 mod protection;
 mod races;
 mod scale;
+mod surgery;
 mod teardown;
 pub mod workloads;
 
@@ -50,6 +51,7 @@ use mutants::*;
 use protection::*;
 use races::*;
 use scale::*;
+use surgery::*;
 use teardown::*;
 
 bitflags! {
@@ -192,6 +194,12 @@ pub trait SvmEnv {
     fn munmap(&self, p: &Self::Process, addr: u64, len: u64) -> Result<(), Errno>;
     /// mprotect.
     fn mprotect(&self, p: &Self::Process, addr: u64, len: u64, prot: Prot) -> Result<(), Errno>;
+    /// mremap (move, grow, shrink; [`Mremap::plan`] says which): the new
+    /// address.
+    fn mremap(&self, p: &Self::Process, args: Mremap) -> Result<u64, Errno>;
+    /// madvise(MADV_DONTNEED): the range's pages are dropped, the next
+    /// access faults fresh zero pages.
+    fn madvise_dontneed(&self, p: &Self::Process, addr: u64, len: u64) -> Result<(), Errno>;
     /// munmap on the address space alone: for code that holds only the mm,
     /// such as a driver check hook (`'static`, so it cannot borrow the
     /// environment or the process).
@@ -426,6 +434,13 @@ macro_rules! svm_suite {
             migrate_first_touch_fallback,
             migrate_huge,
             migrate_huge_empty,
+            mremap_move,
+            mremap_dontunmap,
+            partial_munmap_start,
+            partial_munmap_middle,
+            partial_munmap_end,
+            partial_mprotect_middle,
+            madvise_dontneed,
         }
     };
 }
