@@ -148,8 +148,8 @@ pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
 
 /// Moves every translation of `[start, end)` to the same offset from `to`
 /// (mremap): entries change place, frames and device pages stay with them.
-/// The two ranges do not overlap; a 2 MiB leaf moves whole (both ranges
-/// are then 2 MiB aligned).
+/// The two ranges do not overlap; a 2 MiB entry (leaf, device page,
+/// migration) moves whole (both ranges are then 2 MiB aligned).
 pub(super) fn move_range(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64, to: u64) {
     let mut a = start;
     while a < end {
@@ -157,11 +157,6 @@ pub(super) fn move_range(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64, to: u
         let block_end = (k + 1) << PMD_SHIFT;
         match pt.get_mut(&k) {
             None => {}
-            Some(Pmd::Huge { .. }) => {
-                debug_assert!(a.is_multiple_of(PMD_SIZE) && to.is_multiple_of(PMD_SIZE));
-                let leaf = pt.remove(&k).expect("just seen");
-                pt.insert((to + (a - start)) >> PMD_SHIFT, leaf);
-            }
             Some(Pmd::Table(t)) => {
                 let stop = end.min(block_end);
                 let mut moving = Vec::new();
@@ -178,6 +173,12 @@ pub(super) fn move_range(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64, to: u
                     let dst = to + (b - start);
                     table_mut(pt, dst)[pte_index(dst)] = pte;
                 }
+            }
+            // A 2 MiB leaf, device page or migration entry.
+            Some(_) => {
+                debug_assert!(a.is_multiple_of(PMD_SIZE) && to.is_multiple_of(PMD_SIZE));
+                let leaf = pt.remove(&k).expect("just seen");
+                pt.insert((to + (a - start)) >> PMD_SHIFT, leaf);
             }
         }
         a = block_end;
