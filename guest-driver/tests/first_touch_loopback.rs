@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::env::LoopEnv;
 use faultline_abi::{Pte, PAGE_SIZE};
+use faultline_driver::gpu::stats::{Op, SizeClass};
 use faultline_driver::gpu::suite::{Pattern, Prot, SvmEnv};
 use faultline_driver::gpu::{
     Channel, Command, DeviceMemory, FaultPolicy, GpuConfig, MigratePolicy, SvmConfig, SvmContext,
@@ -67,7 +68,8 @@ fn vram_leaves(svm: &Svm, pages: u64) -> u64 {
 
 /// One window, one pass: the migration runs before the window's range is
 /// registered, so its own invalidation (the only one) forces no retry, and
-/// the fresh window had no leaves to shoot down.
+/// the fresh window had no leaves to shoot down; the migration is timed
+/// (`fault_migrate.64k`).
 #[test]
 fn a_first_touch_window_is_migrated_and_mapped_in_one_pass() {
     let env = env_with("migrate=first_touch");
@@ -89,6 +91,12 @@ fn a_first_touch_window_is_migrated_and_mapped_in_one_pass() {
     );
     assert_eq!(vram_leaves(&svm, 16), 16);
     assert_eq!((dmem.stats().by_fault, p.device_pages()), (16, 16));
+    let timed = env.gpu().stats().latency;
+    assert_eq!(
+        timed.get(Op::FaultMigrate, SizeClass::K64).count,
+        1,
+        "the window's migration is timed: {timed}"
+    );
     finish(&env, p, chan, svm, dmem);
 }
 

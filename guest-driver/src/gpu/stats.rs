@@ -20,6 +20,8 @@
 //!   (taking the lock, the sequence check, the writes).
 //! * `tlb_invalidate`: submit of the control entry → its acknowledgement
 //!   seen.
+//! * `fault_migrate`: a window's migration to VRAM before it is serviced
+//!   (`MigratePolicy::FirstTouch`; eviction included), whatever it moved.
 //! * `replay`: the drain of the batch a REPLAY retries → the REPLAY
 //!   doorbell written (`block`: per fault; `once`: from the first batch
 //!   owed).
@@ -42,6 +44,8 @@ pub enum Op {
     PteWrite,
     /// A TLB invalidation: submit → acknowledgement.
     TlbInvalidate,
+    /// A window's first-touch migration to VRAM.
+    FaultMigrate,
 }
 
 /// A size class (module documentation).
@@ -69,7 +73,7 @@ impl SizeClass {
     }
 }
 
-const OPS: usize = 4;
+const OPS: usize = 5;
 const CLASSES: usize = 4;
 
 /// The names [`LatencySnapshot::iter`] gives, `<op>.<class>`.
@@ -92,6 +96,12 @@ const NAMES: [[&str; CLASSES]; OPS] = [
         "tlb_invalidate.64k",
         "tlb_invalidate.2m",
         "tlb_invalidate.other",
+    ],
+    [
+        "fault_migrate.4k",
+        "fault_migrate.64k",
+        "fault_migrate.2m",
+        "fault_migrate.other",
     ],
 ];
 
@@ -291,7 +301,7 @@ mod tests {
         assert_eq!(snap.get(Op::TlbInvalidate, SizeClass::K4).count, 1);
         assert_eq!(snap.get(Op::TlbInvalidate, SizeClass::K4).total_ns, 0);
         assert_eq!(snap.get(Op::Window, SizeClass::K4).count, 0);
-        assert_eq!(snap.iter().count(), 17);
+        assert_eq!(snap.iter().count(), 21);
         assert_eq!(
             format!("{snap}"),
             "window.64k=2/4/3 tlb_invalidate.4k=1/0/0 replay=1/2500/2500"

@@ -412,7 +412,14 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
             return;
         };
         let hook = self.migrate_hook.lock().clone();
-        if let Err(e) = mem.migrate_on_fault(&self.mm, hook, w.start, w.end) {
+        let ticks = || self.gpu().platform().stats_ticks();
+        let t0 = ticks();
+        let r = mem.migrate_on_fault(&self.mm, hook, w.start, w.end);
+        let bytes = w.end - w.start;
+        self.counters()
+            .latency
+            .record(Op::FaultMigrate, bytes, t0, ticks());
+        if let Err(e) = r {
             log::debug!(
                 "svm: first-touch migration of {:#x}..{:#x}: {e}",
                 w.start,
