@@ -14,25 +14,32 @@ use super::evict::small_vram;
 use super::helpers::*;
 use super::{Needs, Pattern, Prot, SvmEnv, TestResult};
 use crate::gpu::vram::CHUNK_PAGES;
-use crate::gpu::{DeviceMemory, MigratePolicy, SnapEntry, VramFailure};
+use crate::gpu::{DeviceMemory, MigratePolicy, Prefetch, SnapEntry, SvmConfig, VramFailure};
 
 /// Runs `body` on a context bound to `p` that migrates on first touch,
-/// with `dmem` attached.
+/// with `dmem` attached. The window is pinned to the 64 KiB fault-around
+/// one: how much a window moves, and what a full VRAM evicts, depend on
+/// which pages one migration takes (under the density prefetcher a
+/// window's first touches are single pages, each its own migration, so a
+/// nearly full chunk is evicted rather than topped up). The window is pinned to the 64 KiB fault-around
+/// one: how much a window moves, and what a full VRAM evicts, depend on
+/// which pages one migration takes (under the density prefetcher a
+/// window's first touches are single pages, each its own migration, so a
+/// nearly full chunk is evicted rather than topped up).
 fn bound_first_touch<E: SvmEnv>(
     env: &E,
     p: E::Process,
     dmem: &DeviceMemory<E::P>,
     body: impl FnOnce(&E::Process, &Svm<E>, &Chan<E>) -> TestResult,
 ) -> TestResult {
-    bound_with(
-        env,
-        p,
-        migrating(MigratePolicy::FirstTouch),
-        |p, svm, chan| {
-            ok(dmem.attach(svm), "attach")?;
-            body(p, svm, chan)
-        },
-    )
+    let cfg = SvmConfig {
+        prefetch: Some(Prefetch::FaultAround),
+        ..migrating(MigratePolicy::FirstTouch)
+    };
+    bound_with(env, p, cfg, |p, svm, chan| {
+        ok(dmem.attach(svm), "attach")?;
+        body(p, svm, chan)
+    })
 }
 
 /// Pages of `[va, va + n pages)` that are device-private for `svm` (its
