@@ -929,3 +929,144 @@ fn mmu_notifier_release<M: Mm>(mm: &M) {
         n.release(mm);
     }
 }
+
+#[cfg(test)]
+mod mremap_tests {
+    use super::*;
+
+    const VMA: Vma = Vma {
+        start: 0x10_0000,
+        end: 0x20_0000,
+        flags: VmFlags::READ.union(VmFlags::WRITE),
+    };
+
+    fn plan(
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        flags: MremapFlags,
+        new_addr: u64,
+        free: bool,
+    ) -> Result<MremapPlan, Errno> {
+        Mremap {
+            old,
+            old_len,
+            new_len,
+            flags,
+            new_addr,
+        }
+        .plan(
+            Some(VMA).filter(|v| v.contains(old)),
+            |_, _| free,
+            |_, _| Some(0x80_0000),
+        )
+    }
+
+    #[test]
+    fn mremap_plan_follows_linux() {
+        let (mv, fx, du) = (
+            MremapFlags::MAYMOVE,
+            MremapFlags::FIXED,
+            MremapFlags::DONTUNMAP,
+        );
+        let p = PAGE_SIZE;
+        let a = VMA.start;
+        // Refusals.
+        assert_eq!(plan(a, 0, p, mv, 0, true), Err(Errno::EINVAL));
+        assert_eq!(plan(a + 1, p, p, mv, 0, true), Err(Errno::EINVAL));
+        assert_eq!(plan(a, p, p, fx, 0x40_0000, true), Err(Errno::EINVAL));
+        assert_eq!(plan(a, p, p, du, 0, true), Err(Errno::EINVAL));
+        assert_eq!(plan(a, p, 2 * p, mv | du, 0, true), Err(Errno::EINVAL));
+        assert_eq!(plan(a, 2 * p, p, mv | fx, a + p, true), Err(Errno::EINVAL));
+        assert_eq!(plan(0x30_0000, p, p, mv, 0, true), Err(Errno::EFAULT));
+        assert_eq!(
+            plan(VMA.end - p, 2 * p, 2 * p, mv, 0, true),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            plan(VMA.end - p, p, 2 * p, MremapFlags::empty(), 0, false),
+            Err(Errno::ENOMEM)
+        );
+        // Growth in place only at the VMA's end; elsewhere a move.
+        assert_eq!(
+            plan(a, p, 2 * p, MremapFlags::empty(), 0, true),
+            Err(Errno::ENOMEM)
+        );
+        assert_eq!(
+            plan(VMA.end - p, p, 2 * p, mv, 0, true),
+            Ok(MremapPlan::Grow {
+                start: VMA.end,
+                end: VMA.end + p
+            })
+        );
+        assert_eq!(
+            plan(a, p, 2 * p, mv, 0, true),
+            Ok(MremapPlan::Move {
+                to: 0x80_0000,
+                fixed: false,
+                moved: p,
+                dontunmap: false
+            })
+        );
+        assert_eq!(
+            plan(a, 2 * p, p, MremapFlags::empty(), 0, true),
+            Ok(MremapPlan::Shrink {
+                start: a + p,
+                end: a + 2 * p
+            })
+        );
+        assert_eq!(
+            plan(a, p, p, MremapFlags::empty(), 0, true),
+            Ok(MremapPlan::Same)
+        );
+        assert_eq!(
+            plan(a, 2 * p, p, mv | fx, 0x40_0000, true),
+            Ok(MremapPlan::Move {
+                to: 0x40_0000,
+                fixed: true,
+                moved: p,
+                dontunmap: false
+            })
+        );
+        assert_eq!(
+            plan(a, p, p, mv | du, 0, true),
+            Ok(MremapPlan::Move {
+                to: 0x80_0000,
+                fixed: false,
+                moved: p,
+                dontunmap: true
+            })
+        );
+        // A HUGE VMA moves in 2 MiB units only.
+        let huge = Vma {
+            flags: VMA.flags | VmFlags::HUGE,
+            start: 0,
+            end: 2 * PMD_SIZE,
+        };
+        let m = Mremap {
+            old: 0,
+            old_len: PMD_SIZE,
+            new_len: PMD_SIZE + p,
+            flags: mv,
+            new_addr: 0,
+        };
+        assert_eq!(
+            m.plan(Some(huge), |_, _| true, |_, _| None),
+            Err(Errno::EINVAL)
+        );
+    }
+
+    #[test]
+    fn splits_huge_only_off_2m_boundaries() {
+        let huge = Vma {
+            flags: VmFlags::HUGE,
+            start: PMD_SIZE,
+            end: 3 * PMD_SIZE,
+        };
+        assert!(splits_huge([&huge], PMD_SIZE + PAGE_SIZE, 2 * PMD_SIZE));
+        assert!(splits_huge([&huge], 0, PMD_SIZE + PAGE_SIZE));
+        assert!(!splits_huge([&huge], 2 * PMD_SIZE, 3 * PMD_SIZE));
+        assert!(!splits_huge([&huge], PAGE_SIZE, 4 * PMD_SIZE + PAGE_SIZE));
+        assert!(!splits_huge([&huge], 0, PAGE_SIZE));
+    }
+}

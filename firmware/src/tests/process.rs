@@ -23,8 +23,8 @@ use faultline_driver::hmm::{
 };
 use faultline_driver::mm::{
     mmap_read_lock, mmap_write_lock, mmget, mmget_not_zero, mmput, mmu_notifier_register,
-    FaultError, FaultFlags, Mm, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags,
-    Walk, PAGE_SHIFT, PAGE_SIZE as PG, PMD_SHIFT, PMD_SIZE as HUGE,
+    FaultError, FaultFlags, Mm, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, Mremap, MremapFlags,
+    PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE as PG, PMD_SHIFT, PMD_SIZE as HUGE,
 };
 use x86_64::PhysAddr;
 
@@ -43,6 +43,7 @@ pub const TESTS: &[Test] = &[
     Test::new("process_mprotect", mprotect),
     Test::new("process_munmap", munmap),
     Test::new("process_huge_pages", huge_pages),
+    Test::new("process_mremap", mremap),
     Test::new("process_notifier_order", notifier_order),
     Test::new("process_isolation", isolation),
     Test::new("process_tlb_flush", tlb_flush),
@@ -545,6 +546,73 @@ fn munmap() -> Result<(), String> {
         "one munmap with a mapping = one start/end pair"
     );
     expect_segv(read(&p, a), a, Access::Read, SegvReason::NoMapping)?;
+    Ok(())
+}
+
+/// mremap moves entries, not data: a 4 KiB move and a 2 MiB move keep
+/// their frames (the data count unchanged, the frames free count too),
+/// the old range's page tables are pruned, a misaligned HUGE mremap is
+/// EINVAL, and unmapping the moved ranges gives every frame and table
+/// back.
+fn mremap() -> Result<(), String> {
+    let p = new_process()?;
+    let base = (frames::stats().free, p.stats().page_tables);
+    let a = map(&p, None, 4 * PG, RW, MapFlags::POPULATE)?;
+    let h = map(&p, None, 2 * HUGE, RW, MapFlags::HUGE | MapFlags::POPULATE)?;
+    write(&p, a + PG, 0x11).map_err(|e| format!("write: {e}"))?;
+    write(&p, h + HUGE + 8, 0x22).map_err(|e| format!("write: {e}"))?;
+    let (small, huge) = (present(p.translate(a + PG)), p.translate(h + HUGE).state);
+    let (free, data) = (frames::stats().free, p.stats().data_frames);
+    let fixed = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    let far = h + 64 * HUGE;
+    let bad = p.mremap(Mremap {
+        old: h + PG,
+        old_len: HUGE,
+        new_len: HUGE,
+        flags: fixed,
+        new_addr: far,
+    });
+    ensure!(bad == Err(Errno::EINVAL), "misaligned HUGE mremap: {bad:?}");
+    let to = |old, len, new_addr| Mremap {
+        old,
+        old_len: len,
+        new_len: len,
+        flags: fixed,
+        new_addr,
+    };
+    let m = p.mremap(to(a, 4 * PG, far + 8 * HUGE)).map_err(debug_str)?;
+    let g = p.mremap(to(h, 2 * HUGE, far)).map_err(debug_str)?;
+    ensure!(
+        present(p.translate(m + PG)) == small && p.translate(g + HUGE).state == huge,
+        "entries did not move: {:?} {:?}",
+        p.translate(m + PG),
+        p.translate(g + HUGE)
+    );
+    ensure!(
+        p.translate(a + PG).state == PageState::None
+            && p.translate(h + HUGE).state == PageState::None,
+        "old ranges still mapped"
+    );
+    // The destination's tables came, the old ones went: at most one
+    // table more per level of a new branch (the moves went 128 MiB up).
+    ensure!(
+        frames::stats().free + 3 >= free && p.stats().data_frames == data,
+        "move changed the frames: {} free (was {free}), {} data (was {data})",
+        frames::stats().free,
+        p.stats().data_frames
+    );
+    ensure!(
+        read(&p, m + PG) == Ok(0x11) && read(&p, g + HUGE + 8) == Ok(0x22),
+        "data did not move"
+    );
+    p.munmap(m, 4 * PG).map_err(debug_str)?;
+    p.munmap(g, 2 * HUGE).map_err(debug_str)?;
+    ensure!(
+        (frames::stats().free, p.stats().page_tables) == base,
+        "after unmapping: {} free frames, {} tables (was {base:?})",
+        frames::stats().free,
+        p.stats().page_tables
+    );
     Ok(())
 }
 

@@ -40,6 +40,16 @@
 //!   EINVAL when they would split a 2 MiB page; mprotect over a hole is
 //!   ENOMEM (as Linux). munmap frees page-table pages left without a
 //!   mapping.
+//! * [`ProcessMm::mremap`]`(`[`Mremap`]`)`: [`Mremap::plan`] decides
+//!   (shrink, grow in place, move; MREMAP_FIXED / MREMAP_DONTUNMAP) and
+//!   checks (EINVAL, EFAULT, ENOMEM as Linux); a move allocates the
+//!   destination's page tables first (ENOMEM: nothing moved), then moves
+//!   the entries (frames, zero page, device-private and 2 MiB ones) under
+//!   one `Unmap` of the old range, flushes and prunes the old range's
+//!   tables. Returns the new address.
+//! * [`ProcessMm::madvise_dontneed`]: MADV_DONTNEED, under the mmap lock
+//!   for read: each VMA's part zapped under its own `Clear`; EINVAL across
+//!   a 2 MiB page or on a special VMA, ENOMEM after a hole.
 //! * [`Process::run`] / [`run`]: runs a closure with the process's page
 //!   tables in CR3; a fault that cannot be resolved ends the closure and
 //!   comes back as `Err(`[`Segfault`]`)` with address, access and
@@ -53,7 +63,8 @@
 //!
 //! # Ordering rules (what the mirror depends on)
 //!
-//! munmap, mprotect and the zero-page copy-on-write announce the change with
+//! munmap, mprotect, mremap, madvise and the zero-page copy-on-write
+//! announce the change with
 //! `mmu_notifier_invalidate_range_start` before the page tables change,
 //! flush the CPU TLB (`invlpg`, or a CR3 reload beyond 8 pages or after
 //! freeing page-table pages; nothing when the process is not loaded, since
@@ -394,6 +405,30 @@ impl ProcessMm {
         Ok(start)
     }
 
+    /// Runs `change` on the page tables inside `range`'s invalidation:
+    /// the notifiers' `_start`, then `change` under the page-table lock
+    /// and its TLB flush, then `_end` (frames are released by the caller,
+    /// after). `what` names the operation if a notifier refuses.
+    fn change_tables(
+        &self,
+        range: &MmuNotifierRange,
+        what: &str,
+        change: impl FnOnce(&mut PageTables, &mut Flush),
+    ) {
+        let notified = mmu_notifier_invalidate_range_start(self, range).is_ok();
+        {
+            let mut pt = self.pt.lock();
+            let mut flush = Flush::new();
+            change(&mut pt, &mut flush);
+            flush.run(is_active(self));
+        }
+        if notified {
+            mmu_notifier_invalidate_range_end(self, range);
+        } else {
+            log::error!("{what}: a notifier refused a blockable invalidation");
+        }
+    }
+
     /// `munmap`; see the module docs.
     pub fn munmap(&self, addr: u64, len: u64) -> Result<(), Errno> {
         let (start, end) = user_range(addr, len, PAGE_SIZE)?;
@@ -420,19 +455,10 @@ impl ProcessMm {
             event: MmuNotifyEvent::Unmap,
             blockable: true,
         };
-        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
-        {
-            let mut pt = self.pt.lock();
-            let mut flush = Flush::new();
-            pt.zap(lo, hi, zero_pa(), &mut freed, &mut flush);
-            pt.prune(lo, hi, |a, b| vmas.overlaps(a, b), &mut freed, &mut flush);
-            flush.run(is_active(self));
-        }
-        if notified {
-            mmu_notifier_invalidate_range_end(self, &range);
-        } else {
-            log::error!("munmap: a notifier refused a blockable invalidation");
-        }
+        self.change_tables(&range, "munmap", |pt, flush| {
+            pt.zap(lo, hi, zero_pa(), &mut freed, flush);
+            pt.prune(lo, hi, |a, b| vmas.overlaps(a, b), &mut freed, flush);
+        });
         freed
     }
 
@@ -523,26 +549,11 @@ impl ProcessMm {
             event: MmuNotifyEvent::Unmap,
             blockable: true,
         };
-        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
         let mut tables = FrameList::new();
-        {
-            let mut pt = self.pt.lock();
-            let mut flush = Flush::new();
-            pt.move_range(start, end, to, &mut flush);
-            pt.prune(
-                start,
-                end,
-                |a, b| vmas.overlaps(a, b),
-                &mut tables,
-                &mut flush,
-            );
-            flush.run(is_active(self));
-        }
-        if notified {
-            mmu_notifier_invalidate_range_end(self, &range);
-        } else {
-            log::error!("mremap: a notifier refused a blockable invalidation");
-        }
+        self.change_tables(&range, "mremap", |pt, flush| {
+            pt.move_range(start, end, to, flush);
+            pt.prune(start, end, |a, b| vmas.overlaps(a, b), &mut tables, flush);
+        });
         lists.push(tables);
         Ok(to)
     }
@@ -565,18 +576,9 @@ impl ProcessMm {
             event: MmuNotifyEvent::for_mprotect(vm),
             blockable: true,
         };
-        let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
-        {
-            let mut pt = self.pt.lock();
-            let mut flush = Flush::new();
-            pt.protect(start, end, vm, &mut flush);
-            flush.run(is_active(self));
-        }
-        if notified {
-            mmu_notifier_invalidate_range_end(self, &range);
-        } else {
-            log::error!("mprotect: a notifier refused a blockable invalidation");
-        }
+        self.change_tables(&range, "mprotect", |pt, flush| {
+            pt.protect(start, end, vm, flush)
+        });
         Ok(())
     }
 
@@ -604,18 +606,9 @@ impl ProcessMm {
             };
             covered += range.end - range.start;
             let mut freed = FrameList::new();
-            let notified = mmu_notifier_invalidate_range_start(self, &range).is_ok();
-            {
-                let mut pt = self.pt.lock();
-                let mut flush = Flush::new();
-                pt.zap(range.start, range.end, zero_pa(), &mut freed, &mut flush);
-                flush.run(is_active(self));
-            }
-            if notified {
-                mmu_notifier_invalidate_range_end(self, &range);
-            } else {
-                log::error!("madvise: a notifier refused a blockable invalidation");
-            }
+            self.change_tables(&range, "madvise", |pt, flush| {
+                pt.zap(range.start, range.end, zero_pa(), &mut freed, flush)
+            });
             self.release_frames(freed);
         }
         if covered < end - start {
