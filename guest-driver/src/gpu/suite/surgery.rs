@@ -372,11 +372,13 @@ fn free_range<E: SvmEnv>(env: &E, p: &E::Process, len: u64) -> Result<u64, Strin
 /// new one faults in fresh with the same data. Grown where something is
 /// mapped right after, it moves (its old range invalidated, the new tail
 /// zero); grown where nothing is, it grows in place and fires nothing;
-/// shrunk, its tail is unmapped.
+/// shrunk, its tail is unmapped. Moved while in device memory, its pages
+/// stay there and fault back at the new address (hmm-tests'
+/// `migrate_remap_fault`).
 pub(super) mod mremap_move {
     use super::*;
 
-    /// Nothing beyond the defaults.
+    /// A GPU with VRAM (every host's default).
     pub const NEEDS: Needs = Needs::DEFAULT;
 
     pub fn run<E: SvmEnv>(env: &E) -> TestResult {
@@ -385,6 +387,7 @@ pub(super) mod mremap_move {
         let (p, src) = spawn_mapped(env, len)?;
         let dst = mmap_rw(env, &p, 2 * len, "mmap dst")?;
         cpu_fill(env, &p, src, len, pat)?;
+        let dmem = device_memory(env)?;
         bound(env, p, |p, svm, chan| {
             let w = watch(env, p);
             ok(copy(chan, dst, src, len), "copy")?;
@@ -483,9 +486,46 @@ pub(super) mod mremap_move {
             )?;
             device_maps(env, p, svm, m, len, PAGE_SIZE, None)?;
             device_unmapped::<E>(svm, m + len, 2 * len, PAGE_SIZE)?;
+
+            // Device-private pages move too (hmm-tests' migrate_remap_fault):
+            // still in VRAM after the move, faulted back at the new address.
+            ok(dmem.attach(svm), "attach")?;
+            let moved = ok(dmem.migrate_to_device(svm, m, m + len), "migrate")?;
+            ensure!(moved == 16, "{moved} of 16 pages migrated");
+            let far = free_range(env, p, len)?;
+            w.take();
+            let r = env.mremap(
+                p,
+                Mremap {
+                    old: m,
+                    old_len: len,
+                    new_len: len,
+                    flags,
+                    new_addr: far,
+                },
+            );
+            ensure!(r == Ok(far), "mremap of device pages: {r:x?}");
+            w.expect(
+                "mremap device pages",
+                &[(m, m + len, MmuNotifyEvent::Unmap)],
+            )?;
+            let s = dmem.stats();
+            ensure!(s.vram.pages == 16, "after the mremap: {s:?}");
+            cpu_check(env, p, far, len, pat)?;
+            let s = dmem.stats();
+            ensure!(
+                s.vram.pages == 0 && s.cpu_faults == 16,
+                "after the CPU reads: {s:?}"
+            );
+            ensure!(
+                env.read(p, m, &mut [0; 8]) == Err(Segv),
+                "CPU read of the old range"
+            );
+            dmem.detach(svm);
             report("mremap_move", &c0, &counters(env));
             Ok(())
-        })
+        })?;
+        leak_check(dmem)
     }
 }
 
