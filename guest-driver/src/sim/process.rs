@@ -184,18 +184,15 @@ impl SimMm {
     }
 
     /// `mprotect(start, len, prot)`: replace READ/WRITE/EXEC of the covered
-    /// VMAs, write-protecting PTEs when WRITE goes away. ENOMEM (nothing
-    /// changed) if the range has a hole, EINVAL if it would cut a 2 MiB
-    /// page, as the firmware's mm. Announced even for
+    /// VMAs, write-protecting PTEs when WRITE goes away. EINVAL if it would
+    /// cut a 2 MiB page. Unlike Linux (and the firmware's mm) a range with
+    /// holes is accepted: the property test relies on it. Announced even for
     /// upgrades, as Linux does, with [`MmuNotifyEvent::for_mprotect`]'s
     /// event (`ProtectionPage` for read-only, else `ProtectionVma`).
     pub fn mprotect(&self, start: u64, len: u64, prot: VmFlags) -> Result<(), Errno> {
         let end = start + len;
         let perms = VmFlags::READ | VmFlags::WRITE | VmFlags::EXEC;
         let mut vmas = mmap_write_lock(self);
-        if !vmas.covers(start, end) {
-            return Err(Errno::ENOMEM);
-        }
         if splits_huge(vmas.vmas.values(), start, end) {
             return Err(Errno::EINVAL);
         }

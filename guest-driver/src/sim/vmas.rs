@@ -36,18 +36,6 @@ impl SimVmas {
         }
     }
 
-    /// Whether VMAs cover `[start, end)` without a hole.
-    pub(super) fn covers(&self, start: u64, end: u64) -> bool {
-        let mut a = start;
-        for v in self.overlapping(start, end) {
-            if v.start > a {
-                return false;
-            }
-            a = v.end;
-        }
-        a >= end
-    }
-
     /// The lowest `align`-aligned gap of `len` bytes from 256 MiB up (the
     /// mm's own choice of an address, for mremap).
     pub(super) fn find_free(&self, len: u64, align: u64) -> Option<u64> {
