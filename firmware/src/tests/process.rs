@@ -1,5 +1,5 @@
 //! Process address spaces: demand paging, the zero page, segmentation
-//! faults, mprotect/munmap, 2 MiB pages, notifier ordering, isolation, TLB
+//! faults, mprotect/munmap, mremap, 2 MiB pages, notifier ordering, isolation, TLB
 //! maintenance, the mirror layer on top, teardown accounting, a long
 //! random run against a reference model, and the walls between user and
 //! kernel (U/S, SMAP, SMEP).
