@@ -25,7 +25,7 @@ fn mmap_huge<E: SvmEnv>(env: &E, p: &E::Process, leaves: u64, what: &str) -> Res
 /// The VRAM offset of each 2 MiB entry of `[va, va + leaves * 2 MiB)` in
 /// a 2 MiB snapshot: `None` for an entry that is not a writable device
 /// page.
-fn device_chunks<E: SvmEnv>(
+pub(super) fn device_chunks<E: SvmEnv>(
     svm: &Svm<E>,
     va: u64,
     leaves: u64,
@@ -53,7 +53,7 @@ fn device_chunks<E: SvmEnv>(
 
 /// Whether the CPU maps `va`'s 2 MiB with one 2 MiB frame run (aligned,
 /// contiguous at both ends).
-fn cpu_huge<E: SvmEnv>(env: &E, p: &E::Process, va: u64) -> bool {
+pub(super) fn cpu_huge<E: SvmEnv>(env: &E, p: &E::Process, va: u64) -> bool {
     let first = env.cpu_phys(p, va);
     let last = env.cpu_phys(p, va + LEAF_2M - PAGE_SIZE);
     first.is_some_and(|f| f % LEAF_2M == 0 && last == Some(f + LEAF_2M - PAGE_SIZE))
