@@ -204,6 +204,14 @@ impl Mremap {
         {
             return Err(Errno::EINVAL);
         }
+        let old_end = old.checked_add(old_len).ok_or(Errno::EINVAL)?;
+        if fixed {
+            // Before the VMA is looked at, as Linux's mremap_to.
+            let new_end = new_addr.checked_add(new_len).ok_or(Errno::EINVAL)?;
+            if new_addr < old_end && old < new_end {
+                return Err(Errno::EINVAL);
+            }
+        }
         let vma = vma.ok_or(Errno::EFAULT)?;
         let align = if vma.flags.contains(VmFlags::HUGE) {
             PMD_SIZE
@@ -217,16 +225,11 @@ impl Mremap {
         {
             return Err(Errno::EINVAL);
         }
-        let old_end = old.checked_add(old_len).ok_or(Errno::EINVAL)?;
         if old < vma.start || old_end > vma.end {
             return Err(Errno::EFAULT);
         }
         let moved = old_len.min(new_len);
         if fixed {
-            let new_end = new_addr.checked_add(new_len).ok_or(Errno::EINVAL)?;
-            if new_addr < old_end && old < new_end {
-                return Err(Errno::EINVAL);
-            }
             return Ok(MremapPlan::Move {
                 to: new_addr,
                 fixed: true,

@@ -1,4 +1,5 @@
-//! Property test in the host loopback: random CPU mmap/munmap/mprotect and
+//! Property test in the host loopback: random CPU mmap/munmap/mprotect,
+//! mremap (MREMAP_FIXED, with or without DONTUNMAP), madvise(DONTNEED) and
 //! writes interleaved with GPU FILLs and reads of the same pages. After every
 //! step the device page table must be a subset of the CPU's (every device
 //! leaf maps the frame the CPU maps at that address, never more permission),
@@ -9,8 +10,10 @@ mod common;
 
 use common::env::LoopEnv;
 use faultline_abi::{Pte, Status, PAGE_SIZE};
+use faultline_driver::errno::Errno;
 use faultline_driver::gpu::suite::{Prot, SvmEnv};
 use faultline_driver::gpu::{Channel, Command, GpuConfig, GpuError, SvmConfig, SvmContext};
+use faultline_driver::mm::{Mremap, MremapFlags};
 use proptest::prelude::*;
 
 const PAGES: u64 = 8;
@@ -23,6 +26,10 @@ enum Op {
     Map(u64, u64, u8),
     Unmap(u64, u64),
     Protect(u64, u64, u8),
+    /// mremap of `n` pages from the first page to the second (FIXED),
+    /// with DONTUNMAP if set.
+    Remap(u64, u64, u64, bool),
+    DontNeed(u64, u64),
     CpuWrite(u64, u64),
     GpuFill(u64, u64),
     GpuRead(u64),
@@ -42,7 +49,10 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (page.clone(), span.clone(), any::<u8>()).prop_map(|(p, n, r)| Op::Map(p, n, r)),
         (page.clone(), span.clone()).prop_map(|(p, n)| Op::Unmap(p, n)),
-        (page.clone(), span, any::<u8>()).prop_map(|(p, n, r)| Op::Protect(p, n, r)),
+        (page.clone(), span.clone(), any::<u8>()).prop_map(|(p, n, r)| Op::Protect(p, n, r)),
+        (page.clone(), span.clone(), page.clone(), any::<bool>())
+            .prop_map(|(p, n, t, d)| Op::Remap(p, n, t, d)),
+        (page.clone(), span).prop_map(|(p, n)| Op::DontNeed(p, n)),
         (page.clone(), any::<u64>()).prop_map(|(p, v)| Op::CpuWrite(p, v)),
         (page.clone(), any::<u64>()).prop_map(|(p, v)| Op::GpuFill(p, v)),
         page.prop_map(Op::GpuRead),
@@ -104,6 +114,63 @@ fn run_case(ops: &[Op], around: u64, canaries: bool) -> Result<(), TestCaseError
                 for i in pg..pg + n {
                     if let Some((pr, _)) = model[i as usize].as_mut() {
                         *pr = prot(r);
+                    }
+                }
+            }
+            Op::Remap(pg, n, to, dontunmap) => {
+                let n = n.min(PAGES - pg).min(PAGES - to);
+                let mut flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+                if dontunmap {
+                    flags |= MremapFlags::DONTUNMAP;
+                }
+                let r = env.mremap(
+                    &p,
+                    Mremap {
+                        old: va(pg),
+                        old_len: n * PAGE_SIZE,
+                        new_len: n * PAGE_SIZE,
+                        flags,
+                        new_addr: va(to),
+                    },
+                );
+                let overlap = to < pg + n && pg < to + n;
+                let mapped = (pg..pg + n).all(|i| model[i as usize].is_some());
+                if overlap {
+                    prop_assert_eq!(r, Err(Errno::EINVAL), "step {}: {:?}", step, op);
+                } else if !mapped {
+                    prop_assert_eq!(r, Err(Errno::EFAULT), "step {}: {:?}", step, op);
+                } else {
+                    // The range may span two VMAs (mprotect splits them, the
+                    // simulated mm never merges): EFAULT, nothing changed.
+                    prop_assert!(
+                        r == Ok(va(to)) || r == Err(Errno::EFAULT),
+                        "step {}: {:?}: {:?}",
+                        step,
+                        op,
+                        r
+                    );
+                    if r.is_ok() {
+                        for i in 0..n {
+                            let from = model[(pg + i) as usize];
+                            model[(to + i) as usize] = from;
+                            model[(pg + i) as usize] = if dontunmap {
+                                from.map(|(pr, _)| (pr, 0))
+                            } else {
+                                None
+                            };
+                        }
+                    }
+                }
+            }
+            Op::DontNeed(pg, n) => {
+                let n = n.min(PAGES - pg);
+                let r = env.madvise_dontneed(&p, va(pg), n * PAGE_SIZE);
+                let holes = (pg..pg + n).any(|i| model[i as usize].is_none());
+                let want = if holes { Err(Errno::ENOMEM) } else { Ok(()) };
+                prop_assert_eq!(r, want, "step {}: {:?}", step, op);
+                for i in pg..pg + n {
+                    if let Some((_, v)) = model[i as usize].as_mut() {
+                        *v = 0;
                     }
                 }
             }
