@@ -393,16 +393,44 @@ pub enum Part<'a> {
     Dec3(u64),
 }
 
+/// "00" to "99": `dec` turns two digits into text per division.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `v` in decimal, zeros in front up to `min_digits` (at most 20), in the
+/// tail of `digits`. Two digits a step: boot prints its banner emulated,
+/// at ~1 µs an instruction.
+pub fn decimal(mut v: u64, min_digits: usize, digits: &mut [u8; 20]) -> &[u8] {
+    *digits = [b'0'; 20];
+    let mut at = digits.len();
+    while v >= 10 {
+        let p = (v % 100) as usize * 2;
+        v /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[p..p + 2]);
+    }
+    // The top pair is at least 10, so what is left is the leading digit,
+    // or nothing (or the one "0" of zero).
+    if v != 0 || at == digits.len() {
+        at -= 1;
+        digits[at] = b'0' + v as u8;
+    }
+    at = at.min(digits.len() - min_digits.clamp(1, 20));
+    &digits[at..]
+}
+
 impl LineBuf<'_> {
-    fn dec(&mut self, mut v: u64, min_digits: usize) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        while at > 0 && (v != 0 || digits.len() - at < min_digits.max(1)) {
-            at -= 1;
-            digits[at] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        self.push_bytes(&digits[at..]);
+    fn dec(&mut self, v: u64, min_digits: usize) {
+        let mut digits = [0; 20];
+        self.push_bytes(decimal(v, min_digits, &mut digits));
     }
 }
 

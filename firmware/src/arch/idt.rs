@@ -12,7 +12,6 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use x86_64::instructions::tables::lidt;
 use x86_64::registers::control::Cr2;
-use x86_64::structures::idt::{Entry, HandlerFunc};
 use x86_64::structures::DescriptorTablePointer;
 use x86_64::VirtAddr;
 
@@ -213,11 +212,37 @@ extern "C" {
     static spurious_stub_addr: u64;
 }
 
-#[repr(C, align(16))]
-struct Idt([Entry<HandlerFunc>; 256]);
+/// Gate options (bits 32..48 of a gate's low word): a 64-bit interrupt
+/// gate (type 0xE, so IF is cleared on entry), DPL 0.
+const GATE_INTERRUPT: u64 = 0x0e00 << 32;
+const GATE_PRESENT: u64 = 0x8000 << 32;
 
-static IDT: CpuStatic<Idt> = CpuStatic::new(Idt([Entry::missing(); 256]));
+/// The 256 gates as the CPU reads them, two words each. Written as raw
+/// words (a few instructions per vector) rather than through
+/// `x86_64::structures::idt::Entry` (a CS read and address checks per
+/// vector): boot runs emulated at ~1 µs per instruction. A gate not set is
+/// a not-present interrupt gate.
+#[repr(C, align(16))]
+struct Idt([[u64; 2]; 256]);
+
+static IDT: CpuStatic<Idt> = CpuStatic::new(Idt([[GATE_INTERRUPT, 0]; 256]));
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
+
+/// A present ring-0 interrupt gate to `stub` through code `selector`;
+/// `ist`: the TSS IST slot (0-based) to switch to, if any.
+fn gate(stub: u64, selector: u16, ist: Option<u16>) -> [u64; 2] {
+    let selector = u64::from(selector);
+    let ist = ist.map_or(0, |i| u64::from(i) + 1) << 32;
+    [
+        (stub & 0xffff)
+            | (selector << 16)
+            | GATE_PRESENT
+            | GATE_INTERRUPT
+            | ist
+            | ((stub >> 16 & 0xffff) << 48),
+        stub >> 32,
+    ]
+}
 
 pub fn init() {
     assert!(
@@ -228,24 +253,18 @@ pub fn init() {
     // stub table is immutable data emitted by the assembly above.
     let (idt, stubs, spurious) =
         unsafe { (&mut *IDT.get(), &exception_stub_table, spurious_stub_addr) };
-    for (vector, &stub) in stubs.iter().enumerate() {
-        // SAFETY: each stub is a valid interrupt entry point that preserves all
-        // state and returns with iretq (or never returns).
-        let opts = unsafe { idt.0[vector].set_handler_addr(VirtAddr::new(stub)) };
-        let ist = match vector {
-            2 => Some(gdt::IST_NMI),
-            8 => Some(gdt::IST_DOUBLE_FAULT),
-            18 => Some(gdt::IST_MACHINE_CHECK),
-            _ => None,
-        };
-        if let Some(ist) = ist {
-            // SAFETY: gdt::init filled these IST slots with dedicated stacks
-            // that nothing else uses.
-            unsafe { opts.set_stack_index(ist) };
-        }
+    // Every stub is a valid interrupt entry point that preserves all state
+    // and returns with iretq (or never returns); gdt::init filled the IST
+    // slots with dedicated stacks that nothing else uses.
+    let cs = gdt::kernel_selectors().code;
+    for (g, &stub) in idt.0.iter_mut().zip(stubs) {
+        *g = gate(stub, cs, None);
     }
-    // SAFETY: the spurious stub is a bare iretq, valid for an external interrupt.
-    unsafe { idt.0[SPURIOUS_VECTOR as usize].set_handler_addr(VirtAddr::new(spurious)) };
+    idt.0[2] = gate(stubs[2], cs, Some(gdt::IST_NMI));
+    idt.0[8] = gate(stubs[8], cs, Some(gdt::IST_DOUBLE_FAULT));
+    idt.0[18] = gate(stubs[18], cs, Some(gdt::IST_MACHINE_CHECK));
+    // The spurious stub is a bare iretq, valid for an external interrupt.
+    idt.0[SPURIOUS_VECTOR as usize] = gate(spurious, cs, None);
 
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
@@ -264,7 +283,7 @@ pub unsafe fn set_interrupt_handler(vector: u8, stub: u64) {
     assert!(INITIALIZED.load(Ordering::SeqCst) && (32..SPURIOUS_VECTOR).contains(&vector));
     // SAFETY: single CPU; the caller guarantees the vector is quiet, and
     // the CPU reads a gate only when delivering its vector.
-    unsafe { (*IDT.get()).0[usize::from(vector)].set_handler_addr(VirtAddr::new(stub)) };
+    unsafe { (*IDT.get()).0[usize::from(vector)] = gate(stub, gdt::kernel_selectors().code, None) };
 }
 
 /// An armed expectation: "the next exception `vector` is deliberate; resume

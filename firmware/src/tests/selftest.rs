@@ -15,6 +15,7 @@ use crate::mm::{self, direct_map, frames, heap};
 
 pub const TESTS: &[Test] = &[
     Test::new("cmdline_parse", cmdline_parse),
+    Test::new("serial_decimal", serial_decimal),
     Test::new("frame_alloc", frame_alloc),
     Test::new("frame_alloc_zeroed", frame_alloc_zeroed),
     Test::new("heap", heap_test),
@@ -118,6 +119,42 @@ fn cmdline_parse() -> Result<(), String> {
         ],
         "mutant= in the default build: {seen:?}"
     );
+    Ok(())
+}
+
+/// The console's own number formatting (the boot banner's) against
+/// core::fmt's.
+fn serial_decimal() -> Result<(), String> {
+    let mut buf = [0; 20];
+    for v in [
+        0,
+        1,
+        9,
+        10,
+        11,
+        99,
+        100,
+        101,
+        999,
+        1000,
+        1005,
+        5000,
+        65_536,
+        123_456_789,
+    ]
+    .into_iter()
+    .chain([u64::MAX, u64::MAX / 10, 10_000_000_000_000_000_000])
+    {
+        for min in [1, 3] {
+            let got = crate::serial::decimal(v, min, &mut buf);
+            let want = format!("{v:0min$}");
+            ensure!(
+                got == want.as_bytes(),
+                "{v} (at least {min} digits) printed as {:?}, expected {want}",
+                core::str::from_utf8(got)
+            );
+        }
+    }
     Ok(())
 }
 
