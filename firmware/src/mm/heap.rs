@@ -1,8 +1,9 @@
 //! Kernel heap: talc over a virtually contiguous range at `HEAP_BASE`, backed
 //! by 2 MiB runs of frames where RAM has them, single frames otherwise.
 
+use talc::base::binning::{linear_extent_then_linearly_divided_exponential_binning, Binning};
 use talc::source::Manual;
-use talc::TalcLock;
+use talc::sync::TalcLock;
 use x86_64::{PhysAddr, VirtAddr};
 
 use super::{direct_map, frames, HEAP_BASE};
@@ -12,7 +13,25 @@ use crate::sync::RawSpinlock;
 // `Manual`: the heap only grows when we claim memory; allocation before
 // `init` fails (and the alloc error handler reports it) instead of corrupting.
 #[global_allocator]
-static HEAP: TalcLock<RawSpinlock, Manual> = TalcLock::new(Manual);
+static HEAP: TalcLock<RawSpinlock, Manual, HeapBinning> = TalcLock::new(Manual);
+
+/// 63 free lists in one `u64` of availability bits instead of talc's
+/// default 191 in three: the first claim writes every list head, ~3
+/// emulated instructions each at boot (~1 µs apiece), and one word is
+/// cheaper to scan on every allocation. Sizes up to 256 bytes get a list
+/// each (32-byte steps), then four lists per power of two up to ~4 MiB;
+/// larger chunks share the last list.
+struct HeapBinning;
+
+impl Binning for HeapBinning {
+    type AvailabilityBitField = u64;
+    const BIN_COUNT: u32 = u64::BITS - 1;
+
+    #[inline]
+    fn size_to_bin(size: usize) -> u32 {
+        linear_extent_then_linearly_divided_exponential_binning::<4, 2>(size)
+    }
+}
 
 /// Maps `size` bytes at `HEAP_BASE` and hands them to the allocator:
 /// the frames of `run` (`size` bytes, 2 MiB aligned) where the frame
