@@ -67,11 +67,18 @@ impl MemmapEntry {
     }
 }
 
-/// Where `BootInfo::parse` copies the memory map: a static, so the
-/// `BootInfo` it returns is small to zero and to move (~1 µs a qword under
-/// an instruction-emulating hypervisor). Matched by name into layout.ld's
-/// `.stacks`, which is not zeroed: only slots `parse` wrote are read.
-struct MemmapSlots(UnsafeCell<MaybeUninit<[MemmapEntry; MEMMAP_MAX]>>);
+/// Where `BootInfo::parse` copies the memory map and the loader-owned
+/// ranges: a static, so the `BootInfo` it returns is small to zero and to
+/// move (~1 µs a qword under an instruction-emulating hypervisor). Matched
+/// by name into layout.ld's `.stacks`, which is not zeroed: only slots
+/// `parse` wrote are read.
+struct MemmapSlots(UnsafeCell<MaybeUninit<Slots>>);
+
+#[repr(C)]
+struct Slots {
+    memmap: [MemmapEntry; MEMMAP_MAX],
+    reserved: [(u64, u64); RESERVED_MAX],
+}
 
 // SAFETY: written once, by `BootInfo::parse` at boot, then only read.
 unsafe impl Sync for MemmapSlots {}
@@ -88,7 +95,9 @@ pub struct BootInfo {
     pub memmap_reported: usize,
     pub cmdline: &'static str,
     pub rsdp_paddr: u64,
-    reserved: [(u64, u64); RESERVED_MAX],
+    /// `RESERVED_MAX` slots in `MEMMAP_SLOTS`, the first `reserved_len`
+    /// written.
+    reserved: *mut (u64, u64),
     reserved_len: usize,
 }
 
@@ -153,13 +162,15 @@ impl BootInfo {
             return Err(PvhError::NoMemmap(si.version));
         }
 
+        let slots = MEMMAP_SLOTS.0.get().cast::<Slots>();
         let mut info = BootInfo {
             start_info_paddr: paddr,
             memmap: &[],
             memmap_reported: si.memmap_entries as usize,
             cmdline: "",
             rsdp_paddr: si.rsdp_paddr,
-            reserved: [(0, 0); RESERVED_MAX],
+            // SAFETY: a field of the static; no reference is made.
+            reserved: unsafe { (&raw mut (*slots).reserved).cast() },
             reserved_len: 0,
         };
         info.reserve(paddr, size_of::<StartInfo>() as u64);
@@ -167,7 +178,8 @@ impl BootInfo {
         let map_bytes = u64::from(si.memmap_entries) * size_of::<RawMemmapEntry>() as u64;
         check_low("memmap", si.memmap_paddr, map_bytes)?;
         info.reserve(si.memmap_paddr, map_bytes);
-        let slots = MEMMAP_SLOTS.0.get().cast::<MemmapEntry>();
+        // SAFETY: as above.
+        let slots = unsafe { (&raw mut (*slots).memmap).cast::<MemmapEntry>() };
         let mut len = 0;
         for i in 0..si.memmap_entries as u64 {
             let at = si.memmap_paddr + i * size_of::<RawMemmapEntry>() as u64;
@@ -256,7 +268,13 @@ impl BootInfo {
             // Dropping a reservation could hand loader data out as free memory.
             panic!("pvh: more than {RESERVED_MAX} loader-owned ranges");
         }
-        self.reserved[self.reserved_len] = (start, start.saturating_add(len));
+        // SAFETY: slot `reserved_len` < RESERVED_MAX of the static, which
+        // only `parse` (once, contract) writes.
+        unsafe {
+            self.reserved
+                .add(self.reserved_len)
+                .write((start, start.saturating_add(len)))
+        };
         self.reserved_len += 1;
     }
 
@@ -266,7 +284,8 @@ impl BootInfo {
 
     /// Loader-owned physical ranges `[start, end)` that must never be allocated.
     pub fn reserved(&self) -> &[(u64, u64)] {
-        &self.reserved[..self.reserved_len]
+        // SAFETY: the slots `reserve` wrote, never written again.
+        unsafe { core::slice::from_raw_parts(self.reserved, self.reserved_len) }
     }
 
     pub fn ram_bytes(&self) -> u64 {

@@ -192,6 +192,14 @@ impl FrameAllocator {
         let Some(used) = self.used_since_boot.as_deref_mut() else {
             return false;
         };
+        if n == 1 {
+            // Page tables and single frames, most of boot's allocations:
+            // one bit without the masks of `words_of`.
+            let (i, m) = ((first / 64) as usize, 1u64 << (first % 64));
+            let pristine = used[i] & m == 0;
+            used[i] |= m;
+            return pristine;
+        }
         let w = words_of(first, first + n);
         let mut pristine = true;
         for (i, mask) in w.parts.into_iter().flatten() {
