@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use faultline_abi::{
-    engine, Access, ContextEntry, Counter, CpuDevicePrivate, CpuPagingMode, CpuRoot, LEAF_2M,
-    PAGE_SIZE,
+    engine, Access, ContextEntry, Counter, CpuDevicePrivate, CpuExclusive, CpuPagingMode, CpuRoot,
+    LEAF_2M, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -135,7 +135,9 @@ fn load_u64<M: GuestMemoryBackend>(mem: &M, gpa: u64) -> Option<u64> {
 /// so loops and tables outside RAM end the walk instead of hanging it. A
 /// non-present 4 KiB leaf in the [`CpuDevicePrivate`] encoding is a
 /// device-private page, and so is a non-present PDE in that encoding with
-/// PS set (a 2 MiB device page, 2 MiB aligned in VRAM).
+/// PS set (a 2 MiB device page, 2 MiB aligned in VRAM). A non-present
+/// 4 KiB leaf in the [`CpuExclusive`] encoding maps its frame: the only
+/// device given a translation of it is the one holding it.
 pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> CpuLookup {
     let mut table = root.root();
     let mut parent = 0;
@@ -147,6 +149,16 @@ pub fn x86_64_lookup<M: GuestMemoryBackend>(mem: &M, root: CpuRoot, va: u64) -> 
             return CpuLookup::NotMapped { pte: parent };
         };
         if pte & P == 0 {
+            // The frame a device-exclusive entry keeps is its holder's to
+            // use, as mapped.
+            if let (1, Some(x)) = (level, CpuExclusive::decode(pte)) {
+                return CpuLookup::Mapped {
+                    frame: x.frame,
+                    writable: writable && x.writable,
+                    user: user && pte & US != 0,
+                    pte,
+                };
+            }
             return match CpuDevicePrivate::decode(pte) {
                 Some(d) if level == 1 => CpuLookup::DevicePrivate {
                     vram: d.vram,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use faultline_abi::{atomic_op, Access, ContextEntry, Counter, CpuRoot, CtlOp, Pte, Status};
-use faultline_abi::{CpuDevicePrivate, LEAF_1G, LEAF_2M, LEAF_4K};
+use faultline_abi::{CpuDevicePrivate, CpuExclusive, LEAF_1G, LEAF_2M, LEAF_4K};
 use faultline_device::check::{
     x86_64_lookup, CheckMode, CpuLookup, CpuTables, Violation, ViolationKind, REPORT_PAGES,
 };
@@ -181,6 +181,51 @@ fn device_write_where_the_cpu_is_read_only() {
     assert_eq!(r[0].kind, ViolationKind::ReadOnly);
     assert_eq!(r[0].cpu_pte, F | USER_RO);
     assert_eq!(named(&rig, "check.unreported"), 1);
+}
+
+/// A device-exclusive CPU entry keeping frame `frame`.
+fn exclusive(frame: u64, writable: bool) -> u64 {
+    CpuExclusive {
+        owner: 3,
+        frame,
+        writable,
+    }
+    .encode()
+    .unwrap()
+}
+
+#[test]
+fn device_exclusive_entries_map_their_frame_for_the_device() {
+    let (mut rig, mut pt) = setup(CheckMode::Fatal, 64 << 20);
+    for (i, cpu) in [exclusive(F, true), exclusive(F + 2 * LEAF_4K, true)]
+        .into_iter()
+        .chain([exclusive(F + 2 * LEAF_4K, false)])
+        .enumerate()
+    {
+        let va = VA + i as u64 * LEAF_4K;
+        rig.map(0, va, F + i as u64 * LEAF_4K, LEAF_4K, DEV_RW);
+        pt.map(&rig, va, 0, LEAF_4K, cpu);
+    }
+    let t = rig.exec(0, cmd::atomic(VA, atomic_op::ADD, true, 1, 0));
+    assert_eq!(rig.status(t), Status::Ok);
+    assert_eq!(violations(&rig), 0);
+    // The entry names another frame than the device uses.
+    let t = rig.exec(0, cmd::atomic(VA + LEAF_4K, atomic_op::ADD, true, 1, 0));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    // Held read-only: the device may read, not write.
+    let t = rig.exec(0, cmd::copy(VA, VA + 2 * LEAF_4K, 64));
+    assert_eq!(rig.status(t), Status::Ok);
+    let t = rig.exec(0, cmd::fill(VA + 2 * LEAF_4K, 8, 1));
+    assert_eq!(rig.status(t), Status::CoherenceViolation);
+    let r = reports(&mut rig);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        r[0].kind,
+        ViolationKind::FrameMismatch {
+            cpu_frame: F + 2 * LEAF_4K
+        }
+    );
+    assert_eq!(r[1].kind, ViolationKind::ReadOnly);
 }
 
 #[test]

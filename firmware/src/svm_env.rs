@@ -210,7 +210,8 @@ impl SvmEnv for FwEnv {
             PageState::None
             | PageState::Special
             | PageState::DevicePrivate { .. }
-            | PageState::Migration => None,
+            | PageState::Migration
+            | PageState::Exclusive { .. } => None,
         }
     }
 

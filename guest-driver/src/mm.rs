@@ -28,8 +28,10 @@ use lock_api::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::errno::Errno;
 use crate::hmm::Hmm;
 
+pub mod exclusive;
 pub mod migrate;
 
+pub use exclusive::{exclusive_entry_restore, make_device_exclusive};
 pub use migrate::{
     dev_pagemap_register, dev_pagemap_unregister, device_page_free, DevPagemapOps, DeviceOwner,
 };
@@ -323,6 +325,20 @@ pub enum PageState {
     /// page, at the PMD level (the walk answers it with [`PMD_SHIFT`]) for
     /// a 2 MiB one.
     Migration,
+    /// A device-exclusive entry ([`exclusive`]): system frame `pfn` stays
+    /// the process's, but the CPU may not use it while `owner`'s device
+    /// holds it for atomics. A CPU fault on it restores the normal PTE
+    /// first, announcing an [`MmuNotifyEvent::Exclusive`] with no owner;
+    /// munmap, madvise and exit free the frame, mprotect restores the PTE
+    /// ([`exclusive`]). 4 KiB only.
+    Exclusive {
+        /// The device holding the page.
+        owner: DeviceOwner,
+        /// The system frame (unchanged by the exclusive access).
+        pfn: u64,
+        /// The PTE it restores allows writes.
+        writable: bool,
+    },
 }
 
 /// One step of the software page-table walk.
@@ -689,6 +705,16 @@ pub enum MmuNotifyEvent {
     /// itself before the source pages are freed.
     Migrate {
         /// The device migrating the pages.
+        owner: Option<DeviceOwner>,
+    },
+    /// Device-exclusive access (Linux's `MMU_NOTIFY_EXCLUSIVE`): with
+    /// `owner`, [`exclusive::make_device_exclusive`] is taking the pages
+    /// from the CPU for that device, whose own mirror may recognise its
+    /// request; with `None`, an exclusive entry is being restored to a
+    /// normal PTE (a CPU access revokes the device's hold), which every
+    /// mirror must treat as a clear.
+    Exclusive {
+        /// The device requesting exclusive access; `None` on revoke.
         owner: Option<DeviceOwner>,
     },
 }

@@ -33,6 +33,7 @@ use faultline_abi::CpuRoot;
 use lock_api::RwLock;
 use parking_lot::Mutex;
 
+use crate::mm::exclusive::exclusive_entry_restore;
 use crate::mm::migrate::{device_private_fault, migration_entry_wait};
 use crate::mm::{
     device_page_free, mmput, mmu_notifier_invalidate_range_end,
@@ -232,6 +233,11 @@ impl Mm for SimMm {
                 drop(pt);
                 migration_entry_wait(mmap, addr, flags)?;
             }
+            SimPte::Exclusive { .. } => {
+                drop(pt);
+                exclusive_entry_restore(mmap, addr);
+                return self.handle_mm_fault(mmap, addr, flags);
+            }
             SimPte::Page { .. } | SimPte::Zero | SimPte::Special => {}
         }
         Ok(())
@@ -265,6 +271,15 @@ impl Mm for SimMm {
                 writable,
             },
             PageState::Migration => SimPte::Migration,
+            PageState::Exclusive {
+                owner,
+                pfn,
+                writable,
+            } => SimPte::Exclusive {
+                owner,
+                pfn,
+                writable,
+            },
             PageState::Huge { .. } | PageState::Special | PageState::DevicePrivate { .. } => {
                 return Err(self.pt_walk(addr).state)
             }
@@ -381,6 +396,15 @@ impl SimMm {
                 huge: false,
             },
             SimPte::Migration => PageState::Migration,
+            SimPte::Exclusive {
+                owner,
+                pfn,
+                writable,
+            } => PageState::Exclusive {
+                owner,
+                pfn,
+                writable,
+            },
         }
     }
 

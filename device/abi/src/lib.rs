@@ -33,9 +33,9 @@ pub use control::{CtlEntry, CtlFlags, CtlOp, CtlStatus};
 pub use counters::{Counter, COUNTER_NAMES, NUM_COUNTERS};
 pub use fault::{engine, Access, FaultEntry, FaultFlags, FaultReason};
 pub use paging::{
-    level_shift, pt_index, ContextEntry, ContextFlags, CpuDevicePrivate, CpuPagingMode, CpuRoot,
-    Pte, LEAF_1G, LEAF_2M, LEAF_4K, PAGE_SHIFT, PAGE_SIZE, PTE_ADDR_MASK, PTE_RESERVED_MASK,
-    PT_ENTRIES, PT_LEVELS, VA_BITS, VA_LIMIT,
+    level_shift, pt_index, ContextEntry, ContextFlags, CpuDevicePrivate, CpuExclusive,
+    CpuPagingMode, CpuRoot, Pte, LEAF_1G, LEAF_2M, LEAF_4K, PAGE_SHIFT, PAGE_SIZE, PTE_ADDR_MASK,
+    PTE_RESERVED_MASK, PT_ENTRIES, PT_LEVELS, VA_BITS, VA_LIMIT,
 };
 pub use regs::{ChannelFlags, ChannelStatus, DeviceStatus, Features, InjectKnobs, IntCause};
 pub use status::{DeviceError, Status};

@@ -176,6 +176,12 @@ impl CpuRoot {
 /// aligned). The CPU ignores every bit of a non-present entry, so the
 /// encoding is software's; the checker reads it to compare a VRAM
 /// translation with the CPU's view.
+///
+/// A non-present 4 KiB leaf with bit 8 ([`CpuDevicePrivate::EXCLUSIVE`])
+/// set and bits 9 and 10 clear is a device-exclusive entry
+/// ([`CpuExclusive`]): the system frame stays in the address bits and the
+/// owner in bits 52..61, like PROT_NONE it keeps its frame, and the device
+/// holding it may use the frame (write it when bit 1 is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuDevicePrivate {
     /// The device-memory owner id (10 bits).
@@ -196,6 +202,9 @@ impl CpuDevicePrivate {
     pub const SWAP: u64 = 1 << 10;
     /// Software bit, with [`Self::SWAP`]: a migration entry.
     pub const MIGRATION: u64 = 1 << 11;
+    /// Software bit, without [`Self::SWAP`] and [`Self::PROT_NONE`]: a
+    /// device-exclusive entry ([`CpuExclusive`]).
+    pub const EXCLUSIVE: u64 = 1 << 8;
     const OWNER_SHIFT: u32 = 52;
     /// Largest owner id the entry holds.
     pub const OWNER_MAX: u16 = (1 << 10) - 1;
@@ -229,9 +238,85 @@ impl CpuDevicePrivate {
     }
 }
 
+/// A device-exclusive entry in a CPU page table (see
+/// [`CpuDevicePrivate`] for the bits): system frame `frame` is held by
+/// device-memory owner `owner`'s device for atomics; the CPU faults on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuExclusive {
+    /// The holding device's owner id (10 bits).
+    pub owner: u16,
+    /// Physical address of the 4 KiB system frame.
+    pub frame: u64,
+    /// The device (and the CPU once the entry is restored) may write it.
+    pub writable: bool,
+}
+
+impl CpuExclusive {
+    const MARKS: u64 = CpuDevicePrivate::PRESENT
+        | CpuDevicePrivate::PROT_NONE
+        | CpuDevicePrivate::SWAP
+        | CpuDevicePrivate::EXCLUSIVE;
+
+    /// The entry (with the user bit, 2, set like a PROT_NONE entry), or
+    /// `None` when the owner or the frame does not fit.
+    pub const fn encode(self) -> Option<u64> {
+        if self.owner > CpuDevicePrivate::OWNER_MAX || self.frame & !CpuDevicePrivate::ADDR != 0 {
+            return None;
+        }
+        let w = if self.writable {
+            CpuDevicePrivate::WRITE
+        } else {
+            0
+        };
+        Some(
+            CpuDevicePrivate::EXCLUSIVE
+                | 1 << 2
+                | self.frame
+                | (self.owner as u64) << CpuDevicePrivate::OWNER_SHIFT
+                | w,
+        )
+    }
+
+    /// The exclusive entry a leaf holds, `None` for any other entry.
+    pub const fn decode(pte: u64) -> Option<CpuExclusive> {
+        if pte & Self::MARKS != CpuDevicePrivate::EXCLUSIVE {
+            return None;
+        }
+        Some(CpuExclusive {
+            owner: ((pte >> CpuDevicePrivate::OWNER_SHIFT) as u16) & CpuDevicePrivate::OWNER_MAX,
+            frame: pte & CpuDevicePrivate::ADDR,
+            writable: pte & CpuDevicePrivate::WRITE != 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclusive_entries_round_trip_and_are_nothing_else() {
+        let x = CpuExclusive {
+            owner: 5,
+            frame: 0x1234_5000,
+            writable: true,
+        };
+        let e = x.encode().unwrap();
+        assert_eq!(e & 1, 0, "an exclusive entry is not present");
+        assert_eq!(CpuExclusive::decode(e), Some(x));
+        assert!(!CpuDevicePrivate::is_swap(e));
+        assert_eq!(CpuDevicePrivate::decode(e), None);
+        assert_eq!(CpuExclusive::decode(e | 1), None);
+        assert_eq!(CpuExclusive::decode(e | CpuDevicePrivate::SWAP), None);
+        assert_eq!(CpuExclusive::decode(e | CpuDevicePrivate::PROT_NONE), None);
+        let dp = CpuDevicePrivate {
+            owner: 5,
+            vram: 0x1000,
+            writable: true,
+        };
+        assert_eq!(CpuExclusive::decode(dp.encode().unwrap()), None);
+        assert_eq!(CpuExclusive { owner: 1024, ..x }.encode(), None);
+    }
 
     #[test]
     fn device_private_entries_round_trip_and_nothing_else_decodes() {

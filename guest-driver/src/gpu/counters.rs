@@ -76,6 +76,13 @@ driver_counters! {
     invalidations_protect_page,
     /// Of those, `Migrate` (any device's or the mm's migration).
     invalidations_migrate,
+    /// 4 KiB pages mapped with ATOMIC because the context holds them
+    /// device-exclusive (`SvmConfig::exclusive_atomics`).
+    exclusive_grants,
+    /// Of the invalidations, `Exclusive` with no owner: a CPU access took a page back
+    /// from a device's exclusive hold (the device's atomics mapping is
+    /// revoked).
+    exclusive_revocations,
     /// TLB invalidations the driver submitted and saw acknowledged.
     tlb_invalidates,
     /// 4 KiB pages migrated from system memory to VRAM (device memory).
@@ -131,6 +138,6 @@ mod tests {
         );
         assert!(text.ends_with(" chunks_evicted 7"), "{text}");
         assert_eq!(text.split(' ').count(), 2 * s.iter().count());
-        assert_eq!(s.iter().count(), 23);
+        assert_eq!(s.iter().count(), 25);
     }
 }

@@ -67,8 +67,8 @@ use crate::hmm::{
     HmmUpdate, HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use crate::mm::{
-    mmap_read_lock, mmap_write_lock, DeviceOwner, Mm, MmapReadGuard, MmuNotifyEvent, VmFlags,
-    PAGE_SHIFT, PMD_SHIFT,
+    make_device_exclusive, mmap_read_lock, mmap_write_lock, DeviceOwner, Mm, MmapReadGuard,
+    MmuNotifyEvent, PageState, VmFlags, PAGE_SHIFT, PMD_SHIFT,
 };
 use crate::sync::SpinMutex;
 
@@ -98,6 +98,15 @@ pub struct SvmConfig {
     /// ([`FaultPolicy::migrate`](super::FaultPolicy)). It matters only
     /// while device memory is attached.
     pub migrate: Option<MigratePolicy>,
+    /// GPU atomics on system memory through device-exclusive access (as a
+    /// platform without coherent system-memory atomics needs, like
+    /// nouveau's): writable system pages are mapped without ATOMIC, and a
+    /// window with an atomic fault takes its pages from the CPU with
+    /// [`make_device_exclusive`](crate::mm::make_device_exclusive) and maps
+    /// those it holds with ATOMIC, until a CPU access revokes them. Off:
+    /// every writable page is mapped with ATOMIC (the device's atomics on
+    /// system memory are coherent with the CPU's).
+    pub exclusive_atomics: bool,
 }
 
 impl Default for SvmConfig {
@@ -106,6 +115,7 @@ impl Default for SvmConfig {
             fault_around: 64 << 10,
             prefetch: None,
             migrate: None,
+            exclusive_atomics: false,
         }
     }
 }
@@ -179,6 +189,10 @@ struct SvmState<P: Platform, M: Mm> {
     /// (`gpu::dmem`), 0 for none: its device-private pages are mapped
     /// with VRAM leaves.
     dmem_owner: AtomicU16,
+    /// [`SvmConfig::exclusive_atomics`]: the owner its exclusive entries
+    /// name while no device memory is attached (then the memory's owner
+    /// serves, so HMM sees one owner for both kinds of entry).
+    exclusive_owner: Option<DeviceOwner>,
     /// The device memory attached, for [`MigratePolicy::FirstTouch`].
     dmem: SpinMutex<Option<Arc<dyn AttachedMemory<M>>>>,
     /// The migration policy, fixed at bind time.
@@ -229,6 +243,10 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
                 "fault-around must be a power of two ≥ 4 KiB",
             ));
         }
+        let exclusive_owner = match cfg.exclusive_atomics {
+            true => Some(DeviceOwner::alloc().ok_or(GpuError::NoMemory)?),
+            false => None,
+        };
         let pt = PageTable::new(gpu.platform().clone())?;
         let ctx = Context::mirroring(gpu, pt, mm.cpu_root())?;
         let state = Arc::new(SvmState {
@@ -236,6 +254,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             mm: mm.clone(),
             released: AtomicBool::new(false),
             dmem_owner: AtomicU16::new(0),
+            exclusive_owner,
             dmem: SpinMutex::new(None),
             migrate: cfg.migrate.unwrap_or(gpu.config().policy.migrate),
             fault_around: AtomicU64::new(cfg.fault_around),
@@ -333,8 +352,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// the device-visible state of the range in one pass, without faulting.
     pub fn snapshot(&self, start: u64, end: u64, page_shift: u32) -> Result<Vec<SnapEntry>, Errno> {
         let mut range = HmmRange::new(FLAGS, VALUES, PFN_SHIFT);
-        let owner = self.binding.state.dmem_owner.load(Ordering::Acquire);
-        range.dev_private_owner = DeviceOwner::from_raw(owner);
+        range.dev_private_owner = self.binding.state.owner();
         range_register(&mut range, &self.binding.mirror, start, end, page_shift)?;
         let r = loop {
             let r = {
@@ -393,6 +411,13 @@ impl<P: Platform, M: Mm> Drop for Binding<P, M> {
 impl<P: Platform, M: Mm> SvmState<P, M> {
     fn gpu(&self) -> &Arc<Gpu<P>> {
         self.ctx.gpu()
+    }
+
+    /// The owner HMM reports this context's own device-private and
+    /// exclusive entries for: the attached memory's, else the exclusive
+    /// one's.
+    fn owner(&self) -> Option<DeviceOwner> {
+        DeviceOwner::from_raw(self.dmem_owner.load(Ordering::Acquire)).or(self.exclusive_owner)
     }
 
     /// Whether `event` announces a migration of the attached device
@@ -464,6 +489,8 @@ impl<P: Platform, M: Mm> HmmMirrorOps<M> for MirrorCallbacks<P, M> {
             MmuNotifyEvent::ProtectionVma => Some(&c.invalidations_protect_vma),
             MmuNotifyEvent::ProtectionPage => Some(&c.invalidations_protect_page),
             MmuNotifyEvent::Migrate { .. } => Some(&c.invalidations_migrate),
+            MmuNotifyEvent::Exclusive { owner: None } => Some(&c.exclusive_revocations),
+            MmuNotifyEvent::Exclusive { owner: Some(_) } => None,
             MmuNotifyEvent::SoftDirty => None,
         };
         if let Some(k) = by_kind {
@@ -544,6 +571,9 @@ struct Window {
     /// [`MigratePolicy::FirstTouch`] and a VMA whose pages may move to
     /// device memory (private and writable).
     migrate: bool,
+    /// [`SvmConfig::exclusive_atomics`] and an atomic fault in a writable
+    /// 4 KiB VMA: the window is taken exclusive before it is mapped.
+    atomic: bool,
     /// The window's faults: `Scratch::faults[faults]` (page address, write).
     faults: core::ops::Range<usize>,
 }
@@ -620,6 +650,9 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
                         cancel.push(f.va);
                     } else {
                         w.write |= write;
+                        w.atomic |= self.exclusive_owner.is_some()
+                            && f.access == Access::Atomic
+                            && w.shift == PAGE_SHIFT;
                         // The window's faults are the last ones pushed.
                         wfaults.push((f.va, write));
                         w.faults.end = wfaults.len();
@@ -661,6 +694,7 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
             let migrate = self.migrate == MigratePolicy::FirstTouch
                 && vma_write
                 && !vma.flags.contains(VmFlags::SHARED);
+            let atomic = self.exclusive_owner.is_some() && f.access == Access::Atomic && !huge;
             wfaults.push((f.va, write));
             windows.push(Window {
                 start,
@@ -669,6 +703,7 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
                 write,
                 vma_write,
                 migrate,
+                atomic,
                 faults: wfaults.len() - 1..wfaults.len(),
             });
         }
@@ -729,7 +764,8 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         let now = || s.gpu().platform().stats_ticks();
         let bytes = w.end - w.start;
         let mut first_fault = None;
-        range.dev_private_owner = DeviceOwner::from_raw(s.dmem_owner.load(Ordering::Acquire));
+        let owner = s.owner();
+        range.dev_private_owner = owner;
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 DriverCounters::add(&c.retries, 1);
@@ -738,8 +774,16 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             }
             let t_fault = now();
             let start = *first_fault.get_or_insert(t_fault);
+            let mmap = mmap_read_lock(&*s.mm);
             let r = 'fault: {
-                let mmap = mmap_read_lock(&*s.mm);
+                if let (true, Some(o)) = (w.atomic, owner) {
+                    // Before the walk, so its read_begin follows this
+                    // request's own invalidation; the pages it holds
+                    // are valid for this mirror then.
+                    if let Err(e) = make_device_exclusive(&mmap, w.start, w.end, o) {
+                        break 'fault Err(e);
+                    }
+                }
                 // Every page is asked for read, and for write if some fault
                 // of the window writes: the plan saw its VMA allow that. If
                 // the VMA lost write permission since (mprotect), the fault
@@ -756,6 +800,16 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                     r => break 'fault r,
                 }
                 range_fault(range, &mmap, true)
+            };
+            // An atomic window keeps the mmap lock (taken before the update
+            // lock, as a migration does) to ask each page's CPU entry under
+            // the update lock: a revoke cannot finish while that is held,
+            // and one begun after the walk fails the sequence check.
+            let mmap = if w.atomic {
+                Some(mmap)
+            } else {
+                drop(mmap);
+                None
             };
             let t_faulted = now();
             c.latency.record(Op::RangeFault, bytes, t_fault, t_faulted);
@@ -794,16 +848,33 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 PageSize::Size4K
             };
             let pfns = &range.pfns;
-            let leaf = |i: usize| {
+            // 2 MiB pages are never exclusive: they keep the coherent path.
+            let coherent_atomics = s.exclusive_owner.is_none() || w.shift != PAGE_SHIFT;
+            let mut granted = 0;
+            let mut leaf = |i: usize| {
                 let e = pfns[i];
                 // Decoded once: the flag bits are this driver's own
                 // (`FLAGS`), meaningful on an entry with a pfn.
                 let pfn = range.entry_to_pfn(e)?;
                 let mut perms = Pte::empty();
+                let vram = e & F_DEVICE_PRIVATE != 0;
                 if e & F_WRITE != 0 {
-                    perms |= Pte::WRITE | Pte::ATOMIC;
+                    perms |= Pte::WRITE;
+                    let held = |m: &MmapReadGuard<'_, M>| {
+                        let va = w.start + ((i as u64) << w.shift);
+                        matches!(
+                            s.mm.walk(m, va).state,
+                            PageState::Exclusive { owner: o, .. } if Some(o) == owner
+                        )
+                    };
+                    if coherent_atomics || vram {
+                        perms |= Pte::ATOMIC;
+                    } else if mmap.as_ref().is_some_and(held) {
+                        perms |= Pte::ATOMIC;
+                        granted += 1;
+                    }
                 }
-                if e & F_DEVICE_PRIVATE != 0 {
+                if vram {
                     perms |= Pte::VRAM;
                 }
                 // Mutant (c): a write anywhere in the window makes every page
@@ -816,13 +887,15 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 };
                 Some((pfn << PAGE_SHIFT, perms))
             };
-            let (mapped, r) = pt.map_run(w.start, pfns.len(), size, leaf);
+            let (mapped, r) = pt.map_run(w.start, pfns.len(), size, &mut leaf);
             if let Err(err) = r {
                 log::error!("svm: device map in {:#x}..{:#x}: {err}", w.start, w.end);
                 result = Err(Errno::ENOMEM);
             }
             drop(pt);
+            drop(mmap);
             DriverCounters::add(&c.pages_mapped, mapped);
+            DriverCounters::add(&c.exclusive_grants, granted);
             if result.is_ok() {
                 let t_mapped = now();
                 c.latency.record(Op::PteWrite, bytes, t_lock, t_mapped);

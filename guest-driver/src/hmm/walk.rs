@@ -77,12 +77,20 @@ fn decode_state(
         PageState::Present { pfn, writable } if shift == PAGE_SHIFT => (true, writable, pfn),
         PageState::Zero { pfn } if shift == PAGE_SHIFT => (true, false, pfn),
         PageState::Huge { pfn, writable } => (true, writable, in_huge(pfn)),
+        // The device holding it sees the frame; anyone else faults it back.
+        PageState::Exclusive {
+            owner: o,
+            pfn,
+            writable,
+        } if Some(o) == owner && shift == PAGE_SHIFT => (true, writable, pfn),
+        PageState::Exclusive { .. } if shift == PAGE_SHIFT => (false, false, 0),
         PageState::Special => return Err((HmmPfnValue::Special, Errno::EFAULT)),
         // A 4 KiB PTE where a 2 MiB entry was asked for: the `Mm` broke the
         // HUGE-VMA contract.
-        PageState::Present { .. } | PageState::Zero { .. } | PageState::DevicePrivate { .. } => {
-            return Err((HmmPfnValue::Error, Errno::EFAULT))
-        }
+        PageState::Present { .. }
+        | PageState::Zero { .. }
+        | PageState::DevicePrivate { .. }
+        | PageState::Exclusive { .. } => return Err((HmmPfnValue::Error, Errno::EFAULT)),
     })
 }
 

@@ -3,7 +3,7 @@
 //! notifier chain), and CPU
 //! accesses that fault pages in as the CPU would.
 
-use super::pt::{move_range, pte_index, table_mut, write_protect, SimPte};
+use super::pt::{move_range, pte_index, restore_exclusive, table_mut, write_protect, SimPte};
 use super::{SimMm, SimVmas};
 use crate::errno::Errno;
 use crate::mm::{
@@ -209,9 +209,12 @@ impl SimMm {
             blockable: true,
         };
         mmu_notifier_invalidate_range_start(self, &r).expect("blockable");
+        let mut pt = self.pt.lock();
+        restore_exclusive(&mut pt, start, end);
         if !prot.contains(VmFlags::WRITE) {
-            write_protect(&mut self.pt.lock(), start, end);
+            write_protect(&mut pt, start, end);
         }
+        drop(pt);
         mmu_notifier_invalidate_range_end(self, &r);
         Ok(())
     }
@@ -271,7 +274,10 @@ impl SimMm {
             }
             PageState::Zero { .. } => !write,
             PageState::Special => true,
-            PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => false,
+            PageState::None
+            | PageState::DevicePrivate { .. }
+            | PageState::Migration
+            | PageState::Exclusive { .. } => false,
         };
         if ok {
             return Ok(());
@@ -336,6 +342,8 @@ impl SimMm {
                 Some((pfn + ((addr % PMD_SIZE) >> PAGE_SHIFT), writable))
             }
             PageState::Zero { pfn } => Some((pfn, false)),
+            // For the device holding it, the frame as it was mapped.
+            PageState::Exclusive { pfn, writable, .. } => Some((pfn, writable)),
             PageState::None
             | PageState::Special
             | PageState::DevicePrivate { .. }
@@ -375,9 +383,10 @@ impl SimMm {
                     }
                     PageState::Zero { pfn } => (pfn, !write),
                     PageState::Special => return Err(FaultError::Sigbus),
-                    PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => {
-                        (0, false)
-                    }
+                    PageState::None
+                    | PageState::DevicePrivate { .. }
+                    | PageState::Migration
+                    | PageState::Exclusive { .. } => (0, false),
                 };
                 if ok {
                     break pfn;

@@ -24,6 +24,12 @@ pub(super) enum SimPte {
         writable: bool,
     },
     Migration,
+    /// Device-exclusive: frame `pfn` is held by `owner`'s device.
+    Exclusive {
+        owner: DeviceOwner,
+        pfn: u64,
+        writable: bool,
+    },
 }
 
 pub(super) enum Pmd {
@@ -100,7 +106,7 @@ pub(super) fn zap(
                         continue;
                     }
                     match *pte {
-                        SimPte::Page { pfn, .. } => freed.push(pfn),
+                        SimPte::Page { pfn, .. } | SimPte::Exclusive { pfn, .. } => freed.push(pfn),
                         SimPte::DevicePrivate {
                             owner, vram_pfn, ..
                         } => devs.push((owner, vram_pfn, false)),
@@ -141,6 +147,22 @@ pub(super) fn write_protect(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Turns every device-exclusive entry in `[start, end)` back into the
+/// present PTE it stands for (an mprotect's change restores them, its own
+/// invalidation revoking the device's hold).
+pub(super) fn restore_exclusive(pt: &mut HashMap<u64, Pmd>, start: u64, end: u64) {
+    for (&k, pmd) in pt.iter_mut() {
+        let Pmd::Table(t) = pmd else { continue };
+        let base = k << PMD_SHIFT;
+        for (i, pte) in t.iter_mut().enumerate() {
+            let a = base + i as u64 * PAGE_SIZE;
+            if let (true, SimPte::Exclusive { pfn, writable, .. }) = (start <= a && a < end, *pte) {
+                *pte = SimPte::Page { pfn, writable };
             }
         }
     }

@@ -96,6 +96,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bitflags::bitflags;
 use faultline_driver::errno::Errno;
+use faultline_driver::mm::exclusive::exclusive_entry_restore;
 use faultline_driver::mm::migrate::{device_private_fault, migration_entry_wait};
 use faultline_driver::mm::{
     device_page_free, mmap_read_lock, mmap_read_trylock, mmap_write_lock, mmput,
@@ -663,6 +664,11 @@ impl ProcessMm {
                 drop(pt);
                 return swap_fault(vmas, addr, e, flags);
             }
+            if pt::is_exclusive(e) {
+                drop(pt);
+                exclusive_entry_restore(vmas, addr);
+                return self.fault(vmas, addr, access, flags);
+            }
             if e & P == 0 {
                 // Not present: nothing cached, no flush, no notifier.
                 if write {
@@ -707,7 +713,10 @@ impl ProcessMm {
                     !write || writable
                 }
                 PageState::Zero { .. } => !write,
-                PageState::None | PageState::DevicePrivate { .. } | PageState::Migration => false,
+                PageState::None
+                | PageState::DevicePrivate { .. }
+                | PageState::Migration
+                | PageState::Exclusive { .. } => false,
                 PageState::Special => break,
             };
             if !satisfied {
@@ -958,7 +967,7 @@ impl Mm for ProcessMm {
                     (0..n)
                         .filter(|&k| {
                             let e = t.get(i0 + k);
-                            e & P == 0 && !pt::is_swap(e)
+                            e & P == 0 && !pt::is_swap(e) && !pt::is_exclusive(e)
                         })
                         .count()
                 } else {
@@ -972,8 +981,9 @@ impl Mm for ProcessMm {
                 let bits = pt::leaf(0, f, write, false);
                 for k in 0..n {
                     let e = t.get(i0 + k);
-                    if pt::is_swap(e) {
-                        // Device memory or migration: the per-page pass.
+                    if pt::is_swap(e) || pt::is_exclusive(e) {
+                        // Device memory, migration or a device's exclusive
+                        // hold: the per-page pass.
                         upgrades += 1;
                     } else if e & P == 0 {
                         if write {
@@ -1006,7 +1016,9 @@ impl Mm for ProcessMm {
                         | PageState::Present {
                             writable: false, ..
                         } => write,
-                        PageState::DevicePrivate { .. } | PageState::Migration => true,
+                        PageState::DevicePrivate { .. }
+                        | PageState::Migration
+                        | PageState::Exclusive { .. } => true,
                         _ => false,
                     };
                     if pass {
@@ -1039,6 +1051,9 @@ impl Mm for ProcessMm {
             PageState::None => 0,
             PageState::Zero { .. } => pt::leaf(zero, f, false, false),
             PageState::Present { pfn, writable } => pt::leaf(pfn << PAGE_SHIFT, f, writable, false),
+            s @ PageState::Exclusive { .. } => {
+                pt::exclusive_entry(s).ok_or_else(|| self.translate(addr).state)?
+            }
             s => pt::swap_entry(s, false).ok_or_else(|| self.translate(addr).state)?,
         };
         let mut pt = self.pt.lock();
@@ -1052,8 +1067,8 @@ impl Mm for ProcessMm {
         let e = t.get(i);
         t.set(i, new_e);
         // Frames change hands with the entry: the data count follows.
-        let had_frame = e & P != 0 && e & pt::ADDR != zero;
-        let has_frame = matches!(new, PageState::Present { .. });
+        let had_frame = (e & P != 0 || pt::is_exclusive(e)) && e & pt::ADDR != zero;
+        let has_frame = matches!(new, PageState::Present { .. } | PageState::Exclusive { .. });
         pt.data = pt.data + u64::from(has_frame) - u64::from(had_frame);
         self.core.account_device_pages(
             u64::from(matches!(new, PageState::DevicePrivate { .. })),

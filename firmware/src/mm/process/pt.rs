@@ -16,9 +16,16 @@
 //! nothing. They exist at the 4 KiB level and, with PS set, at the 2 MiB
 //! level (a PDE in a HUGE VMA: a 2 MiB device page, or a 2 MiB page under
 //! migration).
+//!
+//! A device-exclusive entry ([`CpuExclusive`], software bit 8) is not swap-type:
+//! like PROT_NONE it keeps its frame (and the owner id in bits 52..61), so
+//! every path that walks frames (zap, move, teardown) carries or frees it
+//! as it does a present page, and an mprotect turns it back into a normal
+//! leaf. A CPU fault on it restores the leaf first
+//! (`exclusive_entry_restore`).
 
 use alloc::vec::Vec;
-use faultline_abi::CpuDevicePrivate;
+use faultline_abi::{CpuDevicePrivate, CpuExclusive};
 use faultline_driver::mm::{
     DeviceOwner, PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
@@ -95,9 +102,34 @@ impl Table {
     }
 }
 
-/// Whether a leaf entry holds a frame (present, or kept by PROT_NONE).
+/// Whether a leaf entry holds a frame (present, or kept by PROT_NONE or a
+/// device-exclusive entry).
 pub fn holds_frame(e: u64) -> bool {
-    e & (P | PROTNONE) != 0
+    e & (P | PROTNONE) != 0 || is_exclusive(e)
+}
+
+/// Whether a leaf entry is a device-exclusive entry.
+pub fn is_exclusive(e: u64) -> bool {
+    CpuExclusive::decode(e).is_some()
+}
+
+/// The entry for [`PageState::Exclusive`] (`None` for other states, or an
+/// owner or frame the encoding cannot hold).
+pub fn exclusive_entry(state: PageState) -> Option<u64> {
+    let PageState::Exclusive {
+        owner,
+        pfn,
+        writable,
+    } = state
+    else {
+        return None;
+    };
+    CpuExclusive {
+        owner: owner.get(),
+        frame: pfn.checked_mul(PAGE_SIZE)?,
+        writable,
+    }
+    .encode()
 }
 
 /// Whether a leaf entry is a swap-type entry (device-private or migration).
@@ -160,6 +192,17 @@ fn swap_state(e: u64) -> PageState {
 fn pte_state(pte: u64, zero_pa: u64) -> PageState {
     if is_swap(pte) {
         return swap_state(pte);
+    }
+    if let Some(x) = CpuExclusive::decode(pte) {
+        return match DeviceOwner::from_raw(x.owner) {
+            Some(owner) => PageState::Exclusive {
+                owner,
+                pfn: x.frame >> PAGE_SHIFT,
+                writable: x.writable,
+            },
+            // Only this module writes exclusive entries, always with one.
+            None => PageState::Special,
+        };
     }
     if !holds_frame(pte) {
         PageState::None

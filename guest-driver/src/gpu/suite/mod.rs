@@ -31,6 +31,7 @@ mod dmem;
 mod dmem_huge;
 mod dmem_mixed;
 mod evict;
+mod exclusive_access;
 mod first_touch;
 pub mod migration;
 mod mutants;
@@ -46,6 +47,7 @@ use dmem::*;
 use dmem_huge::*;
 use dmem_mixed::*;
 use evict::*;
+use exclusive_access::*;
 use first_touch::*;
 use mutants::*;
 use protection::*;
@@ -441,6 +443,8 @@ macro_rules! svm_suite {
             partial_munmap_end,
             partial_mprotect_middle,
             madvise_dontneed,
+            exclusive,
+            exclusive_mprotect,
         }
     };
 }
