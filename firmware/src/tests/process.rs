@@ -1,6 +1,6 @@
 //! Process address spaces: demand paging, the zero page, segmentation
 //! faults, mprotect/munmap, mremap, 2 MiB pages, notifier ordering, isolation, TLB
-//! maintenance, the mirror layer on top, teardown accounting, a long
+//! maintenance, device-exclusive entries, the mirror layer on top, teardown accounting, a long
 //! random run against a reference model, and the walls between user and
 //! kernel (U/S, SMAP, SMEP).
 //!
@@ -22,9 +22,10 @@ use faultline_driver::hmm::{
     HMM_PFN_FLAG_MAX, HMM_PFN_VALUE_MAX,
 };
 use faultline_driver::mm::{
-    mmap_read_lock, mmap_write_lock, mmget, mmget_not_zero, mmput, mmu_notifier_register,
-    FaultError, FaultFlags, Mm, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, Mremap, MremapFlags,
-    PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE as PG, PMD_SHIFT, PMD_SIZE as HUGE,
+    make_device_exclusive, mmap_read_lock, mmap_write_lock, mmget, mmget_not_zero, mmput,
+    mmu_notifier_register, DeviceOwner, FaultError, FaultFlags, Mm, MmuNotifier, MmuNotifierRange,
+    MmuNotifyEvent, Mremap, MremapFlags, PageState, VmFlags, Walk, PAGE_SHIFT, PAGE_SIZE as PG,
+    PMD_SHIFT, PMD_SIZE as HUGE,
 };
 use x86_64::PhysAddr;
 
@@ -45,6 +46,7 @@ pub const TESTS: &[Test] = &[
     Test::new("process_huge_pages", huge_pages),
     Test::new("process_mremap", mremap),
     Test::new("process_notifier_order", notifier_order),
+    Test::new("process_exclusive", exclusive),
     Test::new("process_isolation", isolation),
     Test::new("process_tlb_flush", tlb_flush),
     Test::new("process_remote_fault", remote_fault),
@@ -746,6 +748,92 @@ fn notifier_order() -> Result<(), String> {
     ensure!(
         log.len() == 1 && log[0].phase == "release",
         "exit notifications {log:?}"
+    );
+    Ok(())
+}
+
+/// Device-exclusive entries in real page tables: they keep their frames
+/// (the process's frame count does not move), a user-mode read restores
+/// the PTE between the start and end of an `Exclusive { owner: None }` of
+/// its page, mprotect restores the rest, munmap frees the frames.
+fn exclusive() -> Result<(), String> {
+    let (p, rec, a) = watched(2 * PG, MapFlags::empty())?;
+    write(&p, a, 7).map_err(|e| format!("{e}"))?;
+    let owner = DeviceOwner::alloc().ok_or("no owner id left")?;
+    let take = |p: &Process| {
+        let mmap = mmap_read_lock(&**p.mm());
+        make_device_exclusive(&mmap, a, a + 2 * PG, owner)
+    };
+    let data = p.stats().data_frames;
+    rec.take();
+    let held = take(&p).map_err(debug_str)?;
+    ensure!(held.len() == 2, "frames {held:?}");
+    // Page 1 was faulted in writable; no frame went anywhere.
+    ensure!(
+        p.stats().data_frames == data + 1,
+        "data frames {} (want {})",
+        p.stats().data_frames,
+        data + 1
+    );
+    for (i, &pfn) in held.iter().enumerate() {
+        let want = PageState::Exclusive {
+            owner,
+            pfn,
+            writable: true,
+        };
+        let got = p.translate(a + i as u64 * PG).state;
+        ensure!(got == want, "page {i}: {got:?}, want {want:?}");
+    }
+    let asked = MmuNotifyEvent::Exclusive { owner: Some(owner) };
+    let log = rec.take();
+    ensure!(
+        log.last().is_some_and(
+            |s| (s.phase, s.start, s.end, s.event) == ("end", a, a + 2 * PG, Some(asked))
+        ),
+        "request events {log:?}"
+    );
+    ensure!(read(&p, a) == Ok(7), "user read of an exclusive page");
+    let log = rec.take();
+    let revoke = Some(MmuNotifyEvent::Exclusive { owner: None });
+    ensure!(
+        log.len() == 2
+            && log
+                .iter()
+                .all(|s| (s.start, s.end, s.event) == (a, a + PG, revoke))
+            && matches!(log[0].state, PageState::Exclusive { .. })
+            && present_at(&log[1]) == Some((held[0], true)),
+        "revoke: start must see the exclusive entry, end the present one: {log:?}"
+    );
+    ensure!(
+        matches!(p.translate(a + PG).state, PageState::Exclusive { .. }),
+        "page 1 revoked with page 0"
+    );
+    p.mprotect(a, 2 * PG, Prot::READ).map_err(debug_str)?;
+    ensure!(
+        present(p.translate(a + PG)) == Some((held[1], false)),
+        "mprotect RO left {:?}",
+        p.translate(a + PG)
+    );
+    ensure!(
+        take(&p) == Err(Errno::EPERM),
+        "exclusive on a read-only VMA"
+    );
+    p.mprotect(a, 2 * PG, RW).map_err(debug_str)?;
+    ensure!(
+        take(&p).map_err(debug_str)? == held,
+        "second request moved frames"
+    );
+    p.munmap(a, 2 * PG).map_err(debug_str)?;
+    ensure!(
+        held.iter()
+            .all(|&f| frames::is_free(PhysAddr::new(f << PAGE_SHIFT))),
+        "munmap kept an exclusive entry's frame"
+    );
+    ensure!(
+        p.stats().data_frames == data - 1,
+        "data frames {} after munmap (want {})",
+        p.stats().data_frames,
+        data - 1
     );
     Ok(())
 }
