@@ -167,7 +167,10 @@ pub enum SnapEntry {
 }
 
 /// Called between `range_fault` and the sequence check (tests inject
-/// invalidations here): `(start, end)` of the window.
+/// invalidations here): `(start, end)` of the window. In a window taken
+/// device-exclusive ([`SvmConfig::exclusive_atomics`]) it runs with the
+/// mmap lock held for read, so it must not take it for write (munmap,
+/// mprotect) there.
 pub type CheckHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Called by a device memory's migration of `[start, end)` between
