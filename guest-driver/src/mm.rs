@@ -306,7 +306,8 @@ pub enum PageState {
     /// calls [`DevPagemapOps::page_free`]. `huge`: a 2 MiB entry at the PMD
     /// level (only in a HUGE VMA), whose data is the 512 device pages from
     /// `vram_pfn` (2 MiB aligned), handed back whole
-    /// ([`DevPagemapOps::migrate_to_ram_huge`], [`DevPagemapOps::page_free_huge`]).
+    /// ([`DevPagemapOps::migrate_to_ram`], [`DevPagemapOps::page_free`]
+    /// with `huge`).
     DevicePrivate {
         /// The device whose memory holds the page.
         owner: DeviceOwner,

@@ -22,8 +22,8 @@
 //!
 //! A HUGE VMA's 2 MiB pages move whole: each to a whole VRAM chunk (one
 //! LARGE MIGRATE entry; a hole's chunk is zeroed by 512 4 KiB ones) and
-//! back into a run of 512 frames (`migrate_to_ram_huge`, and
-//! `page_free_huge` frees the chunk). A HUGE VMA takes no 4 KiB pages, so
+//! back into a run of 512 frames (`migrate_to_ram` with `huge`, and
+//! `page_free` with `huge` frees the chunk). A HUGE VMA takes no 4 KiB pages, so
 //! when no chunk is free (after eviction) its pages stay in system memory.
 //!
 //! **Eviction** (docs/hmm.md "Eviction"): when a migration to VRAM finds
@@ -744,26 +744,18 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
         _addr: u64,
         vram_pfn: u64,
         dst_pfn: u64,
+        huge: bool,
     ) -> Result<(), Errno> {
-        self.to_ram(vram_pfn, dst_pfn, PageSize::Size4K)
+        let size = if huge {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        };
+        self.to_ram(vram_pfn, dst_pfn, size)
     }
 
-    fn page_free(&self, vram_pfn: u64) {
-        self.free_vram(vram_pfn << PAGE_SHIFT, false);
-    }
-
-    fn migrate_to_ram_huge(
-        &self,
-        _mm: &M,
-        _addr: u64,
-        vram_pfn: u64,
-        dst_pfn: u64,
-    ) -> Result<(), Errno> {
-        self.to_ram(vram_pfn, dst_pfn, PageSize::Size2M)
-    }
-
-    fn page_free_huge(&self, vram_pfn: u64) {
-        self.free_vram(vram_pfn << PAGE_SHIFT, true);
+    fn page_free(&self, vram_pfn: u64, huge: bool) {
+        self.free_vram(vram_pfn << PAGE_SHIFT, huge);
     }
 }
 

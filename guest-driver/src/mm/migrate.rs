@@ -88,45 +88,29 @@ pub trait DevPagemapOps<M: Mm>: Send + Sync {
     /// The CPU touched a page of this memory: copy device page `vram_pfn`
     /// (mapped at `addr`) into the system frame `dst_pfn`, which the mm
     /// allocated and installs when this returns `Ok` (then it frees the
-    /// device page through [`page_free`](Self::page_free)). Runs with the
-    /// mmap lock held for read and the page locked by its migration entry;
-    /// must not take the mmap lock for write. An error leaves the page in
-    /// device memory and the access fails (`Sigbus`); `EBUSY` says the copy
-    /// may still write `dst_pfn` later (the device did not answer in
-    /// time), so the mm never gives that frame back.
-    fn migrate_to_ram(&self, mm: &M, addr: u64, vram_pfn: u64, dst_pfn: u64) -> Result<(), Errno>;
-
-    /// No page table maps device page `vram_pfn` any more (munmap, exit, or
-    /// its migration finished): give it back. Called without any mm lock.
-    fn page_free(&self, vram_pfn: u64);
-
-    /// [`migrate_to_ram`](Self::migrate_to_ram) for a 2 MiB device page:
-    /// copy the 512 device pages from `vram_pfn` into the 512 frames from
-    /// `dst_pfn` (a run from [`Mm::alloc_huge_frame`]), all or nothing.
-    /// The default, for a memory that never hands out 2 MiB pages, fails
-    /// (EFAULT).
-    fn migrate_to_ram_huge(
+    /// device page through [`page_free`](Self::page_free)). `huge`: a 2 MiB
+    /// device page, the 512 device pages from `vram_pfn` into the 512
+    /// frames from `dst_pfn` (a run from [`Mm::alloc_huge_frame`]), all or
+    /// nothing. Runs with the mmap lock held for read and the page locked
+    /// by its migration entry; must not take the mmap lock for write. An
+    /// error leaves the page in device memory and the access fails
+    /// (`Sigbus`); `EBUSY` says the copy may still write `dst_pfn` later
+    /// (the device did not answer in time), so the mm never gives that
+    /// frame back.
+    fn migrate_to_ram(
         &self,
         mm: &M,
         addr: u64,
         vram_pfn: u64,
         dst_pfn: u64,
-    ) -> Result<(), Errno> {
-        let _ = (mm, addr, vram_pfn, dst_pfn);
-        Err(Errno::EFAULT)
-    }
+        huge: bool,
+    ) -> Result<(), Errno>;
 
-    /// [`page_free`](Self::page_free) for a 2 MiB device page: the 512
-    /// pages from `vram_pfn`. The default gives them back one by one.
-    fn page_free_huge(&self, vram_pfn: u64) {
-        for p in vram_pfn..vram_pfn + HUGE_PAGES {
-            self.page_free(p);
-        }
-    }
+    /// No page table maps device page `vram_pfn` (`huge`: the 2 MiB device
+    /// page of the 512 pages from it) any more (munmap, exit, or its
+    /// migration finished): give it back. Called without any mm lock.
+    fn page_free(&self, vram_pfn: u64, huge: bool);
 }
-
-/// 4 KiB pages in a 2 MiB one.
-const HUGE_PAGES: u64 = PMD_SIZE / PAGE_SIZE;
 
 /// Register `owner`'s memory on `mm` (each address space that may map its
 /// pages). EBUSY if `owner` is registered already.
@@ -168,12 +152,11 @@ fn pagemap<M: Mm>(mm: &M, owner: DeviceOwner) -> Option<Arc<dyn DevPagemapOps<M>
 }
 
 /// An implementation removed a device-private entry (munmap, exit): the
-/// owner's `page_free` (`page_free_huge` for a 2 MiB entry). Call it after
+/// owner's `page_free`. Call it after
 /// `invalidate_range_end`, with no mm lock held.
 pub fn device_page_free<M: Mm>(mm: &M, owner: DeviceOwner, vram_pfn: u64, huge: bool) {
     match pagemap(mm, owner) {
-        Some(ops) if huge => ops.page_free_huge(vram_pfn),
-        Some(ops) => ops.page_free(vram_pfn),
+        Some(ops) => ops.page_free(vram_pfn, huge),
         None => log::warn!(
             "mm: device page {vram_pfn:#x} of unregistered owner {} unmapped",
             owner.get()
@@ -603,11 +586,7 @@ pub fn device_private_fault<M: Mm>(
         mm.alloc_frame()
     };
     let frame = frame.ok_or(FaultError::Oom)?;
-    let copied = if huge {
-        ops.migrate_to_ram_huge(mm, page, vram_pfn, frame)
-    } else {
-        ops.migrate_to_ram(mm, page, vram_pfn, frame)
-    };
+    let copied = ops.migrate_to_ram(mm, page, vram_pfn, frame, huge);
     let dst = MigratePfn::System { pfn: frame };
     if let Err(e) = copied {
         log::warn!("mm: migrate_to_ram of {page:#x} failed: {e}");

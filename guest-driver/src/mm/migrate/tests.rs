@@ -109,6 +109,18 @@ impl FakeDev {
     }
 }
 
+/// 4 KiB pages in a 2 MiB one.
+const HUGE_PAGES: u64 = PMD_SIZE / PAGE_SIZE;
+
+/// 4 KiB pages in a device page (`huge`: 2 MiB).
+fn pages(huge: bool) -> u64 {
+    if huge {
+        HUGE_PAGES
+    } else {
+        1
+    }
+}
+
 impl DevPagemapOps<SimMm> for FakeDev {
     fn migrate_to_ram(
         &self,
@@ -116,6 +128,7 @@ impl DevPagemapOps<SimMm> for FakeDev {
         _addr: u64,
         vram_pfn: u64,
         dst_pfn: u64,
+        huge: bool,
     ) -> Result<(), Errno> {
         if self.in_copy.fetch_add(1, Ordering::SeqCst) > 0 {
             self.overlapping_copies.fetch_add(1, Ordering::SeqCst);
@@ -128,39 +141,25 @@ impl DevPagemapOps<SimMm> for FakeDev {
             Err(Errno::EFAULT)
         } else {
             self.to_ram.fetch_add(1, Ordering::SeqCst);
-            mm.frame_source()
-                .write(dst_pfn, 0, &self.mem.lock()[&vram_pfn]);
+            let mem = self.mem.lock();
+            for k in 0..pages(huge) {
+                mm.frame_source()
+                    .write(dst_pfn + k, 0, &mem[&(vram_pfn + k)]);
+            }
             Ok(())
         };
         self.in_copy.fetch_sub(1, Ordering::SeqCst);
         r
     }
 
-    fn migrate_to_ram_huge(
-        &self,
-        mm: &SimMm,
-        _addr: u64,
-        vram_pfn: u64,
-        dst_pfn: u64,
-    ) -> Result<(), Errno> {
-        if self.fail_to_ram.load(Ordering::SeqCst) {
-            return Err(Errno::EFAULT);
+    fn page_free(&self, vram_pfn: u64, huge: bool) {
+        for p in vram_pfn..vram_pfn + pages(huge) {
+            assert!(
+                self.mem.lock().remove(&p).is_some(),
+                "device page {p:#x} freed twice"
+            );
+            self.free.lock().push(p);
         }
-        self.to_ram.fetch_add(1, Ordering::SeqCst);
-        let mem = self.mem.lock();
-        for k in 0..HUGE_PAGES {
-            mm.frame_source()
-                .write(dst_pfn + k, 0, &mem[&(vram_pfn + k)]);
-        }
-        Ok(())
-    }
-
-    fn page_free(&self, vram_pfn: u64) {
-        assert!(
-            self.mem.lock().remove(&vram_pfn).is_some(),
-            "device page {vram_pfn:#x} freed twice"
-        );
-        self.free.lock().push(vram_pfn);
     }
 }
 
@@ -618,7 +617,7 @@ fn a_device_fault_on_a_page_under_migration_is_eagain_without_waiting() {
 /// A HUGE VMA's 2 MiB pages are collected whole (one PMD migration entry
 /// each, holes too), restored whole, installed as 2 MiB device-private
 /// entries, and come back whole on a CPU fault (not when the copy fails);
-/// munmap gives a 2 MiB device page back through `page_free_huge`.
+/// munmap gives a 2 MiB device page back through `page_free` (`huge`).
 #[test]
 fn huge_pages_migrate_and_come_back_whole() {
     let leaf = PMD_SIZE;
