@@ -21,6 +21,7 @@
 //! builds leave them out.
 
 pub mod check;
+mod clock;
 pub mod config;
 pub mod counters;
 mod device;
@@ -37,6 +38,9 @@ pub mod testing;
 pub mod trace;
 pub mod vram;
 mod worker;
+
+#[cfg(feature = "test-utils")]
+pub use clock::ManualClock;
 
 pub use check::{CheckMode, CpuLookup, CpuTables};
 pub use config::{Config, ConfigError};

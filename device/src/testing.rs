@@ -140,6 +140,7 @@ pub struct Rig {
     ctl_prod: u32,
     fault_get: u32,
     pub fault_entries: u32,
+    clock: Option<crate::ManualClock>,
 }
 
 impl Rig {
@@ -169,6 +170,7 @@ impl Rig {
             ctl_prod: 0,
             fault_get: 0,
             fault_entries,
+            clock: None,
         };
         // MSI on, 4 vectors, so tests see vectors directly.
         rig.dev.config_write(0x44, &0xFEE0_0000u32.to_le_bytes());
@@ -195,20 +197,34 @@ impl Rig {
         Self::with_config(mem, fault_entries, cfg)
     }
 
+    /// The device's clock from now on moves only when the test (or
+    /// `settle`) advances it, so what a test sees between two calls does
+    /// not depend on how long the host took between them.
+    pub fn manual_clock(&mut self) -> crate::ManualClock {
+        let c = self.clock.get_or_insert_with(Default::default).clone();
+        self.dev.set_manual_clock(&c);
+        c
+    }
+
     /// Run until idle and nothing deferred is left (fault injection's
-    /// delays), sleeping until each deadline as a worker would. Bounded:
-    /// panics after 10 s of deferrals.
+    /// delays), waiting for each deadline as a worker would: sleeping, or
+    /// advancing the manual clock. Bounded: panics after 10 s of sleeps or
+    /// 10,000 deferrals.
     pub fn settle(&mut self) {
         let start = std::time::Instant::now();
-        loop {
+        for _ in 0..10_000 {
             self.dev.run_until_idle();
             let Some(d) = self.dev.next_deadline() else {
                 return;
             };
             assert!(start.elapsed().as_secs() < 10, "deferred work never ends");
-            std::thread::sleep(d);
+            match &self.clock {
+                Some(c) => c.advance(d.as_nanos().max(1) as u64),
+                None => std::thread::sleep(d),
+            }
             self.dev.process();
         }
+        panic!("deferred work never ends");
     }
 
     /// Post a control entry and ring DB_CONTROL without running the

@@ -19,8 +19,11 @@ fn spec(s: &str) -> InjectSpec {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
 
+/// A rig with injection `s` on the manual clock: deadlines pass only when
+/// the test (or `Rig::settle`) says so.
 fn rig(s: &str, fault_entries: u32) -> Rig {
     let mut r = Rig::with_inject(MEM, fault_entries, spec(s));
+    r.manual_clock();
     for ch in 0..8 {
         assert!(r.enable_channel(ch, 0));
     }
@@ -308,24 +311,24 @@ fn a_replay_after_a_delayed_invalidate_waits_for_it() {
 #[test]
 fn tlb_ack_delay_in_us_is_a_deadline_not_a_spin() {
     let mut r = rig("tlb_ack_delay_us=30000", 64);
-    let start = Instant::now();
+    let clock = r.manual_clock();
     r.post_ctl(CtlOp::InvalidateAll, 0, 0, 0);
     r.dev.run_until_idle();
     assert!(!r.ctl_acked());
     let d = r.dev.next_deadline().expect("a deadline");
-    assert!(
-        d <= Duration::from_millis(30) && d > Duration::ZERO,
-        "{d:?}"
-    );
+    assert_eq!(d, Duration::from_millis(30));
+    clock.advance(29_999_999);
+    r.dev.process();
+    assert!(!r.ctl_acked(), "acked before the delay");
     r.settle();
     assert!(r.ctl_acked());
-    assert!(start.elapsed() >= Duration::from_millis(30));
+    assert_eq!(clock.now(), 30_000_000);
     assert_eq!(fired(&r, Knob::TlbAckDelayUs), 1);
     assert_eq!(r.dev.next_deadline(), None);
 
-    // Through the worker: it sleeps until the deadline (a timerfd), so
-    // it runs a handful of steps, not thousands.
-    let mut r = rig("tlb_ack_delay_us=30000", 64);
+    // Through the worker on the host's clock: it sleeps until the deadline
+    // (a timerfd), so it runs a handful of steps, not thousands.
+    let mut r = Rig::with_inject(MEM, 64, spec("tlb_ack_delay_us=30000"));
     r.post_ctl(CtlOp::InvalidateAll, 0, 0, 0);
     let mem = r.mem().clone();
     let steps = r.dev.step_counter();
@@ -356,13 +359,13 @@ fn tlb_ack_delay_in_us_is_a_deadline_not_a_spin() {
 #[test]
 fn fault_msi_comes_after_the_delay() {
     let mut r = rig("fault_msi_delay_us=30000", 64);
+    let clock = r.manual_clock();
     r.irq.take();
-    let start = Instant::now();
     r.exec(0, cmd::fill(0x1000, 8, 1));
     assert_eq!(r.sb(status_block::FAULT_PUT), 1, "the entry is written now");
     assert!(!r.irq.take().contains(&vector::FAULT), "the MSI is late");
     r.settle();
-    assert!(start.elapsed() >= Duration::from_millis(30));
+    assert_eq!(clock.now(), 30_000_000);
     assert_eq!(r.irq.take(), [vector::FAULT]);
     assert_eq!(fired(&r, Knob::FaultMsiDelay), 1);
 }
@@ -372,6 +375,7 @@ fn fault_msi_comes_after_the_delay() {
 #[test]
 fn a_stalled_engine_defers_an_overlapping_invalidate_ack() {
     let mut r = rig("engine_stall_us=30000", 64);
+    let clock = r.manual_clock();
     r.map(0, 0x1000, DATA, LEAF_4K, Pte::WRITE);
     r.map(0, 0x9000, DATA + 0x8000, LEAF_4K, Pte::WRITE);
     let t = r.exec(0, cmd::fill(0x1000, 8, 0x77));
@@ -398,7 +402,7 @@ fn a_stalled_engine_defers_an_overlapping_invalidate_ack() {
         // The first time the ack is visible, the access is complete
         // (checked right after the loop).
         let d = r.dev.next_deadline().unwrap_or_default();
-        std::thread::sleep(d);
+        clock.advance(d.as_nanos().max(1) as u64);
         r.dev.process();
     }
     assert_eq!(r.status(t), Status::Ok);

@@ -186,7 +186,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             channels,
             launch_step_limit,
             inject,
-            epoch,
+            clock,
             ..
         } = self;
         let c = &mut channels[ch];
@@ -199,7 +199,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             }
             // Only fault injection pauses accesses, or needs the time.
             let now = match inject {
-                Some(_) => epoch.elapsed().as_nanos() as u64,
+                Some(_) => clock.now(),
                 None => 0,
             };
             if f.job.held_until().is_some_and(|t| t > now) {

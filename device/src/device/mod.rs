@@ -17,7 +17,7 @@ mod trace;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use faultline_abi::{
     doorbell, status_block, vector, ContextEntry, CtlEntry, DeviceError, FaultEntry, IntCause,
@@ -133,7 +133,7 @@ pub struct Device<M: GuestMemoryBackend> {
     faults: FaultUnit,
     control: ControlRing,
     channels: Vec<Channel>,
-    epoch: Instant,
+    clock: crate::clock::Clock,
     ts_hi_latch: u32,
     /// The first device error of each kind, waiting for the host to log it
     /// (at most one entry per `DeviceError` kind over the device's life).
@@ -208,7 +208,7 @@ impl<M: GuestMemoryBackend> Device<M> {
             faults: FaultUnit::default(),
             control: ControlRing::default(),
             channels: (0..sizing.channels).map(|_| Channel::default()).collect(),
-            epoch: Instant::now(),
+            clock: crate::clock::Clock::new(),
             ts_hi_latch: 0,
             first_errors: Vec::new(),
             next_channel: 0,
@@ -289,6 +289,13 @@ impl<M: GuestMemoryBackend> Device<M> {
         self.inject.as_deref()
     }
 
+    /// Drive the device's clock by hand from now on (tests): deadlines
+    /// then come due only when `clock` is advanced past them.
+    #[cfg(feature = "test-utils")]
+    pub fn set_manual_clock(&mut self, clock: &crate::ManualClock) {
+        self.clock.set_manual(clock);
+    }
+
     /// How long until deferred work (a late control ring, FAULT MSI or
     /// paused engine access) is due, for a host that would otherwise
     /// block: call `process()` again then. `None`: nothing deferred.
@@ -367,7 +374,7 @@ impl<M: GuestMemoryBackend> Device<M> {
     }
 
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.clock.now()
     }
 
     fn raise(&mut self, cause: IntCause) {

@@ -72,7 +72,7 @@ impl<M: GuestMemoryBackend> Device<M> {
     #[inline]
     pub(super) fn trace_event(&mut self, ev: Event) {
         if let Some(t) = self.trace.as_deref_mut() {
-            t.rec.push(self.epoch.elapsed().as_nanos() as u64, ev);
+            t.rec.push(self.clock.now(), ev);
         }
     }
 
