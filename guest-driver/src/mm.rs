@@ -584,6 +584,17 @@ pub trait Mm: Send + Sync + Sized + 'static {
     fn free_huge_frame(&self, pfn: u64) {
         let _ = pfn;
     }
+
+    /// Whether frame `pfn` (a 4 KiB page, or the first of a 2 MiB one) is
+    /// mapped by more than one PTE: shared copy-on-write after a fork, or
+    /// a shared mapping's page in a forked family. A migration leaves such
+    /// a frame where it is (Linux refuses pages with extra references): a
+    /// copy in device memory would be one mm's only. The default (an mm
+    /// without fork): never.
+    fn frame_shared(&self, pfn: u64) -> bool {
+        let _ = pfn;
+        false
+    }
 }
 
 /// Read guard of the mmap lock: the proof, demanded by `range_snapshot` and
@@ -790,6 +801,9 @@ pub struct MmCore<M: Mm> {
     /// Pages in device memory: 4 KiB device-private entries, and 512 per
     /// 2 MiB one.
     device_pages: AtomicU64,
+    /// Copy-on-write breaks: write faults that gave this mm its own copy
+    /// of a frame it shared with another (after a fork).
+    cow_breaks: AtomicU64,
 }
 
 impl<M: Mm> MmCore<M> {
@@ -802,7 +816,19 @@ impl<M: Mm> MmCore<M> {
             hmm: Mutex::new(Weak::new()),
             pagemaps: RwLock::new(Vec::new()),
             device_pages: AtomicU64::new(0),
+            cow_breaks: AtomicU64::new(0),
         }
+    }
+
+    /// Copy-on-write breaks so far (a 2 MiB page's counts one).
+    pub fn cow_breaks(&self) -> u64 {
+        self.cow_breaks.load(Ordering::Relaxed)
+    }
+
+    /// The implementation's bookkeeping: a write fault copied a shared
+    /// frame.
+    pub fn count_cow_break(&self) {
+        self.cow_breaks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// 4 KiB pages that live in device memory now (a 2 MiB device-private

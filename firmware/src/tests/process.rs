@@ -1,8 +1,9 @@
 //! Process address spaces: demand paging, the zero page, segmentation
 //! faults, mprotect/munmap, mremap, 2 MiB pages, notifier ordering, isolation, TLB
-//! maintenance, device-exclusive entries, the mirror layer on top, teardown accounting, a long
-//! random run against a reference model, and the walls between user and
-//! kernel (U/S, SMAP, SMEP).
+//! maintenance, device-exclusive entries, fork and copy-on-write (`fork`),
+//! the mirror layer on top, teardown accounting, a long random run against
+//! a reference model, and the walls between user and kernel (U/S, SMAP,
+//! SMEP).
 //!
 //! Every CPU access to process memory here is made in user mode by the
 //! process's agent (`crate::user::agent`), so faults carry U and the CPU
@@ -30,6 +31,8 @@ use faultline_driver::mm::{
 use x86_64::PhysAddr;
 
 use super::Test;
+
+mod fork;
 use crate::mm::process::{
     user, zero_pfn, Access, MapFlags, Process, ProcessMm, Prot, Segfault, SegvReason,
 };
@@ -47,6 +50,9 @@ pub const TESTS: &[Test] = &[
     Test::new("process_mremap", mremap),
     Test::new("process_notifier_order", notifier_order),
     Test::new("process_exclusive", exclusive),
+    Test::new("process_fork", fork::fork_cow),
+    Test::new("process_fork_exit_order", fork::fork_exit_order),
+    Test::new("process_fork_exclusive", fork::fork_exclusive),
     Test::new("process_isolation", isolation),
     Test::new("process_tlb_flush", tlb_flush),
     Test::new("process_remote_fault", remote_fault),

@@ -289,9 +289,10 @@ pub struct MigrateVma<'g, 'm, M: Mm> {
 /// The range must lie inside one VMA (EINVAL otherwise, or if unaligned or
 /// empty); special VMAs are EINVAL. Pages of a shared VMA (migrating
 /// shared anonymous memory would give each sharer its own copy) or of a
-/// VMA without read access are not collected (`Skip`). Holes and the zero
-/// page are collected as `Empty`: a migration to the device allocates
-/// them there, zeroed.
+/// VMA without read access are not collected (`Skip`), nor are frames
+/// other PTEs map too ([`Mm::frame_shared`]: copy-on-write after a fork).
+/// Holes and the zero page are collected as `Empty`: a migration to the
+/// device allocates them there, zeroed.
 pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     mmap: &'g MmapReadGuard<'m, M>,
     start: u64,
@@ -349,10 +350,10 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
         let (src, writable) = match old {
             PageState::None if system => (MigrateSrc::Empty, vma_write),
             PageState::Zero { .. } if system && !huge => (MigrateSrc::Empty, vma_write),
-            PageState::Present { pfn, writable } if system && !huge => {
+            PageState::Present { pfn, writable } if system && !huge && !mm.frame_shared(pfn) => {
                 (MigrateSrc::Page(MigratePfn::System { pfn }), writable)
             }
-            PageState::Huge { pfn, writable } if system && huge => {
+            PageState::Huge { pfn, writable } if system && huge && !mm.frame_shared(pfn) => {
                 (MigrateSrc::Page(MigratePfn::System { pfn }), writable)
             }
             PageState::DevicePrivate {

@@ -114,7 +114,12 @@ impl Freer {
 
     /// A data frame (4 KiB) or run (2 MiB) that a process no longer maps
     /// (after the invalidation that unmapped it completed).
+    /// A frame another PTE still maps (after a fork) only loses a
+    /// reference.
     pub fn data(&mut self, pa: u64, huge: bool) {
+        if super::fork::drop_ref(pa) {
+            return;
+        }
         if let Some(w) = self.watch.as_mut() {
             let bytes = if huge { PMD_SIZE } else { PAGE_SIZE };
             fill_u64(pa, bytes, w.canary);

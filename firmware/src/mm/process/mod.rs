@@ -3,10 +3,11 @@
 //! A [`Process`] owns one [`ProcessMm`]: a PML4 whose kernel half (entries 0
 //! and 256..512) is copied from the kernel's, a sorted VMA list under an mmap lock,
 //! and page tables under a page-table lock. Memory is anonymous, private or
-//! shared ([`MapFlags::SHARED`], which only migration tells apart: there is
-//! no fork yet), demand-paged: a read fault maps the shared zero page
+//! shared ([`MapFlags::SHARED`]: a fork keeps it shared, and migration
+//! leaves it alone), demand-paged: a read fault maps the shared zero page
 //! read-only, a write fault (or a write after such a read: copy-on-write of
-//! the zero page) maps a fresh zeroed frame. `ProcessMm` implements the mirror layer's
+//! the zero page) maps a fresh zeroed frame. [`ProcessMm::fork`] copies the
+//! address space, private pages copy-on-write ([`fork`] has the rules). `ProcessMm` implements the mirror layer's
 //! [`faultline_driver::mm::Mm`] trait, so HMM (and the GPU driver behind it)
 //! can mirror it.
 //!
@@ -47,6 +48,12 @@
 //!   the entries (frames, zero page, device-private and 2 MiB ones) under
 //!   one `Unmap` of the old range, flushes and prunes the old range's
 //!   tables. Returns the new address.
+//! * [`ProcessMm::fork`]: a child [`Process`] with copies of the VMAs and
+//!   leaves, no notifiers; private frames shared copy-on-write (a write
+//!   fault copies a frame another PTE still maps, 2 MiB pages as a unit),
+//!   shared VMAs populated and shared; device-private pages come back to
+//!   system memory first and device-exclusive entries are restored. A
+//!   frame mapped twice is freed by whichever PTE goes last.
 //! * [`ProcessMm::madvise_dontneed`]: MADV_DONTNEED, under the mmap lock
 //!   for read: each VMA's part zapped under its own `Clear`; EINVAL across
 //!   a 2 MiB page or on a special VMA, ENOMEM after a hole.
@@ -63,7 +70,8 @@
 //!
 //! # Ordering rules (what the mirror depends on)
 //!
-//! munmap, mprotect, mremap, madvise and the zero-page copy-on-write
+//! munmap, mprotect, mremap, madvise, fork (`ProtectionPage` over each
+//! private VMA) and copy-on-write (the zero page's, a shared frame's)
 //! announce the change with
 //! `mmu_notifier_invalidate_range_start` before the page tables change,
 //! flush the CPU TLB (`invlpg`, or a CR3 reload beyond 8 pages or after
@@ -84,6 +92,7 @@
 //! notifiers run. The #PF path only *tries* the mmap lock: a page fault
 //! while the same CPU holds it for writing is reported, not deadlocked.
 
+pub mod fork;
 pub mod freed;
 mod pt;
 mod run;
@@ -149,10 +158,10 @@ bitflags! {
         const HUGE = 1 << 1;
         /// Fault every page in now (write faults if writable).
         const POPULATE = 1 << 2;
-        /// `MAP_SHARED`: a `VmFlags::SHARED` VMA. With one process per
-        /// address space it faults exactly like a private mapping (zero
-        /// page, then copy-on-write of it); only a fork would tell them
-        /// apart. Migration to device memory leaves its pages alone.
+        /// `MAP_SHARED`: a `VmFlags::SHARED` VMA. Within one process it
+        /// faults exactly like a private mapping (zero page, then
+        /// copy-on-write of it); a fork keeps its frames shared, writable
+        /// on both sides. Migration to device memory leaves its pages alone.
         const SHARED = 1 << 3;
     }
 }
@@ -686,10 +695,14 @@ impl ProcessMm {
                 return Ok(());
             }
             if e & pt::ADDR != zero {
-                // Permission upgrade of our own frame: a stale read-only TLB
-                // entry only costs a spurious fault.
-                t.set(i, e | W | pt::D);
-                return Ok(());
+                // Permission upgrade of our own frame (a stale read-only
+                // TLB entry only costs a spurious fault), unless a fork
+                // shares it.
+                if fork::upgrade_if_sole(t, i, e) {
+                    return Ok(());
+                }
+                drop(pt);
+                return self.cow_break(addr, e, f, false);
             }
         }
         self.cow_zero(addr & !(PAGE_SIZE - 1), f)
@@ -792,8 +805,9 @@ impl ProcessMm {
                 return swap_fault(vmas, addr, e, flags);
             }
             if e & P != 0 {
-                if write && e & W == 0 {
-                    t.set(i, e | W | pt::D);
+                if write && e & W == 0 && !fork::upgrade_if_sole(t, i, e) {
+                    drop(pt);
+                    return self.cow_break(addr, e, f, true);
                 }
                 return Ok(());
             }
@@ -1156,5 +1170,9 @@ impl Mm for ProcessMm {
     fn cpu_root(&self) -> faultline_abi::CpuRoot {
         // Guest RAM ends far below the 1 TiB the word can name.
         faultline_abi::CpuRoot::x86_64(self.pml4).unwrap_or(faultline_abi::CpuRoot::NONE)
+    }
+
+    fn frame_shared(&self, pfn: u64) -> bool {
+        fork::is_shared(pfn << PAGE_SHIFT)
     }
 }

@@ -534,7 +534,12 @@ impl PageTables {
     /// Calls `f(addr, table, index, huge)` for every leaf holding a frame,
     /// and every swap-type entry, in `[start, end)`, skipping missing tables
     /// a block at a time (`huge`: a PDE; `addr` is then its block's start).
-    fn for_each_leaf(&self, start: u64, end: u64, mut f: impl FnMut(u64, Table, usize, bool)) {
+    pub(super) fn for_each_leaf(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, Table, usize, bool),
+    ) {
         let mut a = start;
         while a < end {
             let Some(pdpt) = self.pml4.child(index(a, 39)) else {

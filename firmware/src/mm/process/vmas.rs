@@ -15,7 +15,7 @@ use faultline_driver::mm::{VmFlags, Vma};
 use crate::mm::{USER_BASE, USER_END};
 
 /// The VMA list (`MmapData` of [`super::ProcessMm`]), sorted by address.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Vmas {
     v: Vec<Vma>,
 }
