@@ -107,6 +107,10 @@ impl SvmEnv for FwEnv {
         drop(p);
     }
 
+    fn fork(&self, p: &Process) -> Result<Process, String> {
+        p.fork().map_err(|e| format!("fork: {e:?}"))
+    }
+
     fn mmap(
         &self,
         p: &Process,

@@ -12,6 +12,12 @@
 //! HUGE VMAs are populated with 2 MiB leaves only (any fault allocates a
 //! writable-if-allowed leaf; there is no huge zero page).
 //!
+//! [`SimMm::fork`] copies the address space: private pages copy-on-write
+//! (a write fault copies a frame another PTE still maps, 2 MiB as a unit),
+//! shared mappings populated and shared, device pages back first; frames
+//! a forked family shares carry extra references, and a free drops one of
+//! those before it frees anything (`fork.rs`).
+//!
 //! Frames come from a [`FrameSource`]. The default one hands out frame
 //! numbers that are never reused and keeps page contents in host memory;
 //! host loopback tests plug in one that carves frames out of the device's
@@ -20,8 +26,9 @@
 //!
 //! Here: [`SimMm`], its [`Mm`] implementation (walk, fault handler, exit)
 //! and frame accounting. `process.rs`: what the process does (mmap, munmap,
-//! mprotect, reclaim, CPU accesses); `pt.rs`: the page table; `vmas.rs`: the
-//! VMA tree; `frames.rs`: frame sources.
+//! mprotect, reclaim, CPU accesses); `fork.rs`: fork and copy-on-write;
+//! `pt.rs`: the page table; `vmas.rs`: the VMA tree; `frames.rs`: frame
+//! sources and the family's shared-frame references.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -42,6 +49,7 @@ use crate::mm::{
     PMD_SHIFT,
 };
 
+mod fork;
 mod frames;
 mod process;
 mod pt;
@@ -50,7 +58,7 @@ mod vmas;
 pub use frames::{FrameSource, HostFrames, ZERO_PFN};
 pub use vmas::SimVmas;
 
-use frames::Frames;
+use frames::{Frames, SharedFrames};
 use pt::{pte_index, table_mut, zap, Pmd, SimPte, PTRS};
 
 type FreeHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -64,6 +72,8 @@ pub struct SimMm {
     pt: Mutex<HashMap<u64, Pmd>>,
     frames: Mutex<Frames>,
     source: Arc<dyn FrameSource>,
+    /// Extra references of the frames this mm's forked family shares.
+    shared: Arc<SharedFrames>,
     free_hook: Mutex<Option<FreeHook>>,
     fault_hook: Mutex<Option<FaultHook>>,
     inject: Mutex<HashMap<u64, FaultError>>,
@@ -179,7 +189,12 @@ impl Mm for SimMm {
                     });
                 }
                 std::collections::hash_map::Entry::Occupied(mut o) => match o.get_mut() {
-                    Pmd::Huge { writable, .. } => {
+                    Pmd::Huge { pfn, writable } => {
+                        if write && !*writable && self.shared.is_shared(*pfn) {
+                            let old = *pfn;
+                            drop(pt);
+                            return self.cow_break(addr, old, true);
+                        }
                         // Permission upgrade: no notifier (nothing a device
                         // holds becomes wrong).
                         *writable |= write && vma_write;
@@ -216,6 +231,10 @@ impl Mm for SimMm {
                 pfn,
                 writable: false,
             } if write => {
+                if self.shared.is_shared(pfn) {
+                    drop(pt);
+                    return self.cow_break(addr, pfn, false);
+                }
                 *pte = SimPte::Page {
                     pfn,
                     writable: true,
@@ -374,6 +393,10 @@ impl Mm for SimMm {
         // Host threads on a 2-core machine: yield rather than spin.
         std::thread::yield_now();
     }
+
+    fn frame_shared(&self, pfn: u64) -> bool {
+        self.shared.is_shared(pfn)
+    }
 }
 
 impl SimMm {
@@ -483,6 +506,11 @@ impl SimMm {
 
     /// A fresh, empty address space whose frames come from `source`.
     pub fn with_frames(source: Arc<dyn FrameSource>) -> Arc<SimMm> {
+        Self::with_family(source, Arc::default())
+    }
+
+    /// An empty address space in the forked family of `shared`.
+    fn with_family(source: Arc<dyn FrameSource>, shared: Arc<SharedFrames>) -> Arc<SimMm> {
         Arc::new(SimMm {
             core: MmCore::new(),
             mmap: RwLock::new(SimVmas::default()),
@@ -492,6 +520,7 @@ impl SimMm {
                 in_use: 0,
             }),
             source,
+            shared,
             free_hook: Mutex::new(None),
             fault_hook: Mutex::new(None),
             inject: Mutex::new(HashMap::new()),
@@ -513,13 +542,20 @@ impl SimMm {
         Some(pfn)
     }
 
+    /// This mm lets go of `pfns`: a frame another PTE of the family still
+    /// maps only loses a reference; the others go back to the source.
     fn free(&self, pfns: Vec<u64>) {
         if pfns.is_empty() {
             return;
         }
+        let dropped = pfns.len() as u64;
+        let pfns: Vec<u64> = pfns
+            .into_iter()
+            .filter(|&p| !self.shared.drop_ref(p))
+            .collect();
         {
             let mut f = self.frames.lock();
-            f.in_use -= pfns.len() as u64;
+            f.in_use -= dropped;
             f.freed.extend(pfns.iter().copied());
         }
         for &pfn in &pfns {
@@ -624,4 +660,24 @@ impl SimMm {
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
+}
+
+/// Records every invalidation's range and event (`_start` only), for
+/// tests of what an operation announces.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Spy(pub(crate) Mutex<Vec<(u64, u64, MmuNotifyEvent)>>);
+
+#[cfg(test)]
+impl crate::mm::MmuNotifier<SimMm> for Spy {
+    fn invalidate_range_start(
+        &self,
+        _: &SimMm,
+        r: &MmuNotifierRange,
+    ) -> Result<(), crate::errno::Errno> {
+        self.0.lock().push((r.start, r.end, r.event));
+        Ok(())
+    }
+    fn invalidate_range_end(&self, _: &SimMm, _: &MmuNotifierRange) {}
+    fn release(&self, _: &SimMm) {}
 }

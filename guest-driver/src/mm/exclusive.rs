@@ -159,28 +159,13 @@ mod tests {
     use std::sync::Arc;
     use std::vec::Vec;
 
-    use parking_lot::Mutex;
-
     use super::*;
-    use crate::mm::{mmap_read_lock, mmu_notifier_register, MmuNotifier};
-    use crate::sim::SimMm;
+    use crate::mm::{mmap_read_lock, mmu_notifier_register};
+    use crate::sim::{SimMm, Spy};
 
     const BASE: u64 = 0x4000_0000;
     const RW: VmFlags = VmFlags::READ.union(VmFlags::WRITE);
     const PAGES: u64 = 4;
-
-    /// Records every notifier event with its range.
-    #[derive(Default)]
-    struct Spy(Mutex<Vec<(u64, u64, MmuNotifyEvent)>>);
-
-    impl MmuNotifier<SimMm> for Spy {
-        fn invalidate_range_start(&self, _: &SimMm, r: &MmuNotifierRange) -> Result<(), Errno> {
-            self.0.lock().push((r.start, r.end, r.event));
-            Ok(())
-        }
-        fn invalidate_range_end(&self, _: &SimMm, _: &MmuNotifierRange) {}
-        fn release(&self, _: &SimMm) {}
-    }
 
     fn setup() -> (Arc<SimMm>, Arc<Spy>, DeviceOwner) {
         let mm = SimMm::new();

@@ -86,3 +86,43 @@ impl FrameSource for HostFrames {
         old
     }
 }
+
+/// Extra references of the frames a forked family shares (pfn → PTEs
+/// beyond the first), one table per family: only a fork adds one, every
+/// free drops one first ([`SharedFrames::drop_ref`]).
+#[derive(Default)]
+pub(super) struct SharedFrames(Mutex<HashMap<u64, u32>>);
+
+impl SharedFrames {
+    /// One more PTE maps each of `pfns`.
+    pub(super) fn share(&self, pfns: impl IntoIterator<Item = u64>) {
+        let mut m = self.0.lock();
+        for p in pfns {
+            *m.entry(p).or_insert(0) += 1;
+        }
+    }
+
+    /// Whether another PTE maps `pfn` too.
+    pub(super) fn is_shared(&self, pfn: u64) -> bool {
+        self.0.lock().contains_key(&pfn)
+    }
+
+    /// Drops a reference of `pfn` if it has extra ones: `true` when
+    /// another PTE still maps it (not to be freed).
+    pub(super) fn drop_ref(&self, pfn: u64) -> bool {
+        let mut m = self.0.lock();
+        let Some(n) = m.get_mut(&pfn) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&pfn);
+        }
+        true
+    }
+
+    /// Frames with extra references.
+    pub(super) fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+}

@@ -280,6 +280,12 @@ impl SvmEnv for LoopEnv {
         p.exit();
     }
 
+    fn fork(&self, p: &Arc<SimMm>) -> Result<Arc<SimMm>, String> {
+        let child = p.fork().map_err(|e| format!("fork: {e:?}"))?;
+        self.tables.add(&child);
+        Ok(child)
+    }
+
     fn mmap(
         &self,
         p: &Arc<SimMm>,

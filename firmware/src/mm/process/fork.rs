@@ -68,7 +68,6 @@ use faultline_driver::mm::{
     mmu_notifier_invalidate_range_start, FaultFlags, MmCore, MmapReadGuard, MmuNotifierRange,
     MmuNotifyEvent, PageState, VmFlags, PAGE_SIZE, PMD_SIZE,
 };
-use x86_64::PhysAddr;
 
 use super::pt::{self, Flush, PageTables, Table, P, W};
 use super::{is_active, zero_pa, Access, Process, ProcessMm, SegvReason, Vmas};
@@ -309,51 +308,11 @@ impl ProcessMm {
         .as_u64();
         // Before the notifiers: the old frame is read-only wherever it is
         // mapped, so its contents cannot change (if a racing zap took it,
-        // the re-check below drops the copy).
+        // the leaf's re-check drops the copy).
         copy_frames(fresh, old, size);
-        // Never mapped: straight back to the allocator.
-        let free_fresh = || {
-            let pa = PhysAddr::new(fresh);
-            if huge {
-                frames::free_2m(pa);
-            } else {
-                frames::free(pa);
-            }
-        };
-        let range = MmuNotifierRange {
-            start: page,
-            end: page + size,
-            event: MmuNotifyEvent::Clear,
-            blockable: true,
-        };
-        if mmu_notifier_invalidate_range_start(self, &range).is_err() {
-            free_fresh();
-            return Err(SegvReason::Notifier);
-        }
-        let switched = {
-            let mut pt = self.pt.lock();
-            let slot = if huge {
-                pt.pde(page, false)
-            } else {
-                pt.pte(page, false)
-            };
-            match slot.ok().flatten() {
-                Some((t, i)) if t.get(i) == e => {
-                    t.set(i, pt::leaf(fresh, f, true, huge));
-                    let mut flush = Flush::new();
-                    flush.page(page);
-                    flush.run(is_active(self));
-                    true
-                }
-                _ => false,
-            }
-        };
-        mmu_notifier_invalidate_range_end(self, &range);
-        if switched {
+        if self.replace_leaf(page, huge, fresh, f, 0, |now| now == e)? {
             self.core.count_cow_break();
             super::freed::Freer::new().data(old, huge);
-        } else {
-            free_fresh();
         }
         Ok(())
     }

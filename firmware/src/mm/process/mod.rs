@@ -746,25 +746,57 @@ impl ProcessMm {
     /// Replaces the zero page at `page` by a private zeroed frame, bracketed
     /// by the notifiers (a device may hold the zero page's translation).
     fn cow_zero(&self, page: u64, f: VmFlags) -> Result<(), SegvReason> {
+        let fresh = pt::alloc_zeroed().map_err(|_| SegvReason::OutOfMemory)?;
+        let zero = P | zero_pa();
+        self.replace_leaf(page, false, fresh, f, 1, |e| e & (P | pt::ADDR) == zero)
+            .map(|_| ())
+    }
+
+    /// Maps the fresh frame run `fresh` writable at `page` (a 4 KiB page,
+    /// or the 2 MiB one with `huge`) in place of a leaf `still` accepts,
+    /// inside a `Clear` of the page (a device may hold the old
+    /// translation); `added` 4 KiB frames join the data count. A leaf
+    /// that changed while the notifiers ran is left alone and `fresh`
+    /// goes back to the allocator. Whether `fresh` was mapped.
+    fn replace_leaf(
+        &self,
+        page: u64,
+        huge: bool,
+        fresh: u64,
+        f: VmFlags,
+        added: u64,
+        still: impl Fn(u64) -> bool,
+    ) -> Result<bool, SegvReason> {
+        let size = if huge { PMD_SIZE } else { PAGE_SIZE };
         let range = MmuNotifierRange {
             start: page,
-            end: page + PAGE_SIZE,
+            end: page + size,
             event: MmuNotifyEvent::Clear,
             blockable: true,
         };
-        let fresh = pt::alloc_zeroed().map_err(|_| SegvReason::OutOfMemory)?;
+        let give_back = || {
+            let pa = x86_64::PhysAddr::new(fresh);
+            if huge {
+                crate::mm::frames::free_2m(pa);
+            } else {
+                crate::mm::frames::free(pa);
+            }
+        };
         if mmu_notifier_invalidate_range_start(self, &range).is_err() {
-            crate::mm::frames::free(x86_64::PhysAddr::new(fresh));
+            give_back();
             return Err(SegvReason::Notifier);
         }
         let used = {
             let mut pt = self.pt.lock();
-            let slot = pt.pte(page, false).ok().flatten();
-            // Re-check: the slot may have changed while notifiers ran.
-            match slot {
-                Some((t, i)) if t.get(i) & (P | pt::ADDR) == P | zero_pa() => {
-                    t.set(i, pt::leaf(fresh, f, true, false));
-                    pt.data += 1;
+            let slot = if huge {
+                pt.pde(page, false)
+            } else {
+                pt.pte(page, false)
+            };
+            match slot.ok().flatten() {
+                Some((t, i)) if still(t.get(i)) => {
+                    t.set(i, pt::leaf(fresh, f, true, huge));
+                    pt.data += added;
                     let mut flush = Flush::new();
                     flush.page(page);
                     flush.run(is_active(self));
@@ -775,9 +807,9 @@ impl ProcessMm {
         };
         mmu_notifier_invalidate_range_end(self, &range);
         if !used {
-            crate::mm::frames::free(x86_64::PhysAddr::new(fresh));
+            give_back();
         }
-        Ok(())
+        Ok(used)
     }
 
     /// A fault in a 2 MiB VMA: any fault maps the whole 2 MiB page,

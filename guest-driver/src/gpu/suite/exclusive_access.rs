@@ -11,9 +11,9 @@ use super::{Needs, Pattern, Prot, SvmEnv, TestResult};
 use crate::gpu::{Channel, Command, GpuError, Platform, SvmConfig};
 
 /// Pages of each test's buffer (one fault-around window).
-const PAGES: u64 = 4;
+pub(super) const PAGES: u64 = 4;
 
-fn exclusive_cfg() -> SvmConfig {
+pub(super) fn exclusive_cfg() -> SvmConfig {
     SvmConfig {
         exclusive_atomics: true,
         ..SvmConfig::default()
@@ -21,7 +21,7 @@ fn exclusive_cfg() -> SvmConfig {
 }
 
 /// A GPU `ATOMIC` add of `v` on the u64 at `va`: the old value.
-fn atomic_add<P: Platform>(c: &Channel<P>, va: u64, v: u64) -> Result<u64, GpuError> {
+pub(super) fn atomic_add<P: Platform>(c: &Channel<P>, va: u64, v: u64) -> Result<u64, GpuError> {
     c.run(&Command::Atomic {
         va,
         op: atomic_op::ADD,
@@ -32,11 +32,16 @@ fn atomic_add<P: Platform>(c: &Channel<P>, va: u64, v: u64) -> Result<u64, GpuEr
 }
 
 /// Page `i`'s words start at `BASE + i`.
-const BASE: u64 = 100;
+pub(super) const BASE: u64 = 100;
 
 /// A GPU add of 1 on the first word of each of the `PAGES` pages from
 /// `va`, which must have held `BASE + i + added` (page `i`).
-fn gpu_add_each<P: Platform>(chan: &Channel<P>, va: u64, added: u64, what: &str) -> TestResult {
+pub(super) fn gpu_add_each<P: Platform>(
+    chan: &Channel<P>,
+    va: u64,
+    added: u64,
+    what: &str,
+) -> TestResult {
     for i in 0..PAGES {
         let old = ok(atomic_add(chan, va + i * PAGE_SIZE, 1), what)?;
         let want = BASE + i + added;
@@ -47,7 +52,13 @@ fn gpu_add_each<P: Platform>(chan: &Channel<P>, va: u64, added: u64, what: &str)
 
 /// CPU loads of the `PAGES` pages from `va`: page `i`'s first word holds
 /// `BASE + i + first`, the others `BASE + i + rest`.
-fn check_words<E: SvmEnv>(env: &E, p: &E::Process, va: u64, first: u64, rest: u64) -> TestResult {
+pub(super) fn check_words<E: SvmEnv>(
+    env: &E,
+    p: &E::Process,
+    va: u64,
+    first: u64,
+    rest: u64,
+) -> TestResult {
     for i in 0..PAGES {
         let a = va + i * PAGE_SIZE;
         let (w, want) = (read_u64(env, p, a)?, BASE + i + first);
@@ -64,7 +75,7 @@ fn check_words<E: SvmEnv>(env: &E, p: &E::Process, va: u64, first: u64, rest: u6
 }
 
 /// A counter moved by `want` between two snapshots.
-fn moved(what: &str, before: u64, after: u64, want: u64) -> TestResult {
+pub(super) fn moved(what: &str, before: u64, after: u64, want: u64) -> TestResult {
     ensure!(
         after - before == want,
         "{what}: {}, want {want}",

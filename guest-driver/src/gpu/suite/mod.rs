@@ -4,7 +4,7 @@
 //! process memory, frame accounting).
 //!
 //! A test is a module in one of the theme files (`basic`, `protection`,
-//! `teardown`, `races`, `mutants`, `scale`, `surgery`, ...) holding its body, `run`, and what it needs
+//! `teardown`, `races`, `mutants`, `scale`, `surgery`, `fork`, ...) holding its body, `run`, and what it needs
 //! from its host, `NEEDS` (a [`Needs`]); [`svm_suite!`](crate::svm_suite)
 //! lists every test by name, in run order. Hosts take the list from
 //! [`tests`] and run one with [`run`], which builds the environment for the
@@ -33,6 +33,7 @@ mod dmem_mixed;
 mod evict;
 mod exclusive_access;
 mod first_touch;
+mod fork;
 pub mod migration;
 mod mutants;
 mod protection;
@@ -49,6 +50,7 @@ use dmem_mixed::*;
 use evict::*;
 use exclusive_access::*;
 use first_touch::*;
+use fork::*;
 use mutants::*;
 use protection::*;
 use races::*;
@@ -175,6 +177,11 @@ pub trait SvmEnv {
     fn mm(&self, p: &Self::Process) -> Arc<Self::M>;
     /// Process exit: drops the process's users reference on its mm.
     fn exit(&self, p: Self::Process);
+    /// `fork`: a child of `p` with a copy of its address space (private
+    /// pages copy-on-write, shared mappings shared, pages in device memory
+    /// brought back first) and no mirror; it exits through
+    /// [`SvmEnv::exit`].
+    fn fork(&self, p: &Self::Process) -> Result<Self::Process, String>;
     /// Anonymous private mapping at `hint` (fixed, must not overlap; 0 lets
     /// the host choose). `huge`: 2 MiB pages (hint and len 2 MiB aligned).
     fn mmap(
@@ -187,8 +194,8 @@ pub trait SvmEnv {
     ) -> Result<u64, Errno>;
     /// Anonymous shared mapping (`MAP_SHARED | MAP_ANONYMOUS`, 4 KiB pages)
     /// at `hint`, placed as by [`SvmEnv::mmap`]. Within one process it
-    /// faults like a private one (until fork exists there is nobody to
-    /// share with); HMM mirrors it as usual, migration to device memory
+    /// faults like a private one; a [`SvmEnv::fork`] keeps its frames
+    /// shared. HMM mirrors it as usual, migration to device memory
     /// refuses it.
     fn mmap_shared(&self, p: &Self::Process, hint: u64, len: u64, prot: Prot)
         -> Result<u64, Errno>;
@@ -445,6 +452,10 @@ macro_rules! svm_suite {
             madvise_dontneed,
             exclusive,
             exclusive_mprotect,
+            exclusive_cow,
+            anon_write_child,
+            anon_write_child_shared,
+            hmm_cow_in_device,
         }
     };
 }
