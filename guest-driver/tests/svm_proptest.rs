@@ -1,6 +1,8 @@
 //! Property test in the host loopback: random CPU mmap/munmap/mprotect,
 //! mremap (MREMAP_FIXED, with or without DONTUNMAP), madvise(DONTNEED) and
-//! writes interleaved with GPU FILLs and reads of the same pages. After every
+//! writes interleaved with GPU FILLs and reads of the same pages, and a
+//! forked child (no mirror) writing and reading its copy-on-write view,
+//! then exiting or being forked anew. After every
 //! step the device page table must be a subset of the CPU's (every device
 //! leaf maps the frame the CPU maps at that address, never more permission),
 //! GPU results must match a model of the CPU mappings, and no frame freed
@@ -33,6 +35,13 @@ enum Op {
     CpuWrite(u64, u64),
     GpuFill(u64, u64),
     GpuRead(u64),
+    /// Fork (a child there already exits first).
+    Fork,
+    /// A CPU write in the child.
+    ChildWrite(u64, u64),
+    /// A CPU read in the child.
+    ChildRead(u64),
+    ChildExit,
 }
 
 fn prot(p: u8) -> Prot {
@@ -55,7 +64,11 @@ fn op() -> impl Strategy<Value = Op> {
         (page.clone(), span).prop_map(|(p, n)| Op::DontNeed(p, n)),
         (page.clone(), any::<u64>()).prop_map(|(p, v)| Op::CpuWrite(p, v)),
         (page.clone(), any::<u64>()).prop_map(|(p, v)| Op::GpuFill(p, v)),
-        page.prop_map(Op::GpuRead),
+        page.clone().prop_map(Op::GpuRead),
+        Just(Op::Fork),
+        (page.clone(), any::<u64>()).prop_map(|(p, v)| Op::ChildWrite(p, v)),
+        page.prop_map(Op::ChildRead),
+        Just(Op::ChildExit),
     ]
 }
 
@@ -85,6 +98,9 @@ fn run_case(ops: &[Op], around: u64, canaries: bool) -> Result<(), TestCaseError
         env.track_freed(Some(CANARY));
     }
     let mut model: Model = [None; PAGES as usize];
+    // The child and its own model (its pages as they were at the fork,
+    // then its own writes).
+    let mut child: Option<(<LoopEnv as SvmEnv>::Process, Model)> = None;
     let mut freed: Vec<u64> = Vec::new();
     for (step, op) in ops.iter().enumerate() {
         match *op {
@@ -202,6 +218,49 @@ fn run_case(ops: &[Op], around: u64, canaries: bool) -> Result<(), TestCaseError
                     );
                 }
             }
+            Op::Fork => {
+                if let Some((c, _)) = child.take() {
+                    env.exit(c);
+                }
+                let c = env.fork(&p).map_err(TestCaseError::fail)?;
+                child = Some((c, model));
+            }
+            Op::ChildWrite(pg, v) => {
+                if let Some((c, m)) = child.as_mut() {
+                    let ok = env.write(c, va(pg), &v.to_le_bytes()).is_ok();
+                    let want = matches!(m[pg as usize], Some((pr, _)) if pr.contains(Prot::WRITE));
+                    prop_assert_eq!(ok, want, "step {}: {:?}", step, op);
+                    if ok {
+                        m[pg as usize] = m[pg as usize].map(|(pr, _)| (pr, v));
+                    }
+                    // The parent's copy is untouched.
+                    if let Some((pr, want)) = model[pg as usize] {
+                        if pr.contains(Prot::READ) {
+                            let mut b = [0u8; 8];
+                            env.read(&p, va(pg), &mut b)
+                                .map_err(|_| TestCaseError::fail("parent read"))?;
+                            prop_assert_eq!(u64::from_le_bytes(b), want, "step {}: {:?}", step, op);
+                        }
+                    }
+                }
+            }
+            Op::ChildRead(pg) => {
+                if let Some((c, m)) = child.as_ref() {
+                    let mut b = [0u8; 8];
+                    let r = env.read(c, va(pg), &mut b).map(|()| u64::from_le_bytes(b));
+                    match m[pg as usize] {
+                        Some((pr, v)) if pr.contains(Prot::READ) => {
+                            prop_assert_eq!(r, Ok(v), "step {}: {:?}", step, op)
+                        }
+                        _ => prop_assert!(r.is_err(), "step {}: {:?}: {:?}", step, op, r),
+                    }
+                }
+            }
+            Op::ChildExit => {
+                if let Some((c, _)) = child.take() {
+                    env.exit(c);
+                }
+            }
             Op::GpuRead(pg) => {
                 env.write(&p, SCRATCH, &u64::MAX.to_le_bytes())
                     .map_err(|_| TestCaseError::fail("scratch"))?;
@@ -274,6 +333,9 @@ fn run_case(ops: &[Op], around: u64, canaries: bool) -> Result<(), TestCaseError
     }
     drop(chan);
     env.track_freed(None);
+    if let Some((c, _)) = child {
+        env.exit(c);
+    }
     env.exit(p);
     Ok(())
 }
