@@ -24,7 +24,8 @@ pub struct Options<'a> {
     pub bench: Option<Bench>,
     /// `seed=N`: the seed of the randomised tests (`gpu_hostile`).
     pub seed: Option<u64>,
-    /// `iterations=N`: how long `gpu_hostile` runs.
+    /// `iterations=N`: how long `gpu_hostile` runs; in `bench=faults`, run
+    /// only the single faults, N per variant.
     pub iterations: Option<u64>,
     /// `cycles=N`: how long `gpu_fault_flood` runs.
     pub cycles: Option<u64>,

@@ -470,24 +470,30 @@ pub trait Mm: Send + Sync + Sized + 'static {
     /// entries of one fault-around window. Pages that already satisfy
     /// `flags` (present, and writable if `flags` has WRITE) are left alone.
     /// Returns how many pages from `start` it handled before the first
-    /// error (at least the first page on success); handled pages stay
-    /// handled, and HMM walks again from `start` afterwards.
+    /// error (at least the first page on success; handled pages stay
+    /// handled) and how many of them, from `start` on, it wrote the state
+    /// of into `out` (at most `out.len()`): what the page table held for
+    /// them when it was done, as [`Mm::walk_ptes`] would answer. HMM takes
+    /// those as walked and walks again from the first page it was not
+    /// told about.
     ///
-    /// The default handles `start` alone with [`Mm::handle_mm_fault`] (HMM
-    /// then comes back for the next page), exactly the per-page protocol.
-    /// An implementation may do the whole run in one page-table pass with
-    /// its frames allocated in one batch.
+    /// The default handles `start` alone with [`Mm::handle_mm_fault`] and
+    /// reports no state (HMM then walks it again and comes back for the
+    /// next page), exactly the per-page protocol. An implementation may do
+    /// the whole run in one page-table pass with its frames allocated in
+    /// one batch, and save HMM the walk after it.
     fn handle_mm_fault_range(
         &self,
         mmap: &MmapReadGuard<'_, Self>,
         start: u64,
         end: u64,
         flags: FaultFlags,
-    ) -> (u64, Result<(), FaultError>) {
-        let _ = end;
+        out: &mut [PageState],
+    ) -> (u64, usize, Result<(), FaultError>) {
+        let _ = (end, out);
         match self.handle_mm_fault(mmap, start, flags) {
-            Ok(()) => (1, Ok(())),
-            Err(e) => (0, Err(e)),
+            Ok(()) => (1, 0, Ok(())),
+            Err(e) => (0, 0, Err(e)),
         }
     }
 

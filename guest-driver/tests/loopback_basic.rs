@@ -402,3 +402,38 @@ fn clear_unmaps_everything_and_maps_again() {
     assert_eq!(pt.lookup(0x1000).map(|l| l.phys), Some(0x3000_0000));
     assert_eq!(pt.leaf_count(), 1);
 }
+
+/// `map_run` checks the run's VA once and each frame per leaf: a
+/// misaligned start maps nothing, a frame beyond the PTE's address bits
+/// stops the run there (the leaves before it stay), also when the run
+/// continues in the level-1 table the previous run cached.
+#[test]
+fn page_table_map_run_rejects_bad_leaves() {
+    let lb = Loopback::new(16);
+    let mut pt = PageTable::new(lb.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let va = 0x4000_0000u64;
+    let good = |i: usize| Some((0x20_0000 + i as u64 * 0x1000, Pte::WRITE));
+    let (n, r) = pt.map_run(va, 2, PageSize::Size4K, good);
+    assert!(r.is_ok() && n == 2, "{n} mapped, {r:?}");
+    // The next runs start in the cached table: no walk checks their leaves.
+    let (n, r) = pt.map_run(va + 0x2800, 4, PageSize::Size4K, good);
+    assert!(r.is_err() && n == 0, "misaligned start: {n} mapped, {r:?}");
+    assert_eq!(pt.leaf_count(), 2);
+    let bad_third = |i: usize| match i {
+        2 => Some((1u64 << 52, Pte::WRITE)),
+        _ => Some((0x30_0000 + i as u64 * 0x1000, Pte::WRITE)),
+    };
+    let (n, r) = pt.map_run(va + 0x2000, 4, PageSize::Size4K, bad_third);
+    assert!(
+        r.is_err() && n == 2,
+        "frame out of range: {n} mapped, {r:?}"
+    );
+    assert_eq!(pt.leaf_count(), 4);
+    assert_eq!(pt.lookup(va + 0x3000).map(|l| l.phys), Some(0x30_1000));
+    assert_eq!(
+        pt.lookup(va + 0x4000),
+        None,
+        "nothing at or after the bad leaf"
+    );
+    assert_eq!(pt.lookup(va + 0x5000), None);
+}

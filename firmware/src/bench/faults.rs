@@ -26,6 +26,10 @@
 //! * `invalidate`: the driver's TLB invalidation alone (`Context::invalidate`
 //!   of one page on a plain context, no lock held), call to acknowledgement.
 //!
+//! With `iterations=N` only `single_fault` runs, N timed samples per
+//! variant: a long steady run of the single-fault path for
+//! `faultline run --profile-guest`.
+//!
 //! One `bench ...` line per result; every sample is checked (one fault, one
 //! replay, data visible to the CPU, mappings gone) so a broken path fails
 //! the run instead of producing a fast number.
@@ -48,7 +52,8 @@ use crate::println;
 
 type P = Stamped;
 
-/// Timed single faults per variant, after `WARMUP` untimed ones.
+/// Timed single faults per variant, after `WARMUP` untimed ones (unless
+/// `iterations=` says otherwise).
 const SINGLE: usize = 100;
 const WARMUP: usize = 5;
 /// First-touch buffer.
@@ -82,7 +87,11 @@ pub fn run() -> Result<(), String> {
         ..GpuConfig::default()
     };
     let gpu = Gpu::probe(p, cfg).map_err(e("probe"))?;
-    single_faults(&gpu)?;
+    if let Some(n) = crate::tests::params().iterations {
+        let n = usize::try_from(n).ok().filter(|&n| n > 0);
+        return single_faults(&gpu, n.ok_or("iterations= must be at least 1")?);
+    }
+    single_faults(&gpu, SINGLE)?;
     for fa in [4 << 10, 64 << 10, 2 << 20] {
         first_touch(&gpu, fa, false)?;
     }
@@ -178,13 +187,13 @@ impl Samples {
         }
     }
 
-    fn print(&mut self, variant: &str) -> Result<(), String> {
+    fn print(&mut self, variant: &str, samples: usize) -> Result<(), String> {
         if self.to_fault.is_empty() {
             return Err(format!("{variant}: no FAULT MSI came before its replay"));
         }
         let min = time::ticks_to_ns(*self.total.iter().min().unwrap_or(&0));
         println!(
-            "bench single_fault variant={variant} samples={SINGLE} median_ns={} min_ns={min} \
+            "bench single_fault variant={variant} samples={samples} median_ns={} min_ns={min} \
              fault_irq_ns={} service_ns={} replay_done_ns={} late_fault_msi={}",
             median_ns(&mut self.total),
             median_ns(&mut self.to_fault),
@@ -224,7 +233,7 @@ impl FaultHandler for Preset {
 
 /// The three single-fault variants, interleaved sample by sample so that
 /// drifting host load (2 shared cores) hits them alike.
-fn single_faults(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
+fn single_faults(gpu: &Arc<Gpu<P>>, samples: usize) -> Result<(), String> {
     let p = gpu.platform();
     let buf = p.dma_alloc(1).ok_or("dma_alloc failed")?;
     let result = (|| {
@@ -235,7 +244,7 @@ fn single_faults(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
             phys: buf.phys(),
         })));
         let chan = Channel::open(&ctx).map_err(e("channel"))?;
-        let r = svm_pair(gpu, &chan);
+        let r = svm_pair(gpu, &chan, samples);
         drop(chan);
         ctx.set_fault_handler(None);
         r?;
@@ -249,8 +258,8 @@ fn single_faults(gpu: &Arc<Gpu<P>>) -> Result<(), String> {
 }
 
 /// Sets up the two SVM variants and runs all three (`null` on `null_chan`).
-fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>) -> Result<(), String> {
-    let n = (SINGLE + WARMUP) as u64;
+fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>, single: usize) -> Result<(), String> {
+    let n = (single + WARMUP) as u64;
     let mut procs = Vec::new();
     for flags in [MapFlags::POPULATE, MapFlags::empty()] {
         let pr = Process::new().map_err(ed("process"))?;
@@ -272,7 +281,7 @@ fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>) -> Result<(), String> {
     let names = ["null", "svm_resident", "svm_first_touch"];
     let mut samples: [Samples; 3] = Default::default();
     let mapped0 = gpu.counters().snapshot().pages_mapped;
-    for i in 0..SINGLE + WARMUP {
+    for i in 0..single + WARMUP {
         let off = i as u64 * PAGE_SIZE;
         for (v, smp) in samples.iter_mut().enumerate() {
             let (chan, dst) = match v {
@@ -309,7 +318,7 @@ fn svm_pair(gpu: &Arc<Gpu<P>>, null_chan: &Channel<P>) -> Result<(), String> {
         }
     }
     for (v, smp) in samples.iter_mut().enumerate() {
-        smp.print(names[v])?;
+        smp.print(names[v], single)?;
     }
     Ok(())
 }

@@ -79,6 +79,10 @@ const F_WRITE: u64 = 1 << 1;
 const F_DEVICE_PRIVATE: u64 = 1 << 2;
 const FLAGS: [u64; HMM_PFN_FLAG_MAX] = [F_VALID, F_WRITE, F_DEVICE_PRIVATE];
 const VALUES: [u64; HMM_PFN_VALUE_MAX] = [1 << 3, 0, 1 << 4];
+// No special value carries `F_VALID`, so the fault path decodes an entry
+// with one bit test instead of `HmmRange::entry_to_pfn`'s table scan.
+const _: () = assert!(VALUES[0] & F_VALID == 0 && VALUES[1] & F_VALID == 0);
+const _: () = assert!(VALUES[2] & F_VALID == 0);
 
 /// Passes over one window before the bottom half gives up for this batch
 /// (the access stays stalled and faults again after the replay).
@@ -206,6 +210,9 @@ struct SvmState<P: Platform, M: Mm> {
     /// `Prefetch::Density`: faulted-or-resident pages per 2 MiB region.
     density: SpinMutex<Density>,
     hook: SpinMutex<Option<CheckHook>>,
+    /// Whether `hook` holds one: the fault path reads this instead of
+    /// taking the lock (which nearly always guards `None`).
+    has_hook: AtomicBool,
     migrate_hook: SpinMutex<Option<MigrateHook<M>>>,
     /// The fault handler's reusable vectors (`None` while a service call
     /// holds them), boxed: taking it out and putting it back moves a
@@ -264,6 +271,7 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
             prefetch: cfg.prefetch.unwrap_or(gpu.config().policy.prefetch),
             density: SpinMutex::new(Density::default()),
             hook: SpinMutex::new(None),
+            has_hook: AtomicBool::new(false),
             migrate_hook: SpinMutex::new(None),
             scratch: SpinMutex::new(Some(Box::new(Scratch::new()))),
         });
@@ -326,7 +334,10 @@ impl<P: Platform, M: Mm> SvmContext<P, M> {
     /// Installs a hook run between `range_fault` and the locked sequence
     /// check of every window pass.
     pub fn set_check_hook(&self, hook: Option<CheckHook>) {
-        *self.binding.state.hook.lock() = hook;
+        let s = &self.binding.state;
+        let mut slot = s.hook.lock();
+        s.has_hook.store(hook.is_some(), Ordering::Release);
+        *slot = hook;
     }
 
     /// Installs a hook run by every [`DeviceMemory`](super::DeviceMemory)
@@ -827,7 +838,10 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                     break;
                 }
             }
-            let hook = s.hook.lock().clone();
+            let hook = match s.has_hook.load(Ordering::Acquire) {
+                true => s.hook.lock().clone(),
+                false => None,
+            };
             let t_lock = match hook {
                 Some(h) => {
                     h(w.start, w.end);
@@ -854,11 +868,14 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             // 2 MiB pages are never exclusive: they keep the coherent path.
             let coherent_atomics = s.exclusive_owner.is_none() || w.shift != PAGE_SHIFT;
             let mut granted = 0;
-            let mut leaf = |i: usize| {
+            let leaf = |i: usize| {
                 let e = pfns[i];
                 // Decoded once: the flag bits are this driver's own
                 // (`FLAGS`), meaningful on an entry with a pfn.
-                let pfn = range.entry_to_pfn(e)?;
+                if e & F_VALID == 0 {
+                    return None;
+                }
+                let pfn = e >> PFN_SHIFT;
                 let mut perms = Pte::empty();
                 let vram = e & F_DEVICE_PRIVATE != 0;
                 if e & F_WRITE != 0 {
@@ -890,7 +907,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                 };
                 Some((pfn << PAGE_SHIFT, perms))
             };
-            let (mapped, r) = pt.map_run(w.start, pfns.len(), size, &mut leaf);
+            let (mapped, r) = pt.map_run(w.start, pfns.len(), size, leaf);
             if let Err(err) = r {
                 log::error!("svm: device map in {:#x}..{:#x}: {err}", w.start, w.end);
                 result = Err(Errno::ENOMEM);
@@ -922,7 +939,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
                     let given = range
                         .pfns
                         .get(i)
-                        .is_some_and(|&e| range.entry_is_writable(e));
+                        .is_some_and(|&e| e & (F_VALID | F_WRITE) == F_VALID | F_WRITE);
                     if write && !given {
                         cancel.push(va);
                     }

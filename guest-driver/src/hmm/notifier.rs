@@ -130,6 +130,8 @@ impl<M: Mm> MmuNotifier<M> for Hmm<M> {
                 .iter()
                 .filter(|r| r.overlaps(update.start, update.end))
             {
+                // In this order: the walk's lock-free `read_begin` reads
+                // the stamp first and `valid` second.
                 r.valid.store(false, Ordering::Release);
                 r.invalidate_seq.store(seq, Ordering::Release);
             }

@@ -241,11 +241,13 @@ pub fn range_unregister<M: Mm>(range: &mut HmmRange<M>) {
     let Some(reg) = range.reg.take() else {
         return;
     };
-    reg.hmm
-        .lock
-        .lock()
-        .ranges
-        .retain(|r| !Arc::ptr_eq(r, &reg.link));
+    {
+        // Order does not matter in the list: no shifting of the rest.
+        let mut st = reg.hmm.lock.lock();
+        if let Some(i) = st.ranges.iter().position(|r| Arc::ptr_eq(r, &reg.link)) {
+            st.ranges.swap_remove(i);
+        }
+    }
     reg.link.valid.store(false, Ordering::Release);
     // No lock held: this may be the last mmput and run release.
     mmput(&*reg.hmm.mm);
@@ -270,10 +272,13 @@ pub fn range_check_seq<M: Mm>(range: &HmmRange<M>) -> bool {
     let Some(reg) = range.reg.as_ref() else {
         return false;
     };
-    // Under hmm->lock so the answer is ordered with invalidate_range_start's
-    // stamping (the lock order is driver update lock -> hmm->lock; HMM never
-    // takes the update lock while holding hmm->lock).
-    let _st = reg.hmm.lock.lock();
+    // No hmm->lock: every invalidation stamps a new, never reused value, so
+    // an unchanged stamp alone says none overlapping began since the walk's
+    // `read_begin`. One that stamps after this load is ordered after the
+    // check: its sync callback takes the driver's update lock, which the
+    // caller holds, and clears what the caller is about to map. One that
+    // stamped before is seen: it released hmm->lock after stamping and the
+    // driver's update lock in its callback before the caller took it.
     reg.link.valid.load(Ordering::Acquire)
         && reg.link.invalidate_seq.load(Ordering::Acquire) == range.notifier_seq
 }

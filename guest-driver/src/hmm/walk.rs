@@ -128,14 +128,17 @@ fn walk_registered<M: Mm>(
     if range.pfns.len() != range.npages() {
         return Err(Errno::EINVAL);
     }
-    {
-        // read_begin: note the stamp before looking at any PTE.
-        let _st = hmm.lock.lock();
-        if !link.valid.load(Ordering::Acquire) {
-            return Err(Errno::EAGAIN);
-        }
-        range.notifier_seq = link.invalidate_seq.load(Ordering::Acquire);
+    // read_begin: note the stamp before looking at any PTE. No hmm->lock:
+    // an invalidation clears `valid` before it stores its stamp (Release),
+    // so reading the stamp first and `valid` second (Acquire) either sees
+    // the new stamp with `valid` cleared (EAGAIN, or set again by an end
+    // after the CPU change was made) or the old stamp, which the later
+    // check then finds changed.
+    let seq = link.invalidate_seq.load(Ordering::Acquire);
+    if !link.valid.load(Ordering::Acquire) {
+        return Err(Errno::EAGAIN);
     }
+    range.notifier_seq = seq;
     match walk_entries(range, mm, mmap, link, fault) {
         Ok(()) => Ok(range.pfns.len()),
         Err(e) => {
@@ -203,6 +206,14 @@ fn walk_entries<M: Mm>(
         // An error `handle_mm_fault_range` hit past the start of its run:
         // (entry, error), reported when the walk reaches that entry.
         let mut pending: Option<(usize, FaultError)> = None;
+        // Entries from `i` on whose states the last `handle_mm_fault_range`
+        // left in `run`: taken as walked.
+        let mut known = 0;
+        // A fault's first walk asks for one page: in a window the CPU never
+        // touched that is all it needs before faulting the whole run (which
+        // tells the states it installed), and a page already there sends
+        // the walk on for the rest.
+        let mut probe = fault.is_some();
         'vma: while i < vma_end {
             let addr = start + ((i as u64) << shift);
             // How many entries this answer covers: for 4 KiB entries, the
@@ -212,8 +223,14 @@ fn walk_entries<M: Mm>(
             // covers all of the block's entries.
             let ptes = if shift == PAGE_SHIFT {
                 let in_block = ((PMD_SIZE - (addr & (PMD_SIZE - 1))) >> PAGE_SHIFT) as usize;
-                let want = in_block.min(vma_end - i).min(run.len());
-                mm.walk_ptes(mmap, addr, &mut run[..want]).min(want)
+                let want = match core::mem::take(&mut probe) {
+                    true => 1,
+                    false => in_block.min(vma_end - i).min(run.len()),
+                };
+                match core::mem::take(&mut known) {
+                    0 => mm.walk_ptes(mmap, addr, &mut run[..want]).min(want),
+                    k => k.min(want),
+                }
             } else {
                 0
             };
@@ -234,6 +251,18 @@ fn walk_entries<M: Mm>(
             for k in 0..n {
                 let state = w.unwrap_or_else(|| run[k]);
                 let j = i + k;
+                // The common answer first, in as few instructions as the
+                // kernel can spend per page: a 4 KiB page present with the
+                // access asked for (anything else, including a request
+                // this does not settle, takes the general path below).
+                if let (PageState::Present { pfn, writable }, PAGE_SHIFT) = (state, shift) {
+                    let asks_write =
+                        fault.is_some() && ((pfns[j] & mask) | default_flags) & req_write != 0;
+                    if writable || !asks_write {
+                        pfns[j] = encode(&flags, pfn_shift, pfn, writable);
+                        continue;
+                    }
+                }
                 let (cpu_valid, cpu_write, pfn) =
                     decode_state(state, start + ((j as u64) << shift), shift, owner)
                         .map_err(|(value, err)| fail(j, value, err))?;
@@ -281,22 +310,38 @@ fn walk_entries<M: Mm>(
                                 let r = (e & mask) | default_flags;
                                 r & req_valid != 0 && (r & req_write != 0) == want_write
                             };
-                            let run_end = (j + 1..vma_end)
-                                .find(|&x| !wants_same(pfns[x]))
-                                .unwrap_or(vma_end);
+                            // Without per-entry bits (`mask` 0) every entry
+                            // asks the same.
+                            let run_end = match mask {
+                                0 => vma_end,
+                                _ => (j + 1..vma_end)
+                                    .find(|&x| !wants_same(pfns[x]))
+                                    .unwrap_or(vma_end),
+                            };
                             let end = start + ((run_end as u64) << shift);
                             match pending.take() {
                                 // The error a run hit at this entry, after
                                 // the walk filled in the entries before it.
                                 Some((at, e)) if at == j => Err(e),
-                                _ => match mm.handle_mm_fault_range(mmap, fault_addr, end, ff) {
-                                    // Pages done before the error: walk them
-                                    // again, then report the error here.
-                                    (done, Err(e)) if done > 0 => {
+                                _ => match mm.handle_mm_fault_range(
+                                    mmap,
+                                    fault_addr,
+                                    end,
+                                    ff,
+                                    &mut run[..],
+                                ) {
+                                    // Pages done before the error: take
+                                    // them as walked, then report the error
+                                    // here.
+                                    (done, told, Err(e)) if done > 0 => {
                                         pending = Some((j + done as usize, e));
+                                        known = told.min(done as usize);
                                         Ok(())
                                     }
-                                    (_, r) => r,
+                                    (done, told, r) => {
+                                        known = told.min(done as usize);
+                                        r
+                                    }
                                 },
                             }
                         } else {
@@ -319,7 +364,8 @@ fn walk_entries<M: Mm>(
                         if !link.valid.load(Ordering::Acquire) {
                             return Err(fail(j, HmmPfnValue::None, Errno::EAGAIN));
                         }
-                        // Re-walk from the faulted entry.
+                        // Re-walk from the faulted entry (what the fault
+                        // told is not walked again).
                         i = j;
                         continue 'vma;
                     }

@@ -971,14 +971,17 @@ impl Mm for ProcessMm {
     /// present read-only pages a write needs go through [`ProcessMm::fault`]
     /// afterwards (permission upgrade, zero-page copy-on-write with its
     /// notifiers). Huge VMAs, a run leaving its VMA and refused accesses
-    /// take the per-page path, which reports the error.
+    /// take the per-page path, which reports the error. The states told in
+    /// `out` are those of the pass's own entries, up to the first page
+    /// that needed the per-page path.
     fn handle_mm_fault_range(
         &self,
         mmap: &MmapReadGuard<'_, Self>,
         start: u64,
         end: u64,
         flags: FaultFlags,
-    ) -> (u64, Result<(), FaultError>) {
+        out: &mut [PageState],
+    ) -> (u64, usize, Result<(), FaultError>) {
         let write = flags.contains(FaultFlags::WRITE);
         let vma = mmap.lookup(start).filter(|v| {
             !self.is_dead()
@@ -988,7 +991,8 @@ impl Mm for ProcessMm {
                 && (!write || v.flags.contains(VmFlags::WRITE))
         });
         let Some(vma) = vma else {
-            return self.fault_range_by_page(mmap, start, end, flags);
+            let (done, r) = self.fault_range_by_page(mmap, start, end, flags);
+            return (done, 0, r);
         };
         let f = vma.flags;
         let zero = zero_pa();
@@ -998,6 +1002,10 @@ impl Mm for ProcessMm {
         // the buffer stays small (setting up 4 KiB of stack per call costs
         // ~0.3 ms where the kernel is emulated).
         let mut frames_buf = [0u64; FAULT_BATCH];
+        // States told in `out`: those of the pages from `start` up to the
+        // first one the per-page pass takes (or `out` is full).
+        let mut told = 0;
+        let mut telling = true;
         while addr < end {
             let seg_end = end
                 .min((addr | (PMD_SIZE - 1)) + 1)
@@ -1007,15 +1015,13 @@ impl Mm for ProcessMm {
             {
                 let mut pt = self.pt.lock();
                 let Ok(Some((t, i0))) = pt.pte(addr, true) else {
-                    return (done, Err(FaultError::Oom));
+                    return (done, told, Err(FaultError::Oom));
                 };
+                // An empty slot is 0: one test for the common case.
+                let empty =
+                    |e: u64| e == 0 || (e & P == 0 && !pt::is_swap(e) && !pt::is_exclusive(e));
                 let need = if write {
-                    (0..n)
-                        .filter(|&k| {
-                            let e = t.get(i0 + k);
-                            e & P == 0 && !pt::is_swap(e) && !pt::is_exclusive(e)
-                        })
-                        .count()
+                    (0..n).filter(|&k| empty(t.get(i0 + k))).count()
                 } else {
                     0
                 };
@@ -1025,25 +1031,46 @@ impl Mm for ProcessMm {
                 // The permission bits every new leaf of the run gets, worked
                 // out once (a frame address has none of them set).
                 let bits = pt::leaf(0, f, write, false);
+                let zero_state = PageState::Zero {
+                    pfn: zero >> PAGE_SHIFT,
+                };
                 for k in 0..n {
                     let e = t.get(i0 + k);
-                    if pt::is_swap(e) || pt::is_exclusive(e) {
+                    let now = if e != 0 && (pt::is_swap(e) || pt::is_exclusive(e)) {
                         // Device memory, migration or a device's exclusive
                         // hold: the per-page pass.
                         upgrades += 1;
+                        None
                     } else if e & P == 0 {
-                        if write {
+                        let state = if write {
                             if used == got {
                                 break;
                             }
-                            t.set(i0 + k, frames_buf[used] | bits);
+                            let frame = frames_buf[used];
                             used += 1;
+                            t.set(i0 + k, frame | bits);
+                            PageState::Present {
+                                pfn: frame >> PAGE_SHIFT,
+                                writable: true,
+                            }
                         } else {
                             t.set(i0 + k, zero | bits);
-                        }
+                            zero_state
+                        };
                         faulted += 1;
+                        Some(state)
                     } else if write && e & W == 0 {
                         upgrades += 1;
+                        None
+                    } else {
+                        Some(pt::pte_state(e, zero))
+                    };
+                    match now {
+                        Some(state) if telling && told < out.len() => {
+                            out[told] = state;
+                            told += 1;
+                        }
+                        _ => telling = false,
                     }
                 }
                 pt.data += used as u64;
@@ -1051,7 +1078,7 @@ impl Mm for ProcessMm {
                 if used < need {
                     // Out of frames: what got mapped stays mapped.
                     let mapped = (0..n).take_while(|&k| t.get(i0 + k) & P != 0).count();
-                    return (done + mapped as u64, Err(FaultError::Oom));
+                    return (done + mapped as u64, told, Err(FaultError::Oom));
                 }
             }
             if upgrades > 0 {
@@ -1069,7 +1096,7 @@ impl Mm for ProcessMm {
                     };
                     if pass {
                         if let Err(e) = self.handle_mm_fault(mmap, a, flags) {
-                            return (done + k, Err(e));
+                            return (done + k, told, Err(e));
                         }
                     }
                 }
@@ -1077,7 +1104,7 @@ impl Mm for ProcessMm {
             done += n as u64;
             addr = seg_end;
         }
-        (done, Ok(()))
+        (done, told, Ok(()))
     }
 
     fn exit_mmap(&self) {

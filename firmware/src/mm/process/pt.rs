@@ -189,7 +189,25 @@ fn swap_state(e: u64) -> PageState {
 }
 
 /// What a last-level entry says to the mirror layer.
-fn pte_state(pte: u64, zero_pa: u64) -> PageState {
+#[inline]
+pub fn pte_state(pte: u64, zero_pa: u64) -> PageState {
+    // The common entries first, with one test each: swap-type and
+    // exclusive entries are never present, and an empty slot is 0.
+    if pte & P != 0 {
+        return if pte & ADDR == zero_pa {
+            PageState::Zero {
+                pfn: zero_pa >> PAGE_SHIFT,
+            }
+        } else {
+            PageState::Present {
+                pfn: (pte & ADDR) >> PAGE_SHIFT,
+                writable: pte & W != 0,
+            }
+        };
+    }
+    if pte == 0 {
+        return PageState::None;
+    }
     if is_swap(pte) {
         return swap_state(pte);
     }
