@@ -82,10 +82,16 @@ impl SimMm {
         let all: Vec<Vma> = mmap.vmas.values().copied().collect();
         for v in all {
             if v.flags.contains(VmFlags::SHARED | VmFlags::WRITE) {
-                for a in (v.start..v.end).step_by(PAGE_SIZE as usize) {
+                let step = if v.flags.contains(VmFlags::HUGE) {
+                    PMD_SIZE
+                } else {
+                    PAGE_SIZE
+                };
+                for a in (v.start..v.end).step_by(step as usize) {
                     let ok = matches!(
                         self.walk(&mmap, a).state,
                         PageState::Present { writable: true, .. }
+                            | PageState::Huge { writable: true, .. }
                     );
                     if !ok {
                         self.handle_mm_fault(&mmap, a, FaultFlags::WRITE)
