@@ -93,6 +93,41 @@ impl Table {
         unsafe { self.slot(i).write_volatile(e) }
     }
 
+    /// The first non-zero entry from `i` on: `repe scasq`, one instruction
+    /// for the whole scan, where a loop costs several emulated supervisor
+    /// instructions per entry and most of a table is empty.
+    fn next_used(self, i: usize) -> Option<usize> {
+        if i >= 512 {
+            return None;
+        }
+        let left: usize;
+        // SAFETY: reads entries `i..512` of this table's frame (`Table::at`'s
+        // contract); the ABI leaves the direction flag clear.
+        unsafe {
+            core::arch::asm!(
+                "repe scasq",
+                inout("rdi") self.slot(i) => _,
+                inout("rcx") 512 - i => left,
+                in("rax") 0u64,
+                options(nostack, readonly)
+            );
+        }
+        // The scan stops just past the first non-zero entry (or at the
+        // end, with every entry zero).
+        let last = 511 - left;
+        (self.get(last) != 0).then_some(last)
+    }
+
+    /// Entries `(index, entry)` that are not zero, in order.
+    fn used(self) -> impl Iterator<Item = (usize, u64)> {
+        let mut i = 0;
+        core::iter::from_fn(move || {
+            let u = self.next_used(i)?;
+            i = u + 1;
+            Some((u, self.get(u)))
+        })
+    }
+
     /// The next-level table under entry `i`, if it is a present non-leaf.
     fn child(self, i: usize) -> Option<Table> {
         let e = self.get(i);
@@ -779,20 +814,18 @@ impl PageTables {
             let Some(pdpt) = self.pml4.child(i4) else {
                 continue;
             };
-            for i3 in 0..512 {
+            for (i3, _) in pdpt.used() {
                 let Some(pd) = pdpt.child(i3) else {
                     continue;
                 };
-                for i2 in 0..512 {
-                    let pde = pd.get(i2);
+                for (i2, pde) in pd.used() {
                     if pde & PS != 0 && holds_frame(pde) {
                         f.data(pde & ADDR, true);
                         n += 512;
                     } else if let Some(d) = device_page(pde) {
                         devices.push(d);
                     } else if let Some(pt) = pd.child(i2) {
-                        for i1 in 0..512 {
-                            let e = pt.get(i1);
+                        for (_, e) in pt.used() {
                             if let Some(d) = device_page(e) {
                                 devices.push(d);
                             } else if holds_frame(e) && e & ADDR != zero_pa {
