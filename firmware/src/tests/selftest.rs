@@ -90,7 +90,10 @@ fn cmdline_parse() -> Result<(), String> {
         super::matches("anon_,snap", "snapshot")
             && super::matches("anon_,snap", "anon_read")
             && !super::matches("anon_,snap", "heap")
-            && super::matches("", "heap"),
+            && super::matches("", "heap")
+            && super::matches("x,shot", "snapshot")
+            && super::matches("apsh", "snapshot")
+            && !super::matches("snapshots,hots", "snapshot"),
         "test= alternatives"
     );
     // `mutant=` exists only in the mutants build; elsewhere it is a typo.

@@ -13,6 +13,7 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use faultline_driver::gpu::suite::{self, Needs, SvmEnv};
 use faultline_driver::gpu::Gpu;
@@ -78,8 +79,16 @@ pub(crate) fn env_for(g: &gpu::Gpu, needs: &Needs) -> Result<FwEnv, String> {
     Ok(FwEnv::new(driver))
 }
 
+/// [`check_registered`] passed (once per boot is enough: both lists are
+/// fixed at build time, and each check costs thousands of emulated name
+/// comparisons).
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+
 fn run_named(name: &str) -> Result<(), String> {
-    check_registered()?;
+    if !REGISTERED.load(Ordering::Relaxed) {
+        check_registered()?;
+        REGISTERED.store(true, Ordering::Relaxed);
+    }
     let g = super::gpu::device()?;
     let (env, r) = suite::run(name, |needs| env_for(g, needs));
     if let Some(env) = env {
