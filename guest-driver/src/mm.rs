@@ -342,6 +342,18 @@ pub enum PageState {
     },
 }
 
+/// One compare-and-exchange of [`Mm::pte_exchange_run`]: the 4 KiB PTE of
+/// `addr` becomes `new` if it is `old`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PteSwap {
+    /// The page.
+    pub addr: u64,
+    /// What its PTE must hold.
+    pub old: PageState,
+    /// What it holds afterwards.
+    pub new: PageState,
+}
+
 /// One step of the software page-table walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Walk {
@@ -543,6 +555,25 @@ pub trait Mm: Send + Sync + Sized + 'static {
     ) -> Result<(), PageState> {
         let _ = (old, new);
         Err(self.walk(mmap, addr).state)
+    }
+
+    /// [`Mm::pte_exchange`] of each of `swaps` (in increasing address
+    /// order), its result in the same slot of `done` (as long as `swaps`):
+    /// what a migration does for every page of its range at each step, so
+    /// that an implementation can take its page-table lock, look up the
+    /// VMA and find the last-level table once per run instead of per page.
+    /// Each exchange succeeds or fails on its own, as if done alone.
+    ///
+    /// The default exchanges one by one.
+    fn pte_exchange_run(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        swaps: &[PteSwap],
+        done: &mut [Result<(), PageState>],
+    ) {
+        for (s, d) in swaps.iter().zip(done) {
+            *d = self.pte_exchange(mmap, s.addr, s.old, s.new);
+        }
     }
 
     /// [`Mm::pte_exchange`] for the 2 MiB entry (PMD) of `addr`'s block in

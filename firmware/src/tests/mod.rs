@@ -13,6 +13,7 @@ use crate::cmdline::Options;
 use crate::println;
 
 pub mod crash;
+pub mod exchange;
 pub mod flood;
 pub mod gpu;
 pub mod hostile;
@@ -38,6 +39,7 @@ impl Test {
 const SUITES: &[&[Test]] = &[
     selftest::TESTS,
     process::TESTS,
+    exchange::TESTS,
     gpu::TESTS,
     hostile::TESTS,
     svm::TESTS,

@@ -607,10 +607,11 @@ impl<P: Platform> Dmem<P> {
         };
         match vram {
             Some(v) => {
-                let pages = if huge { CHUNK_PAGES } else { 1 };
                 let mut rmap = self.rmap.lock();
-                for k in 0..pages {
-                    rmap.record(v + k * PAGE_SIZE, slot, addr + k * PAGE_SIZE, gen);
+                if huge {
+                    rmap.record_chunk(v, slot, addr, gen);
+                } else {
+                    rmap.record(v, slot, addr, gen);
                 }
                 drop(rmap);
                 Step::To(MigratePfn::Device {
@@ -667,29 +668,35 @@ impl<P: Platform> Dmem<P> {
         Ok(())
     }
 
-    /// Give back the VRAM page (with `chunk`, the whole chunk) at offset
-    /// `v`.
-    fn free_vram(&self, v: u64, chunk: bool) {
-        let r = v
-            .checked_sub(self.base)
-            .ok_or(GpuError::Invalid("not this memory's VRAM"))
-            .and_then(|o| {
-                let freed = if chunk {
-                    self.vram.free_chunk(o)
-                } else {
-                    self.vram.free_page(o)
-                };
-                freed.map(|()| o)
-            });
-        match r {
-            Ok(o) => {
-                let pages = if chunk { CHUNK_PAGES } else { 1 };
-                let mut rmap = self.rmap.lock();
-                for k in 0..pages {
-                    rmap.forget(o + k * PAGE_SIZE);
-                }
+    /// Give back the VRAM pages (with `chunk`, the whole chunks) of
+    /// `vram_pfns`, their reverse-map entries in one round of its lock.
+    fn free_vram(&self, vram_pfns: &[u64], chunk: bool) {
+        let mut freed = Vec::with_capacity(vram_pfns.len());
+        for &pfn in vram_pfns {
+            let v = pfn << PAGE_SHIFT;
+            let r = v
+                .checked_sub(self.base)
+                .ok_or(GpuError::Invalid("not this memory's VRAM"))
+                .and_then(|o| {
+                    let done = if chunk {
+                        self.vram.free_chunk(o)
+                    } else {
+                        self.vram.free_page(o)
+                    };
+                    done.map(|()| o)
+                });
+            match r {
+                Ok(o) => freed.push(o),
+                Err(e) => log::error!("dmem: VRAM page {v:#x}: {e}"),
             }
-            Err(e) => log::error!("dmem: VRAM page {v:#x}: {e}"),
+        }
+        let mut rmap = self.rmap.lock();
+        for o in freed {
+            if chunk {
+                rmap.forget_chunk(o);
+            } else {
+                rmap.forget(o);
+            }
         }
     }
 
@@ -755,7 +762,11 @@ impl<P: Platform, M: Mm> DevPagemapOps<M> for Dmem<P> {
     }
 
     fn page_free(&self, vram_pfn: u64, huge: bool) {
-        self.free_vram(vram_pfn << PAGE_SHIFT, huge);
+        self.free_vram(&[vram_pfn], huge);
+    }
+
+    fn pages_free(&self, vram_pfns: &[u64], huge: bool) {
+        self.free_vram(vram_pfns, huge);
     }
 }
 

@@ -37,8 +37,8 @@ use bitflags::bitflags;
 
 use super::{
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, FaultError, FaultFlags,
-    Mm, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, PAGE_SHIFT, PAGE_SIZE,
-    PMD_SHIFT, PMD_SIZE,
+    Mm, MmapReadGuard, MmuNotifierRange, MmuNotifyEvent, PageState, PteSwap, VmFlags, PAGE_SHIFT,
+    PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
 use crate::errno::Errno;
 
@@ -110,6 +110,15 @@ pub trait DevPagemapOps<M: Mm>: Send + Sync {
     /// page of the 512 pages from it) any more (munmap, exit, or its
     /// migration finished): give it back. Called without any mm lock.
     fn page_free(&self, vram_pfn: u64, huge: bool);
+
+    /// [`page_free`](Self::page_free) of each of `vram_pfns`: a
+    /// migration's finalize gives back a whole range's device pages at
+    /// once. The default frees one by one.
+    fn pages_free(&self, vram_pfns: &[u64], huge: bool) {
+        for &p in vram_pfns {
+            self.page_free(p, huge);
+        }
+    }
 }
 
 /// Register `owner`'s memory on `mm` (each address space that may map its
@@ -344,9 +353,12 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     };
     mmu_notifier_invalidate_range_start(mm, &r).expect("blockable");
     let system = select.contains(MigrateSelect::SYSTEM);
-    for (i, page) in mig.pages.iter_mut().enumerate() {
-        let addr = start + ((i as u64) << shift);
-        let old = mm.walk(mmap, addr).state;
+    let states = page_states(mmap, start, shift, npages);
+    // (page, what it holds, writable) for each page to lock, and the
+    // exchange that locks it.
+    let mut found = Vec::new();
+    let mut swaps = Vec::new();
+    for (i, &old) in states.iter().enumerate() {
         let (src, writable) = match old {
             PageState::None if system => (MigrateSrc::Empty, vma_write),
             PageState::Zero { .. } if system && !huge => (MigrateSrc::Empty, vma_write),
@@ -370,8 +382,13 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
             }
             _ => continue,
         };
-        if mig_exchange(mm, mmap, addr, huge, old, PageState::Migration).is_ok() {
-            *page = MigratePage {
+        found.push((src, writable));
+        swaps.push((i, old, PageState::Migration));
+    }
+    let done = exchange(mmap, start, shift, &swaps);
+    for ((&(i, old, _), (src, writable)), r) in swaps.iter().zip(found).zip(done) {
+        if r.is_ok() {
+            mig.pages[i] = MigratePage {
                 src,
                 writable,
                 dst: None,
@@ -385,21 +402,70 @@ pub fn migrate_vma_setup<'g, 'm, M: Mm>(
     Ok(mig)
 }
 
-/// The compare-and-exchange of a migration's entry: the PTE, or for a
-/// 2 MiB page the PMD.
-fn mig_exchange<M: Mm>(
-    mm: &M,
+/// The states of the `n` pages of size `1 << shift` from `start` on: for
+/// 4 KiB pages one last-level table read per 2 MiB block
+/// ([`Mm::walk_ptes`]) or one walk for a block answered at block level
+/// (no page table), where a walk per page costs a few hundred emulated
+/// instructions in the guest.
+fn page_states<M: Mm>(
     mmap: &MmapReadGuard<'_, M>,
-    addr: u64,
-    huge: bool,
-    old: PageState,
-    new: PageState,
-) -> Result<(), PageState> {
-    if huge {
-        mm.pmd_exchange(mmap, addr, old, new)
-    } else {
-        mm.pte_exchange(mmap, addr, old, new)
+    start: u64,
+    shift: u32,
+    n: usize,
+) -> Vec<PageState> {
+    let mm = mmap.mm();
+    let mut out = alloc::vec![PageState::None; n];
+    let mut i = 0;
+    while i < n {
+        let addr = start + ((i as u64) << shift);
+        if shift != PAGE_SHIFT {
+            out[i] = mm.walk(mmap, addr).state;
+            i += 1;
+            continue;
+        }
+        let in_block = ((PMD_SIZE - (addr & (PMD_SIZE - 1))) >> PAGE_SHIFT) as usize;
+        let run = in_block.min(n - i);
+        let got = mm.walk_ptes(mmap, addr, &mut out[i..i + run]).min(run);
+        if got > 0 {
+            i += got;
+            continue;
+        }
+        let w = mm.walk(mmap, addr);
+        let k = if w.shift >= PMD_SHIFT { run } else { 1 };
+        out[i..i + k].fill(w.state);
+        i += k;
     }
+    out
+}
+
+/// The compare-and-exchanges `(page index, old, new)` of a migration's
+/// entries, in index order, and each one's result: the PTEs in one
+/// [`Mm::pte_exchange_run`], a HUGE VMA's PMDs one by one.
+fn exchange<M: Mm>(
+    mmap: &MmapReadGuard<'_, M>,
+    start: u64,
+    shift: u32,
+    swaps: &[(usize, PageState, PageState)],
+) -> Vec<Result<(), PageState>> {
+    let mm = mmap.mm();
+    let addr = |i: usize| start + ((i as u64) << shift);
+    if shift == PMD_SHIFT {
+        return swaps
+            .iter()
+            .map(|&(i, old, new)| mm.pmd_exchange(mmap, addr(i), old, new))
+            .collect();
+    }
+    let run: Vec<PteSwap> = swaps
+        .iter()
+        .map(|&(i, old, new)| PteSwap {
+            addr: addr(i),
+            old,
+            new,
+        })
+        .collect();
+    let mut done = alloc::vec![Ok(()); run.len()];
+    mm.pte_exchange_run(mmap, &run, &mut done);
+    done
 }
 
 impl<M: Mm> MigrateVma<'_, '_, M> {
@@ -441,16 +507,17 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
     /// were installed. A page whose migration entry is gone (an `Mm` that
     /// reclaims without the mmap lock) is not installed.
     pub fn migrate_pages(&mut self) -> usize {
-        let mm = self.mmap.mm();
         let huge = self.shift == PMD_SHIFT;
+        let swaps: Vec<_> = (self.pages.iter().enumerate())
+            .filter_map(|(i, p)| {
+                let dst = p.dst.filter(|_| !p.installed)?;
+                Some((i, PageState::Migration, dst.entry(p.writable, huge)))
+            })
+            .collect();
+        let done = exchange(self.mmap, self.start, self.shift, &swaps);
         let mut n = 0;
-        for i in 0..self.pages.len() {
-            let p = self.pages[i];
-            let Some(dst) = p.dst.filter(|_| !p.installed) else {
-                continue;
-            };
-            let new = dst.entry(p.writable, huge);
-            if mig_exchange(mm, self.mmap, self.addr(i), huge, PageState::Migration, new).is_ok() {
+        for (&(i, ..), r) in swaps.iter().zip(done) {
+            if r.is_ok() {
                 self.pages[i].installed = true;
                 n += 1;
             }
@@ -473,8 +540,8 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
         let mut migrated = 0;
         // Freed after every entry is back (frees may call into drivers).
         let mut free: Vec<MigratePfn> = Vec::new();
-        for i in 0..self.pages.len() {
-            let p = self.pages[i];
+        let mut restore = Vec::new();
+        for (i, p) in self.pages.iter().enumerate() {
             let old = match p.src {
                 MigrateSrc::Skip => continue,
                 MigrateSrc::Empty => None,
@@ -486,25 +553,45 @@ impl<M: Mm> MigrateVma<'_, '_, M> {
                 continue;
             }
             free.extend(p.dst);
-            if mig_exchange(
-                mm,
-                self.mmap,
-                self.addr(i),
-                huge,
-                PageState::Migration,
-                p.old,
-            )
-            .is_err()
-            {
+            restore.push((i, PageState::Migration, p.old));
+        }
+        let done = exchange(self.mmap, self.start, self.shift, &restore);
+        for (&(i, ..), r) in restore.iter().zip(done) {
+            if let (Err(_), MigrateSrc::Page(old)) = (r, self.pages[i].src) {
                 // The entry went away under us (reclaim without the mmap
                 // lock): the old contents are ours to free.
-                free.extend(old);
+                free.push(old);
             }
         }
-        for f in free {
-            f.release(mm, huge);
-        }
+        release_all(mm, &free, huge);
         migrated
+    }
+}
+
+/// Gives back a finalize's pages (`huge`: 2 MiB ones): frames one by one,
+/// device pages in one [`DevPagemapOps::pages_free`] per owner (one
+/// pagemap lookup, one round of the owner's locks).
+fn release_all<M: Mm>(mm: &M, pages: &[MigratePfn], huge: bool) {
+    let mut device: Vec<(DeviceOwner, u64)> = Vec::new();
+    for &p in pages {
+        match p {
+            MigratePfn::Device { owner, vram_pfn } => device.push((owner, vram_pfn)),
+            system => system.release(mm, huge),
+        }
+    }
+    while let Some(&(owner, _)) = device.first() {
+        let pfns: Vec<u64> = (device.iter().filter(|(o, _)| *o == owner))
+            .map(|&(_, p)| p)
+            .collect();
+        device.retain(|(o, _)| *o != owner);
+        match pagemap(mm, owner) {
+            Some(ops) => ops.pages_free(&pfns, huge),
+            None => log::warn!(
+                "mm: {} device pages of unregistered owner {} unmapped",
+                pfns.len(),
+                owner.get()
+            ),
+        }
     }
 }
 

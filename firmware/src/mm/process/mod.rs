@@ -111,8 +111,8 @@ use faultline_driver::mm::{
     device_page_free, mmap_read_lock, mmap_read_trylock, mmap_write_lock, mmput,
     mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start, splits_huge,
     DeviceOwner, FaultError, FaultFlags, Mm, MmCore, MmapReadGuard, MmuNotifierRange,
-    MmuNotifyEvent, Mremap, MremapPlan, PageState, VmFlags, Vma, Walk, PAGE_SHIFT, PAGE_SIZE,
-    PMD_SHIFT, PMD_SIZE,
+    MmuNotifyEvent, Mremap, MremapPlan, PageState, PteSwap, VmFlags, Vma, Walk, PAGE_SHIFT,
+    PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
 
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqRwLock, RawIrqSpinlock};
@@ -910,6 +910,70 @@ impl Drop for ProcessMm {
     }
 }
 
+impl ProcessMm {
+    /// [`Mm::pte_exchange_run`] of swaps in one 2 MiB block of a VMA with
+    /// flags `f`, under one page-table lock round: the last-level table is
+    /// found once (made only if the block has none and a swap expects an
+    /// empty PTE), each entry compared and replaced in it, one TLB flush.
+    fn exchange_block(&self, f: VmFlags, swaps: &[PteSwap], done: &mut [Result<(), PageState>]) {
+        let zero = zero_pa();
+        let mut pt = self.pt.lock();
+        let w = pt.walk(swaps[0].addr, zero);
+        let wants_empty = swaps.iter().any(|s| s.old == PageState::None);
+        let table = if w.shift == PAGE_SHIFT || (w.state == PageState::None && wants_empty) {
+            pt.pte(swaps[0].addr, true).ok().flatten()
+        } else {
+            None
+        };
+        let Some((t, _)) = table else {
+            // A 2 MiB entry, or no table and none to be made: every PTE
+            // reads as the block's state.
+            done.fill(Err(w.state));
+            return;
+        };
+        let (mut frames_in, mut frames_out) = (0, 0);
+        let (mut device_in, mut device_out) = (0, 0);
+        let mut flush = Flush::new();
+        for (s, d) in swaps.iter().zip(done) {
+            let i = ((s.addr >> PAGE_SHIFT) & 511) as usize;
+            let e = t.get(i);
+            let cur = pt::pte_state(e, zero);
+            let new_e = match s.new {
+                _ if cur != s.old => None,
+                PageState::None => Some(0),
+                PageState::Zero { .. } => Some(pt::leaf(zero, f, false, false)),
+                PageState::Present { pfn, writable } => {
+                    Some(pt::leaf(pfn << PAGE_SHIFT, f, writable, false))
+                }
+                n @ PageState::Exclusive { .. } => pt::exclusive_entry(n),
+                n => pt::swap_entry(n, false),
+            };
+            let Some(new_e) = new_e else {
+                *d = Err(cur);
+                continue;
+            };
+            t.set(i, new_e);
+            // Frames change hands with the entry: the data count follows.
+            let had_frame = (e & P != 0 || pt::is_exclusive(e)) && e & pt::ADDR != zero;
+            let has_frame = matches!(
+                s.new,
+                PageState::Present { .. } | PageState::Exclusive { .. }
+            );
+            frames_in += u64::from(has_frame);
+            frames_out += u64::from(had_frame);
+            device_in += u64::from(matches!(s.new, PageState::DevicePrivate { .. }));
+            device_out += u64::from(pt::device_page(e).is_some());
+            if e & P != 0 {
+                flush.page(s.addr);
+            }
+            *d = Ok(());
+        }
+        pt.data = pt.data + frames_in - frames_out;
+        self.core.account_device_pages(device_in, device_out);
+        flush.run(is_active(self));
+    }
+}
+
 impl Mm for ProcessMm {
     type RawMutex = RawIrqSpinlock;
     type RawRwLock = RawIrqRwLock;
@@ -1118,41 +1182,35 @@ impl Mm for ProcessMm {
         old: PageState,
         new: PageState,
     ) -> Result<(), PageState> {
-        let zero = zero_pa();
-        let f = mmap.lookup(addr).map_or(VmFlags::READ, |v| v.flags);
-        let new_e = match new {
-            PageState::None => 0,
-            PageState::Zero { .. } => pt::leaf(zero, f, false, false),
-            PageState::Present { pfn, writable } => pt::leaf(pfn << PAGE_SHIFT, f, writable, false),
-            s @ PageState::Exclusive { .. } => {
-                pt::exclusive_entry(s).ok_or_else(|| self.translate(addr).state)?
-            }
-            s => pt::swap_entry(s, false).ok_or_else(|| self.translate(addr).state)?,
-        };
-        let mut pt = self.pt.lock();
-        let w = pt.walk(addr, zero);
-        if w.state != old || matches!(w.state, PageState::Huge { .. }) {
-            return Err(w.state);
+        let mut done = [Ok(())];
+        self.pte_exchange_run(mmap, &[PteSwap { addr, old, new }], &mut done);
+        done[0]
+    }
+
+    fn pte_exchange_run(
+        &self,
+        mmap: &MmapReadGuard<'_, Self>,
+        swaps: &[PteSwap],
+        done: &mut [Result<(), PageState>],
+    ) {
+        // Runs of one 2 MiB block inside one VMA (or a single page outside
+        // any): one VMA lookup, one lock round and one table walk each.
+        let mut at = 0;
+        while at < swaps.len() {
+            let first = swaps[at].addr;
+            let vma = mmap.lookup(first);
+            let n = swaps[at..]
+                .iter()
+                .take_while(|s| {
+                    s.addr >> PMD_SHIFT == first >> PMD_SHIFT
+                        && vma.as_ref().is_some_and(|v| s.addr < v.end)
+                })
+                .count()
+                .max(1);
+            let f = vma.map_or(VmFlags::READ, |v| v.flags);
+            self.exchange_block(f, &swaps[at..at + n], &mut done[at..at + n]);
+            at += n;
         }
-        let Ok(Some((t, i))) = pt.pte(addr, true) else {
-            return Err(w.state);
-        };
-        let e = t.get(i);
-        t.set(i, new_e);
-        // Frames change hands with the entry: the data count follows.
-        let had_frame = (e & P != 0 || pt::is_exclusive(e)) && e & pt::ADDR != zero;
-        let has_frame = matches!(new, PageState::Present { .. } | PageState::Exclusive { .. });
-        pt.data = pt.data + u64::from(has_frame) - u64::from(had_frame);
-        self.core.account_device_pages(
-            u64::from(matches!(new, PageState::DevicePrivate { .. })),
-            u64::from(pt::device_page(e).is_some()),
-        );
-        if e & P != 0 {
-            let mut flush = Flush::new();
-            flush.page(addr);
-            flush.run(is_active(self));
-        }
-        Ok(())
     }
 
     fn pmd_exchange(

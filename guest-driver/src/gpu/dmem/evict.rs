@@ -39,10 +39,14 @@ struct ChunkMap {
     /// The generation of the last migration that allocated a page here
     /// (0: never).
     stamp: u64,
-    /// Entries set.
+    /// Entries set (a whole-chunk entry counts one).
     live: u32,
     /// `va | slot` per page, 0 for none; empty until the chunk is used.
     pages: Vec<u64>,
+    /// `va | slot` of the 2 MiB page that fills the chunk, 0 for none:
+    /// one entry, not 512 (a chunk is allocated and freed whole or page
+    /// by page, never both at once).
+    whole: u64,
 }
 
 impl<P: Platform> Rmap<P> {
@@ -105,6 +109,30 @@ impl<P: Platform> Rmap<P> {
         c.stamp = c.stamp.max(gen);
     }
 
+    /// The chunk at offset `off` now backs the 2 MiB page at `va` of the
+    /// address space in `slot`, for the migration of generation `gen`.
+    pub(super) fn record_chunk(&mut self, off: u64, slot: u64, va: u64, gen: u64) {
+        let Some((c, _)) = self.index(off) else {
+            return;
+        };
+        if c.whole == 0 {
+            c.live += 1;
+        }
+        c.whole = va | slot;
+        c.stamp = c.stamp.max(gen);
+    }
+
+    /// The chunk at offset `off`, recorded whole, went back to the
+    /// allocator.
+    pub(super) fn forget_chunk(&mut self, off: u64) {
+        if let Some((c, _)) = self.index(off) {
+            if c.whole != 0 {
+                c.whole = 0;
+                c.live -= 1;
+            }
+        }
+    }
+
     /// The page at offset `off` went back to the allocator.
     pub(super) fn forget(&mut self, off: u64) {
         if let Some((c, p)) = self.index(off) {
@@ -138,7 +166,15 @@ impl<P: Platform> Rmap<P> {
         let Some(chunk) = self.chunks.get(c as usize) else {
             return Vec::new();
         };
-        for &e in chunk.pages.iter().filter(|&&e| e != 0) {
+        let whole = (chunk.whole != 0).then(|| {
+            let (va, slot) = (
+                chunk.whole & !(PAGE_SIZE - 1),
+                chunk.whole & (PAGE_SIZE - 1),
+            );
+            (0..CHUNK_PAGES).map(move |k| (va + k * PAGE_SIZE) | slot)
+        });
+        let pages = chunk.pages.iter().copied().filter(|&e| e != 0);
+        for e in pages.chain(whole.into_iter().flatten()) {
             let (va, slot) = (e & !(PAGE_SIZE - 1), e & (PAGE_SIZE - 1));
             match out.iter_mut().find(|(s, _)| *s == slot) {
                 Some((_, vas)) => vas.push(va),

@@ -418,6 +418,45 @@ fn an_unfinished_migration_restores_every_page() {
     assert_eq!(read_page(&mm, BASE + PG).unwrap(), pattern(1, 0));
 }
 
+/// Reclaim (no mmap lock) takes a page's migration entry away mid-way:
+/// that page alone is neither installed nor restored, its destination and
+/// its old frame are freed, the others migrate.
+#[test]
+fn a_page_reclaimed_under_migration_is_not_installed() {
+    let n = 4;
+    let (mm, dev) = setup(n, 64);
+    let frames = mm.frames_in_use();
+    {
+        let mmap = mmap_read_lock(&*mm);
+        let sel = MigrateSelect::SYSTEM;
+        let mut mig = migrate_vma_setup(&mmap, BASE, BASE + n * PG, sel, Some(dev.owner)).unwrap();
+        assert_eq!(mig.collected(), n as usize);
+        assert_eq!(
+            mm.reclaim(BASE + PG, BASE + 2 * PG),
+            0,
+            "no frame behind a migration entry"
+        );
+        let owner = dev.owner;
+        for i in 0..n as usize {
+            let v = dev.free.lock().pop().unwrap();
+            dev.mem.lock().insert(v, vec![0; PG as usize]);
+            mig.set_dst(i, MigratePfn::Device { owner, vram_pfn: v });
+        }
+        assert_eq!(mig.migrate_pages(), n as usize - 1);
+        assert_eq!(mig.finalize(), n as usize - 1);
+    }
+    assert_eq!(mm.cpu_state(BASE + PG), PageState::None);
+    for i in [0, 2, 3] {
+        assert!(is_device(&mm, BASE + i * PG, &dev), "page {i} migrated");
+    }
+    assert_eq!(
+        dev.in_use(),
+        n as usize - 1,
+        "the reclaimed page's destination was freed"
+    );
+    assert_eq!(mm.frames_in_use(), frames - n, "every old frame was freed");
+}
+
 #[test]
 fn a_failed_migrate_to_ram_is_sigbus_and_leaves_the_page_on_the_device() {
     let (mm, dev) = setup(2, 8);
