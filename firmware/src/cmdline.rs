@@ -31,6 +31,9 @@ pub struct Options<'a> {
     pub cycles: Option<u64>,
     /// `mib=N`: the size of each `bench=policies` workload.
     pub mib: Option<u64>,
+    /// `cpus=N`: how many CPUs the run was given (`test=smp` checks that
+    /// exactly that many came up).
+    pub cpus: Option<u64>,
     /// `ram=zero`: the hypervisor handed RAM over zeroed, so a frame nobody
     /// has used since boot needs no zeroing. Off by default: a warm reset
     /// (QEMU `system_reset`) leaves RAM as the last boot left it.
@@ -102,6 +105,7 @@ impl Default for Options<'_> {
             iterations: None,
             cycles: None,
             mib: None,
+            cpus: None,
             ram_zero: false,
             svm: Ok(None),
             #[cfg(feature = "mutants")]
@@ -247,8 +251,9 @@ pub fn parse<'a>(line: &'a str, mut complain: impl FnMut(Complaint<'a>)) -> Opti
                     expected: "exits|faults|policies",
                 }),
             },
-            "seed" | "iterations" | "cycles" | "mib" => match parse_u64(value) {
+            "seed" | "iterations" | "cycles" | "mib" | "cpus" => match parse_u64(value) {
                 Some(n) if key == "seed" => o.seed = Some(n),
+                Some(n) if key == "cpus" => o.cpus = Some(n),
                 Some(n) if key == "mib" => o.mib = Some(n),
                 Some(n) if key == "iterations" => o.iterations = Some(n),
                 Some(n) => o.cycles = Some(n),

@@ -14,6 +14,7 @@ mod gpu;
 mod mm;
 mod pci;
 mod serial;
+mod smp;
 mod svm_env;
 mod sync;
 mod tests;
@@ -49,15 +50,15 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     boot::mark(boot::Phase::Cmdline);
     let stack_run = boot::init_memory(&boot, opts.ram_zero);
     let stack_top = boot::init_kernel_stack(stack_run);
-    let banner = boot::Banner::new(&boot);
+    let handoff = boot::Handoff::new(&boot);
     // SAFETY: the new stack is mapped, owned by nothing else, and `opts` and
-    // `banner` live on the boot stack, which is never reused.
-    unsafe { arch::switch_stack(stack_top, kernel_main, &(opts, banner)) }
+    // `handoff` live on the boot stack, which is never reused.
+    unsafe { arch::switch_stack(stack_top, kernel_main, &(opts, handoff)) }
 }
 
 /// Everything after memory bring-up, on the guarded kernel stack.
-extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
-    let (opts, banner) = args;
+extern "C" fn kernel_main(args: &(Options<'static>, boot::Handoff)) -> ! {
+    let (opts, handoff) = args;
     match arch::apic::init() {
         Ok(a) => log::debug!(
             "x2apic: id {} version {:#x} max lvt {}",
@@ -69,6 +70,16 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
     }
     let (hz, src) = arch::time::init();
     boot::mark(boot::Phase::Time);
+    let smp = smp::init(handoff.rsdp_paddr, handoff.trampoline_page, opts.cpus);
+    boot::mark(boot::Phase::Smp);
+    if smp.listed > 1 {
+        log::info!(
+            "cpus: {} of {} online, APs started in {} us",
+            smp.online,
+            smp.listed,
+            arch::time::ticks_to_ns(smp.start_ticks) / 1000
+        );
+    }
     boot::log_phases();
     arch::time::log_sources();
     log::debug!("console: {}", serial::console_name());
@@ -91,9 +102,9 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Banner)) -> ! {
             Str("faultline firmware: "),
             Dec(mm::ram_bytes() >> 20),
             Str(" MiB RAM, "),
-            Dec(banner.memmap_entries as u64),
+            Dec(handoff.memmap_entries as u64),
             Str(" memmap entries, cmdline \""),
-            Str(banner.cmdline),
+            Str(handoff.cmdline),
             Str("\", tsc "),
             Dec(hz / 1_000_000),
             Str("."),

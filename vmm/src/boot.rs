@@ -315,13 +315,15 @@ fn pvh_entry(mut notes: &[u8]) -> Option<u64> {
     None
 }
 
-/// Loads the checked image into guest memory and writes `hvm_start_info`;
-/// returns the 32-bit PVH entry point.
+/// Loads the checked image into guest memory and writes `hvm_start_info`
+/// and the ACPI tables describing `vcpus` CPUs; returns the 32-bit PVH
+/// entry point.
 pub fn load_firmware(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     fw: &Firmware,
     cmdline: &str,
+    vcpus: u32,
 ) -> Result<GuestAddress> {
     let path = &fw.path;
     let invalid = |reason: String| Error::FirmwareInvalid {
@@ -354,11 +356,13 @@ pub fn load_firmware(
     }
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(|e| Error::Load(e.to_string()))?;
 
+    let rsdp_paddr = crate::platform::write_acpi(mem, vcpus)?;
     let memmap = memory_map(mem_size);
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
         ..Default::default()

@@ -9,6 +9,7 @@ mod memory;
 mod msi;
 mod output;
 mod pci;
+mod platform;
 mod profile;
 mod results;
 mod serve;

@@ -151,7 +151,13 @@ pub fn run(cfg: Config) -> Result<Report> {
     // RAM is a fresh memfd, so all zero: say so to the guest (`ram=zero`,
     // firmware/README.md), first, so a later `ram=` from the user wins.
     let cmdline = format!("ram=zero {}", cfg.cmdline);
-    let entry = boot::load_firmware(&mem, cfg.memory, &cfg.firmware, cmdline.trim_end())?;
+    let entry = boot::load_firmware(
+        &mem,
+        cfg.memory,
+        &cfg.firmware,
+        cmdline.trim_end(),
+        cfg.vcpus,
+    )?;
 
     let exit = Arc::new(VmExit::new().map_err(Error::io("creating the exit eventfd"))?);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::io("creating the serial irqfd"))?;

@@ -47,8 +47,9 @@ pub fn x2apic_supported() -> bool {
     __cpuid(1).ecx & (1 << 21) != 0
 }
 
-/// Enables x2APIC mode with the spurious vector set and all local interrupt
-/// sources masked (interrupts stay off until a driver wants them).
+/// Masks the 8259s and enables the boot CPU's x2APIC with the spurious
+/// vector set and all local interrupt sources masked (interrupts stay off
+/// until a driver wants them).
 pub fn init() -> Result<ApicInfo, &'static str> {
     // The legacy 8259 PICs would otherwise deliver on vectors 8-15, which are
     // exceptions in long mode. Mask both; harmless where they do not exist.
@@ -57,6 +58,13 @@ pub fn init() -> Result<ApicInfo, &'static str> {
         outb(0x21, 0xff);
         outb(0xa1, 0xff);
     }
+    enable_local()
+}
+
+/// Enables this CPU's local APIC in x2APIC mode, every local interrupt
+/// source masked (`init` on the boot CPU; each application processor
+/// calls it for its own).
+pub fn enable_local() -> Result<ApicInfo, &'static str> {
     if __cpuid(1).edx & (1 << 9) == 0 {
         return Err("no local APIC (CPUID.1:EDX[9])");
     }
@@ -96,6 +104,37 @@ pub fn snapshot() -> (u64, u64, u32) {
         rdmsr(X2APIC_SVR),
         rdmsr(X2APIC_ID) as u32,
     )
+}
+
+const X2APIC_ICR: u32 = 0x830;
+const ICR_FIXED: u64 = 0;
+const ICR_INIT: u64 = 5 << 8;
+const ICR_STARTUP: u64 = 6 << 8;
+const ICR_LEVEL_ASSERT: u64 = 1 << 14;
+
+/// An interprocessor interrupt, as the ICR encodes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Ipi {
+    /// Resets the target into wait-for-SIPI.
+    Init,
+    /// Starts a CPU waiting for SIPI in real mode at `page << 12`.
+    Startup {
+        page: u8,
+    },
+    Fixed {
+        vector: u8,
+    },
+}
+
+/// Sends `ipi` to the CPU with x2APIC ID `dest`. One MSR write: x2APIC
+/// mode has no delivery-status bit to wait for.
+pub fn send_ipi(dest: u32, ipi: Ipi) {
+    let low = match ipi {
+        Ipi::Init => ICR_INIT | ICR_LEVEL_ASSERT,
+        Ipi::Startup { page } => ICR_STARTUP | ICR_LEVEL_ASSERT | u64::from(page),
+        Ipi::Fixed { vector } => ICR_FIXED | ICR_LEVEL_ASSERT | u64::from(vector),
+    };
+    wrmsr(X2APIC_ICR, u64::from(dest) << 32 | low);
 }
 
 /// This CPU's x2APIC ID (MSI destinations).

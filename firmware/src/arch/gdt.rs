@@ -61,8 +61,8 @@ pub fn user_selectors() -> Selectors {
     }
 }
 
-/// Where the CPU reads RSP0 (the stack for interrupts and exceptions taken
-/// in user mode). Only 4-byte aligned (the TSS is packed): write it with an
+/// Where the boot CPU reads RSP0 (the stack for interrupts and exceptions
+/// taken in user mode; only the boot CPU enters user mode so far). Only 4-byte aligned (the TSS is packed): write it with an
 /// unaligned store.
 pub fn rsp0_slot() -> *mut u64 {
     // SAFETY: only the address is taken; TSS is 'static.
@@ -87,29 +87,104 @@ pub fn init() {
         }
         (&*TSS.get(), &mut *GDT.get())
     };
-
-    let kernel_code = gdt.append(Descriptor::kernel_code_segment());
-    let kernel_data = gdt.append(Descriptor::kernel_data_segment());
-    let user_data = gdt.append(Descriptor::user_data_segment());
-    let user_code = gdt.append(Descriptor::user_code_segment());
-    let tss_sel = gdt.append(Descriptor::tss_segment(tss));
-    KERNEL_CS.store(kernel_code.0, Ordering::Relaxed);
-    KERNEL_SS.store(kernel_data.0, Ordering::Relaxed);
-    USER_CS.store(user_code.0, Ordering::Relaxed);
-    USER_SS.store(user_data.0, Ordering::Relaxed);
+    let sel = fill(gdt, tss);
+    KERNEL_CS.store(sel.kernel_code.0, Ordering::Relaxed);
+    KERNEL_SS.store(sel.kernel_data.0, Ordering::Relaxed);
+    USER_CS.store(sel.user_code.0, Ordering::Relaxed);
+    USER_SS.store(sel.user_data.0, Ordering::Relaxed);
     // SAFETY: `gdt` is 'static and never mutated again (INITIALIZED guard).
-    let gdt: &'static GlobalDescriptorTable = unsafe { &*GDT.get() };
-    gdt.load();
+    load(
+        unsafe { &*GDT.get() },
+        sel.kernel_code,
+        sel.kernel_data,
+        sel.tss,
+    );
+}
 
+struct AllSelectors {
+    kernel_code: SegmentSelector,
+    kernel_data: SegmentSelector,
+    user_data: SegmentSelector,
+    user_code: SegmentSelector,
+    tss: SegmentSelector,
+}
+
+/// The descriptors every CPU's GDT holds, in one order, so the selectors
+/// are the same on every CPU.
+fn fill(gdt: &mut GlobalDescriptorTable, tss: &'static TaskStateSegment) -> AllSelectors {
+    AllSelectors {
+        kernel_code: gdt.append(Descriptor::kernel_code_segment()),
+        kernel_data: gdt.append(Descriptor::kernel_data_segment()),
+        user_data: gdt.append(Descriptor::user_data_segment()),
+        user_code: gdt.append(Descriptor::user_code_segment()),
+        tss: gdt.append(Descriptor::tss_segment(tss)),
+    }
+}
+
+fn load(
+    gdt: &'static GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+) {
+    gdt.load();
     // SAFETY: the selectors index descriptors of the GDT just loaded, with
     // the types (code/data/TSS) each register requires.
     unsafe {
-        CS::set_reg(kernel_code);
-        SS::set_reg(kernel_data);
-        DS::set_reg(kernel_data);
-        ES::set_reg(kernel_data);
+        CS::set_reg(code);
+        SS::set_reg(data);
+        DS::set_reg(data);
+        ES::set_reg(data);
         FS::set_reg(SegmentSelector(0));
         GS::set_reg(SegmentSelector(0));
-        load_tss(tss_sel);
+        load_tss(tss);
     }
+}
+
+/// An application processor's own GDT, TSS and IST stacks (a TSS is busy
+/// while loaded, so no two CPUs can share one), built on the boot CPU so
+/// APs never allocate, and kept for good.
+pub struct CpuTables {
+    gdt: &'static GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+}
+
+/// Builds one AP's tables; the selectors are the boot CPU's. After `init`.
+pub fn new_cpu_tables() -> CpuTables {
+    use alloc::boxed::Box;
+    assert!(
+        INITIALIZED.load(Ordering::SeqCst),
+        "gdt::new_cpu_tables before init"
+    );
+    // Uninitialised: a stack is written before it is read, and zeroing
+    // 48 KiB costs ~6,000 emulated stores.
+    let stacks = Box::leak(Box::<IstStacks>::new_uninit()).as_mut_ptr() as u64;
+    let mut tss = TaskStateSegment::new();
+    for i in 0..IST_COUNT {
+        let top = stacks + ((i + 1) * IST_STACK_SIZE) as u64;
+        tss.interrupt_stack_table[i] = VirtAddr::new(top & !0xf);
+    }
+    let tss: &'static TaskStateSegment = Box::leak(Box::new(tss));
+    let gdt = Box::leak(Box::new(GlobalDescriptorTable::new()));
+    let sel = fill(gdt, tss);
+    assert_eq!(
+        (sel.kernel_code.0, sel.user_code.0),
+        (
+            KERNEL_CS.load(Ordering::Relaxed),
+            USER_CS.load(Ordering::Relaxed)
+        )
+    );
+    CpuTables {
+        gdt,
+        code: sel.kernel_code,
+        data: sel.kernel_data,
+        tss: sel.tss,
+    }
+}
+
+/// Loads `t` on the application processor it was built for (once).
+pub fn load_ap(t: &CpuTables) {
+    load(t.gdt, t.code, t.data, t.tss);
 }

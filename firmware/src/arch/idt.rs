@@ -266,11 +266,19 @@ pub fn init() {
     // The spurious stub is a bare iretq, valid for an external interrupt.
     idt.0[SPURIOUS_VECTOR as usize] = gate(spurious, cs, None);
 
+    load();
+}
+
+/// Loads the one IDT every CPU shares (on an application processor, after
+/// `init` ran on the boot CPU).
+pub fn load() {
+    assert!(INITIALIZED.load(Ordering::SeqCst), "idt::load before init");
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: VirtAddr::from_ptr(IDT.get()),
     };
-    // SAFETY: IDT is 'static and fully initialised; it is never written again.
+    // SAFETY: IDT is 'static and was filled by `init`; later writes are
+    // single gates of vectors that are quiet (`set_interrupt_handler`).
     unsafe { lidt(&ptr) };
 }
 

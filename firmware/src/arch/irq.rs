@@ -1,5 +1,5 @@
-//! External interrupts: the GPU's MSI vectors and the wake-up vector of the
-//! TSC-deadline timer.
+//! External interrupts: the GPU's MSI vectors, the wake-up vector of the
+//! TSC-deadline timer and the interprocessor kick.
 //!
 //! The stubs are a few instructions of assembly and touch no lock: an MSI
 //! can arrive while the interrupted code holds any of the firmware's
@@ -118,6 +118,19 @@ pub fn install() {
     }
     // SAFETY: as above.
     unsafe { super::idt::set_interrupt_handler(WAKE_VECTOR, stubs[4]) };
+}
+
+/// The interprocessor "look at your work slot" kick (`crate::smp`): like
+/// the wake-up vector it only ends a `hlt`, through the same stub.
+pub const KICK_VECTOR: u8 = 0x50;
+
+/// Installs the kick gate. Call before any CPU can be sent a kick.
+pub fn install_kick() {
+    // SAFETY: immutable data emitted by the assembly above.
+    let stubs = unsafe { &irq_stub_table };
+    // SAFETY: the wake stub EOIs and returns with iretq, preserving every
+    // register; nobody sends the kick before this.
+    unsafe { super::idt::set_interrupt_handler(KICK_VECTOR, stubs[4]) };
 }
 
 /// Returns and clears the GPU vectors raised since the previous call.

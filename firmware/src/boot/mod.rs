@@ -24,17 +24,22 @@ use x86_64::VirtAddr;
 use crate::arch::paging;
 use crate::mm;
 
-/// What the banner needs from `BootInfo` once boot is over.
-pub struct Banner {
+/// What `kernel_main` needs from `BootInfo` once boot is over: the banner's
+/// figures and where SMP bring-up finds the CPUs and puts its trampoline.
+pub struct Handoff {
     pub memmap_entries: usize,
     pub cmdline: &'static str,
+    pub rsdp_paddr: u64,
+    pub trampoline_page: Option<u64>,
 }
 
-impl Banner {
-    pub fn new(boot: &pvh::BootInfo) -> Banner {
-        Banner {
+impl Handoff {
+    pub fn new(boot: &pvh::BootInfo) -> Handoff {
+        Handoff {
             memmap_entries: boot.memmap_reported,
             cmdline: boot.cmdline,
+            rsdp_paddr: boot.rsdp_paddr,
+            trampoline_page: crate::smp::pick_trampoline_page(boot),
         }
     }
 }
@@ -52,9 +57,10 @@ pub enum Phase {
     Memory,
     KernelStack,
     Time,
+    Smp,
 }
 
-const PHASE_NAMES: [&str; 9] = [
+const PHASE_NAMES: [&str; 10] = [
     "rust_entry",
     "console",
     "gdt, idt, start info, cmdline",
@@ -64,8 +70,9 @@ const PHASE_NAMES: [&str; 9] = [
     "rest of memory",
     "kernel stack",
     "apic and time",
+    "cpus",
 ];
-static PHASES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+static PHASES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
 /// Records the TSC at `p` (one rdtsc: ~5,650 cycles under PVM).
 pub fn mark(p: Phase) {

@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod hostile;
 pub mod process;
 pub mod selftest;
+pub mod smp;
 pub mod svm;
 
 pub type TestFn = fn() -> Result<(), String>;
@@ -38,6 +39,7 @@ impl Test {
 /// the GPU driver) append their `TESTS` slice here.
 const SUITES: &[&[Test]] = &[
     selftest::TESTS,
+    smp::TESTS,
     process::TESTS,
     exchange::TESTS,
     gpu::TESTS,
