@@ -10,8 +10,10 @@
 #   anything else (5 = guest panic/exception, 124 = timeout, ...) -> exit 2
 #
 # Environment: FIRMWARE_IMAGE (default: the release build), QEMU_TIMEOUT
-# (seconds, default 60), QEMU_MEM (default 512M), QEMU_BOOT_LOG (keep the
-# serial log at this path), QEMU_ACCEL=tcg (force emulation even with KVM).
+# (seconds, default 60), QEMU_MEM (default 512M), QEMU_SMP (vCPUs, default
+# 1; both machines describe them in an ACPI MADT, which the firmware reads),
+# QEMU_BOOT_LOG (keep the serial log at this path), QEMU_ACCEL=tcg (force
+# emulation even with KVM).
 # Without usable KVM it falls back to TCG with a warning, or fails (status 2)
 # when FAULTLINE_REQUIRE_KVM=1 and QEMU_ACCEL is not tcg.
 set -euo pipefail
@@ -67,14 +69,16 @@ fi
 log="${QEMU_BOOT_LOG:-$(mktemp -t qemu-boot.XXXXXX)}"
 [[ -n "${QEMU_BOOT_LOG:-}" ]] || trap 'rm -f "$log"' EXIT
 
-echo "qemu-boot: $machine, cmdline \"$cmdline\"" >&2
+smp="${QEMU_SMP:-1}"
+[[ "$smp" =~ ^[1-9][0-9]*$ ]] || { echo "qemu-boot: QEMU_SMP must be a positive number, not '$smp'" >&2; exit 2; }
+echo "qemu-boot: $machine, -smp $smp, cmdline \"$cmdline\"" >&2
 set +e
 timeout "${QEMU_TIMEOUT:-60}" qemu-system-x86_64 \
     -M "$machine" "${accel[@]}" \
     -kernel "$image" -append "$cmdline" \
     -nographic -monitor none -serial stdio -display none -no-reboot \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-    -m "${QEMU_MEM:-512M}" </dev/null | tee "$log"
+    -m "${QEMU_MEM:-512M}" -smp "$smp" </dev/null | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 

@@ -235,6 +235,12 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
     if count == 1 {
         return report;
     }
+    if !apic::enabled() {
+        // INIT, SIPI and the kick are x2APIC MSR writes (QEMU 7.2's TCG has
+        // no x2APIC and ignores them).
+        log::warn!("smp: no x2APIC, so no IPIs; one CPU only");
+        return report;
+    }
     let Some(page) = trampoline else {
         log::warn!("smp: no free page below 640 KiB for the trampoline; one CPU only");
         return report;
@@ -301,20 +307,13 @@ fn start_ap(
     // The SDM's waits (10 ms after INIT, 200 µs between SIPIs) are for
     // old parts; like Linux on current CPUs, none after INIT and a short
     // one before the second SIPI, which a CPU already running ignores.
+    let sipi = apic::Ipi::Startup {
+        page: t.sipi_page(),
+    };
     apic::send_ipi(cpu.apic_id(), apic::Ipi::Init);
-    apic::send_ipi(
-        cpu.apic_id(),
-        apic::Ipi::Startup {
-            page: t.sipi_page(),
-        },
-    );
+    apic::send_ipi(cpu.apic_id(), sipi);
     time::busy_wait_ns(10_000);
-    apic::send_ipi(
-        cpu.apic_id(),
-        apic::Ipi::Startup {
-            page: t.sipi_page(),
-        },
-    );
+    apic::send_ipi(cpu.apic_id(), sipi);
     let up = time::Deadline::after_ms(AP_START_TIMEOUT_MS)
         .poll(|| cpu.online())
         .is_ok();
