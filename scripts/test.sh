@@ -79,10 +79,23 @@ qemu_boot() {
     skip_or_fail "/dev/kvm is not usable: QEMU boot tests need KVM"
     return
   fi
-  scripts/qemu-boot.sh microvm && scripts/qemu-boot.sh q35 &&
+  # Two vCPUs: both machines list them in their ACPI MADT, the firmware
+  # starts the second, and test=smp (in the default suite) checks both.
+  QEMU_SMP=2 scripts/qemu-boot.sh microvm cpus=2 && QEMU_SMP=2 scripts/qemu-boot.sh q35 cpus=2 &&
     # TCG's software TLB changes only on invlpg / CR3 writes, so it catches a
     # missing TLB flush in the process mm that PVM's shadow paging hides.
     QEMU_ACCEL=tcg scripts/qemu-boot.sh microvm test=process
+}
+
+# SMP bring-up under faultline: every vCPU of --vcpus 2 comes up, reports
+# itself through its per-CPU data and runs functions sent by IPI (test=smp,
+# cpus=2: exactly two), and the MADT reader rejects hostile tables.
+guest_smp() {
+  if ! kvm_usable; then
+    skip_or_fail "/dev/kvm is not usable: the SMP boot test needs KVM"
+    return
+  fi
+  scripts/run.sh --vcpus 2 --cmdline "test=smp cpus=2"
 }
 
 # The default in-guest suite (self-tests, process mm, GPU, SVM) under
@@ -200,6 +213,7 @@ step lint lint
 # Host tests include the boot tests in faultline (vmm/tests), which use the
 # firmware built above.
 step host-tests cargo test -q --workspace
+step guest-smp guest_smp
 step guest-suite guest_suite
 step guest-policies guest_policies
 step mutants mutants

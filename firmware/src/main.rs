@@ -72,14 +72,7 @@ extern "C" fn kernel_main(args: &(Options<'static>, boot::Handoff)) -> ! {
     boot::mark(boot::Phase::Time);
     let smp = smp::init(handoff.rsdp_paddr, handoff.trampoline_page, opts.cpus);
     boot::mark(boot::Phase::Smp);
-    if smp.listed > 1 {
-        log::info!(
-            "cpus: {} of {} online, APs started in {} us",
-            smp.online,
-            smp.listed,
-            arch::time::ticks_to_ns(smp.start_ticks) / 1000
-        );
-    }
+    smp::log_report(&smp);
     boot::log_phases();
     arch::time::log_sources();
     log::debug!("console: {}", serial::console_name());

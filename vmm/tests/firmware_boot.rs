@@ -144,7 +144,7 @@ fn boots_with_ram_above_4g_and_several_vcpus() {
             "--vcpus",
             "2",
             "--cmdline",
-            "test=direct_map",
+            "test=direct_map,smp cpus=2",
             "--timeout",
             "240",
         ],
@@ -154,6 +154,9 @@ fn boots_with_ram_above_4g_and_several_vcpus() {
     // All RAM but the legacy 0x9fc00..1 MiB window is usable.
     assert!(out.contains("3135 MiB RAM"), "{out}");
     assert!(out.contains("test direct_map ... ok"), "{out}");
+    // Both vCPUs came up (the MADT lists them) and ran calls sent by IPI.
+    assert!(out.contains("cpus: 2 of 2 online"), "{out}");
+    assert!(out.contains("test smp ... ok"), "{out}");
 }
 
 /// At `--memory 16M` (the smallest the VMM accepts) every test either runs

@@ -13,7 +13,7 @@
 //! interrupt-safe lock (their nesting count is global, `crate::sync`), no
 //! console output, no process address space (no TLB shootdown yet).
 
-mod acpi;
+pub mod acpi;
 mod trampoline;
 
 use alloc::boxed::Box;
@@ -48,6 +48,8 @@ pub struct PerCpu {
     calls: AtomicU64,
     /// The trampoline stage an AP that never came up reached.
     stage: AtomicU32,
+    /// TSC ticks from its INIT to online.
+    start_ticks: AtomicU64,
     slot: CallSlot,
     tables: Option<gdt::CpuTables>,
 }
@@ -73,6 +75,7 @@ impl PerCpu {
             online: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             stage: AtomicU32::new(0),
+            start_ticks: AtomicU64::new(0),
             slot: CallSlot {
                 callers: crate::sync::Mutex::new(()),
                 request: AtomicU64::new(0),
@@ -177,12 +180,43 @@ pub fn pick_trampoline_page(boot: &crate::boot::pvh::BootInfo) -> Option<u64> {
     (1..0xa0u64).rev().map(|n| n << 12).find(|&p| free(p))
 }
 
-/// What `init` found and did, for the log and the test.
+/// What `init` found and did, logged by `log_report` once boot's timing
+/// marks are taken (formatting a line costs ~1 ms of emulated code).
 pub struct Report {
     pub listed: usize,
     pub online: usize,
-    /// TSC ticks from the first INIT to the last AP online.
+    /// TSC ticks from before the first AP's stack is mapped to the last AP
+    /// online (or given up on).
     pub start_ticks: u64,
+    /// The RSDP's address and the MADT's skipped processor entries.
+    madt: Option<(u64, u32)>,
+}
+
+/// The debug lines of `init` (its warnings and errors it prints itself),
+/// and one info line when there is more than one CPU.
+pub fn log_report(r: &Report) {
+    if let Some((rsdp, skipped)) = r.madt {
+        log::debug!(
+            "acpi: RSDP at {rsdp:#x}, MADT lists {} CPUs ({skipped} skipped)",
+            r.listed
+        );
+    }
+    for cpu in cpus().iter().skip(1).filter(|c| c.online()) {
+        log::debug!(
+            "smp: cpu {} (APIC {}) online {} us after its INIT",
+            cpu.index,
+            cpu.apic_id(),
+            time::ticks_to_ns(cpu.start_ticks.load(Ordering::Relaxed)) / 1000
+        );
+    }
+    if r.listed > 1 {
+        log::info!(
+            "cpus: {} of {} online, APs started in {} us",
+            r.online,
+            r.listed,
+            time::ticks_to_ns(r.start_ticks) / 1000
+        );
+    }
 }
 
 /// Finds the CPUs and starts every AP. `rsdp`: start_info's RSDP address
@@ -196,14 +230,15 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
     BOOT_CPU.install();
     BOOT_CPU.online.store(true, Ordering::Release);
 
+    let mut report = Report {
+        listed: 1,
+        online: 1,
+        start_ticks: 0,
+        madt: None,
+    };
     let ids = match acpi::read_madt(rsdp) {
         Ok(m) => {
-            log::debug!(
-                "acpi: RSDP at {:#x}, MADT lists {} CPUs ({} skipped)",
-                m.rsdp,
-                m.apic_ids.len(),
-                m.skipped
-            );
+            report.madt = Some((m.rsdp, m.skipped));
             m.apic_ids
         }
         Err(e) => {
@@ -213,6 +248,10 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
     };
     if !ids.contains(&boot_apic) && !ids.is_empty() {
         log::warn!("acpi: the MADT does not list the boot CPU (APIC {boot_apic})");
+    }
+    if ids.iter().all(|&id| id == boot_apic) {
+        // One CPU: `cpus()` keeps returning the boot CPU alone.
+        return report;
     }
     let aps: Vec<u32> = ids.into_iter().filter(|&id| id != boot_apic).collect();
     let mut all: Vec<&'static PerCpu> = Vec::with_capacity(aps.len() + 1);
@@ -227,14 +266,7 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
         Box::leak(all.into_boxed_slice()).as_mut_ptr(),
         Ordering::Release,
     );
-    let mut report = Report {
-        listed: count,
-        online: 1,
-        start_ticks: 0,
-    };
-    if count == 1 {
-        return report;
-    }
+    report.listed = count;
     if !apic::enabled() {
         // INIT, SIPI and the kick are x2APIC MSR writes (QEMU 7.2's TCG has
         // no x2APIC and ignores them).
@@ -320,12 +352,7 @@ fn start_ap(
     let stage = t.stage().max(cpu.stage());
     cpu.stage.store(stage, Ordering::Release);
     if up {
-        log::debug!(
-            "smp: cpu {} (APIC {}) online in {} us",
-            cpu.index,
-            cpu.apic_id(),
-            time::ticks_to_ns(time::rdtsc() - t0) / 1000
-        );
+        cpu.start_ticks.store(time::rdtsc() - t0, Ordering::Relaxed);
     } else {
         log::error!(
             "smp: cpu {} (APIC {}) did not come up in {AP_START_TIMEOUT_MS} ms (stage {stage})",

@@ -7,9 +7,13 @@ use alloc::vec::Vec;
 
 use super::Test;
 use crate::arch::apic;
+use crate::smp::acpi::{read_madt, AcpiError};
 use crate::smp::{self, CallError};
 
-pub const TESTS: &[Test] = &[Test::new("smp", smp_test)];
+pub const TESTS: &[Test] = &[
+    Test::new("smp", smp_test),
+    Test::new("smp_madt_parse", madt_parse),
+];
 
 /// Calls per CPU and function.
 const ROUNDS: u64 = 32;
@@ -98,5 +102,166 @@ fn smp_test() -> Result<(), String> {
         }
     }
     crate::println!("smp: {} CPUs, {} calls each", cpus.len(), 2 * ROUNDS);
+    Ok(())
+}
+
+/// The byte that makes `b` sum to zero.
+fn fix(b: &mut [u8], at: usize) {
+    b[at] = 0;
+    b[at] = 0u8.wrapping_sub(b.iter().fold(0u8, |a, &x| a.wrapping_add(x)));
+}
+
+/// A table: 36-byte header (signature, length, checksum) then `body`.
+fn sdt(sig: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(sig);
+    t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+    t.resize(36, 0);
+    t.extend_from_slice(body);
+    fix(&mut t, 9);
+    t
+}
+
+const RSDP_AT: usize = 0;
+const ROOT_AT: usize = 0x40;
+const MADT_AT: usize = 0x100;
+
+/// RSDP, root table and MADT laid out in one page at physical `base`:
+/// revision 2 with an XSDT, or revision 0 with an RSDT.
+fn tables(base: u64, xsdt: bool, entries: &[u8]) -> Vec<u8> {
+    let mut page = alloc::vec![0u8; 4096];
+    let mut r = [0u8; 36];
+    r[..8].copy_from_slice(b"RSD PTR ");
+    let madt = base + MADT_AT as u64;
+    let root = base + ROOT_AT as u64;
+    let root_table = if xsdt {
+        r[15] = 2;
+        r[20..24].copy_from_slice(&36u32.to_le_bytes());
+        r[24..32].copy_from_slice(&root.to_le_bytes());
+        sdt(b"XSDT", &madt.to_le_bytes())
+    } else {
+        r[16..20].copy_from_slice(&(root as u32).to_le_bytes());
+        sdt(b"RSDT", &(madt as u32).to_le_bytes())
+    };
+    fix(&mut r[..20], 8);
+    if xsdt {
+        fix(&mut r, 32);
+    }
+    page[RSDP_AT..RSDP_AT + 36].copy_from_slice(&r);
+    page[ROOT_AT..ROOT_AT + root_table.len()].copy_from_slice(&root_table);
+    let mut body = alloc::vec![0u8; 8];
+    body.extend_from_slice(entries);
+    let m = sdt(b"APIC", &body);
+    page[MADT_AT..MADT_AT + m.len()].copy_from_slice(&m);
+    page
+}
+
+fn lapic(id: u8, flags: u32) -> [u8; 8] {
+    let f = flags.to_le_bytes();
+    [0, 8, id, id, f[0], f[1], f[2], f[3]]
+}
+
+fn x2apic(id: u32, flags: u32) -> [u8; 16] {
+    let mut e = [0u8; 16];
+    e[0] = 9;
+    e[1] = 16;
+    e[4..8].copy_from_slice(&id.to_le_bytes());
+    e[8..12].copy_from_slice(&flags.to_le_bytes());
+    e
+}
+
+/// The MADT reader on good and on hostile tables (written to a frame, read
+/// back through the identity map as the boot path reads the loader's).
+fn madt_parse() -> Result<(), String> {
+    let frame = crate::mm::frames::alloc().ok_or("no frame")?;
+    let base = frame.as_u64();
+    if base >= 4 << 30 {
+        crate::mm::frames::free(frame);
+        return Err(super::skip("no frame below 4 GiB"));
+    }
+    let r = madt_cases(base);
+    crate::mm::frames::free(frame);
+    r
+}
+
+fn madt_cases(base: u64) -> Result<(), String> {
+    let write = |page: &[u8]| {
+        let p = crate::mm::direct_map::phys_to_virt(x86_64::PhysAddr::new(base)).as_mut_ptr::<u8>();
+        // SAFETY: the test's own frame, 4 KiB, reached through the direct map.
+        unsafe { core::ptr::copy_nonoverlapping(page.as_ptr(), p, page.len()) };
+    };
+    let mut entries = Vec::new();
+    entries.extend_from_slice(&lapic(0, 1));
+    entries.extend_from_slice(&lapic(1, 1));
+    entries.extend_from_slice(&lapic(2, 0)); // not enabled
+    entries.extend_from_slice(&[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]); // IOAPIC
+    entries.extend_from_slice(&x2apic(300, 1));
+    entries.extend_from_slice(&lapic(1, 1)); // a duplicate
+    for xsdt in [true, false] {
+        write(&tables(base, xsdt, &entries));
+        let m = read_madt(base).map_err(|e| format!("valid tables (xsdt {xsdt}): {e}"))?;
+        if m.apic_ids != [0, 1, 300] || m.skipped != 2 {
+            return Err(format!(
+                "xsdt {xsdt}: APIC IDs {:?}, {} skipped; expected [0, 1, 300], 2",
+                m.apic_ids, m.skipped
+            ));
+        }
+    }
+    // Each corruption of the good tables, and the error it must give.
+    type Corrupt = fn(&mut Vec<u8>);
+    let cases: [(&str, Corrupt, AcpiError); 6] = [
+        (
+            "RSDP checksum",
+            |p| p[RSDP_AT + 8] ^= 1,
+            AcpiError::BadRsdp("bad checksum"),
+        ),
+        (
+            "MADT checksum",
+            |p| p[MADT_AT + 40] ^= 1,
+            AcpiError::BadChecksum("MADT"),
+        ),
+        (
+            "MADT length",
+            |p| p[MADT_AT + 7] = 0xff,
+            AcpiError::BadLength("MADT"),
+        ),
+        (
+            "zero-length entry",
+            |p| {
+                p[MADT_AT + 45] = 0;
+                fix(&mut p[MADT_AT..MADT_AT + 44 + 8 * 3 + 12 + 16 + 8], 9);
+            },
+            AcpiError::BadMadtEntry(0),
+        ),
+        (
+            "entry past the end",
+            |p| {
+                p[MADT_AT + 44 + 8 * 3 + 12 + 16 + 1] = 200;
+                fix(&mut p[MADT_AT..MADT_AT + 44 + 8 * 3 + 12 + 16 + 8], 9);
+            },
+            AcpiError::BadMadtEntry(0),
+        ),
+        (
+            "XSDT entry above 4 GiB",
+            |p| {
+                p[ROOT_AT + 36 + 4] = 0x10;
+                fix(&mut p[ROOT_AT..ROOT_AT + 44], 9);
+            },
+            AcpiError::NoMadt,
+        ),
+    ];
+    for (what, corrupt, want) in cases {
+        let mut page = tables(base, true, &entries);
+        corrupt(&mut page);
+        write(&page);
+        let got = read_madt(base).err();
+        let same = match (got, want) {
+            (Some(AcpiError::BadMadtEntry(_)), AcpiError::BadMadtEntry(_)) => true,
+            (g, w) => g == Some(w),
+        };
+        if !same {
+            return Err(format!("{what}: got {got:?}, expected {want:?}"));
+        }
+    }
     Ok(())
 }
