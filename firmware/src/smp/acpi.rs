@@ -113,9 +113,13 @@ fn rsdp_at(paddr: u64) -> Result<(u64, bool), AcpiError> {
 /// signature in the BIOS area (the first KiB of the EBDA is not searched:
 /// no loader here puts one there).
 fn scan_bios_area() -> Option<u64> {
-    (0xe_0000u64..0x10_0000)
-        .step_by(16)
-        .find(|&a| rsdp_at(a).is_ok())
+    let signature = u64::from_le_bytes(*b"RSD PTR ");
+    (0xe_0000u64..0x10_0000).step_by(16).find(|&a| {
+        // SAFETY: the BIOS area is below 1 MiB, identity-mapped; an aligned
+        // read of 8 bytes there has no side effect.
+        let head = unsafe { core::ptr::read_volatile(a as *const u64) };
+        head == signature && rsdp_at(a).is_ok()
+    })
 }
 
 /// A table with a valid header and checksum: its bytes, header included.

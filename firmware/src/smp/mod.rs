@@ -26,6 +26,10 @@ use crate::arch::{apic, gdt, idt, irq, paging, time};
 use crate::mm;
 
 const IA32_GS_BASE: u32 = 0xc000_0101;
+/// CPUs started at most. Each AP costs 48 KiB of heap (IST stacks) and
+/// 64 KiB of frames (kernel stack); a hostile or huge MADT must not eat
+/// the heap the tests need. The rest are listed as skipped.
+pub const MAX_CPUS: usize = 64;
 /// An AP's kernel stack (it runs calls and interrupts, no processes).
 const AP_STACK_PAGES: u64 = 16;
 /// How long an AP may take from INIT to its idle loop. Under this host's
@@ -253,7 +257,14 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
         // One CPU: `cpus()` keeps returning the boot CPU alone.
         return report;
     }
-    let aps: Vec<u32> = ids.into_iter().filter(|&id| id != boot_apic).collect();
+    let mut aps: Vec<u32> = ids.into_iter().filter(|&id| id != boot_apic).collect();
+    if aps.len() >= MAX_CPUS {
+        log::warn!(
+            "smp: the MADT lists {} CPUs; starting the first {MAX_CPUS}",
+            aps.len() + 1
+        );
+        aps.truncate(MAX_CPUS - 1);
+    }
     let mut all: Vec<&'static PerCpu> = Vec::with_capacity(aps.len() + 1);
     all.push(&BOOT_CPU);
     for (i, &id) in aps.iter().enumerate() {

@@ -173,6 +173,17 @@ fn x2apic(id: u32, flags: u32) -> [u8; 16] {
 /// The MADT reader on good and on hostile tables (written to a frame, read
 /// back through the identity map as the boot path reads the loader's).
 fn madt_parse() -> Result<(), String> {
+    // Without start_info's pointer the reader scans the BIOS area, where
+    // both hypervisors put their RSDP: the same CPUs as the boot found.
+    let scanned = read_madt(0).map_err(|e| format!("scan for the RSDP: {e}"))?;
+    let booted = smp::cpus().len();
+    if scanned.apic_ids.len().min(smp::MAX_CPUS) != booted {
+        return Err(format!(
+            "the scanned RSDP at {:#x} lists {} CPUs, boot found {booted}",
+            scanned.rsdp,
+            scanned.apic_ids.len()
+        ));
+    }
     let frame = crate::mm::frames::alloc().ok_or("no frame")?;
     let base = frame.as_u64();
     if base >= 4 << 30 {
