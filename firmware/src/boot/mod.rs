@@ -186,9 +186,24 @@ pub fn init_memory(boot: &pvh::BootInfo, ram_zero: bool) -> Option<x86_64::PhysA
 /// aside for it by `init_memory`.
 pub fn init_kernel_stack(run: Option<x86_64::PhysAddr>) -> VirtAddr {
     let pages = mm::KERNEL_STACK_SIZE / mm::frames::FRAME_SIZE;
+    let base =
+        map_stack(pages, run).unwrap_or_else(|e| crate::fatal(format_args!("kernel stack: {e}")));
+    log::debug!(
+        "kernel stack: {:#x}..{:#x}",
+        base.as_u64(),
+        base.as_u64() + mm::KERNEL_STACK_SIZE
+    );
+    mark(Phase::KernelStack);
+    base + mm::KERNEL_STACK_SIZE
+}
+
+/// Maps a stack of `pages` in the vmap window, an unmapped guard page
+/// below it, and returns its base. `run`: contiguous frames for it, if the
+/// caller has them; else one run is searched for (one allocator search
+/// instead of one per page), else frames are taken one by one. Boot only
+/// (the kernel tables are written directly, `direct_map::map_boot`).
+pub fn map_stack(pages: u64, run: Option<x86_64::PhysAddr>) -> Result<VirtAddr, &'static str> {
     let base = mm::vmap::reserve(pages);
-    // One run of frames where RAM has one: one allocator search instead of
-    // one per page.
     let frames: mm::direct_map::Frames<fn(u64) -> Option<x86_64::PhysAddr>> =
         match run.or_else(|| mm::frames::alloc_contiguous(pages)) {
             Some(first) => mm::direct_map::Frames::Run(first),
@@ -199,15 +214,9 @@ pub fn init_kernel_stack(run: Option<x86_64::PhysAddr>) -> VirtAddr {
     let mapped = unsafe {
         mm::direct_map::map_boot(base, pages, false, paging::kernel_data_flags(), frames)
     }
-    .unwrap_or_else(|e| crate::fatal(format_args!("kernel stack: {e:?}")));
+    .map_err(|_| "no frames for its page tables")?;
     if mapped < pages {
-        crate::fatal(format_args!("no frames for the kernel stack"));
+        return Err("no frames for it");
     }
-    log::debug!(
-        "kernel stack: {:#x}..{:#x}",
-        base.as_u64(),
-        base.as_u64() + mm::KERNEL_STACK_SIZE
-    );
-    mark(Phase::KernelStack);
-    base + mm::KERNEL_STACK_SIZE
+    Ok(base)
 }

@@ -23,7 +23,6 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsiz
 use x86_64::registers::model_specific::Msr;
 
 use crate::arch::{apic, gdt, idt, irq, paging, time};
-use crate::mm;
 
 const IA32_GS_BASE: u32 = 0xc000_0101;
 /// CPUs started at most. Each AP costs 48 KiB of heap (IST stacks) and
@@ -313,18 +312,6 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
     report
 }
 
-/// Maps a fresh kernel stack (guard page below) and returns its top.
-fn new_stack() -> Option<x86_64::VirtAddr> {
-    let base = mm::vmap::reserve(AP_STACK_PAGES);
-    for i in 0..AP_STACK_PAGES {
-        let frame = mm::frames::alloc()?;
-        // SAFETY: a freshly reserved vmap page (never mapped) and a fresh
-        // frame nobody else holds.
-        unsafe { paging::map_4k(base + i * 4096, frame, paging::kernel_data_flags()) }.ok()?;
-    }
-    Some(base + AP_STACK_PAGES * 4096)
-}
-
 /// INIT-SIPI-SIPI to `cpu` and wait for it to reach its idle loop.
 fn start_ap(
     t: &trampoline::Trampoline,
@@ -333,9 +320,12 @@ fn start_ap(
     cr0: u32,
     efer: u32,
 ) -> bool {
-    let Some(stack) = new_stack() else {
-        log::warn!("smp: no memory for the stack of cpu {}", cpu.index);
-        return false;
+    let stack = match crate::boot::map_stack(AP_STACK_PAGES, None) {
+        Ok(base) => base + AP_STACK_PAGES * 4096,
+        Err(e) => {
+            log::warn!("smp: stack of cpu {}: {e}", cpu.index);
+            return false;
+        }
     };
     t.prepare(trampoline::Mailbox {
         stage: 0,
