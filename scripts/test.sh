@@ -81,6 +81,9 @@ qemu_boot() {
   fi
   # Two vCPUs: both machines list them in their ACPI MADT, the firmware
   # starts the second, and test=smp (in the default suite) checks both.
+  # The timeout only catches a hang: each boot takes ~15-35 s here, and a
+  # host busy with other work has made q35 take 70 s.
+  export QEMU_TIMEOUT="${QEMU_TIMEOUT:-240}"
   QEMU_SMP=2 scripts/qemu-boot.sh microvm cpus=2 && QEMU_SMP=2 scripts/qemu-boot.sh q35 cpus=2 &&
     # TCG's software TLB changes only on invlpg / CR3 writes, so it catches a
     # missing TLB flush in the process mm that PVM's shadow paging hides.
