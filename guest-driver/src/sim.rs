@@ -176,6 +176,9 @@ impl Mm for SimMm {
             return Ok(());
         }
 
+        // A shared VMA's read-only page (after an mprotect round trip)
+        // only upgrades: copying it would unshare the mapping.
+        let cow = !vma.flags.contains(VmFlags::SHARED);
         if vma.flags.contains(VmFlags::HUGE) {
             let mut pt = self.pt.lock();
             let pmd = pt.entry(addr >> PMD_SHIFT);
@@ -190,7 +193,7 @@ impl Mm for SimMm {
                 }
                 std::collections::hash_map::Entry::Occupied(mut o) => match o.get_mut() {
                     Pmd::Huge { pfn, writable } => {
-                        if write && !*writable && self.shared.is_shared(*pfn) {
+                        if write && !*writable && cow && self.shared.is_shared(*pfn) {
                             let old = *pfn;
                             drop(pt);
                             return self.cow_break(addr, old, true);
@@ -231,7 +234,7 @@ impl Mm for SimMm {
                 pfn,
                 writable: false,
             } if write => {
-                if self.shared.is_shared(pfn) {
+                if cow && self.shared.is_shared(pfn) {
                     drop(pt);
                     return self.cow_break(addr, pfn, false);
                 }

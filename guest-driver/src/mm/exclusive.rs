@@ -40,6 +40,11 @@ use crate::errno::Errno;
 /// comes back to system memory). EBUSY: a page changed under the exchange
 /// (a racing fault or migration); the pages taken before it stay
 /// exclusive, which is harmless (the next CPU access restores them).
+/// EBUSY too for a frame another PTE maps ([`Mm::frame_shared`]: a shared
+/// VMA after a fork), whose other mapping would keep the CPU's stores
+/// flowing (Linux's `folio_make_device_exclusive` fails while the folio
+/// is still mapped elsewhere); a private VMA's copy-on-write page is
+/// copied by the write fault first, so it is never shared by then.
 /// EINVAL also when the mm has no exclusive entries (its
 /// [`Mm::pte_exchange`] does not take them).
 pub fn make_device_exclusive<M: Mm>(
@@ -93,7 +98,7 @@ pub fn make_device_exclusive<M: Mm>(
             old @ PageState::Present {
                 pfn,
                 writable: true,
-            } => {
+            } if !mm.frame_shared(pfn) => {
                 let new = PageState::Exclusive {
                     owner,
                     pfn,

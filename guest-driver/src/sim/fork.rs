@@ -9,8 +9,8 @@
 //! back to system memory first, device-exclusive entries are restored,
 //! migrations waited for. Extra frame references live in the family's
 //! [`SharedFrames`](super::frames::SharedFrames); [`SimMm::free`] drops
-//! one before it frees anything. A write fault on a read-only page whose
-//! frame another PTE maps copies it (a 2 MiB page as a unit) under a
+//! one before it frees anything. A write fault on a private VMA's
+//! read-only page whose frame another PTE maps copies it (a 2 MiB page as a unit) under a
 //! `Clear` of the page; on the last sharer's frame it only upgrades.
 
 use std::sync::Arc;
@@ -296,6 +296,69 @@ mod tests {
 
     fn put(mm: &SimMm, a: u64, v: u64) {
         mm.write(a, &v.to_le_bytes()).unwrap();
+    }
+
+    /// A shared VMA whose leaves lost write through an mprotect round
+    /// trip stays shared: the write fault upgrades, it does not copy.
+    #[test]
+    fn shared_mapping_stays_shared_after_an_mprotect_round_trip() {
+        let p = SimMm::new();
+        p.mmap(S, 2 * PAGE_SIZE, RW | VmFlags::SHARED).unwrap();
+        p.mmap(H, PMD_SIZE, RW | VmFlags::SHARED | VmFlags::HUGE)
+            .unwrap();
+        put(&p, S, 1);
+        put(&p, H, 2);
+        let c = p.fork().unwrap();
+        for (mm, other) in [(&p, &c), (&c, &p)] {
+            for (a, len) in [(S, 2 * PAGE_SIZE), (H, PMD_SIZE)] {
+                mm.mprotect(a, len, VmFlags::READ).unwrap();
+                mm.mprotect(a, len, RW).unwrap();
+                let v = word(mm, a) + 10;
+                put(mm, a + PAGE_SIZE, v);
+                put(mm, a, v);
+                assert_eq!(
+                    (word(other, a), word(other, a + PAGE_SIZE)),
+                    (v, v),
+                    "{a:#x}: the other side lost the shared write"
+                );
+                assert_eq!(mm.cpu_pfn(a).map(|f| f.0), other.cpu_pfn(a).map(|f| f.0));
+            }
+        }
+        assert_eq!((p.core().cow_breaks(), c.core().cow_breaks()), (0, 0));
+        c.exit();
+        assert_eq!((word(&p, S), word(&p, H)), (21, 22));
+        p.exit();
+        assert_eq!(p.frames_in_use(), 0);
+        assert_eq!(p.shared_frames(), 0);
+    }
+
+    /// Device-exclusive access to a shared mapping's frame that a forked
+    /// child maps too is refused: the child's CPU would still store to it.
+    #[test]
+    fn exclusive_refuses_a_frame_another_process_maps() {
+        let p = SimMm::new();
+        p.mmap(S, 2 * PAGE_SIZE, RW | VmFlags::SHARED).unwrap();
+        put(&p, S, 1);
+        let owner = crate::mm::DeviceOwner::alloc().unwrap();
+        let take = |mm: &SimMm| {
+            let mmap = mmap_read_lock(mm);
+            crate::mm::make_device_exclusive(&mmap, S, S + PAGE_SIZE, owner)
+        };
+        let c = p.fork().unwrap();
+        assert_eq!(take(&p), Err(Errno::EBUSY));
+        assert!(matches!(
+            p.cpu_state(S),
+            PageState::Present { writable: true, .. }
+        ));
+        put(&c, S, 2);
+        assert_eq!(word(&p, S), 2);
+        c.exit();
+        // The last sharer's frame: exclusive again.
+        assert_eq!(take(&p).map(|f| f.len()), Ok(1));
+        assert!(matches!(p.cpu_state(S), PageState::Exclusive { .. }));
+        assert_eq!(word(&p, S), 2);
+        p.exit();
+        assert_eq!(p.frames_in_use(), 0);
     }
 
     #[test]

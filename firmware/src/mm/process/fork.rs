@@ -53,7 +53,9 @@
 //!   shared VMA is populated in the parent first (a write fault on every
 //!   page); a read-only one is copied as it is. Afterwards each side's PTEs
 //!   are its own: madvise(DONTNEED) or munmap in one drops that side's
-//!   reference only, and the other keeps the data.
+//!   reference only, and the other keeps the data. A write fault on a
+//!   shared VMA's read-only leaf (an mprotect to read-only and back)
+//!   makes it writable in place, never copies it.
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -150,12 +152,15 @@ fn copy_frames(dst: u64, src: u64, bytes: u64) {
 }
 
 /// A write fault on the present read-only leaf `e` at `t[i]` (4 KiB or
-/// 2 MiB) of a writable VMA: the frame is this mm's alone, made writable
-/// here (`true`), or shared (`false`: the caller drops the page-table lock
-/// and breaks the COW with [`ProcessMm::cow_break`]).
-pub fn upgrade_if_sole(t: Table, i: usize, e: u64) -> bool {
+/// 2 MiB) of a writable VMA with flags `f`: the frame is this mm's alone
+/// or the VMA is shared, made writable here (`true`), or a private VMA's
+/// frame another PTE maps (`false`: the caller drops the page-table lock
+/// and breaks the COW with [`ProcessMm::cow_break`]). A shared VMA's leaf
+/// is read-only after an mprotect round trip (the upgrade waits for the
+/// write fault); copying it would silently unshare the mapping.
+pub fn upgrade_if_sole(t: Table, i: usize, e: u64, f: VmFlags) -> bool {
     debug_assert!(e & P != 0 && e & W == 0);
-    if is_shared(e & pt::ADDR) {
+    if !f.contains(VmFlags::SHARED) && is_shared(e & pt::ADDR) {
         return false;
     }
     t.set(i, e | W | pt::D);

@@ -698,7 +698,7 @@ impl ProcessMm {
                 // Permission upgrade of our own frame (a stale read-only
                 // TLB entry only costs a spurious fault), unless a fork
                 // shares it.
-                if fork::upgrade_if_sole(t, i, e) {
+                if fork::upgrade_if_sole(t, i, e, f) {
                     return Ok(());
                 }
                 drop(pt);
@@ -837,7 +837,7 @@ impl ProcessMm {
                 return swap_fault(vmas, addr, e, flags);
             }
             if e & P != 0 {
-                if write && e & W == 0 && !fork::upgrade_if_sole(t, i, e) {
+                if write && e & W == 0 && !fork::upgrade_if_sole(t, i, e, f) {
                     drop(pt);
                     return self.cow_break(addr, e, f, true);
                 }
