@@ -76,16 +76,19 @@ fn pte_exchange_run() -> Result<(), String> {
         "page 0's frame went out with its entry: {} data frames, {data} before",
         p.stats().data_frames
     );
+    // Page 2 holds no migration entry: expecting one fails there alone.
     let back = [
         swap(0, PageState::Migration, before[0]),
+        swap(2, PageState::Migration, PageState::None),
         swap(4, PageState::Migration, PageState::None),
     ];
-    let mut done = [Err(PageState::None); 2];
+    let mut done = [Err(PageState::None); 3];
     {
         let g = mmap_read_lock(&**p.mm());
         p.mm().pte_exchange_run(&g, &back, &mut done);
     }
-    ensure!(done == [Ok(()); 2], "the way back: {done:?}");
+    let want = [Ok(()), Err(before[2]), Ok(())];
+    ensure!(done == want, "the way back: {done:?}, expected {want:?}");
     let now: Vec<PageState> = (0..8).map(state).collect();
     ensure!(
         now == before,

@@ -934,12 +934,23 @@ impl ProcessMm {
         let (mut frames_in, mut frames_out) = (0, 0);
         let (mut device_in, mut device_out) = (0, 0);
         let mut flush = Flush::new();
+        // A 4 KiB migration entry is one fixed word: the exchanges that
+        // install or restore a migration's pages compare words instead of
+        // decoding the entry (what it holds is then known too).
+        let mig = pt::swap_entry(PageState::Migration, false);
+        let held = |e: u64| {
+            (
+                (e & P != 0 || pt::is_exclusive(e)) && e & pt::ADDR != zero,
+                pt::device_page(e).is_some(),
+            )
+        };
+        let mig_held = mig.map_or((false, false), held);
         for (s, d) in swaps.iter().zip(done) {
             let i = ((s.addr >> PAGE_SHIFT) & 511) as usize;
             let e = t.get(i);
-            let cur = pt::pte_state(e, zero);
+            let locked = matches!(s.old, PageState::Migration) && Some(e) == mig;
             let new_e = match s.new {
-                _ if cur != s.old => None,
+                _ if !locked && pt::pte_state(e, zero) != s.old => None,
                 PageState::None => Some(0),
                 PageState::Zero { .. } => Some(pt::leaf(zero, f, false, false)),
                 PageState::Present { pfn, writable } => {
@@ -949,12 +960,12 @@ impl ProcessMm {
                 n => pt::swap_entry(n, false),
             };
             let Some(new_e) = new_e else {
-                *d = Err(cur);
+                *d = Err(pt::pte_state(e, zero));
                 continue;
             };
             t.set(i, new_e);
             // Frames change hands with the entry: the data count follows.
-            let had_frame = (e & P != 0 || pt::is_exclusive(e)) && e & pt::ADDR != zero;
+            let (had_frame, had_device) = if locked { mig_held } else { held(e) };
             let has_frame = matches!(
                 s.new,
                 PageState::Present { .. } | PageState::Exclusive { .. }
@@ -962,7 +973,7 @@ impl ProcessMm {
             frames_in += u64::from(has_frame);
             frames_out += u64::from(had_frame);
             device_in += u64::from(matches!(s.new, PageState::DevicePrivate { .. }));
-            device_out += u64::from(pt::device_page(e).is_some());
+            device_out += u64::from(had_device);
             if e & P != 0 {
                 flush.page(s.addr);
             }
