@@ -54,6 +54,7 @@ pub const TESTS: &[Test] = &[
     Test::new("process_fork_exit_order", fork::fork_exit_order),
     Test::new("process_fork_exclusive", fork::fork_exclusive),
     Test::new("process_fork_shared_mprotect", fork::fork_shared_mprotect),
+    Test::new("process_fork_enomem", fork::fork_enomem),
     Test::new("process_isolation", isolation),
     Test::new("process_tlb_flush", tlb_flush),
     Test::new("process_remote_fault", remote_fault),

@@ -6,6 +6,7 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use faultline_driver::mm::{
     make_device_exclusive, mmap_read_lock, DeviceOwner, Mm, MmuNotifyEvent, PageState, PAGE_SHIFT,
@@ -348,6 +349,80 @@ pub fn fork_shared_mprotect() -> Result<(), String> {
         ensure!(
             rd(&p, s)? == 21 && rd(&p, h)? == 22,
             "after the child's exit"
+        );
+    }
+    all_back(free)
+}
+
+/// Out of frames in the middle of a fork: with every frame held but `k`,
+/// each fork fails with ENOMEM until `k` covers the child's tables; a
+/// failed fork gives back every frame and reference it took (some of its
+/// VMAs were copied, with references, before the tables of the next ran
+/// out), and the parent keeps its data and writes its frames in place.
+pub fn fork_enomem() -> Result<(), String> {
+    let free = frames::stats().free;
+    {
+        let p = super::new_process()?;
+        let a = map(&p, None, 2 * PG, RW, MapFlags::empty())?;
+        let b = map(&p, Some(USER_BASE + (302 << 30)), PG, RW, MapFlags::empty())?;
+        let h = map(&p, Some(USER_BASE + (303 << 30)), HUGE, RW, MapFlags::HUGE)?;
+        let vals = [(a, 1), (a + PG, 2), (b, 3), (h + 8, 4)];
+        for (x, v) in vals {
+            wr(&p, x, v)?;
+        }
+        let mut big = Vec::with_capacity((frames::stats().free / 512 + 8) as usize);
+        while let Some(f) = frames::alloc_2m() {
+            big.push(f);
+        }
+        let mut small = Vec::with_capacity((frames::stats().free + 8) as usize);
+        while let Some(f) = frames::alloc() {
+            small.push(f);
+        }
+        let mut child = None;
+        let mut k = 0;
+        while k < 32 && child.is_none() {
+            if let Some(f) = small.pop() {
+                frames::free(f);
+                k += 1;
+            }
+            match p.fork() {
+                Ok(c) => child = Some(c),
+                Err(faultline_driver::errno::Errno::ENOMEM) => {
+                    let now = (frames::stats().free, fork::shared_frames());
+                    for (x, v) in vals {
+                        let got = rd(&p, x)?;
+                        ensure!(got == v, "after ENOMEM with {k} frames: {x:#x} reads {got}");
+                    }
+                    ensure!(
+                        now == (k, 0),
+                        "fork failed with {k} frames free: {} free, {} shared after it",
+                        now.0,
+                        now.1
+                    );
+                }
+                Err(e) => return Err(format!("fork with {k} frames free: {e:?}")),
+            }
+        }
+        for f in small {
+            frames::free(f);
+        }
+        for f in big {
+            frames::free_2m(f);
+        }
+        let c = child.ok_or("fork failed with 32 frames free")?;
+        ensure!(k >= 4, "the fork needed only {k} frames: nothing failed mid-copy");
+        for (x, v) in vals {
+            ensure!(rd(&c, x)? == v, "child {x:#x}");
+        }
+        drop(c);
+        for (x, v) in vals {
+            wr(&p, x, v + 10)?;
+            ensure!(rd(&p, x)? == v + 10, "parent {x:#x} after the child's exit");
+        }
+        ensure!(
+            p.core().cow_breaks() == 0,
+            "{} COW breaks of frames no one shares",
+            p.core().cow_breaks()
         );
     }
     all_back(free)
