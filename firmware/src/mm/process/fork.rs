@@ -66,13 +66,12 @@ use faultline_driver::errno::Errno;
 use faultline_driver::mm::exclusive::exclusive_entry_restore;
 use faultline_driver::mm::migrate::{device_private_fault, migration_entry_wait};
 use faultline_driver::mm::{
-    mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, FaultFlags, MmCore, MmapReadGuard, MmuNotifierRange,
+    mmap_read_lock, mmap_write_lock, FaultFlags, MmCore, MmapReadGuard, MmuNotifierRange,
     MmuNotifyEvent, PageState, VmFlags, PAGE_SIZE, PMD_SIZE,
 };
 
 use super::pt::{self, Flush, PageTables, Table, P, W};
-use super::{is_active, zero_pa, Access, Process, ProcessMm, SegvReason, Vmas};
+use super::{zero_pa, Access, Process, ProcessMm, SegvReason, Vmas};
 use crate::mm::{frames, DIRECT_MAP_BASE};
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqSpinlock};
 
@@ -251,21 +250,21 @@ impl ProcessMm {
         let mut result = Ok(());
         for v in vmas.iter() {
             let cow = !v.flags.contains(VmFlags::SHARED);
-            let range = MmuNotifierRange {
-                start: v.start,
-                end: v.end,
-                event: MmuNotifyEvent::ProtectionPage,
-                blockable: true,
+            let mut copy = |pt: &mut PageTables, flush: &mut Flush| {
+                result = pt.copy_to(&mut tables, v.start, v.end, zero_pa(), cow, flush);
             };
-            let notified = cow && mmu_notifier_invalidate_range_start(self, &range).is_ok();
-            {
-                let mut pt = self.pt.lock();
-                let mut flush = Flush::new();
-                result = pt.copy_to(&mut tables, v.start, v.end, zero_pa(), cow, &mut flush);
-                flush.run(is_active(self));
-            }
-            if notified {
-                mmu_notifier_invalidate_range_end(self, &range);
+            if cow {
+                let range = MmuNotifierRange {
+                    start: v.start,
+                    end: v.end,
+                    event: MmuNotifyEvent::ProtectionPage,
+                    blockable: true,
+                };
+                self.change_tables(&range, "fork", copy);
+            } else {
+                // A shared VMA's leaves stay as they are: nothing to
+                // announce, nothing to flush.
+                copy(&mut self.pt.lock(), &mut Flush::new());
             }
             if result.is_err() {
                 break;
