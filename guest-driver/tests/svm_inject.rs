@@ -113,3 +113,34 @@ fn a_late_ack_catches_the_driver_that_does_not_wait_for_it() {
         );
     }
 }
+
+/// A fault the device page table already satisfies (here: injected
+/// spurious entries, reported for accesses that translated fine) is not a
+/// first touch: the first-touch policy must not migrate
+/// its window again, which would evict the chunk the first service filled
+/// and move the pages it left in system memory.
+#[test]
+fn a_spurious_fault_does_not_migrate_its_window_again() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for seed in 1..=4 {
+        let spec: InjectSpec = format!("seed={seed},spurious=0.5")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (env, r) = suite::run("migrate_first_touch_fallback", |needs| {
+            Ok(LoopEnv::with_inject(
+                needs.memory_mib,
+                needs.gpu_config(),
+                Some(spec),
+            ))
+        });
+        if let Err(e) = r {
+            panic!("seed {seed}: {e}");
+        }
+        let env = env.expect("ran");
+        let dev = lock(&env.lb.dev);
+        assert!(
+            dev.injector().expect("on").fired(Knob::Spurious) > 0,
+            "seed {seed}"
+        );
+    }
+}

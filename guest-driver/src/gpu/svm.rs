@@ -29,7 +29,8 @@
 //!
 //! With device memory attached and [`MigratePolicy::FirstTouch`], a window
 //! is first migrated to VRAM (`migrate_vma` through the attached memory),
-//! then serviced as above: HMM reports the migrated pages as device-private
+//! unless the device page table already satisfies its faults (stale ones:
+//! no first touch), then serviced as above: HMM reports the migrated pages as device-private
 //! and they get VRAM leaves. Locking rule: the migration runs before the
 //! window's range is registered and with neither the mmap lock nor the
 //! update lock held, because it takes both itself (the mmap lock for read
@@ -441,6 +442,19 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
         matches!(event, MmuNotifyEvent::Migrate { owner: Some(o) } if id != 0 && o.get() == id)
     }
 
+    /// Whether the device page table already satisfies each of `faults`
+    /// (page, write): then they are stale (spurious, or queued while their
+    /// window was serviced) and no first touch, so nothing may migrate for
+    /// them — moving the window again could evict what its first service
+    /// put in VRAM and move the pages that service left in system memory.
+    fn device_satisfies(&self, faults: &[(u64, bool)]) -> bool {
+        let pt = self.ctx.page_table();
+        faults.iter().all(|&(va, write)| {
+            pt.lookup(va)
+                .is_some_and(|l| !write || l.perms.contains(Pte::WRITE))
+        })
+    }
+
     /// [`MigratePolicy::FirstTouch`]: move window `w` to the attached
     /// device memory before it is mapped (module docs: no lock held). What
     /// cannot move (VRAM full with nothing to evict, pages of another
@@ -762,7 +776,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
         let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
-        if w.migrate {
+        if w.migrate && !s.device_satisfies(faults) {
             s.migrate_window(w);
         }
         if let Err(e) = range_register(range, &self.mirror, w.start, w.end, w.shift) {
