@@ -361,6 +361,55 @@ mod tests {
         assert_eq!(p.frames_in_use(), 0);
     }
 
+    /// After a fork, address-space surgery on either side keeps the
+    /// references right: the parent moves a COW-shared range (mremap
+    /// FIXED), the child drops a page (madvise DONTNEED) and unmaps
+    /// another (partial munmap); each side reads its data, a write to a
+    /// still-shared frame copies it, one the other side let go of is
+    /// reused, and every frame comes back after both exits.
+    #[test]
+    fn surgery_after_fork_keeps_the_references() {
+        use crate::mm::{Mremap, MremapFlags};
+        let p = SimMm::new();
+        p.mmap(A, 4 * PAGE_SIZE, RW).unwrap();
+        for i in 0..4 {
+            put(&p, A + i * PAGE_SIZE, 10 + i);
+        }
+        let c = p.fork().unwrap();
+        let to = A + 0x100_0000;
+        let moved = p.mremap(Mremap {
+            old: A,
+            old_len: 4 * PAGE_SIZE,
+            new_len: 4 * PAGE_SIZE,
+            flags: MremapFlags::MAYMOVE | MremapFlags::FIXED,
+            new_addr: to,
+        });
+        assert_eq!(moved, Ok(to));
+        c.madvise_dontneed(A + PAGE_SIZE, PAGE_SIZE).unwrap();
+        c.munmap(A + 2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(word(&c, A + PAGE_SIZE), 0, "dropped in the child");
+        for i in 0..4 {
+            assert_eq!(word(&p, to + i * PAGE_SIZE), 10 + i, "parent page {i}");
+        }
+        // Pages 1 and 2 are the parent's alone now, 0 and 3 still shared.
+        let f1 = p.cpu_pfn(to + PAGE_SIZE).unwrap().0;
+        put(&p, to + PAGE_SIZE, 21);
+        assert_eq!(
+            p.cpu_pfn(to + PAGE_SIZE).unwrap().0,
+            f1,
+            "copied a sole frame"
+        );
+        put(&p, to, 20);
+        assert_eq!(p.core().cow_breaks(), 1);
+        assert_eq!((word(&c, A), word(&c, A + 3 * PAGE_SIZE)), (10, 13));
+        c.exit();
+        assert_eq!(p.shared_frames(), 0);
+        assert_eq!(c.frames_in_use(), 0);
+        assert_eq!(word(&p, to + 3 * PAGE_SIZE), 13);
+        p.exit();
+        assert_eq!(p.frames_in_use(), 0);
+    }
+
     #[test]
     fn fork_shares_copy_on_write_and_frees_on_the_last_reference() {
         let p = SimMm::new();
