@@ -30,6 +30,7 @@ extern "C" fn rust_entry(start_info_paddr: u32) -> ! {
     serial::init();
     boot::mark(boot::Phase::Console);
     arch::gdt::init();
+    smp::install_boot_cpu();
     arch::idt::init();
 
     // SAFETY: the value comes straight from EBX at the PVH entry, and the

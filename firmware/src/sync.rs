@@ -1,11 +1,9 @@
-//! Locking for a single-CPU, interrupts-off kernel that will grow more CPUs.
+//! Locking for an interrupts-off kernel on one or more CPUs.
 //!
 //! The driver's test-and-set spinlock (`faultline_driver::sync`), so one raw lock backs
 //! our own `Mutex<T>` and talc's `TalcLock`; and interrupt-safe variants
 //! ([`IrqMutex`], [`IrqRwLock`]) for state that handlers share with the code
 //! they interrupt.
-
-use core::sync::atomic::AtomicBool;
 
 pub use faultline_driver::sync::RawSpin as RawSpinlock;
 
@@ -39,14 +37,13 @@ impl<T> CpuStatic<T> {
 // (the GPU fault path may run from an interrupt bottom half on the same CPU).
 //
 // `lock_api` guards carry no per-guard state, so the "were interrupts on"
-// bit lives in a per-CPU nesting count instead (one CPU today): the first
-// lock taken records it, the last one released restores it. Locks may be
-// released in any order.
+// bit lives in a per-CPU nesting count instead (`smp::PerCpu`, reached
+// through GS): the first lock a CPU takes records it, its last one released
+// restores it. Locks may be released in any order.
 
 use core::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 
-static IRQ_DEPTH: AtomicU32 = AtomicU32::new(0);
-static IRQ_WERE_ON: AtomicBool = AtomicBool::new(false);
+use crate::smp;
 
 // Plain loads and stores, no locked read-modify-write: the count is this
 // CPU's and only changes with interrupts off, so nothing can interleave (and
@@ -54,18 +51,18 @@ static IRQ_WERE_ON: AtomicBool = AtomicBool::new(false);
 fn irq_push() {
     let were_on = x86_64::instructions::interrupts::are_enabled();
     x86_64::instructions::interrupts::disable();
-    let depth = IRQ_DEPTH.load(AtomicOrdering::Relaxed);
-    IRQ_DEPTH.store(depth + 1, AtomicOrdering::Relaxed);
+    let depth = smp::irq_depth();
+    smp::set_irq_depth(depth + 1);
     if depth == 0 {
-        IRQ_WERE_ON.store(were_on, AtomicOrdering::Relaxed);
+        smp::set_irq_were_on(were_on);
     }
 }
 
 fn irq_pop() {
-    let depth = IRQ_DEPTH.load(AtomicOrdering::Relaxed);
+    let depth = smp::irq_depth();
     debug_assert!(depth > 0, "irq_pop without irq_push");
-    IRQ_DEPTH.store(depth - 1, AtomicOrdering::Relaxed);
-    if depth == 1 && IRQ_WERE_ON.load(AtomicOrdering::Relaxed) {
+    smp::set_irq_depth(depth - 1);
+    if depth == 1 && smp::irq_were_on() {
         x86_64::instructions::interrupts::enable();
     }
 }
@@ -74,18 +71,19 @@ fn irq_pop() {
 /// runner checks it: a segmentation fault that abandons code holding one of
 /// these locks would leave the lock (and interrupts) taken forever.
 pub fn irq_lock_depth() -> u32 {
-    IRQ_DEPTH.load(AtomicOrdering::Relaxed)
+    smp::irq_depth()
 }
 
-/// Spins until `try_acquire` succeeds. With interrupts off and one CPU,
-/// contention can only mean the holder is the code this handler interrupted:
-/// a deadlock. Say so instead of hanging until the VMM's timeout.
+/// Spins until `try_acquire` succeeds. Holders keep interrupts off and hold
+/// briefly, so 10 s of contention means a deadlock (most likely a handler
+/// spinning on what the code it interrupted holds). Say so instead of
+/// hanging until the VMM's timeout.
 #[cold]
 fn spin_until(what: &str, mut try_acquire: impl FnMut() -> bool) {
     let deadline = crate::arch::time::Deadline::after_ms(10_000);
     while !try_acquire() {
         if deadline.expired() {
-            panic!("{what}: spun for 10 s with interrupts off (deadlock on one CPU?)");
+            panic!("{what}: spun for 10 s with interrupts off (deadlock?)");
         }
         core::hint::spin_loop();
     }
@@ -130,7 +128,7 @@ pub type IrqMutex<T> = lock_api::Mutex<RawIrqSpinlock, T>;
 
 /// A reader/writer spin lock that keeps interrupts off while held (readers
 /// included). Writers do not wait for readers to drain ahead of new readers:
-/// on one CPU there is never a concurrent reader to starve them.
+/// readers on other CPUs could starve them, and no AP takes one yet.
 pub struct RawIrqRwLock(AtomicU32);
 
 const WRITER: u32 = 1 << 31;

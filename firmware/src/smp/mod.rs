@@ -8,10 +8,9 @@
 //! [`init`] on, whether or not the CPU came up; `online` tells.
 //!
 //! An AP runs [`idle`]: interrupts on, `hlt` until a kick IPI arrives, then
-//! the call in its slot, with interrupts off. What an AP may run is
-//! limited by the rest of the firmware, written for one CPU: no
-//! interrupt-safe lock (their nesting count is global, `crate::sync`), no
-//! console output, no process address space (no TLB shootdown yet).
+//! the call in its slot, with interrupts off. A call may take the
+//! interrupt-safe locks (their nesting lives here, per CPU) and print, but
+//! not use a process address space (no TLB shootdown yet).
 
 pub mod acpi;
 mod trampoline;
@@ -53,6 +52,11 @@ pub struct PerCpu {
     stage: AtomicU32,
     /// TSC ticks from its INIT to online.
     start_ticks: AtomicU64,
+    /// `crate::sync`'s interrupt-lock nesting on this CPU, and whether
+    /// interrupts were on when the outermost lock was taken. Only this CPU
+    /// touches them, with interrupts off, through `gs:` (no `&self`).
+    irq_depth: AtomicU32,
+    irq_were_on: AtomicBool,
     slot: CallSlot,
     tables: Option<gdt::CpuTables>,
 }
@@ -79,6 +83,8 @@ impl PerCpu {
             calls: AtomicU64::new(0),
             stage: AtomicU32::new(0),
             start_ticks: AtomicU64::new(0),
+            irq_depth: AtomicU32::new(0),
+            irq_were_on: AtomicBool::new(false),
             slot: CallSlot {
                 callers: crate::sync::Mutex::new(()),
                 request: AtomicU64::new(0),
@@ -133,7 +139,79 @@ static BOOT_CR4: AtomicU64 = AtomicU64::new(0);
 /// `cpus=N` from the command line: how many CPUs the run was given.
 static EXPECTED: AtomicU64 = AtomicU64::new(0);
 
-/// The calling CPU's data. Only after `init` (before it, GS is not set).
+/// Points GS at the boot CPU's data. `rust_entry` calls it right after
+/// loading the GDT (which clears GS), before any interrupt-safe lock can be
+/// taken: their nesting count is reached through GS.
+pub fn install_boot_cpu() {
+    BOOT_CPU.install();
+}
+
+// The interrupt-lock nesting of `crate::sync`, one `gs:`-relative
+// instruction per access: it runs on every lock and unlock, where a global
+// cost the same and a `this_cpu()` pointer chase one more.
+
+/// This CPU's interrupt-lock nesting depth.
+#[inline(always)]
+pub fn irq_depth() -> u32 {
+    let d: u32;
+    // SAFETY: GS points at this CPU's 'static PerCpu from `install_boot_cpu`
+    // (boot CPU) or `ap_entry` (APs) on; the field is an AtomicU32 that only
+    // this CPU accesses.
+    unsafe {
+        core::arch::asm!(
+            "mov {d:e}, gs:[{off}]",
+            d = out(reg) d,
+            off = const core::mem::offset_of!(PerCpu, irq_depth),
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    d
+}
+
+#[inline(always)]
+pub fn set_irq_depth(d: u32) {
+    // SAFETY: as in `irq_depth`; a plain store to this CPU's own field.
+    unsafe {
+        core::arch::asm!(
+            "mov gs:[{off}], {d:e}",
+            d = in(reg) d,
+            off = const core::mem::offset_of!(PerCpu, irq_depth),
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Whether interrupts were on when this CPU took its outermost
+/// interrupt-safe lock.
+#[inline(always)]
+pub fn irq_were_on() -> bool {
+    let b: u8;
+    // SAFETY: as in `irq_depth`; an AtomicBool is one byte, 0 or 1.
+    unsafe {
+        core::arch::asm!(
+            "mov {b}, byte ptr gs:[{off}]",
+            b = out(reg_byte) b,
+            off = const core::mem::offset_of!(PerCpu, irq_were_on),
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    b != 0
+}
+
+#[inline(always)]
+pub fn set_irq_were_on(on: bool) {
+    // SAFETY: as in `irq_depth`; stores 0 or 1 into an AtomicBool.
+    unsafe {
+        core::arch::asm!(
+            "mov byte ptr gs:[{off}], {b}",
+            b = in(reg_byte) u8::from(on),
+            off = const core::mem::offset_of!(PerCpu, irq_were_on),
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// The calling CPU's data (GS is set from `install_boot_cpu` on).
 pub fn this_cpu() -> &'static PerCpu {
     let addr: u64;
     // SAFETY: `init` (boot CPU) and `ap_entry` (APs) point GS at a 'static
@@ -230,7 +308,6 @@ pub fn init(rsdp: u64, trampoline: Option<u64>, expected: Option<u64>) -> Report
     EXPECTED.store(expected.unwrap_or(0), Ordering::Relaxed);
     let boot_apic = apic::id();
     BOOT_CPU.apic_id.store(boot_apic, Ordering::Relaxed);
-    BOOT_CPU.install();
     BOOT_CPU.online.store(true, Ordering::Release);
 
     let mut report = Report {
@@ -429,11 +506,31 @@ pub fn call_on(index: usize, f: fn(u64) -> u64, arg: u64) -> Result<u64, CallErr
         cpu.calls.fetch_add(1, Ordering::Relaxed);
         return Ok(r);
     }
-    if !cpu.online() {
+    start_on(index, f, arg)?.wait(CALL_TIMEOUT_MS)
+}
+
+/// A call `start_on` sent, running on another CPU while the caller goes
+/// on. Further calls to that CPU wait until this one is waited for.
+/// Dropping it unwaited waits `CALL_TIMEOUT_MS` (the slot must not be
+/// reused while the CPU may still read it).
+#[must_use]
+pub struct Pending {
+    cpu: &'static PerCpu,
+    req: u64,
+    waited: bool,
+    _serial: lock_api::MutexGuard<'static, crate::sync::RawSpinlock, ()>,
+}
+
+/// Sends `f(arg)` to CPU `index`, another than the calling one, and
+/// returns without waiting: what the caller does meanwhile runs
+/// concurrently with it.
+pub fn start_on(index: usize, f: fn(u64) -> u64, arg: u64) -> Result<Pending, CallError> {
+    let cpu = *cpus().get(index).ok_or(CallError::NoSuchCpu)?;
+    if !cpu.online() || core::ptr::eq(cpu, this_cpu()) {
         return Err(CallError::Offline);
     }
     let slot = &cpu.slot;
-    let _serial = slot.callers.lock();
+    let serial = slot.callers.lock();
     slot.func.store(f as *const () as usize, Ordering::Relaxed);
     slot.arg.store(arg, Ordering::Relaxed);
     let req = slot.request.load(Ordering::Relaxed) + 1;
@@ -444,14 +541,40 @@ pub fn call_on(index: usize, f: fn(u64) -> u64, arg: u64) -> Result<u64, CallErr
             vector: irq::KICK_VECTOR,
         },
     );
-    match time::Deadline::after_ms(CALL_TIMEOUT_MS)
-        .poll(|| slot.done.load(Ordering::Acquire) == req)
-    {
-        Ok(()) => Ok(slot.result.load(Ordering::Relaxed)),
-        Err(time::TimedOut) => {
-            // It may still run the call later: never hand it another.
-            cpu.online.store(false, Ordering::Release);
-            Err(CallError::TimedOut)
+    Ok(Pending {
+        cpu,
+        req,
+        waited: false,
+        _serial: serial,
+    })
+}
+
+impl Pending {
+    /// The call's result, waiting up to `timeout_ms` for it.
+    pub fn wait(mut self, timeout_ms: u64) -> Result<u64, CallError> {
+        self.finish(timeout_ms)
+    }
+
+    fn finish(&mut self, timeout_ms: u64) -> Result<u64, CallError> {
+        self.waited = true;
+        let slot = &self.cpu.slot;
+        match time::Deadline::after_ms(timeout_ms)
+            .poll(|| slot.done.load(Ordering::Acquire) == self.req)
+        {
+            Ok(()) => Ok(slot.result.load(Ordering::Relaxed)),
+            Err(time::TimedOut) => {
+                // It may still run the call later: never hand it another.
+                self.cpu.online.store(false, Ordering::Release);
+                Err(CallError::TimedOut)
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.finish(CALL_TIMEOUT_MS);
         }
     }
 }

@@ -3,15 +3,22 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use x86_64::instructions::interrupts;
 
 use super::Test;
 use crate::arch::apic;
+use crate::arch::time::Deadline;
 use crate::smp::acpi::{read_madt, AcpiError};
 use crate::smp::{self, CallError};
+use crate::sync::{self, IrqMutex};
 
 pub const TESTS: &[Test] = &[
     Test::new("smp", smp_test),
+    Test::new("smp_irq_lock", irq_lock),
     Test::new("smp_madt_parse", madt_parse),
 ];
 
@@ -102,6 +109,86 @@ fn smp_test() -> Result<(), String> {
         }
     }
     crate::println!("smp: {} CPUs, {} calls each", cpus.len(), 2 * ROUNDS);
+    Ok(())
+}
+
+/// Lock rounds per CPU in `smp_irq_lock`.
+const LOCK_ROUNDS: u64 = 2000;
+
+static SHARED: IrqMutex<u64> = IrqMutex::new(0);
+/// CPUs that reached `hammer`'s start line.
+static ARRIVED: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits for every CPU at the start line, then takes and releases `SHARED`
+/// `rounds` times, incrementing it by a separate load and store (a lost
+/// update if exclusion failed). Checks on every round that this CPU's
+/// interrupt-lock nesting is 1 inside and 0 outside, and that the interrupt
+/// flag comes back as it was. Returns the checks that failed, or u64::MAX
+/// if the others never arrived.
+fn hammer(rounds: u64) -> u64 {
+    let cpus = smp::cpus().len();
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    let start = Deadline::after_ms(5000).poll(|| ARRIVED.load(Ordering::Acquire) >= cpus);
+    if start.is_err() {
+        return u64::MAX;
+    }
+    let if_before = interrupts::are_enabled();
+    let mut bad = 0;
+    for _ in 0..rounds {
+        {
+            let mut g = SHARED.lock();
+            bad += u64::from(sync::irq_lock_depth() != 1);
+            bad += u64::from(interrupts::are_enabled());
+            let v = core::hint::black_box(*g);
+            *g = v + 1;
+        }
+        bad += u64::from(sync::irq_lock_depth() != 0);
+        bad += u64::from(interrupts::are_enabled() != if_before);
+    }
+    crate::println!(
+        "smp_irq_lock: cpu {} took the lock {rounds} times, {bad} bad checks",
+        smp::this_cpu().index
+    );
+    bad
+}
+
+/// Every CPU takes an interrupt-safe lock shared with the others, all at
+/// once: the total under the lock is exact and each CPU's nesting and
+/// interrupt flag are its own. Every CPU prints a line (console from an
+/// AP). On one CPU, the boot CPU's rounds alone (`test=smp cpus=2` is the
+/// step that requires the APs).
+fn irq_lock() -> Result<(), String> {
+    let cpus = smp::cpus();
+    *SHARED.lock() = 0;
+    ARRIVED.store(0, Ordering::Release);
+    let pending: Vec<smp::Pending> = (1..cpus.len())
+        .map(|i| smp::start_on(i, hammer, LOCK_ROUNDS).map_err(|e| format!("cpu {i}: {e:?}")))
+        .collect::<Result<_, _>>()?;
+    // With interrupts on here (the APs run calls with them off), so a
+    // flag recorded by the wrong CPU shows.
+    let was_on = interrupts::are_enabled();
+    interrupts::enable();
+    let mine = hammer(LOCK_ROUNDS);
+    if !was_on {
+        interrupts::disable();
+    }
+    let mut bad = vec![mine];
+    for (i, p) in pending.into_iter().enumerate() {
+        bad.push(
+            p.wait(30_000)
+                .map_err(|e| format!("cpu {}: {e:?}", i + 1))?,
+        );
+    }
+    if bad.contains(&u64::MAX) {
+        return Err(format!("not every CPU reached the start line: {bad:?}"));
+    }
+    let total = *SHARED.lock();
+    let want = LOCK_ROUNDS * cpus.len() as u64;
+    if total != want || bad.iter().any(|&b| b != 0) {
+        return Err(format!(
+            "counter {total}, expected {want}; failed nesting/IF checks per CPU {bad:?}"
+        ));
+    }
     Ok(())
 }
 
