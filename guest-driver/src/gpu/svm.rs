@@ -646,14 +646,25 @@ impl<P: Platform, M: Mm> FaultHandler for SvmFaultHandler<P, M> {
             .lock()
             .take()
             .unwrap_or_else(|| Box::new(Scratch::new()));
-        s.plan(faults, &mut scratch, cancel);
-        let Scratch {
-            windows,
-            faults: wfaults,
-            range,
-        } = &mut *scratch;
-        for w in windows.iter() {
-            binding.service_window(w, &wfaults[w.faults.clone()], range, cancel);
+        if let [f] = faults {
+            // The common batch, one fault: no plan. One mmap read lock
+            // covers the VMA check and the window's first walk, and the
+            // window's one fault lives on the stack.
+            let mmap = mmap_read_lock(&*s.mm);
+            if let Some(w) = s.window_of(&mmap, f, 0..1, cancel) {
+                let one = [(f.va, f.access != Access::Read)];
+                binding.service_window(&w, &one, &mut scratch.range, cancel, Some(mmap));
+            }
+        } else {
+            s.plan(faults, &mut scratch, cancel);
+            let Scratch {
+                windows,
+                faults: wfaults,
+                range,
+            } = &mut *scratch;
+            for w in windows.iter() {
+                binding.service_window(w, &wfaults[w.faults.clone()], range, cancel, None);
+            }
         }
         *s.scratch.lock() = Some(scratch);
     }
@@ -665,7 +676,6 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
     /// never satisfy (a write to a read-only mapping, say) is cancelled
     /// right here and takes nothing else in its window with it.
     fn plan(&self, faults: &[Fault], scratch: &mut Scratch<M>, cancel: &mut Vec<u64>) {
-        let around = self.fault_around.load(Ordering::Relaxed);
         let (windows, wfaults) = (&mut scratch.windows, &mut scratch.faults);
         windows.clear();
         wfaults.clear();
@@ -688,53 +698,70 @@ impl<P: Platform, M: Mm> SvmState<P, M> {
                     continue;
                 }
             }
-            let Some(vma) = self.mm.vma_lookup(&mmap, f.va) else {
-                cancel.push(f.va);
-                continue;
-            };
-            let vma_write = vma.flags.contains(VmFlags::WRITE);
-            if !vma.flags.contains(VmFlags::READ)
-                || (write && !vma_write)
-                || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
-            {
-                cancel.push(f.va);
-                continue;
+            let at = wfaults.len();
+            if let Some(w) = self.window_of(&mmap, f, at..at + 1, cancel) {
+                wfaults.push((f.va, write));
+                windows.push(w);
             }
-            let huge = vma.flags.contains(VmFlags::HUGE);
-            let aligned = |size: u64| {
-                let base = f.va & !(size - 1);
-                (base, base.saturating_add(size))
-            };
-            let (start, end) = match self.prefetch {
-                Prefetch::FaultAround if huge => aligned(around.max(LEAF_2M)),
-                _ if huge => aligned(LEAF_2M),
-                Prefetch::FaultAround => aligned(around),
-                Prefetch::None => aligned(PAGE_SIZE),
-                Prefetch::Density(pct) => self.density.lock().window(f.va, pct),
-            };
-            let (start, end) = (start.max(vma.start), end.min(vma.end));
-            if let (false, Prefetch::Density(_)) = (huge, self.prefetch) {
-                self.density.lock().mark(start, end);
-            }
-            let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
-            // Read-only mappings stay in system memory: the device never
-            // writes them, so a copy buys nothing but a CPU fault back.
-            let migrate = self.migrate == MigratePolicy::FirstTouch
-                && vma_write
-                && !vma.flags.contains(VmFlags::SHARED);
-            let atomic = self.exclusive_owner.is_some() && f.access == Access::Atomic && !huge;
-            wfaults.push((f.va, write));
-            windows.push(Window {
-                start,
-                end,
-                shift,
-                write,
-                vma_write,
-                migrate,
-                atomic,
-                faults: wfaults.len() - 1..wfaults.len(),
-            });
         }
+    }
+
+    /// The window of fault `f` (whose faults will be `faults`), or `None`
+    /// with `f` cancelled when its VMA can never satisfy it.
+    fn window_of(
+        &self,
+        mmap: &MmapReadGuard<'_, M>,
+        f: &Fault,
+        faults: core::ops::Range<usize>,
+        cancel: &mut Vec<u64>,
+    ) -> Option<Window> {
+        let write = f.access != Access::Read;
+        let Some(vma) = self.mm.vma_lookup(mmap, f.va) else {
+            cancel.push(f.va);
+            return None;
+        };
+        let vma_write = vma.flags.contains(VmFlags::WRITE);
+        if !vma.flags.contains(VmFlags::READ)
+            || (write && !vma_write)
+            || vma.flags.intersects(VmFlags::SPECIAL_KINDS)
+        {
+            cancel.push(f.va);
+            return None;
+        }
+        let huge = vma.flags.contains(VmFlags::HUGE);
+        let around = self.fault_around.load(Ordering::Relaxed);
+        let aligned = |size: u64| {
+            let base = f.va & !(size - 1);
+            (base, base.saturating_add(size))
+        };
+        let (start, end) = match self.prefetch {
+            Prefetch::FaultAround if huge => aligned(around.max(LEAF_2M)),
+            _ if huge => aligned(LEAF_2M),
+            Prefetch::FaultAround => aligned(around),
+            Prefetch::None => aligned(PAGE_SIZE),
+            Prefetch::Density(pct) => self.density.lock().window(f.va, pct),
+        };
+        let (start, end) = (start.max(vma.start), end.min(vma.end));
+        if let (false, Prefetch::Density(_)) = (huge, self.prefetch) {
+            self.density.lock().mark(start, end);
+        }
+        let shift = if huge { PMD_SHIFT } else { PAGE_SHIFT };
+        // Read-only mappings stay in system memory: the device never
+        // writes them, so a copy buys nothing but a CPU fault back.
+        let migrate = self.migrate == MigratePolicy::FirstTouch
+            && vma_write
+            && !vma.flags.contains(VmFlags::SHARED);
+        let atomic = self.exclusive_owner.is_some() && f.access == Access::Atomic && !huge;
+        Some(Window {
+            start,
+            end,
+            shift,
+            write,
+            vma_write,
+            migrate,
+            atomic,
+            faults,
+        })
     }
 }
 
@@ -765,19 +792,26 @@ impl<P: Platform, M: Mm> Binding<P, M> {
     /// be faulted in, else the writes whose page the device was not given
     /// writable (the VMA lost its write permission since the plan). Giving
     /// up after too many invalidations cancels nothing (the faults are
-    /// replayed and come back).
-    fn service_window(
-        &self,
+    /// replayed and come back). `held`: the mmap read lock the window was
+    /// planned under, kept for its first walk (dropped first if the window
+    /// migrates, which takes the lock itself).
+    fn service_window<'m>(
+        &'m self,
         w: &Window,
         faults: &[(u64, bool)],
         range: &mut HmmRange<M>,
         cancel: &mut Vec<u64>,
+        mut held: Option<MmapReadGuard<'m, M>>,
     ) {
         let s = &self.state;
         let c = s.counters();
         DriverCounters::add(&c.windows, 1);
-        if w.migrate && !s.device_satisfies(faults) {
-            s.migrate_window(w);
+        if w.migrate {
+            // Both take locks of their own: no other held.
+            drop(held.take());
+            if !s.device_satisfies(faults) {
+                s.migrate_window(w);
+            }
         }
         if let Err(e) = range_register(range, &self.mirror, w.start, w.end, w.shift) {
             log::debug!("svm: window {:#x}..{:#x}: {e}", w.start, w.end);
@@ -802,7 +836,7 @@ impl<P: Platform, M: Mm> Binding<P, M> {
             }
             let t_fault = now();
             let start = *first_fault.get_or_insert(t_fault);
-            let mmap = mmap_read_lock(&*s.mm);
+            let mmap = held.take().unwrap_or_else(|| mmap_read_lock(&*s.mm));
             let r = 'fault: {
                 if let (true, Some(o)) = (w.atomic, owner) {
                     // Before the walk, so its read_begin follows this

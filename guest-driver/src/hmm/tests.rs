@@ -1234,6 +1234,28 @@ mod invalidation_contract {
         assert_eq!(fault(&mm, &mut r, true), Ok(2));
     }
 
+    /// The same for a one-page range, which the walk takes by its own
+    /// short path.
+    #[test]
+    fn invalidation_in_progress_during_a_one_page_fault_is_eagain() {
+        let (mm, _dev, mirror) = setup();
+        mm.mmap(BASE, PG, RW).unwrap();
+        let inv = clear_range(BASE, BASE + PG);
+        mm.set_fault_hook(Some(Arc::new(move |mm: &SimMm, _addr| {
+            mmu_notifier_invalidate_range_start(mm, &inv).unwrap();
+        })));
+        let mut r = registered(&mirror, BASE, BASE + PG);
+        r.default_flags = V | W;
+        assert_eq!(fault(&mm, &mut r, true), Err(Errno::EAGAIN));
+        assert_eq!(r.pfns, [NONE]);
+        mm.set_fault_hook(None);
+        mmu_notifier_invalidate_range_end(&*mm, &inv);
+        assert!(range_wait_until_valid(&r, 1));
+        assert_eq!(fault(&mm, &mut r, true), Ok(1));
+        let (pfn, w) = mm.cpu_pfn(BASE).unwrap();
+        assert_eq!(r.pfns, [entry(pfn, w)]);
+    }
+
     #[test]
     fn munmap_clears_device_ptes_before_frames_are_freed() {
         let (mm, dev, mirror) = setup();

@@ -139,6 +139,11 @@ fn walk_registered<M: Mm>(
         return Err(Errno::EAGAIN);
     }
     range.notifier_seq = seq;
+    if range.page_shift == PAGE_SHIFT && range.pfns.len() == 1 {
+        if let Some(r) = walk_one(range, mm, mmap, link, fault) {
+            return r;
+        }
+    }
     match walk_entries(range, mm, mmap, link, fault) {
         Ok(()) => Ok(range.pfns.len()),
         Err(e) => {
@@ -148,6 +153,102 @@ fn walk_registered<M: Mm>(
             Err(e.err)
         }
     }
+}
+
+/// The commonest walk, one 4 KiB entry (a GPU fault without fault-around),
+/// in as few instructions as the kernel can spend: the VMA looked up once,
+/// the PTE read once, a missing page faulted in with one
+/// `handle_mm_fault_range` whose told state settles the entry. `None` when
+/// the entry needs more than that (a VMA or PTE state the general walk
+/// judges, a read-only page asked for write, a fault that told nothing):
+/// the general walk then does it all, from the PTE read on; nothing here
+/// has changed what it will see but a fault that succeeded.
+fn walk_one<M: Mm>(
+    range: &mut HmmRange<M>,
+    mm: &M,
+    mmap: &MmapReadGuard<'_, M>,
+    link: &RangeLink,
+    fault: Option<bool>,
+) -> Option<Result<usize, Errno>> {
+    let addr = range.start;
+    let vma = mm.vma_lookup(mmap, addr)?;
+    if !vma.flags.contains(VmFlags::READ) || vma.flags.intersects(VmFlags::SPECIAL_KINDS) {
+        return None;
+    }
+    let req = (range.pfns[0] & range.pfn_flags_mask) | range.default_flags;
+    let want = fault.is_some() && req & range.flags[HmmPfnFlag::Valid as usize] != 0;
+    let want_write = want && req & range.flags[HmmPfnFlag::Write as usize] != 0;
+    if range.run.is_empty() {
+        range.run.push(PageState::None);
+    }
+    let out = &mut range.run[..1];
+    let state = match mm.walk_ptes(mmap, addr, out) {
+        0 => match mm.walk(mmap, addr) {
+            w if w.shift == PAGE_SHIFT || w.state == PageState::None => w.state,
+            _ => return None,
+        },
+        _ => out[0],
+    };
+    if let (PageState::None, Some(block)) = (state, fault.filter(|_| want)) {
+        if want_write && !vma.flags.contains(VmFlags::WRITE) {
+            return None;
+        }
+        let ff = fault_flags(want_write, block);
+        let failed = match mm.handle_mm_fault_range(mmap, addr, addr + (1 << PAGE_SHIFT), ff, out) {
+            // Faults are slow and can race with invalidations, as in the
+            // general walk.
+            (_, _, Ok(())) if !link.valid.load(Ordering::Acquire) => {
+                (HmmPfnValue::None, Errno::EAGAIN)
+            }
+            (_, 0, Ok(())) => return None,
+            (_, _, Ok(())) => {
+                let told = out[0];
+                return settle(range, told, want, want_write);
+            }
+            (_, _, Err(e)) => fault_error(e),
+        };
+        range.pfns[0] = range.values[failed.0 as usize];
+        return Some(Err(failed.1));
+    }
+    settle(range, state, want, want_write)
+}
+
+/// The flags of a device fault (write or read, blocking or not).
+fn fault_flags(write: bool, block: bool) -> FaultFlags {
+    let mut ff = FaultFlags::REMOTE;
+    if write {
+        ff |= FaultFlags::WRITE;
+    }
+    if !block {
+        ff |= FaultFlags::ALLOW_RETRY;
+    }
+    ff
+}
+
+/// A failed fault's entry value and errno.
+fn fault_error(e: FaultError) -> (HmmPfnValue, Errno) {
+    match e {
+        FaultError::Retry => (HmmPfnValue::None, Errno::EBUSY),
+        FaultError::Oom => (HmmPfnValue::Error, Errno::ENOMEM),
+        FaultError::Sigsegv | FaultError::Sigbus => (HmmPfnValue::Error, Errno::EFAULT),
+    }
+}
+
+/// `walk_one`'s entry from the page's state, if that settles it.
+fn settle<M: Mm>(
+    range: &mut HmmRange<M>,
+    state: PageState,
+    want: bool,
+    want_write: bool,
+) -> Option<Result<usize, Errno>> {
+    range.pfns[0] = match state {
+        PageState::Present { pfn, writable } if writable || !want_write => {
+            encode(&range.flags, range.pfn_shift, pfn, writable)
+        }
+        PageState::None if !want => range.values[HmmPfnValue::None as usize],
+        _ => return None,
+    };
+    Some(Ok(1))
 }
 
 fn walk_entries<M: Mm>(
@@ -294,13 +395,7 @@ fn walk_entries<M: Mm>(
                             );
                             return Err(fail(j, HmmPfnValue::Error, Errno::EFAULT));
                         }
-                        let mut ff = FaultFlags::REMOTE;
-                        if want_write {
-                            ff |= FaultFlags::WRITE;
-                        }
-                        if !block {
-                            ff |= FaultFlags::ALLOW_RETRY;
-                        }
+                        let ff = fault_flags(want_write, block);
                         // 4 KiB entries: fault the whole run of entries from
                         // here that ask for the same access, in one call (the
                         // `Mm` may do it in one page-table pass; entries
@@ -347,17 +442,9 @@ fn walk_entries<M: Mm>(
                         } else {
                             mm.handle_mm_fault(mmap, fault_addr, ff)
                         };
-                        match result {
-                            Ok(()) => {}
-                            Err(FaultError::Retry) => {
-                                return Err(fail(j, HmmPfnValue::None, Errno::EBUSY))
-                            }
-                            Err(FaultError::Oom) => {
-                                return Err(fail(j, HmmPfnValue::Error, Errno::ENOMEM))
-                            }
-                            Err(FaultError::Sigsegv | FaultError::Sigbus) => {
-                                return Err(fail(j, HmmPfnValue::Error, Errno::EFAULT));
-                            }
+                        if let Err(e) = result {
+                            let (value, err) = fault_error(e);
+                            return Err(fail(j, value, err));
                         }
                         // Faults are slow and can race with invalidations; stop
                         // early rather than fill pfns the driver will discard.
