@@ -12,6 +12,7 @@
 # mounts and the work directory removed, and a line says so).
 #
 # Environment: QEMU_TIMEOUT (seconds, default 480), QEMU_MEM (default 512M),
+# QEMU_SMP (vCPUs, default 1; the firmware starts every CPU the MADT lists),
 # FAULTLINE_SERVE_ARGS (extra `faultline serve` options, e.g. --gpu-channels 4),
 # QEMU_RUN_LOG (keep the serial log at this path).
 set -euo pipefail
@@ -20,6 +21,8 @@ cd "$FAULTLINE_ROOT"
 
 cmdline="$*"
 mem="${QEMU_MEM:-512M}"
+smp="${QEMU_SMP:-1}"
+[[ "$smp" =~ ^[1-9][0-9]*$ ]] || { say "qemu-run: QEMU_SMP must be a positive number, not '$smp'"; exit 2; }
 kvm_usable || { say "qemu-run: /dev/kvm is not usable"; exit 2; }
 
 root=$(scripts/qemu-setup.sh) || { say "qemu-run: no QEMU with vfio-user-pci"; exit 2; }
@@ -87,7 +90,7 @@ if [ ! -S "$sock" ]; then
   exit 2
 fi
 
-say "qemu-run: QEMU $(chroot "$root" qemu-system-x86_64 --version | head -n 1 | awk '{print $4}') q35 + vfio-user-pci, cmdline \"$cmdline\""
+say "qemu-run: QEMU $(chroot "$root" qemu-system-x86_64 --version | head -n 1 | awk '{print $4}') q35 + vfio-user-pci, $smp vCPU(s), cmdline \"$cmdline\""
 # Created before QEMU starts: the background job opens it for QEMU's
 # stdout only once it runs, and tail must find it there.
 : >"$log"
@@ -97,7 +100,7 @@ set +e
 timeout "${QEMU_TIMEOUT:-480}" chroot "$root" qemu-system-x86_64 \
   -M q35,accel=kvm,memory-backend=mem \
   -object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" \
-  -cpu host,-arch-capabilities -nodefaults -no-reboot \
+  -cpu host,-arch-capabilities -smp "$smp" -nodefaults -no-reboot \
   -kernel "$work/firmware" -append "$cmdline" \
   -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"$sock\",\"type\":\"unix\"}}" \
   -serial stdio -display none -monitor none \

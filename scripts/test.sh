@@ -112,7 +112,9 @@ guest_suite() {
     return
   fi
   local results="${TMPDIR:-/tmp}/faultline-results-$$.xml"
-  scripts/run.sh --results "$results" --gpu-check=fatal --gpu-inject "$FAULTLINE_INJECT_MIX" &&
+  # Two vCPUs (the second idles; test=smp checks it is up); vmm/tests
+  # boots the suite at one.
+  scripts/run.sh --vcpus 2 --results "$results" --gpu-check=fatal --gpu-inject "$FAULTLINE_INJECT_MIX" &&
     python3 -c 'import sys, xml.etree.ElementTree as E
 r = E.parse(sys.argv[1]).getroot()
 cases = r.findall(".//testcase")
@@ -169,9 +171,10 @@ qemu_vfio_user() {
     return
   fi
   # The same judge and injection mix as the guest suite under faultline,
-  # with a smaller VRAM than the default so device memory runs at another
+  # at two vCPUs, with a smaller VRAM than the default so device memory runs at another
   # size than under `faultline run`.
-  FAULTLINE_SERVE_ARGS="--gpu-check=fatal --gpu-inject $FAULTLINE_INJECT_MIX --gpu-vram 64M ${FAULTLINE_SERVE_ARGS:-}" \
+  QEMU_SMP="${QEMU_SMP:-2}" \
+    FAULTLINE_SERVE_ARGS="--gpu-check=fatal --gpu-inject $FAULTLINE_INJECT_MIX --gpu-vram 64M ${FAULTLINE_SERVE_ARGS:-}" \
     scripts/qemu-run.sh
 }
 
