@@ -410,7 +410,10 @@ pub fn fork_enomem() -> Result<(), String> {
             frames::free_2m(f);
         }
         let c = child.ok_or("fork failed with 32 frames free")?;
-        ensure!(k >= 4, "the fork needed only {k} frames: nothing failed mid-copy");
+        ensure!(
+            k >= 4,
+            "the fork needed only {k} frames: nothing failed mid-copy"
+        );
         for (x, v) in vals {
             ensure!(rd(&c, x)? == v, "child {x:#x}");
         }
