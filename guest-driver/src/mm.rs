@@ -29,6 +29,7 @@ use crate::errno::Errno;
 use crate::hmm::Hmm;
 
 pub mod exclusive;
+pub mod fork;
 pub mod migrate;
 
 pub use exclusive::{exclusive_entry_restore, make_device_exclusive};

@@ -19,12 +19,11 @@ use std::vec::Vec;
 use super::pt::{pte_index, table_mut, Pmd, SimPte, PTRS};
 use super::SimMm;
 use crate::errno::Errno;
-use crate::mm::exclusive::exclusive_entry_restore;
-use crate::mm::migrate::{device_private_fault, migration_entry_wait};
+use crate::mm::fork::fork_prepare;
 use crate::mm::{
     mmap_read_lock, mmap_write_lock, mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start, FaultError, FaultFlags, Mm, MmapReadGuard,
-    MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags, Vma, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
+    mmu_notifier_invalidate_range_start, FaultError, Mm, MmuNotifierRange, MmuNotifyEvent,
+    PageState, VmFlags, Vma, PAGE_SIZE, PMD_SHIFT, PMD_SIZE,
 };
 
 /// Rounds of resolving device-private, exclusive and migration entries
@@ -45,7 +44,10 @@ impl SimMm {
                 return Err(Errno::EFAULT);
             }
             let all: Vec<Vma> = vmas.vmas.values().copied().collect();
-            if all.iter().any(|v| self.first_unforkable(v).is_some()) {
+            if all
+                .iter()
+                .any(|v| self.first_unforkable(v.start, v.end).is_some())
+            {
                 continue;
             }
             let child = SimMm::with_family(self.source.clone(), self.shared.clone());
@@ -71,54 +73,24 @@ impl SimMm {
         Err(Errno::EAGAIN)
     }
 
-    /// Under the mmap lock for reading: device pages back, exclusive
-    /// entries restored, migrations waited for, writable shared VMAs
-    /// populated.
+    /// Under the mmap lock for reading: what the copy cannot take resolved
+    /// ([`fork_prepare`]).
     fn fork_prepare(&self) -> Result<(), Errno> {
         let mmap = mmap_read_lock(self);
         if self.is_dead() {
             return Err(Errno::EFAULT);
         }
-        let all: Vec<Vma> = mmap.vmas.values().copied().collect();
-        for v in all {
-            if v.flags.contains(VmFlags::SHARED | VmFlags::WRITE) {
-                let step = if v.flags.contains(VmFlags::HUGE) {
-                    PMD_SIZE
-                } else {
-                    PAGE_SIZE
-                };
-                for a in (v.start..v.end).step_by(step as usize) {
-                    let ok = matches!(
-                        self.walk(&mmap, a).state,
-                        PageState::Present { writable: true, .. }
-                            | PageState::Huge { writable: true, .. }
-                    );
-                    if !ok {
-                        self.handle_mm_fault(&mmap, a, FaultFlags::WRITE)
-                            .map_err(fault_errno)?;
-                    }
-                }
-                continue;
-            }
-            let mut budget = (v.end - v.start) / PAGE_SIZE + 16;
-            while let Some((a, state)) = self.first_unforkable(&v) {
-                if budget == 0 {
-                    return Err(Errno::EAGAIN);
-                }
-                budget -= 1;
-                resolve(&mmap, a, state).map_err(fault_errno)?;
-            }
-        }
-        Ok(())
+        fork_prepare(&mmap, |start, end| self.first_unforkable(start, end))
     }
 
-    /// The first device-private, exclusive or migration entry of `v`.
-    fn first_unforkable(&self, v: &Vma) -> Option<(u64, PageState)> {
+    /// The first device-private, exclusive or migration entry of
+    /// `[start, end)`.
+    fn first_unforkable(&self, start: u64, end: u64) -> Option<(u64, PageState)> {
         let pt = self.pt.lock();
         let mut best: Option<(u64, PageState)> = None;
         for (&k, pmd) in pt.iter() {
             let base = k << PMD_SHIFT;
-            if base + PMD_SIZE <= v.start || base >= v.end {
+            if base + PMD_SIZE <= start || base >= end {
                 continue;
             }
             let hit = match pmd {
@@ -130,7 +102,7 @@ impl SimMm {
                         pte,
                         SimPte::DevicePrivate { .. } | SimPte::Exclusive { .. } | SimPte::Migration
                     );
-                    (odd && v.contains(a)).then(|| (a, self.pte_state(*pte)))
+                    (odd && (start..end).contains(&a)).then(|| (a, self.pte_state(*pte)))
                 }),
             };
             if let Some(h) = hit {
@@ -255,25 +227,6 @@ impl SimMm {
 }
 
 /// Brings a device-private, exclusive or migration entry back to normal.
-fn resolve(mmap: &MmapReadGuard<'_, SimMm>, addr: u64, state: PageState) -> Result<(), FaultError> {
-    match state {
-        PageState::Exclusive { .. } => {
-            exclusive_entry_restore(mmap, addr);
-            Ok(())
-        }
-        PageState::Migration => migration_entry_wait(mmap, addr, FaultFlags::empty()),
-        _ => device_private_fault(mmap, addr, FaultFlags::empty()),
-    }
-}
-
-fn fault_errno(e: FaultError) -> Errno {
-    match e {
-        FaultError::Oom => Errno::ENOMEM,
-        FaultError::Retry => Errno::EAGAIN,
-        FaultError::Sigsegv | FaultError::Sigbus => Errno::EFAULT,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -63,15 +63,14 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use faultline_driver::errno::Errno;
-use faultline_driver::mm::exclusive::exclusive_entry_restore;
-use faultline_driver::mm::migrate::{device_private_fault, migration_entry_wait};
+use faultline_driver::mm::fork::fork_prepare;
 use faultline_driver::mm::{
-    mmap_read_lock, mmap_write_lock, FaultFlags, MmCore, MmapReadGuard, MmuNotifierRange,
-    MmuNotifyEvent, PageState, VmFlags, PAGE_SIZE, PMD_SIZE,
+    mmap_read_lock, mmap_write_lock, MmCore, MmuNotifierRange, MmuNotifyEvent, PageState, VmFlags,
+    PAGE_SIZE, PMD_SIZE,
 };
 
 use super::pt::{self, Flush, PageTables, Table, P, W};
-use super::{zero_pa, Access, Process, ProcessMm, SegvReason, Vmas};
+use super::{zero_pa, Process, ProcessMm, SegvReason, Vmas};
 use crate::mm::{frames, DIRECT_MAP_BASE};
 use crate::sync::{IrqMutex, IrqRwLock, RawIrqSpinlock};
 
@@ -186,52 +185,16 @@ impl ProcessMm {
         Err(Errno::EAGAIN)
     }
 
-    /// Under the mmap lock for reading: brings device-private pages back,
-    /// restores device-exclusive entries, waits for migrations, populates
-    /// writable shared VMAs.
+    /// Under the mmap lock for reading: what the copy cannot take resolved
+    /// (`faultline_driver::mm::fork::fork_prepare`).
     fn fork_prepare(&self) -> Result<(), Errno> {
         let vmas = mmap_read_lock(self);
         if self.is_dead() {
             return Err(Errno::EFAULT);
         }
-        let all: Vec<_> = vmas.iter().copied().collect();
-        for v in all {
-            if v.flags.contains(VmFlags::SHARED | VmFlags::WRITE) {
-                let step = if v.flags.contains(VmFlags::HUGE) {
-                    PMD_SIZE
-                } else {
-                    PAGE_SIZE
-                };
-                for a in (v.start..v.end).step_by(step as usize) {
-                    let writable = match self.translate(a).state {
-                        PageState::Present { writable, .. } | PageState::Huge { writable, .. } => {
-                            writable
-                        }
-                        _ => false,
-                    };
-                    if !writable {
-                        self.fault(&vmas, a, Access::Write, FaultFlags::empty())
-                            .map_err(segv_errno)?;
-                    }
-                }
-                continue;
-            }
-            // Each resolution makes progress unless a migration races it;
-            // bounded all the same.
-            let mut budget = (v.end - v.start) / PAGE_SIZE + 16;
-            let mut a = v.start;
-            loop {
-                let found = self.pt.lock().first_unforkable(a, v.end, zero_pa());
-                let Some((at, state)) = found else { break };
-                if budget == 0 {
-                    return Err(Errno::EAGAIN);
-                }
-                budget -= 1;
-                resolve(&vmas, at, state).map_err(segv_errno)?;
-                a = at;
-            }
-        }
-        Ok(())
+        fork_prepare(&vmas, |start, end| {
+            self.pt.lock().first_unforkable(start, end, zero_pa())
+        })
     }
 
     /// The copy proper, under the mmap write lock: `None` if an entry
@@ -324,30 +287,6 @@ impl ProcessMm {
 
 /// Brings the entry in `state` at `addr` (device-private, exclusive or a
 /// migration entry) back to a normal one, whatever the VMA's protection.
-fn resolve(
-    vmas: &MmapReadGuard<'_, ProcessMm>,
-    addr: u64,
-    state: PageState,
-) -> Result<(), SegvReason> {
-    let r = match state {
-        PageState::Exclusive { .. } => {
-            exclusive_entry_restore(vmas, addr);
-            Ok(())
-        }
-        PageState::Migration => migration_entry_wait(vmas, addr, FaultFlags::empty()),
-        _ => device_private_fault(vmas, addr, FaultFlags::empty()),
-    };
-    r.map_err(|_| SegvReason::DeviceMemory)
-}
-
-fn segv_errno(r: SegvReason) -> Errno {
-    match r {
-        SegvReason::OutOfMemory => Errno::ENOMEM,
-        SegvReason::Dead => Errno::EFAULT,
-        _ => Errno::EAGAIN,
-    }
-}
-
 impl PageTables {
     /// The first device-private, migration or device-exclusive entry of
     /// `[start, end)`, with what it says: what a fork cannot copy.
